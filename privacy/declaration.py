@@ -1,0 +1,140 @@
+"""Strict reading of TOML declarations (the server configuration and the data policy).
+
+Every value is read through a `Section`, which knows the file and the dotted key it
+came from, so every error names both. `Section.finish()` rejects any key that was not
+read: a typo in a configuration must stop the start, not be ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    """A declaration that cannot work. The message names the file and the key."""
+
+    def __init__(self, file: Path | str, key: str, message: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.message = message
+        where = f"{self.file}: {key}" if key else self.file
+        super().__init__(f"{where}: {message}")
+
+
+def parse_duration(text: str, file: Path | str, key: str) -> int:
+    """'90d' -> seconds. Units: s, m, h, d, w."""
+    match = _DURATION.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(file, key, f"expected a duration like '7d' or '12h', got {text!r}")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_duration(seconds: int) -> str:
+    for unit in ("w", "d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def load_toml(path: Path) -> Section:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from exc
+    return Section(data, path, "")
+
+
+class Section:
+    """One TOML table, read key by key."""
+
+    def __init__(self, data: dict[str, Any], file: Path, prefix: str) -> None:
+        self._data = data
+        self._seen: set[str] = set()
+        self.file = file
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), message)
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def keys(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._seen.add(name)
+        if name in self._data:
+            return self._data[name]
+        if default is _MISSING:
+            raise self.error(name, "is missing, and has no default")
+        return default
+
+    def _typed(self, name: str, default: Any, kind: type | tuple[type, ...], label: str) -> Any:
+        value = self._get(name, default)
+        # bool is an int in Python; a TOML `true` is never a valid number here.
+        if isinstance(value, bool) and kind is not bool:
+            raise self.error(name, f"expected {label}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {label}, got {value!r}")
+        return value
+
+    def str(self, name: str, default: Any = _MISSING) -> str:
+        value: str = self._typed(name, default, str, "a string")
+        return value
+
+    def int(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+        value: int = self._typed(name, default, int, "an integer")
+        if minimum is not None and value < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {value}")
+        return value
+
+    def bool(self, name: str, default: Any = _MISSING) -> bool:
+        value: bool = self._typed(name, default, bool, "true or false")
+        return value
+
+    def str_list(self, name: str, default: Any = _MISSING) -> list[str]:
+        value = self._typed(name, default, list, "a list of strings")
+        if not all(isinstance(item, str) for item in value):
+            raise self.error(name, f"expected a list of strings, got {value!r}")
+        return list(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+        value = self.str(name, default)
+        if value not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def duration(self, name: str, default: Any = _MISSING) -> int:
+        return parse_duration(self.str(name, default), self.file, self.key(name))
+
+    def section(self, name: str, default: Any = _MISSING) -> Section:
+        value = self._typed(name, default, dict, "a table")
+        return Section(value, self.file, self.key(name))
+
+    def localised(self, name: str, languages: tuple[str, ...]) -> dict[str, str]:
+        """A text given once per language, as `{ en = "…", de = "…" }`."""
+        table = self.section(name)
+        texts = {lang: table.str(lang) for lang in languages}
+        table.finish()
+        return texts
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
