@@ -1,0 +1,95 @@
+"""The storage seam: what a database must do for the store, in the store's own terms.
+
+`privacy.store.Store` turns a category's fields into a row (encrypted, anonymised, blind
+indexed) and hands it here; a backend only moves rows. SQLite (`privacy.sqlite`) is the
+embedded default; a PostgreSQL backend implements the same protocol without touching a
+caller. Table and column names come from the compiled policy (checked to be plain
+identifiers), values always travel as bound parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+SqlValue = str | int | float | bytes | None
+Row = dict[str, SqlValue]
+
+# Columns every category table has besides its declared fields.
+META_COLUMNS = ("id", "subject", "created_at", "last_used_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    sqltype: str  # TEXT, INTEGER, REAL, BLOB
+    indexed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TableSpec:
+    name: str
+    columns: tuple[Column, ...]
+    unique: tuple[str, ...]  # columns of the record key; empty: every put inserts
+    basis: str  # created_at or last_used_at: the time its retention counts from
+
+
+@dataclass(frozen=True, slots=True)
+class TableStats:
+    rows: int
+    oldest: float | None  # the oldest basis time, expired rows included
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRun:
+    category: str
+    cutoff: float
+    deleted: int
+    ran_at: float
+
+
+class Backend(Protocol):
+    async def put(self, table: TableSpec, row: Row, *, subject: bytes | None, now: float) -> int:
+        """Insert, or replace the row with the same key; record the subject's activity."""
+        ...
+
+    async def select(
+        self, table: TableSpec, where: Mapping[str, SqlValue], *, cutoff: float, subject_cutoff: float
+    ) -> list[Row]:
+        """Rows matching `where` whose basis is after `cutoff` and whose subject (if any)
+        was active after `subject_cutoff`."""
+        ...
+
+    async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool: ...
+
+    async def update(self, table: TableSpec, record_id: int, values: Row, *, now: float) -> bool: ...
+
+    async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int: ...
+
+    async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]: ...
+
+    async def delete_before(self, table: TableSpec, cutoff: float) -> int: ...
+
+    async def delete_inactive_subjects(self, tables: Sequence[TableSpec], cutoff: float) -> int:
+        """Delete every row of every subject last active at or before `cutoff`; the number
+        of subjects removed."""
+        ...
+
+    async def stats(self, table: TableSpec) -> TableStats: ...
+
+    async def subject_stats(self) -> TableStats: ...
+
+    async def undeclared_columns(self, table: TableSpec) -> dict[str, int]:
+        """Columns present in the database but not in `table`, with their non-null count."""
+        ...
+
+    async def record_runs(self, runs: Sequence[RetentionRun]) -> None: ...
+
+    async def last_runs(self) -> list[RetentionRun]: ...
+
+    async def checkpoint(self) -> None:
+        """Move committed pages out of any write-ahead log, so deleted data leaves it."""
+        ...
+
+    async def close(self) -> None: ...

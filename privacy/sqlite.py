@@ -1,0 +1,295 @@
+"""SQLite backend: the embedded default, one file under data_dir in WAL mode.
+
+One thread owns the connection and runs every statement, so the event loop never
+blocks on the disk and SQLite never sees two threads. `secure_delete` overwrites
+deleted rows in place and a checkpoint after each sweep truncates the WAL, so data the
+sweeper removed does not linger in free pages or the log.
+
+Schema: versioned migrations for the fixed tables (`MIGRATIONS`); one table per
+database category, created and extended from the policy at start (`c_<category>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from privacy.backend import META_COLUMNS, RetentionRun, Row, SqlValue, TableSpec, TableStats
+
+T = TypeVar("T")
+
+# Append only: a migration that has run is never edited.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "subjects and retention runs",
+        """
+        CREATE TABLE subjects (subject BLOB PRIMARY KEY, last_used_at REAL NOT NULL) WITHOUT ROWID;
+        CREATE INDEX subjects_last_used ON subjects(last_used_at);
+        CREATE TABLE retention_runs (
+            id INTEGER PRIMARY KEY, category TEXT NOT NULL, cutoff REAL NOT NULL,
+            deleted INTEGER NOT NULL, ran_at REAL NOT NULL);
+        """,
+    ),
+)
+
+
+class SQLiteBackend:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softrelay-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def create(cls, path: Path, tables: Sequence[TableSpec]) -> SQLiteBackend:
+        backend = cls(path)
+        await backend._run(backend._open, tables)
+        return backend
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args))
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        assert self._db is not None, "backend is closed"
+        return self._db
+
+    # --- schema ---------------------------------------------------------------------
+
+    def _open(self, tables: Sequence[TableSpec]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self.path.chmod(0o600)
+        self._db.row_factory = sqlite3.Row
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "secure_delete=ON", "busy_timeout=5000"):
+            self._db.execute(f"PRAGMA {pragma}")
+        with self._transaction():
+            self._migrate()
+            for table in tables:
+                self._ensure_table(table)
+
+    def _migrate(self) -> None:
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        done = {row[0] for row in self.db.execute("SELECT version FROM schema_migrations")}
+        for version, (name, script) in enumerate(MIGRATIONS, start=1):
+            if version in done:
+                continue
+            for statement in filter(str.strip, script.split(";")):
+                self.db.execute(statement)
+            self.db.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (version, name)
+            )
+
+    def _ensure_table(self, table: TableSpec) -> None:
+        """Create the category's table, or add the columns the policy declares since."""
+        existing = self._columns(table.name)
+        if not existing:
+            fields = ", ".join(f"{c.name} {c.sqltype}" for c in table.columns)
+            self.db.execute(
+                f"CREATE TABLE {table.name} (id INTEGER PRIMARY KEY, subject BLOB, "
+                f"created_at REAL NOT NULL, last_used_at REAL NOT NULL, {fields})"
+            )
+        else:
+            for column in table.columns:
+                if column.name not in existing:
+                    self.db.execute(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.sqltype}")
+        self.db.execute(f"CREATE INDEX IF NOT EXISTS {table.name}__basis ON {table.name}({table.basis})")
+        self.db.execute(f"CREATE INDEX IF NOT EXISTS {table.name}__subject ON {table.name}(subject)")
+        for column in table.columns:
+            if column.indexed:
+                self.db.execute(
+                    f"CREATE INDEX IF NOT EXISTS {table.name}__{column.name} "
+                    f"ON {table.name}({column.name})"
+                )
+        if table.unique:
+            self.db.execute(
+                f"CREATE UNIQUE INDEX IF NOT EXISTS {table.name}__key "
+                f"ON {table.name}({', '.join(table.unique)})"
+            )
+
+    def _columns(self, name: str) -> list[str]:
+        return [row[1] for row in self.db.execute(f"PRAGMA table_info({name})")]
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    # --- records --------------------------------------------------------------------
+
+    async def put(self, table: TableSpec, row: Row, *, subject: bytes | None, now: float) -> int:
+        return await self._run(self._put, table, row, subject, now)
+
+    def _put(self, table: TableSpec, row: Row, subject: bytes | None, now: float) -> int:
+        values: Row = {**row, "subject": subject, "created_at": now, "last_used_at": now}
+        names = list(values)
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(names)}) "
+            f"VALUES ({', '.join('?' * len(names))})"
+        )
+        if table.unique:
+            # Same key: replace the fields, keep the creation time (the record lives on).
+            updates = [f"{n} = excluded.{n}" for n in names if n not in table.unique and n != "created_at"]
+            sql += f" ON CONFLICT({', '.join(table.unique)}) DO UPDATE SET {', '.join(updates)}"
+        sql += " RETURNING id"
+        with self._transaction():
+            record_id: int = self.db.execute(sql, list(values.values())).fetchone()[0]
+            if subject is not None:
+                self._touch_subject(subject, now)
+        return record_id
+
+    def _touch_subject(self, subject: bytes, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO subjects VALUES (?, ?) ON CONFLICT(subject) DO UPDATE "
+            "SET last_used_at = max(last_used_at, excluded.last_used_at)",
+            (subject, now),
+        )
+
+    async def select(
+        self, table: TableSpec, where: Mapping[str, SqlValue], *, cutoff: float, subject_cutoff: float
+    ) -> list[Row]:
+        return await self._run(self._select, table, dict(where), cutoff, subject_cutoff)
+
+    def _select(self, table: TableSpec, where: Row, cutoff: float, subject_cutoff: float) -> list[Row]:
+        clauses, params = _where(where)
+        sql = (
+            f"SELECT * FROM {table.name} AS t WHERE {table.basis} > ? AND (t.subject IS NULL OR "
+            "EXISTS (SELECT 1 FROM subjects s WHERE s.subject = t.subject AND s.last_used_at > ?))"
+        )
+        if clauses:
+            sql += " AND " + clauses
+        rows = self.db.execute(sql + " ORDER BY id", [cutoff, subject_cutoff, *params])
+        return [dict(row) for row in rows]
+
+    async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool:
+        return await self._run(self._update, table, record_id, {}, now)
+
+    async def update(self, table: TableSpec, record_id: int, values: Row, *, now: float) -> bool:
+        return await self._run(self._update, table, record_id, values, now)
+
+    def _update(self, table: TableSpec, record_id: int, values: Row, now: float) -> bool:
+        values = {**values, "last_used_at": now}
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        with self._transaction():
+            found = self.db.execute(
+                f"UPDATE {table.name} SET {assignments} WHERE id = ? RETURNING subject",
+                [*values.values(), record_id],
+            ).fetchone()
+            if found is not None and found[0] is not None:
+                self._touch_subject(found[0], now)
+        return found is not None
+
+    async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int:
+        return await self._run(self._delete, table, dict(where))
+
+    def _delete(self, table: TableSpec, where: Row) -> int:
+        clauses, params = _where(where)
+        with self._transaction():
+            return self.db.execute(f"DELETE FROM {table.name} WHERE {clauses or '1'}", params).rowcount
+
+    async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]:
+        return await self._run(self._delete_subjects, tables, [subject])
+
+    def _delete_subjects(self, tables: Sequence[TableSpec], subjects: list[bytes]) -> dict[str, int]:
+        counts = dict.fromkeys((t.name for t in tables), 0)
+        with self._transaction():
+            for subject in subjects:
+                for table in tables:
+                    cursor = self.db.execute(f"DELETE FROM {table.name} WHERE subject = ?", (subject,))
+                    counts[table.name] += cursor.rowcount
+                self.db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+        return counts
+
+    async def delete_before(self, table: TableSpec, cutoff: float) -> int:
+        return await self._run(self._delete_before, table, cutoff)
+
+    def _delete_before(self, table: TableSpec, cutoff: float) -> int:
+        with self._transaction():
+            return self.db.execute(f"DELETE FROM {table.name} WHERE {table.basis} <= ?", (cutoff,)).rowcount
+
+    async def delete_inactive_subjects(self, tables: Sequence[TableSpec], cutoff: float) -> int:
+        return await self._run(self._delete_inactive, tables, cutoff)
+
+    def _delete_inactive(self, tables: Sequence[TableSpec], cutoff: float) -> int:
+        rows = self.db.execute("SELECT subject FROM subjects WHERE last_used_at <= ?", (cutoff,))
+        subjects = [row[0] for row in rows]
+        self._delete_subjects(tables, subjects)
+        return len(subjects)
+
+    # --- audit and bookkeeping ------------------------------------------------------
+
+    async def stats(self, table: TableSpec) -> TableStats:
+        return await self._run(self._stats, table.name, table.basis)
+
+    async def subject_stats(self) -> TableStats:
+        return await self._run(self._stats, "subjects", "last_used_at")
+
+    def _stats(self, name: str, basis: str) -> TableStats:
+        rows, oldest = self.db.execute(f"SELECT count(*), min({basis}) FROM {name}").fetchone()
+        return TableStats(rows, oldest)
+
+    async def undeclared_columns(self, table: TableSpec) -> dict[str, int]:
+        return await self._run(self._undeclared_columns, table)
+
+    def _undeclared_columns(self, table: TableSpec) -> dict[str, int]:
+        declared = set(META_COLUMNS) | {c.name for c in table.columns}
+        extra = [name for name in self._columns(table.name) if name not in declared]
+        return {
+            name: self.db.execute(f"SELECT count({name}) FROM {table.name}").fetchone()[0]
+            for name in extra
+        }
+
+    async def record_runs(self, runs: Sequence[RetentionRun]) -> None:
+        await self._run(self._record_runs, runs)
+
+    def _record_runs(self, runs: Sequence[RetentionRun]) -> None:
+        with self._transaction():
+            self.db.executemany(
+                "INSERT INTO retention_runs (category, cutoff, deleted, ran_at) VALUES (?, ?, ?, ?)",
+                [(r.category, r.cutoff, r.deleted, r.ran_at) for r in runs],
+            )
+
+    async def last_runs(self) -> list[RetentionRun]:
+        return await self._run(self._last_runs)
+
+    def _last_runs(self) -> list[RetentionRun]:
+        rows = self.db.execute(
+            "SELECT category, cutoff, deleted, max(ran_at) FROM retention_runs GROUP BY category"
+        )
+        return [RetentionRun(*row) for row in rows]
+
+    async def checkpoint(self) -> None:
+        await self._run(self.db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._close)
+        self._pool.shutdown(wait=True)
+
+    def _close(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.close()
+        self._db = None
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, ROLLBACK on any error: a failed write leaves nothing."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _where(where: Mapping[str, SqlValue]) -> tuple[str, list[SqlValue]]:
+    clauses = [f"{name} IS NULL" if value is None else f"{name} = ?" for name, value in where.items()]
+    return " AND ".join(clauses), [v for v in where.values() if v is not None]

@@ -1,0 +1,152 @@
+"""Server configuration: `config/softrelay.toml`, parsed once at start into frozen objects.
+
+Every key has a default fit for the embedded mode (SQLite under `var/`, loopback
+listeners, generated secrets), so the shipped file documents rather than requires.
+An unknown key or a bad value raises `ConfigError` naming the file and the key.
+Relative paths are taken from the current directory, as a command line user expects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from privacy.declaration import ConfigError, Section, load_toml
+from privacy.notice import Controller
+from privacy.policy import PROFILES_DIR
+
+DEFAULT_CONFIG = PROFILES_DIR.parent / "softrelay.toml"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    http_host: str
+    http_port: int
+    sip_host: str
+    sip_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path | None
+    data_dir: Path
+    listen: Listen
+    profile: str
+    policy_override: Path | None
+    controller: Controller
+    keyring: str  # env:NAME, file:PATH, or "" for a keyring generated under data_dir
+    sweep_interval: int
+    log_level: str
+    log_console: bool
+
+
+def config_path(cli_value: str | None) -> Path | None:
+    """--config, else SOFTRELAY_CONFIG, else the shipped sample if it is there."""
+    chosen = cli_value or os.environ.get("SOFTRELAY_CONFIG")
+    if chosen:
+        return Path(chosen)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_config(path: Path | None) -> Config:
+    root = load_toml(path) if path is not None else Section({}, Path("<defaults>"), "")
+    server = root.section("server", {})
+    listen = Listen(
+        http_host=_host(server, "http_host"),
+        http_port=_port(server, "http_port", 8080),
+        sip_host=_host(server, "sip_host"),
+        sip_port=_port(server, "sip_port", 5060),
+    )
+    data_dir = Path(server.str("data_dir", "var"))
+    server.finish()
+
+    pol = root.section("policy", {})
+    profile = pol.choice("profile", _profiles(), "auerproxy")
+    override_text = pol.str("override", "")
+    pol.finish()
+
+    ctl = root.section("controller", {})
+    controller = Controller(
+        name=ctl.str("name", "The operator of this softrelay service"),
+        address=ctl.str("address", "(address not configured)"),
+        email=ctl.str("email", "privacy@example.invalid"),
+        dpo_name=ctl.str("dpo_name", "Data protection officer"),
+        dpo_email=ctl.str("dpo_email", "dpo@example.invalid"),
+        supervisory_authority=ctl.str("supervisory_authority", "the supervisory authority of your country"),
+    )
+    ctl.finish()
+
+    sec = root.section("secrets", {})
+    keyring = sec.str("keyring", "")
+    if keyring and not keyring.startswith(("env:", "file:")):
+        raise sec.error("keyring", "must be 'env:NAME', 'file:PATH' or empty (generated under data_dir)")
+    sec.finish()
+
+    ret = root.section("retention", {})
+    sweep_interval = ret.duration("sweep_interval", "1h")
+    if sweep_interval < 60:
+        raise ret.error("sweep_interval", "must be at least 1m")
+    ret.finish()
+
+    logging_sec = root.section("logging", {})
+    log_level = logging_sec.choice("level", _LOG_LEVELS, "info")
+    log_console = logging_sec.bool("console", True)
+    logging_sec.finish()
+    root.finish()
+
+    return Config(
+        source=path,
+        data_dir=data_dir,
+        listen=listen,
+        profile=profile,
+        policy_override=Path(override_text) if override_text else None,
+        controller=controller,
+        keyring=keyring,
+        sweep_interval=sweep_interval,
+        log_level=log_level,
+        log_console=log_console,
+    )
+
+
+def with_overrides(
+    config: Config,
+    *,
+    data_dir: str | None = None,
+    http_port: int | None = None,
+    sip_port: int | None = None,
+) -> Config:
+    """Apply command-line flags, which win over the file."""
+    listen = config.listen
+    if http_port is not None:
+        listen = replace(listen, http_port=http_port)
+    if sip_port is not None:
+        listen = replace(listen, sip_port=sip_port)
+    return replace(
+        config, listen=listen, data_dir=Path(data_dir) if data_dir else config.data_dir
+    )
+
+
+def _profiles() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in PROFILES_DIR.glob("*.toml")))
+
+
+def _host(sec: Section, key: str) -> str:
+    host = sec.str(key, "127.0.0.1")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise sec.error(key, f"expected an IP address to listen on, got {host!r}") from None
+    return host
+
+
+def _port(sec: Section, key: str, default: int) -> int:
+    port = sec.int(key, default, minimum=0)
+    if port > 65535:
+        raise sec.error(key, f"must be a port number (0 picks a free one), got {port}")
+    return port
+
+
+__all__ = ["Config", "ConfigError", "Listen", "config_path", "load_config", "with_overrides"]
