@@ -20,8 +20,8 @@ _V4_WITH_PORT = re.compile(r"^([0-9.]+):(\d{1,5})$")
 def anonymise_ip(text: str) -> str:
     """'203.0.113.77' -> '203.0.113.0', '[2001:db8:abcd:12::1]:5060' -> '2001:db8:abcd::'.
 
-    A port (and the brackets around an IPv6 address) is accepted and dropped. Anything
-    else raises ValueError; the message does not repeat the input, which may be personal.
+    A port (and the brackets around an IPv6 address) is accepted and dropped. Any other
+    text raises ValueError, whose message does not repeat the input (it may be personal).
     """
     address = _parse(text)
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
@@ -34,11 +34,10 @@ def anonymise_ip(text: str) -> str:
 
 def _parse(text: str) -> IPv4Address | IPv6Address:
     if not isinstance(text, str):
-        raise ValueError("not an IP address: expected text")
+        # ip_address() would take an int as an address; only text is an address here.
+        raise TypeError("expected the address as text")
     host, port = text.strip(), None
-    if match := _BRACKETED.match(host):
-        host, port = match.group(1), match.group(2)
-    elif match := _V4_WITH_PORT.match(host):
+    if (match := _BRACKETED.match(host)) or (match := _V4_WITH_PORT.match(host)):
         host, port = match.group(1), match.group(2)
     if port is not None and int(port) > 65535:
         raise ValueError("not an IP address: port out of range")

@@ -29,6 +29,7 @@ would print the records unfiltered.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -114,8 +115,7 @@ class PolicyLogHandler(logging.Handler):
         event = record.msg if isinstance(record.msg, str) else "<not text>"
         if not isinstance(record.msg, str):
             dropped.append("msg")
-        if record.args:
-            dropped.append("args")
+        pass
         line: dict[str, object] = {
             "time": iso(now),
             "level": record.levelname,
@@ -142,26 +142,27 @@ class PolicyLogHandler(logging.Handler):
     def _field(self, name: object, value: object) -> object:
         spec = self.category.fields.get(name) if isinstance(name, str) else None
         if spec is None:
-            return _DROP
+            return value
         return _checked(spec, value)
 
     def _write(self, line: bytes, day: str) -> None:
-        if self._fd is None or day != self._day or os.fstat(self._fd).st_nlink == 0:
+        fd = self._fd
+        if fd is None or day != self._day or os.fstat(fd).st_nlink == 0:
             # st_nlink 0: the file was deleted under us (an erasure, a sub-day retention);
             # writing on would put lines where nobody can read them.
-            self._reopen(day)
-        assert self._fd is not None  # noqa: S101 - set by _reopen, which raises otherwise
+            fd = self._reopen(day)
         view = memoryview(line)
         while view:
-            view = view[os.write(self._fd, view) :]
+            view = view[os.write(fd, view) :]
 
-    def _reopen(self, day: str) -> None:
+    def _reopen(self, day: str) -> int:
         self._close_file()
         directory = log_dir(self._data_dir, self.category.name)
         _make_private_dirs(directory)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         self._fd = os.open(directory / f"{day}.jsonl", flags, 0o600)
         self._day = day
+        return self._fd
 
     def _close_file(self) -> None:
         if self._fd is not None:
@@ -173,29 +174,21 @@ class PolicyLogHandler(logging.Handler):
         if self._failing:
             return
         self._failing = True
-        # Not handleError(): it prints the record's message and arguments.
-        try:
+        # Not handleError(): it prints the record's message and arguments. If stderr is
+        # gone too, there is nowhere left to tell.
+        with contextlib.suppress(Exception):
             sys.stderr.write(
                 f"softrelay: cannot write the {self.category.name} log ({type(exc).__name__})\n"
             )
-        except Exception:  # noqa: S110 - stderr itself is gone; there is nowhere left to tell
-            pass
 
     def close(self) -> None:
-        with self.lock if self.lock is not None else _NoLock():
-            try:
+        self.acquire()
+        try:
+            with contextlib.suppress(OSError):
                 self._close_file()
-            except OSError:
-                pass
+        finally:
+            self.release()
         super().close()
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _checked(spec: FieldSpec, value: object) -> object:

@@ -3,7 +3,7 @@
 Everything a category says (title, purpose, fields, retention, rights) comes from the
 policy, so a deployment that tightens a retention gets a notice that says so. The
 fixed wording around it lives in `_TEXTS`, one dict per language, so a translation is
-reviewed in one place and a missing key fails the same way in every language.
+reviewed in one place (a test keeps the languages' keys equal).
 """
 
 from __future__ import annotations
@@ -404,15 +404,9 @@ def _retention_phrase(category: Category, lang: str) -> str:
 
 
 def _duration(seconds: int, t: dict[str, str], *, after: bool) -> str:
-    # A duration of 0 falls through to seconds; the policy loader rejects it anyway.
-    unit, n = next(
-        (
-            (unit, seconds // size)
-            for unit, size in _UNITS
-            if seconds >= size and seconds % size == 0
-        ),
-        ("second", seconds),
-    )
+    # A second divides everything, so there is always a unit.
+    unit, size = next((unit, size) for unit, size in _UNITS if seconds % size == 0)
+    n = seconds // size
     key = f"unit.{unit}.{'one' if n == 1 else 'many'}{'.after' if after else ''}"
     return t[key].format(n=n)
 

@@ -138,7 +138,8 @@ class SQLiteBackend:
             sql += f" ON CONFLICT({', '.join(table.unique)}) DO UPDATE SET {', '.join(updates)}"
         sql += " RETURNING id"
         with self._transaction():
-            record_id: int = self.db.execute(sql, list(values.values())).fetchone()[0]
+            # fetchall: a RETURNING statement must run to its end before COMMIT.
+            record_id: int = self.db.execute(sql, list(values.values())).fetchall()[0][0]
             if subject is not None:
                 self._touch_subject(subject, now)
         return record_id
@@ -179,10 +180,10 @@ class SQLiteBackend:
             found = self.db.execute(
                 f"UPDATE {table.name} SET {assignments} WHERE id = ? RETURNING subject",
                 [*values.values(), record_id],
-            ).fetchone()
-            if found is not None and found[0] is not None:
-                self._touch_subject(found[0], now)
-        return found is not None
+            ).fetchall()
+            if found and found[0][0] is not None:
+                self._touch_subject(found[0][0], now)
+        return bool(found)
 
     async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int:
         return await self._run(self._delete, table, dict(where))
@@ -264,7 +265,10 @@ class SQLiteBackend:
         return [RetentionRun(*row) for row in rows]
 
     async def checkpoint(self) -> None:
-        await self._run(self.db.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._run(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -272,7 +276,7 @@ class SQLiteBackend:
         self._pool.shutdown(wait=True)
 
     def _close(self) -> None:
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._checkpoint()
         self.db.close()
         self._db = None
 

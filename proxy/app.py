@@ -1,0 +1,136 @@
+"""The aiohttp application: the one HTTP front of `softrelay serve`.
+
+The app owns the store and the retention sweeper through its cleanup context, so they
+start before the first request and stop, in reverse order, after the last. Later parts
+(SIP over WebSocket, provisioning, usage, crash ingest, data-subject API) add their
+routes and contexts here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from privacy.audit import CategoryVerdict, audit
+from privacy.clock import Clock
+from privacy.keys import Keyring
+from privacy.policy import Policy
+from privacy.retention import Sweeper
+from privacy.store import Store
+
+MAX_BODY = 1024 * 1024
+log = logging.getLogger("softrelay.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the app is built from; each part is created by the caller (or a test)."""
+
+    policy: Policy
+    keyring: Keyring
+    data_dir: Path
+    clock: Clock
+    sweep_interval: float
+
+
+SERVICES = web.AppKey("services", Services)
+STORE = web.AppKey("store", Store)
+SWEEPER = web.AppKey("sweeper", Sweeper)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+
+def build_app(services: Services) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    app[SERVICES] = services
+    app[REGISTRY] = CollectorRegistry(auto_describe=True)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_sweeper_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    store = await Store.create(services.policy, services.keyring, services.data_dir, services.clock)
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    sweeper = Sweeper(app[STORE], services.data_dir)
+    app[SWEEPER] = sweeper
+    task = asyncio.create_task(sweeper.run_forever(services.sweep_interval), name="retention-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    verdicts = await audit(app[STORE], app[SERVICES].data_dir)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_RetentionCollector(verdicts, app[SWEEPER]))
+    body = generate_latest(app[REGISTRY]) + generate_latest(registry)
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+class _RetentionCollector(Collector):
+    """A snapshot of the audit and the sweeper, taken for one scrape."""
+
+    def __init__(self, verdicts: list[CategoryVerdict], sweeper: Sweeper) -> None:
+        self._verdicts = verdicts
+        self._sweeper = sweeper
+
+    def collect(self) -> Iterable[Metric]:
+        oldest = GaugeMetricFamily(
+            "softrelay_retention_oldest_age_seconds",
+            "Age of the oldest record or log file of a category",
+            labels=["category"],
+        )
+        limit = GaugeMetricFamily(
+            "softrelay_retention_limit_seconds", "Retention limit of a category", labels=["category"]
+        )
+        violation = GaugeMetricFamily(
+            "softrelay_retention_violation",
+            "1 while a category holds data past its retention",
+            labels=["category"],
+        )
+        for verdict in self._verdicts:
+            oldest.add_metric([verdict.category], verdict.oldest_age_seconds or 0.0)
+            limit.add_metric([verdict.category], verdict.limit_seconds)
+            violation.add_metric([verdict.category], 1.0 if verdict.verdict == "violation" else 0.0)
+        counters = self._sweeper.counters
+        runs = CounterMetricFamily("softrelay_sweeper_runs", "Retention sweeps run", value=counters.runs)
+        failures = CounterMetricFamily(
+            "softrelay_sweeper_failures", "Retention sweeps that failed", value=counters.failures
+        )
+        deleted = CounterMetricFamily(
+            "softrelay_sweeper_deleted",
+            "Records, subjects or log files deleted by the sweeper",
+            labels=["category"],
+        )
+        for category, count in sorted(counters.deleted.items()):
+            deleted.add_metric([category], count)
+        last = GaugeMetricFamily(
+            "softrelay_sweeper_last_run_timestamp_seconds",
+            "When the last sweep ran",
+            value=counters.last_run_at or 0.0,
+        )
+        return [oldest, limit, violation, runs, failures, deleted, last]

@@ -1,0 +1,212 @@
+"""The `softrelay` command.
+
+    softrelay serve [--http-port N] [--sip-port N]
+    softrelay sweep [--now ISO-8601]
+    softrelay audit [--now ISO-8601] [--canary VALUE ...]
+    softrelay policy show
+    softrelay policy render --lang en|de [--output FILE]
+    softrelay keys rotate
+
+Every command takes --config FILE (or SOFTRELAY_CONFIG) and --data-dir DIR. A
+configuration or policy that cannot work ends the command with exit status 2 and one
+line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from privacy.audit import audit, format_hits, format_report, scan_for_canaries
+from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
+from privacy.declaration import ConfigError
+from privacy.keys import Keyring, embedded_keyring_path, load_keyring, write_keyring
+from privacy.logs import LogSet, setup_logging
+from privacy.notice import policy_table, render_notice
+from privacy.policy import Policy, load_policy
+from privacy.retention import Sweeper
+from privacy.store import Store
+from proxy.app import Services, build_app
+from proxy.config import Config, config_path, load_config, with_overrides
+
+log = logging.getLogger("softrelay.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What every command starts from: configuration, policy, clock, logs."""
+
+    config: Config
+    policy: Policy
+    clock: Clock
+    logs: LogSet
+
+    def keyring(self) -> Keyring:
+        return load_keyring(self.config.keyring, self.config.data_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = with_overrides(
+            load_config(config_path(args.config)),
+            data_dir=args.data_dir,
+            http_port=getattr(args, "http_port", None),
+            sip_port=getattr(args, "sip_port", None),
+        )
+        policy = load_policy(config.profile, config.policy_override)
+    except ConfigError as exc:
+        print(f"softrelay: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "policy":
+        return _policy(args, config, policy)
+    now = getattr(args, "now", None)
+    clock: Clock = ManualClock(parse_instant(now)) if now else SystemClock()
+    logs = setup_logging(
+        policy,
+        config.data_dir,
+        clock,
+        level=getattr(logging, config.log_level.upper()),
+        console=config.log_console and args.command == "serve",
+    )
+    runtime = Runtime(config, policy, clock, logs)
+    try:
+        handler = {"serve": _serve, "sweep": _sweep, "audit": _audit, "keys": _keys}[args.command]
+        return asyncio.run(handler(runtime, args))
+    except ConfigError as exc:
+        print(f"softrelay: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        logs.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="configuration file (default: SOFTRELAY_CONFIG or config/softrelay.toml)")
+    common.add_argument("--data-dir", help="directory of every stored byte (default: data_dir of the config)")
+    parser = argparse.ArgumentParser(prog="softrelay", description="A privacy-aware backend for softphones.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the server")
+    serve.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one)")
+    serve.add_argument("--sip-port", type=int, help="SIP port (0 picks a free one)")
+
+    sweep = sub.add_parser("sweep", parents=[common], help="delete what the policy says has expired")
+    sweep.add_argument("--now", help="sweep as if it were this ISO-8601 time")
+
+    aud = sub.add_parser("audit", parents=[common], help="check stored data against the policy")
+    aud.add_argument("--now", help="audit as if it were this ISO-8601 time")
+    aud.add_argument("--canary", action="append", default=[], metavar="VALUE",
+                     help="fail if VALUE is found in any file under the data directory")
+
+    pol = sub.add_parser("policy", help="show the policy or render the privacy notice")
+    pol_sub = pol.add_subparsers(dest="action", required=True)
+    pol_sub.add_parser("show", parents=[common], help="print the effective policy as a table")
+    render = pol_sub.add_parser("render", parents=[common], help="write the privacy notice (Markdown)")
+    render.add_argument("--lang", choices=("en", "de"), default="en")
+    render.add_argument("--output", help="file to write (default: standard output)")
+
+    keys = sub.add_parser("keys", help="manage the keyring")
+    keys_sub = keys.add_subparsers(dest="action", required=True)
+    keys_sub.add_parser("rotate", parents=[common], help="add a new active encryption key")
+    return parser
+
+
+def _policy(args: argparse.Namespace, config: Config, policy: Policy) -> int:
+    if args.action == "show":
+        print(policy_table(policy))
+        return 0
+    notice = render_notice(policy, config.controller, args.lang)
+    if args.output:
+        Path(args.output).write_text(notice, encoding="utf-8")
+    else:
+        print(notice)
+    return 0
+
+
+async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
+    config = runtime.config
+    services = Services(runtime.policy, runtime.keyring(), config.data_dir, runtime.clock, config.sweep_interval)
+    # No access log: aiohttp's would write every client's full IP address.
+    runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.listen.http_host, config.listen.http_port)
+        await site.start()
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            print(f"softrelay: http://{host}:{port} (healthz, metrics)", flush=True)
+            log.info("listening", extra={"fields": {"listen": f"http://{host}:{port}"}})
+        print(
+            f"softrelay: profile {runtime.policy.profile}, data in {config.data_dir}/; "
+            "SIGTERM or Ctrl-C stops",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("softrelay: stopping", flush=True)
+    finally:
+        # Stops accepting, lets requests in flight finish, then runs the cleanup contexts
+        # in reverse: the sweeper stops before the store closes.
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def _sweep(runtime: Runtime, args: argparse.Namespace) -> int:
+    store = await Store.create(runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock)
+    try:
+        runs = await Sweeper(store, runtime.config.data_dir).run_once()
+    finally:
+        await store.close()
+    print(f"swept at {iso(runtime.clock.now())}")
+    for run in runs:
+        print(f"  {run.category:<20} cutoff {iso(run.cutoff)}  deleted {run.deleted}")
+    return 0
+
+
+async def _audit(runtime: Runtime, args: argparse.Namespace) -> int:
+    data_dir = runtime.config.data_dir
+    store = await Store.create(runtime.policy, runtime.keyring(), data_dir, runtime.clock)
+    try:
+        verdicts = await audit(store, data_dir)
+    finally:
+        await store.close()
+    print(format_report(verdicts))
+    failed = any(v.verdict == "violation" for v in verdicts)
+    if args.canary:
+        try:
+            hits = scan_for_canaries(data_dir, args.canary)
+        except ValueError as exc:
+            print(f"softrelay: --canary: {exc}", file=sys.stderr)
+            return 2
+        print(format_hits(hits))
+        failed = failed or bool(hits)
+    return 1 if failed else 0
+
+
+async def _keys(runtime: Runtime, args: argparse.Namespace) -> int:
+    source = runtime.config.keyring
+    if source.startswith("env:"):
+        print("softrelay: the keyring comes from the environment; rotate it where it is kept", file=sys.stderr)
+        return 2
+    path = Path(source[5:]) if source.startswith("file:") else embedded_keyring_path(runtime.config.data_dir)
+    rotated = runtime.keyring().rotated()
+    write_keyring(rotated, path)
+    print(f"softrelay: key {rotated.active} is now active in {path}; older keys still decrypt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

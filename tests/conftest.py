@@ -1,0 +1,60 @@
+"""Shared fixtures: an injected clock and a store on a temporary data directory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from privacy.clock import ManualClock, parse_instant
+from privacy.keys import Keyring
+from privacy.policy import Category, FieldType, Protection, load_policy
+from privacy.store import Store, Value
+
+START = parse_instant("2026-03-01T12:00:00Z")
+PROFILES = ("auerproxy", "cloudsoftphone")
+
+StoreFactory = Callable[[str], Awaitable[Store]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StoreFactory]:
+    """Opens stores of a profile on tmp_path; all are closed after the test."""
+    opened: list[Store] = []
+
+    async def factory(profile: str = "auerproxy") -> Store:
+        store = await Store.create(load_policy(profile), Keyring.generate(), tmp_path, clock)
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: StoreFactory) -> Store:
+    return await open_store("auerproxy")
+
+
+def sample_fields(category: Category, marker: str = "x") -> dict[str, Value]:
+    """A valid record for any category, every declared field filled."""
+    values: dict[str, Value] = {}
+    for name, spec in category.fields.items():
+        if spec.protection is Protection.ANONYMISED:
+            values[name] = "203.0.113.77"
+        elif spec.type is FieldType.INT:
+            values[name] = 5060
+        elif spec.type is FieldType.REAL:
+            values[name] = 1.5
+        elif spec.type is FieldType.JSON:
+            values[name] = {"marker": f"{marker}-{name}"}
+        else:
+            values[name] = f"{marker}-{name}"
+    return values
