@@ -55,7 +55,12 @@ class Backend(Protocol):
         ...
 
     async def select(
-        self, table: TableSpec, where: Mapping[str, SqlValue], *, cutoff: float, subject_cutoff: float
+        self,
+        table: TableSpec,
+        where: Mapping[str, SqlValue],
+        *,
+        cutoff: float,
+        subject_cutoff: float,
     ) -> list[Row]:
         """Rows matching `where` whose basis is after `cutoff` and whose subject (if any)
         was active after `subject_cutoff`."""
@@ -63,11 +68,15 @@ class Backend(Protocol):
 
     async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool: ...
 
-    async def update(self, table: TableSpec, record_id: int, values: Row, *, now: float) -> bool: ...
+    async def update(
+        self, table: TableSpec, record_id: int, values: Row, *, now: float
+    ) -> bool: ...
 
     async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int: ...
 
-    async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]: ...
+    async def delete_subject(
+        self, tables: Sequence[TableSpec], subject: bytes
+    ) -> dict[str, int]: ...
 
     async def delete_before(self, table: TableSpec, cutoff: float) -> int: ...
 

@@ -66,6 +66,8 @@ class Section:
         self.prefix = prefix
 
     def key(self, name: str) -> str:
+        if not name:
+            return self.prefix
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def error(self, name: str, message: str) -> ConfigError:
@@ -74,7 +76,7 @@ class Section:
     def has(self, name: str) -> bool:
         return name in self._data
 
-    def keys(self) -> Iterator[str]:
+    def names(self) -> Iterator[str]:
         return iter(list(self._data))
 
     def _get(self, name: str, default: Any) -> Any:
@@ -94,34 +96,34 @@ class Section:
             raise self.error(name, f"expected {label}, got {value!r}")
         return value
 
-    def str(self, name: str, default: Any = _MISSING) -> str:
+    def text(self, name: str, default: Any = _MISSING) -> str:
         value: str = self._typed(name, default, str, "a string")
         return value
 
-    def int(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+    def integer(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
         value: int = self._typed(name, default, int, "an integer")
         if minimum is not None and value < minimum:
             raise self.error(name, f"must be at least {minimum}, got {value}")
         return value
 
-    def bool(self, name: str, default: Any = _MISSING) -> bool:
+    def flag(self, name: str, default: Any = _MISSING) -> bool:
         value: bool = self._typed(name, default, bool, "true or false")
         return value
 
-    def str_list(self, name: str, default: Any = _MISSING) -> list[str]:
+    def text_list(self, name: str, default: Any = _MISSING) -> list[str]:
         value = self._typed(name, default, list, "a list of strings")
         if not all(isinstance(item, str) for item in value):
             raise self.error(name, f"expected a list of strings, got {value!r}")
         return list(value)
 
     def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
-        value = self.str(name, default)
+        value = self.text(name, default)
         if value not in choices:
             raise self.error(name, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def duration(self, name: str, default: Any = _MISSING) -> int:
-        return parse_duration(self.str(name, default), self.file, self.key(name))
+        return parse_duration(self.text(name, default), self.file, self.key(name))
 
     def section(self, name: str, default: Any = _MISSING) -> Section:
         value = self._typed(name, default, dict, "a table")
@@ -130,7 +132,7 @@ class Section:
     def localised(self, name: str, languages: tuple[str, ...]) -> dict[str, str]:
         """A text given once per language, as `{ en = "…", de = "…" }`."""
         table = self.section(name)
-        texts = {lang: table.str(lang) for lang in languages}
+        texts = {lang: table.text(lang) for lang in languages}
         table.finish()
         return texts
 

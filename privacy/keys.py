@@ -83,7 +83,9 @@ def parse_keyring(raw: bytes | str, origin: str) -> Keyring:
     if not isinstance(enc, dict) or not enc:
         raise ConfigError(origin, "encryption", "needs at least one key")
     try:
-        encryption = {int(kid): _key(value, origin, f"encryption.{kid}") for kid, value in enc.items()}
+        encryption = {
+            int(kid): _key(value, origin, f"encryption.{kid}") for kid, value in enc.items()
+        }
     except ValueError:
         raise ConfigError(origin, "encryption", "key ids are integers") from None
     active = data.get("active")

@@ -45,12 +45,20 @@ import orjson
 from privacy.anonymise import anonymise_ip
 from privacy.clock import Clock, iso
 from privacy.declaration import ConfigError
-from privacy.policy import Category, FieldSpec, FieldType, Policy, Protection, Storage
+from privacy.policy import (
+    LOG_ENVELOPE,
+    Category,
+    FieldSpec,
+    FieldType,
+    Policy,
+    Protection,
+    Storage,
+)
 
 ROOT_LOGGER = "softrelay"
 CATEGORY_LOGGER = "softrelay.category"
 SERVICE_LOG = "service_log"
-ENVELOPE = ("time", "level", "logger", "event", "error_type", "dropped")
+ENVELOPE = tuple(sorted(LOG_ENVELOPE))
 # Caps that keep one hostile value (a user agent, say) from filling the disk.
 MAX_TEXT_CHARS = 1024
 MAX_JSON_BYTES = 4096
@@ -115,7 +123,8 @@ class PolicyLogHandler(logging.Handler):
         event = record.msg if isinstance(record.msg, str) else "<not text>"
         if not isinstance(record.msg, str):
             dropped.append("msg")
-        pass
+        if record.args:
+            dropped.append("args")
         line: dict[str, object] = {
             "time": iso(now),
             "level": record.levelname,
@@ -142,7 +151,7 @@ class PolicyLogHandler(logging.Handler):
     def _field(self, name: object, value: object) -> object:
         spec = self.category.fields.get(name) if isinstance(name, str) else None
         if spec is None:
-            return value
+            return _DROP
         return _checked(spec, value)
 
     def _write(self, line: bytes, day: str) -> None:

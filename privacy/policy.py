@@ -24,6 +24,8 @@ LANGUAGES = ("en", "de")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "config" / "policy"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 # Rights a category may grant; Art. 77 (complaint to a supervisory authority) always applies.
+# Keys of every log line (privacy.logs); a log field may not reuse them.
+LOG_ENVELOPE = frozenset({"time", "level", "logger", "event", "error_type", "dropped"})
 RIGHTS = ("access", "rectification", "erasure", "restriction", "portability", "objection")
 
 
@@ -130,14 +132,16 @@ def load_policy(profile: str, override: Path | None = None) -> Policy:
 
 def _parse_policy(root: Section) -> Policy:
     meta = root.section("policy")
-    profile = meta.str("profile")
+    profile = meta.text("profile")
     title = meta.localised("title", LANGUAGES)
-    global_never = frozenset(meta.str_list("never_stored"))
+    global_never = frozenset(meta.text_list("never_stored"))
     meta.finish()
     if "password" not in global_never:
         raise meta.error("never_stored", "must contain 'password': no password, ever")
     table = root.section("categories")
-    categories = {name: _parse_category(table.section(name), name, global_never) for name in table.keys()}
+    categories = {
+        name: _parse_category(table.section(name), name, global_never) for name in table.names()
+    }
     table.finish()
     root.finish()
     if not categories:
@@ -150,35 +154,45 @@ def _parse_category(sec: Section, name: str, global_never: frozenset[str]) -> Ca
         raise sec.error("", f"category name {name!r} must match {_NAME.pattern}")
     storage = Storage(sec.choice("storage", tuple(Storage)))
     retention = _parse_retention(sec.section("retention"), storage)
-    never = frozenset(sec.str_list("never_stored")) | global_never
+    never = frozenset(sec.text_list("never_stored")) | global_never
     fields_sec = sec.section("fields", {})
-    fields = {f: _parse_field(fields_sec.section(f), f, never) for f in fields_sec.keys()}
+    fields = {f: _parse_field(fields_sec.section(f), f, never) for f in fields_sec.names()}
     fields_sec.finish()
     if storage is Storage.MEMORY and fields:
         raise sec.error("fields", "a memory-only category declares no stored field")
     if storage is Storage.LOG:
         for spec in fields.values():
+            if spec.name in LOG_ENVELOPE:
+                raise fields_sec.error(spec.name, "is a key every log line already has")
             if spec.protection is Protection.ENCRYPTED or spec.lookup:
-                raise fields_sec.error(spec.name, "a log field is plain or anonymised, never looked up")
-    rights = tuple(sec.str_list("rights"))
+                raise fields_sec.error(
+                    spec.name, "a log field is plain or anonymised, never looked up"
+                )
+    rights = tuple(sec.text_list("rights"))
     for right in rights:
         if right not in RIGHTS:
             raise sec.error("rights", f"unknown right {right!r} (known: {', '.join(RIGHTS)})")
-    subject = tuple(sec.str_list("subject", []))
-    key = tuple(sec.str_list("key", []))
+    legal_basis = sec.text("legal_basis")
+    # Art. 21 reaches only processing under Art. 6(1)(e) or (f); promising it elsewhere misleads.
+    if "objection" in rights and not any(b in legal_basis for b in ("6(1)(e)", "6(1)(f)")):
+        raise sec.error("rights", f"objection (Art. 21) does not apply under {legal_basis}")
+    subject = tuple(sec.text_list("subject", []))
+    key = tuple(sec.text_list("key", []))
     for label, names in (("subject", subject), ("key", key)):
         for fname in names:
             if fname not in fields:
                 raise sec.error(label, f"names {fname!r}, which is not a declared field")
-            if label == "key" and fields[fname].protection is Protection.ENCRYPTED:
-                if not fields[fname].lookup:
-                    raise sec.error(label, f"encrypted key field {fname!r} needs lookup = true")
-    unlinkable = sec.localised("unlinkable_reason", LANGUAGES) if sec.has("unlinkable_reason") else {}
+            spec = fields[fname]
+            if label == "key" and spec.protection is Protection.ENCRYPTED and not spec.lookup:
+                raise sec.error(label, f"encrypted key field {fname!r} needs lookup = true")
+    unlinkable = (
+        sec.localised("unlinkable_reason", LANGUAGES) if sec.has("unlinkable_reason") else {}
+    )
     category = Category(
         name=name,
         title=sec.localised("title", LANGUAGES),
         purpose=sec.localised("purpose", LANGUAGES),
-        legal_basis=sec.str("legal_basis"),
+        legal_basis=legal_basis,
         storage=storage,
         location=sec.localised("location", LANGUAGES),
         recipients=sec.localised("recipients", LANGUAGES),
@@ -219,7 +233,7 @@ def _parse_field(sec: Section, name: str, never: frozenset[str]) -> FieldSpec:
         name=name,
         type=FieldType(sec.choice("type", tuple(FieldType))),
         protection=Protection(sec.choice("protection", tuple(Protection))),
-        lookup=sec.bool("lookup", False),
+        lookup=sec.flag("lookup", False),
         label=sec.localised("label", LANGUAGES),
     )
     if spec.protection is Protection.ANONYMISED and spec.type is not FieldType.TEXT:
@@ -232,7 +246,7 @@ def _tighten(policy: Policy, root: Section) -> Policy:
     """Apply a deployment's file: shorter retentions and more never-stored names only."""
     table = root.section("categories")
     categories = dict(policy.categories)
-    for name in table.keys():
+    for name in table.names():
         sec = table.section(name)
         if name not in categories:
             raise sec.error("", f"category {name!r} is not in profile {policy.profile!r}")
@@ -247,18 +261,21 @@ def _tighten(policy: Policy, root: Section) -> Policy:
             if seconds > base.retention.seconds:
                 raise rsec.error(
                     "duration",
-                    f"may shorten the profile's retention of {format_duration(base.retention.seconds)}"
-                    f" but not lengthen it to {format_duration(seconds)}",
+                    f"may shorten the profile's retention of "
+                    f"{format_duration(base.retention.seconds)} but not lengthen it to "
+                    f"{format_duration(seconds)}",
                 )
             if seconds <= 0:
                 raise rsec.error("duration", "must be longer than zero")
             retention = Retention(base.retention.rule, seconds)
-        extra_never = frozenset(sec.str_list("never_stored", []))
+        extra_never = frozenset(sec.text_list("never_stored", []))
         clash = sorted(extra_never & set(base.fields))
         if clash:
             raise sec.error("never_stored", f"{clash[0]!r} is a declared field of this category")
         sec.finish()
-        categories[name] = replace(base, retention=retention, never_stored=base.never_stored | extra_never)
+        categories[name] = replace(
+            base, retention=retention, never_stored=base.never_stored | extra_never
+        )
     table.finish()
     root.finish()
     return replace(policy, categories=categories)

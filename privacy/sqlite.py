@@ -65,7 +65,12 @@ class SQLiteBackend:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self.path.chmod(0o600)
         self._db.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "secure_delete=ON", "busy_timeout=5000"):
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "secure_delete=ON",
+            "busy_timeout=5000",
+        ):
             self._db.execute(f"PRAGMA {pragma}")
         with self._transaction():
             self._migrate()
@@ -99,9 +104,15 @@ class SQLiteBackend:
         else:
             for column in table.columns:
                 if column.name not in existing:
-                    self.db.execute(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.sqltype}")
-        self.db.execute(f"CREATE INDEX IF NOT EXISTS {table.name}__basis ON {table.name}({table.basis})")
-        self.db.execute(f"CREATE INDEX IF NOT EXISTS {table.name}__subject ON {table.name}(subject)")
+                    self.db.execute(
+                        f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.sqltype}"
+                    )
+        self.db.execute(
+            f"CREATE INDEX IF NOT EXISTS {table.name}__basis ON {table.name}({table.basis})"
+        )
+        self.db.execute(
+            f"CREATE INDEX IF NOT EXISTS {table.name}__subject ON {table.name}(subject)"
+        )
         for column in table.columns:
             if column.indexed:
                 self.db.execute(
@@ -129,12 +140,13 @@ class SQLiteBackend:
         values: Row = {**row, "subject": subject, "created_at": now, "last_used_at": now}
         names = list(values)
         sql = (
-            f"INSERT INTO {table.name} ({', '.join(names)}) "
-            f"VALUES ({', '.join('?' * len(names))})"
+            f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
         )
         if table.unique:
             # Same key: replace the fields, keep the creation time (the record lives on).
-            updates = [f"{n} = excluded.{n}" for n in names if n not in table.unique and n != "created_at"]
+            updates = [
+                f"{n} = excluded.{n}" for n in names if n not in table.unique and n != "created_at"
+            ]
             sql += f" ON CONFLICT({', '.join(table.unique)}) DO UPDATE SET {', '.join(updates)}"
         sql += " RETURNING id"
         with self._transaction():
@@ -152,11 +164,18 @@ class SQLiteBackend:
         )
 
     async def select(
-        self, table: TableSpec, where: Mapping[str, SqlValue], *, cutoff: float, subject_cutoff: float
+        self,
+        table: TableSpec,
+        where: Mapping[str, SqlValue],
+        *,
+        cutoff: float,
+        subject_cutoff: float,
     ) -> list[Row]:
         return await self._run(self._select, table, dict(where), cutoff, subject_cutoff)
 
-    def _select(self, table: TableSpec, where: Row, cutoff: float, subject_cutoff: float) -> list[Row]:
+    def _select(
+        self, table: TableSpec, where: Row, cutoff: float, subject_cutoff: float
+    ) -> list[Row]:
         clauses, params = _where(where)
         sql = (
             f"SELECT * FROM {table.name} AS t WHERE {table.basis} > ? AND (t.subject IS NULL OR "
@@ -191,17 +210,23 @@ class SQLiteBackend:
     def _delete(self, table: TableSpec, where: Row) -> int:
         clauses, params = _where(where)
         with self._transaction():
-            return self.db.execute(f"DELETE FROM {table.name} WHERE {clauses or '1'}", params).rowcount
+            return self.db.execute(
+                f"DELETE FROM {table.name} WHERE {clauses or '1'}", params
+            ).rowcount
 
     async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]:
         return await self._run(self._delete_subjects, tables, [subject])
 
-    def _delete_subjects(self, tables: Sequence[TableSpec], subjects: list[bytes]) -> dict[str, int]:
+    def _delete_subjects(
+        self, tables: Sequence[TableSpec], subjects: list[bytes]
+    ) -> dict[str, int]:
         counts = dict.fromkeys((t.name for t in tables), 0)
         with self._transaction():
             for subject in subjects:
                 for table in tables:
-                    cursor = self.db.execute(f"DELETE FROM {table.name} WHERE subject = ?", (subject,))
+                    cursor = self.db.execute(
+                        f"DELETE FROM {table.name} WHERE subject = ?", (subject,)
+                    )
                     counts[table.name] += cursor.rowcount
                 self.db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
         return counts
@@ -211,7 +236,9 @@ class SQLiteBackend:
 
     def _delete_before(self, table: TableSpec, cutoff: float) -> int:
         with self._transaction():
-            return self.db.execute(f"DELETE FROM {table.name} WHERE {table.basis} <= ?", (cutoff,)).rowcount
+            return self.db.execute(
+                f"DELETE FROM {table.name} WHERE {table.basis} <= ?", (cutoff,)
+            ).rowcount
 
     async def delete_inactive_subjects(self, tables: Sequence[TableSpec], cutoff: float) -> int:
         return await self._run(self._delete_inactive, tables, cutoff)
@@ -251,7 +278,8 @@ class SQLiteBackend:
     def _record_runs(self, runs: Sequence[RetentionRun]) -> None:
         with self._transaction():
             self.db.executemany(
-                "INSERT INTO retention_runs (category, cutoff, deleted, ran_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO retention_runs (category, cutoff, deleted, ran_at) "
+                "VALUES (?, ?, ?, ?)",
                 [(r.category, r.cutoff, r.deleted, r.ran_at) for r in runs],
             )
 
@@ -295,5 +323,7 @@ class _Transaction:
 
 
 def _where(where: Mapping[str, SqlValue]) -> tuple[str, list[SqlValue]]:
-    clauses = [f"{name} IS NULL" if value is None else f"{name} = ?" for name, value in where.items()]
+    clauses = [
+        f"{name} IS NULL" if value is None else f"{name} = ?" for name, value in where.items()
+    ]
     return " AND ".join(clauses), [v for v in where.values() if v is not None]

@@ -37,7 +37,12 @@ from privacy.sqlite import SQLiteBackend
 Value = str | int | float | list[Any] | dict[str, Any] | None
 DATABASE_FILE = "softrelay.db"
 ACCOUNT = "account"  # the policy category whose retention applies to a whole subject
-_SQLTYPE = {FieldType.TEXT: "TEXT", FieldType.INT: "INTEGER", FieldType.REAL: "REAL", FieldType.JSON: "TEXT"}
+_SQLTYPE = {
+    FieldType.TEXT: "TEXT",
+    FieldType.INT: "INTEGER",
+    FieldType.REAL: "REAL",
+    FieldType.JSON: "TEXT",
+}
 _BIDX = "__bidx"
 
 
@@ -109,10 +114,14 @@ class Store:
         self._check_fields(cat, fields)
         missing = [name for name in (*cat.key, *cat.subject) if fields.get(name) is None]
         if missing:
-            raise PolicyViolation(f"{category}: field {missing[0]!r} is required (record key or subject)")
+            raise PolicyViolation(
+                f"{category}: field {missing[0]!r} is required (record key or subject)"
+            )
         row = self._encode(cat, fields)
         subject = self._subject_of(cat, fields)
-        return await self.backend.put(self._tables[category], row, subject=subject, now=self.clock.now())
+        return await self.backend.put(
+            self._tables[category], row, subject=subject, now=self.clock.now()
+        )
 
     async def update(self, category: str, record_id: int, fields: Mapping[str, Value]) -> bool:
         """Change fields of a record (rectification); counts as a use."""
@@ -120,9 +129,13 @@ class Store:
         self._check_fields(cat, fields)
         frozen = sorted(set(fields) & {*cat.key, *cat.subject})
         if frozen:
-            raise PolicyViolation(f"{category}: field {frozen[0]!r} identifies the record; store anew")
+            raise PolicyViolation(
+                f"{category}: field {frozen[0]!r} identifies the record; store anew"
+            )
         row = self._encode(cat, fields)
-        return await self.backend.update(self._tables[category], record_id, row, now=self.clock.now())
+        return await self.backend.update(
+            self._tables[category], record_id, row, now=self.clock.now()
+        )
 
     async def touch(self, category: str, record_id: int) -> bool:
         """Record a use: restarts an after-last-use retention and the subject's activity."""
@@ -134,7 +147,9 @@ class Store:
 
     async def delete_subject(self, subject: Subject) -> dict[str, int]:
         """Erase everything stored about a subject; rows deleted per category."""
-        counts = await self.backend.delete_subject(self._subject_tables, self.subject_index(subject))
+        counts = await self.backend.delete_subject(
+            self._subject_tables, self.subject_index(subject)
+        )
         return {name.removeprefix("c_"): count for name, count in counts.items()}
 
     # --- reads ----------------------------------------------------------------------
@@ -174,7 +189,10 @@ class Store:
         result: dict[str, tuple[float, int]] = {}
         for cat in stored_categories(self.policy):
             cutoff = self.cutoff(cat)
-            result[cat.name] = (cutoff, await self.backend.delete_before(self._tables[cat.name], cutoff))
+            result[cat.name] = (
+                cutoff,
+                await self.backend.delete_before(self._tables[cat.name], cutoff),
+            )
         account = self.policy.categories.get(ACCOUNT)
         if account is not None:
             cutoff = self.cutoff(account)
@@ -191,7 +209,9 @@ class Store:
         return result
 
     async def undeclared_columns(self) -> dict[str, dict[str, int]]:
-        return {name: await self.backend.undeclared_columns(spec) for name, spec in self._tables.items()}
+        return {
+            name: await self.backend.undeclared_columns(spec) for name, spec in self._tables.items()
+        }
 
     # --- policy checks and field protection -----------------------------------------
 
@@ -255,7 +275,9 @@ class Store:
                 if not spec.lookup:
                     raise PolicyViolation(f"{cat.name}: field {name!r} is encrypted without lookup")
                 match[name + _BIDX] = (
-                    None if value is None else self._cipher.blind_index(_context(cat, spec), _to_bytes(cat, spec, value))
+                    None
+                    if value is None
+                    else self._cipher.blind_index(_context(cat, spec), _to_bytes(cat, spec, value))
                 )
             elif spec.protection is Protection.ANONYMISED:
                 match[name] = None if value is None else _anonymised(cat, spec, value)
@@ -279,10 +301,12 @@ class Store:
                 assert isinstance(stored, str)
                 fields[name] = orjson.loads(stored)
             else:
+                assert not isinstance(stored, bytes)
                 fields[name] = stored
         record_id, created, used = row["id"], row["created_at"], row["last_used_at"]
         assert isinstance(record_id, int)
-        assert isinstance(created, float) and isinstance(used, float)
+        assert isinstance(created, float)
+        assert isinstance(used, float)
         return Record(record_id, cat.name, fields, created, used)
 
 

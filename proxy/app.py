@@ -71,7 +71,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     sweeper = Sweeper(app[STORE], services.data_dir)
     app[SWEEPER] = sweeper
-    task = asyncio.create_task(sweeper.run_forever(services.sweep_interval), name="retention-sweeper")
+    task = asyncio.create_task(
+        sweeper.run_forever(services.sweep_interval), name="retention-sweeper"
+    )
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -105,7 +107,9 @@ class _RetentionCollector(Collector):
             labels=["category"],
         )
         limit = GaugeMetricFamily(
-            "softrelay_retention_limit_seconds", "Retention limit of a category", labels=["category"]
+            "softrelay_retention_limit_seconds",
+            "Retention limit of a category",
+            labels=["category"],
         )
         violation = GaugeMetricFamily(
             "softrelay_retention_violation",
@@ -117,7 +121,9 @@ class _RetentionCollector(Collector):
             limit.add_metric([verdict.category], verdict.limit_seconds)
             violation.add_metric([verdict.category], 1.0 if verdict.verdict == "violation" else 0.0)
         counters = self._sweeper.counters
-        runs = CounterMetricFamily("softrelay_sweeper_runs", "Retention sweeps run", value=counters.runs)
+        runs = CounterMetricFamily(
+            "softrelay_sweeper_runs", "Retention sweeps run", value=counters.runs
+        )
         failures = CounterMetricFamily(
             "softrelay_sweeper_failures", "Retention sweeps that failed", value=counters.failures
         )

@@ -90,27 +90,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="configuration file (default: SOFTRELAY_CONFIG or config/softrelay.toml)")
-    common.add_argument("--data-dir", help="directory of every stored byte (default: data_dir of the config)")
-    parser = argparse.ArgumentParser(prog="softrelay", description="A privacy-aware backend for softphones.")
+    common.add_argument(
+        "--config", help="configuration file (default: SOFTRELAY_CONFIG or config/softrelay.toml)"
+    )
+    common.add_argument(
+        "--data-dir", help="directory of every stored byte (default: data_dir of the config)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="softrelay", description="A privacy-aware backend for softphones."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[common], help="run the server")
     serve.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one)")
     serve.add_argument("--sip-port", type=int, help="SIP port (0 picks a free one)")
 
-    sweep = sub.add_parser("sweep", parents=[common], help="delete what the policy says has expired")
+    sweep = sub.add_parser(
+        "sweep", parents=[common], help="delete what the policy says has expired"
+    )
     sweep.add_argument("--now", help="sweep as if it were this ISO-8601 time")
 
     aud = sub.add_parser("audit", parents=[common], help="check stored data against the policy")
     aud.add_argument("--now", help="audit as if it were this ISO-8601 time")
-    aud.add_argument("--canary", action="append", default=[], metavar="VALUE",
-                     help="fail if VALUE is found in any file under the data directory")
+    aud.add_argument(
+        "--canary",
+        action="append",
+        default=[],
+        metavar="VALUE",
+        help="fail if VALUE is found in any file under the data directory",
+    )
 
     pol = sub.add_parser("policy", help="show the policy or render the privacy notice")
     pol_sub = pol.add_subparsers(dest="action", required=True)
     pol_sub.add_parser("show", parents=[common], help="print the effective policy as a table")
-    render = pol_sub.add_parser("render", parents=[common], help="write the privacy notice (Markdown)")
+    render = pol_sub.add_parser(
+        "render", parents=[common], help="write the privacy notice (Markdown)"
+    )
     render.add_argument("--lang", choices=("en", "de"), default="en")
     render.add_argument("--output", help="file to write (default: standard output)")
 
@@ -134,7 +149,9 @@ def _policy(args: argparse.Namespace, config: Config, policy: Policy) -> int:
 
 async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
     config = runtime.config
-    services = Services(runtime.policy, runtime.keyring(), config.data_dir, runtime.clock, config.sweep_interval)
+    services = Services(
+        runtime.policy, runtime.keyring(), config.data_dir, runtime.clock, config.sweep_interval
+    )
     # No access log: aiohttp's would write every client's full IP address.
     runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
     await runner.setup()
@@ -165,7 +182,9 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
 
 
 async def _sweep(runtime: Runtime, args: argparse.Namespace) -> int:
-    store = await Store.create(runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock)
+    store = await Store.create(
+        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
+    )
     try:
         runs = await Sweeper(store, runtime.config.data_dir).run_once()
     finally:
@@ -199,9 +218,16 @@ async def _audit(runtime: Runtime, args: argparse.Namespace) -> int:
 async def _keys(runtime: Runtime, args: argparse.Namespace) -> int:
     source = runtime.config.keyring
     if source.startswith("env:"):
-        print("softrelay: the keyring comes from the environment; rotate it where it is kept", file=sys.stderr)
+        print(
+            "softrelay: the keyring comes from the environment; rotate it where it is kept",
+            file=sys.stderr,
+        )
         return 2
-    path = Path(source[5:]) if source.startswith("file:") else embedded_keyring_path(runtime.config.data_dir)
+    path = (
+        Path(source[5:])
+        if source.startswith("file:")
+        else embedded_keyring_path(runtime.config.data_dir)
+    )
     rotated = runtime.keyring().rotated()
     write_keyring(rotated, path)
     print(f"softrelay: key {rotated.active} is now active in {path}; older keys still decrypt")

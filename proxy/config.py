@@ -60,29 +60,33 @@ def load_config(path: Path | None) -> Config:
         sip_host=_host(server, "sip_host"),
         sip_port=_port(server, "sip_port", 5060),
     )
-    data_dir = Path(server.str("data_dir", "var"))
+    data_dir = Path(server.text("data_dir", "var"))
     server.finish()
 
     pol = root.section("policy", {})
     profile = pol.choice("profile", _profiles(), "auerproxy")
-    override_text = pol.str("override", "")
+    override_text = pol.text("override", "")
     pol.finish()
 
     ctl = root.section("controller", {})
     controller = Controller(
-        name=ctl.str("name", "The operator of this softrelay service"),
-        address=ctl.str("address", "(address not configured)"),
-        email=ctl.str("email", "privacy@example.invalid"),
-        dpo_name=ctl.str("dpo_name", "Data protection officer"),
-        dpo_email=ctl.str("dpo_email", "dpo@example.invalid"),
-        supervisory_authority=ctl.str("supervisory_authority", "the supervisory authority of your country"),
+        name=ctl.text("name", "The operator of this softrelay service"),
+        address=ctl.text("address", "(address not configured)"),
+        email=ctl.text("email", "privacy@example.invalid"),
+        dpo_name=ctl.text("dpo_name", "Data protection officer"),
+        dpo_email=ctl.text("dpo_email", "dpo@example.invalid"),
+        supervisory_authority=ctl.text(
+            "supervisory_authority", "the supervisory authority of your country"
+        ),
     )
     ctl.finish()
 
     sec = root.section("secrets", {})
-    keyring = sec.str("keyring", "")
+    keyring = sec.text("keyring", "")
     if keyring and not keyring.startswith(("env:", "file:")):
-        raise sec.error("keyring", "must be 'env:NAME', 'file:PATH' or empty (generated under data_dir)")
+        raise sec.error(
+            "keyring", "must be 'env:NAME', 'file:PATH' or empty (generated under data_dir)"
+        )
     sec.finish()
 
     ret = root.section("retention", {})
@@ -93,7 +97,7 @@ def load_config(path: Path | None) -> Config:
 
     logging_sec = root.section("logging", {})
     log_level = logging_sec.choice("level", _LOG_LEVELS, "info")
-    log_console = logging_sec.bool("console", True)
+    log_console = logging_sec.flag("console", True)
     logging_sec.finish()
     root.finish()
 
@@ -124,9 +128,7 @@ def with_overrides(
         listen = replace(listen, http_port=http_port)
     if sip_port is not None:
         listen = replace(listen, sip_port=sip_port)
-    return replace(
-        config, listen=listen, data_dir=Path(data_dir) if data_dir else config.data_dir
-    )
+    return replace(config, listen=listen, data_dir=Path(data_dir) if data_dir else config.data_dir)
 
 
 def _profiles() -> tuple[str, ...]:
@@ -134,7 +136,7 @@ def _profiles() -> tuple[str, ...]:
 
 
 def _host(sec: Section, key: str) -> str:
-    host = sec.str(key, "127.0.0.1")
+    host = sec.text(key, "127.0.0.1")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -143,7 +145,7 @@ def _host(sec: Section, key: str) -> str:
 
 
 def _port(sec: Section, key: str, default: int) -> int:
-    port = sec.int(key, default, minimum=0)
+    port = sec.integer(key, default, minimum=0)
     if port > 65535:
         raise sec.error(key, f"must be a port number (0 picks a free one), got {port}")
     return port

@@ -71,12 +71,17 @@ async def test_account_rule_removes_a_whole_subject_in_cloudsoftphone(
     seven_days = 7 * 86400
     assert store.policy.categories["account"].retention.seconds == seven_days
     subject = {"sip_username": "alice", "pbx_serial": "0042137"}
-    await store.put("registration", {**sample_fields(store.policy.categories["registration"]), **subject})
+    await store.put(
+        "registration", {**sample_fields(store.policy.categories["registration"]), **subject}
+    )
     await store.put("debug", {**subject, "destination_name": "Bob"})
     clock.advance(seven_days - 1)
     assert (await store.find_subject(Subject("alice", "0042137")))["registration"]
     clock.advance(2)
-    assert (await store.find_subject(Subject("alice", "0042137"))) == {"registration": [], "debug": []}
+    assert (await store.find_subject(Subject("alice", "0042137"))) == {
+        "registration": [],
+        "debug": [],
+    }
     runs = {run.category: run for run in await Sweeper(store, tmp_path).run_once()}
     assert runs["account"].deleted == 1
     stats = await store.stats()

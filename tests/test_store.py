@@ -11,10 +11,10 @@ from privacy.clock import ManualClock
 from privacy.crypto import DecryptionError, FieldCipher
 from privacy.keys import Keyring
 from privacy.policy import PolicyViolation, load_policy
-from privacy.store import DATABASE_FILE, Store, Subject
+from privacy.store import DATABASE_FILE, Store, Subject, Value
 from tests.conftest import StoreFactory, sample_fields
 
-REGISTRATION = {
+REGISTRATION: dict[str, Value] = {
     "pbx_serial": "0042137",
     "sip_username": "alice-7f3e9",
     "instance": "urn:uuid:9b1c0e4e-canary",
@@ -110,7 +110,13 @@ async def test_no_plaintext_username_token_or_ip_in_database_or_wal(
     files = [p for p in tmp_path.iterdir() if p.name.startswith(DATABASE_FILE)]
     assert any(p.name.endswith("-wal") for p in files), "the WAL must be scanned too"
     blob = b"".join(p.read_bytes() for p in files)
-    for secret in ("alice-7f3e9", "tok-c0ffee-deadbeef-4242", "198.51.100.23", "203.0.113.99", "canary"):
+    for secret in (
+        "alice-7f3e9",
+        "tok-c0ffee-deadbeef-4242",
+        "198.51.100.23",
+        "203.0.113.99",
+        "canary",
+    ):
         assert secret.encode() not in blob, secret
     assert b"0042137" in blob  # the plain serial is stored, proving the scan sees the rows
 
@@ -153,7 +159,10 @@ async def test_rotated_keyring_reads_old_records_and_writes_with_the_new_key(
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / DATABASE_FILE) as db:
-        kids = sorted(FieldCipher.key_id(row[0]) for row in db.execute("SELECT sip_username FROM c_registration"))
+        kids = sorted(
+            FieldCipher.key_id(row[0])
+            for row in db.execute("SELECT sip_username FROM c_registration")
+        )
     assert kids == [1, 2]
 
 
@@ -168,7 +177,9 @@ async def test_update_changes_mutable_fields_but_not_the_key(store: Store) -> No
 
 async def test_delete_subject_erases_every_category_naming_the_subject(store: Store) -> None:
     await store.put("registration", REGISTRATION)
-    await store.put("debug", {"pbx_serial": "0042137", "sip_username": "alice-7f3e9", "destination_name": "Bob"})
+    await store.put(
+        "debug", {"pbx_serial": "0042137", "sip_username": "alice-7f3e9", "destination_name": "Bob"}
+    )
     await store.put("registration", {**REGISTRATION, "sip_username": "carol"})
     counts = await store.delete_subject(Subject("alice-7f3e9", "0042137"))
     assert counts["registration"] == 1

@@ -1,0 +1,408 @@
+"""The audit: does what is on disk match what the policy allows?
+
+Two independent checks, both read-only:
+
+- `audit` judges every policy category against its retention from what is actually
+  kept: database rows (expired ones included, so a sweeper that fell behind shows),
+  the subjects behind the account rule, the daily log files, and any table or file of a
+  memory-only category. Data the policy does not declare (an extra column with values,
+  a `c_*` table or log directory of no such category) is a violation of its own.
+- `scan_for_canaries` searches every file under the data directory, byte by byte, for
+  marker values in the encodings data commonly leaks in: a marker found means some path
+  stored what it must not, in the clear.
+
+Both judge expiry by the rule the sweeper deletes by (basis time + retention <= now),
+re-implemented here rather than borrowed, so a bug in the sweeper cannot hide itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import re
+import sqlite3
+import stat
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from privacy.backend import TableStats
+from privacy.declaration import format_duration
+from privacy.policy import Category, Policy, Storage
+from privacy.store import DATABASE_FILE, Store, stored_categories, table_name
+
+Verdict = Literal["ok", "violation", "memory only"]
+LOG_DIR = "log"
+MIN_CANARY_CHARS = 4
+# Base64 of a value shorter than this leaves too few stable characters to search for.
+MIN_BASE64_BYTES = 6
+CHUNK_BYTES = 1 << 20
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+
+
+@dataclass(frozen=True)
+class CategoryVerdict:
+    category: str
+    storage: Storage
+    records: int | None  # None for logs and memory: they are judged by file, not by row
+    oldest_age_seconds: float | None
+    limit_seconds: int
+    verdict: Verdict
+    detail: str
+
+
+@dataclass(frozen=True)
+class CanaryHit:
+    value: str
+    path: Path
+    encoding: str
+
+
+# --- retention audit ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Disk:
+    """What the file system holds, surveyed once off the event loop."""
+
+    tables: frozenset[str]  # category tables (`c_*`) in the SQLite file, if there is one
+    log_dirs: dict[str, list[Path]]  # every regular file under log/<name>/, per name
+    log_strays: list[Path]  # files directly under log/, outside any category
+
+
+async def audit(store: Store, data_dir: Path) -> list[CategoryVerdict]:
+    """One verdict per policy category, then one per undeclared piece of data."""
+    now = store.clock.now()
+    stats = await store.stats()
+    undeclared = await store.undeclared_columns()
+    disk = await asyncio.to_thread(_survey, data_dir)
+    verdicts: list[CategoryVerdict] = []
+    for cat in store.policy.categories.values():
+        if cat.storage is Storage.DATABASE:
+            verdicts.append(_database_verdict(cat, stats[cat.name], now))
+            verdicts.extend(_undeclared_columns(cat, undeclared.get(cat.name, {})))
+        elif cat.storage is Storage.LOG:
+            verdicts.append(_log_verdict(cat, disk.log_dirs.get(cat.name, []), now))
+        else:
+            verdicts.append(_memory_verdict(cat, disk))
+    verdicts.extend(_undeclared_places(store.policy, disk))
+    return verdicts
+
+
+def _expired(age: float, limit: int) -> bool:
+    # The sweeper deletes basis <= now - limit, and reads treat such rows as gone.
+    return age >= limit
+
+
+def _database_verdict(cat: Category, stats: TableStats, now: float) -> CategoryVerdict:
+    limit = cat.retention.seconds
+    what = "subject" if cat.name == "account" else "record"
+    if stats.oldest is None:
+        return CategoryVerdict(cat.name, cat.storage, stats.rows, None, limit, "ok", f"no {what}s")
+    age = now - stats.oldest
+    if _expired(age, limit):
+        detail = f"oldest {what} is {human_duration(age - limit)} older than the limit"
+        return CategoryVerdict(cat.name, cat.storage, stats.rows, age, limit, "violation", detail)
+    detail = f"oldest {what} expires in {human_duration(limit - age)}"
+    return CategoryVerdict(cat.name, cat.storage, stats.rows, age, limit, "ok", detail)
+
+
+def _undeclared_columns(cat: Category, columns: Mapping[str, int]) -> Iterator[CategoryVerdict]:
+    # A column with only NULLs holds nothing (a field the policy dropped since, say).
+    for column, count in sorted(columns.items()):
+        if count:
+            detail = (
+                f"column {column!r} of {table_name(cat.name)} is not declared by the policy"
+                f" and holds {_plural(count, 'value')}"
+            )
+            yield CategoryVerdict(
+                cat.name, cat.storage, count, None, cat.retention.seconds, "violation", detail
+            )
+
+
+def _log_verdict(cat: Category, files: list[Path], now: float) -> CategoryVerdict:
+    limit = cat.retention.seconds
+    if not files:
+        return CategoryVerdict(cat.name, cat.storage, None, None, limit, "ok", "no log files")
+    days = [day for day in map(_file_day, files) if day is not None]
+    # The sweeper deletes only files named by their day, so any other would stay forever.
+    undated = sorted(path.name for path in files if _file_day(path) is None)
+    age = now - _day_start(min(days)) if days else None
+    problems: list[str] = []
+    if age is not None and _expired(age, limit):
+        problems.append(f"oldest file is {human_duration(age - limit)} older than the limit")
+    if undated:
+        problems.append(f"not named by its day, so never swept: {', '.join(undated)}")
+    if problems:
+        detail = "; ".join([_plural(len(files), "file"), *problems])
+        return CategoryVerdict(cat.name, cat.storage, None, age, limit, "violation", detail)
+    assert age is not None  # files exist and all are named by their day
+    detail = f"{_plural(len(files), 'file')}, oldest expires in {human_duration(limit - age)}"
+    return CategoryVerdict(cat.name, cat.storage, None, age, limit, "ok", detail)
+
+
+def _memory_verdict(cat: Category, disk: _Disk) -> CategoryVerdict:
+    found: list[str] = []
+    if table_name(cat.name) in disk.tables:
+        found.append(f"table {table_name(cat.name)}")
+    if files := disk.log_dirs.get(cat.name):
+        found.append(f"{_plural(len(files), 'file')} under {LOG_DIR}/{cat.name}/")
+    if found:
+        detail = f"kept in memory only, yet found on disk: {', '.join(found)}"
+        return CategoryVerdict(cat.name, cat.storage, None, None, 0, "violation", detail)
+    return CategoryVerdict(cat.name, cat.storage, None, None, 0, "memory only", "nothing on disk")
+
+
+def _undeclared_places(policy: Policy, disk: _Disk) -> Iterator[CategoryVerdict]:
+    """Tables and log files that no category of the policy accounts for."""
+    memory = {c.name for c in policy.stored(Storage.MEMORY)}
+    known = {table_name(c.name) for c in stored_categories(policy)}
+    known |= {table_name(name) for name in memory}  # reported by the memory verdict
+    for table in sorted(disk.tables - known):
+        detail = f"table {table} belongs to no database category of the policy"
+        yield CategoryVerdict(
+            table.removeprefix("c_"), Storage.DATABASE, None, None, 0, "violation", detail
+        )
+    logs = {c.name for c in policy.stored(Storage.LOG)}
+    for name, files in sorted(disk.log_dirs.items()):
+        if files and name not in logs | memory:
+            detail = f"{_plural(len(files), 'file')} under {LOG_DIR}/{name}/, no log category"
+            yield CategoryVerdict(name, Storage.LOG, None, None, 0, "violation", detail)
+    for path in disk.log_strays:
+        detail = f"{LOG_DIR}/{path.name} lies outside every category's directory"
+        yield CategoryVerdict(path.name, Storage.LOG, None, None, 0, "violation", detail)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _survey(data_dir: Path) -> _Disk:
+    log_dirs: dict[str, list[Path]] = {}
+    strays: list[Path] = []
+    root = data_dir / LOG_DIR
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                log_dirs[entry.name] = list(_regular_files(entry))
+            else:
+                strays.append(entry)
+    return _Disk(_category_tables(data_dir / DATABASE_FILE), log_dirs, strays)
+
+
+def _category_tables(path: Path) -> frozenset[str]:
+    """The `c_*` tables of the SQLite file, read on a connection of our own.
+
+    The backend protocol has no way to list tables, and a memory-only category has no
+    TableSpec to ask about. Read-only: the audit never changes what it inspects.
+    """
+    if not path.is_file():
+        return frozenset()
+    with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            r"SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'c\_%' ESCAPE '\'"
+        )
+        return frozenset(row[0] for row in rows)
+
+
+def _file_day(path: Path) -> date | None:
+    match = _DAY_FILE.match(path.name)
+    if match is None:
+        return None
+    try:
+        return date.fromisoformat(match.group(1))
+    except ValueError:  # 2026-02-30.jsonl: shaped like a day, but none
+        return None
+
+
+def _day_start(day: date) -> float:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+
+
+# --- canary scan ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Needle:
+    value: str
+    encoding: str
+    pattern: bytes
+    folded: bool  # searched in the ASCII-lowercased bytes (case-insensitive)
+
+
+def scan_for_canaries(
+    data_dir: Path, values: Sequence[str], *, chunk_bytes: int = CHUNK_BYTES
+) -> list[CanaryHit]:
+    """Every (value, file, encoding) found under data_dir; each file read in bounded chunks."""
+    if chunk_bytes < 1:
+        raise ValueError("chunk_bytes must be at least 1")
+    needles = [needle for value in dict.fromkeys(values) for needle in _needles(value)]
+    if not needles:
+        return []
+    # A match that straddles two chunks lies entirely within the overlap plus the next chunk.
+    overlap = max(len(n.pattern) for n in needles) - 1
+    hits: list[CanaryHit] = []
+    for path in _regular_files(data_dir):
+        found = _scan_file(path, needles, chunk_bytes, overlap)
+        hits.extend(CanaryHit(n.value, path, n.encoding) for n in needles if n in found)
+    return hits
+
+
+def _scan_file(path: Path, needles: list[_Needle], chunk_bytes: int, overlap: int) -> set[_Needle]:
+    found: set[_Needle] = set()
+    tail = b""
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(chunk_bytes):
+                window = tail + chunk
+                folded = window.lower()
+                for needle in needles:
+                    if needle not in found and needle.pattern in (
+                        folded if needle.folded else window
+                    ):
+                        found.add(needle)
+                if len(found) == len(needles):
+                    break
+                tail = window[-overlap:] if overlap else b""
+    except FileNotFoundError:  # the WAL or its index went away between listing and reading
+        return set()
+    return found
+
+
+def _needles(value: str) -> list[_Needle]:
+    if len(value) < MIN_CANARY_CHARS:
+        raise ValueError(
+            f"a canary of {len(value)} characters is too short to be meaningful"
+            f" (at least {MIN_CANARY_CHARS}): it would match by chance"
+        )
+    raw = value.encode()
+    plain = raw.lower()
+    encoded: list[tuple[str, bytes]] = [
+        ("utf-16-le", value.encode("utf-16-le")),
+        ("utf-16-be", value.encode("utf-16-be")),
+        ("url", urllib.parse.quote(value, safe="").encode()),
+        ("hex", binascii.hexlify(raw)),
+        ("hex-upper", binascii.hexlify(raw).upper()),
+        ("json", orjson.dumps(value)[1:-1]),
+        # orjson writes non-ASCII as UTF-8; the stdlib and most others escape it as \\uXXXX.
+        ("json-ascii", json.dumps(value).encode()[1:-1]),
+    ]
+    if len(raw) >= MIN_BASE64_BYTES:
+        encoded += [("base64", p) for p in _base64_middles(raw, base64.b64encode)]
+        encoded += [("base64url", p) for p in _base64_middles(raw, base64.urlsafe_b64encode)]
+    needles = [_Needle(value, "utf-8", plain, folded=True)]
+    seen = {plain}
+    for encoding, pattern in encoded:
+        # The same bytes under two names (plain ASCII is its own URL and JSON form) are
+        # searched once and reported under the first, plainest name.
+        if pattern in seen or pattern.lower() == plain:
+            continue
+        seen.add(pattern)
+        needles.append(_Needle(value, encoding, pattern, folded=False))
+    return needles
+
+
+def _base64_middles(raw: bytes, encode: Callable[[bytes], bytes]) -> list[bytes]:
+    """The characters of raw's base64 that do not depend on what precedes or follows it.
+
+    Base64 encodes 3-byte groups, so raw shows differently at each of the 3 offsets it
+    may start at. For each offset k, encode k zero bytes + raw and keep only the
+    characters whose 6 bits all come from raw.
+    """
+    middles: list[bytes] = []
+    for k in range(3):
+        encoded = encode(b"\0" * k + raw)
+        first = -(-8 * k // 6)  # ceil: the first character holding no bit of the prefix
+        end = 8 * (k + len(raw)) // 6  # floor: characters wholly inside raw
+        middles.append(encoded[first:end])
+    return middles
+
+
+def _regular_files(root: Path) -> Iterator[Path]:
+    """Regular files under root, sorted, without following symlinks (they could leave
+    the data directory, or loop)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(mode):
+                yield path
+
+
+# --- reports --------------------------------------------------------------------------
+
+
+def human_duration(seconds: float) -> str:
+    """'3d 4h', '2h', '45s': the largest unit and the next one, rounded down."""
+    sign = "-" if seconds < 0 else ""
+    left = int(abs(seconds))
+    for i, (unit, size) in enumerate(_UNITS):
+        if left >= size or unit == "s":
+            text = f"{left // size}{unit}"
+            if i + 1 < len(_UNITS):
+                sub_unit, sub_size = _UNITS[i + 1]
+                if sub := left % size // sub_size:
+                    text += f" {sub}{sub_unit}"
+            return sign + text
+    raise AssertionError("unreachable: the last unit always matches")
+
+
+def format_report(verdicts: Sequence[CategoryVerdict]) -> str:
+    header = ("category", "storage", "records", "oldest", "limit", "verdict", "detail")
+    rows = [header] + [
+        (
+            v.category,
+            v.storage.value,
+            "-" if v.records is None else str(v.records),
+            "-" if v.oldest_age_seconds is None else human_duration(v.oldest_age_seconds),
+            "-"
+            if v.storage is Storage.MEMORY or not v.limit_seconds
+            else format_duration(v.limit_seconds),
+            v.verdict.upper() if v.verdict == "violation" else v.verdict,
+            v.detail,
+        )
+        for v in verdicts
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = [
+        "  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    ]
+    violations = sum(v.verdict == "violation" for v in verdicts)
+    summary = (
+        f"{violations} violation{'s' if violations != 1 else ''}" if violations else "no violations"
+    )
+    return "\n".join([line.rstrip() for line in lines] + ["", summary]) + "\n"
+
+
+def format_hits(hits: Sequence[CanaryHit]) -> str:
+    if not hits:
+        return "no canary found\n"
+    lines = [f"{hit.path}: {hit.value!r} as {hit.encoding}" for hit in hits]
+    return "\n".join([*lines, "", _plural(len(hits), "canary hit")]) + "\n"
+
+
+__all__ = [
+    "CanaryHit",
+    "CategoryVerdict",
+    "Verdict",
+    "audit",
+    "format_hits",
+    "format_report",
+    "human_duration",
+    "scan_for_canaries",
+]
