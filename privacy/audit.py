@@ -11,8 +11,8 @@ Two independent checks, both read-only:
   marker values in the encodings data commonly leaks in: a marker found means some path
   stored what it must not, in the clear.
 
-Both judge expiry by the rule the sweeper deletes by (basis time + retention <= now),
-re-implemented here rather than borrowed, so a bug in the sweeper cannot hide itself.
+The audit judges expiry by the rule the sweeper deletes by (basis time + retention <=
+now), re-implemented here rather than borrowed, so a bug in the sweeper cannot hide.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _needles(value: str) -> list[_Needle]:
         ("hex", binascii.hexlify(raw)),
         ("hex-upper", binascii.hexlify(raw).upper()),
         ("json", orjson.dumps(value)[1:-1]),
-        # orjson writes non-ASCII as UTF-8; the stdlib and most others escape it as \\uXXXX.
+        # orjson writes non-ASCII as UTF-8; the stdlib and most others escape it as \uXXXX.
         ("json-ascii", json.dumps(value).encode()[1:-1]),
     ]
     if len(raw) >= MIN_BASE64_BYTES:
@@ -383,9 +383,7 @@ def format_report(verdicts: Sequence[CategoryVerdict]) -> str:
         for row in rows
     ]
     violations = sum(v.verdict == "violation" for v in verdicts)
-    summary = (
-        f"{violations} violation{'s' if violations != 1 else ''}" if violations else "no violations"
-    )
+    summary = _plural(violations, "violation") if violations else "no violations"
     return "\n".join([line.rstrip() for line in lines] + ["", summary]) + "\n"
 
 

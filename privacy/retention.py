@@ -36,6 +36,8 @@ class Sweeper:
         self.store = store
         self.data_dir = data_dir
         self.counters = SweepCounters()
+        # Set after every run, so a caller can wait for the start-up sweep to finish.
+        self.swept = asyncio.Event()
 
     async def run_once(self) -> list[RetentionRun]:
         now = self.store.clock.now()
@@ -51,6 +53,7 @@ class Sweeper:
         await self.store.backend.record_runs(runs)
         self.counters.runs += 1
         self.counters.last_run_at = now
+        self.swept.set()
         for run in runs:
             self.counters.deleted[run.category] = (
                 self.counters.deleted.get(run.category, 0) + run.deleted
