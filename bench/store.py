@@ -190,7 +190,9 @@ async def _store_puts(
     return elapsed, written
 
 
-def run_store(rows: Sequence[Fields], policy: Policy, concurrency: int, parent: Path | None) -> float:
+def run_store(
+    rows: Sequence[Fields], policy: Policy, concurrency: int, parent: Path | None
+) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=parent) as tmp:
         elapsed, written = asyncio.run(_store_puts(rows, policy, concurrency, Path(tmp)))
     _check_written(written, len(rows), "store")
@@ -290,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Python {result['python']}, SQLite {result['sqlite']}, {result['cpus']} CPUs"
     )
     print(f"{'':44}{'writes/s':>12}{'µs/write':>11}")
-    print(f"{'(a) raw sqlite3, 1 thread, 1 tx per row':44}{raw.per_s:>12,.0f}{raw.us_per_row:>11.1f}")
+    print(
+        f"{'(a) raw sqlite3, 1 thread, 1 tx per row':44}{raw.per_s:>12,.0f}{raw.us_per_row:>11.1f}"
+    )
     label = f"(b) Store.put, {args.concurrency} asyncio tasks"
     print(f"{label:44}{store.per_s:>12,.0f}{store.us_per_row:>11.1f}")
     print(f"{'(c) check + encode + subject, CPU only':44}{'':>12}{encode_us:>11.1f}")
