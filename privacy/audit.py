@@ -23,11 +23,9 @@ import binascii
 import json
 import os
 import re
-import sqlite3
 import stat
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -38,7 +36,7 @@ import orjson
 from privacy.backend import TableStats
 from privacy.declaration import format_duration
 from privacy.policy import Category, Policy, Storage
-from privacy.store import DATABASE_FILE, Store, stored_categories, table_name
+from privacy.store import Store, stored_categories, table_name
 
 Verdict = Literal["ok", "violation", "memory only"]
 LOG_DIR = "log"
@@ -85,7 +83,7 @@ async def audit(store: Store, data_dir: Path) -> list[CategoryVerdict]:
     now = store.clock.now()
     stats = await store.stats()
     undeclared = await store.undeclared_columns()
-    disk = await asyncio.to_thread(_survey, data_dir)
+    disk = await asyncio.to_thread(_survey, data_dir, frozenset(await store.backend.tables()))
     verdicts: list[CategoryVerdict] = []
     for cat in store.policy.categories.values():
         if cat.storage is Storage.DATABASE:
@@ -187,7 +185,7 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _survey(data_dir: Path) -> _Disk:
+def _survey(data_dir: Path, tables: frozenset[str]) -> _Disk:
     log_dirs: dict[str, list[Path]] = {}
     strays: list[Path] = []
     root = data_dir / LOG_DIR
@@ -197,22 +195,7 @@ def _survey(data_dir: Path) -> _Disk:
                 log_dirs[entry.name] = list(_regular_files(entry))
             else:
                 strays.append(entry)
-    return _Disk(_category_tables(data_dir / DATABASE_FILE), log_dirs, strays)
-
-
-def _category_tables(path: Path) -> frozenset[str]:
-    """The `c_*` tables of the SQLite file, read on a connection of our own.
-
-    The backend protocol has no way to list tables, and a memory-only category has no
-    TableSpec to ask about. Read-only: the audit never changes what it inspects.
-    """
-    if not path.is_file():
-        return frozenset()
-    with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-        rows = db.execute(
-            r"SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'c\_%' ESCAPE '\'"
-        )
-        return frozenset(row[0] for row in rows)
+    return _Disk(tables, log_dirs, strays)
 
 
 def _file_day(path: Path) -> date | None:
@@ -253,29 +236,49 @@ def scan_for_canaries(
     overlap = max(len(n.pattern) for n in needles) - 1
     hits: list[CanaryHit] = []
     for path in _regular_files(data_dir):
-        found = _scan_file(path, needles, chunk_bytes, overlap)
+        found = _shadowed_utf16_dropped(_scan_file(path, needles, chunk_bytes, overlap))
         hits.extend(CanaryHit(n.value, path, n.encoding) for n in needles if n in found)
     return hits
 
 
-def _scan_file(path: Path, needles: list[_Needle], chunk_bytes: int, overlap: int) -> set[_Needle]:
-    found: set[_Needle] = set()
+def _scan_file(
+    path: Path, needles: list[_Needle], chunk_bytes: int, overlap: int
+) -> dict[_Needle, int]:
+    """The needles found in the file, each with the offset of its first match."""
+    found: dict[_Needle, int] = {}
     tail = b""
+    start = 0  # file offset of the window's first byte
     try:
         with path.open("rb") as fh:
             while chunk := fh.read(chunk_bytes):
                 window = tail + chunk
                 folded = window.lower()
                 for needle in needles:
-                    if needle not in found and needle.pattern in (
-                        folded if needle.folded else window
-                    ):
-                        found.add(needle)
+                    if needle in found:
+                        continue
+                    at = (folded if needle.folded else window).find(needle.pattern)
+                    if at >= 0:
+                        found[needle] = start + at
                 if len(found) == len(needles):
                     break
                 tail = window[-overlap:] if overlap else b""
+                start += len(window) - len(tail)
     except FileNotFoundError:  # the WAL or its index went away between listing and reading
-        return set()
+        return {}
+    return found
+
+
+def _shadowed_utf16_dropped(found: dict[_Needle, int]) -> dict[_Needle, int]:
+    """UTF-16 text of ASCII contains its other byte order one byte along ("a\0b\0c\0" holds
+    "\0b\0c"), so one leak matches both; keep the order whose first match is at an even
+    offset, as a UTF-16 file's code units are."""
+    by_value: dict[str, dict[str, _Needle]] = {}
+    for needle in found:
+        by_value.setdefault(needle.value, {})[needle.encoding] = needle
+    for named in by_value.values():
+        le, be = named.get("utf-16-le"), named.get("utf-16-be")
+        if le is not None and be is not None and (found[le] - found[be]) % 2:
+            del found[le if found[le] % 2 else be]
     return found
 
 

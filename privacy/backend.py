@@ -87,6 +87,10 @@ class Backend(Protocol):
 
     async def stats(self, table: TableSpec) -> TableStats: ...
 
+    async def tables(self) -> list[str]:
+        """Names of every category table in the database, declared or not."""
+        ...
+
     async def subject_stats(self) -> TableStats: ...
 
     async def undeclared_columns(self, table: TableSpec) -> dict[str, int]:

@@ -210,25 +210,30 @@ class SQLiteBackend:
     def _delete(self, table: TableSpec, where: Row) -> int:
         clauses, params = _where(where)
         with self._transaction():
-            return self.db.execute(
-                f"DELETE FROM {table.name} WHERE {clauses or '1'}", params
-            ).rowcount
+            sql = f"DELETE FROM {table.name} WHERE {clauses or '1'}"
+            deleted = self.db.execute(sql, params).rowcount
+        self._checkpoint()  # an erased value must not stay readable in the WAL
+        return deleted
 
     async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]:
-        return await self._run(self._delete_subjects, tables, [subject])
+        return await self._run(self._erase, tables, subject)
+
+    def _erase(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]:
+        with self._transaction():
+            counts = self._delete_subjects(tables, [subject])
+        self._checkpoint()  # an erased value must not stay readable in the WAL
+        return counts
 
     def _delete_subjects(
         self, tables: Sequence[TableSpec], subjects: list[bytes]
     ) -> dict[str, int]:
+        """Inside the caller's transaction."""
         counts = dict.fromkeys((t.name for t in tables), 0)
-        with self._transaction():
-            for subject in subjects:
-                for table in tables:
-                    cursor = self.db.execute(
-                        f"DELETE FROM {table.name} WHERE subject = ?", (subject,)
-                    )
-                    counts[table.name] += cursor.rowcount
-                self.db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+        for subject in subjects:
+            for table in tables:
+                sql = f"DELETE FROM {table.name} WHERE subject = ?"
+                counts[table.name] += self.db.execute(sql, (subject,)).rowcount
+            self.db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
         return counts
 
     async def delete_before(self, table: TableSpec, cutoff: float) -> int:
@@ -244,15 +249,29 @@ class SQLiteBackend:
         return await self._run(self._delete_inactive, tables, cutoff)
 
     def _delete_inactive(self, tables: Sequence[TableSpec], cutoff: float) -> int:
-        rows = self.db.execute("SELECT subject FROM subjects WHERE last_used_at <= ?", (cutoff,))
-        subjects = [row[0] for row in rows]
-        self._delete_subjects(tables, subjects)
+        # One transaction: a subject active again since the SELECT is not deleted by
+        # another instance sharing the file.
+        with self._transaction():
+            rows = self.db.execute(
+                "SELECT subject FROM subjects WHERE last_used_at <= ?", (cutoff,)
+            )
+            subjects = [row[0] for row in rows.fetchall()]
+            self._delete_subjects(tables, subjects)
         return len(subjects)
 
     # --- audit and bookkeeping ------------------------------------------------------
 
     async def stats(self, table: TableSpec) -> TableStats:
         return await self._run(self._stats, table.name, table.basis)
+
+    async def tables(self) -> list[str]:
+        return await self._run(self._tables)
+
+    def _tables(self) -> list[str]:
+        rows = self.db.execute(
+            r"SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'c\_%' ESCAPE '\'"
+        )
+        return sorted(row[0] for row in rows)
 
     async def subject_stats(self) -> TableStats:
         return await self._run(self._stats, "subjects", "last_used_at")

@@ -193,3 +193,14 @@ async def test_find_subject_collects_the_subjects_records(store: Store) -> None:
     found = await store.find_subject(Subject("alice-7f3e9", "0042137"))
     assert len(found["registration"]) == 1
     assert found["debug"] == []
+
+
+async def test_erased_values_do_not_linger_in_the_database_files(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.put("registration", REGISTRATION)
+    await store.delete_subject(Subject("alice-7f3e9", "0042137"))
+    blob = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith(DATABASE_FILE))
+    # Plain fields of the erased record: neither in free pages nor in the WAL.
+    assert b"0042137" not in blob
+    assert b"com.example.phone.voip" not in blob
