@@ -24,10 +24,12 @@ import argparse
 import asyncio
 import os
 import platform
+import random
 import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,29 +82,36 @@ class Result:
         }
 
 
-def registration_rows(count: int) -> list[Fields]:
+def registration_rows(count: int, seed: int = 5626) -> list[Fields]:
     """Registrations shaped like tests/test_store.py's sample, each a distinct key.
 
     Every row has its own instance (so each put is an insert, never a replace); two
-    devices per SIP user, users spread over 100 PBXs, a push token per device.
+    devices per SIP user, users spread over 100 PBXs. Instance ids (UUIDv4) and push
+    tokens (32 bytes) are random and rows arrive in random order, as in the field: in
+    counting order the plaintext indexes of (a) would only ever append, flattering it.
+    Seeded, so every run writes the same rows.
     """
+    rng = random.Random(seed)
+    serials = [f"{rng.randrange(10**7):07d}" for _ in range(100)]
+    users = [f"{rng.randbytes(4).hex()}-{n}" for n in range((count + 1) // 2)]
     rows: list[Fields] = []
     for i in range(count):
         user = i // 2
         rows.append(
             {
-                "pbx_serial": f"{user % 100:07d}",
-                "sip_username": f"user-{user:07d}",
-                "instance": f"urn:uuid:00000000-0000-4000-8000-{i:012x}",
-                "phone_ip": f"198.51.{(i >> 8) & 255}.{i & 255}",
-                "phone_port": 40000 + i % 20000,
+                "pbx_serial": serials[user % len(serials)],
+                "sip_username": users[user],
+                "instance": f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128), version=4)}",
+                "phone_ip": f"198.51.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                "phone_port": rng.randrange(1024, 65536),
                 "pbx_ip": f"203.0.113.{user % 100}",
                 "pbx_port": 5061,
-                "push_provider": "apns" if i % 2 else "fcm",
-                "push_token": f"tok-{i:08x}-c0ffee-deadbeef-4242",
+                "push_provider": rng.choice(("apns", "fcm")),
+                "push_token": rng.randbytes(32).hex(),
                 "push_app_id": "com.example.phone.voip",
             }
         )
+    rng.shuffle(rows)
     return rows
 
 

@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "policy":
         return _policy(args, config, policy)
+    # Owner-only from the start: everything below it is data of the policy.
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = getattr(args, "now", None)
     clock: Clock = ManualClock(parse_instant(now)) if now else SystemClock()
     logs = setup_logging(

@@ -184,3 +184,9 @@ async def _main(argv: list[str]) -> int:
     import asyncio
 
     return await asyncio.to_thread(main, argv)
+
+
+def test_data_dir_is_created_owner_only(tmp_path: Path) -> None:
+    data = tmp_path / "fresh" / "var"
+    assert main(["sweep", "--data-dir", str(data)]) == 0
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
