@@ -9,7 +9,7 @@ identifiers), values always travel as bound parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,8 +50,13 @@ class RetentionRun:
 
 
 class Backend(Protocol):
-    async def put(self, table: TableSpec, row: Row, *, subject: bytes | None, now: float) -> int:
-        """Insert, or replace the row with the same key; record the subject's activity."""
+    async def put(
+        self, table: TableSpec, row: Callable[[], Row], *, subject: bytes | None, now: float
+    ) -> int:
+        """Insert, or replace the row with the same key; record the subject's activity.
+
+        `row` builds the row (it encrypts) and is called on the backend's writer, so the
+        cryptography runs beside the write and off the event loop that carries SIP."""
         ...
 
     async def select(

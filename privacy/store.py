@@ -10,6 +10,7 @@ even before the sweeper has removed it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ class Store:
             raise PolicyViolation(
                 f"{category}: field {frozen[0]!r} identifies the record; store anew"
             )
-        row = self._encode(cat, fields)
+        row = self._encode(cat, fields)()  # rare (rectification): sealed right here
         return await self.backend.update(
             self._tables[category], record_id, row, now=self.clock.now()
         )
@@ -245,26 +246,29 @@ class Store:
             return None
         return self.subject_index(Subject(str(fields["sip_username"]), str(fields["pbx_serial"])))
 
-    def _encode(self, cat: Category, fields: Mapping[str, Value]) -> Row:
-        row: Row = {}
+    def _encode(self, cat: Category, fields: Mapping[str, Value]) -> _Sealing:
+        """Check and convert every value now; the returned sealing encrypts when called.
+
+        Everything that can refuse a value happens here, on the caller's side, so the
+        sealing that runs later on the database writer cannot fail."""
+        plain: Row = {}
+        to_seal: list[tuple[str, bytes, bytes, bool]] = []
         for name, value in fields.items():
             spec = cat.fields[name]
             if value is None:
-                row[name] = None
+                plain[name] = None
                 if spec.protection is Protection.ENCRYPTED and spec.lookup:
-                    row[name + _BIDX] = None
-                continue
-            raw = _to_bytes(cat, spec, value)
-            if spec.protection is Protection.ENCRYPTED:
-                row[name] = self._cipher.encrypt(raw, _context(cat, spec))
-                if spec.lookup:
-                    row[name + _BIDX] = self._cipher.blind_index(_context(cat, spec), raw)
+                    plain[name + _BIDX] = None
+            elif spec.protection is Protection.ENCRYPTED:
+                to_seal.append(
+                    (name, _to_bytes(cat, spec, value), _context(cat, spec), spec.lookup)
+                )
             elif spec.protection is Protection.ANONYMISED:
-                row[name] = _anonymised(cat, spec, value)
+                plain[name] = _anonymised(cat, spec, value)
             else:
                 _check_type(cat, spec, value)
-                row[name] = _plain(spec, value)
-        return row
+                plain[name] = _plain(spec, value)
+        return _Sealing(self._cipher, plain, to_seal)
 
     def _match(self, cat: Category, where: Mapping[str, Value]) -> dict[str, SqlValue]:
         self._check_fields(cat, where)
@@ -310,22 +314,52 @@ class Store:
         return Record(record_id, cat.name, fields, created, used)
 
 
+class _Sealing:
+    """A row whose encrypted fields are sealed when it is called."""
+
+    __slots__ = ("_cipher", "_plain", "_to_seal")
+
+    def __init__(
+        self, cipher: FieldCipher, plain: Row, to_seal: list[tuple[str, bytes, bytes, bool]]
+    ) -> None:
+        self._cipher = cipher
+        self._plain = plain
+        self._to_seal = to_seal
+
+    def __call__(self) -> Row:
+        row = dict(self._plain)
+        for name, raw, context, lookup in self._to_seal:
+            row[name] = self._cipher.encrypt(raw, context)
+            if lookup:
+                row[name + _BIDX] = self._cipher.blind_index(context, raw)
+        return row
+
+
 def stored_categories(policy: Policy) -> list[Category]:
     """Categories with a table of their own (the account rule works on subjects instead)."""
     return [c for c in policy.stored(Storage.DATABASE) if c.name != ACCOUNT]
 
 
+@functools.cache
+def _context_of(category: str, field: str) -> bytes:
+    return f"{category}.{field}".encode()
+
+
 def _context(cat: Category, spec: FieldSpec) -> bytes:
-    return f"{cat.name}.{spec.name}".encode()
+    """The associated data and blind-index scope of a field: its place in the policy."""
+    return _context_of(cat.name, spec.name)
 
 
 def _check_type(cat: Category, spec: FieldSpec, value: Value) -> None:
-    ok = {
-        FieldType.TEXT: isinstance(value, str),
-        FieldType.INT: isinstance(value, int) and not isinstance(value, bool),
-        FieldType.REAL: isinstance(value, int | float) and not isinstance(value, bool),
-        FieldType.JSON: True,
-    }[spec.type]
+    kind = spec.type
+    if kind is FieldType.TEXT:
+        ok = isinstance(value, str)
+    elif kind is FieldType.INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is FieldType.REAL:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = True
     if not ok:
         raise PolicyViolation(f"{cat.name}: field {spec.name!r} is declared {spec.type.value}")
 
