@@ -198,18 +198,21 @@ class SQLiteBackend:
     async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool:
         return await self._run(self._update, table, record_id, {}, now)
 
-    async def update(self, table: TableSpec, record_id: int, values: Row, *, now: float) -> bool:
+    async def update(
+        self, table: TableSpec, record_id: int, values: Row, *, now: float | None
+    ) -> bool:
         return await self._run(self._update, table, record_id, values, now)
 
-    def _update(self, table: TableSpec, record_id: int, values: Row, now: float) -> bool:
-        values = {**values, "last_used_at": now}
+    def _update(self, table: TableSpec, record_id: int, values: Row, now: float | None) -> bool:
+        if now is not None:
+            values = {**values, "last_used_at": now}
         assignments = ", ".join(f"{name} = ?" for name in values)
         with self._transaction():
             found = self.db.execute(
                 f"UPDATE {table.name} SET {assignments} WHERE id = ? RETURNING subject",
                 [*values.values(), record_id],
             ).fetchall()
-            if found and found[0][0] is not None:
+            if found and found[0][0] is not None and now is not None:
                 self._touch_subject(found[0][0], now)
         return bool(found)
 

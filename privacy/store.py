@@ -124,8 +124,11 @@ class Store:
             self._tables[category], row, subject=subject, now=self.clock.now()
         )
 
-    async def update(self, category: str, record_id: int, fields: Mapping[str, Value]) -> bool:
-        """Change fields of a record (rectification); counts as a use."""
+    async def update(
+        self, category: str, record_id: int, fields: Mapping[str, Value], *, use: bool = True
+    ) -> bool:
+        """Change fields of a record (rectification). Counts as a use unless `use` is
+        false: forgetting a dead push token must not extend the record's life."""
         cat = self._stored(category)
         self._check_fields(cat, fields)
         frozen = sorted(set(fields) & {*cat.key, *cat.subject})
@@ -135,7 +138,7 @@ class Store:
             )
         row = self._encode(cat, fields)()  # rare (rectification): sealed right here
         return await self.backend.update(
-            self._tables[category], record_id, row, now=self.clock.now()
+            self._tables[category], record_id, row, now=self.clock.now() if use else None
         )
 
     async def touch(self, category: str, record_id: int) -> bool:
