@@ -129,6 +129,13 @@ class Section:
         value = self._typed(name, default, dict, "a table")
         return Section(value, self.file, self.key(name))
 
+    def sections(self, name: str) -> list[Section]:
+        """An array of tables (`[[name]]`), each read as a Section."""
+        value = self._typed(name, [], list, "an array of tables")
+        if not all(isinstance(item, dict) for item in value):
+            raise self.error(name, "expected an array of tables ([[...]])")
+        return [Section(item, self.file, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
+
     def localised(self, name: str, languages: tuple[str, ...]) -> dict[str, str]:
         """A text given once per language, as `{ en = "…", de = "…" }`."""
         table = self.section(name)

@@ -16,6 +16,7 @@ from pathlib import Path
 from privacy.declaration import ConfigError, Section, load_toml
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
+from push.apps import PushSettings, parse_push
 
 DEFAULT_CONFIG = PROFILES_DIR.parent / "softrelay.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -41,6 +42,7 @@ class Config:
     sweep_interval: int
     log_level: str
     log_console: bool
+    push: PushSettings
 
 
 def config_path(cli_value: str | None) -> Path | None:
@@ -99,6 +101,7 @@ def load_config(path: Path | None) -> Config:
     log_level = logging_sec.choice("level", _LOG_LEVELS, "info")
     log_console = logging_sec.flag("console", True)
     logging_sec.finish()
+    push = parse_push(root.section("push", {}))
     root.finish()
 
     return Config(
@@ -112,6 +115,7 @@ def load_config(path: Path | None) -> Config:
         sweep_interval=sweep_interval,
         log_level=log_level,
         log_console=log_console,
+        push=push,
     )
 
 

@@ -190,3 +190,34 @@ def test_data_dir_is_created_owner_only(tmp_path: Path) -> None:
     data = tmp_path / "fresh" / "var"
     assert main(["sweep", "--data-dir", str(data)]) == 0
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        (
+            "[[push.app]]\nid = 'a'\napns_key_file = '/nonexistent.p8'\napns_team_id = 'T'\n"
+            "apns_key_id = 'K'\n",
+            "push.app[0].apns_key_file",
+            "cannot read",
+        ),
+        ("[[push.app]]\nid = 'a'\n", "push.app[0].id", "neither APNs nor FCM"),
+        ("[[push.app]]\nid = 'a'\napns_key_file = 'x'\n", "push.app[0].apns_key_file", "team"),
+        ("[push]\nmax_in_flight = 0\n", "push.max_in_flight", "at least 1"),
+        (
+            "[[push.app]]\nid = 'a'\nfcm_service_account_file = '{sa}'\n",
+            "push.app[0].fcm_service_account_file",
+            "not a JSON service account",
+        ),
+    ],
+)
+def test_bad_push_config_names_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, key: str, message: str
+) -> None:
+    bad_json = tmp_path / "sa.json"
+    bad_json.write_text("{not json")
+    path = _config(tmp_path, body.replace("{sa}", str(bad_json)))
+    assert main(["sweep", "--config", str(path), "--data-dir", str(tmp_path / "var")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {key}: " in err
+    assert message in err
