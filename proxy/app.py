@@ -26,6 +26,11 @@ from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.retention import Sweeper
 from privacy.store import Store
+from push.apns import ApnsProvider
+from push.apps import AppCredentials, PushSettings
+from push.embedded import StandIns
+from push.fcm import FcmProvider
+from push.service import PushLimits, PushService
 
 MAX_BODY = 1024 * 1024
 log = logging.getLogger("softrelay.proxy")
@@ -40,12 +45,15 @@ class Services:
     data_dir: Path
     clock: Clock
     sweep_interval: float
+    push: PushSettings
 
 
 SERVICES = web.AppKey("services", Services)
 STORE = web.AppKey("store", Store)
 SWEEPER = web.AppKey("sweeper", Sweeper)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+PUSH = web.AppKey("push", PushService)
+STAND_INS = web.AppKey("stand_ins", StandIns)
 
 
 def build_app(services: Services) -> web.Application:
@@ -54,6 +62,7 @@ def build_app(services: Services) -> web.Application:
     app[REGISTRY] = CollectorRegistry(auto_describe=True)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    app.cleanup_ctx.append(_push_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
@@ -78,6 +87,44 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    settings = services.push
+    apps: tuple[AppCredentials, ...] = settings.apps
+    stand_ins: StandIns | None = None
+    if settings.embedded:
+        stand_ins = await StandIns.start((settings.embedded_app_id,), services.clock)
+        app[STAND_INS] = stand_ins
+        apps = stand_ins.apps
+    try:
+        apns = await ApnsProvider.create(
+            [a for a in apps if a.apns],
+            stand_ins.apns.endpoint() if stand_ins else None,
+            clock=services.clock.now,
+        )
+        fcm = await FcmProvider.create(
+            [a for a in apps if a.fcm],
+            stand_ins.fcm.endpoint if stand_ins else None,
+            clock=services.clock,
+        )
+        push = PushService(
+            [apns, fcm],
+            app[STORE],
+            services.keyring.pseudonym,
+            services.clock,
+            app[REGISTRY],
+            limits=PushLimits(
+                max_in_flight=settings.max_in_flight, max_attempts=settings.max_attempts
+            ),
+        )
+        app[PUSH] = push
+        yield
+        await push.close()
+    finally:
+        if stand_ins is not None:
+            await stand_ins.stop()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -34,7 +34,7 @@ from privacy.notice import policy_table, render_notice
 from privacy.policy import Policy, load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store
-from proxy.app import Services, build_app
+from proxy.app import SERVICES, STAND_INS, Services, build_app
 from proxy.config import Config, config_path, load_config, with_overrides
 
 log = logging.getLogger("softrelay.proxy")
@@ -152,7 +152,12 @@ def _policy(args: argparse.Namespace, config: Config, policy: Policy) -> int:
 async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
     config = runtime.config
     services = Services(
-        runtime.policy, runtime.keyring(), config.data_dir, runtime.clock, config.sweep_interval
+        runtime.policy,
+        runtime.keyring(),
+        config.data_dir,
+        runtime.clock,
+        config.sweep_interval,
+        config.push,
     )
     # No access log: aiohttp's would write every client's full IP address.
     runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
@@ -164,6 +169,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
             host, port = address[0], address[1]
             print(f"softrelay: http://{host}:{port} (healthz, metrics)", flush=True)
             log.info("listening", extra={"fields": {"listen": f"http://{host}:{port}"}})
+        _print_push(runner.app)
         print(
             f"softrelay: profile {runtime.policy.profile}, data in {config.data_dir}/; "
             "SIGTERM or Ctrl-C stops",
@@ -181,6 +187,21 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _print_push(app: web.Application) -> None:
+    stand_ins = app.get(STAND_INS)
+    if stand_ins is None:
+        names = ", ".join(a.app_id for a in app[SERVICES].push.apps)
+        print(f"softrelay: push to Apple and Google for {names}", flush=True)
+        return
+    apns = stand_ins.apns.endpoint()
+    print(
+        f"softrelay: push stand-ins in-process (no credentials configured): "
+        f"APNs https://{apns.host}:{apns.port}, FCM {stand_ins.fcm.base_url}, "
+        f"app {stand_ins.apps[0].app_id}",
+        flush=True,
+    )
 
 
 async def _sweep(runtime: Runtime, args: argparse.Namespace) -> int:

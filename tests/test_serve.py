@@ -14,9 +14,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from push.apps import PushSettings
 from tests.conftest import sample_fields
 
 STARTUP_TIMEOUT = 20
+EMBEDDED_PUSH = PushSettings(
+    apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.test"
+)
 
 
 @pytest.fixture
@@ -85,7 +89,10 @@ async def test_metrics_show_a_retention_violation(tmp_path: Path) -> None:
 
     clock = ManualClock(START)
     policy = load_policy("auerproxy")
-    app = build_app(Services(policy, Keyring.generate(), tmp_path, clock, sweep_interval=3600))
+    services = Services(
+        policy, Keyring.generate(), tmp_path, clock, sweep_interval=3600, push=EMBEDDED_PUSH
+    )
+    app = build_app(services)
     async with TestClient(TestServer(app)) as client:
         await app[SWEEPER].swept.wait()  # the start-up sweep must not race the clock below
         store = app[STORE]

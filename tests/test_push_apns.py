@@ -1,0 +1,544 @@
+"""APNs wakes through the real aioapns client and the fake APNs, over real loopback TLS.
+
+Nothing here sleeps: the provider's and the fake's clocks are moved by hand, and waits
+for a network answer are bounded by timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import pytest
+from aioapns import APNs, NotificationRequest, PushType
+from aioapns.connection import APNsTLSClientProtocol
+
+from privacy.clock import ManualClock
+from push.apns import ApnsProvider
+from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
+from push.endpoints import apns_protocol_for, apns_ssl_context
+from push.fakes.apns import ApnsKeyGrant, FakeApns
+from push.fakes.certs import ApnsSigningKey, ThrowawayCa
+from push.fakes.script import Respond
+from push.wake import (
+    Delivered,
+    Outcome,
+    PermanentFailure,
+    Reason,
+    Service,
+    TemporaryFailure,
+    TokenDead,
+    WakeRequest,
+)
+
+APP = "softphone"
+BUNDLE = "com.example.softphone"
+TOKEN = "a1b2c3d4" * 8  # 64 hex digits, like a device token
+TIMEOUT = 5.0  # bounds a network answer; a passing test never waits this long
+
+ProviderFactory = Callable[..., Awaitable[ApnsProvider]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Starts at the real time, since apns-expiration is computed by aioapns from it."""
+    return ManualClock(time.time())
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> ThrowawayCa:
+    return ThrowawayCa.create(tmp_path / "ca")
+
+
+@pytest.fixture
+def key() -> ApnsSigningKey:
+    return ApnsSigningKey.generate()
+
+
+@pytest.fixture
+async def fake(ca: ThrowawayCa, key: ApnsSigningKey, clock: ManualClock) -> AsyncIterator[FakeApns]:
+    fake = await FakeApns.start(ca, keys=[ApnsKeyGrant.of(key, BUNDLE)], clock=clock.now)
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def providers(clock: ManualClock) -> AsyncIterator[ProviderFactory]:
+    opened: list[ApnsProvider] = []
+
+    async def make(
+        apps: Sequence[AppCredentials], endpoint: ApnsEndpoint, **options: float
+    ) -> ApnsProvider:
+        provider = await ApnsProvider.create(apps, endpoint, clock=clock.now, **options)
+        opened.append(provider)
+        return provider
+
+    yield make
+    for provider in opened:
+        await provider.close()
+
+
+def token_app(key: ApnsSigningKey, app_id: str = APP) -> AppCredentials:
+    credentials = ApnsCredentials(BUNDLE, key.team_id, key.key_id, key.key_pem)
+    return AppCredentials(app_id, apns=credentials)
+
+
+def wake(
+    clock: ManualClock,
+    reason: Reason = Reason.INCOMING_CALL,
+    *,
+    token: str = TOKEN,
+    service: Service = Service.APNS,
+    app_id: str = APP,
+    within: float = 30.0,
+) -> WakeRequest:
+    call_id = "" if reason is Reason.REREGISTER else "call-7f3a"
+    return WakeRequest(service, token, app_id, reason, clock.now() + within, call_id)
+
+
+async def test_incoming_call_is_a_voip_push_expiring_by_the_deadline(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+    request = wake(clock)
+
+    assert await provider.send(request, TIMEOUT) == Delivered()
+
+    [delivery] = fake.deliveries.for_token(TOKEN)
+    assert delivery.service == "apns"
+    assert delivery.app == f"{BUNDLE}.voip"
+    assert delivery.headers["apns-topic"] == f"{BUNDLE}.voip"
+    assert delivery.headers["apns-push-type"] == "voip"
+    assert delivery.headers["apns-priority"] == "10"
+    expiration = int(delivery.headers["apns-expiration"])
+    assert time.time() + 20 < expiration <= request.deadline
+    # The call id and nothing else: no caller name or number travels through Apple.
+    assert delivery.payload == {"event": "incoming_call", "call_id": "call-7f3a"}
+
+
+async def test_expiration_never_passes_a_near_deadline(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+    request = wake(clock, within=1.5)
+
+    assert await provider.send(request, TIMEOUT) == Delivered()
+
+    [delivery] = fake.deliveries.for_token(TOKEN)
+    assert int(delivery.headers["apns-expiration"]) <= request.deadline
+
+
+async def test_past_deadline_sends_nothing(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+
+    outcome = await provider.send(wake(clock, within=-1), TIMEOUT)
+
+    assert outcome == TemporaryFailure("deadline passed")
+    assert not fake.deliveries.items
+
+
+async def test_call_cancelled_is_the_follow_up_voip_push(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+    assert await provider.send(wake(clock, Reason.CALL_CANCELLED), TIMEOUT) == Delivered()
+
+    ring, cancel = fake.deliveries.for_token(TOKEN)
+    assert cancel.app == ring.app == f"{BUNDLE}.voip"
+    assert cancel.headers["apns-push-type"] == "voip"
+    assert cancel.headers["apns-priority"] == "10"
+    assert cancel.payload == {"event": "call_cancelled", "call_id": "call-7f3a"}
+
+
+async def test_reregister_is_a_background_push_never_voip(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+
+    assert await provider.send(wake(clock, Reason.REREGISTER), TIMEOUT) == Delivered()
+
+    [delivery] = fake.deliveries.for_token(TOKEN)
+    assert delivery.app == BUNDLE
+    assert delivery.headers["apns-push-type"] == "background"
+    assert delivery.headers["apns-priority"] == "5"
+    assert delivery.payload == {"aps": {"content-available": 1}, "event": "reregister"}
+
+
+async def test_certificate_auth_delivers(
+    fake: FakeApns, providers: ProviderFactory, ca: ThrowawayCa, clock: ManualClock
+) -> None:
+    app = AppCredentials(
+        APP, apns=ApnsCredentials(BUNDLE, cert_file=str(ca.issue_push_certificate(BUNDLE)))
+    )
+    provider = await providers([app], fake.endpoint())
+
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+    assert await provider.send(wake(clock, Reason.REREGISTER), TIMEOUT) == Delivered()
+
+    assert [d.app for d in fake.deliveries.for_token(TOKEN)] == [f"{BUNDLE}.voip", BUNDLE]
+
+
+async def test_two_certificate_apps_each_present_their_own_certificate(
+    fake: FakeApns, providers: ProviderFactory, ca: ThrowawayCa, clock: ManualClock
+) -> None:
+    """aioapns loads the certificate into the context it gets; one shared context would
+    push the first app with the second app's certificate (TopicDisallowed)."""
+    apps = [
+        AppCredentials(
+            app_id, apns=ApnsCredentials(bundle, cert_file=str(ca.issue_push_certificate(bundle)))
+        )
+        for app_id, bundle in (("one", "com.example.one"), ("two", "com.example.two"))
+    ]
+    provider = await providers(apps, fake.endpoint())
+
+    assert await provider.send(wake(clock, app_id="one"), TIMEOUT) == Delivered()
+    assert await provider.send(wake(clock, app_id="two"), TIMEOUT) == Delivered()
+
+    assert [d.app for d in fake.deliveries.items] == [
+        "com.example.one.voip",
+        "com.example.two.voip",
+    ]
+
+
+async def test_wrong_signing_key_is_refused(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    impostor = ApnsSigningKey.generate(key.team_id, key.key_id)  # same ids, other EC key
+    provider = await providers([token_app(impostor)], fake.endpoint())
+
+    outcome = await provider.send(wake(clock), TIMEOUT)
+
+    assert outcome == PermanentFailure("InvalidProviderToken")
+    assert fake.answers[(403, "InvalidProviderToken")] == 1
+    assert not fake.deliveries.items
+
+
+@pytest.mark.parametrize(
+    "tls", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["tls13", "tls12"]
+)
+async def test_certificate_from_another_ca_is_refused(
+    fake: FakeApns,
+    providers: ProviderFactory,
+    tmp_path: Path,
+    clock: ManualClock,
+    tls: ssl.TLSVersion,
+) -> None:
+    """TLS 1.3 refuses after the client's handshake is done (the alert ends the
+    connection under the request), TLS 1.2 during the handshake (the connect fails)."""
+    stranger = ThrowawayCa.create(tmp_path / "stranger")
+    cert = stranger.issue_push_certificate(BUNDLE)
+    endpoint = fake.endpoint()
+    endpoint.ssl_context.maximum_version = tls
+    provider = await providers(
+        [AppCredentials(APP, apns=ApnsCredentials(BUNDLE, cert_file=str(cert)))], endpoint
+    )
+
+    outcome = await provider.send(wake(clock), TIMEOUT)
+
+    assert isinstance(outcome, PermanentFailure)
+    assert "refused the client certificate" in outcome.reason
+    assert fake.refused_handshakes == 1
+    assert not fake.deliveries.items
+
+
+async def test_server_not_trusted_is_permanent(
+    fake: FakeApns,
+    providers: ProviderFactory,
+    key: ApnsSigningKey,
+    tmp_path: Path,
+    clock: ManualClock,
+) -> None:
+    elsewhere = ThrowawayCa.create(tmp_path / "elsewhere").client_context()
+    provider = await providers([token_app(key)], ApnsEndpoint(fake.host, fake.port, elsewhere))
+
+    outcome = await provider.send(wake(clock), TIMEOUT)
+
+    assert outcome == PermanentFailure("APNs server certificate not trusted")
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (Respond.error(410, "Unregistered"), TokenDead("Unregistered")),
+        (Respond.error(400, "BadDeviceToken"), TokenDead("BadDeviceToken")),
+        (Respond.error(400, "DeviceTokenNotForTopic"), TokenDead("DeviceTokenNotForTopic")),
+        (
+            Respond.error(429, "TooManyRequests", retry_after=7),
+            TemporaryFailure("TooManyRequests", 7.0),
+        ),
+        (Respond.error(503, "ServiceUnavailable"), TemporaryFailure("ServiceUnavailable")),
+        (Respond.error(500, "InternalServerError"), TemporaryFailure("InternalServerError")),
+        (Respond.error(400, "TopicDisallowed"), PermanentFailure("TopicDisallowed")),
+        (Respond.error(400, "BadTopic"), PermanentFailure("BadTopic")),
+    ],
+)
+async def test_each_status_maps_to_its_outcome(
+    fake: FakeApns,
+    providers: ProviderFactory,
+    key: ApnsSigningKey,
+    clock: ManualClock,
+    answer: Respond,
+    expected: Outcome,
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+    fake.script.push(TOKEN, answer)
+
+    assert await provider.send(wake(clock), TIMEOUT) == expected
+    # The connection is still good for the next push.
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+
+
+async def test_token_for_another_app_is_dead(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    fake.register_device(TOKEN, "com.example.other.voip")
+    provider = await providers([token_app(key)], fake.endpoint())
+
+    assert await provider.send(wake(clock), TIMEOUT) == TokenDead("DeviceTokenNotForTopic")
+
+
+async def test_malformed_token_is_dead(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+
+    outcome = await provider.send(wake(clock, token="not-a-device-token"), TIMEOUT)
+
+    assert outcome == TokenDead("BadDeviceToken")
+
+
+async def test_hang_is_a_temporary_failure_within_the_timeout(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+    fake.script.push(TOKEN, Respond.hanging())
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    outcome = await provider.send(wake(clock), 0.2)
+
+    assert outcome == TemporaryFailure("timeout")
+    assert loop.time() - started < 1.0
+    # The abandoned stream was reset and forgotten; the connection still carries pushes.
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+    assert fake.hanging_streams == 0  # the reset went ahead of that push
+    assert fake.accepted_connections == 1
+
+
+async def test_refused_connection_fails_at_once(
+    providers: ProviderFactory, key: ApnsSigningKey, ca: ThrowawayCa, clock: ManualClock
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = await providers(
+        [token_app(key)], ApnsEndpoint("127.0.0.1", port, ca.client_context())
+    )
+
+    # Under aioapns's 1 s sleep after a failed connect, this would be a timeout.
+    outcome = await provider.send(wake(clock), 0.9)
+
+    assert outcome == TemporaryFailure("connection failed (ConnectionRefusedError)")
+
+
+async def test_unknown_app_and_missing_credentials_are_permanent(
+    fake: FakeApns, providers: ProviderFactory, clock: ManualClock
+) -> None:
+    empty = AppCredentials("empty", apns=ApnsCredentials(BUNDLE))
+    missing = AppCredentials("missing", apns=ApnsCredentials(BUNDLE, cert_file="/nonexistent.pem"))
+    provider = await providers([empty, missing], fake.endpoint())
+
+    assert not provider.serves("nobody")
+    assert provider.serves("empty")
+    unknown = await provider.send(wake(clock, app_id="nobody"), TIMEOUT)
+    assert unknown == PermanentFailure("no APNs credentials for this app")
+    no_key = await provider.send(wake(clock, app_id="empty"), TIMEOUT)
+    assert no_key == PermanentFailure(
+        "APNs credentials unusable: neither a signing key nor a certificate"
+    )
+    no_file = await provider.send(wake(clock, app_id="missing"), TIMEOUT)
+    assert no_file == PermanentFailure("APNs credentials unusable: FileNotFoundError")
+
+
+async def test_sparse_sends_reuse_one_provider_token(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """Connections closed between sends (by Apple, or idle) do not mean new tokens."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    start = clock.now()
+
+    for minutes in (0, 5, 10, 19, 45):  # the last one past the 40-minute refresh
+        clock.set(start + minutes * 60)
+        assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+        await fake.drop_connections()
+
+    assert fake.accepted_connections == 5  # a new connection for every send
+    assert fake.answers[(429, "TooManyProviderTokenUpdates")] == 0
+    assert fake.token_updates[(key.team_id, key.key_id)] == 2
+    assert len(fake.deliveries.for_token(TOKEN)) == 5
+
+
+async def test_sandbox_and_production_share_the_token(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+
+    assert await provider.send(wake(clock, service=Service.APNS), TIMEOUT) == Delivered()
+    assert await provider.send(wake(clock, service=Service.APNS_SANDBOX), TIMEOUT) == Delivered()
+
+    assert fake.token_updates[(key.team_id, key.key_id)] == 1
+
+
+async def test_expired_provider_token_is_signed_anew_on_the_next_send(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint(), token_refresh=3 * 3600.0)
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+
+    clock.advance(61 * 60)  # the token is now older than Apple's hour
+    assert await provider.send(wake(clock), TIMEOUT) == PermanentFailure("ExpiredProviderToken")
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+
+
+@pytest.fixture
+async def stock(ca: ThrowawayCa, key: ApnsSigningKey) -> AsyncIterator[tuple[FakeApns, APNs]]:
+    """Plain aioapns (none of the provider's fixes) and a fake on the real clock, since
+    aioapns dates its tokens with time.time()."""
+    fake = await FakeApns.start(ca, keys=[ApnsKeyGrant.of(key, BUNDLE)])
+    endpoint = fake.endpoint()
+    client = APNs(
+        key=key.key_pem,
+        key_id=key.key_id,
+        team_id=key.team_id,
+        topic=BUNDLE,
+        max_connection_attempts=1,
+        ssl_context=apns_ssl_context(endpoint),
+        err_func=_ignore,
+    )
+    client.pool.protocol_class = apns_protocol_for(APNsTLSClientProtocol, endpoint, sandbox=False)
+    yield fake, client
+    client.pool.close()
+    await fake.stop()
+
+
+async def test_stock_aioapns_updates_its_token_too_often(
+    stock: tuple[FakeApns, APNs],
+) -> None:
+    """The control: the fake does catch aioapns's token per connection."""
+    fake, client = stock
+    async with asyncio.timeout(TIMEOUT):
+        first = await client.send_notification(_stock_request())
+        await fake.drop_connections()
+        # aioapns offers nothing to await for a lost connection; each turn only
+        # yields to the loop (no time passes) until it has discarded it.
+        while client.pool.connections:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        second = await client.send_notification(_stock_request())
+
+    assert (first.status, second.status) == ("200", "429")
+    assert second.description == "TooManyProviderTokenUpdates"
+
+
+VOIP = f"{BUNDLE}.voip"
+
+
+@pytest.mark.parametrize(
+    ("token", "topic", "push_type", "priority", "size", "expected"),
+    [
+        (TOKEN, VOIP, PushType.VOIP, 10, 5120, ("200", None)),
+        (TOKEN, BUNDLE, PushType.ALERT, 10, 4096, ("200", None)),
+        (TOKEN, VOIP, PushType.VOIP, 10, 5121, ("413", "PayloadTooLarge")),
+        (TOKEN, BUNDLE, PushType.ALERT, 10, 4097, ("413", "PayloadTooLarge")),
+        (TOKEN, BUNDLE, PushType.VOIP, 10, 100, ("400", "InvalidPushType")),
+        (TOKEN, VOIP, PushType.BACKGROUND, 5, 100, ("400", "InvalidPushType")),
+        (TOKEN, BUNDLE, PushType.BACKGROUND, 10, 100, ("400", "BadPriority")),
+        (TOKEN, BUNDLE, PushType.ALERT, 7, 100, ("400", "BadPriority")),
+        (TOKEN, "com.example.other", PushType.ALERT, 10, 100, ("400", "TopicDisallowed")),
+        (TOKEN[:-1], VOIP, PushType.VOIP, 10, 100, ("400", "BadDeviceToken")),
+        (TOKEN[:62], VOIP, PushType.VOIP, 10, 100, ("400", "BadDeviceToken")),
+    ],
+)
+async def test_fake_checks_requests_like_apple(
+    stock: tuple[FakeApns, APNs],
+    token: str,
+    topic: str,
+    push_type: PushType,
+    priority: int,
+    size: int,
+    expected: tuple[str, str | None],
+) -> None:
+    fake, client = stock
+    payload = {"p": "x" * (size - len('{"p": ""}'))}  # aioapns sends json.dumps(payload)
+    request = NotificationRequest(
+        token, payload, priority=priority, push_type=push_type, apns_topic=topic
+    )
+
+    async with asyncio.timeout(TIMEOUT):
+        result = await client.send_notification(request)
+
+    assert (result.status, result.description) == expected
+    assert len(fake.deliveries.items) == (expected[0] == "200")
+
+
+async def test_long_lived_connection_keeps_receiving_error_bodies(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """More error bodies than HTTP/2's initial 64 KiB window, on one connection: aioapns
+    never acknowledges received data, so without the fix the answers would stall."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    sends = 1400  # x ~50-byte 410 bodies > 65,535 bytes
+    fake.script.push(TOKEN, *[Respond.error(410, "Unregistered")] * sends)
+
+    outcomes = await asyncio.gather(*(provider.send(wake(clock), TIMEOUT) for _ in range(sends)))
+
+    assert set(outcomes) == {TokenDead("Unregistered")}
+
+
+async def test_token_never_appears_in_outcomes_or_logs(
+    fake: FakeApns,
+    providers: ProviderFactory,
+    key: ApnsSigningKey,
+    clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    provider = await providers([token_app(key)], fake.endpoint())
+    answers = [
+        Respond.ok(),
+        Respond.error(410, "Unregistered"),
+        Respond.error(429, "TooManyRequests", retry_after=3),
+        Respond.error(400, TOKEN),  # a reason echoing the token is not repeated
+        Respond.hanging(),
+    ]
+    fake.script.push(TOKEN, *answers)
+
+    outcomes = [await provider.send(wake(clock), TIMEOUT) for _ in answers[:-1]]
+    outcomes.append(await provider.send(wake(clock), 0.2))  # the hang
+
+    assert outcomes[3] == PermanentFailure("HTTP 400")
+    assert all(TOKEN not in repr(outcome) for outcome in outcomes)
+    assert TOKEN not in caplog.text
+    assert TOKEN.upper() not in caplog.text.upper()
+
+
+async def _ignore(request: NotificationRequest, result: object) -> None:
+    pass
+
+
+def _stock_request() -> NotificationRequest:
+    return NotificationRequest(
+        TOKEN,
+        {"event": "incoming_call"},
+        priority=10,
+        push_type=PushType.VOIP,
+        apns_topic=f"{BUNDLE}.voip",
+    )
