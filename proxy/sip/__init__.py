@@ -1,0 +1,1 @@
+"""The SIP edge proxy: messages, transports and flows, PBX links, bindings, routing."""

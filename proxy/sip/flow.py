@@ -1,0 +1,77 @@
+"""A flow: one path to a peer over which SIP messages travel (RFC 5626's term).
+
+For TCP, TLS and WebSocket a flow is one connection; for UDP it is the (local socket,
+remote address) pair. Transports create flows and hand every complete message, with
+its flow, to one handler; the relay answers and forwards through `Flow.send`. A
+phone's binding and a PBX's link point at the flow they arrived on, which is how
+softrelay reaches peers behind NAT without dialling them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class Transport(StrEnum):
+    UDP = "udp"
+    TCP = "tcp"
+    TLS = "tls"
+    WS = "ws"
+    WSS = "wss"
+
+    @property
+    def reliable(self) -> bool:
+        return self is not Transport.UDP
+
+    @property
+    def via_name(self) -> str:
+        """The transport token of a Via header (RFC 3261, RFC 7118)."""
+        return self.value.upper()
+
+
+Address = tuple[str, int]
+_ids = itertools.count(1)
+
+
+class FlowSender(Protocol):
+    async def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Flow:
+    transport: Transport
+    remote: Address
+    local: Address
+    sender: FlowSender
+    id: int = field(default_factory=lambda: next(_ids))
+    closed: bool = False
+    # Called once when the flow ends (connection closed, reaped, or UDP peer forgotten).
+    on_close: list[Callable[[Flow], None]] = field(default_factory=list)
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise FlowClosed(self.id)
+        await self.sender.send(data)
+
+    def close(self) -> None:
+        """Close the flow (idempotent) and tell whoever listens."""
+        if self.closed:
+            return
+        self.closed = True
+        self.sender.close()
+        for callback in self.on_close:
+            callback(self)
+
+
+class FlowClosed(Exception):
+    """The flow ended before a message could be sent on it."""
+
+
+# What a transport calls for each complete message it received.
+MessageHandler = Callable[[bytes, Flow], Awaitable[None]]
