@@ -1,0 +1,418 @@
+"""The relay: where phones and PBXs meet (the Auerproxy role), almost stateless.
+
+Every message arrives with its flow. Routing needs no table of calls:
+
+- A PBX dials out and REGISTERs as `sip:<serial>@<domain>`; softrelay challenges it
+  with the digest secret of that serial and links the serial to the flow.
+- A phone REGISTERs `sip:<user>@<serial>.<domain>`; softrelay forwards it over the
+  PBX's flow with a `Path` naming the phone's flow, passes the PBX's challenge and the
+  phone's answer through, and on 200 keeps the binding the policy allows.
+- Requests towards a phone carry that Path back as their top Route; requests of a
+  dialog carry our Record-Route, which names the flows of both sides. Responses find
+  their flow in the parameter of the Via we added. Flow tokens are HMAC-sealed, so a
+  peer cannot forge one to reach another peer's flow.
+
+The only transaction state kept: REGISTERs in flight (to store the binding when the
+PBX accepts it), bounded and short-lived.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import struct
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from privacy.clock import Clock
+from privacy.store import Store
+from proxy.sip.digest import DigestAuthority, DigestError, StaleNonce
+from proxy.sip.flow import Flow, FlowClosed
+from proxy.sip.message import (
+    NameAddr,
+    Params,
+    Request,
+    Response,
+    SipParseError,
+    SipUri,
+    ViaHeader,
+    make_response,
+    parse,
+)
+from proxy.sip.settings import SipSettings
+
+log = logging.getLogger("softrelay.proxy")
+MAGIC = "z9hG4bK"
+PENDING_REGISTERS = 10_000  # REGISTERs awaiting the PBX's answer, at most
+PENDING_TTL = 32.0  # seconds: RFC 3261 timer F, after which no answer will come
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingRegister:
+    serial: str
+    username: str
+    instance: str
+    flow: Flow
+    contact: NameAddr | None  # None for a fetch of the bindings
+    expires: int
+    created: float
+
+
+class RelayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter(
+            "softrelay_sip_messages", "SIP messages handled", ["kind"], registry=registry
+        )
+        self.errors = Counter(
+            "softrelay_sip_errors", "SIP messages refused or dropped", ["reason"], registry=registry
+        )
+        self.pbx_links = Gauge("softrelay_sip_pbx_links", "PBXs linked", registry=registry)
+
+
+class Relay:
+    def __init__(
+        self, settings: SipSettings, store: Store, clock: Clock, registry: CollectorRegistry
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.digest = DigestAuthority(settings.domain)
+        self._flow_key = secrets.token_bytes(32)
+        self._flows: dict[int, Flow] = {}
+        self._pbx_flows: dict[str, Flow] = {}
+        self._pending: dict[str, _PendingRegister] = {}
+        self._last_written: dict[tuple[str, str, str], float] = {}
+        self.metrics = RelayMetrics(registry)
+
+    # --- flows ----------------------------------------------------------------------
+
+    def _token(self, flow: Flow) -> str:
+        if flow.id not in self._flows:
+            self._flows[flow.id] = flow
+            flow.on_close.append(self._forget_flow)
+        raw = struct.pack(">Q", flow.id)
+        mac = hmac.digest(self._flow_key, raw, "sha256")[:8]
+        return base64.b32encode(raw + mac).decode().rstrip("=").lower()
+
+    def _flow(self, token: str | None) -> Flow | None:
+        if not token:
+            return None
+        try:
+            raw = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+        except ValueError:
+            return None
+        if len(raw) != 16:
+            return None
+        expected = hmac.digest(self._flow_key, raw[:8], "sha256")[:8]
+        if not hmac.compare_digest(expected, raw[8:]):
+            return None
+        flow = self._flows.get(struct.unpack(">Q", raw[:8])[0])
+        return None if flow is None or flow.closed else flow
+
+    def _forget_flow(self, flow: Flow) -> None:
+        self._flows.pop(flow.id, None)
+        for serial, linked in list(self._pbx_flows.items()):
+            if linked is flow:
+                del self._pbx_flows[serial]
+                self.metrics.pbx_links.set(len(self._pbx_flows))
+                log.info("pbx link closed", extra={"fields": {"pbx_serial": serial}})
+
+    def pbx_flow(self, serial: str) -> Flow | None:
+        flow = self._pbx_flows.get(serial)
+        return None if flow is None or flow.closed else flow
+
+    def _me(self, flow: Flow) -> SipUri:
+        """Our address as the peer on `flow` reaches us."""
+        host, port = flow.local
+        params = () if flow.transport.value == "udp" else (("transport", flow.transport.value),)
+        return SipUri(host, port=port, params=Params((*params, ("lr", None))))
+
+    # --- entry point ----------------------------------------------------------------
+
+    async def handle(self, data: bytes, flow: Flow) -> None:
+        try:
+            message = parse(data)
+            message.validate()
+        except SipParseError as exc:
+            self.metrics.errors.labels("malformed").inc()
+            if exc.partial is not None and exc.can_respond:
+                await self._send(flow, make_response(exc.partial, exc.status, exc.reason))
+            return
+        try:
+            if isinstance(message, Response):
+                self.metrics.messages.labels("response").inc()
+                await self._response(message)
+            elif message.method == "REGISTER":
+                self.metrics.messages.labels("register").inc()
+                await self._register(message, flow)
+            else:
+                self.metrics.messages.labels("request").inc()
+                await self._request(message, flow)
+        except SipParseError as exc:
+            # A header the route needed was malformed: answer like a parse error.
+            self.metrics.errors.labels("malformed").inc()
+            if isinstance(message, Request) and message.method != "ACK":
+                await self._send(flow, make_response(message, exc.status, exc.reason))
+
+    async def _send(self, flow: Flow, message: Request | Response) -> None:
+        try:
+            await flow.send(message.serialize())
+        except (FlowClosed, OSError):
+            self.metrics.errors.labels("flow_closed").inc()
+
+    async def _reply(
+        self,
+        request: Request,
+        flow: Flow,
+        status: int,
+        reason: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        if request.method != "ACK":
+            await self._send(flow, make_response(request, status, reason, headers))
+
+    # --- REGISTER -------------------------------------------------------------------
+
+    async def _register(self, request: Request, flow: Flow) -> None:
+        to = request.to.uri
+        if not isinstance(to, SipUri):
+            await self._reply(request, flow, 416)
+            return
+        host = to.host.lower()
+        if host == self.settings.domain and to.user:
+            await self._register_pbx(request, flow, to.user)
+        elif host.endswith("." + self.settings.domain) and to.user:
+            serial = host[: -len(self.settings.domain) - 1]
+            await self._register_phone(request, flow, serial, to.user)
+        else:
+            self.metrics.errors.labels("not_our_domain").inc()
+            await self._reply(request, flow, 404, "Not Served Here")
+
+    async def _register_pbx(self, request: Request, flow: Flow, serial: str) -> None:
+        pbx = self.settings.pbx(serial)
+        if pbx is None:
+            await self._reply(request, flow, 404, "Unknown PBX")
+            return
+        if not flow.transport.reliable:
+            # Calls must come back over this flow; a datagram "flow" dies with the NAT.
+            await self._reply(request, flow, 403, "PBX Must Use TCP, TLS or WebSocket")
+            return
+        now = self.clock.now()
+        authorization = request.get("Authorization")
+        if authorization is None:
+            challenge = self.digest.challenge(serial, now)
+            await self._reply(request, flow, 401, None, (("WWW-Authenticate", challenge),))
+            return
+        try:
+            self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now)
+        except StaleNonce:
+            challenge = self.digest.challenge(serial, now, stale=True)
+            await self._reply(request, flow, 401, None, (("WWW-Authenticate", challenge),))
+            return
+        except DigestError:
+            self.metrics.errors.labels("pbx_auth").inc()
+            log.warning("pbx authentication failed", extra={"fields": {"pbx_serial": serial}})
+            await self._reply(request, flow, 403, "Wrong Credentials")
+            return
+        expires = request.expires if request.expires is not None else 3600
+        if expires == 0:
+            if self._pbx_flows.get(serial) is flow:
+                del self._pbx_flows[serial]
+        else:
+            self._token(flow)  # watch the flow: its end unlinks the PBX
+            self._pbx_flows[serial] = flow
+            await self.store.put(
+                "pbx_link",
+                {
+                    "pbx_serial": serial,
+                    "pbx_ip": flow.remote[0],
+                    "pbx_port": flow.remote[1],
+                    "transport": flow.transport.value,
+                },
+            )
+            log.info("pbx linked", extra={"fields": {"pbx_serial": serial}})
+        self.metrics.pbx_links.set(len(self._pbx_flows))
+        contacts = [str(c.with_param("expires", str(expires))) for c in request.contacts]
+        headers = (*(("Contact", c) for c in contacts), ("Expires", str(expires)))
+        await self._reply(request, flow, 200, None, headers)
+
+    async def _register_phone(
+        self, request: Request, flow: Flow, serial: str, username: str
+    ) -> None:
+        pbx = self.pbx_flow(serial)
+        if pbx is None:
+            await self._reply(request, flow, 480, "PBX Not Connected")
+            return
+        contacts = [] if request.contact_star else request.contacts
+        contact = contacts[0] if contacts else None
+        expires = request.expires if request.expires is not None else 3600
+        if contact is not None and contact.expires is not None:
+            expires = contact.expires
+        if request.contact_star:
+            expires = 0
+        token = self._token(flow)
+        branch = self._forward_prepare(request, flow)
+        request.prepend("Path", f"<{self._me(pbx).with_param('ob').with_param('ft', token)}>")
+        self._push_via(request, branch, flow, pbx)
+        if not request.has("Supported") or "path" not in (request.get("Supported") or ""):
+            request.add("Supported", "path")
+        self._remember(
+            branch,
+            _PendingRegister(
+                serial,
+                username,
+                (contact.instance or "") if contact else "",
+                flow,
+                contact,
+                expires,
+                self.clock.now(),
+            ),
+        )
+        await self._send(pbx, request)
+
+    def _remember(self, branch: str, pending: _PendingRegister) -> None:
+        now = self.clock.now()
+        if len(self._pending) >= PENDING_REGISTERS:
+            for key, old in list(self._pending.items()):
+                if now - old.created > PENDING_TTL:
+                    del self._pending[key]
+        if len(self._pending) < PENDING_REGISTERS:
+            self._pending[branch] = pending
+
+    async def _registered(self, pending: _PendingRegister, response: Response) -> None:
+        """The PBX accepted a phone's REGISTER: keep what the policy allows."""
+        key = (pending.serial, pending.username, pending.instance)
+        if pending.contact is None:
+            return  # a query of the bindings changes nothing
+        if pending.expires == 0:
+            await self.store.delete(
+                "registration",
+                pbx_serial=pending.serial,
+                sip_username=pending.username,
+                instance=pending.instance,
+            )
+            self._last_written.pop(key, None)
+            return
+        now = self.clock.now()
+        if now - self._last_written.get(key, -1e18) < self.settings.last_use_interval:
+            return  # a refresh: the last use was written recently enough
+        push = pending.contact.push
+        await self.store.put(
+            "registration",
+            {
+                "pbx_serial": pending.serial,
+                "sip_username": pending.username,
+                "instance": pending.instance,
+                "phone_ip": pending.flow.remote[0],
+                "phone_port": pending.flow.remote[1],
+                "push_provider": push.provider if push else None,
+                "push_token": push.prid if push else None,
+                "push_app_id": push.param if push else None,
+            },
+        )
+        self._last_written[key] = now
+
+    # --- other requests -------------------------------------------------------------
+
+    def _forward_prepare(self, request: Request, flow: Flow) -> str:
+        """Steps of RFC 3261 16.6 every forwarded request takes; our branch."""
+        request.decrement_max_forwards()
+        top = request.top_via
+        if top.host != flow.remote[0] or top.wants_rport:
+            request.pop_via()
+            received = top.with_param("received", flow.remote[0])
+            if top.wants_rport:
+                received = received.with_param("rport", str(flow.remote[1]))
+            request.prepend_via(received)
+        # Stateless branch (RFC 3261 16.11): the same request (a retransmission, or its
+        # CANCEL) gets the same branch, so the next hop can match it.
+        seed = f"{top.branch}|{flow.id}|{request.uri}".encode()
+        branch = MAGIC + hashlib.sha256(seed).hexdigest()[:24]
+        for via in request.vias[1:]:
+            if via.branch == branch:
+                raise SipParseError("Loop Detected", status=482, partial=request)
+        return branch
+
+    def _push_via(self, request: Request, branch: str, came_from: Flow, going_to: Flow) -> None:
+        me = self._me(going_to)
+        via = ViaHeader.new(going_to.transport.via_name, me.host, me.port, branch)
+        request.prepend_via(via.with_param("ft", self._token(came_from)))
+
+    async def _request(self, request: Request, flow: Flow) -> None:
+        route = request.routes[0] if request.routes else None
+        if route is not None and self._is_mine(route):
+            request.pop_value("Route")
+            await self._follow_route(request, flow, route)
+            return
+        uri = request.uri
+        if not isinstance(uri, SipUri) or not uri.host.lower().endswith("." + self.settings.domain):
+            await self._reply(request, flow, 404, "Not Served Here")
+            return
+        serial = uri.host.lower()[: -len(self.settings.domain) - 1]
+        pbx = self.pbx_flow(serial)
+        if pbx is None:
+            await self._reply(request, flow, 480, "PBX Not Connected")
+            return
+        await self._forward(request, flow, pbx, record_route=True)
+
+    async def _follow_route(self, request: Request, flow: Flow, route: NameAddr) -> None:
+        uri = route.uri
+        assert isinstance(uri, SipUri)
+        if uri.params.get("ft") is not None:
+            # A Path we gave a phone's REGISTER: the PBX sends a new request to the phone.
+            target = self._flow(uri.params.get("ft"))
+            record_route = True
+        else:
+            # Our Record-Route of a dialog: go to the side the request did not come from.
+            ends = (self._flow(uri.params.get("pf")), self._flow(uri.params.get("uf")))
+            target = ends[1] if ends[0] is flow else ends[0]
+            record_route = False
+        if target is None:
+            await self._reply(request, flow, 480, "Flow Gone")
+            return
+        await self._forward(request, flow, target, record_route=record_route)
+
+    async def _forward(
+        self, request: Request, flow: Flow, target: Flow, *, record_route: bool
+    ) -> None:
+        try:
+            branch = self._forward_prepare(request, flow)
+        except SipParseError as exc:
+            await self._reply(request, flow, exc.status, exc.reason)
+            return
+        if record_route and request.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"):
+            pbx_side, phone_side = (
+                (flow, target) if flow in self._pbx_flows.values() else (target, flow)
+            )
+            rr = self._me(flow).with_param("pf", self._token(pbx_side))
+            rr = rr.with_param("uf", self._token(phone_side))
+            request.prepend("Record-Route", f"<{rr}>")
+        self._push_via(request, branch, flow, target)
+        await self._send(target, request)
+
+    def _is_mine(self, route: NameAddr) -> bool:
+        uri = route.uri
+        return isinstance(uri, SipUri) and any(
+            uri.params.get(p) is not None for p in ("ft", "pf", "uf")
+        )
+
+    # --- responses ------------------------------------------------------------------
+
+    async def _response(self, response: Response) -> None:
+        top = response.top_via
+        came_from = self._flow(top.params.get("ft"))
+        if came_from is None:
+            self.metrics.errors.labels("response_unroutable").inc()
+            return
+        response.pop_via()
+        if response.cseq.method == "REGISTER" and top.branch is not None:
+            pending = self._pending.get(top.branch)
+            if pending is not None and response.status >= 200:
+                del self._pending[top.branch]
+                if 200 <= response.status < 300:
+                    await self._registered(pending, response)
+        await self._send(came_from, response)

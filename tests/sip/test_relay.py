@@ -1,0 +1,302 @@
+"""The relay's routing, on in-memory flows: a PBX links by serial with its secret, a
+phone registers through it with the PBX's own challenge passed through, calls cross in
+both directions, and nothing of the Authorization header or the password is stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from privacy.audit import scan_for_canaries
+from privacy.clock import ManualClock
+from privacy.store import Store
+from proxy.sip.digest import Credentials, response
+from proxy.sip.flow import Flow, Transport
+from proxy.sip.message import Request, Response, parse
+from proxy.sip.relay import Relay
+from proxy.sip.settings import PbxSettings, SipSettings
+
+DOMAIN = "relay.test"
+SERIAL = "0042137"
+PBX_SECRET = "pbx-secret-5f1c"
+PHONE_PASSWORD = "phone-password-canary-93ab"
+
+
+class Wire:
+    """One end of an in-memory flow: what the relay sent to this peer."""
+
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        self.raw.append(data)
+
+    def close(self) -> None:
+        pass
+
+    def last(self) -> Request | Response:
+        return parse(self.raw[-1])
+
+    def response(self) -> Response:
+        message = self.last()
+        assert isinstance(message, Response)
+        return message
+
+    def request(self) -> Request:
+        message = self.last()
+        assert isinstance(message, Request)
+        return message
+
+
+def _flow(transport: Transport, remote: tuple[str, int]) -> tuple[Flow, Wire]:
+    wire = Wire()
+    return Flow(transport, remote, ("127.0.0.1", 5060), wire), wire
+
+
+def _request(method: str, uri: str, *headers: str, body: str = "") -> bytes:
+    lines = [f"{method} {uri} SIP/2.0", *headers, f"Content-Length: {len(body)}", "", body]
+    return "\r\n".join(lines).encode()
+
+
+def _reply(request: Request | Response, status: int, reason: str, *extra: str) -> bytes:
+    assert isinstance(request, Request)
+    keep = [
+        f"{n}: {v}"
+        for n, v in request.headers
+        if n.lower() in ("via", "from", "to", "call-id", "cseq", "record-route")
+    ]
+    to_fixed = [
+        h if not h.lower().startswith("to:") or "tag=" in h else h + ";tag=pbx1" for h in keep
+    ]
+    lines = [f"SIP/2.0 {status} {reason}", *to_fixed, *extra, "Content-Length: 0", "", ""]
+    return "\r\n".join(lines).encode()
+
+
+@pytest.fixture
+async def relay(store: Store, clock: ManualClock) -> Relay:
+    settings = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),))
+    return Relay(settings, store, clock, CollectorRegistry())
+
+
+def _pbx_register(auth: str = "") -> bytes:
+    return _request(
+        "REGISTER",
+        f"sip:{DOMAIN}",
+        "Via: SIP/2.0/TCP 203.0.113.9:40000;branch=z9hG4bKpbx1",
+        f"From: <sip:{SERIAL}@{DOMAIN}>;tag=p1",
+        f"To: <sip:{SERIAL}@{DOMAIN}>",
+        "Call-ID: pbxreg-1",
+        "CSeq: 1 REGISTER",
+        "Max-Forwards: 70",
+        "Contact: <sip:pbx@203.0.113.9:40000;transport=tcp>",
+        "Expires: 600",
+        *([f"Authorization: {auth}"] if auth else []),
+    )
+
+
+async def _link_pbx(relay: Relay, secret: str = PBX_SECRET) -> tuple[Flow, Wire, int]:
+    flow, wire = _flow(Transport.TCP, ("203.0.113.9", 40000))
+    await relay.handle(_pbx_register(), flow)
+    challenge = wire.response()
+    assert challenge.status == 401
+    nonce = (challenge.get("WWW-Authenticate") or "").split('nonce="')[1].split('"')[0]
+    creds = Credentials(
+        SERIAL, DOMAIN, nonce, f"sip:{DOMAIN}", "", "SHA-256", "auth", "00000001", "ab"
+    )
+    auth = (
+        f'Digest username="{SERIAL}", realm="{DOMAIN}", nonce="{nonce}", uri="sip:{DOMAIN}", '
+        f'response="{response(creds, secret, "REGISTER")}", algorithm=SHA-256, qop=auth, '
+        'nc=00000001, cnonce="ab"'
+    )
+    await relay.handle(_pbx_register(auth), flow)
+    return flow, wire, wire.response().status
+
+
+async def test_pbx_links_with_its_secret_and_wrong_secret_is_refused(relay: Relay) -> None:
+    _, _, status = await _link_pbx(relay, "wrong-secret")
+    assert status == 403
+    assert relay.pbx_flow(SERIAL) is None
+    flow, _, status = await _link_pbx(relay)
+    assert status == 200
+    assert relay.pbx_flow(SERIAL) is flow
+    (link,) = await relay.store.find("pbx_link", pbx_serial=SERIAL)
+    assert link.fields["pbx_ip"] == "203.0.113.9"
+
+
+async def test_pbx_over_udp_is_refused(relay: Relay) -> None:
+    flow, wire = _flow(Transport.UDP, ("203.0.113.9", 5060))
+    await relay.handle(_pbx_register(), flow)
+    reply = wire.response()
+    assert reply.status == 403
+
+
+def _phone_register(auth: str = "", cseq: int = 1) -> bytes:
+    return _request(
+        "REGISTER",
+        f"sip:{SERIAL}.{DOMAIN}",
+        "Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bKph" + str(cseq) + ";rport",
+        f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a1",
+        f"To: <sip:alice@{SERIAL}.{DOMAIN}>",
+        "Call-ID: phonereg-1",
+        f"CSeq: {cseq} REGISTER",
+        "Max-Forwards: 70",
+        "<sip:alice@10.0.0.5:5062;transport=tcp;pn-provider=apns;pn-prid=f00dfeed"
+        "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed;pn-param=ABCD.com.example.phone.voip>"
+        ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-000000000001>"'.join(["Contact: ", ""]),
+        "Expires: 3600",
+        *([f"Authorization: {auth}"] if auth else []),
+    )
+
+
+async def test_phone_registers_through_its_pbx_and_a_call_crosses_both_ways(
+    relay: Relay, store: Store, tmp_path: Path
+) -> None:
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, phone_wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+
+    # REGISTER goes to the PBX with a Path back to the phone's flow.
+    await relay.handle(_phone_register(), phone)
+    forwarded = pbx_wire.request()
+    assert forwarded.method == "REGISTER"
+    assert "ft=" in str(forwarded.paths[0])
+    # The PBX challenges; the challenge goes back to the phone.
+    await relay.handle(
+        _reply(forwarded, 401, "Unauthorized", 'WWW-Authenticate: Digest realm="pbx", nonce="n1"'),
+        pbx,
+    )
+    challenge = phone_wire.response()
+    assert challenge.status == 401
+    assert challenge.vias[0].branch == "z9hG4bKph1"
+    # The phone answers; the PBX accepts; the binding is stored, the credentials are not.
+    auth = (
+        f'Digest username="alice", realm="pbx", nonce="n1", uri="sip:x", '
+        f'response="{PHONE_PASSWORD}"'
+    )
+    await relay.handle(_phone_register(auth, cseq=2), phone)
+    forwarded = pbx_wire.request()
+    assert forwarded.get("Authorization") == auth
+    await relay.handle(_reply(forwarded, 200, "OK", f"Contact: {forwarded.get('Contact')}"), pbx)
+    ok = phone_wire.response()
+    assert ok.status == 200
+    (binding,) = await store.find("registration", pbx_serial=SERIAL, sip_username="alice")
+    assert binding.fields["phone_ip"] == "198.51.100.23"
+    assert binding.fields["push_provider"] == "apns"
+    assert str(binding.fields["push_token"]).startswith("f00dfeed")
+
+    # The PBX calls the phone: INVITE routed by the Path, Record-Routed.
+    path = str(forwarded.paths[0])
+    await relay.handle(
+        _request(
+            "INVITE",
+            "sip:alice@10.0.0.5:5062;transport=tcp",
+            "Via: SIP/2.0/TCP 203.0.113.9:40000;branch=z9hG4bKinv1",
+            f"Route: {path}",
+            f"From: <sip:bob@{SERIAL}.{DOMAIN}>;tag=b1",
+            f"To: <sip:alice@{SERIAL}.{DOMAIN}>",
+            "Call-ID: call-1",
+            "CSeq: 1 INVITE",
+            "Max-Forwards: 70",
+            "Contact: <sip:bob@203.0.113.9:40000;transport=tcp>",
+        ),
+        pbx,
+    )
+    invite = phone_wire.request()
+    assert invite.method == "INVITE"
+    assert invite.record_routes
+    assert not invite.routes
+    assert invite.max_forwards == 69
+    # 200 OK from the phone reaches the PBX through the Via we added.
+    await relay.handle(
+        _reply(invite, 200, "OK", "Contact: <sip:alice@10.0.0.5:5062;transport=tcp>"), phone
+    )
+    answered = pbx_wire.response()
+    assert answered.status == 200
+    assert answered.vias[0].branch == "z9hG4bKinv1"
+    # The phone hangs up: BYE follows the Record-Route to the PBX.
+    rr = str(invite.record_routes[0])
+    await relay.handle(
+        _request(
+            "BYE",
+            "sip:bob@203.0.113.9:40000;transport=tcp",
+            "Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bKbye1",
+            f"Route: {rr}",
+            f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=pbx1",
+            f"To: <sip:bob@{SERIAL}.{DOMAIN}>;tag=b1",
+            "Call-ID: call-1",
+            "CSeq: 2 BYE",
+            "Max-Forwards: 70",
+        ),
+        phone,
+    )
+    bye = pbx_wire.request()
+    assert bye.method == "BYE"
+
+    # The phone calls out: routed by serial to the PBX.
+    await relay.handle(
+        _request(
+            "INVITE",
+            f"sip:carol@{SERIAL}.{DOMAIN}",
+            "Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bKout1",
+            f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a9",
+            f"To: <sip:carol@{SERIAL}.{DOMAIN}>",
+            "Call-ID: call-2",
+            "CSeq: 1 INVITE",
+            "Max-Forwards: 70",
+            "Contact: <sip:alice@10.0.0.5:5062;transport=tcp>",
+        ),
+        phone,
+    )
+    out = pbx_wire.request()
+    assert out.method == "INVITE"
+    assert out.record_routes
+
+    await store.close()
+    hits = scan_for_canaries(tmp_path, [PHONE_PASSWORD, "198.51.100.23", "f00dfeedf00dfeed"])
+    assert hits == []
+
+
+async def test_malformed_request_gets_400_and_garbage_is_dropped(relay: Relay) -> None:
+    phone, wire = _flow(Transport.UDP, ("198.51.100.23", 5060))
+    await relay.handle(
+        _request(
+            "OPTIONS",
+            "sip:x@relay.test",
+            "Via: SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKo1",
+            "From: <sip:a@relay.test>;tag=1",
+            "To: <sip:x@relay.test>",
+            "Call-ID: o1",
+            "CSeq: one OPTIONS",
+        ),
+        phone,
+    )
+    await relay.handle(b"\x00\xffnot sip at all", phone)
+    assert [r.split(b"\r\n")[0] for r in wire.raw] == [b"SIP/2.0 400 Bad CSeq header"]
+
+
+async def test_phone_of_an_unlinked_pbx_gets_480(relay: Relay) -> None:
+    phone, wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    await relay.handle(_phone_register(), phone)
+    reply = wire.response()
+    assert reply.status == 480
+
+
+async def test_forged_route_token_reaches_no_flow(relay: Relay) -> None:
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    await relay.handle(
+        _request(
+            "INVITE",
+            "sip:alice@10.0.0.5",
+            "Via: SIP/2.0/TCP 203.0.113.9:40000;branch=z9hG4bKf1",
+            "Route: <sip:127.0.0.1:5060;transport=tcp;lr;ft=aaaaaaaaaaaaaaaaaaaaaaaaaa>",
+            f"From: <sip:bob@{SERIAL}.{DOMAIN}>;tag=b1",
+            f"To: <sip:alice@{SERIAL}.{DOMAIN}>",
+            "Call-ID: f1",
+            "CSeq: 1 INVITE",
+            "Max-Forwards: 70",
+        ),
+        pbx,
+    )
+    reply = pbx_wire.response()
+    assert reply.status == 480
