@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -26,6 +26,10 @@ from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.retention import Sweeper
 from privacy.store import Store
+from proxy.sip.relay import Relay
+from proxy.sip.settings import SipSettings, transport_settings
+from proxy.sip.transport import SipTransports
+from proxy.sip.websocket import add_sip_websocket
 from push.apns import ApnsProvider
 from push.apps import AppCredentials, PushSettings
 from push.embedded import StandIns
@@ -46,6 +50,9 @@ class Services:
     clock: Clock
     sweep_interval: float
     push: PushSettings
+    sip: SipSettings = field(default_factory=SipSettings)
+    # Where SIP listens (UDP and TCP share the port); None: no SIP transports (tests).
+    sip_listen: tuple[str, int] | None = None
 
 
 SERVICES = web.AppKey("services", Services)
@@ -54,6 +61,8 @@ SWEEPER = web.AppKey("sweeper", Sweeper)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 PUSH = web.AppKey("push", PushService)
 STAND_INS = web.AppKey("stand_ins", StandIns)
+RELAY = web.AppKey("relay", Relay)
+SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
 
 
 def build_app(services: Services) -> web.Application:
@@ -63,6 +72,9 @@ def build_app(services: Services) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     app.cleanup_ctx.append(_push_ctx)
+    # Last in, first out: SIP stops taking messages before push and the store close.
+    app.cleanup_ctx.append(_sip_ctx)
+    add_sip_websocket(app, SIP_TRANSPORTS)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
@@ -125,6 +137,22 @@ async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if stand_ins is not None:
             await stand_ins.stop()
+
+
+async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    relay = Relay(services.sip, app[STORE], services.clock, app[REGISTRY])
+    app[RELAY] = relay
+    if services.sip_listen is None:
+        yield
+        return
+    host, port = services.sip_listen
+    transports = await SipTransports.start(
+        transport_settings(services.sip, host, port), relay.handle, services.clock, app[REGISTRY]
+    )
+    app[SIP_TRANSPORTS] = transports
+    yield
+    await transports.stop()
 
 
 async def healthz(request: web.Request) -> web.Response:

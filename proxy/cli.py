@@ -34,7 +34,7 @@ from privacy.notice import policy_table, render_notice
 from privacy.policy import Policy, load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store
-from proxy.app import SERVICES, STAND_INS, Services, build_app
+from proxy.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
 from proxy.config import Config, config_path, load_config, with_overrides
 
 log = logging.getLogger("softrelay.proxy")
@@ -158,6 +158,8 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         runtime.clock,
         config.sweep_interval,
         config.push,
+        config.sip,
+        (config.listen.sip_host, config.listen.sip_port),
     )
     # No access log: aiohttp's would write every client's full IP address.
     runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
@@ -170,6 +172,8 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
             print(f"softrelay: http://{host}:{port} (healthz, metrics)", flush=True)
             log.info("listening", extra={"fields": {"listen": f"http://{host}:{port}"}})
         _print_push(runner.app)
+        for kind, (host, port) in runner.app[SIP_TRANSPORTS].addresses:
+            print(f"softrelay: sip {kind} {host}:{port}", flush=True)
         print(
             f"softrelay: profile {runtime.policy.profile}, data in {config.data_dir}/; "
             "SIGTERM or Ctrl-C stops",

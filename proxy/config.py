@@ -16,6 +16,7 @@ from pathlib import Path
 from privacy.declaration import ConfigError, Section, load_toml
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
+from proxy.sip.settings import SipSettings, parse_sip
 from push.apps import PushSettings, parse_push
 
 DEFAULT_CONFIG = PROFILES_DIR.parent / "softrelay.toml"
@@ -43,6 +44,7 @@ class Config:
     log_level: str
     log_console: bool
     push: PushSettings
+    sip: SipSettings
 
 
 def config_path(cli_value: str | None) -> Path | None:
@@ -102,6 +104,7 @@ def load_config(path: Path | None) -> Config:
     log_console = logging_sec.flag("console", True)
     logging_sec.finish()
     push = parse_push(root.section("push", {}))
+    sip = parse_sip(root.section("sip", {}))
     root.finish()
 
     return Config(
@@ -116,6 +119,7 @@ def load_config(path: Path | None) -> Config:
         log_level=log_level,
         log_console=log_console,
         push=push,
+        sip=sip,
     )
 
 

@@ -128,6 +128,7 @@ class Relay:
     def _me(self, flow: Flow) -> SipUri:
         """Our address as the peer on `flow` reaches us."""
         host, port = flow.local
+        host = self.settings.public_host or host
         params = () if flow.transport.value == "udp" else (("transport", flow.transport.value),)
         return SipUri(host, port=port, params=Params((*params, ("lr", None))))
 

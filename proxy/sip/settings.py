@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privacy.declaration import Section
+from proxy.sip.transport import TransportLimits, TransportSettings
 
 _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
@@ -25,6 +26,12 @@ class SipSettings:
     pbxs: tuple[PbxSettings, ...] = ()
     # A binding's last use is written at most this often while it keeps refreshing.
     last_use_interval: int = 3600
+    # The host peers reach us at (Via, Path, Record-Route); empty: the listen address.
+    public_host: str = ""
+    tls_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    limits: TransportLimits = field(default_factory=TransportLimits)
 
     def pbx(self, serial: str) -> PbxSettings | None:
         for pbx in self.pbxs:
@@ -42,13 +49,57 @@ def parse_sip(sec: Section) -> SipSettings:
     for serial in serials:
         if serials.count(serial) > 1:
             raise sec.error("pbx", f"serial {serial!r} is configured twice")
+    public_host = sec.text("public_host", "")
+    tls = sec.section("tls", {})
+    cert, key = tls.text("cert", ""), tls.text("key", "")
+    tls_port = tls.integer("port", 5061, minimum=0) if cert else None
+    for name, path in (("cert", cert), ("key", key)):
+        if path and not Path(path).is_file():
+            raise tls.error(name, f"cannot read {path}")
+    tls.finish()
     settings = SipSettings(
         domain=domain,
         pbxs=pbxs,
         last_use_interval=sec.duration("last_use_interval", "1h"),
+        public_host=public_host,
+        tls_port=tls_port,
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
+        limits=_parse_limits(sec.section("limits", {})),
     )
     sec.finish()
     return settings
+
+
+def _parse_limits(sec: Section) -> TransportLimits:
+    d = TransportLimits()
+    limits = TransportLimits(
+        max_message_size=sec.integer("max_message_size", d.max_message_size, minimum=1024),
+        max_connections=sec.integer("max_connections", d.max_connections, minimum=1),
+        max_connections_per_ip=sec.integer(
+            "max_connections_per_ip", d.max_connections_per_ip, minimum=0
+        ),
+        max_udp_flows=sec.integer("max_udp_flows", d.max_udp_flows, minimum=1),
+        idle_timeout=sec.duration("idle_timeout", "5m"),
+        write_stall_timeout=sec.duration("write_stall_timeout", "30s"),
+        write_buffer=sec.integer("write_buffer", d.write_buffer, minimum=4096),
+        max_pending=sec.integer("max_pending", d.max_pending, minimum=1),
+    )
+    sec.finish()
+    return limits
+
+
+def transport_settings(sip: SipSettings, host: str, port: int) -> TransportSettings:
+    """Where the SIP transports listen: UDP and TCP on `port`, TLS when configured."""
+    return TransportSettings(
+        host=host,
+        udp_port=port,
+        tcp_port=port,
+        tls_port=sip.tls_port,
+        tls_cert=sip.tls_cert,
+        tls_key=sip.tls_key,
+        limits=sip.limits,
+    )
 
 
 def _parse_pbx(sec: Section) -> PbxSettings:
