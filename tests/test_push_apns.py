@@ -96,8 +96,9 @@ def wake(
     service: Service = Service.APNS,
     app_id: str = APP,
     within: float = 30.0,
+    call_id: str = "call-7f3a",
 ) -> WakeRequest:
-    call_id = "" if reason is Reason.REREGISTER else "call-7f3a"
+    call_id = "" if reason is Reason.REREGISTER else call_id
     return WakeRequest(service, token, app_id, reason, clock.now() + within, call_id)
 
 
@@ -503,6 +504,28 @@ async def test_long_lived_connection_keeps_receiving_error_bodies(
     assert set(outcomes) == {TokenDead("Unregistered")}
 
 
+async def test_burst_beyond_the_flow_control_window_delivers_all_and_leaks_nothing(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """More request bodies in flight than HTTP/2's initial 64 KiB connection window.
+    aioapns would send a request's HEADERS, then h2 refuses its DATA (FlowControlError):
+    the stream stays half-open at the server, its slot is never released, and the push
+    fails as "connection lost". The provider waits for window instead."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()  # the connection is up
+    sends = 100  # x ~2 KB bodies: three times the window, within one connection's streams
+    burst = [wake(clock, call_id=f"{n:04}" + "c" * 2000) for n in range(sends)]
+
+    outcomes = await asyncio.gather(*(provider.send(request, TIMEOUT) for request in burst))
+
+    assert outcomes == [Delivered()] * sends
+    delivered = {d.payload["call_id"] for d in fake.deliveries.for_token(TOKEN)}
+    assert {request.call_id for request in burst} <= delivered
+    assert _open_streams_at(fake) == 0
+    assert _slots_taken(provider) == 0
+    assert fake.accepted_connections == 1
+
+
 async def test_token_never_appears_in_outcomes_or_logs(
     fake: FakeApns,
     providers: ProviderFactory,
@@ -528,6 +551,23 @@ async def test_token_never_appears_in_outcomes_or_logs(
     assert all(TOKEN not in repr(outcome) for outcome in outcomes)
     assert TOKEN not in caplog.text
     assert TOKEN.upper() not in caplog.text.upper()
+
+
+def _open_streams_at(fake: FakeApns) -> int:
+    """Streams the fake holds open: begun by a client and never finished or reset.
+    (Reads the fake's connections, as bench/push.py does: it has no public view of them.)"""
+    return sum(c._h2.open_inbound_streams for c in fake._connections if c._h2 is not None)
+
+
+def _slots_taken(provider: ApnsProvider) -> int:
+    """Stream slots (aioapns's channels) held on the provider's open connections, and
+    requests it still tracks; 0 once every send has returned."""
+    connections = [c for client in provider._clients.values() for c in client.state.live]
+    assert connections
+    return sum(
+        c.free_channels.bound - c.free_channels._value + len(c.requests) + len(c.request_streams)
+        for c in connections
+    )
 
 
 async def _ignore(request: NotificationRequest, result: object) -> None:
