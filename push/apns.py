@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import re
@@ -41,11 +42,23 @@ from aioapns.connection import (
     APNsBaseConnectionPool,
     APNsTLSClientProtocol,
     AuthorizationHeaderProvider,
+    ChannelPool,
 )
 from aioapns.exceptions import ConnectionClosed, MaxAttemptsExceeded
 from aioapns.exceptions import ConnectionError as ApnsConnectionError
+from aioapns.logging import logger as aioapns_log
 from h2.errors import ErrorCodes
-from h2.exceptions import H2Error
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    ResponseReceived,
+    SettingsAcknowledged,
+    StreamEnded,
+    WindowUpdated,
+)
+from h2.exceptions import FrameTooLargeError, H2Error
+from h2.settings import ChangedSetting, SettingCodes
 
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
 from push.endpoints import apns_protocol_for, apns_ssl_context
@@ -68,6 +81,12 @@ TOKEN_REFRESH = 40 * 60
 # aioapns closes a connection after 10 s without a send; a wake should find one open.
 IDLE_CLOSE = 30 * 60
 CLOSE_TIMEOUT = 2.0  # seconds `close()` waits for TLS shutdowns before aborting
+# Streams one connection carries at once, at most (fewer if the server says so); beyond,
+# the pool opens another connection, up to MAX_CONNECTIONS per app and environment. h2
+# walks all of a connection's streams each time it opens one: at 1,000 streams that was
+# its costliest function (bench/push.py).
+STREAMS_PER_CONNECTION = 200
+MAX_CONNECTIONS = 10
 _TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}
 
 _DEAD_TOKEN = frozenset(
@@ -158,6 +177,50 @@ class _ConnectionLost(Exception):
         self.cause = cause
 
 
+class _Streams(ChannelPool):
+    """The stream slots of one connection (aioapns's "channels"): a semaphore that the
+    server's MAX_CONCURRENT_STREAMS resizes, here never beyond STREAMS_PER_CONNECTION.
+
+    aioapns's resize goes wrong while streams are open, and Apple changes its limit then
+    (down to 1 after a rejected push, back up after an accepted one): lowering leaves a
+    negative count, which asyncio's Semaphore takes for free slots (it tests `== 0`), and
+    raising it with no sender waiting frees at most one slot. Here the slots in use stay
+    in use across a resize and the count follows the new limit.
+
+    Slots number no streams (aioapns's `acquire` does): h2 wants stream ids in the order
+    the streams open, and a sender may wait for window between its slot and its stream.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(STREAMS_PER_CONNECTION)
+
+    @property
+    def bound(self) -> int:
+        return self._bound_value
+
+    @bound.setter
+    def bound(self, limit: int) -> None:
+        limit = max(0, min(limit, STREAMS_PER_CONNECTION))
+        in_use = self._bound_value - self._value
+        self._bound_value = limit
+        self._value = limit - in_use  # negative until enough streams have ended
+        for _ in range(max(0, self._value)):
+            self._wake_up_next()  # a waiting sender, if any, takes one
+
+    def locked(self) -> bool:
+        return self._value <= 0 or super().locked()
+
+    def release(self) -> None:
+        self._value = min(self._value + 1, self._bound_value)
+        if self._value > 0:
+            self._wake_up_next()
+
+    async def take(self) -> None:
+        """Wait for a free slot and take it (`ConnectionClosed` if the connection is lost
+        meanwhile)."""
+        await asyncio.Semaphore.acquire(self)
+
+
 @dataclass(eq=False)
 class _ClientState:
     token: ProviderToken | None  # None for certificate auth
@@ -170,8 +233,15 @@ class _Connection(APNsTLSClientProtocol):
     - the shared `ProviderToken` replaces the per-connection token aioapns makes;
     - connections stay open for IDLE_CLOSE instead of 10 s, with TCP keepalive so that
       NAT mappings stay up and a dead peer is noticed;
-    - a send abandoned by its timeout resets its stream and forgets it; aioapns would
-      leave it behind and later fail on its cancelled future, killing the connection;
+    - a send waits until HTTP/2 flow control lets its body go: aioapns ignores window
+      updates and sends the HEADERS, then h2 refuses the DATA (FlowControlError) once
+      the connection's window (64 KiB at first) is used up, as with ~1,000 pushes in
+      flight. The stream was left half-open at the server and its slot taken for good;
+    - a send that fails or is abandoned (its timeout) resets its stream, if open, and
+      frees its slot, exactly once; aioapns would leave an abandoned stream behind and
+      later fail on its cancelled future, killing the connection;
+    - at most STREAMS_PER_CONNECTION streams per connection (`_Streams`): the pool opens
+      more connections beyond (it picks the first connection with a free slot);
     - the Retry-After header reaches the request; received data is acknowledged (aioapns
       never does, so a long-lived connection's flow-control window would close);
     - a connection lost with an error raises that error to its senders.
@@ -191,8 +261,11 @@ class _Connection(APNsTLSClientProtocol):
     ) -> None:
         # `auth_provider` is the token aioapns made for this connection alone: unused.
         super().__init__(apns_topic, loop, _tolerant(on_connection_lost), self.state.token)
+        self.free_channels = self._streams = _Streams()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._retry_after: dict[str, float] = {}
+        self._slots: set[int] = set()  # streams holding a slot, until ended or reset
+        self._window_granted = asyncio.Event()  # set on a window update, cleared to wait
 
     @property
     def usable(self) -> bool:
@@ -210,10 +283,34 @@ class _Connection(APNsTLSClientProtocol):
                         sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
     async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        """aioapns's send (the same request), waiting for flow-control window, and
+        numbering its stream only when it opens it."""
+        data = json.dumps(request.message, ensure_ascii=False).encode()
+        if len(data) > self.conn.max_outbound_frame_size:  # sent whole, in one frame
+            raise FrameTooLargeError(f"{len(data)}-byte payload")
+        await self._streams.take()
+        stream_id: int | None = None
         try:
-            result = await super().send_notification(request)
+            await self._window_for(len(data))  # so that HEADERS and DATA go together
+            stream_id = self.conn.get_next_available_stream_id()
+            self._slots.add(stream_id)
+            self.conn.send_headers(stream_id, self._headers(request))
+            await self._window_for(len(data), stream_id)  # the stream's own window too
+            self.conn.send_data(stream_id, data, end_stream=True)
+        except BaseException:  # CancelledError too: nothing may stay open or taken
+            if stream_id is None:
+                self._streams.release()
+            else:
+                self._end(stream_id)
+            raise
+        future: asyncio.Future[NotificationResult] = self.loop.create_future()
+        self.requests[request.notification_id] = future
+        self.request_streams[stream_id] = request.notification_id
+        self.flush()
+        try:
+            result = await future
         except asyncio.CancelledError:
-            self._abandon(request.notification_id)
+            self._abandon(request.notification_id, stream_id)
             raise
         finally:
             retry_after = self._retry_after.pop(request.notification_id, None)
@@ -221,21 +318,85 @@ class _Connection(APNsTLSClientProtocol):
             request.retry_after = retry_after
         return result
 
-    def _abandon(self, notification_id: str) -> None:
+    def _headers(self, request: NotificationRequest) -> list[tuple[str, str]]:
+        """The headers aioapns 4.0 sends."""
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", f"/3/device/{request.device_token}"),
+            ("host", self.APNS_SERVER),
+            ("apns-id", request.notification_id),
+            ("apns-topic", request.apns_topic or self.apns_topic),
+        ]
+        if request.time_to_live is not None:
+            headers.append(("apns-expiration", str(int(time.time()) + request.time_to_live)))
+        if request.priority is not None:
+            headers.append(("apns-priority", str(request.priority)))
+        if request.collapse_key is not None:
+            headers.append(("apns-collapse-id", request.collapse_key))
+        if request.push_type is not None:
+            headers.append(("apns-push-type", request.push_type.value))
+        if self.auth_provider is not None:
+            headers.append(("authorization", self.auth_provider.get_header()))
+        return headers
+
+    async def _window_for(self, size: int, stream_id: int | None = None) -> None:
+        """Return once `size` bytes of DATA fit the connection's flow-control window, and
+        also the stream's if given; raise ConnectionClosed once the connection closes."""
+        while True:
+            if not self.usable:
+                raise ConnectionClosed("connection closing")
+            if stream_id is None:
+                window = self.conn.outbound_flow_control_window
+            else:
+                window = self.conn.local_flow_control_window(stream_id)
+            if window >= size:
+                return
+            self.flush()  # what is queued, such as this stream's HEADERS
+            self._window_granted.clear()
+            await self._window_granted.wait()
+
+    def _abandon(self, notification_id: str, stream_id: int) -> None:
         self._retry_after.pop(notification_id, None)
         self.requests.pop(notification_id, None)
         self.request_statuses.pop(notification_id, None)
-        stream_id = next((s for s, n in self.request_streams.items() if n == notification_id), None)
-        if stream_id is None:
-            return  # never sent (cancelled while waiting for a stream)
-        del self.request_streams[stream_id]
-        try:
+        self.request_streams.pop(stream_id, None)
+        self._end(stream_id)
+
+    def _end(self, stream_id: int) -> None:
+        """Reset the stream unless it has ended, and free its slot if it still holds it."""
+        with contextlib.suppress(H2Error):  # ended already (or never opened)
             self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
-        except H2Error:
-            return  # already ended: aioapns released its channel when it did
-        self.free_channels.release()
+        self._release(stream_id)
         if self.usable:
             self.flush()
+
+    def _release(self, stream_id: int) -> None:
+        if stream_id in self._slots:
+            self._slots.remove(stream_id)
+            self._streams.release()
+
+    def data_received(self, data: bytes) -> None:
+        # aioapns's, plus what it drops: window updates, and received data to acknowledge.
+        for event in self.conn.receive_data(data):
+            if isinstance(event, ResponseReceived):
+                self.on_response_received(dict(event.headers))
+            elif isinstance(event, DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                self.on_data_received(event.data, event.stream_id)
+            elif isinstance(event, RemoteSettingsChanged):
+                changed = cast(dict[SettingCodes, ChangedSetting], event.changed_settings)
+                self.on_remote_settings_changed(changed)
+                self._window_granted.set()  # INITIAL_WINDOW_SIZE moves stream windows
+            elif isinstance(event, StreamEnded):
+                self.on_stream_ended(event.stream_id)
+            elif isinstance(event, ConnectionTerminated):
+                self.on_connection_terminated(event)
+            elif isinstance(event, WindowUpdated):
+                self._window_granted.set()
+            elif not isinstance(event, SettingsAcknowledged):
+                aioapns_log.warning("Unknown event: %s", event)
+        self.flush()
 
     def on_response_received(self, headers: dict[bytes, bytes]) -> None:
         notification_id = headers.get(b"apns-id", b"").decode("utf8")
@@ -248,8 +409,6 @@ class _Connection(APNsTLSClientProtocol):
         super().on_response_received(headers)
 
     def on_data_received(self, data: bytes, stream_id: int) -> None:
-        # aioapns passes no padding length; APNs pads nothing, so len(data) is the window.
-        self.conn.acknowledge_received_data(len(data), stream_id)
         notification_id = self.request_streams.get(stream_id, "")
         future = self.requests.get(notification_id)
         if future is not None and future.done():
@@ -257,8 +416,9 @@ class _Connection(APNsTLSClientProtocol):
         super().on_data_received(data, stream_id)
 
     def on_stream_ended(self, stream_id: int) -> None:
-        super().on_stream_ended(stream_id)
-        self.request_streams.pop(stream_id, None)  # aioapns keeps successful ones forever
+        # aioapns frees a slot for any stream that ends, and keeps successful ones forever.
+        self.request_streams.pop(stream_id, None)
+        self._release(stream_id)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state.live.discard(self)
@@ -269,6 +429,7 @@ class _Connection(APNsTLSClientProtocol):
             pending = {}
         self.requests = pending
         super().connection_lost(exc)
+        self._window_granted.set()  # senders waiting for window find the connection gone
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -379,8 +540,8 @@ class ApnsProvider:
         self, client: _Client, notification: _Notification, deadline: float
     ) -> NotificationResult:
         await _open_connection(client.apns.pool)
-        # aioapns sends int(time.time()) + time_to_live as apns-expiration, a moment
-        # later: one second less keeps it within the deadline.
+        # `_Connection` sends int(time.time()) + time_to_live as apns-expiration (as
+        # aioapns does), a moment later: one second less keeps it within the deadline.
         notification.time_to_live = max(0, math.floor(deadline - self._clock()) - 1)
         return await client.apns.send_notification(notification)
 
@@ -422,6 +583,7 @@ class ApnsProvider:
                 key_id=credentials.key_id or None,
                 team_id=credentials.team_id or None,
                 topic=credentials.topic,
+                max_connections=MAX_CONNECTIONS,
                 max_connection_attempts=1,  # it sleeps 1 s between attempts; we retry
                 use_sandbox=sandbox,
                 ssl_context=apns_ssl_context(self._endpoint),

@@ -19,7 +19,7 @@ from aioapns import APNs, NotificationRequest, PushType
 from aioapns.connection import APNsTLSClientProtocol
 
 from privacy.clock import ManualClock
-from push.apns import ApnsProvider
+from push.apns import STREAMS_PER_CONNECTION, ApnsProvider, _Streams
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
 from push.endpoints import apns_protocol_for, apns_ssl_context
 from push.fakes.apns import ApnsKeyGrant, FakeApns
@@ -526,6 +526,53 @@ async def test_burst_beyond_the_flow_control_window_delivers_all_and_leaks_nothi
     assert fake.accepted_connections == 1
 
 
+async def test_beyond_the_streams_of_one_connection_the_pool_opens_another(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """The fake allows 1,000 streams per connection, as Apple does; the provider takes at
+    most STREAMS_PER_CONNECTION on each and lets aioapns's pool open more connections."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+    sends = 2 * STREAMS_PER_CONNECTION + 50
+
+    outcomes = await asyncio.gather(*(provider.send(wake(clock), TIMEOUT) for _ in range(sends)))
+
+    assert outcomes == [Delivered()] * sends
+    # The first connection was full when the send after it came: at least one more.
+    assert fake.accepted_connections >= 2
+    connections = _connections_of(provider)
+    assert {c.free_channels.bound for c in connections} == {STREAMS_PER_CONNECTION}
+    assert _open_streams_at(fake) == 0
+    assert _slots_taken(provider) == 0
+
+
+async def test_stream_slots_follow_a_limit_changed_while_streams_are_open() -> None:
+    """Apple lowers MAX_CONCURRENT_STREAMS to 1 after a rejected push and raises it after
+    an accepted one, while other pushes are in flight: slots in use stay in use, and no
+    more are handed out than the new limit leaves."""
+    slots = _Streams()
+    for _ in range(3):
+        await slots.take()
+
+    slots.bound = 1  # 3 in flight: none free until 3 have ended
+    assert slots.is_busy
+    waiting = asyncio.ensure_future(slots.take())
+    slots.release()
+    slots.release()
+    assert slots.is_busy
+    await asyncio.sleep(0)  # only yields: the waiter would run now if it had a slot
+    assert not waiting.done()
+    slots.release()
+    await asyncio.wait_for(waiting, TIMEOUT)  # the one slot, now free
+
+    slots.bound = 1000  # clamped; the one in flight stays taken
+    assert slots.bound == STREAMS_PER_CONNECTION
+    for _ in range(STREAMS_PER_CONNECTION - 1):
+        assert not slots.locked()  # take() would not wait
+        await slots.take()
+    assert slots.is_busy
+
+
 async def test_token_never_appears_in_outcomes_or_logs(
     fake: FakeApns,
     providers: ProviderFactory,
@@ -559,14 +606,19 @@ def _open_streams_at(fake: FakeApns) -> int:
     return sum(c._h2.open_inbound_streams for c in fake._connections if c._h2 is not None)
 
 
-def _slots_taken(provider: ApnsProvider) -> int:
-    """Stream slots (aioapns's channels) held on the provider's open connections, and
-    requests it still tracks; 0 once every send has returned."""
+def _connections_of(provider: ApnsProvider) -> list[APNsTLSClientProtocol]:
+    """The provider's open connections (read from its internals)."""
     connections = [c for client in provider._clients.values() for c in client.state.live]
     assert connections
+    return list(connections)
+
+
+def _slots_taken(provider: ApnsProvider) -> int:
+    """Stream slots (aioapns's channels) held on the provider's open connections, and
+    requests they still track; 0 once every send has returned."""
     return sum(
         c.free_channels.bound - c.free_channels._value + len(c.requests) + len(c.request_streams)
-        for c in connections
+        for c in _connections_of(provider)
     )
 
 

@@ -154,7 +154,7 @@ stream_items = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(items=stream_items, cuts=st.lists(st.integers(min_value=0), max_size=12))
 def test_byte_by_byte_and_any_chunking_frame_like_the_whole(
     items: list[bytes], cuts: list[int]
@@ -166,14 +166,14 @@ def test_byte_by_byte_and_any_chunking_frame_like_the_whole(
     assert feed_all([stream[a:b] for a, b in pairwise(points)]) == whole
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(items=st.lists(st.one_of(st.sampled_from(MESSAGES), st.just(b"\r\n\r\n")), max_size=8))
 def test_messages_and_pings_come_out_as_they_went_in(items: list[bytes]) -> None:
     expected = [PING if item == b"\r\n\r\n" else item for item in items]
     assert feed_all([b"".join(items)]) == (expected, None)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(stream=st.binary(max_size=3000), cut=st.integers(min_value=0, max_value=3000))
 def test_random_octets_never_break_the_framer(stream: bytes, cut: int) -> None:
     whole = feed_all([stream])
