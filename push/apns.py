@@ -179,7 +179,8 @@ class _ConnectionLost(Exception):
 
 class _Streams(ChannelPool):
     """The stream slots of one connection (aioapns's "channels"): a semaphore that the
-    server's MAX_CONCURRENT_STREAMS resizes, here never beyond STREAMS_PER_CONNECTION.
+    server's MAX_CONCURRENT_STREAMS resizes, here never beyond STREAMS_PER_CONNECTION,
+    also before the server's SETTINGS come (aioapns starts at 1,000).
 
     aioapns's resize goes wrong while streams are open, and Apple changes its limit then
     (down to 1 after a rejected push, back up after an accepted one): lowering leaves a
@@ -391,7 +392,8 @@ class _Connection(APNsTLSClientProtocol):
             elif isinstance(event, StreamEnded):
                 self.on_stream_ended(event.stream_id)
             elif isinstance(event, ConnectionTerminated):
-                self.on_connection_terminated(event)
+                self.on_connection_terminated(event)  # GOAWAY: aioapns closes
+                self._window_granted.set()  # senders waiting for window give up
             elif isinstance(event, WindowUpdated):
                 self._window_granted.set()
             elif not isinstance(event, SettingsAcknowledged):

@@ -526,6 +526,24 @@ async def test_burst_beyond_the_flow_control_window_delivers_all_and_leaks_nothi
     assert fake.accepted_connections == 1
 
 
+async def test_sends_waiting_for_window_fail_at_once_when_the_connection_goes(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    provider = await providers([token_app(key)], fake.endpoint())
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()
+    burst = [wake(clock, call_id="c" * 2000) for _ in range(100)]  # 3x the window
+    sends = [asyncio.ensure_future(provider.send(request, TIMEOUT)) for request in burst]
+    await asyncio.sleep(0)  # only yields: each send has sent its push or waits for window
+
+    await fake.drop_connections()
+    outcomes = await asyncio.gather(*sends)
+
+    # None waited for its timeout; those that had not gone out were told at once.
+    assert set(outcomes) <= {Delivered(), TemporaryFailure("connection lost")}
+    assert TemporaryFailure("connection lost") in outcomes
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()  # a new connection
+
+
 async def test_beyond_the_streams_of_one_connection_the_pool_opens_another(
     fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
 ) -> None:
