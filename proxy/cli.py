@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"softrelay: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port in use, a data directory we may not write
+        print(f"softrelay: cannot start: {exc}", file=sys.stderr)
+        return 2
     finally:
         logs.close()
 
@@ -161,6 +164,11 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         config.sip,
         (config.listen.sip_host, config.listen.sip_port),
     )
+    # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # No access log: aiohttp's would write every client's full IP address.
     runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
     await runner.setup()
@@ -179,10 +187,6 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
             "SIGTERM or Ctrl-C stops",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("softrelay: stopping", flush=True)
     finally:

@@ -221,3 +221,17 @@ def test_bad_push_config_names_file_and_key(
     err = capsys.readouterr().err
     assert f"{path}: {key}: " in err
     assert message in err
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(
+            ["serve", "--data-dir", str(tmp_path), "--http-port", str(port), "--sip-port", "0"]
+        )
+    assert code == 2
+    assert "cannot start" in capsys.readouterr().err
