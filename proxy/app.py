@@ -151,6 +151,7 @@ async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
         transport_settings(services.sip, host, port), relay.handle, services.clock, app[REGISTRY]
     )
     app[SIP_TRANSPORTS] = transports
+    relay.udp_flow = transports.udp_flow
     yield
     await transports.stop()
 

@@ -235,3 +235,9 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
         )
     assert code == 2
     assert "cannot start" in capsys.readouterr().err
+
+
+def test_static_pbx_address_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _config(tmp_path, "[[sip.pbx]]\nserial = '0077'\nstatic = 'tcp:127.0.0.1:5070'\n")
+    assert main(["sweep", "--config", str(path), "--data-dir", str(tmp_path / "var")]) == 2
+    assert "sip.pbx[0].static: expected 'udp:HOST:PORT'" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import hmac
 import logging
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -84,6 +85,9 @@ class Relay:
         self._flow_key = secrets.token_bytes(32)
         self._flows: dict[int, Flow] = {}
         self._pbx_flows: dict[str, Flow] = {}
+        self._static = {p.static: p.serial for p in settings.pbxs if p.static is not None}
+        # Set once the transports run: makes the UDP flow to a static PBX.
+        self.udp_flow: Callable[[tuple[str, int]], Flow | None] | None = None
         self._pending: dict[str, _PendingRegister] = {}
         self._last_written: dict[tuple[str, str, str], float] = {}
         self.metrics = RelayMetrics(registry)
@@ -123,7 +127,17 @@ class Relay:
 
     def pbx_flow(self, serial: str) -> Flow | None:
         flow = self._pbx_flows.get(serial)
-        return None if flow is None or flow.closed else flow
+        if flow is not None and not flow.closed:
+            return flow
+        pbx = self.settings.pbx(serial)
+        if pbx is not None and pbx.static is not None and self.udp_flow is not None:
+            return self.udp_flow(pbx.static)
+        return None
+
+    def _is_pbx(self, flow: Flow) -> bool:
+        return flow in self._pbx_flows.values() or (
+            flow.transport.value == "udp" and flow.remote in self._static
+        )
 
     def _me(self, flow: Flow) -> SipUri:
         """Our address as the peer on `flow` reaches us."""
@@ -386,9 +400,7 @@ class Relay:
             await self._reply(request, flow, exc.status, exc.reason)
             return
         if record_route and request.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"):
-            pbx_side, phone_side = (
-                (flow, target) if flow in self._pbx_flows.values() else (target, flow)
-            )
+            pbx_side, phone_side = (flow, target) if self._is_pbx(flow) else (target, flow)
             rr = self._me(flow).with_param("pf", self._token(pbx_side))
             rr = rr.with_param("uf", self._token(phone_side))
             request.prepend("Record-Route", f"<{rr}>")

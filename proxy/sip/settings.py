@@ -17,6 +17,8 @@ _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 class PbxSettings:
     serial: str
     secret: str = field(repr=False)  # the digest secret the PBX registers with
+    # A PBX that cannot dial out, reached over UDP at this address instead (tests, labs).
+    static: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +108,22 @@ def _parse_pbx(sec: Section) -> PbxSettings:
     serial = sec.text("serial")
     if not _SERIAL.match(serial):
         raise sec.error("serial", "letters, digits and dashes only")
-    source = sec.text("secret")
+    static_text = sec.text("static", "")
+    source = sec.text("secret", "")
     sec.finish()
-    return PbxSettings(serial, _secret(sec, source))
+    static = _static(sec, static_text) if static_text else None
+    if static is None and not source:
+        raise sec.error("secret", "is missing: a PBX that dials out needs one (or set static)")
+    return PbxSettings(serial, _secret(sec, source) if source else "", static)
+
+
+def _static(sec: Section, text: str) -> tuple[str, int]:
+    """`udp:HOST:PORT`: the only static transport, since we never dial a stream out."""
+    kind, _, rest = text.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "udp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise sec.error("static", f"expected 'udp:HOST:PORT', got {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def _secret(sec: Section, source: str) -> str:

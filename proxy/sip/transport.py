@@ -474,6 +474,16 @@ class SipTransports:
             return
         self.deliver(peer, data)
 
+    def udp_flow(self, remote: Address) -> Flow | None:
+        """The UDP flow to `remote`, made if we have not heard from it yet: how the relay
+        reaches a PBX configured by static address, which never dials in first."""
+        peer = self._udp_peers.get(remote)
+        if peer is not None:
+            return peer.flow
+        if self._udp is None or self._stopping:
+            return None
+        return self._new_udp_peer(self._udp, remote, remote).flow
+
     def _new_udp_peer(self, endpoint: _UdpEndpoint, addr: Any, remote: Address) -> _UdpPeer:
         if len(self._udp_peers) >= self.limits.max_udp_flows:
             # The least recently heard goes: spoofed sources cannot push out live phones.

@@ -300,3 +300,32 @@ async def test_forged_route_token_reaches_no_flow(relay: Relay) -> None:
     )
     reply = pbx_wire.response()
     assert reply.status == 480
+
+
+async def test_static_pbx_is_reached_over_udp_without_registering(
+    store: Store, clock: ManualClock
+) -> None:
+    settings = SipSettings(DOMAIN, (PbxSettings("0077", "", static=("127.0.0.1", 5070)),))
+    relay = Relay(settings, store, clock, CollectorRegistry())
+    pbx, pbx_wire = _flow(Transport.UDP, ("127.0.0.1", 5070))
+    relay.udp_flow = lambda address: pbx if address == ("127.0.0.1", 5070) else None
+    phone, phone_wire = _flow(Transport.UDP, ("198.51.100.23", 40001))
+    await relay.handle(
+        _request(
+            "INVITE",
+            f"sip:service@0077.{DOMAIN}",
+            "Via: SIP/2.0/UDP 198.51.100.23:40001;branch=z9hG4bKs1",
+            f"From: <sip:alice@0077.{DOMAIN}>;tag=a1",
+            f"To: <sip:service@0077.{DOMAIN}>",
+            "Call-ID: s1",
+            "CSeq: 1 INVITE",
+            "Max-Forwards: 70",
+            "Contact: <sip:alice@198.51.100.23:40001>",
+        ),
+        phone,
+    )
+    invite = pbx_wire.request()
+    assert invite.method == "INVITE"
+    assert "pf=" in str(invite.record_routes[0])
+    await relay.handle(_reply(invite, 200, "OK"), pbx)
+    assert phone_wire.response().status == 200
