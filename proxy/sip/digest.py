@@ -44,13 +44,23 @@ class DigestAuthority:
         self.realm = realm
         self._key = key or secrets.token_bytes(32)
 
-    def challenge(self, serial: str, now: float, *, stale: bool = False) -> str:
+    def challenge(
+        self, serial: str, now: float, *, stale: bool = False, algorithm: str = "SHA-256"
+    ) -> str:
         """The WWW-Authenticate value for a REGISTER of `serial`."""
         stamp = struct.pack(">d", now)
         mac = hmac.digest(self._key, stamp + serial.encode(), "sha256")[:16]
         nonce = base64.urlsafe_b64encode(stamp + mac).decode().rstrip("=")
-        value = f'Digest realm="{self.realm}", nonce="{nonce}", algorithm=SHA-256, qop="auth"'
+        value = f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={algorithm}, qop="auth"'
         return value + (", stale=true" if stale else "")
+
+    def challenges(self, serial: str, now: float, *, stale: bool = False) -> list[str]:
+        """SHA-256 first, then MD5 (RFC 7616 3.7: in order of preference), since many
+        deployed PBXs and SIPp 3.6 answer MD5 only."""
+        return [
+            self.challenge(serial, now, stale=stale, algorithm=algorithm)
+            for algorithm in ("SHA-256", "MD5")
+        ]
 
     def verify(self, header: str, serial: str, secret: str, method: str, now: float) -> None:
         """Raise DigestError unless `header` answers a fresh challenge with `secret`."""

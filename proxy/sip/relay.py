@@ -219,14 +219,14 @@ class Relay:
         now = self.clock.now()
         authorization = request.get("Authorization")
         if authorization is None:
-            challenge = self.digest.challenge(serial, now)
-            await self._reply(request, flow, 401, None, (("WWW-Authenticate", challenge),))
+            challenges = self.digest.challenges(serial, now)
+            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
             return
         try:
             self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now)
         except StaleNonce:
-            challenge = self.digest.challenge(serial, now, stale=True)
-            await self._reply(request, flow, 401, None, (("WWW-Authenticate", challenge),))
+            challenges = self.digest.challenges(serial, now, stale=True)
+            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
             return
         except DigestError:
             self.metrics.errors.labels("pbx_auth").inc()
@@ -429,3 +429,7 @@ class Relay:
                 if 200 <= response.status < 300:
                     await self._registered(pending, response)
         await self._send(came_from, response)
+
+
+def _www_authenticate(challenges: list[str]) -> tuple[tuple[str, str], ...]:
+    return tuple(("WWW-Authenticate", challenge) for challenge in challenges)

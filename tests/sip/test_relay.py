@@ -329,3 +329,20 @@ async def test_static_pbx_is_reached_over_udp_without_registering(
     assert "pf=" in str(invite.record_routes[0])
     await relay.handle(_reply(invite, 200, "OK"), pbx)
     assert phone_wire.response().status == 200
+
+
+async def test_pbx_answering_the_md5_challenge_links_too(relay: Relay) -> None:
+    flow, wire = _flow(Transport.TCP, ("203.0.113.9", 40000))
+    await relay.handle(_pbx_register(), flow)
+    offered = wire.response().get_all("WWW-Authenticate")
+    assert ["SHA-256" in offered[0], "MD5" in offered[1]] == [True, True]
+    nonce = offered[1].split('nonce="')[1].split('"')[0]
+    creds = Credentials(SERIAL, DOMAIN, nonce, f"sip:{DOMAIN}", "", "MD5", "auth", "00000001", "ab")
+    auth = (
+        f'Digest username="{SERIAL}", realm="{DOMAIN}", nonce="{nonce}", uri="sip:{DOMAIN}", '
+        f'response="{response(creds, PBX_SECRET, "REGISTER")}", algorithm=MD5, qop=auth, '
+        'nc=00000001, cnonce="ab"'
+    )
+    await relay.handle(_pbx_register(auth), flow)
+    assert wire.response().status == 200
+    assert relay.pbx_flow(SERIAL) is flow
