@@ -361,6 +361,9 @@ class Relay:
         route = request.routes[0] if request.routes else None
         if route is not None and self._is_mine(route):
             request.pop_value("Route")
+            # The second half of a double Record-Route is ours too: skip it.
+            if request.routes and self._is_mine(request.routes[0]):
+                request.pop_value("Route")
             await self._follow_route(request, flow, route)
             return
         uri = request.uri
@@ -401,9 +404,17 @@ class Relay:
             return
         if record_route and request.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"):
             pbx_side, phone_side = (flow, target) if self._is_pbx(flow) else (target, flow)
-            rr = self._me(flow).with_param("pf", self._token(pbx_side))
-            rr = rr.with_param("uf", self._token(phone_side))
-            request.prepend("Record-Route", f"<{rr}>")
+            tokens = (("pf", self._token(pbx_side)), ("uf", self._token(phone_side)))
+            # Double Record-Route (RFC 5658): each side gets our address on its own
+            # transport; the callee reads the set top down, the caller bottom up.
+            entries = []
+            for side in (flow, target):
+                rr = self._me(side)
+                for name, value in tokens:
+                    rr = rr.with_param(name, value)
+                entries.append(f"<{rr}>")
+            for entry in dict.fromkeys(entries):  # one entry when both sides look alike
+                request.prepend("Record-Route", entry)
         self._push_via(request, branch, flow, target)
         await self._send(target, request)
 

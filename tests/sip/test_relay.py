@@ -346,3 +346,46 @@ async def test_pbx_answering_the_md5_challenge_links_too(relay: Relay) -> None:
     await relay.handle(_pbx_register(auth), flow)
     assert wire.response().status == 200
     assert relay.pbx_flow(SERIAL) is flow
+
+
+async def test_double_record_route_when_the_sides_use_different_transports(
+    relay: Relay,
+) -> None:
+    pbx, pbx_wire, _ = await _link_pbx(relay)  # TCP
+    phone, phone_wire = _flow(Transport.UDP, ("198.51.100.23", 40001))
+    await relay.handle(
+        _request(
+            "INVITE",
+            f"sip:carol@{SERIAL}.{DOMAIN}",
+            "Via: SIP/2.0/UDP 198.51.100.23:40001;branch=z9hG4bKd1",
+            f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a1",
+            f"To: <sip:carol@{SERIAL}.{DOMAIN}>",
+            "Call-ID: d1",
+            "CSeq: 1 INVITE",
+            "Max-Forwards: 70",
+            "Contact: <sip:alice@198.51.100.23:40001>",
+        ),
+        phone,
+    )
+    invite = pbx_wire.request()
+    top, bottom = (str(rr) for rr in invite.record_routes)
+    assert "transport=tcp" in top  # the PBX (callee) reaches us over its TCP flow
+    assert "transport" not in bottom  # the phone (caller) over UDP
+    # The PBX hangs up along the route set it learned: both of our entries.
+    await relay.handle(
+        _request(
+            "BYE",
+            "sip:alice@198.51.100.23:40001",
+            "Via: SIP/2.0/TCP 203.0.113.9:40000;branch=z9hG4bKd2",
+            f"Route: {top}, {bottom}",
+            f"From: <sip:carol@{SERIAL}.{DOMAIN}>;tag=c1",
+            f"To: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a1",
+            "Call-ID: d1",
+            "CSeq: 1 BYE",
+            "Max-Forwards: 70",
+        ),
+        pbx,
+    )
+    bye = phone_wire.request()
+    assert bye.method == "BYE"
+    assert bye.routes == []
