@@ -24,10 +24,11 @@ import hmac
 import logging
 import secrets
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from privacy.clock import Clock
 from privacy.store import Store
@@ -72,6 +73,18 @@ class RelayMetrics:
             "softrelay_sip_errors", "SIP messages refused or dropped", ["reason"], registry=registry
         )
         self.pbx_links = Gauge("softrelay_sip_pbx_links", "PBXs linked", registry=registry)
+        self.bindings = Counter(
+            "softrelay_sip_bindings_written",
+            "Phone bindings written to the store (refreshes within the interval are not)",
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "softrelay_sip_routing_seconds",
+            "Time from a message's arrival to its forwarding or answer",
+            ["kind"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=registry,
+        )
 
 
 class Relay:
@@ -149,6 +162,12 @@ class Relay:
     # --- entry point ----------------------------------------------------------------
 
     async def handle(self, data: bytes, flow: Flow) -> None:
+        started = time.perf_counter()  # a duration for the histogram, not policy time
+        kind = await self._handle(data, flow)
+        self.metrics.latency.labels(kind).observe(time.perf_counter() - started)
+
+    async def _handle(self, data: bytes, flow: Flow) -> str:
+        """Route one message; the kind it was, for the metrics."""
         try:
             message = parse(data)
             message.validate()
@@ -156,22 +175,25 @@ class Relay:
             self.metrics.errors.labels("malformed").inc()
             if exc.partial is not None and exc.can_respond:
                 await self._send(flow, make_response(exc.partial, exc.status, exc.reason))
-            return
+            return "malformed"
+        if isinstance(message, Response):
+            kind = "response"
+        else:
+            kind = "register" if message.method == "REGISTER" else "request"
+        self.metrics.messages.labels(kind).inc()
         try:
             if isinstance(message, Response):
-                self.metrics.messages.labels("response").inc()
                 await self._response(message)
             elif message.method == "REGISTER":
-                self.metrics.messages.labels("register").inc()
                 await self._register(message, flow)
             else:
-                self.metrics.messages.labels("request").inc()
                 await self._request(message, flow)
         except SipParseError as exc:
             # A header the route needed was malformed: answer like a parse error.
             self.metrics.errors.labels("malformed").inc()
             if isinstance(message, Request) and message.method != "ACK":
                 await self._send(flow, make_response(message, exc.status, exc.reason))
+        return kind
 
     async def _send(self, flow: Flow, message: Request | Response) -> None:
         try:
@@ -330,6 +352,7 @@ class Relay:
             },
         )
         self._last_written[key] = now
+        self.metrics.bindings.inc()
 
     # --- other requests -------------------------------------------------------------
 

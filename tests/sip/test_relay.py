@@ -389,3 +389,23 @@ async def test_double_record_route_when_the_sides_use_different_transports(
     bye = phone_wire.request()
     assert bye.method == "BYE"
     assert bye.routes == []
+
+
+async def test_refreshes_within_the_interval_write_the_binding_once(
+    store: Store, clock: ManualClock
+) -> None:
+    registry = CollectorRegistry()
+    relay = Relay(SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),)), store, clock, registry)
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, _ = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    for cseq, advance in ((1, 0), (2, 60), (3, 3600)):
+        clock.advance(advance)
+        await relay.handle(_phone_register(cseq=cseq), phone)
+        await relay.handle(_reply(pbx_wire.request(), 200, "OK"), pbx)
+    # The first write and the one after the hour; the refresh a minute later is coalesced.
+    assert registry.get_sample_value("softrelay_sip_bindings_written_total") == 2
+    (binding,) = await store.find("registration", pbx_serial=SERIAL)
+    assert binding.last_used_at == clock.now()
+    assert (
+        registry.get_sample_value("softrelay_sip_routing_seconds_count", {"kind": "register"}) == 8
+    )
