@@ -410,3 +410,29 @@ async def test_refreshes_within_the_interval_write_the_binding_once(
     assert (
         registry.get_sample_value("softrelay_sip_routing_seconds_count", {"kind": "register"}) == 5
     )
+
+
+async def test_headers_routing_needs_are_checked_others_are_passed_on(relay: Relay) -> None:
+    _, pbx_wire, _ = await _link_pbx(relay)
+    phone, phone_wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+
+    def invite(branch: str, extra: str) -> bytes:
+        return _request(
+            "INVITE",
+            f"sip:carol@{SERIAL}.{DOMAIN}",
+            f"Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bK{branch}",
+            f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a1",
+            f"To: <sip:carol@{SERIAL}.{DOMAIN}>",
+            "Call-ID: h1",
+            "CSeq: 1 INVITE",
+            extra,
+        )
+
+    # A malformed header the relay does not read goes on to the PBX untouched.
+    await relay.handle(invite("h1", "Expires: soon"), phone)
+    assert pbx_wire.request().get("Expires") == "soon"
+    # One it needs (Max-Forwards) gets a 400 and goes nowhere.
+    sent = len(pbx_wire.raw)
+    await relay.handle(invite("h2", "Max-Forwards: many"), phone)
+    assert phone_wire.response().status == 400
+    assert len(pbx_wire.raw) == sent
