@@ -50,6 +50,7 @@ from proxy.sip.settings import SipSettings
 log = logging.getLogger("softrelay.proxy")
 MAGIC = "z9hG4bK"
 PENDING_REGISTERS = 10_000  # REGISTERs awaiting the PBX's answer, at most
+LAST_WRITTEN_LIMIT = 100_000  # bindings remembered for coalescing before old ones go
 PENDING_TTL = 32.0  # seconds: RFC 3261 timer F, after which no answer will come
 
 
@@ -96,8 +97,11 @@ class Relay:
         self.clock = clock
         self.digest = DigestAuthority(settings.domain)
         self._flow_key = secrets.token_bytes(32)
-        self._flows: dict[int, Flow] = {}
-        self._pbx_flows: dict[str, Flow] = {}
+        self._tokens: dict[int, str] = {}  # flow id -> token
+        self._by_token: dict[str, Flow] = {}
+        self._pbx_flows: dict[str, Flow] = {}  # serial -> its flow
+        self._linked: dict[int, str] = {}  # the reverse: flow id -> serial
+        self._pbx_settings = {p.serial: p for p in settings.pbxs}
         self._static = {p.static: p.serial for p in settings.pbxs if p.static is not None}
         # Set once the transports run: makes the UDP flow to a static PBX.
         self.udp_flow: Callable[[tuple[str, int]], Flow | None] | None = None
@@ -108,47 +112,41 @@ class Relay:
     # --- flows ----------------------------------------------------------------------
 
     def _token(self, flow: Flow) -> str:
-        if flow.id not in self._flows:
-            self._flows[flow.id] = flow
+        """The flow's token, sealed once: its id and an HMAC of it, so a peer can name
+        only flows it was told about. Routing then finds the flow by a dict look-up."""
+        token = self._tokens.get(flow.id)
+        if token is None:
+            raw = struct.pack(">Q", flow.id)
+            mac = hmac.digest(self._flow_key, raw, "sha256")[:8]
+            token = base64.b32encode(raw + mac).decode().rstrip("=").lower()
+            self._tokens[flow.id] = token
+            self._by_token[token] = flow
             flow.on_close.append(self._forget_flow)
-        raw = struct.pack(">Q", flow.id)
-        mac = hmac.digest(self._flow_key, raw, "sha256")[:8]
-        return base64.b32encode(raw + mac).decode().rstrip("=").lower()
+        return token
 
     def _flow(self, token: str | None) -> Flow | None:
-        if not token:
-            return None
-        try:
-            raw = base64.b32decode(token.upper() + "=" * (-len(token) % 8))
-        except ValueError:
-            return None
-        if len(raw) != 16:
-            return None
-        expected = hmac.digest(self._flow_key, raw[:8], "sha256")[:8]
-        if not hmac.compare_digest(expected, raw[8:]):
-            return None
-        flow = self._flows.get(struct.unpack(">Q", raw[:8])[0])
+        flow = self._by_token.get(token.lower()) if token else None
         return None if flow is None or flow.closed else flow
 
     def _forget_flow(self, flow: Flow) -> None:
-        self._flows.pop(flow.id, None)
-        for serial, linked in list(self._pbx_flows.items()):
-            if linked is flow:
-                del self._pbx_flows[serial]
-                self.metrics.pbx_links.set(len(self._pbx_flows))
-                log.info("pbx link closed", extra={"fields": {"pbx_serial": serial}})
+        self._by_token.pop(self._tokens.pop(flow.id, ""), None)
+        serial = self._linked.pop(flow.id, None)
+        if serial is not None and self._pbx_flows.get(serial) is flow:
+            del self._pbx_flows[serial]
+            self.metrics.pbx_links.set(len(self._pbx_flows))
+            log.info("pbx link closed", extra={"fields": {"pbx_serial": serial}})
 
     def pbx_flow(self, serial: str) -> Flow | None:
         flow = self._pbx_flows.get(serial)
         if flow is not None and not flow.closed:
             return flow
-        pbx = self.settings.pbx(serial)
+        pbx = self._pbx_settings.get(serial)
         if pbx is not None and pbx.static is not None and self.udp_flow is not None:
             return self.udp_flow(pbx.static)
         return None
 
     def _is_pbx(self, flow: Flow) -> bool:
-        return flow in self._pbx_flows.values() or (
+        return flow.id in self._linked or (
             flow.transport.value == "udp" and flow.remote in self._static
         )
 
@@ -231,7 +229,7 @@ class Relay:
             await self._reply(request, flow, 404, "Not Served Here")
 
     async def _register_pbx(self, request: Request, flow: Flow, serial: str) -> None:
-        pbx = self.settings.pbx(serial)
+        pbx = self._pbx_settings.get(serial)
         if pbx is None:
             await self._reply(request, flow, 404, "Unknown PBX")
             return
@@ -260,9 +258,14 @@ class Relay:
         if expires == 0:
             if self._pbx_flows.get(serial) is flow:
                 del self._pbx_flows[serial]
+                del self._linked[flow.id]
         else:
             self._token(flow)  # watch the flow: its end unlinks the PBX
+            previous = self._pbx_flows.get(serial)
+            if previous is not None:
+                self._linked.pop(previous.id, None)
             self._pbx_flows[serial] = flow
+            self._linked[flow.id] = serial
             await self.store.put(
                 "pbx_link",
                 {
@@ -352,6 +355,10 @@ class Relay:
                 "push_app_id": push.param if push else None,
             },
         )
+        if len(self._last_written) >= LAST_WRITTEN_LIMIT:
+            # Entries older than the interval no longer coalesce anything: drop them.
+            horizon = now - self.settings.last_use_interval
+            self._last_written = {k: t for k, t in self._last_written.items() if t > horizon}
         self._last_written[key] = now
         self.metrics.bindings.inc()
 

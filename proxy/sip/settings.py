@@ -35,12 +35,6 @@ class SipSettings:
     tls_key: Path | None = None
     limits: TransportLimits = field(default_factory=TransportLimits)
 
-    def pbx(self, serial: str) -> PbxSettings | None:
-        for pbx in self.pbxs:
-            if pbx.serial == serial:
-                return pbx
-        return None
-
 
 def parse_sip(sec: Section) -> SipSettings:
     domain = sec.text("domain", "relay.invalid").lower()
