@@ -534,7 +534,9 @@ class ApnsProvider:
         except (H2Error, OSError) as exc:  # ssl.SSLError is an OSError
             return TemporaryFailure(f"connection error ({type(exc).__name__})")
         except Exception as exc:  # never let a library's surprise reach the relay
-            log.warning("unexpected %s from aioapns", type(exc).__name__)
+            log.warning(
+                "unexpected exception from aioapns", extra={"fields": {"error": type(exc).__name__}}
+            )
             return TemporaryFailure(f"unexpected error ({type(exc).__name__})")
         return self._outcome(result, notification, client)
 
@@ -568,7 +570,8 @@ class ApnsProvider:
         if client is None:
             client = self._new_client(credentials, sandbox)
             self._clients[(app_id, sandbox)] = client
-            log.debug("APNs client for app %s (%s)", app_id, "sandbox" if sandbox else "prod")
+            # No app id here: the service log declares none (the push log carries it).
+            log.debug("apns client created")
         return client
 
     def _new_client(self, credentials: ApnsCredentials, sandbox: bool) -> _Client:
