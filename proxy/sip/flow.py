@@ -53,6 +53,9 @@ class Flow:
     closed: bool = False
     # Called once when the flow ends (connection closed, reaped, or UDP peer forgotten).
     on_close: list[Callable[[Flow], None]] = field(default_factory=list)
+    # The names of the peer's verified client certificate (TLS only, when a client CA is
+    # configured): what a PBX linking by mutual TLS is recognised by. Memory only.
+    peer_names: tuple[str, ...] = ()
 
     async def send(self, data: bytes) -> None:
         if self.closed:
@@ -67,6 +70,23 @@ class Flow:
         self.sender.close()
         for callback in self.on_close:
             callback(self)
+
+
+def certificate_names(peercert: object) -> tuple[str, ...]:
+    """The DNS and URI entries of a peer certificate's subjectAltName, given as
+    `SSLObject.getpeercert()` returns it: a dict only for a certificate that was verified
+    against the configured CA, None (or empty) when the peer sent none.
+
+    The subject's common name is left out on purpose: it is free text a CA fills with
+    whatever it likes (a person, a device label), while subjectAltName entries are typed
+    names, and RFC 9525 (like Python's own hostname check since 3.7) no longer falls
+    back to the CN. A serial matched against a CN could match a certificate issued for
+    something else entirely.
+    """
+    if not isinstance(peercert, dict):
+        return ()
+    entries = peercert.get("subjectAltName", ())
+    return tuple(str(value) for kind, value in entries if kind in ("DNS", "URI"))
 
 
 class FlowClosed(Exception):

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from privacy.clock import Clock
 from privacy.store import Store
 from proxy.sip.digest import DigestAuthority, DigestError, StaleNonce
-from proxy.sip.flow import Flow, FlowClosed
+from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.message import (
     NameAddr,
     Params,
@@ -45,7 +45,7 @@ from proxy.sip.message import (
     make_response,
     parse,
 )
-from proxy.sip.settings import SipSettings
+from proxy.sip.settings import PbxSettings, SipSettings
 
 log = logging.getLogger("softrelay.proxy")
 MAGIC = "z9hG4bK"
@@ -237,22 +237,7 @@ class Relay:
             # Calls must come back over this flow; a datagram "flow" dies with the NAT.
             await self._reply(request, flow, 403, "PBX Must Use TCP, TLS or WebSocket")
             return
-        now = self.clock.now()
-        authorization = request.get("Authorization")
-        if authorization is None:
-            challenges = self.digest.challenges(serial, now)
-            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
-            return
-        try:
-            self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now)
-        except StaleNonce:
-            challenges = self.digest.challenges(serial, now, stale=True)
-            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
-            return
-        except DigestError:
-            self.metrics.errors.labels("pbx_auth").inc()
-            log.warning("pbx authentication failed", extra={"fields": {"pbx_serial": serial}})
-            await self._reply(request, flow, 403, "Wrong Credentials")
+        if not await self._authenticate_pbx(request, flow, pbx):
             return
         expires = request.expires if request.expires is not None else 3600
         if expires == 0:
@@ -280,6 +265,46 @@ class Relay:
         contacts = [str(c.with_param("expires", str(expires))) for c in request.contacts]
         headers = (*(("Contact", c) for c in contacts), ("Expires", str(expires)))
         await self._reply(request, flow, 200, None, headers)
+
+    async def _authenticate_pbx(self, request: Request, flow: Flow, pbx: PbxSettings) -> bool:
+        """Whether the PBX proved its serial as configured: by its client certificate, the
+        digest secret, or both (certificate first: without it there is no challenge).
+        False: it has been answered, with a challenge or a 403."""
+        serial = pbx.serial
+        if pbx.auth.needs_certificate and not self._certified(flow, serial):
+            self.metrics.errors.labels("pbx_auth").inc()
+            log.warning("pbx certificate refused", extra={"fields": {"pbx_serial": serial}})
+            if flow.transport is Transport.TLS:
+                await self._reply(request, flow, 403, "Certificate Does Not Match")
+            else:  # WebSocket flows carry no certificate names: SIP over TLS only
+                await self._reply(request, flow, 403, "PBX Must Use SIP over TLS")
+            return False
+        if not pbx.auth.needs_digest:
+            return True
+        now = self.clock.now()
+        authorization = request.get("Authorization")
+        if authorization is None:
+            challenges = self.digest.challenges(serial, now)
+            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
+            return False
+        try:
+            self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now)
+        except StaleNonce:
+            challenges = self.digest.challenges(serial, now, stale=True)
+            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
+            return False
+        except DigestError:
+            self.metrics.errors.labels("pbx_auth").inc()
+            log.warning("pbx authentication failed", extra={"fields": {"pbx_serial": serial}})
+            await self._reply(request, flow, 403, "Wrong Credentials")
+            return False
+        return True
+
+    def _certified(self, flow: Flow, serial: str) -> bool:
+        """Whether the flow's verified client certificate names `serial`: a DNS or URI
+        subjectAltName entry equal to the serial or to `<serial>.<domain>`."""
+        wanted = {serial.lower(), f"{serial}.{self.settings.domain}".lower()}
+        return any(name.lower() in wanted for name in flow.peer_names)
 
     async def _register_phone(
         self, request: Request, flow: Flow, serial: str, username: str

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from privacy.declaration import Section
@@ -13,12 +15,29 @@ from proxy.sip.transport import TransportLimits, TransportSettings
 _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
 
+class PbxAuth(StrEnum):
+    """How a PBX that dials out proves its serial when it REGISTERs."""
+
+    DIGEST = "digest"  # the digest secret configured for its serial
+    MTLS = "mtls"  # a client certificate naming its serial, on a TLS flow
+    BOTH = "both"  # the certificate, then the digest secret as well
+
+    @property
+    def needs_certificate(self) -> bool:
+        return self is not PbxAuth.DIGEST
+
+    @property
+    def needs_digest(self) -> bool:
+        return self is not PbxAuth.MTLS
+
+
 @dataclass(frozen=True, slots=True)
 class PbxSettings:
     serial: str
     secret: str = field(repr=False)  # the digest secret the PBX registers with
     # A PBX that cannot dial out, reached over UDP at this address instead (tests, labs).
     static: tuple[str, int] | None = None
+    auth: PbxAuth = PbxAuth.DIGEST
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +52,8 @@ class SipSettings:
     tls_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # The CA of PBX client certificates (mutual TLS); phones may still connect without.
+    tls_client_ca: Path | None = None
     limits: TransportLimits = field(default_factory=TransportLimits)
 
 
@@ -40,7 +61,8 @@ def parse_sip(sec: Section) -> SipSettings:
     domain = sec.text("domain", "relay.invalid").lower()
     if not re.fullmatch(r"[a-z0-9.-]+", domain):
         raise sec.error("domain", f"expected a host name, got {domain!r}")
-    pbxs = tuple(_parse_pbx(pbx) for pbx in sec.sections("pbx"))
+    pbx_sections = sec.sections("pbx")
+    pbxs = tuple(_parse_pbx(pbx) for pbx in pbx_sections)
     serials = [p.serial for p in pbxs]
     for serial in serials:
         if serials.count(serial) > 1:
@@ -49,10 +71,20 @@ def parse_sip(sec: Section) -> SipSettings:
     tls = sec.section("tls", {})
     cert, key = tls.text("cert", ""), tls.text("key", "")
     tls_port = tls.integer("port", 5061, minimum=0) if cert else None
-    for name, path in (("cert", cert), ("key", key)):
+    client_ca = tls.text("client_ca", "")
+    for name, path in (("cert", cert), ("key", key), ("client_ca", client_ca)):
         if path and not Path(path).is_file():
             raise tls.error(name, f"cannot read {path}")
+    if client_ca:
+        if not cert:
+            raise tls.error("client_ca", "needs cert: client certificates need a TLS listener")
+        _check_ca(tls, client_ca)
     tls.finish()
+    for pbx_sec, pbx in zip(pbx_sections, pbxs, strict=True):
+        if pbx.auth.needs_certificate and not client_ca:
+            raise pbx_sec.error(
+                "auth", f"{pbx.auth.value!r} needs [sip.tls] client_ca, the CA of PBX certificates"
+            )
     settings = SipSettings(
         domain=domain,
         pbxs=pbxs,
@@ -61,6 +93,7 @@ def parse_sip(sec: Section) -> SipSettings:
         tls_port=tls_port,
         tls_cert=Path(cert) if cert else None,
         tls_key=Path(key) if key else None,
+        tls_client_ca=Path(client_ca) if client_ca else None,
         limits=_parse_limits(sec.section("limits", {})),
     )
     sec.finish()
@@ -94,6 +127,7 @@ def transport_settings(sip: SipSettings, host: str, port: int) -> TransportSetti
         tls_port=sip.tls_port,
         tls_cert=sip.tls_cert,
         tls_key=sip.tls_key,
+        tls_client_ca=sip.tls_client_ca,
         limits=sip.limits,
     )
 
@@ -104,11 +138,22 @@ def _parse_pbx(sec: Section) -> PbxSettings:
         raise sec.error("serial", "letters, digits and dashes only")
     static_text = sec.text("static", "")
     source = sec.text("secret", "")
+    auth = PbxAuth(sec.choice("auth", tuple(PbxAuth), PbxAuth.DIGEST.value))
     sec.finish()
     static = _static(sec, static_text) if static_text else None
-    if static is None and not source:
+    if auth is PbxAuth.MTLS and source:
+        raise sec.error("secret", "is not used with auth = 'mtls' (use 'both' for both)")
+    if static is None and auth.needs_digest and not source:
         raise sec.error("secret", "is missing: a PBX that dials out needs one (or set static)")
-    return PbxSettings(serial, _secret(sec, source) if source else "", static)
+    return PbxSettings(serial, _secret(sec, source) if source else "", static, auth)
+
+
+def _check_ca(sec: Section, path: str) -> None:
+    """Load the CA file once now, so a bad one stops the start with its key named."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        raise sec.error("client_ca", f"{path} holds no usable PEM certificate") from exc
 
 
 def _static(sec: Section, text: str) -> tuple[str, int]:

@@ -34,7 +34,14 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as MetricCounter
 
 from privacy.clock import Clock
-from proxy.sip.flow import Address, Flow, FlowClosed, MessageHandler, Transport
+from proxy.sip.flow import (
+    Address,
+    Flow,
+    FlowClosed,
+    MessageHandler,
+    Transport,
+    certificate_names,
+)
 from proxy.sip.framing import (
     PONG,
     FramingError,
@@ -93,6 +100,9 @@ class TransportSettings:
     tls_port: int | None = None
     tls_cert: Path | None = None  # PEM certificate chain; holds the key too if tls_key is None
     tls_key: Path | None = None
+    # PEM file of the CA(s) whose client certificates TLS peers may present (mutual TLS
+    # for PBXs); None: no client certificate is asked for.
+    tls_client_ca: Path | None = None
     limits: TransportLimits = field(default_factory=TransportLimits)
 
     def __post_init__(self) -> None:
@@ -100,10 +110,18 @@ class TransportSettings:
             raise ValueError("a TLS port needs a certificate (tls_cert)")
 
 
-def server_tls_context(cert: Path, key: Path | None = None) -> ssl.SSLContext:
+def server_tls_context(
+    cert: Path, key: Path | None = None, client_ca: Path | None = None
+) -> ssl.SSLContext:
+    """The TLS listener's context. With `client_ca`, a client certificate is asked for
+    but optional (phones have none): one that is sent must chain to `client_ca`, and
+    only to it (no system CAs), or the handshake fails."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
@@ -239,7 +257,9 @@ class SipTransports:
                 await self._listen(Transport.TCP, settings.tcp_port, None)
             if settings.tls_port is not None:
                 assert settings.tls_cert is not None
-                context = server_tls_context(settings.tls_cert, settings.tls_key)
+                context = server_tls_context(
+                    settings.tls_cert, settings.tls_key, settings.tls_client_ca
+                )
                 await self._listen(Transport.TLS, settings.tls_port, context)
         except BaseException:
             await self.stop()
@@ -611,7 +631,9 @@ class _StreamLink(Link, asyncio.Protocol):
         transport.set_write_buffer_limits(high=edge.limits.write_high_water)
         self._framer = StreamFramer(edge.limits.max_message_size)
         local = _address(transport.get_extra_info("sockname"))
-        self.flow = Flow(self._kind, _address(peer), local, self)
+        # TLS: asyncio calls this once the handshake is done, the certificate verified.
+        names = certificate_names(transport.get_extra_info("peercert"))
+        self.flow = Flow(self._kind, _address(peer), local, self, peer_names=names)
         edge.attach(self)
 
     def data_received(self, data: bytes) -> None:

@@ -154,6 +154,29 @@ class ThrowawayCa:
         cert, key = self._issue(subject, ExtendedKeyUsageOID.CLIENT_AUTH)
         return self._write(f"push-{topic}-{secrets.token_hex(4)}.pem", cert, key)
 
+    def issue_client(
+        self,
+        common_name: str,
+        *,
+        dns: tuple[str, ...] = (),
+        uris: tuple[str, ...] = (),
+        name: str | None = None,
+    ) -> Path:
+        """A TLS client certificate (a PBX's, for mutual TLS), its names in the
+        subjectAltName DNS and URI entries; with none, the subject's CN is its only name."""
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        entries: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        entries += [x509.UniformResourceIdentifier(u) for u in uris]
+        san = x509.SubjectAlternativeName(entries) if entries else None
+        cert, key = self._issue(subject, ExtendedKeyUsageOID.CLIENT_AUTH, san)
+        return self._write(name or f"client-{secrets.token_hex(4)}.pem", cert, key)
+
+    def write_cert(self, name: str = "ca.pem") -> Path:
+        """The CA certificate alone, as a file a server trusts for client certificates."""
+        path = self.directory / name
+        path.write_bytes(self.cert_pem)
+        return path
+
     def server_context(self) -> ssl.SSLContext:
         """TLS for the fake APNs: asks for a client certificate but does not require one
         (token-auth clients send none), and verifies any it gets against this CA."""
