@@ -1,7 +1,7 @@
 """SIP calls through softrelay against Kamailio and a direct call, on this machine.
 
     .venv/bin/python bench/relay.py [--rates 250,500,1000,2000,4000] [--seconds 8]
-        [--refine 2] [--idle-flows 5000] [--only PARTS] [--profile]
+        [--refine 2] [--idle-flows 5000] [--idle-kinds tcp,ws] [--only PARTS] [--profile]
         [--out bench/results/relay.json]
 
 One run, on 127.0.0.1 over UDP, with SIPp (Debian sip-tester) on both ends: the caller
@@ -28,12 +28,14 @@ per call comes from /proc.
     0078 over TCP with its SHA-256 digest secret and answers each forwarded REGISTER
     with 200. SIPp registers a new user for every REGISTER, so each one stores a
     binding. The same climb applies.
-(5) idle flows: a fresh `softrelay serve` while this process holds `--idle-flows` TCP
-    connections to it that send nothing. The VmRSS of the server is read from /proc
-    before and after; memory per flow is the delta / N. Kernel socket buffers are not
-    in RSS. Both processes need a descriptor per flow: the open-file limit is raised,
-    and where the hard limit cannot be raised the count is capped to fit, and the cap
-    is reported.
+(5) idle flows: a fresh `softrelay serve` while this process holds `--idle-flows`
+    connections to it that send nothing, one kind per server (`--idle-kinds`): TCP
+    connections to the SIP port, or WebSockets to /sip on the HTTP port with the
+    subprotocol `sip` (RFC 7118), each upgraded and then silent. The VmRSS of the
+    server is read from /proc before and after; memory per flow is the delta / N.
+    Kernel socket buffers are not in RSS. Both processes need a descriptor per flow:
+    the open-file limit is raised, and where the hard limit cannot be raised the count
+    is capped to fit, and the cap is reported.
 
 With --profile, and always when softrelay misses the goal, one more step runs at half
 its best rate through a fresh softrelay under cProfile. A wrapper around `serve` turns
@@ -75,6 +77,7 @@ from typing import Any, TextIO
 
 import aiohttp
 import orjson
+from aiohttp.connector import AddrInfoType
 
 from proxy.sip.framing import PONG, Keepalive, StreamFramer
 from proxy.sip.message import Request, Response, SipParseError, make_response, parse
@@ -103,6 +106,7 @@ QUIET_LIMIT = 60.0  # ...which it must be within this many seconds
 NOFILE_RESERVE = 1024  # descriptors the server needs besides its idle flows
 PER_SOURCE = 20_000  # idle connections per source address (ephemeral ports: ~28,000)
 CONNECTING = 64  # idle connections being opened at once (the listen backlog is 100)
+IDLE_KINDS = ("tcp", "ws")  # TCP to the SIP port; WebSocket to /sip on the HTTP port
 PATHS = ("direct", "kamailio", "softrelay")
 PARTS = (*PATHS, "register", "idle")
 LABELS = {
@@ -835,9 +839,10 @@ class Pbx:
 
 @dataclass(frozen=True, slots=True)
 class Idle:
+    kind: str  # "tcp" or "ws"
     wanted: int
     opened: int  # connections this process holds
-    held: int  # TCP flows the server counted (softrelay_sip_flows{transport="tcp"})
+    held: int  # flows of that kind the server counted (softrelay_sip_flows{transport=kind})
     rss_before_kib: int
     rss_after_kib: int
     hwm_kib: int  # the server's peak RSS
@@ -854,6 +859,7 @@ class Idle:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "kind": self.kind,
             "wanted": self.wanted,
             "opened": self.opened,
             "held_by_server": self.held,
@@ -867,24 +873,126 @@ class Idle:
         }
 
 
-async def tcp_flows(server: Softrelay) -> int:
+IDLE_NAMES = {"tcp": "TCP", "ws": "WebSocket"}
+# Connections/s an idle step's time budget allows for: well under what was measured
+# (TCP ~1,800/s, WebSocket ~1,100/s on 2 cores).
+IDLE_RATE = {"tcp": 500, "ws": 250}
+
+
+async def sip_flows(server: Softrelay, kind: str) -> int:
     values = metric_values(await server.metrics(), "softrelay_sip_flows")
-    return int(values.get('{transport="tcp"}', 0))
+    return int(values.get(f'{{transport="{kind}"}}', 0))
 
 
-async def idle_flows(procs: Processes, work: Path, count: int, secret_file: Path) -> Idle:
-    """`count` idle TCP connections to a fresh softrelay; its RSS before and after."""
+class TcpIdle:
+    """Idle TCP connections to the SIP port, from many source addresses."""
+
+    def __init__(self, server: Softrelay) -> None:
+        self.port = server.ports["tcp"]
+        self.sockets: list[socket.socket] = []
+
+    @property
+    def opened(self) -> int:
+        return len(self.sockets)
+
+    async def open(self, number: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            # Many sources: one pair of addresses has ~28,000 ephemeral ports.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((f"127.0.0.{1 + number // PER_SOURCE}", 0))
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, (HOST, self.port)), 10)
+        except BaseException:
+            sock.close()
+            raise
+        self.sockets.append(sock)
+
+    async def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+
+
+class WsIdle:
+    """Idle SIP WebSockets (RFC 7118): /sip on the HTTP port with the subprotocol `sip`,
+    upgraded, then silent (no pings either way). One client session per source address."""
+
+    def __init__(self, server: Softrelay) -> None:
+        self.url = f"ws://{HOST}:{server.ports['http']}/sip"
+        self.sessions: dict[str, aiohttp.ClientSession] = {}
+        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
+
+    @property
+    def opened(self) -> int:
+        return len(self.sockets)
+
+    def _session(self, source: str) -> aiohttp.ClientSession:
+        session = self.sessions.get(source)
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=0, socket_factory=bound_socket(source))
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+            session = self.sessions[source] = aiohttp.ClientSession(
+                connector=connector, timeout=timeout
+            )
+        return session
+
+    async def open(self, number: int) -> None:
+        session = self._session(f"127.0.0.{1 + number // PER_SOURCE}")
+        ws = await asyncio.wait_for(
+            session.ws_connect(self.url, protocols=("sip",), autoping=False, compress=0), 10
+        )
+        if ws.protocol != "sip":
+            await ws.close()
+            raise RuntimeError(f"the server chose the subprotocol {ws.protocol!r}")
+        self.sockets.append(ws)
+
+    async def close(self) -> None:
+        """Every connection at once: closing the sessions closes their transports."""
+        self.sockets.clear()
+        for session in self.sessions.values():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.close(), 30)
+        self.sessions.clear()
+
+
+def bound_socket(source: str) -> Callable[[AddrInfoType], socket.socket]:
+    """Sockets bound to `source`, their port chosen at connect (as for TCP above)."""
+
+    def make(addr_info: AddrInfoType) -> socket.socket:
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((source, 0))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return make
+
+
+async def idle_flows(
+    procs: Processes, work: Path, kind: str, count: int, secret_file: Path
+) -> Idle:
+    """`count` idle flows of `kind` to a fresh softrelay; its RSS before and after."""
     server = await start_softrelay(procs, work, softrelay_config(work, None, secret_file))
-    sockets: list[socket.socket] = []
+    clients = TcpIdle(server) if kind == "tcp" else WsIdle(server)
     try:
-        pid, port = server.proc.pid, server.ports["tcp"]
-        await tcp_flows(server)  # the first scrape allocates too: not counted
+        pid = server.proc.pid
+        # The first scrape and the first flow allocate too: not counted.
+        await clients.open(0)
+        await clients.close()
+        async with asyncio.timeout(10):
+            while await sip_flows(server, kind):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
         before = status_kib(pid, "VmRSS")
-        loop = asyncio.get_running_loop()
         errors: Counter[str] = Counter()
         numbers = iter(range(count))
-        budget = max(30.0, count / 500)
+        budget = max(30.0, count / IDLE_RATE[kind])
         deadline = time.monotonic() + budget
         started = time.perf_counter()
 
@@ -893,18 +1001,10 @@ async def idle_flows(procs: Processes, work: Path, count: int, secret_file: Path
                 if time.monotonic() > deadline:
                     errors["budget"] += 1
                     continue
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setblocking(False)
                 try:
-                    # Many sources: one pair of addresses has ~28,000 ephemeral ports.
-                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                    sock.bind((f"127.0.0.{1 + number // PER_SOURCE}", 0))
-                    await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), 10)
-                except (OSError, TimeoutError) as exc:
+                    await clients.open(number)
+                except (OSError, TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
                     errors[type(exc).__name__] += 1
-                    sock.close()
-                    continue
-                sockets.append(sock)
 
         async with asyncio.TaskGroup() as group:
             for _ in range(CONNECTING):
@@ -913,15 +1013,15 @@ async def idle_flows(procs: Processes, work: Path, count: int, secret_file: Path
         # Accepted by the kernel is not yet accepted by the server: wait for its count.
         held = 0
         async with asyncio.timeout(max(30.0, count / 1000)):
-            while (held := await tcp_flows(server)) < len(sockets):  # noqa: ASYNC110
+            while (held := await sip_flows(server, kind)) < clients.opened:  # noqa: ASYNC110
                 await asyncio.sleep(0.5)
         await asyncio.sleep(1.0)
         after, hwm = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
-        held = await tcp_flows(server)
-        return Idle(count, len(sockets), held, before, after, hwm, connect_s, dict(errors))
+        held = await sip_flows(server, kind)
+        opened = clients.opened
+        return Idle(kind, count, opened, held, before, after, hwm, connect_s, dict(errors))
     finally:
-        for sock in sockets:
-            sock.close()
+        await clients.close()
         await server.stop(procs)
 
 
@@ -1115,9 +1215,11 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
             done.statuses["sipp_uas"] = await procs.stop(uas)
 
     if "idle" in parts:
-        for count in args.idle_flows:
-            done.idle.append(await idle_flows(procs, tmp / f"idle-{count}", count, secret_file))
-            print(f"  idle      {idle_line(done.idle[-1])}", flush=True)
+        for kind in args.idle_kinds:
+            for count in args.idle_flows:
+                work = tmp / f"idle-{kind}-{count}"
+                done.idle.append(await idle_flows(procs, work, kind, count, secret_file))
+                print(f"  idle      {idle_line(done.idle[-1])}", flush=True)
     return done
 
 
@@ -1184,7 +1286,7 @@ async def profile(
 def idle_line(idle: Idle) -> str:
     errors = f", errors {idle.errors}" if idle.errors else ""
     return (
-        f"{idle.held:>6,} of {idle.wanted:,} TCP flows held, RSS "
+        f"{idle.held:>6,} of {idle.wanted:,} {IDLE_NAMES[idle.kind]} flows held, RSS "
         f"{idle.rss_before_kib / 1024:.1f} -> {idle.rss_after_kib / 1024:.1f} MiB: "
         f"{idle.bytes_per_flow / 1024:.2f} KiB per flow "
         f"(connected in {idle.connect_s:.1f} s{errors})"
@@ -1201,6 +1303,13 @@ def parse_counts(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("values must be integers of at least 1")
     return values
+
+
+def parse_kinds(text: str) -> list[str]:
+    kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
+    if set(kinds) - set(IDLE_KINDS) or not kinds:
+        raise argparse.ArgumentTypeError(f"kinds are {', '.join(IDLE_KINDS)}; got {text!r}")
+    return list(dict.fromkeys(kinds))
 
 
 def parse_parts(text: str) -> list[str]:
@@ -1227,7 +1336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--idle-flows",
         type=parse_counts,
         default=[5000],
-        help="idle TCP connections to hold, one fresh server per count (5000; 5000,50000)",
+        help="idle connections to hold, one fresh server per count and kind (5000; 5000,50000)",
+    )
+    parser.add_argument(
+        "--idle-kinds",
+        type=parse_kinds,
+        default=list(IDLE_KINDS),
+        help="kinds of idle flow: tcp (SIP port), ws (WebSocket at /sip) (tcp,ws)",
     )
     parser.add_argument(
         "--only", type=parse_parts, default=list(PARTS), help=f"parts ({','.join(PARTS)})"
@@ -1265,7 +1380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     climbs = sum(part in args.only for part in (*PATHS, "register")) + 1
     per_step = args.seconds + RECV_TIMEOUT_MS / 1000 + STEP_MARGIN + SETTLE + QUIET_LIMIT
     hard_limit = climbs * (len(args.rates) + args.refine) * per_step
-    hard_limit += sum(max(60.0, n / 250) for n in args.idle_flows) + 300
+    idle_s = sum(max(60.0, n / 250) for n in args.idle_flows)
+    hard_limit += idle_s * len(args.idle_kinds) + 300
 
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="bench-relay-"))
@@ -1368,7 +1484,7 @@ def report(args: argparse.Namespace, done: Bench, wall: float, nofile: int, tmp:
             f"   target >= {TARGET_RATIO}: {'PASS' if passed else 'FAIL'}"
         )
     for idle in done.idle:
-        print(f"idle TCP flows: {idle_line(idle)}")
+        print(f"idle flows: {idle_line(idle)}")
     if done.idle:
         if fifty:
             verdict = "PASS" if all(i.goal for i in fifty) else "FAIL"

@@ -400,8 +400,9 @@ class PhoneSecrets:
     digest_response: str = ""
 
 
-async def _serve_phone(pbx: Pbx, phone: PhoneSecrets) -> None:
-    """The PBX's part of the phone's whole scenario (sipp/phone.xml), step by step."""
+async def _serve_phone(pbx: Pbx, phone: PhoneSecrets, *, contact_host: str = PHONE_IP) -> None:
+    """The PBX's part of the phone's whole scenario (sipp/phone.xml), step by step;
+    the phone's Contact names `contact_host`."""
     # The phone's REGISTER arrives over the PBX's link, with a Path back to the phone.
     register = await pbx.request("REGISTER")
     assert register.get("Authorization") is None
@@ -442,7 +443,7 @@ async def _serve_phone(pbx: Pbx, phone: PhoneSecrets) -> None:
     phone.digest_response = creds.response
     (contact,) = register.contacts
     assert isinstance(contact.uri, SipUri)
-    assert contact.uri.host == PHONE_IP
+    assert contact.uri.host == contact_host
     await pbx.send(
         make_response(
             register,
