@@ -152,8 +152,10 @@ async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SIP_TRANSPORTS] = transports
     relay.udp_flow = transports.udp_flow
-    yield
+    async with relay.overload.probing():
+        yield
     await transports.stop()
+    await relay.drain()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from privacy.clock import ManualClock, parse_instant
 from privacy.keys import Keyring
@@ -16,6 +17,13 @@ START = parse_instant("2026-03-01T12:00:00Z")
 PROFILES = ("auerproxy", "cloudsoftphone")
 
 StoreFactory = Callable[[str], Awaitable[Store]]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], object]]:
+    """The loop `softrelay serve` runs on (proxy/cli.py), for every in-process test too."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ REGISTRATION: dict[str, Value] = {
     "push_provider": "apns",
     "push_token": "tok-c0ffee-deadbeef-4242",
     "push_app_id": "com.example.phone.voip",
+    "expires_at": 1_795_000_000,
 }
 
 

@@ -12,12 +12,16 @@ Every message arrives with its flow. Routing needs no table of calls:
   their flow in the parameter of the Via we added. Flow tokens are HMAC-sealed, so a
   peer cannot forge one to reach another peer's flow.
 
-The only transaction state kept: REGISTERs in flight (to store the binding when the
-PBX accepts it), bounded and short-lived.
+The only transaction state kept is for REGISTER, bounded and short-lived: those in
+flight (to store the binding when the PBX accepts it, and to absorb a phone's
+retransmissions instead of loading the PBX with each), and for phones on UDP the final
+answer for as long as a retransmission may still come (RFC 3261 timer J). INVITE
+retransmissions go on, statelessly, to the PBX or phone, which absorbs them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -25,6 +29,7 @@ import logging
 import secrets
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +50,7 @@ from proxy.sip.message import (
     make_response,
     parse,
 )
+from proxy.sip.overload import Overload
 from proxy.sip.settings import PbxSettings, SipSettings
 
 log = logging.getLogger("softrelay.proxy")
@@ -52,6 +58,8 @@ MAGIC = "z9hG4bK"
 PENDING_REGISTERS = 10_000  # REGISTERs awaiting the PBX's answer, at most
 LAST_WRITTEN_LIMIT = 100_000  # bindings remembered for coalescing before old ones go
 PENDING_TTL = 32.0  # seconds: RFC 3261 timer F, after which no answer will come
+ANSWERED_LIMIT = 10_000  # final REGISTER answers kept for UDP retransmissions, at most
+BINDING_WRITES = 1_000  # binding writes in flight before a PBX's answers wait for them
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +114,11 @@ class Relay:
         # Set once the transports run: makes the UDP flow to a static PBX.
         self.udp_flow: Callable[[tuple[str, int]], Flow | None] | None = None
         self._pending: dict[str, _PendingRegister] = {}
-        self._last_written: dict[tuple[str, str, str], float] = {}
+        self._answered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # binding -> (when its last use was written, the expiry written with it)
+        self._last_written: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self.overload = Overload(settings.overload)
         self.metrics = RelayMetrics(registry)
 
     # --- flows ----------------------------------------------------------------------
@@ -181,6 +193,11 @@ class Relay:
             kind = "register" if message.method == "REGISTER" else "request"
         self.metrics.messages.labels(kind).inc()
         try:
+            if isinstance(message, Request) and self._shed(message):
+                self.metrics.errors.labels("overload").inc()
+                retry = ("Retry-After", str(self.settings.overload.retry_after))
+                await self._reply(message, flow, 503, None, (retry,))
+                return "shed"
             if isinstance(message, Response):
                 await self._response(message)
             elif message.method == "REGISTER":
@@ -194,9 +211,23 @@ class Relay:
                 await self._send(flow, make_response(message, exc.status, exc.reason))
         return kind
 
+    def _shed(self, request: Request) -> bool:
+        """Refuse new work when overloaded: not what finishes a call already set up."""
+        if not self.overload.shedding and len(self._writes) < BINDING_WRITES:
+            return False
+        return request.method not in ("ACK", "CANCEL") and request.to.tag is None
+
+    async def drain(self) -> None:
+        """Wait for the binding writes in flight (`serve` stops the transports first)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
     async def _send(self, flow: Flow, message: Request | Response) -> None:
+        await self._send_bytes(flow, message.serialize())
+
+    async def _send_bytes(self, flow: Flow, data: bytes) -> None:
         try:
-            await flow.send(message.serialize())
+            await flow.send(data)
         except (FlowClosed, OSError):
             self.metrics.errors.labels("flow_closed").inc()
 
@@ -322,6 +353,16 @@ class Relay:
             expires = 0
         token = self._token(flow)
         branch = self._forward_prepare(request, flow)
+        previous = self._pending.get(branch)
+        if previous is not None and self.clock.now() - previous.created <= PENDING_TTL:
+            # A retransmission while the PBX has the original: its answer will come.
+            self.metrics.errors.labels("retransmission_absorbed").inc()
+            return
+        answered = self._answered.get(branch)
+        if answered is not None and self.clock.now() - answered[1] <= PENDING_TTL:
+            self.metrics.errors.labels("retransmission_absorbed").inc()
+            await self._send_bytes(flow, answered[0])
+            return
         request.prepend("Path", f"<{self._me(pbx).with_param('ob').with_param('ft', token)}>")
         self._push_via(request, branch, flow, pbx)
         if not request.has("Supported") or "path" not in (request.get("Supported") or ""):
@@ -349,7 +390,34 @@ class Relay:
         if len(self._pending) < PENDING_REGISTERS:
             self._pending[branch] = pending
 
-    async def _registered(self, pending: _PendingRegister, response: Response) -> None:
+    def _keep_answer(self, branch: str, data: bytes) -> None:
+        """A final answer to a phone on UDP, for its retransmissions (timer J)."""
+        now = self.clock.now()
+        while self._answered and (
+            len(self._answered) >= ANSWERED_LIMIT
+            or now - next(iter(self._answered.values()))[1] > PENDING_TTL
+        ):
+            self._answered.popitem(last=False)
+        self._answered[branch] = (data, now)
+
+    async def _write_binding(self, pending: _PendingRegister) -> None:
+        """Store the binding without holding up the PBX's flow: its next answers need not
+        wait for this commit, and concurrent writes share one (group commit)."""
+        if len(self._writes) >= BINDING_WRITES:
+            await self._registered(pending)  # the store is behind: let the PBX wait
+            return
+        task = asyncio.create_task(self._registered(pending))
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.errors.labels("store").inc()
+            error = type(task.exception()).__name__
+            log.error("binding not stored", extra={"fields": {"error": error}})
+
+    async def _registered(self, pending: _PendingRegister) -> None:
         """The PBX accepted a phone's REGISTER: keep what the policy allows."""
         key = (pending.serial, pending.username, pending.instance)
         if pending.contact is None:
@@ -364,8 +432,15 @@ class Relay:
             self._last_written.pop(key, None)
             return
         now = self.clock.now()
-        if now - self._last_written.get(key, -1e18) < self.settings.last_use_interval:
-            return  # a refresh: the last use was written recently enough
+        expires_at = int(now) + pending.expires
+        written, written_expiry = self._last_written.get(key, (-1e18, 0))
+        # A refresh is not written while the last write is recent and the expiry stored
+        # with it still covers half the new one: the binding never looks expired early.
+        if (
+            now - written < self.settings.last_use_interval
+            and written_expiry - now >= pending.expires / 2
+        ):
+            return
         push = pending.contact.push
         await self.store.put(
             "registration",
@@ -378,13 +453,14 @@ class Relay:
                 "push_provider": push.provider if push else None,
                 "push_token": push.prid if push else None,
                 "push_app_id": push.param if push else None,
+                "expires_at": expires_at,
             },
         )
         if len(self._last_written) >= LAST_WRITTEN_LIMIT:
             # Entries older than the interval no longer coalesce anything: drop them.
             horizon = now - self.settings.last_use_interval
-            self._last_written = {k: t for k, t in self._last_written.items() if t > horizon}
-        self._last_written[key] = now
+            self._last_written = {k: v for k, v in self._last_written.items() if v[0] > horizon}
+        self._last_written[key] = (now, expires_at)
         self.metrics.bindings.inc()
 
     # --- other requests -------------------------------------------------------------
@@ -489,13 +565,15 @@ class Relay:
             self.metrics.errors.labels("response_unroutable").inc()
             return
         response.pop_via()
-        if response.cseq.method == "REGISTER" and top.branch is not None:
-            pending = self._pending.get(top.branch)
-            if pending is not None and response.status >= 200:
-                del self._pending[top.branch]
-                if 200 <= response.status < 300:
-                    await self._registered(pending, response)
-        await self._send(came_from, response)
+        data = response.serialize()
+        await self._send_bytes(came_from, data)
+        if response.status >= 200 and response.cseq.method == "REGISTER" and top.branch:
+            pending = self._pending.pop(top.branch, None)
+            if pending is not None:
+                if not came_from.transport.reliable:
+                    self._keep_answer(top.branch, data)
+                if response.status < 300:
+                    await self._write_binding(pending)
 
 
 def _www_authenticate(challenges: list[str]) -> tuple[tuple[str, str], ...]:

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from privacy.declaration import Section
+from proxy.sip.overload import OverloadSettings
 from proxy.sip.transport import TransportLimits, TransportSettings
 
 _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
@@ -55,6 +56,7 @@ class SipSettings:
     # The CA of PBX client certificates (mutual TLS); phones may still connect without.
     tls_client_ca: Path | None = None
     limits: TransportLimits = field(default_factory=TransportLimits)
+    overload: OverloadSettings = field(default_factory=OverloadSettings)
 
 
 def parse_sip(sec: Section) -> SipSettings:
@@ -95,6 +97,7 @@ def parse_sip(sec: Section) -> SipSettings:
         tls_key=Path(key) if key else None,
         tls_client_ca=Path(client_ca) if client_ca else None,
         limits=_parse_limits(sec.section("limits", {})),
+        overload=_parse_overload(sec.section("overload", {})),
     )
     sec.finish()
     return settings
@@ -116,6 +119,15 @@ def _parse_limits(sec: Section) -> TransportLimits:
     )
     sec.finish()
     return limits
+
+
+def _parse_overload(sec: Section) -> OverloadSettings:
+    overload = OverloadSettings(
+        lag=sec.integer("lag_ms", 100, minimum=0) / 1000,
+        retry_after=sec.duration("retry_after", "5s"),
+    )
+    sec.finish()
+    return overload
 
 
 def transport_settings(sip: SipSettings, host: str, port: int) -> TransportSettings:

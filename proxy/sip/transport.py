@@ -621,8 +621,9 @@ class _StreamLink(Link, asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None  # set while writing is paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports implement the interface without
+        # subclassing asyncio's.
+        self._transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         edge = self._edge
         if peer is None or edge.admit(self._kind, str(peer[0])) is not None:

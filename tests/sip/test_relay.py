@@ -74,6 +74,12 @@ def _reply(request: Request | Response, status: int, reason: str, *extra: str) -
     return "\r\n".join(lines).encode()
 
 
+def _counted_relay(store: Store, clock: ManualClock) -> tuple[Relay, CollectorRegistry]:
+    registry = CollectorRegistry()
+    settings = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),))
+    return Relay(settings, store, clock, registry), registry
+
+
 @pytest.fixture
 async def relay(store: Store, clock: ManualClock) -> Relay:
     settings = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),))
@@ -132,7 +138,7 @@ async def test_pbx_over_udp_is_refused(relay: Relay) -> None:
     assert reply.status == 403
 
 
-def _phone_register(auth: str = "", cseq: int = 1) -> bytes:
+def _phone_register(auth: str = "", cseq: int = 1, expires: int = 3600) -> bytes:
     return _request(
         "REGISTER",
         f"sip:{SERIAL}.{DOMAIN}",
@@ -145,7 +151,7 @@ def _phone_register(auth: str = "", cseq: int = 1) -> bytes:
         "<sip:alice@10.0.0.5:5062;transport=tcp;pn-provider=apns;pn-prid=f00dfeed"
         "f00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeedf00dfeed;pn-param=ABCD.com.example.phone.voip>"
         ';+sip.instance="<urn:uuid:00000000-0000-0000-0000-000000000001>"'.join(["Contact: ", ""]),
-        "Expires: 3600",
+        f"Expires: {expires}",
         *([f"Authorization: {auth}"] if auth else []),
     )
 
@@ -180,6 +186,7 @@ async def test_phone_registers_through_its_pbx_and_a_call_crosses_both_ways(
     await relay.handle(_reply(forwarded, 200, "OK", f"Contact: {forwarded.get('Contact')}"), pbx)
     ok = phone_wire.response()
     assert ok.status == 200
+    await relay.drain()
     (binding,) = await store.find("registration", pbx_serial=SERIAL, sip_username="alice")
     assert binding.fields["phone_ip"] == "198.51.100.23"
     assert binding.fields["push_provider"] == "apns"
@@ -394,14 +401,14 @@ async def test_double_record_route_when_the_sides_use_different_transports(
 async def test_refreshes_within_the_interval_write_the_binding_once(
     store: Store, clock: ManualClock
 ) -> None:
-    registry = CollectorRegistry()
-    relay = Relay(SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),)), store, clock, registry)
+    relay, registry = _counted_relay(store, clock)
     pbx, pbx_wire, _ = await _link_pbx(relay)
     phone, _ = _flow(Transport.TCP, ("198.51.100.23", 40001))
     for cseq, advance in ((1, 0), (2, 60), (3, 3600)):
         clock.advance(advance)
         await relay.handle(_phone_register(cseq=cseq), phone)
         await relay.handle(_reply(pbx_wire.request(), 200, "OK"), pbx)
+        await relay.drain()
     # The first write and the one after the hour; the refresh a minute later is coalesced.
     assert registry.get_sample_value("softrelay_sip_bindings_written_total") == 2
     (binding,) = await store.find("registration", pbx_serial=SERIAL)
@@ -436,3 +443,117 @@ async def test_headers_routing_needs_are_checked_others_are_passed_on(relay: Rel
     await relay.handle(invite("h2", "Max-Forwards: many"), phone)
     assert phone_wire.response().status == 400
     assert len(pbx_wire.raw) == sent
+
+
+async def _register_phone(
+    relay: Relay, pbx: Flow, pbx_wire: Wire, phone: Flow, cseq: int, expires: int = 3600
+) -> None:
+    await relay.handle(_phone_register(cseq=cseq, expires=expires), phone)
+    await relay.handle(_reply(pbx_wire.request(), 200, "OK"), pbx)
+    await relay.drain()
+
+
+async def test_binding_stores_its_expiry_and_a_refresh_is_written_before_it_lapses(
+    store: Store, clock: ManualClock
+) -> None:
+    relay, registry = _counted_relay(store, clock)
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, _ = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    registered_at = int(clock.now())
+    await _register_phone(relay, pbx, pbx_wire, phone, 1, expires=600)
+    (binding,) = await store.find("registration", pbx_serial=SERIAL)
+    assert binding.fields["expires_at"] == registered_at + 600
+    # 200 s on, the stored expiry (400 s away) still covers half a refresh: not written.
+    clock.advance(200)
+    await _register_phone(relay, pbx, pbx_wire, phone, 2, expires=600)
+    assert registry.get_sample_value("softrelay_sip_bindings_written_total") == 1
+    # 400 s on, it would lapse within half of the new one: written, though the
+    # last-use interval (1 h) has not passed.
+    clock.advance(200)
+    await _register_phone(relay, pbx, pbx_wire, phone, 3, expires=600)
+    assert registry.get_sample_value("softrelay_sip_bindings_written_total") == 2
+    (binding,) = await store.find("registration", pbx_serial=SERIAL)
+    assert binding.fields["expires_at"] == registered_at + 400 + 600
+
+
+async def test_unregister_deletes_the_binding(relay: Relay, store: Store) -> None:
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, phone_wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    await _register_phone(relay, pbx, pbx_wire, phone, 1)
+    assert len(await store.find("registration", pbx_serial=SERIAL)) == 1
+    await _register_phone(relay, pbx, pbx_wire, phone, 2, expires=0)
+    assert phone_wire.response().status == 200
+    assert await store.find("registration", pbx_serial=SERIAL) == []
+
+
+def _errors(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value("softrelay_sip_errors_total", {"reason": reason})
+
+
+async def test_register_retransmissions_are_absorbed_not_forwarded_again(
+    store: Store, clock: ManualClock
+) -> None:
+    relay, registry = _counted_relay(store, clock)
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, phone_wire = _flow(Transport.UDP, ("198.51.100.23", 40001))
+    before = len(pbx_wire.raw)
+    await relay.handle(_phone_register(), phone)
+    await relay.handle(_phone_register(), phone)  # retransmitted before the PBX answered
+    assert len(pbx_wire.raw) == before + 1, "the PBX sees the REGISTER once"
+    await relay.handle(_reply(pbx_wire.request(), 200, "OK"), pbx)
+    await relay.drain()
+    assert phone_wire.response().status == 200
+    # The 200 was lost on UDP: the retransmission gets the same answer from the relay.
+    clock.advance(4)
+    await relay.handle(_phone_register(), phone)
+    assert len(pbx_wire.raw) == before + 1
+    assert phone_wire.raw[-1] == phone_wire.raw[-2]
+    assert _errors(registry, "retransmission_absorbed") == 2
+    # Past timer J the answer is forgotten, and the same request is a new one.
+    clock.advance(40)
+    await relay.handle(_phone_register(), phone)
+    assert len(pbx_wire.raw) == before + 2
+
+
+async def test_overloaded_relay_answers_new_requests_503_and_finishes_dialogs(
+    store: Store, clock: ManualClock
+) -> None:
+    relay, registry = _counted_relay(store, clock)
+    _, pbx_wire, _ = await _link_pbx(relay)
+    phone, phone_wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    invite = _request(
+        "INVITE",
+        f"sip:bob@{SERIAL}.{DOMAIN}",
+        "Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bKinv1",
+        f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a1",
+        f"To: <sip:bob@{SERIAL}.{DOMAIN}>",
+        "Call-ID: call-1",
+        "CSeq: 1 INVITE",
+        "Max-Forwards: 70",
+        "Contact: <sip:alice@10.0.0.5:5062;transport=tcp>",
+    )
+    bye = _request(
+        "BYE",
+        f"sip:bob@{SERIAL}.{DOMAIN}",
+        "Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bKbye1",
+        f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=a1",
+        f"To: <sip:bob@{SERIAL}.{DOMAIN}>;tag=b1",
+        "Call-ID: call-0",
+        "CSeq: 2 BYE",
+        "Max-Forwards: 70",
+    )
+    sent = len(pbx_wire.raw)
+    relay.overload.observe(0.5)  # the loop lags 500 ms: over the 100 ms default
+    await relay.handle(invite, phone)
+    refused = phone_wire.response()
+    assert (refused.status, refused.get("Retry-After")) == (503, "5")
+    assert len(pbx_wire.raw) == sent, "the refused INVITE does not reach the PBX"
+    await relay.handle(bye, phone)  # in a dialog: routed even now
+    assert pbx_wire.request().method == "BYE"
+    relay.overload.observe(0.07)  # under the limit, not under half of it: still shedding
+    await relay.handle(invite, phone)
+    assert phone_wire.response().status == 503
+    relay.overload.observe(0.01)
+    await relay.handle(invite, phone)
+    assert pbx_wire.request().method == "INVITE"
+    assert _errors(registry, "overload") == 2
