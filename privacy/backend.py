@@ -92,6 +92,13 @@ class Backend(Protocol):
         of subjects removed."""
         ...
 
+    async def is_restricted(self, subject: bytes) -> bool: ...
+
+    async def restrict(self, subject: bytes, on: bool, *, now: float) -> bool:
+        """Set (`on`) or lift the subject's restriction mark; whether it changed.
+        Erasing the subject (or the account rule) removes the mark with its data."""
+        ...
+
     async def stats(self, table: TableSpec) -> TableStats: ...
 
     async def tables(self) -> list[str]:

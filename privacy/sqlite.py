@@ -36,6 +36,17 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             deleted INTEGER NOT NULL, ran_at REAL NOT NULL);
         """,
     ),
+    (
+        "restriction marks and the data-subject request trail",
+        # A restriction names its subject by the same blind index as `subjects`; the
+        # trail names no subject at all: request id, type, time, outcome, counts.
+        """
+        CREATE TABLE restrictions (subject BLOB PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE dsr_requests (
+            id TEXT PRIMARY KEY, type TEXT NOT NULL, received_at REAL NOT NULL,
+            actor TEXT NOT NULL, outcome TEXT NOT NULL, counts TEXT NOT NULL);
+        """,
+    ),
 )
 
 
@@ -246,6 +257,7 @@ class SQLiteBackend:
                 sql = f"DELETE FROM {table.name} WHERE subject = ?"
                 counts[table.name] += self.db.execute(sql, (subject,)).rowcount
             self.db.execute("DELETE FROM subjects WHERE subject = ?", (subject,))
+            self.db.execute("DELETE FROM restrictions WHERE subject = ?", (subject,))
         return counts
 
     async def delete_before(self, table: TableSpec, cutoff: float) -> int:
@@ -270,6 +282,26 @@ class SQLiteBackend:
             subjects = [row[0] for row in rows.fetchall()]
             self._delete_subjects(tables, subjects)
         return len(subjects)
+
+    # --- restriction (GDPR Art. 18) -------------------------------------------------
+
+    async def is_restricted(self, subject: bytes) -> bool:
+        return await self._run(self._is_restricted, subject)
+
+    def _is_restricted(self, subject: bytes) -> bool:
+        row = self.db.execute("SELECT 1 FROM restrictions WHERE subject = ?", (subject,))
+        return row.fetchone() is not None
+
+    async def restrict(self, subject: bytes, on: bool, *, now: float) -> bool:
+        return await self._run(self._restrict, subject, on, now)
+
+    def _restrict(self, subject: bytes, on: bool, now: float) -> bool:
+        with self._transaction():
+            if on:
+                sql = "INSERT INTO restrictions VALUES (?, ?) ON CONFLICT(subject) DO NOTHING"
+                return self.db.execute(sql, (subject, now)).rowcount > 0
+            sql = "DELETE FROM restrictions WHERE subject = ?"
+            return self.db.execute(sql, (subject,)).rowcount > 0
 
     # --- audit and bookkeeping ------------------------------------------------------
 

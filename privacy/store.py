@@ -156,6 +156,18 @@ class Store:
         )
         return {name.removeprefix("c_"): count for name, count in counts.items()}
 
+    # --- restriction (GDPR Art. 18) -------------------------------------------------
+
+    async def restrict(self, subject: Subject, on: bool) -> bool:
+        """Mark the subject restricted (`on`) or lift the mark; whether it changed.
+
+        A restricted subject's data stays stored, but nothing processes it: no wake
+        push, no REGISTER accepted, until the mark is lifted. The mark is not a use."""
+        return await self.backend.restrict(self.subject_index(subject), on, now=self.clock.now())
+
+    async def is_restricted(self, subject: Subject) -> bool:
+        return await self.backend.is_restricted(self.subject_index(subject))
+
     # --- reads ----------------------------------------------------------------------
 
     async def find(self, category: str, **where: Value) -> list[Record]:

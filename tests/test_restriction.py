@@ -1,0 +1,56 @@
+"""The restriction mark (GDPR Art. 18): data kept, processing stopped until lifted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privacy.clock import ManualClock
+from privacy.keys import Keyring
+from privacy.policy import load_policy
+from privacy.store import Store, Subject
+from tests.test_store import REGISTRATION
+
+ALICE = Subject("alice-7f3e9", "0042137")
+CAROL = Subject("carol", "0042137")
+
+
+async def test_restriction_is_set_lifted_and_names_only_its_subject(store: Store) -> None:
+    assert not await store.is_restricted(ALICE)
+    assert await store.restrict(ALICE, True)
+    assert not await store.restrict(ALICE, True)  # already restricted: no change
+    assert await store.is_restricted(ALICE)
+    assert not await store.is_restricted(CAROL)
+    assert not await store.is_restricted(Subject("alice-7f3e9", "0099999"))
+    assert await store.restrict(ALICE, False)
+    assert not await store.restrict(ALICE, False)
+    assert not await store.is_restricted(ALICE)
+
+
+async def test_restriction_keeps_the_data_and_is_not_a_use(
+    store: Store, clock: ManualClock
+) -> None:
+    await store.put("registration", REGISTRATION)
+    clock.advance(3600)
+    await store.restrict(ALICE, True)
+    [record] = (await store.find_subject(ALICE))["registration"]
+    assert record.fields["push_token"] == REGISTRATION["push_token"]
+    assert record.last_used_at == record.created_at
+
+
+async def test_restriction_survives_a_restart(tmp_path: Path, clock: ManualClock) -> None:
+    keyring, policy = Keyring.generate(), load_policy("auerproxy")
+    first = await Store.create(policy, keyring, tmp_path, clock)
+    await first.restrict(ALICE, True)
+    await first.close()
+    second = await Store.create(policy, keyring, tmp_path, clock)
+    try:
+        assert await second.is_restricted(ALICE)
+    finally:
+        await second.close()
+
+
+async def test_erasure_removes_the_mark_with_the_data(store: Store) -> None:
+    await store.put("registration", REGISTRATION)
+    await store.restrict(ALICE, True)
+    await store.delete_subject(ALICE)
+    assert not await store.is_restricted(ALICE)
