@@ -176,7 +176,8 @@ class SipMetrics:
         )
         for transport in Transport:
             self.flows.labels(transport.value)
-            self.received.labels(transport.value)
+        # Bound once: a label look-up per message costs more than the count itself.
+        self.received_on = {t: self.received.labels(t.value) for t in Transport}
 
 
 class Link:
@@ -457,7 +458,7 @@ class SipTransports:
 
     async def dispatch(self, data: bytes, flow: Flow) -> None:
         """Give one message to the handler; nothing it raises reaches the transport."""
-        self.metrics.received.labels(flow.transport.value).inc()
+        self.metrics.received_on[flow.transport].inc()
         try:
             await self._handler(data, flow)
         except Exception as exc:
