@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
+from proxy.sip.flow import Transport
+from proxy.sip.relay import Relay
+from proxy.sip.settings import PbxSettings, SipSettings
+from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _flow, _link_pbx, _phone_register
 from tests.test_store import REGISTRATION
 
 ALICE = Subject("alice-7f3e9", "0042137")
@@ -54,3 +60,24 @@ async def test_erasure_removes_the_mark_with_the_data(store: Store) -> None:
     await store.restrict(ALICE, True)
     await store.delete_subject(ALICE)
     assert not await store.is_restricted(ALICE)
+
+
+async def test_restricted_phone_register_gets_403_and_lifting_restores_it(
+    store: Store, clock: ManualClock
+) -> None:
+    relay = Relay(
+        SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),)), store, clock, CollectorRegistry()
+    )
+    _, pbx_wire, linked = await _link_pbx(relay)
+    assert linked == 200
+    phone, phone_wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    await store.restrict(Subject("alice", SERIAL), True)
+    sent_to_pbx = len(pbx_wire.raw)
+    await relay.handle(_phone_register(), phone)
+    refused = phone_wire.response()
+    assert (refused.status, refused.reason) == (403, "Restricted by Data Subject Request")
+    assert len(pbx_wire.raw) == sent_to_pbx  # the PBX never saw it
+
+    await store.restrict(Subject("alice", SERIAL), False)
+    await relay.handle(_phone_register(cseq=2), phone)
+    assert pbx_wire.request().method == "REGISTER"

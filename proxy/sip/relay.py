@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from privacy.clock import Clock
-from privacy.store import Store
+from privacy.store import Store, Subject
 from proxy.sip.digest import DigestAuthority, DigestError, StaleNonce
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.message import (
@@ -350,6 +350,14 @@ class Relay:
             return
         contacts = [] if request.contact_star else request.contacts
         contact = contacts[0] if contacts else None
+        # Restricted (GDPR Art. 18): no binding is made or changed. A fetch (no Contact)
+        # changes nothing and is how a subject proves identity to lift the mark.
+        if (contact is not None or request.contact_star) and await self.store.is_restricted(
+            Subject(username, serial)
+        ):
+            self.metrics.errors.labels("restricted").inc()
+            await self._reply(request, flow, 403, "Restricted by Data Subject Request")
+            return
         expires = request.expires if request.expires is not None else 3600
         if contact is not None and contact.expires is not None:
             expires = contact.expires
