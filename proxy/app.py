@@ -35,6 +35,8 @@ from push.apps import AppCredentials, PushSettings
 from push.embedded import StandIns
 from push.fcm import FcmProvider
 from push.service import PushLimits, PushService
+from usage.service import add_usage
+from usage.settings import UsageSettings
 
 MAX_BODY = 1024 * 1024
 log = logging.getLogger("softrelay.proxy")
@@ -53,6 +55,7 @@ class Services:
     sip: SipSettings = field(default_factory=SipSettings)
     # Where SIP listens (UDP and TCP share the port); None: no SIP transports (tests).
     sip_listen: tuple[str, int] | None = None
+    usage: UsageSettings = field(default_factory=UsageSettings)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -71,6 +74,16 @@ def build_app(services: Services) -> web.Application:
     app[REGISTRY] = CollectorRegistry(auto_describe=True)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    # Usage pings; the month close runs at the sweeper's cadence.
+    add_usage(
+        app,
+        services.usage,
+        policy=services.policy,
+        clock=services.clock,
+        close_interval=services.sweep_interval,
+        store=STORE,
+        registry=REGISTRY,
+    )
     app.cleanup_ctx.append(_push_ctx)
     # Last in, first out: SIP stops taking messages before push and the store close.
     app.cleanup_ctx.append(_sip_ctx)

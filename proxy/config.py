@@ -18,6 +18,7 @@ from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
 from proxy.sip.settings import SipSettings, parse_sip
 from push.apps import PushSettings, parse_push
+from usage.settings import UsageSettings, parse_usage
 
 DEFAULT_CONFIG = PROFILES_DIR.parent / "softrelay.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -45,6 +46,7 @@ class Config:
     log_console: bool
     push: PushSettings
     sip: SipSettings
+    usage: UsageSettings
 
 
 def config_path(cli_value: str | None) -> Path | None:
@@ -105,6 +107,7 @@ def load_config(path: Path | None) -> Config:
     logging_sec.finish()
     push = parse_push(root.section("push", {}))
     sip = parse_sip(root.section("sip", {}))
+    usage = parse_usage(root.section("usage", {}))
     root.finish()
 
     return Config(
@@ -120,6 +123,7 @@ def load_config(path: Path | None) -> Config:
         log_console=log_console,
         push=push,
         sip=sip,
+        usage=usage,
     )
 
 

@@ -1,0 +1,213 @@
+"""`POST /usage/v1/ping`: one app's report that it was used this month.
+
+    Authorization: Bearer <tenant key>
+    Content-Type: application/json
+    {"tenant": "acme", "period": "2026-03", "pid": "<32 hex digits>",
+     "platform": "ios", "app_version": "5.2.1"}
+
+`202 {"status": "accepted"}` for a new id and for a repeat alike (idempotent). Every
+refusal is a JSON `{"error": <code>, "detail": <sentence>}` with its status, decided in
+`_accept` by what the caller must do next:
+
+    PingRefused
+    ├── 400 malformed_body, unknown_field, missing_field, bad_field, bad_period
+    ├── 401 unauthorized              (no or wrong tenant key; WWW-Authenticate: Bearer)
+    ├── 409 period_closed             (the month is counted; do not retry)
+    ├── 413 body_too_large
+    ├── 415 unsupported_media_type
+    └── 429 rate_limited              (Retry-After)
+
+The route logs no IP address: the server runs without aiohttp's access log, and the
+handler never lets an exception reach aiohttp, whose error log names the client's
+address. `platform` and `app_version` are checked, then dropped: billing needs neither.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+
+from privacy.clock import Clock
+from usage.ledger import Ledger, PeriodClosed
+from usage.limits import CapWatch, IpBuckets
+from usage.period import parse_period, period_of, previous_period, start_of
+from usage.settings import UsageSettings
+
+PING_PATH = "/usage/v1/ping"
+FIELDS = ("tenant", "period", "pid", "platform", "app_version")
+PLATFORMS = ("android", "ios", "linux", "macos", "web", "windows")
+_PID = re.compile(r"^[0-9a-f]{32}$")
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
+_ACCEPTED = orjson.dumps({"status": "accepted"})
+
+log = logging.getLogger("softrelay.usage")
+
+
+class PingRefused(Exception):
+    def __init__(self, status: int, error: str, detail: str, **headers: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    tenant: str
+    period: str
+    pid: bytes
+
+
+class PingEndpoint:
+    def __init__(
+        self,
+        settings: UsageSettings,
+        ledger: Ledger,
+        clock: Clock,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._settings = settings
+        self._ledger = ledger
+        self._clock = clock
+        self._tenants = {t.id: t for t in settings.tenants}
+        self._buckets = IpBuckets(
+            settings.ip_burst, settings.ip_window, settings.max_tracked_ips, clock
+        )
+        self.caps = CapWatch(registry)
+        self._pings = Counter(
+            "softrelay_usage_pings",
+            "Usage pings by outcome (accepted, repeat, or the refusal's error code)",
+            ["outcome"],
+            registry=registry,
+        )
+
+    async def handle(self, request: web.Request) -> web.Response:
+        try:
+            ping = await self._accept(request)
+            distinct = await self._ledger.record(ping.tenant, ping.period, ping.pid)
+        except PingRefused as refusal:
+            return self._refuse(refusal)
+        except PeriodClosed:
+            return self._refuse(
+                PingRefused(409, "period_closed", "this month is closed and counted")
+            )
+        except Exception:
+            # Answered here, never raised to aiohttp: its error log names the client's IP.
+            # Ours keeps the exception's class only.
+            log.exception("usage ping failed")
+            self._pings.labels("error").inc()
+            return web.json_response(
+                {"error": "internal", "detail": "the ping was not counted; retry later"},
+                status=500,
+            )
+        if distinct is None:
+            self._pings.labels("repeat").inc()
+        else:
+            self._pings.labels("accepted").inc()
+            tenant = self._tenants[ping.tenant]
+            self.caps.check(tenant, ping.period, distinct)
+        return web.Response(body=_ACCEPTED, status=202, content_type="application/json")
+
+    def _refuse(self, refusal: PingRefused) -> web.Response:
+        self._pings.labels(refusal.error).inc()
+        return web.json_response(
+            {"error": refusal.error, "detail": refusal.detail},
+            status=refusal.status,
+            headers=refusal.headers,
+        )
+
+    async def _accept(self, request: web.Request) -> Ping:
+        wait = self._buckets.take(request.remote or "")
+        if wait:
+            raise PingRefused(
+                429,
+                "rate_limited",
+                "too many pings from this address",
+                **{"Retry-After": str(math.ceil(wait))},
+            )
+        if request.content_type != "application/json":
+            raise PingRefused(415, "unsupported_media_type", "send Content-Type: application/json")
+        body = await self._read(request)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise PingRefused(400, "malformed_body", "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise PingRefused(400, "malformed_body", "the body must be a JSON object")
+        unknown = sorted(set(data) - set(FIELDS))
+        if unknown:
+            raise PingRefused(400, "unknown_field", f"unknown field {unknown[0][:40]!r}")
+        for name in FIELDS:
+            if name not in data:
+                raise PingRefused(400, "missing_field", f"field {name!r} is missing")
+            if not isinstance(data[name], str):
+                raise PingRefused(400, "bad_field", f"field {name!r} must be a string")
+        tenant = self._authenticate(request, data["tenant"])
+        period = self._check_period(data["period"])
+        if not _PID.match(data["pid"]):
+            raise PingRefused(400, "bad_field", "field 'pid' must be 32 lower-case hex digits")
+        if data["platform"] not in PLATFORMS:
+            raise PingRefused(
+                400, "bad_field", f"field 'platform' must be one of {', '.join(PLATFORMS)}"
+            )
+        if not _VERSION.match(data["app_version"]):
+            raise PingRefused(
+                400, "bad_field", "field 'app_version' must be 1-32 of letters, digits, . + _ -"
+            )
+        return Ping(tenant, period, bytes.fromhex(data["pid"]))
+
+    async def _read(self, request: web.Request) -> bytes:
+        limit = self._settings.max_body
+        too_large = PingRefused(413, "body_too_large", f"a ping is at most {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        body = bytearray()
+        while chunk := await request.content.read(limit + 1 - len(body)):
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def _authenticate(self, request: web.Request, tenant_id: str) -> str:
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        tenant = self._tenants.get(tenant_id)
+        # The same answer for an unknown tenant and a wrong key: tenants are not probed.
+        if (
+            scheme.lower() != "bearer"
+            or tenant is None
+            or not hmac.compare_digest(key.strip().encode(), tenant.key.encode())
+        ):
+            raise PingRefused(
+                401,
+                "unauthorized",
+                "unknown tenant or wrong tenant key (Authorization: Bearer <key>)",
+                **{"WWW-Authenticate": 'Bearer realm="usage"'},
+            )
+        return tenant.id
+
+    def _check_period(self, period: str) -> str:
+        try:
+            parse_period(period)
+        except ValueError:
+            raise PingRefused(400, "bad_period", "field 'period' must be like '2026-03'") from None
+        now = self._clock.now()
+        current = period_of(now)
+        if period == current:
+            return period
+        previous = previous_period(current)
+        if period == previous and now < start_of(current) + self._settings.grace:
+            return period
+        raise PingRefused(
+            400,
+            "bad_period",
+            f"field 'period' must be the current month {current}"
+            + (f" (or {previous} during the grace window)" if self._settings.grace else ""),
+        )

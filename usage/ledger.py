@@ -1,0 +1,101 @@
+"""The month's keyed ids: what a ping leaves in the store, and the distinct counts.
+
+Every incoming pid is keyed again with a random secret of its month before it is
+stored: `HMAC-SHA256(month_secret, tenant ‖ pid)`, truncated to 128 bits. The secret
+is a `usage_key` record (AES-GCM at rest, like every encrypted field) created at the
+month's first ping and deleted when the month is closed (`usage.closing`). Once it is
+gone, nobody — not the operator, not someone who later learns an app's install secret
+— can compute which stored id belongs to which install.
+
+The ids seen this month are also held in memory per tenant, so a repeated ping writes
+nothing and the per-tenant cap reads an exact distinct count without a query. The
+store stays the source of truth: the sets are rebuilt from it when a month is first
+used after a start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+
+from privacy.store import Store
+
+USAGE = "usage"
+USAGE_KEY = "usage_key"
+USAGE_CLOSE = "usage_close"
+USAGE_COUNT = "usage_count"
+SECRET_BYTES = 32
+KEYED_BYTES = 16
+
+
+class PeriodClosed(Exception):
+    """The month was closed: its secret is gone and its count is final."""
+
+
+@dataclass(slots=True)
+class _Month:
+    secret: bytes = field(repr=False)
+    seen: dict[str, set[bytes]] = field(default_factory=dict)  # tenant -> keyed ids
+
+
+def keyed_id(secret: bytes, tenant: str, pid: bytes) -> bytes:
+    return hmac.digest(secret, tenant.encode() + b"\x1f" + pid, hashlib.sha256)[:KEYED_BYTES]
+
+
+class Ledger:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._months: dict[str, _Month] = {}
+        self._opening = asyncio.Lock()  # one month's secret is created once
+
+    async def record(self, tenant: str, period: str, pid: bytes) -> int | None:
+        """Count a ping; the tenant's distinct ids this month if it was new, None if the
+        id was already counted (nothing is written then)."""
+        month = self._months.get(period) or await self._open(period)
+        keyed = keyed_id(month.secret, tenant, pid)
+        seen = month.seen.setdefault(tenant, set())
+        if keyed in seen:
+            return None
+        # Upsert on (tenant, period, pid): two concurrent first pings of one id both
+        # write the same row, and the set below counts it once.
+        await self._store.put(USAGE, {"tenant": tenant, "period": period, "pid": keyed.hex()})
+        seen.add(keyed)
+        return len(seen)
+
+    def distinct(self, tenant: str, period: str) -> int:
+        month = self._months.get(period)
+        return len(month.seen.get(tenant, ())) if month else 0
+
+    def forget(self, period: str) -> None:
+        """Drop a closed month's secret and ids from memory."""
+        self._months.pop(period, None)
+
+    async def _open(self, period: str) -> _Month:
+        async with self._opening:
+            month = self._months.get(period)
+            if month is not None:
+                return month
+            if await self._store.find(USAGE_CLOSE, period=period):
+                raise PeriodClosed(period)
+            found = await self._store.find(USAGE_KEY, period=period)
+            if found:
+                secret_text = found[0].fields["secret"]
+                assert isinstance(secret_text, str)
+                secret = base64.b64decode(secret_text)
+            else:
+                secret = secrets.token_bytes(SECRET_BYTES)
+                await self._store.put(
+                    USAGE_KEY, {"period": period, "secret": base64.b64encode(secret).decode()}
+                )
+            month = _Month(secret)
+            for record in await self._store.find(USAGE, period=period):
+                tenant, pid = record.fields["tenant"], record.fields["pid"]
+                assert isinstance(tenant, str)
+                assert isinstance(pid, str)
+                month.seen.setdefault(tenant, set()).add(bytes.fromhex(pid))
+            self._months[period] = month
+            return month
