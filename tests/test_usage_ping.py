@@ -10,7 +10,14 @@ import pytest
 
 from privacy.clock import ManualClock, parse_instant
 from privacy.store import Store
-from tests.usage_fixtures import GLOBEX_KEY, TENANTS, UsageHarness, install_pid, start_usage
+from tests.usage_fixtures import (
+    GLOBEX_KEY,
+    REGISTRY_KEY,
+    TENANTS,
+    UsageHarness,
+    install_pid,
+    start_usage,
+)
 from usage.endpoint import PING_PATH
 from usage.ledger import PeriodClosed
 from usage.settings import Tenant, UsageSettings
@@ -219,8 +226,9 @@ async def test_a_tenant_over_its_contract_is_flagged_not_dropped(
         flagged = [r for r in caplog.records if "contract" in r.getMessage()]
         assert len(flagged) == 1, "flagged once per month"
         assert flagged[0].__dict__["fields"] == {"tenant": "acme", "period": "2026-03", "count": 3}
-        gauge = usage.service.endpoint.caps.over_cap.labels("acme", "2026-03")
-        assert gauge._value.get() == 1  # noqa: SLF001 -- prometheus_client has no public getter
+        registry = usage.app[REGISTRY_KEY]
+        labels = {"tenant": "acme", "period": "2026-03"}
+        assert registry.get_sample_value("softrelay_usage_over_cap", labels) == 1
 
 
 async def test_a_closed_month_takes_no_more_ids(usage: UsageHarness) -> None:

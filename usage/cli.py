@@ -1,6 +1,6 @@
 """`softrelay billing`: the report of a month, and closing a month by hand.
 
-    softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
+    softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N] [--now T]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
 
 `proxy.cli` owns the command and opens the store; this module parses and prints.
@@ -34,6 +34,7 @@ def add_billing_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help="show counts under N as '<N' (shared dashboards); the total is left out then",
     )
+    bill.add_argument("--now", help="report as if it were this ISO-8601 time")
     actions = bill.add_subparsers(dest="action")
     close = actions.add_parser(
         "close",
