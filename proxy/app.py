@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from crashreports.service import add_crashreports
+from crashreports.settings import CrashSettings
 from privacy.audit import CategoryVerdict, audit
 from privacy.clock import Clock
 from privacy.keys import Keyring
@@ -55,6 +57,7 @@ class Services:
     sip: SipSettings = field(default_factory=SipSettings)
     # Where SIP listens (UDP and TCP share the port); None: no SIP transports (tests).
     sip_listen: tuple[str, int] | None = None
+    crash: CrashSettings = field(default_factory=CrashSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
 
 
@@ -74,6 +77,8 @@ def build_app(services: Services) -> web.Application:
     app[REGISTRY] = CollectorRegistry(auto_describe=True)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    # Crash ingest (Sentry protocol); its forwarder stops before the store closes.
+    add_crashreports(app, services.crash, services.clock, store=STORE, registry=REGISTRY)
     # Usage pings; the month close runs at the sweeper's cadence.
     add_usage(
         app,

@@ -6,6 +6,7 @@
     softrelay policy show
     softrelay policy render --lang en|de [--output FILE]
     softrelay keys rotate
+    softrelay crashes list|show EVENT_ID|export [--project P] [--output FILE]
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from crashreports.commands import add_crashes_parser, crashes_command
 from privacy.audit import audit, format_hits, format_report, scan_for_canaries
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
 from privacy.declaration import ConfigError
@@ -90,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": _sweep,
             "audit": _audit,
             "keys": _keys,
+            "crashes": _crashes,
             "billing": _billing,
         }[args.command]
         # uvloop: 1,100 -> 1,500 relayed calls/s on 2 cores (bench/relay.py); the relay
@@ -149,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_billing_parser(sub, common)
 
+    add_crashes_parser(sub, common)
+
     keys = sub.add_parser("keys", help="manage the keyring")
     keys_sub = keys.add_subparsers(dest="action", required=True)
     keys_sub.add_parser("rotate", parents=[common], help="add a new active encryption key")
@@ -178,6 +183,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         config.push,
         config.sip,
         (config.listen.sip_host, config.listen.sip_port),
+        crash=config.crashreports,
         usage=config.usage,
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
@@ -287,6 +293,16 @@ async def _billing(runtime: Runtime, args: argparse.Namespace) -> int:
     )
     try:
         return await billing(store, runtime.config.usage, args)
+    finally:
+        await store.close()
+
+
+async def _crashes(runtime: Runtime, args: argparse.Namespace) -> int:
+    store = await Store.create(
+        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
+    )
+    try:
+        return await crashes_command(store, args)
     finally:
         await store.close()
 

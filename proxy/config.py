@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from crashreports.settings import CrashSettings, parse_crashreports
 from privacy.declaration import ConfigError, Section, load_toml
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
@@ -46,6 +47,7 @@ class Config:
     log_console: bool
     push: PushSettings
     sip: SipSettings
+    crashreports: CrashSettings
     usage: UsageSettings
 
 
@@ -107,6 +109,7 @@ def load_config(path: Path | None) -> Config:
     logging_sec.finish()
     push = parse_push(root.section("push", {}))
     sip = parse_sip(root.section("sip", {}))
+    crashreports = parse_crashreports(root.section("crashreports", {}))
     usage = parse_usage(root.section("usage", {}))
     root.finish()
 
@@ -123,6 +126,7 @@ def load_config(path: Path | None) -> Config:
         log_console=log_console,
         push=push,
         sip=sip,
+        crashreports=crashreports,
         usage=usage,
     )
 

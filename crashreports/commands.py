@@ -1,0 +1,112 @@
+"""`softrelay crashes list|show|export`: the stored (scrubbed) reports, for developers.
+
+Reads through the store, so an expired report is never shown, even before the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from crashreports.ingest import CATEGORY
+from privacy.clock import iso
+from privacy.store import Record, Store
+
+
+async def reports(store: Store, project: str | None) -> list[Record]:
+    where: dict[str, Any] = {"project": project} if project else {}
+    records = await store.find(CATEGORY, **where)
+    return sorted(records, key=lambda r: (r.created_at, r.id))
+
+
+def summary(event: Any) -> str:
+    """The first exception `Type: value`, else the message, in one short line."""
+    if not isinstance(event, dict):
+        return ""
+    values = (
+        (event.get("exception") or {}).get("values")
+        if isinstance(event.get("exception"), dict)
+        else None
+    )
+    if isinstance(values, list) and values and isinstance(values[-1], dict):
+        text = f"{values[-1].get('type', '')}: {values[-1].get('value', '')}"
+    else:
+        logentry = event.get("logentry")
+        message = logentry.get("message") if isinstance(logentry, dict) else event.get("message")
+        text = str(message or "")
+    text = " ".join(text.split())
+    return text if len(text) <= 70 else text[:69] + "…"
+
+
+def format_list(records: list[Record]) -> str:
+    lines = [f"{'received':<21}{'project':<9}{'event id':<34}{'level':<9}summary"]
+    for record in records:
+        event = record.fields["event"]
+        level = event.get("level", "") if isinstance(event, dict) else ""
+        lines.append(
+            f"{iso(record.created_at):<21}{record.fields['project']!s:<9}"
+            f"{record.fields['event_id']!s:<34}{level!s:<9}{summary(event)}"
+        )
+    lines.append(f"{len(records)} report(s)")
+    return "\n".join(lines)
+
+
+def as_json(record: Record) -> dict[str, Any]:
+    return {
+        "event_id": record.fields["event_id"],
+        "project": record.fields["project"],
+        "received_at": iso(record.created_at),
+        "event": record.fields["event"],
+    }
+
+
+def show(record: Record) -> str:
+    return orjson.dumps(as_json(record), option=orjson.OPT_INDENT_2).decode()
+
+
+def export(records: list[Record], out: IO[bytes]) -> None:
+    """JSON lines, one report per line."""
+    for record in records:
+        out.write(orjson.dumps(as_json(record)) + b"\n")
+
+
+def export_to(records: list[Record], output: str | None, stdout: IO[bytes]) -> None:
+    if output:
+        with Path(output).open("wb") as fh:
+            export(records, fh)
+    else:
+        export(records, stdout)
+
+
+def add_crashes_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    crashes = sub.add_parser("crashes", help="the stored, scrubbed crash reports")
+    actions = crashes.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", parents=[common], help="one line per report")
+    listing.add_argument("--project", help="only this project id")
+    one = actions.add_parser("show", parents=[common], help="one report as JSON")
+    one.add_argument("event_id", help="the report id (32 hex digits)")
+    out = actions.add_parser("export", parents=[common], help="reports as JSON lines")
+    out.add_argument("--project", help="only this project id")
+    out.add_argument("--output", help="file to write (default: standard output)")
+
+
+async def crashes_command(store: Store, args: argparse.Namespace) -> int:
+    if args.action == "show":
+        event_id = args.event_id.replace("-", "").lower()
+        found = await store.find(CATEGORY, event_id=event_id)
+        if not found:
+            print(f"softrelay: no crash report {args.event_id!r}", file=sys.stderr)
+            return 1
+        print(show(found[0]))
+        return 0
+    records = await reports(store, args.project)
+    if args.action == "list":
+        print(format_list(records))
+        return 0
+    export_to(records, args.output, sys.stdout.buffer)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,291 @@
+"""Sentry's ingest protocol: `POST /api/<project>/envelope/` and `/api/<project>/store/`.
+
+A request is answered in this order, so nothing is decoded for a caller without a key:
+
+    1. the project and its public key (X-Sentry-Auth, ?sentry_key=, Basic auth)  401/403
+    2. the project's rate limit (Retry-After and X-Sentry-Rate-Limits)           429
+    3. the body, decoded (gzip, deflate, br) and capped on its decoded size      413/415
+    4. the envelope and its items                                                400
+    5. per event: opt-in and scrubbing (`scrubber.Chain`), then the store and the
+       forwarder; a report without opt-in is dropped unstored and counted        200
+
+Every refusal is JSON `{"detail": reason}`; the reason never quotes the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+
+from crashreports.envelope import EnvelopeError, Item, parse_envelope
+from crashreports.forward import Forwarder
+from crashreports.scrubber import DropEvent
+from crashreports.settings import CrashSettings, Project
+from privacy.clock import Clock
+from privacy.store import Store
+
+CATEGORY = "crash_report"
+# aiohttp decodes these itself, streaming, a bounded chunk at a time (with Brotli for br).
+DECODED_BY_SERVER = frozenset({"", "identity", "gzip", "deflate", "br"})
+IGNORED_ITEMS = frozenset({"session", "sessions", "client_report"})
+ATTACHMENTS = frozenset({"attachment"})
+_EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
+_AUTH_KEY = re.compile(r"sentry_key=([^,\s]+)")
+_READ_CHUNK = 64 * 1024
+
+
+class IngestError(Exception):
+    """A request refused; `status` and `reason` are what the client is told."""
+
+    def __init__(self, status: int, reason: str, outcome: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.outcome = outcome
+
+
+class RateLimited(IngestError):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(429, "rate limit of the project reached", "rate_limited")
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class RateLimiter:
+    """A token bucket per project: `per_minute` events, bursts up to the same number."""
+
+    def __init__(self, per_minute: int, clock: Clock) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(per_minute)
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    def take(self, project: str) -> None:
+        now = self._clock.now()
+        bucket = self._buckets.setdefault(project, _Bucket(self._burst, now))
+        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
+        bucket.at = now
+        if bucket.tokens < 1.0:
+            raise RateLimited(max(1, math.ceil((1.0 - bucket.tokens) / self._rate)))
+        bucket.tokens -= 1.0
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "softrelay_crash_requests",
+            "Crash ingest requests by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "softrelay_crash_events",
+            "Crash report events by outcome (stored, no_opt_in, invalid)",
+            ["project", "outcome"],
+            registry=registry,
+        )
+        self.items = Counter(
+            "softrelay_crash_items_dropped",
+            "Envelope items accepted and dropped unstored, by type",
+            ["type"],
+            registry=registry,
+        )
+
+
+class Ingest:
+    """The handlers of one app; `forwarder` is None without an upstream."""
+
+    def __init__(
+        self,
+        settings: CrashSettings,
+        store: Store,
+        clock: Clock,
+        registry: CollectorRegistry,
+        forwarder: Forwarder | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.limiter = RateLimiter(settings.rate_limit, clock)
+        self.metrics = Metrics(registry)
+        self.forwarder = forwarder
+        self.envelope_handler = self._handler(self.envelope)
+        self.store_handler = self._handler(self.store_endpoint)
+
+    def _handler(
+        self, inner: Callable[[web.Request, Project], Awaitable[str | None]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                project = self._authenticate(request)
+                self.limiter.take(project.id)
+                event_id = await inner(request, project)
+            except RateLimited as exc:
+                self.metrics.requests.labels(exc.outcome).inc()
+                retry = str(exc.retry_after)
+                return web.json_response(
+                    {"detail": exc.reason},
+                    status=429,
+                    headers={
+                        "Retry-After": retry,
+                        # Every category: the SDK holds back all its envelopes that long.
+                        "X-Sentry-Rate-Limits": f"{retry}::project:project_quota",
+                    },
+                )
+            except IngestError as exc:
+                self.metrics.requests.labels(exc.outcome).inc()
+                return web.json_response({"detail": exc.reason}, status=exc.status)
+            self.metrics.requests.labels("accepted").inc()
+            return web.json_response({"id": event_id} if event_id else {})
+
+        return handle
+
+    # --- 1. who is calling --------------------------------------------------------------
+
+    def _authenticate(self, request: web.Request) -> Project:
+        key = _public_key(request)
+        if key is None:
+            raise IngestError(401, "missing sentry_key (X-Sentry-Auth or query)", "no_key")
+        project = self.settings.project(request.match_info["project"])
+        if project is None or project.key != key:
+            raise IngestError(403, "unknown project or key", "bad_key")
+        return project
+
+    # --- 3. the body --------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> bytes:
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in DECODED_BY_SERVER:
+            raise IngestError(415, f"unsupported Content-Encoding {encoding[:20]!r}", "encoding")
+        cap = self.settings.max_body
+        if request.content_length is not None and not encoding and request.content_length > cap:
+            raise IngestError(413, f"body larger than {cap} bytes", "too_large")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while chunk := await request.content.read(_READ_CHUNK):
+                size += len(chunk)
+                if size > cap:
+                    raise IngestError(
+                        413, f"body larger than {cap} bytes once decoded", "too_large"
+                    )
+                chunks.append(chunk)
+        except (ValueError, EOFError) as exc:  # aiohttp's ContentEncodingError is a ValueError
+            raise IngestError(400, "body cannot be decoded", "malformed") from exc
+        return b"".join(chunks)
+
+    # --- 4. envelopes and the old store endpoint ----------------------------------------
+
+    async def envelope(self, request: web.Request, project: Project) -> str | None:
+        body = await self._body(request)
+        try:
+            envelope = parse_envelope(body)
+        except EnvelopeError as exc:
+            raise IngestError(400, f"malformed envelope: {exc}", "malformed") from None
+        events: list[Item] = []
+        for item in envelope.items:
+            if item.type in ATTACHMENTS and self.settings.attachments == "refuse":
+                raise IngestError(
+                    400,
+                    "attachments and minidumps are not accepted: they cannot be scrubbed",
+                    "attachment",
+                )
+            if item.type == "event":
+                events.append(item)
+            else:
+                label = item.type if item.type in IGNORED_ITEMS | ATTACHMENTS else "other"
+                self.metrics.items.labels(label).inc()
+        if len(events) > 1:
+            raise IngestError(400, "malformed envelope: more than one event", "malformed")
+        if not events:
+            return None
+        header_id = envelope.headers.get("event_id")
+        return await self._event(project, _load_event(events[0].payload), header_id)
+
+    async def store_endpoint(self, request: web.Request, project: Project) -> str | None:
+        body = await self._body(request)
+        if body[:1] != b"{":
+            body = _legacy_body(body, self.settings.max_body)
+        return await self._event(project, _load_event(body), None)
+
+    # --- 5. one event --------------------------------------------------------------------
+
+    async def _event(self, project: Project, event: dict[str, Any], header_id: Any) -> str:
+        event_id = _event_id(event.get("event_id", header_id))
+        try:
+            scrubbed = project.chain(event)
+        except DropEvent as exc:
+            self.metrics.events.labels(project.id, exc.reason).inc()
+            return event_id
+        scrubbed["event_id"] = event_id
+        await self.store.put(
+            CATEGORY, {"project": project.id, "event_id": event_id, "event": scrubbed}
+        )
+        self.metrics.events.labels(project.id, "stored").inc()
+        if self.forwarder is not None:
+            self.forwarder.offer(scrubbed)
+        return event_id
+
+
+def _public_key(request: web.Request) -> str | None:
+    auth = request.headers.get("X-Sentry-Auth", "")
+    if match := _AUTH_KEY.search(auth):
+        return match.group(1)
+    if key := request.query.get("sentry_key"):
+        return key
+    basic = request.headers.get("Authorization", "")
+    if basic[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(basic[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.split(":", 1)[0] or None
+    return None
+
+
+def _event_id(value: Any) -> str:
+    if isinstance(value, str):
+        compact = value.replace("-", "").lower()
+        if _EVENT_ID.match(compact):
+            return compact
+    return uuid.uuid4().hex
+
+
+def _load_event(payload: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise IngestError(400, "malformed event: not JSON", "malformed") from None
+    if not isinstance(event, dict):
+        raise IngestError(400, "malformed event: not a JSON object", "malformed")
+    return event
+
+
+def _legacy_body(body: bytes, cap: int) -> bytes:
+    """Old SDKs post base64 of zlib-deflated JSON to /store/: inflate, capped on output."""
+    try:
+        raw = base64.b64decode(body, validate=False)
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(raw, cap + 1)
+    except (binascii.Error, zlib.error):
+        raise IngestError(
+            400, "malformed event: neither JSON nor base64 zlib", "malformed"
+        ) from None
+    if len(out) > cap or inflater.unconsumed_tail:
+        raise IngestError(413, f"body larger than {cap} bytes once decoded", "too_large")
+    return out

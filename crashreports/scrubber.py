@@ -1,0 +1,293 @@
+"""The scrubber: a chain of small steps that a crash report passes before it is kept.
+
+Compiled once when the configuration loads (`compile_chain`), run on the parsed event in
+memory: nothing of the raw report is written anywhere before the chain has run. Each
+step takes the event and returns it (changed or not), or raises `DropEvent` so that
+nothing of it is stored. In order:
+
+    RequireOptIn      drops a report whose app did not say its user opted in
+    LimitDepth        cuts nesting past a fixed depth (no step recurses without bound)
+    KeepTopLevel      keeps only the event keys that a crash report needs
+    RemoveIdentifying removes the user, server name, command line, request bodies and
+                      cookies, and the device's given name
+    FilterKeys        replaces the value of every sensitive key, in every nested mapping
+    ScrubValues       replaces personal data found by its shape in every string, keys
+                      included (`crashreports.patterns`)
+
+What stays: device model and OS, app version, stack frames (function, module, line),
+breadcrumb categories and times, tags, levels; each string in them scrubbed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from crashreports.patterns import ValuePatterns
+
+Event = dict[str, Any]
+FILTERED = "[filtered]"
+MAX_DEPTH = 24
+# Substrings of a key (lower case, without '-', '_', ' ' and '.') whose value is secret.
+SENSITIVE_KEYS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "pwd",
+    "secret",
+    "token",
+    "auth",
+    "credential",
+    "cookie",
+    "session",
+    "apikey",
+    "privatekey",
+    "digest",
+    "csrf",
+    "xsrf",
+    "signature",
+    "bearer",
+    "jwt",
+)
+# Keys of an event that a crash report needs; anything else is not kept.
+TOP_LEVEL = frozenset(
+    {
+        "event_id",
+        "timestamp",
+        "start_timestamp",
+        "platform",
+        "level",
+        "logger",
+        "release",
+        "dist",
+        "environment",
+        "exception",
+        "threads",
+        "message",
+        "logentry",
+        "breadcrumbs",
+        "contexts",
+        "tags",
+        "extra",
+        "request",
+        "sdk",
+        "fingerprint",
+        "transaction",
+        "modules",
+        "debug_meta",
+    }
+)
+_JOINT = "\x00"
+
+
+class DropEvent(Exception):
+    """A report that must not be kept at all; `reason` is the counter label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Step(Protocol):
+    def __call__(self, event: Event) -> Event: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequireOptIn:
+    """The app says its user opted in with a tag (`tag` = `value`)."""
+
+    tag: str
+    value: str
+
+    def __call__(self, event: Event) -> Event:
+        tags = event.get("tags")
+        if isinstance(tags, dict):
+            found = tags.get(self.tag)
+        elif isinstance(tags, list):
+            found = next(
+                (p[1] for p in tags if isinstance(p, list) and len(p) == 2 and p[0] == self.tag),
+                None,
+            )
+        else:
+            found = None
+        if found != self.value:
+            raise DropEvent("no_opt_in")
+        return event
+
+
+def _cut(node: Any, depth: int) -> Any:
+    if isinstance(node, dict):
+        if depth <= 0:
+            return FILTERED
+        return {k: _cut(v, depth - 1) for k, v in node.items()}
+    if isinstance(node, list):
+        if depth <= 0:
+            return FILTERED
+        return [_cut(v, depth - 1) for v in node]
+    return node
+
+
+@dataclass(frozen=True, slots=True)
+class LimitDepth:
+    depth: int = MAX_DEPTH
+
+    def __call__(self, event: Event) -> Event:
+        cut: Event = _cut(event, self.depth)
+        return cut
+
+
+@dataclass(frozen=True, slots=True)
+class KeepTopLevel:
+    keys: frozenset[str] = TOP_LEVEL
+
+    def __call__(self, event: Event) -> Event:
+        return {k: v for k, v in event.items() if k in self.keys}
+
+
+def _pop_in(event: Event, path: tuple[str, ...]) -> None:
+    node: Any = event
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveIdentifying:
+    """Fields removed outright, whatever they hold."""
+
+    paths: tuple[tuple[str, ...], ...] = (
+        ("user",),
+        ("server_name",),
+        ("request", "data"),
+        ("request", "cookies"),
+        ("request", "env"),
+        ("extra", "sys.argv"),
+        ("contexts", "device", "name"),
+        ("contexts", "process", "argv"),
+        ("contexts", "runtime", "raw_description"),
+        ("contexts", "user"),
+    )
+
+    def __call__(self, event: Event) -> Event:
+        for path in self.paths:
+            _pop_in(event, path)
+        return event
+
+
+def _filter_keys(node: Any, sensitive: re.Pattern[str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            name = key.lower().replace("_", "").replace("-", "").replace(" ", "").replace(".", "")
+            if sensitive.search(name) and value not in (None, ""):
+                out[key] = FILTERED
+            else:
+                out[key] = _filter_keys(value, sensitive)
+        return out
+    if isinstance(node, list):
+        return [_filter_keys(v, sensitive) for v in node]
+    return node
+
+
+@dataclass(frozen=True, slots=True)
+class FilterKeys:
+    sensitive: re.Pattern[str]
+
+    def __call__(self, event: Event) -> Event:
+        filtered: Event = _filter_keys(event, self.sensitive)
+        return filtered
+
+
+def _collect(node: Any, out: list[str]) -> None:
+    if isinstance(node, str):
+        out.append(node.replace(_JOINT, "\ufffd") if _JOINT in node else node)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            out.append(key.replace(_JOINT, "\ufffd") if _JOINT in key else key)
+            _collect(value, out)
+    elif isinstance(node, list):
+        for value in node:
+            _collect(value, out)
+
+
+def _rebuild(node: Any, texts: Iterator[str]) -> Any:
+    if isinstance(node, str):
+        return next(texts)
+    if isinstance(node, dict):
+        # A dict display evaluates each key before its value: the order of _collect.
+        return {next(texts): _rebuild(value, texts) for value in node.values()}
+    if isinstance(node, list):
+        return [_rebuild(value, texts) for value in node]
+    return node
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubValues:
+    """One regex pass over every string of the event, joined (C speed, not per string)."""
+
+    patterns: ValuePatterns
+
+    def __call__(self, event: Event) -> Event:
+        texts: list[str] = []
+        _collect(event, texts)
+        scrubbed = self.patterns.sub(_JOINT.join(texts)).split(_JOINT)
+        assert len(scrubbed) == len(texts)  # no rule matches the joint
+        rebuilt: Event = _rebuild(event, iter(scrubbed))
+        return rebuilt
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    steps: tuple[Step, ...]
+
+    def __call__(self, event: Event) -> Event:
+        for step in self.steps:
+            event = step(event)
+        return event
+
+
+def sensitive_keys(extra: tuple[str, ...] = ()) -> re.Pattern[str]:
+    words = [
+        re.escape(w.lower().replace("_", "").replace("-", "").replace(" ", ""))
+        for w in (
+            *SENSITIVE_KEYS,
+            *extra,
+        )
+    ]
+    return re.compile("|".join(words))
+
+
+def compile_chain(
+    *,
+    opt_in: RequireOptIn | None,
+    extra_keys: tuple[str, ...] = (),
+    extra_patterns: tuple[re.Pattern[str], ...] = (),
+) -> Chain:
+    """The chain of a project: its opt-in check (if by tag), then the scrubbing steps."""
+    steps: list[Step] = [] if opt_in is None else [opt_in]
+    steps += [
+        LimitDepth(),
+        KeepTopLevel(),
+        RemoveIdentifying(),
+        FilterKeys(sensitive_keys(extra_keys)),
+        ScrubValues(ValuePatterns(extra_patterns)),
+    ]
+    return Chain(tuple(steps))
+
+
+__all__ = [
+    "Chain",
+    "DropEvent",
+    "Event",
+    "FilterKeys",
+    "KeepTopLevel",
+    "LimitDepth",
+    "RemoveIdentifying",
+    "RequireOptIn",
+    "ScrubValues",
+    "compile_chain",
+    "sensitive_keys",
+]

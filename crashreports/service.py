@@ -1,0 +1,69 @@
+"""Crash reports in the app: the ingest routes, the forwarder and own-error reporting,
+owned by one cleanup context (started after the store, stopped before it closes)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from crashreports.forward import Forwarder
+from crashreports.ingest import Ingest
+from crashreports.selfreport import start_self_reporting, stop_self_reporting
+from crashreports.settings import CrashSettings
+from privacy.clock import Clock
+from privacy.store import Store
+
+INGEST = web.AppKey("crash_ingest", Ingest)
+
+
+def add_crashreports(
+    app: web.Application,
+    settings: CrashSettings,
+    clock: Clock,
+    *,
+    store: web.AppKey[Store],
+    registry: web.AppKey[CollectorRegistry],
+) -> None:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        forwarder: Forwarder | None = None
+        if settings.forward is not None:
+            forwarder = Forwarder(
+                settings.forward,
+                clock,
+                app[registry],
+                queue_size=settings.forward_queue,
+                attempts=settings.forward_attempts,
+            )
+            await forwarder.start()
+        app[INGEST] = Ingest(settings, app[store], clock, app[registry], forwarder)
+        own = start_self_reporting(settings, _release())
+        try:
+            yield
+        finally:
+            if own:
+                stop_self_reporting()
+            if forwarder is not None:
+                await forwarder.close()
+
+    app.cleanup_ctx.append(ctx)
+    app.router.add_post("/api/{project}/envelope/", _route(lambda i: i.envelope_handler))
+    app.router.add_post("/api/{project}/store/", _route(lambda i: i.store_handler))
+
+
+def _route(
+    pick: Callable[[Ingest], Callable[[web.Request], Awaitable[web.StreamResponse]]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await pick(request.app[INGEST])(request)
+
+    return handle
+
+
+def _release() -> str:
+    try:
+        return f"softrelay@{version('softrelay')}"
+    except PackageNotFoundError:
+        return "softrelay@dev"
