@@ -33,7 +33,6 @@ def start_self_reporting(settings: CrashSettings, release: str) -> bool:
         dsn=settings.self_dsn,
         release=release,
         environment=settings.self_environment,
-        send_default_pii=False,
         include_local_variables=True,
         max_breadcrumbs=50,
         traces_sample_rate=None,

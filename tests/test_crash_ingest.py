@@ -7,6 +7,7 @@ it), so the test waits for the SDK's own flush, never sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import tracemalloc
@@ -116,9 +117,9 @@ class Running:
 Start = Callable[..., Awaitable[Running]]
 
 
-@pytest.fixture
-async def start(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
-    """Starts the crash ingest (with a real store) on 127.0.0.1; stops it after the test."""
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
+    """Starts crash ingests (each with a real store) on 127.0.0.1; stops them at the end."""
     servers: list[TestServer] = []
 
     async def factory(crash: CrashSettings | None = None) -> Running:
@@ -144,6 +145,13 @@ async def start(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
     yield factory
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+async def start(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
+    """Starts the crash ingest (with a real store) on 127.0.0.1; stops it after the test."""
+    async with serving(tmp_path, clock) as factory:
+        yield factory
 
 
 @pytest.fixture
