@@ -1,0 +1,239 @@
+"""The scrubbing steps alone and in the chain; value patterns; envelopes; the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crashreports.envelope import EnvelopeError, parse_envelope
+from crashreports.patterns import ValuePatterns, iban_ok, luhn_ok
+from crashreports.scrubber import (
+    DropEvent,
+    FilterKeys,
+    KeepTopLevel,
+    LimitDepth,
+    RemoveIdentifying,
+    RequireOptIn,
+    ScrubValues,
+    compile_chain,
+    sensitive_keys,
+)
+from crashreports.settings import parse_crashreports, parse_dsn
+from privacy.declaration import ConfigError, Section
+
+PATTERNS = ValuePatterns()
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("mail alice.smith@example.com now", "mail [email] now"),
+        ("sip:alice@pbx.example.com;transport=tcp", "sip:[sip-user]@pbx.example.com;transport=tcp"),
+        ("<sips:bob:pw@pbx.example.com>", "<sips:[sip-user]@pbx.example.com>"),
+        ("tel:+49-151-1234567", "tel:[phone]"),
+        ("from 192.168.10.20:5060", "from [ip]:5060"),
+        ("v6 2001:db8::7 and fe80::1%eth0", "v6 [ip] and [ip]"),
+        ("call +49 151 12345678", "call [phone]"),
+        ("call 0151 12345678", "call [phone]"),
+        ("call (555) 123-4567", "call [phone]"),
+        ("card 4111-1111-1111-1111", "card [card]"),
+        ("imei 490154203237518", "imei [imei]"),
+        ("iban DE89 3704 0044 0532 0130 00", "iban [iban]"),
+        ("Authorization: Bearer abcdefghijklmnop", "Authorization: Bearer [token]"),
+        ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abcdef", "jwt [jwt]"),
+        ("push " + "a1" * 32, "push [apns-token]"),
+        ("fcm dKx0abcdefghijk:APA91" + "b" * 120, "fcm [fcm-token]"),
+        ("-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----", "[pem]"),
+        ("https://u:p@host/x?token=abc&x=1", "https://[userinfo]@host/x?token=[filtered]&x=1"),
+        ("token=abc&lang=de", "token=[filtered]&lang=de"),
+        ("/home/alice/app/main.py", "/home/[user]/app/main.py"),
+        ("/Users/carol/Library/x", "/Users/[user]/Library/x"),
+        ("C:\\Users\\Bob\\x.py", "C:\\Users\\[user]\\x.py"),
+        ("mac 00:1A:2B:3C:4D:5E", "mac [mac]"),
+    ],
+)
+def test_each_value_pattern_replaces_its_kind_with_a_typed_placeholder(
+    text: str, scrubbed: str
+) -> None:
+    assert PATTERNS.sub(text) == scrubbed
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "std::vec::Vec at 12:30:45",
+        "2026-03-01T12:00:00Z",
+        "com.example.phone@2.4.1",
+        "version 2.4.1 build 1234",
+        "ts 1772366400000",  # 13 digits that fail Luhn: a time, not a card
+        "sip:pbx.example.com",  # no user part
+        "line 4711 in module phone.calls",
+    ],
+)
+def test_what_is_not_personal_data_is_kept(kept: str) -> None:
+    assert PATTERNS.sub(kept) == kept
+
+
+def test_checksums_of_cards_and_ibans() -> None:
+    assert luhn_ok("4111111111111111")
+    assert not luhn_ok("4111111111111112")
+    assert iban_ok("DE89 3704 0044 0532 0130 00")
+    assert not iban_ok("DE88 3704 0044 0532 0130 00")
+
+
+def test_require_opt_in_drops_without_the_tag_and_reads_both_tag_forms() -> None:
+    step = RequireOptIn("softrelay.opt_in", "yes")
+    assert step({"tags": {"softrelay.opt_in": "yes"}})
+    assert step({"tags": [["softrelay.opt_in", "yes"]]})
+    for event in ({}, {"tags": {"softrelay.opt_in": "no"}}, {"tags": "x"}):
+        with pytest.raises(DropEvent) as caught:
+            step(event)
+        assert caught.value.reason == "no_opt_in"
+
+
+def test_limit_depth_cuts_deep_nesting() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(100):
+        node["x"] = {}
+        node = node["x"]
+    cut = LimitDepth(3)({"a": deep})
+    assert cut == {"a": {"x": {"x": "[filtered]"}}}
+
+
+def test_keep_top_level_drops_unknown_keys() -> None:
+    assert KeepTopLevel()({"message": "m", "user": {"id": 1}, "whatever": 1}) == {"message": "m"}
+
+
+def test_remove_identifying_fields() -> None:
+    event = {
+        "server_name": "h",
+        "request": {"data": "body", "cookies": "c", "url": "u"},
+        "extra": {"sys.argv": ["a"], "ok": 1},
+        "contexts": {"device": {"name": "Alice's phone", "model": "Pixel 8"}},
+    }
+    assert RemoveIdentifying()(event) == {
+        "request": {"url": "u"},
+        "extra": {"ok": 1},
+        "contexts": {"device": {"model": "Pixel 8"}},
+    }
+
+
+def test_filter_keys_matches_substrings_and_variants_in_every_nested_mapping() -> None:
+    step = FilterKeys(sensitive_keys())
+    event = {
+        "extra": {"a": [{"X-Auth-Token": "t", "userPassword": "p", "api-key": "k"}]},
+        "frames": [{"vars": {"private_key": "k", "Session-Id": "s", "count": 3, "digest": ""}}],
+        "kept": {"model": "Pixel 8"},
+    }
+    assert step(event) == {
+        "extra": {
+            "a": [
+                {
+                    "X-Auth-Token": "[filtered]",
+                    "userPassword": "[filtered]",
+                    "api-key": "[filtered]",
+                }
+            ]
+        },
+        "frames": [
+            {
+                "vars": {
+                    "private_key": "[filtered]",
+                    "Session-Id": "[filtered]",
+                    "count": 3,
+                    "digest": "",
+                }
+            }
+        ],
+        "kept": {"model": "Pixel 8"},
+    }
+
+
+def test_scrub_values_reaches_keys_and_values_and_keeps_the_shape() -> None:
+    step = ScrubValues(PATTERNS)
+    event = {"extra": {"bob@example.com": ["x\x00y", 1, None, {"ip": "10.1.2.3"}]}}
+    assert step(event) == {"extra": {"[email]": ["x\ufffdy", 1, None, {"ip": "[ip]"}]}}
+
+
+def test_the_chain_runs_every_step_and_a_deployments_own_rules() -> None:
+    import re
+
+    chain = compile_chain(
+        opt_in=RequireOptIn("consent", "1"),
+        extra_keys=("pin",),
+        extra_patterns=(re.compile(r"CUST-\d{6}"),),
+    )
+    event = {
+        "tags": {"consent": "1"},
+        "user": {"email": "a@example.com"},
+        "extra": {"pin": "1234", "note": "customer CUST-123456 at a@example.com"},
+        "unknown": "dropped",
+    }
+    assert chain(event) == {
+        "tags": {"consent": "1"},
+        "extra": {"pin": "[filtered]", "note": "customer [filtered] at [email]"},
+    }
+
+
+def test_envelopes_parse_with_and_without_lengths() -> None:
+    body = b'{"event_id":"x"}\n{"type":"event","length":2}\n{}\n{"type":"session"}\n{"a":1}\n'
+    envelope = parse_envelope(body)
+    assert envelope.headers == {"event_id": "x"}
+    assert [(i.type, i.payload) for i in envelope.items] == [
+        ("event", b"{}"),
+        ("session", b'{"a":1}'),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "empty envelope"),
+        (b"[]\n", "envelope header is not a JSON object"),
+        (b"{}\n{}\n", "item 1 header has no type"),
+        (
+            b'{}\n{"type":"event","length":-1}\n',
+            "item 1 header: length must be a non-negative integer",
+        ),
+        (b'{}\n{"type":"event","length":5}\n{}', "item 1 header: length 5 runs past the end"),
+    ],
+)
+def test_malformed_envelopes_name_the_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(EnvelopeError, match=reason):
+        parse_envelope(body)
+
+
+def _parse(table: dict[str, Any]) -> Any:
+    return parse_crashreports(Section(table, Path("softrelay.toml"), "crashreports"))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"project": [{"id": "abc", "key": "k" * 32}]},
+            "crashreports.project[0].id: must be digits",
+        ),
+        ({"project": [{"id": "1", "key": "short"}]}, "crashreports.project[0].key: must be 16"),
+        ({"project": [{"id": "1", "key": "k" * 32, "opt_in": "maybe"}]}, "opt_in: must be one of"),
+        ({"scrub_patterns": ["("]}, "crashreports.scrub_patterns: '(' is not a regular expression"),
+        ({"scrub_patterns": ["(a)"]}, "use (?:...) instead of groups"),
+        ({"forward": {"dsn": "not a dsn"}}, "crashreports.forward.dsn: expected a DSN"),
+        ({"attachments": "keep"}, "crashreports.attachments: must be one of refuse, drop"),
+        ({"rate_limitt": 5}, "crashreports.rate_limitt: unknown key"),
+    ],
+)
+def test_a_bad_configuration_names_file_and_key(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _parse(table)
+    assert str(caught.value).startswith("softrelay.toml: crashreports")
+    assert message in str(caught.value)
+
+
+def test_a_dsn_splits_into_the_envelope_url_and_key() -> None:
+    upstream = parse_dsn("https://abc123@o1.ingest.example.com/sentry/42")
+    assert upstream.envelope_url == "https://o1.ingest.example.com/sentry/api/42/envelope/"
+    assert upstream.public_key == "abc123"
