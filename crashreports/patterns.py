@@ -81,6 +81,12 @@ PLACEHOLDER = {
 }
 
 
+# Runs of words (split by single spaces or tabs) that hold a character every other rule
+# needs (or 64 hex digits: an APNs token); a placeholder such as "[ip]" holds none.
+_WORD = r"[^\s\x00]*[0-9@:/\\=+][^\s\x00]*"
+_CANDIDATES = re.compile(rf"(?:{_WORD}|[0-9A-Fa-f]{{64}})(?:[ \t]{_WORD})*")
+
+
 def luhn_ok(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -148,6 +154,9 @@ class ValuePatterns:
             "card": self._card,
             "home": _home,
         }
+        self._words = re.compile(
+            "|".join(f"(?P<{n}>{p})" for n, p in RULES if n in ("pem", "jwt", "bearer"))
+        )
         self._fixed = {name: text for name, text in PLACEHOLDER.items() if text is not None}
 
     def _card(self, match: re.Match[str]) -> str:
@@ -160,6 +169,11 @@ class ValuePatterns:
             return "[card]"
         return self._phone.sub("[phone]", text)
 
+    def _replace_words(self, match: re.Match[str]) -> str:
+        name = match.lastgroup
+        assert name is not None
+        return self._fixed[name]
+
     def _replace(self, match: re.Match[str]) -> str:
         name = match.lastgroup
         assert name is not None
@@ -171,5 +185,13 @@ class ValuePatterns:
             return computed(match)
         return "[filtered]"  # a deployment's own pattern
 
+    def _candidate(self, match: re.Match[str]) -> str:
+        return self.regex.sub(self._replace, match.group(0))
+
     def sub(self, text: str) -> str:
-        return self.regex.sub(self._replace, text)
+        # Rules that can match plain words are run over the whole text, and only when
+        # their literal is there (a fast substring test); the others only over the
+        # candidates: runs of tokens holding a digit, '@', ':', '/', '\\', '=' or '+'.
+        if "-----BEGIN" in text or "eyJ" in text or "earer" in text:
+            text = self._words.sub(self._replace_words, text)
+        return _CANDIDATES.sub(self._candidate, text)

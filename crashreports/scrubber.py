@@ -9,7 +9,7 @@ nothing of it is stored. In order:
     LimitDepth        cuts nesting past a fixed depth (no step recurses without bound)
     KeepTopLevel      keeps only the event keys that a crash report needs
     RemoveIdentifying removes the user, server name, command line, request bodies and
-                      cookies, and the device's given name
+                      cookies, the device's given name, and the source lines of frames
     FilterKeys        replaces the value of every sensitive key, in every nested mapping
     ScrubValues       replaces personal data found by its shape in every string, keys
                       included (`crashreports.patterns`)
@@ -174,7 +174,24 @@ class RemoveIdentifying:
     def __call__(self, event: Event) -> Event:
         for path in self.paths:
             _pop_in(event, path)
+        for frame in _frames(event):
+            # Source lines around a frame are the app's code, with its literals: the
+            # developer has the code, and function, module and line are kept.
+            for key in ("pre_context", "context_line", "post_context"):
+                frame.pop(key, None)
         return event
+
+
+def _frames(event: Event) -> Iterator[dict[str, Any]]:
+    for holder in ("exception", "threads"):
+        section = event.get(holder)
+        values = section.get("values") if isinstance(section, dict) else None
+        for value in values if isinstance(values, list) else ():
+            trace = value.get("stacktrace") if isinstance(value, dict) else None
+            frames = trace.get("frames") if isinstance(trace, dict) else None
+            for frame in frames if isinstance(frames, list) else ():
+                if isinstance(frame, dict):
+                    yield frame
 
 
 def _filter_keys(node: Any, sensitive: re.Pattern[str]) -> Any:
