@@ -90,8 +90,13 @@ def build_app(services: Services) -> web.Application:
         registry=REGISTRY,
     )
     app.cleanup_ctx.append(_push_ctx)
+    add_provisioning(app, services.provisioning, services.sip.pbxs, services.clock, STORE)
+    add_oauth(app, services.oauth, services.clock)
     # Last in, first out: SIP stops taking messages before push and the store close.
     app.cleanup_ctx.append(_sip_ctx)
+    # After the store and the relay: a subject proves identity through its PBX's flow.
+    add_dsr_routes(app, services.dsr, STORE, RELAY)
+    add_openapi_route(app)
     add_sip_websocket(app, SIP_TRANSPORTS)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -159,10 +164,11 @@ async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    relay = Relay(services.sip, app[STORE], services.clock, app[REGISTRY])
+    relay = Relay(services.sip, app[STORE], services.clock, app[REGISTRY], app.get(PUSH))
     app[RELAY] = relay
     if services.sip_listen is None:
         yield
+        await relay.parking.close()
         return
     host, port = services.sip_listen
     transports = await SipTransports.start(
@@ -170,8 +176,14 @@ async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SIP_TRANSPORTS] = transports
     relay.udp_flow = transports.udp_flow
+    timers = asyncio.create_task(relay.parking.run_forever())
     async with relay.overload.probing():
         yield
+    timers.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await timers
+    # Parked calls get their final answer while the flows to their callers still exist.
+    await relay.parking.close()
     await transports.stop()
     await relay.drain()
 

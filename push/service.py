@@ -27,6 +27,7 @@ from push.wake import (
     Delivered,
     Outcome,
     PermanentFailure,
+    Service,
     TemporaryFailure,
     TokenDead,
     WakeRequest,
@@ -142,6 +143,20 @@ class PushService:
             await self._forget(request)
         self._record(request, result)
         return result
+
+    def app_for(self, service: Service, pn_param: str) -> str | None:
+        """The configured app a binding's RFC 8599 `pn-param` names, if any. For APNs
+        the phone sends `<team id>.<bundle id>[.voip]`; the app is the bundle id. For
+        FCM, the app id itself."""
+        candidates = [pn_param]
+        if service.family == "apns":
+            team, _, rest = pn_param.partition(".")
+            bare = rest if team.isalnum() and team.isupper() and rest else pn_param
+            candidates += [bare, bare.removesuffix(".voip"), pn_param.removesuffix(".voip")]
+        for app_id in candidates:
+            if any(p.family == service.family and p.serves(app_id) for p in self._providers):
+                return app_id
+        return None
 
     def _provider(self, request: WakeRequest) -> PushProvider | None:
         for provider in self._providers:

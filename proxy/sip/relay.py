@@ -52,6 +52,8 @@ from proxy.sip.message import (
 )
 from proxy.sip.overload import Overload
 from proxy.sip.settings import PbxSettings, SipSettings
+from proxy.sip.wake import Parking, PushIdentity
+from push.service import PushService
 
 log = logging.getLogger("softrelay.proxy")
 MAGIC = "z9hG4bK"
@@ -102,7 +104,12 @@ class RelayMetrics:
 
 class Relay:
     def __init__(
-        self, settings: SipSettings, store: Store, clock: Clock, registry: CollectorRegistry
+        self,
+        settings: SipSettings,
+        store: Store,
+        clock: Clock,
+        registry: CollectorRegistry,
+        push: PushService | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -124,6 +131,13 @@ class Relay:
         self._writes: set[asyncio.Task[None]] = set()
         self.overload = Overload(settings.overload)
         self.metrics = RelayMetrics(registry)
+        self.parking = Parking(settings.wake, self, push, store, clock, registry)
+        # RFC 8599 section 5: we wake phones through these services; with +sip.pnsreg,
+        # we also push a binding to refresh itself before it expires.
+        caps = '*;+sip.pns="apns,apns.dev,fcm"'
+        if settings.wake.reregister_before > 0:
+            caps += f';+sip.pnsreg="{settings.wake.reregister_before}"'
+        self._feature_caps = caps
 
     # --- flows ----------------------------------------------------------------------
 
@@ -234,6 +248,24 @@ class Relay:
             await flow.send(data)
         except (FlowClosed, OSError):
             self.metrics.errors.labels("flow_closed").inc()
+
+    async def reply(
+        self,
+        request: Request,
+        flow: Flow,
+        status: int,
+        reason: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        to_tag: str | None = None,
+    ) -> None:
+        """Answer `request` on `flow` (for parking: its 100, 180 and final answers)."""
+        if request.method != "ACK":
+            await self._send(flow, make_response(request, status, reason, headers, to_tag=to_tag))
+
+    async def forward_to(self, request: Request, flow: Flow, target: Flow) -> None:
+        """Forward a request that came on `flow` to `target`, as a new dialog's first."""
+        await self._forward(request, flow, target, record_route=True)
 
     async def _reply(
         self,
@@ -528,6 +560,13 @@ class Relay:
             # A Path we gave a phone's REGISTER: the PBX sends a new request to the phone.
             target = self._flow(uri.params.get("ft"))
             record_route = True
+            if request.method == "INVITE" and self.settings.wake.debug_serials:
+                serial = self._serial_of(flow)
+                if serial is not None:
+                    await self.parking.debug_record(serial, request)
+            if target is None:
+                await self._phone_asleep(request, flow)
+                return
         else:
             # Our Record-Route of a dialog: go to the side the request did not come from.
             ends = (self._flow(uri.params.get("pf")), self._flow(uri.params.get("uf")))
@@ -537,6 +576,33 @@ class Relay:
             await self._reply(request, flow, 480, "Flow Gone")
             return
         await self._forward(request, flow, target, record_route=record_route)
+
+    async def _phone_asleep(self, request: Request, flow: Flow) -> None:
+        """A request for a phone whose flow is gone: wake it for a call, or follow a
+        call that was delivered after a wake, or 480."""
+        if request.method in ("CANCEL", "ACK"):
+            if request.method == "CANCEL" and await self.parking.cancel(request, flow):
+                return
+            woken = self.parking.delivered_to(request)
+            if woken is not None:
+                await self._forward(request, flow, woken, record_route=False)
+                return
+        elif request.method == "INVITE":
+            uri = request.uri
+            identity = PushIdentity.in_uri(uri) if isinstance(uri, SipUri) else None
+            serial = self._serial_of(flow)
+            user = request.to.uri.user if isinstance(request.to.uri, SipUri) else None
+            if identity is not None and serial is not None and user:
+                await self.parking.park(request, flow, identity, Subject(user, serial))
+                return
+        await self._reply(request, flow, 480, "Flow Gone")
+
+    def _serial_of(self, flow: Flow) -> str | None:
+        """The serial of the PBX on `flow`, if a PBX is on it."""
+        serial = self._linked.get(flow.id)
+        if serial is None and flow.transport.value == "udp":
+            serial = self._static.get(flow.remote)
+        return serial
 
     async def _forward(
         self, request: Request, flow: Flow, target: Flow, *, record_route: bool
@@ -577,15 +643,25 @@ class Relay:
             self.metrics.errors.labels("response_unroutable").inc()
             return
         response.pop_via()
-        data = response.serialize()
-        await self._send_bytes(came_from, data)
+        pending = None
         if response.status >= 200 and response.cseq.method == "REGISTER" and top.branch:
             pending = self._pending.pop(top.branch, None)
-            if pending is not None:
-                if not came_from.transport.reliable:
-                    self._keep_answer(top.branch, data)
-                if response.status < 300:
-                    await self._write_binding(pending)
+        identity = None
+        if pending is not None and 200 <= response.status < 300 and pending.contact:
+            identity = PushIdentity.of(pending.contact.push)
+            if identity is not None:
+                response.add("Feature-Caps", self._feature_caps)
+        data = response.serialize()
+        await self._send_bytes(came_from, data)
+        if pending is None:
+            return
+        if not came_from.transport.reliable:
+            self._keep_answer(top.branch or "", data)
+        if 200 <= response.status < 300:
+            if identity is not None and pending.expires > 0:
+                # The phone is back: what was parked for it goes out on its new flow.
+                await self.parking.deliver(identity, pending.flow)
+            await self._write_binding(pending)
 
 
 def _www_authenticate(challenges: list[str]) -> tuple[tuple[str, str], ...]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from privacy.declaration import Section
 from proxy.sip.overload import OverloadSettings
 from proxy.sip.transport import TransportLimits, TransportSettings
+from proxy.sip.wake import WakeSettings
 
 _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
@@ -57,6 +58,7 @@ class SipSettings:
     tls_client_ca: Path | None = None
     limits: TransportLimits = field(default_factory=TransportLimits)
     overload: OverloadSettings = field(default_factory=OverloadSettings)
+    wake: WakeSettings = field(default_factory=WakeSettings)
 
 
 def parse_sip(sec: Section) -> SipSettings:
@@ -98,6 +100,7 @@ def parse_sip(sec: Section) -> SipSettings:
         tls_client_ca=Path(client_ca) if client_ca else None,
         limits=_parse_limits(sec.section("limits", {})),
         overload=_parse_overload(sec.section("overload", {})),
+        wake=_parse_wake(sec.section("wake", {}), serials),
     )
     sec.finish()
     return settings
@@ -119,6 +122,24 @@ def _parse_limits(sec: Section) -> TransportLimits:
     )
     sec.finish()
     return limits
+
+
+def _parse_wake(sec: Section, serials: list[str]) -> WakeSettings:
+    d = WakeSettings()
+    debug = sec.text_list("debug_serials", [])
+    for serial in debug:
+        if serial not in serials:
+            raise sec.error("debug_serials", f"serial {serial!r} is not a configured [[sip.pbx]]")
+    wake = WakeSettings(
+        timeout=sec.duration("timeout", "30s"),
+        max_parked=sec.integer("max_parked", d.max_parked, minimum=1),
+        max_per_binding=sec.integer("max_per_binding", d.max_per_binding, minimum=1),
+        retry_after=sec.duration("retry_after", "5s"),
+        reregister_before=sec.duration("reregister_before", "10m"),  # "0s": off
+        debug_serials=frozenset(debug),
+    )
+    sec.finish()
+    return wake
 
 
 def _parse_overload(sec: Section) -> OverloadSettings:

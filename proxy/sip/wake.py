@@ -1,0 +1,435 @@
+"""Waking sleeping phones: parked INVITEs, pushes, delivery on re-register.
+
+A mobile softphone sleeps without a connection. Its PBX still sends calls to the
+Contact it registered, which carries the phone's RFC 8599 push parameters
+(`pn-provider`, `pn-prid`, `pn-param`) in the Request-URI. When the phone's flow is
+gone, the INVITE is parked here, in memory only (the policy's `relay` category), and
+the phone is woken by a push, as Flexisip (`fork-late`) and Acrobits SIPIS do:
+
+    INVITE ──► park ──► 100 Trying ──► push ──► 180 + Push-Status: delivered
+                 │                        └──► provider refused: 480 at once
+                 ├─ REGISTER with the same pn-prid accepted by the PBX: forward on it
+                 ├─ caller's CANCEL: 200, 487, and the "call cancelled" push iOS requires
+                 ├─ wake timeout: 480 with a Reason
+                 └─ softrelay stops: 503 with Retry-After
+
+After delivery the caller's CANCEL, and the ACK of a failure, still name the old flow
+in their Route; they follow the call to its new flow for as long as a transaction may
+last. Calls to one phone with several bindings are forked by the PBX, which sends an
+INVITE to each binding's Path and CANCELs the others when one answers: each INVITE is
+parked, woken and cancelled on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from privacy.clock import Clock
+from privacy.store import Store, Subject
+from proxy.sip.flow import Flow
+from proxy.sip.message import PushParams, Request, SipUri
+from push.service import PushService
+from push.wake import Delivered, PermanentFailure, Reason, Service, TokenDead, WakeRequest
+
+log = logging.getLogger("softrelay.proxy")
+
+TRANSACTION_LIFETIME = 32.0  # seconds: RFC 3261 timer B/F, how long a CANCEL may follow
+DELIVERED_LIMIT = 10_000  # delivered calls remembered for their CANCEL or ACK, at most
+TICK = 1.0  # seconds between checks of the wake timeouts
+REREGISTER_SCAN = 60.0  # seconds between scans for bindings about to expire
+
+
+@dataclass(frozen=True, slots=True)
+class WakeSettings:
+    # 30 s: a woken iPhone or Android app is back within seconds (push, app launch,
+    # TLS, REGISTER), and the caller's INVITE transaction (timer B, 32 s) would end
+    # on its own soon after. Flexisip's fork-late and SIPIS wait about as long.
+    timeout: float = 30.0
+    max_parked: int = 10_000  # parked INVITEs in all; more get 503
+    max_per_binding: int = 4  # parked INVITEs per push identity; more get 503
+    retry_after: int = 5  # seconds, in those 503s
+    # A binding with push parameters gets a background push this long before it
+    # expires, so the app can refresh it (RFC 8599 +sip.pnsreg); 0 turns it off.
+    reregister_before: int = 600
+    # PBX serials in debug mode: their calls' destination names are stored (28 days).
+    debug_serials: frozenset[str] = frozenset()
+
+
+class PushIdentity(NamedTuple):
+    service: Service
+    token: str
+    app_param: str  # pn-param as the phone sent it
+
+    @classmethod
+    def of(cls, params: PushParams | None) -> PushIdentity | None:
+        if params is None or not params.prid:
+            return None
+        try:
+            service = Service(params.provider.lower())
+        except ValueError:
+            return None  # a push service we do not speak: no waking
+        return cls(service, params.prid, params.param or "")
+
+    @classmethod
+    def in_uri(cls, uri: SipUri) -> PushIdentity | None:
+        """From a Request-URI: the registered Contact, as the PBX sends calls to it."""
+        provider = uri.params.get("pn-provider")
+        if not provider:
+            return None
+        return cls.of(PushParams(provider, uri.params.get("pn-prid"), uri.params.get("pn-param")))
+
+
+class Courier(Protocol):
+    """What parking needs of the relay: answer a request, forward one to a flow."""
+
+    async def reply(
+        self,
+        request: Request,
+        flow: Flow,
+        status: int,
+        reason: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        to_tag: str | None = None,
+    ) -> None: ...
+
+    async def forward_to(self, request: Request, flow: Flow, target: Flow) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Parked:
+    request: Request  # the INVITE with its body and the caller's name: memory only
+    caller: Flow
+    identity: PushIdentity
+    key: tuple[str, str]  # Call-ID and the caller's branch: how its CANCEL finds it
+    deadline: float  # clock time
+    arrived: float  # perf_counter, for the latency histograms only
+    call_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    to_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    push: asyncio.Task[None] | None = None
+
+
+class WakeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.parked = Gauge("softrelay_wake_parked", "INVITEs parked now", registry=registry)
+        self.ends = Counter(
+            "softrelay_wake_calls",
+            "Parked INVITEs by how they ended",
+            ["end"],
+            registry=registry,
+        )
+        buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.to_push = Histogram(
+            "softrelay_wake_push_seconds",
+            "From a parked INVITE's arrival to the provider's answer to its push",
+            buckets=buckets,
+            registry=registry,
+        )
+        self.to_delivery = Histogram(
+            "softrelay_wake_delivery_seconds",
+            "From a parked INVITE's arrival to its forwarding on the woken phone's flow",
+            buckets=buckets,
+            registry=registry,
+        )
+        self.reregister_pushes = Counter(
+            "softrelay_wake_reregister_pushes",
+            "Background pushes asking a phone to refresh its binding before it expires",
+            registry=registry,
+        )
+
+
+class Parking:
+    def __init__(
+        self,
+        settings: WakeSettings,
+        courier: Courier,
+        push: PushService | None,
+        store: Store,
+        clock: Clock,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.settings = settings
+        self._courier = courier
+        self._push = push
+        self._store = store
+        self._clock = clock
+        self._parked: dict[tuple[str, str], _Parked] = {}
+        self._by_token: dict[str, list[_Parked]] = {}
+        # Delivered calls: key -> (the woken flow, when), for their CANCEL or ACK.
+        self._delivered: OrderedDict[tuple[str, str], tuple[Flow, float]] = OrderedDict()
+        self._reregistered: dict[str, int] = {}  # token -> the expiry it was pushed for
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics = WakeMetrics(registry)
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    # --- parking --------------------------------------------------------------------
+
+    async def park(
+        self, request: Request, caller: Flow, identity: PushIdentity, subject: Subject
+    ) -> None:
+        """An INVITE for a phone whose flow is gone: wake the phone, hold the call."""
+        key = _key(request)
+        if key in self._parked:
+            return  # the caller's retransmission: the call is parked already
+        waiting = self._by_token.get(identity.token, [])
+        if len(self._parked) >= self.settings.max_parked or (
+            len(waiting) >= self.settings.max_per_binding
+        ):
+            self.metrics.ends.labels("refused").inc()
+            retry = (("Retry-After", str(self.settings.retry_after)),)
+            await self._courier.reply(request, caller, 503, "Too Many Parked Calls", retry)
+            return
+        if self._push is None or await self._store.is_restricted(subject):
+            # Restricted (GDPR Art. 18): stored, but not processed; nobody is woken.
+            self.metrics.ends.labels("not_woken").inc()
+            await self._courier.reply(request, caller, 480, None, _reason("not reachable"))
+            return
+        parked = _Parked(
+            request,
+            caller,
+            identity,
+            key,
+            self._clock.now() + self.settings.timeout,
+            time.perf_counter(),
+        )
+        self._parked[key] = parked
+        self._by_token.setdefault(identity.token, []).append(parked)
+        self.metrics.parked.set(len(self._parked))
+        await self._courier.reply(request, caller, 100)
+        parked.push = self._spawn(self._wake(parked))
+
+    async def _wake(self, parked: _Parked) -> None:
+        push = self._push
+        assert push is not None
+        app_id = push.app_for(parked.identity.service, parked.identity.app_param)
+        if app_id is None:
+            await self._end(parked, 480, "push not configured for this app", "push_failed")
+            return
+        result = await push.wake(
+            WakeRequest(
+                parked.identity.service,
+                parked.identity.token,
+                app_id,
+                Reason.INCOMING_CALL,
+                parked.deadline,
+                parked.call_uuid,
+            )
+        )
+        if self._parked.get(parked.key) is not parked:
+            return  # delivered, cancelled or timed out meanwhile
+        outcome = result.outcome
+        self.metrics.to_push.observe(time.perf_counter() - parked.arrived)
+        if isinstance(outcome, Delivered):
+            headers = (("Push-Status", "delivered"),)
+            await self._courier.reply(
+                parked.request, parked.caller, 180, None, headers, to_tag=parked.to_tag
+            )
+        elif isinstance(outcome, TokenDead):
+            # push/ has removed the token from the binding already.
+            await self._end(parked, 480, "push token no longer valid", "push_failed")
+        elif isinstance(outcome, PermanentFailure):
+            await self._end(parked, 480, "push refused", "push_failed")
+        else:
+            await self._end(parked, 480, "push failed", "push_failed")
+
+    async def _end(self, parked: _Parked, status: int, text: str, end: str) -> None:
+        """Answer a parked INVITE finally and forget it."""
+        if not self._unpark(parked):
+            return
+        self.metrics.ends.labels(end).inc()
+        headers = _reason(text) if status != 487 else ()
+        if status == 503:
+            headers = (*headers, ("Retry-After", str(self.settings.retry_after)))
+        await self._courier.reply(
+            parked.request, parked.caller, status, None, headers, to_tag=parked.to_tag
+        )
+
+    def _unpark(self, parked: _Parked) -> bool:
+        if self._parked.get(parked.key) is not parked:
+            return False
+        del self._parked[parked.key]
+        waiting = self._by_token.get(parked.identity.token, [])
+        if parked in waiting:
+            waiting.remove(parked)
+        if not waiting:
+            self._by_token.pop(parked.identity.token, None)
+        if parked.push is not None and parked.push is not asyncio.current_task():
+            parked.push.cancel()
+        self.metrics.parked.set(len(self._parked))
+        return True
+
+    # --- the ways a parked call ends ------------------------------------------------
+
+    async def deliver(self, identity: PushIdentity, flow: Flow) -> int:
+        """The phone re-registered on `flow`: forward what waits for it; how many."""
+        waiting = list(self._by_token.get(identity.token, ()))
+        for parked in waiting:
+            if not self._unpark(parked):
+                continue
+            self.metrics.ends.labels("delivered").inc()
+            self.metrics.to_delivery.observe(time.perf_counter() - parked.arrived)
+            self._remember_delivery(parked.key, flow)
+            await self._courier.forward_to(parked.request, parked.caller, flow)
+        return len(waiting)
+
+    def _remember_delivery(self, key: tuple[str, str], flow: Flow) -> None:
+        now = self._clock.now()
+        while self._delivered and (
+            len(self._delivered) >= DELIVERED_LIMIT
+            or now - next(iter(self._delivered.values()))[1] > TRANSACTION_LIFETIME
+        ):
+            self._delivered.popitem(last=False)
+        self._delivered[key] = (flow, now)
+
+    def delivered_to(self, request: Request) -> Flow | None:
+        """Where a delivered call went: for its CANCEL, or the ACK of its failure."""
+        found = self._delivered.get(_key(request))
+        if found is None or found[0].closed:
+            return None
+        if self._clock.now() - found[1] > TRANSACTION_LIFETIME:
+            return None
+        return found[0]
+
+    async def cancel(self, cancel: Request, flow: Flow) -> bool:
+        """The caller's CANCEL of a parked INVITE: 200 to it, 487 to the INVITE, and
+        the "call cancelled" push; False when no such call is parked."""
+        parked = self._parked.get(_key(cancel))
+        if parked is None:
+            return False
+        await self._courier.reply(cancel, flow, 200)
+        await self._end(parked, 487, "", "cancelled")
+        self._spawn(self._cancelled_push(parked))
+        return True
+
+    async def _cancelled_push(self, parked: _Parked) -> None:
+        push = self._push
+        if push is None:
+            return
+        app_id = push.app_for(parked.identity.service, parked.identity.app_param)
+        if app_id is None:
+            return
+        request = WakeRequest(
+            parked.identity.service,
+            parked.identity.token,
+            app_id,
+            Reason.CALL_CANCELLED,
+            self._clock.now() + self.settings.timeout,
+            parked.call_uuid,
+        )
+        await push.wake(request)
+
+    async def expire(self) -> int:
+        """480 to every parked INVITE past its wake timeout; how many."""
+        now = self._clock.now()
+        late = [p for p in self._parked.values() if p.deadline <= now]
+        for parked in late:
+            await self._end(parked, 480, "wake timeout", "timeout")
+        return len(late)
+
+    async def close(self) -> None:
+        """At shutdown: every parked INVITE gets its final answer before we go."""
+        for parked in list(self._parked.values()):
+            await self._end(parked, 503, "relay shutting down", "shutdown")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- keeping bindings wakeable ----------------------------------------------------
+
+    async def reregister_due(self) -> int:
+        """Background pushes to bindings that expire within `reregister_before`, once
+        per expiry: never a VoIP push, which iOS punishes when no call follows."""
+        before = self.settings.reregister_before
+        push = self._push
+        if before <= 0 or push is None:
+            return 0
+        now = self._clock.now()
+        sent = 0
+        for record in await self._store.find("registration"):
+            fields = record.fields
+            expires_at, token = fields.get("expires_at"), fields.get("push_token")
+            if not isinstance(expires_at, int) or not isinstance(token, str):
+                continue
+            if not now < expires_at <= now + before or self._reregistered.get(token) == expires_at:
+                continue
+            app_param = fields.get("push_app_id")
+            identity = PushIdentity.of(
+                PushParams(str(fields.get("push_provider") or ""), token, str(app_param or ""))
+            )
+            if identity is None:
+                continue
+            subject = Subject(str(fields["sip_username"]), str(fields["pbx_serial"]))
+            if await self._store.is_restricted(subject):
+                continue
+            app_id = push.app_for(identity.service, identity.app_param)
+            if app_id is None:
+                continue
+            self._reregistered[token] = expires_at
+            self.metrics.reregister_pushes.inc()
+            request = WakeRequest(identity.service, token, app_id, Reason.REREGISTER, expires_at)
+            self._spawn(_wake_only(push, request))
+            sent += 1
+        # Forget what expired: those bindings are gone or were refreshed.
+        self._reregistered = {t: e for t, e in self._reregistered.items() if e > now}
+        return sent
+
+    async def run_forever(self) -> None:
+        """`serve`'s timer: wake timeouts every second, expiring bindings every minute."""
+        scanned = 0.0
+        while True:
+            await asyncio.sleep(TICK)
+            await self.expire()
+            if self._clock.now() - scanned >= REREGISTER_SCAN:
+                scanned = self._clock.now()
+                try:
+                    await self.reregister_due()
+                except Exception as exc:  # the store may be closing; try next time
+                    log.warning(
+                        "reregister scan failed", extra={"fields": {"error": type(exc).__name__}}
+                    )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- debug mode -------------------------------------------------------------------
+
+    async def debug_record(self, serial: str, request: Request) -> None:
+        """Debug mode of a PBX: keep the destination's display name (28 days)."""
+        if serial not in self.settings.debug_serials:
+            return
+        to = request.to
+        user = getattr(to.uri, "user", None)
+        if not user:
+            return
+        await self._store.put(
+            "debug",
+            {"pbx_serial": serial, "sip_username": user, "destination_name": to.display or ""},
+        )
+
+
+def _key(request: Request) -> tuple[str, str]:
+    return (request.call_id, request.top_via.branch or "")
+
+
+def _reason(text: str) -> tuple[tuple[str, str], ...]:
+    return (("Reason", f'SIP;cause=480;text="{text}"'),) if text else ()
+
+
+async def _wake_only(push: PushService, request: WakeRequest) -> None:
+    """A push whose outcome changes nothing here (push/ logs and counts it)."""
+    await push.wake(request)
