@@ -567,6 +567,8 @@ class Relay:
             if target is None:
                 await self._phone_asleep(request, flow)
                 return
+            if request.method == "INVITE" and not target.transport.reliable:
+                self._watch_answer(request, flow)
         else:
             # Our Record-Route of a dialog: go to the side the request did not come from.
             ends = (self._flow(uri.params.get("pf")), self._flow(uri.params.get("uf")))
@@ -588,14 +590,29 @@ class Relay:
                 await self._forward(request, flow, woken, record_route=False)
                 return
         elif request.method == "INVITE":
-            uri = request.uri
-            identity = PushIdentity.in_uri(uri) if isinstance(uri, SipUri) else None
-            serial = self._serial_of(flow)
-            user = request.to.uri.user if isinstance(request.to.uri, SipUri) else None
-            if identity is not None and serial is not None and user:
-                await self.parking.park(request, flow, identity, Subject(user, serial))
+            wakeable = self._wakeable(request, flow)
+            if wakeable is not None:
+                await self.parking.park(request, flow, *wakeable)
                 return
         await self._reply(request, flow, 480, "Flow Gone")
+
+    def _watch_answer(self, request: Request, flow: Flow) -> None:
+        """A call to a phone on UDP with push parameters: it may be asleep behind a
+        flow that only looks alive, so parking takes over if nothing answers."""
+        wakeable = self._wakeable(request, flow)
+        if wakeable is not None:
+            self.parking.watch(request, flow, *wakeable)
+
+    def _wakeable(self, invite: Request, flow: Flow) -> tuple[PushIdentity, Subject] | None:
+        """Whom an INVITE from a PBX would wake: the push identity in its Request-URI
+        (the registered Contact) and the subject (callee at that PBX)."""
+        uri, to = invite.uri, invite.to.uri
+        identity = PushIdentity.in_uri(uri) if isinstance(uri, SipUri) else None
+        serial = self._serial_of(flow)
+        user = to.user if isinstance(to, SipUri) else None
+        if identity is None or serial is None or not user:
+            return None
+        return identity, Subject(user, serial)
 
     def _serial_of(self, flow: Flow) -> str | None:
         """The serial of the PBX on `flow`, if a PBX is on it."""
@@ -643,6 +660,8 @@ class Relay:
             self.metrics.errors.labels("response_unroutable").inc()
             return
         response.pop_via()
+        if self.parking.watching and response.cseq.method == "INVITE":
+            self.parking.answered(response.call_id, response.top_via.branch or "")
         pending = None
         if response.status >= 200 and response.cseq.method == "REGISTER" and top.branch:
             pending = self._pending.pop(top.branch, None)

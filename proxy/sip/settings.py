@@ -133,6 +133,7 @@ def _parse_wake(sec: Section, serials: list[str]) -> WakeSettings:
     wake = WakeSettings(
         timeout=sec.duration("timeout", "30s"),
         max_parked=sec.integer("max_parked", d.max_parked, minimum=1),
+        answer_timeout=sec.duration("answer_timeout", "2s"),  # "0s": off
         max_per_binding=sec.integer("max_per_binding", d.max_per_binding, minimum=1),
         retry_after=sec.duration("retry_after", "5s"),
         reregister_before=sec.duration("reregister_before", "10m"),  # "0s": off

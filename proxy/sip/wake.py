@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from privacy.clock import Clock
 from privacy.store import Store, Subject
 from proxy.sip.flow import Flow
-from proxy.sip.message import PushParams, Request, SipUri
+from proxy.sip.message import PushParams, Request, SipUri, parse
 from push.service import PushService
 from push.wake import Delivered, PermanentFailure, Reason, Service, TokenDead, WakeRequest
 
@@ -55,6 +55,11 @@ class WakeSettings:
     # on its own soon after. Flexisip's fork-late and SIPIS wait about as long.
     timeout: float = 30.0
     max_parked: int = 10_000  # parked INVITEs in all; more get 503
+    # A phone on UDP may sleep while its flow still looks alive (its NAT binding gone):
+    # an INVITE it leaves unanswered this long is parked and the phone pushed. 0: off.
+    # 2 s: a phone awake answers 100 within milliseconds; the INVITE has then gone out
+    # three times (timer A).
+    answer_timeout: float = 2.0
     max_per_binding: int = 4  # parked INVITEs per push identity; more get 503
     retry_after: int = 5  # seconds, in those 503s
     # A binding with push parameters gets a background push this long before it
@@ -103,6 +108,15 @@ class Courier(Protocol):
     ) -> None: ...
 
     async def forward_to(self, request: Request, flow: Flow, target: Flow) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class _Watched:
+    invite: bytes  # as it arrived, to park should the phone stay silent: memory only
+    caller: Flow
+    identity: PushIdentity
+    subject: Subject
+    deadline: float  # clock time
 
 
 @dataclass(eq=False, slots=True)
@@ -167,6 +181,7 @@ class Parking:
         # Delivered calls: key -> (the woken flow, when), for their CANCEL or ACK.
         self._delivered: OrderedDict[tuple[str, str], tuple[Flow, float]] = OrderedDict()
         self._reregistered: dict[str, int] = {}  # token -> the expiry it was pushed for
+        self._watched: OrderedDict[tuple[str, str], _Watched] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = WakeMetrics(registry)
 
@@ -269,6 +284,27 @@ class Parking:
         self.metrics.parked.set(len(self._parked))
         return True
 
+    def watch(
+        self, invite: Request, caller: Flow, identity: PushIdentity, subject: Subject
+    ) -> None:
+        """An INVITE about to go to a phone over UDP: park it if nothing answers."""
+        if self.settings.answer_timeout <= 0:
+            return
+        if len(self._watched) >= self.settings.max_parked:
+            self._watched.popitem(last=False)
+        deadline = self._clock.now() + self.settings.answer_timeout
+        self._watched[_key(invite)] = _Watched(
+            invite.serialize(), caller, identity, subject, deadline
+        )
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._watched)
+
+    def answered(self, call_id: str, branch: str) -> None:
+        """The phone answered the INVITE (any response): it is awake."""
+        self._watched.pop((call_id, branch), None)
+
     # --- the ways a parked call ends ------------------------------------------------
 
     async def deliver(self, identity: PushIdentity, flow: Flow) -> int:
@@ -330,8 +366,16 @@ class Parking:
         await push.wake(request)
 
     async def expire(self) -> int:
-        """480 to every parked INVITE past its wake timeout; how many."""
+        """480 to every parked INVITE past its wake timeout; how many. Parks the
+        INVITEs a phone on UDP left unanswered."""
         now = self._clock.now()
+        silent = [(k, w) for k, w in self._watched.items() if w.deadline <= now]
+        for key, watched in silent:
+            del self._watched[key]
+            invite = parse(watched.invite)
+            assert isinstance(invite, Request)
+            self.metrics.ends.labels("unanswered").inc()
+            await self.park(invite, watched.caller, watched.identity, watched.subject)
         late = [p for p in self._parked.values() if p.deadline <= now]
         for parked in late:
             await self._end(parked, 480, "wake timeout", "timeout")

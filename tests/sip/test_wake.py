@@ -75,9 +75,9 @@ class Wire:
         return [m.status for m in self.messages if isinstance(m, Response)]
 
 
-def _flow(remote: tuple[str, int]) -> tuple[Flow, Wire]:
+def _flow(remote: tuple[str, int], transport: Transport = Transport.TCP) -> tuple[Flow, Wire]:
     wire = Wire()
-    return Flow(Transport.TCP, remote, ("127.0.0.1", 5060), wire), wire
+    return Flow(transport, remote, ("127.0.0.1", 5060), wire), wire
 
 
 @dataclass
@@ -125,9 +125,10 @@ async def _register(
     contact: str | None = None,
     user: str = "alice",
     expires: int = 3600,
+    transport: Transport = Transport.TCP,
 ) -> tuple[Flow, Wire, Request]:
     """A phone REGISTERs on a new flow, the PBX says 200: the forwarded REGISTER."""
-    phone, phone_wire = _flow(("198.51.100.23", 40000 + cseq))
+    phone, phone_wire = _flow(("198.51.100.23", 40000 + cseq), transport)
     await world.relay.handle(
         _request(
             "REGISTER",
@@ -382,3 +383,41 @@ async def test_debug_mode_keeps_the_destination_name_for_four_weeks(world: World
     world.clock.advance(2)
     await sweeper.run_once()
     assert await world.store.find("debug", pbx_serial=SERIAL) == []
+
+
+async def test_phone_on_udp_that_leaves_an_invite_unanswered_is_woken(world: World) -> None:
+    pbx, _, status = await _link_pbx(world.relay)
+    assert status == 200
+    pbx_wire = Wire()
+    pbx.sender = pbx_wire
+    # Asleep on UDP: its flow still looks alive, but its NAT binding is gone.
+    _, udp_wire, register = await _register(world, pbx, pbx_wire, cseq=1, transport=Transport.UDP)
+    await world.relay.handle(_invite(register), pbx)
+    await udp_wire.request("INVITE")  # sent into the void
+    world.clock.advance(1)
+    await world.relay.parking.expire()
+    assert world.stand_ins.deliveries.for_token(TOKEN) == [], "not before answer_timeout"
+    world.clock.advance(1.5)
+    await world.relay.parking.expire()
+    assert (await pbx_wire.response(180)).get("Push-Status") == "delivered"
+    # It wakes, registers over a new flow, and gets the call there.
+    _, phone_wire, _ = await _register(world, pbx, pbx_wire, cseq=2)
+    invite = await phone_wire.request("INVITE")
+    assert invite.call_id == "call-1"
+
+
+async def test_phone_on_udp_that_answers_is_not_pushed(world: World) -> None:
+    pbx, _, status = await _link_pbx(world.relay)
+    assert status == 200
+    pbx_wire = Wire()
+    pbx.sender = pbx_wire
+    phone, udp_wire, register = await _register(
+        world, pbx, pbx_wire, cseq=1, transport=Transport.UDP
+    )
+    await world.relay.handle(_invite(register), pbx)
+    invite = await udp_wire.request("INVITE")
+    await world.relay.handle(_reply(invite, 100, "Trying"), phone)
+    world.clock.advance(5)
+    await world.relay.parking.expire()
+    assert world.stand_ins.deliveries.for_token(TOKEN) == []
+    assert len(world.relay.parking) == 0
