@@ -49,6 +49,18 @@ class RetentionRun:
     ran_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class RequestEntry:
+    """One data-subject request in the trail: no personal data, only what happened."""
+
+    id: str
+    type: str  # export, rectify, erase, restrict, unrestrict, object
+    received_at: float
+    actor: str  # subject (proved through their PBX) or operator (admin token)
+    outcome: str  # done, refused, not_applicable
+    counts: dict[str, int]  # records per category the request returned or changed
+
+
 class Backend(Protocol):
     async def put(
         self, table: TableSpec, row: Callable[[], Row], *, subject: bytes | None, now: float
@@ -98,6 +110,14 @@ class Backend(Protocol):
         """Set (`on`) or lift the subject's restriction mark; whether it changed.
         Erasing the subject (or the account rule) removes the mark with its data."""
         ...
+
+    async def record_request(self, entry: RequestEntry) -> None: ...
+
+    async def requests(self, limit: int) -> list[RequestEntry]:
+        """The latest entries of the request trail, newest first."""
+        ...
+
+    async def subject_last_used(self, subject: bytes) -> float | None: ...
 
     async def stats(self, table: TableSpec) -> TableStats: ...
 

@@ -12,13 +12,22 @@ database category, created and extended from the policy at start (`c_<category>`
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import TypeVar
 
-from privacy.backend import META_COLUMNS, RetentionRun, Row, SqlValue, TableSpec, TableStats
+from privacy.backend import (
+    META_COLUMNS,
+    RequestEntry,
+    RetentionRun,
+    Row,
+    SqlValue,
+    TableSpec,
+    TableStats,
+)
 from privacy.dbthread import DatabaseThread
 
 T = TypeVar("T")
@@ -302,6 +311,52 @@ class SQLiteBackend:
                 return self.db.execute(sql, (subject, now)).rowcount > 0
             sql = "DELETE FROM restrictions WHERE subject = ?"
             return self.db.execute(sql, (subject,)).rowcount > 0
+
+    # --- the data-subject request trail --------------------------------------------
+
+    async def record_request(self, entry: RequestEntry) -> None:
+        await self._run(self._record_request, entry)
+
+    def _record_request(self, entry: RequestEntry) -> None:
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO dsr_requests VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    entry.id,
+                    entry.type,
+                    entry.received_at,
+                    entry.actor,
+                    entry.outcome,
+                    json.dumps(entry.counts, sort_keys=True),
+                ),
+            )
+
+    async def requests(self, limit: int) -> list[RequestEntry]:
+        return await self._run(self._requests, limit)
+
+    def _requests(self, limit: int) -> list[RequestEntry]:
+        rows = self.db.execute(
+            "SELECT * FROM dsr_requests ORDER BY received_at DESC, rowid DESC LIMIT ?", (limit,)
+        )
+        return [
+            RequestEntry(
+                r["id"],
+                r["type"],
+                r["received_at"],
+                r["actor"],
+                r["outcome"],
+                json.loads(r["counts"]),
+            )
+            for r in rows
+        ]
+
+    async def subject_last_used(self, subject: bytes) -> float | None:
+        return await self._run(self._subject_last_used, subject)
+
+    def _subject_last_used(self, subject: bytes) -> float | None:
+        row = self.db.execute("SELECT last_used_at FROM subjects WHERE subject = ?", (subject,))
+        found = row.fetchone()
+        return None if found is None else float(found[0])
 
     # --- audit and bookkeeping ------------------------------------------------------
 

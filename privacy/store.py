@@ -11,7 +11,7 @@ even before the sweeper has removed it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,12 +149,18 @@ class Store:
         cat = self._stored(category)
         return await self.backend.delete(self._tables[category], self._match(cat, where))
 
-    async def delete_subject(self, subject: Subject) -> dict[str, int]:
-        """Erase everything stored about a subject; rows deleted per category."""
-        counts = await self.backend.delete_subject(
-            self._subject_tables, self.subject_index(subject)
-        )
+    async def delete_subject(
+        self, subject: Subject, *, keep: Collection[str] = ()
+    ) -> dict[str, int]:
+        """Erase everything stored about a subject, but for the categories in `keep`
+        (exceptions of GDPR Art. 17(3)); rows deleted per category."""
+        tables = [t for t in self._subject_tables if t.name.removeprefix("c_") not in keep]
+        counts = await self.backend.delete_subject(tables, self.subject_index(subject))
         return {name.removeprefix("c_"): count for name, count in counts.items()}
+
+    async def subject_last_used(self, subject: Subject) -> float | None:
+        """When the subject was last active (the account rule's basis), if known."""
+        return await self.backend.subject_last_used(self.subject_index(subject))
 
     # --- restriction (GDPR Art. 18) -------------------------------------------------
 

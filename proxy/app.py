@@ -24,10 +24,13 @@ from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings
 from privacy.audit import CategoryVerdict, audit
 from privacy.clock import Clock
+from privacy.dsr import DsrSettings
 from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.retention import Sweeper
 from privacy.store import Store
+from proxy.dsr_api import add_dsr_routes
+from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.sip.relay import Relay
 from proxy.sip.settings import SipSettings, transport_settings
 from proxy.sip.transport import SipTransports
@@ -57,6 +60,7 @@ class Services:
     sip: SipSettings = field(default_factory=SipSettings)
     # Where SIP listens (UDP and TCP share the port); None: no SIP transports (tests).
     sip_listen: tuple[str, int] | None = None
+    dsr: DsrSettings = field(default_factory=DsrSettings)
     crash: CrashSettings = field(default_factory=CrashSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
 
@@ -75,6 +79,8 @@ def build_app(services: Services) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[SERVICES] = services
     app[REGISTRY] = CollectorRegistry(auto_describe=True)
+    # Each API module describes its operations here; served at /openapi.json.
+    app[OPENAPI] = OpenApi("softrelay", "1")
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
     # Crash ingest (Sentry protocol); its forwarder stops before the store closes.
@@ -94,6 +100,9 @@ def build_app(services: Services) -> web.Application:
     add_oauth(app, services.oauth, services.clock)
     # Last in, first out: SIP stops taking messages before push and the store close.
     app.cleanup_ctx.append(_sip_ctx)
+    # After the store and the relay: a subject proves identity through its PBX's flow.
+    add_dsr_routes(app, services.dsr, STORE, RELAY)
+    add_openapi_route(app)
     # After the store and the relay: a subject proves identity through its PBX's flow.
     add_dsr_routes(app, services.dsr, STORE, RELAY)
     add_openapi_route(app)

@@ -6,6 +6,7 @@
     softrelay policy show
     softrelay policy render --lang en|de [--output FILE]
     softrelay keys rotate
+    softrelay dsr export|rectify|erase|restrict|unrestrict --user U --serial S
     softrelay crashes list|show EVENT_ID|export [--project P] [--output FILE]
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
@@ -33,6 +34,7 @@ from crashreports.commands import add_crashes_parser, crashes_command
 from privacy.audit import audit, format_hits, format_report, scan_for_canaries
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
 from privacy.declaration import ConfigError
+from privacy.dsr import check_dsr
 from privacy.keys import Keyring, embedded_keyring_path, load_keyring, write_keyring
 from privacy.logs import LogSet, setup_logging
 from privacy.notice import policy_table, render_notice
@@ -41,6 +43,7 @@ from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
 from proxy.config import Config, config_path, load_config, with_overrides
+from proxy.dsr_cli import add_dsr_parser, dsr_command
 from usage.cli import add_billing_parser, billing
 
 log = logging.getLogger("softrelay.proxy")
@@ -69,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sip_port=getattr(args, "sip_port", None),
         )
         policy = load_policy(config.profile, config.policy_override)
+        check_dsr(config.dsr, policy, str(config.source or "<defaults>"))
     except ConfigError as exc:
         print(f"softrelay: {exc}", file=sys.stderr)
         return 2
@@ -92,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep": _sweep,
             "audit": _audit,
             "keys": _keys,
+            "dsr": _dsr,
             "crashes": _crashes,
             "billing": _billing,
         }[args.command]
@@ -151,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--output", help="file to write (default: standard output)")
 
     add_billing_parser(sub, common)
+    add_dsr_parser(sub, common)
 
     add_crashes_parser(sub, common)
 
@@ -185,6 +191,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         (config.listen.sip_host, config.listen.sip_port),
         crash=config.crashreports,
         usage=config.usage,
+        dsr=config.dsr,
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()
@@ -303,6 +310,16 @@ async def _crashes(runtime: Runtime, args: argparse.Namespace) -> int:
     )
     try:
         return await crashes_command(store, args)
+    finally:
+        await store.close()
+
+
+async def _dsr(runtime: Runtime, args: argparse.Namespace) -> int:
+    store = await Store.create(
+        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
+    )
+    try:
+        return await dsr_command(store, runtime.config.dsr, args)
     finally:
         await store.close()
 

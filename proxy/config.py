@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crashreports.settings import CrashSettings, parse_crashreports
 from privacy.declaration import ConfigError, Section, load_toml
+from privacy.dsr import DsrSettings, parse_dsr
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
 from proxy.sip.settings import SipSettings, parse_sip
@@ -47,6 +48,7 @@ class Config:
     log_console: bool
     push: PushSettings
     sip: SipSettings
+    dsr: DsrSettings
     crashreports: CrashSettings
     usage: UsageSettings
 
@@ -109,6 +111,7 @@ def load_config(path: Path | None) -> Config:
     logging_sec.finish()
     push = parse_push(root.section("push", {}))
     sip = parse_sip(root.section("sip", {}))
+    dsr = parse_dsr(root.section("dsr", {}))
     crashreports = parse_crashreports(root.section("crashreports", {}))
     usage = parse_usage(root.section("usage", {}))
     root.finish()
@@ -126,6 +129,7 @@ def load_config(path: Path | None) -> Config:
         log_console=log_console,
         push=push,
         sip=sip,
+        dsr=dsr,
         crashreports=crashreports,
         usage=usage,
     )

@@ -1,0 +1,130 @@
+"""The OpenAPI document of every HTTP API of softrelay, served at `/openapi.json`.
+
+Each API module describes its own operations where it adds its routes:
+
+    openapi = app[OPENAPI]
+    openapi.schema("Error", {...})
+    openapi.operation("/usage/v1/ping", "post", {...})
+
+`build_app` creates the registry before any module registers, and the document is
+assembled once, at the first request, from what they contributed. A path or schema
+described twice is a programming error and stops the start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+
+class OpenApi:
+    def __init__(self, title: str, version: str) -> None:
+        self._info = {"title": title, "version": version}
+        self._paths: dict[str, dict[str, Any]] = {}
+        self._schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
+        self._security: dict[str, Any] = {}
+        self._document: dict[str, Any] | None = None
+
+    def operation(self, path: str, method: str, spec: dict[str, Any]) -> None:
+        methods = self._paths.setdefault(path, {})
+        if method in methods:
+            raise ValueError(f"OpenAPI: {method.upper()} {path} is described twice")
+        methods[method] = spec
+        self._document = None
+
+    def schema(self, name: str, spec: dict[str, Any]) -> dict[str, str]:
+        """Add a component schema; a `$ref` to it."""
+        if name in self._schemas and self._schemas[name] != spec:
+            raise ValueError(f"OpenAPI: schema {name} is described twice")
+        self._schemas[name] = spec
+        self._document = None
+        return ref(name)
+
+    def security_scheme(self, name: str, spec: dict[str, Any]) -> None:
+        self._security[name] = spec
+        self._document = None
+
+    def document(self) -> dict[str, Any]:
+        if self._document is None:
+            components: dict[str, Any] = {"schemas": dict(sorted(self._schemas.items()))}
+            if self._security:
+                components["securitySchemes"] = self._security
+            self._document = {
+                "openapi": OPENAPI_VERSION,
+                "info": self._info,
+                "paths": dict(sorted(self._paths.items())),
+                "components": components,
+            }
+        return self._document
+
+
+OPENAPI = web.AppKey("openapi", OpenApi)
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def error(description: str) -> dict[str, Any]:
+    return json_response(description, ref("Error"))
+
+
+def add_openapi_route(app: web.Application) -> None:
+    """Serve the document, and describe the routes of app.py itself."""
+    openapi = app[OPENAPI]
+    openapi.operation(
+        "/openapi.json",
+        "get",
+        {
+            "summary": "This OpenAPI document",
+            "responses": {"200": json_response("The document", {"type": "object"})},
+        },
+    )
+    openapi.operation(
+        "/healthz",
+        "get",
+        {
+            "summary": "Liveness",
+            "responses": {
+                "200": json_response(
+                    "Running",
+                    {
+                        "type": "object",
+                        "required": ["status"],
+                        "properties": {"status": {"const": "ok"}},
+                    },
+                )
+            },
+        },
+    )
+    openapi.operation(
+        "/metrics",
+        "get",
+        {
+            "summary": "Prometheus metrics",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+    )
+    app.router.add_get("/openapi.json", _serve)
+
+
+async def _serve(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI].document())

@@ -1,0 +1,275 @@
+"""`/dsr/v1/...` over HTTP: a subject proves identity with the digest challenge of their
+own PBX (softrelay never sees the password), a wrong credential is refused by the PBX,
+repeated failures are rate-limited, the operator acts with the admin token, and
+schemathesis finds no server error and no response outside `/openapi.json`."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from privacy.clock import ManualClock
+from privacy.dsr import DsrSettings
+from privacy.keys import Keyring
+from privacy.policy import load_policy
+from privacy.store import Store, Subject
+from proxy.app import RELAY, STORE, healthz
+from proxy.dsr_api import add_dsr_routes
+from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
+from proxy.sip.digest import DigestAuthority, DigestError, parse_authorization, response
+from proxy.sip.flow import Flow
+from proxy.sip.message import Request, parse
+from proxy.sip.relay import Relay
+from proxy.sip.settings import PbxSettings, SipSettings
+from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _link_pbx, _reply
+
+PASSWORD = "alice-sip-password-canary-61d0"
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+PBX_REALM = "pbx.example"
+ALICE = Subject("alice", SERIAL)
+
+
+class DigestPbx:
+    """The PBX's side of its flow: a registrar that challenges and checks digest
+    credentials against the user's password, as a real PBX does."""
+
+    def __init__(self, relay: Relay, flow: Flow, clock: ManualClock) -> None:
+        self.relay = relay
+        self.flow = flow
+        self.clock = clock
+        self.authority = DigestAuthority(PBX_REALM)
+        self.seen: list[Request] = []
+
+    async def send(self, data: bytes) -> None:
+        message = parse(data)
+        if not isinstance(message, Request) or message.method != "REGISTER":
+            return
+        self.seen.append(message)
+        user = str(message.to.uri).split(":")[1].split("@")[0]
+        auth = message.get("Authorization")
+        if auth is None:
+            challenge = self.authority.challenge(user, self.clock.now(), algorithm="MD5")
+            answer = _reply(message, 401, "Unauthorized", f"WWW-Authenticate: {challenge}")
+        else:
+            try:
+                self.authority.verify(auth, user, PASSWORD, "REGISTER", self.clock.now())
+                answer = _reply(message, 200, "OK")
+            except DigestError:
+                answer = _reply(message, 403, "Forbidden")
+        await self.relay.handle(answer, self.flow)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class World:
+    base: str
+    store: Store
+    clock: ManualClock
+    pbx: DigestPbx
+
+
+@pytest.fixture
+async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+    """The DSR API with the store and the relay it needs, on loopback (the rest of the
+    app is left out so this test depends on no other API)."""
+    monkeypatch.setenv("SOFTRELAY_TEST_ADMIN", ADMIN_TOKEN)
+    clock = ManualClock(1_772_366_400.0)
+    store = await Store.create(load_policy("auerproxy"), Keyring.generate(), tmp_path, clock)
+    sip = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),))
+    relay = Relay(sip, store, clock, CollectorRegistry())
+    dsr = DsrSettings(admin_token="env:SOFTRELAY_TEST_ADMIN", max_failures=3, failure_window=600)
+    app = web.Application()
+    app[STORE] = store
+    app[RELAY] = relay
+    app[OPENAPI] = OpenApi("softrelay", "1")
+    add_dsr_routes(app, dsr, STORE, RELAY)
+    add_openapi_route(app)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", healthz_text)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        flow, _, status = await _link_pbx(relay)
+        assert status == 200
+        pbx = DigestPbx(relay, flow, clock)
+        flow.sender = pbx
+        yield World(str(server.make_url("/")), store, clock, pbx)
+    finally:
+        await server.close()
+        await store.close()
+
+
+async def healthz_text(request: web.Request) -> web.Response:
+    return web.Response(text="# metrics\n", content_type="text/plain")
+
+
+def _authorization(challenge: dict[str, Any], password: str) -> str:
+    (www,) = [c for c in challenge["www_authenticate"] if "MD5" in c]
+    fields = parse_authorization(
+        www.replace("Digest ", "Digest username=alice, uri=x, response=x, ")
+    )
+    creds = fields.__class__(
+        "alice", fields.realm, fields.nonce, challenge["uri"], "", "MD5", "auth", "00000001", "c1"
+    )
+    digest = response(creds, password, "REGISTER")
+    return (
+        f'Digest username="alice", realm="{creds.realm}", nonce="{creds.nonce}", '
+        f'uri="{creds.uri}", response="{digest}", algorithm=MD5, qop=auth, nc=00000001, '
+        'cnonce="c1"'
+    )
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], **kw: Any
+) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+    async with session.post(url, json=body, **kw) as answer:
+        return answer.status, await answer.json(), answer
+
+
+SUBJECT = {"sip_username": "alice", "pbx_serial": SERIAL}
+
+
+async def _prove(session: aiohttp.ClientSession, base: str, password: str) -> dict[str, Any]:
+    status, challenge, _ = await _post(session, f"{base}dsr/v1/challenge", SUBJECT)
+    assert status == 200, challenge
+    return {
+        "challenge_id": challenge["challenge_id"],
+        "authorization": _authorization(challenge, password),
+    }
+
+
+async def test_subject_proves_identity_through_the_pbx_and_gets_the_export(world: World) -> None:
+    await world.store.put(
+        "registration",
+        {
+            "pbx_serial": SERIAL,
+            "sip_username": "alice",
+            "instance": "urn:uuid:1",
+            "push_token": "tok-alice-1",
+        },
+    )
+    async with aiohttp.ClientSession() as session:
+        proof = await _prove(session, world.base, PASSWORD)
+        status, export, _ = await _post(session, f"{world.base}dsr/v1/export", SUBJECT | proof)
+        assert status == 200, export
+        (registration,) = [c for c in export["categories"] if c["category"] == "registration"]
+        assert registration["records"][0]["fields"]["push_token"] == "tok-alice-1"
+        # The proof is used once.
+        status, _, _ = await _post(session, f"{world.base}dsr/v1/export", SUBJECT | proof)
+        assert status == 403
+    # What the PBX saw: a fetch (no Contact), then the subject's own credentials.
+    first, second = world.pbx.seen
+    assert not first.contacts
+    assert first.get("Authorization") is None
+    assert second.get("Authorization") is not None
+    (entry, *_) = await world.store.backend.requests(10)
+    assert (entry.type, entry.actor, entry.outcome) == ("export", "unproved", "refused")
+
+
+async def test_wrong_password_is_refused_by_the_pbx_and_failures_are_rate_limited(
+    world: World,
+) -> None:
+    url = f"{world.base}dsr/v1/erase"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            proof = await _prove(session, world.base, "not-the-password")
+            status, body, _ = await _post(session, url, SUBJECT | proof)
+            assert (status, body["error"]) == (403, "the PBX refused the credentials")
+        # Limited now, even with the right password: the PBX is not even asked.
+        status, body, answer = await _post(session, f"{world.base}dsr/v1/challenge", SUBJECT)
+        assert status == 429
+        assert 0 < int(answer.headers["Retry-After"]) <= 600
+        world.clock.advance(601)
+        proof = await _prove(session, world.base, PASSWORD)
+        status, receipt, _ = await _post(session, url, SUBJECT | proof)
+        assert status == 200
+        assert receipt["type"] == "erase"
+
+
+async def test_operator_acts_with_the_admin_token_and_a_wrong_token_is_refused(
+    world: World,
+) -> None:
+    url = f"{world.base}dsr/v1/restrict"
+    async with aiohttp.ClientSession() as session:
+        bad = {"Authorization": "Bearer not-the-token"}
+        status, body, _ = await _post(session, url, SUBJECT, headers=bad)
+        assert status == 403
+        assert not await world.store.is_restricted(ALICE)
+        good = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        status, body, _ = await _post(session, url, SUBJECT, headers=good)
+        assert (status, body["restricted"], body["changed"]) == (200, True, True)
+        assert await world.store.is_restricted(ALICE)
+        # A restricted subject can still prove identity (a fetch changes nothing) and lift it.
+        proof = await _prove(session, world.base, PASSWORD)
+        status, body, _ = await _post(session, f"{world.base}dsr/v1/unrestrict", SUBJECT | proof)
+        assert status == 200
+        assert not await world.store.is_restricted(ALICE)
+        async with session.get(f"{world.base}dsr/v1/requests", headers=good) as answer:
+            trail = (await answer.json())["requests"]
+        assert [e["type"] for e in trail][:2] == ["unrestrict", "restrict"]
+
+
+async def test_bad_input_gets_a_json_reason(world: World) -> None:
+    async with aiohttp.ClientSession() as session:
+        bodies: list[object] = [{"sip_username": "a\r\nVia: x", "pbx_serial": SERIAL}, {"x": 1}, []]
+        for body in bodies:
+            async with session.post(f"{world.base}dsr/v1/challenge", json=body) as answer:
+                assert answer.status == 400
+                assert "error" in await answer.json()
+        async with session.post(f"{world.base}dsr/v1/export", data=b"{") as answer:
+            assert answer.status == 400
+
+
+async def test_openapi_document_describes_the_dsr_and_core_routes(world: World) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{world.base}openapi.json") as answer,
+    ):
+        document = await answer.json()
+    assert document["openapi"].startswith("3.1")
+    for path in ("/dsr/v1/export", "/dsr/v1/erase", "/dsr/v1/challenge", "/healthz"):
+        assert path in document["paths"], path
+
+
+async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
+    world: World, tmp_path: Path
+) -> None:
+    """The stock schemathesis CLI as the client, against the live app on loopback."""
+    st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    assert st is not None, "schemathesis is a test dependency (pyproject.toml)"
+    proc = await asyncio.create_subprocess_exec(
+        st,
+        "run",
+        f"{world.base}openapi.json",
+        "--checks",
+        "not_a_server_error,response_schema_conformance,status_code_conformance,"
+        "content_type_conformance",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "15",
+        "--seed",
+        "1",
+        "--request-timeout",
+        "10",
+        "-H",
+        f"Authorization: Bearer {ADMIN_TOKEN}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, output.decode()[-6000:]
