@@ -31,6 +31,10 @@ from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.dsr_api import add_dsr_routes
 from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
+from proxy.oauth import add_oauth
+from proxy.oauth.settings import OAuthSettings
+from proxy.provisioning import add_provisioning
+from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.relay import Relay
 from proxy.sip.settings import SipSettings, transport_settings
 from proxy.sip.transport import SipTransports
@@ -60,6 +64,8 @@ class Services:
     sip: SipSettings = field(default_factory=SipSettings)
     # Where SIP listens (UDP and TCP share the port); None: no SIP transports (tests).
     sip_listen: tuple[str, int] | None = None
+    provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
     dsr: DsrSettings = field(default_factory=DsrSettings)
     crash: CrashSettings = field(default_factory=CrashSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)

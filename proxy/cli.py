@@ -189,6 +189,8 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         config.push,
         config.sip,
         (config.listen.sip_host, config.listen.sip_port),
+        provisioning=config.provisioning,
+        oauth=config.oauth,
         crash=config.crashreports,
         usage=config.usage,
         dsr=config.dsr,

@@ -18,6 +18,8 @@ from privacy.declaration import ConfigError, Section, load_toml
 from privacy.dsr import DsrSettings, parse_dsr
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
+from proxy.oauth.settings import OAuthSettings, parse_oauth
+from proxy.provisioning.settings import ProvisioningSettings, parse_provisioning
 from proxy.sip.settings import SipSettings, parse_sip
 from push.apps import PushSettings, parse_push
 from usage.settings import UsageSettings, parse_usage
@@ -48,6 +50,8 @@ class Config:
     log_console: bool
     push: PushSettings
     sip: SipSettings
+    provisioning: ProvisioningSettings
+    oauth: OAuthSettings
     dsr: DsrSettings
     crashreports: CrashSettings
     usage: UsageSettings
@@ -111,6 +115,8 @@ def load_config(path: Path | None) -> Config:
     logging_sec.finish()
     push = parse_push(root.section("push", {}))
     sip = parse_sip(root.section("sip", {}))
+    provisioning = parse_provisioning(root.section("provisioning", {}))
+    oauth = parse_oauth(root.section("oauth", {}))
     dsr = parse_dsr(root.section("dsr", {}))
     crashreports = parse_crashreports(root.section("crashreports", {}))
     usage = parse_usage(root.section("usage", {}))
@@ -129,6 +135,8 @@ def load_config(path: Path | None) -> Config:
         log_console=log_console,
         push=push,
         sip=sip,
+        provisioning=provisioning,
+        oauth=oauth,
         dsr=dsr,
         crashreports=crashreports,
         usage=usage,

@@ -40,6 +40,8 @@ class PbxSettings:
     # A PBX that cannot dial out, reached over UDP at this address instead (tests, labs).
     static: tuple[str, int] | None = None
     auth: PbxAuth = PbxAuth.DIGEST
+    # The PBX's provisioning server when it is reachable by URL; else its tunnel serves.
+    provisioning_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +175,17 @@ def _parse_pbx(sec: Section) -> PbxSettings:
     static_text = sec.text("static", "")
     source = sec.text("secret", "")
     auth = PbxAuth(sec.choice("auth", tuple(PbxAuth), PbxAuth.DIGEST.value))
+    provisioning_url = sec.text("provisioning_url", "")
+    if provisioning_url and not re.match(r"^https?://[^/\s]+(/\S*)?$", provisioning_url):
+        raise sec.error("provisioning_url", f"expected an http(s) URL, got {provisioning_url!r}")
     sec.finish()
     static = _static(sec, static_text) if static_text else None
     if auth is PbxAuth.MTLS and source:
         raise sec.error("secret", "is not used with auth = 'mtls' (use 'both' for both)")
     if static is None and auth.needs_digest and not source:
         raise sec.error("secret", "is missing: a PBX that dials out needs one (or set static)")
-    return PbxSettings(serial, _secret(sec, source) if source else "", static, auth)
+    secret = _secret(sec, source) if source else ""
+    return PbxSettings(serial, secret, static, auth, provisioning_url)
 
 
 def _check_ca(sec: Section, path: str) -> None:

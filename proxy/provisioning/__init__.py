@@ -1,0 +1,68 @@
+"""The provisioning relay: phones fetch their configuration from their PBX through it.
+
+    add_provisioning(app, settings, pbxs, clock, STORE)
+
+adds the PBX tunnel endpoint (`TUNNEL_PATH`), the relay route (`ROUTE`) and a
+cleanup context owning the HTTP client of PBXs configured by URL. The pieces:
+`protocol.py` (the tunnel's frames, shared with the PBX side in
+`mockphone/provisioning.py`), `tunnel.py` (the relay's side of the tunnel),
+`relay.py` (the HTTP route), `settings.py` (the `[provisioning]` section).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from privacy.clock import Clock
+from privacy.store import Store
+from proxy.provisioning.protocol import TUNNEL_PATH
+from proxy.provisioning.relay import METHODS, ROUTE, ProvisioningRelay
+from proxy.provisioning.settings import ProvisioningSettings
+from proxy.provisioning.tunnel import TunnelHub, refusal
+from proxy.ratelimit import RateLimiter
+from proxy.sip.settings import PbxSettings
+
+TUNNELS = web.AppKey("provisioning_tunnels", TunnelHub)
+PROVISIONING = web.AppKey("provisioning", ProvisioningRelay)
+
+
+def add_provisioning(
+    app: web.Application,
+    settings: ProvisioningSettings,
+    pbxs: tuple[PbxSettings, ...],
+    clock: Clock,
+    store: web.AppKey[Store],
+) -> None:
+    limiter = RateLimiter(settings.rate, clock)  # one budget per client for both routes
+    hub = TunnelHub({p.serial: p.secret for p in pbxs if p.secret}, settings, limiter)
+    app[TUNNELS] = hub
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        # No cookie jar: one PBX's cookies must never reach another phone's request.
+        async with aiohttp.ClientSession(
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),
+        ) as session:
+            app[PROVISIONING] = ProvisioningRelay(settings, pbxs, hub, app[store], limiter, session)
+            yield
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await request.app[PROVISIONING].handle(request)
+
+    async def not_allowed(request: web.Request) -> web.StreamResponse:
+        return refusal(405, "method_not_allowed", f"use one of {', '.join(METHODS)}")
+
+    app.cleanup_ctx.append(context)
+    app.on_shutdown.append(hub.shutdown)
+    # The tunnel first: its path would otherwise match the relay route (serial "v1").
+    app.router.add_get(TUNNEL_PATH, hub.handle)
+    for method in METHODS:
+        app.router.add_route(method, ROUTE, handle)
+    app.router.add_route("*", ROUTE, not_allowed)
+
+
+__all__ = ["PROVISIONING", "TUNNELS", "ProvisioningSettings", "add_provisioning"]
