@@ -43,6 +43,7 @@ from push.apns import ApnsProvider
 from push.apps import AppCredentials, PushSettings
 from push.embedded import StandIns
 from push.fcm import FcmProvider
+from push.feed import add_delivery_feed
 from push.service import PushLimits, PushService
 from usage.service import add_usage
 from usage.settings import UsageSettings
@@ -113,6 +114,9 @@ def build_app(services: Services) -> web.Application:
     add_dsr_routes(app, services.dsr, STORE, RELAY)
     add_openapi_route(app)
     add_sip_websocket(app, SIP_TRANSPORTS)
+    if services.push.embedded:
+        # Mock phones in another process (`simulate --target`) follow the stand-ins here.
+        add_delivery_feed(app, STAND_INS)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,11 +69,20 @@ class Deliveries:
     def __init__(self, limit: int = 100_000) -> None:
         self.items: deque[Delivery] = deque(maxlen=limit)
         self._changed = asyncio.Condition()
+        self._listeners: list[Callable[[Delivery], None]] = []
+
+    def subscribe(self, listener: Callable[[Delivery], None]) -> Callable[[], None]:
+        """Call `listener` with each delivery from now on (mock phones, the feed);
+        the function returned unsubscribes. A listener must not block."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     async def add(self, delivery: Delivery) -> None:
         async with self._changed:
             self.items.append(delivery)
             self._changed.notify_all()
+        for listener in list(self._listeners):
+            listener(delivery)
 
     def for_token(self, token: str) -> list[Delivery]:
         return [d for d in self.items if d.token == token]

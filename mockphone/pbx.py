@@ -1,0 +1,424 @@
+"""A mock PBX: dials out to softrelay, links by serial, and is its phones' registrar.
+
+    pbx = await MockPbx.connect(relay, serial="0042137", secret=..., domain="relay.test",
+                                users={"alice": "alice's password"})
+    result = await pbx.call("alice")      # rings every binding of alice, along its Path
+    assert result.connected and result.woken
+    await pbx.close()
+
+What it does, as a PBX behind NAT does with softrelay:
+
+- opens one flow (TCP by default, or TLS or WebSocket) and REGISTERs
+  `sip:<serial>@<domain>`, answering the relay's digest challenge with its secret;
+  `PbxRefused` when the relay says no. It keeps the flow alive with CRLF pings;
+- is the registrar of its users: challenges each REGISTER (MD5 digest, qop=auth),
+  keeps each binding's Contact and the `Path` the relay added (RFC 3327), and replaces a
+  binding re-registered by the same instance (`+sip.instance`) or push token (RFC 8599);
+- places calls: an INVITE to each live binding's Contact (which carries the phone's
+  push parameters) with the binding's Path as Route, so the relay can wake a sleeping
+  phone; the first answer wins and the other branches are cancelled; no answer within
+  the ring timeout cancels them all;
+- accepts the calls its phones place (180, then 200) and answers BYE, CANCEL, OPTIONS.
+
+It keeps no password of its users beyond the mapping it was given, and logs none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from mockphone.sip import (
+    TIMEOUT,
+    Dialog,
+    LinkClosed,
+    RelayAddress,
+    SipLink,
+    Transport,
+    ack_for_failure,
+    authorization,
+    cancel_for,
+    new_request,
+    sdp,
+)
+from proxy.sip.digest import DigestError, parse_authorization, response
+from proxy.sip.message import NameAddr, Request, Response, SipUri, make_response
+
+log = logging.getLogger("softrelay.mockphone")
+
+KEEPALIVE = 30.0  # seconds between CRLF pings on the PBX's flow
+MAX_NONCES = 10_000
+
+
+class PbxRefused(Exception):
+    """The relay refused the PBX's link (wrong secret, unknown serial)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the relay answered {status} to the PBX's REGISTER")
+        self.status = status
+
+
+@dataclass(slots=True)
+class Binding:
+    user: str
+    contact: NameAddr
+    paths: list[str]  # the Path header values, in order: the Route of requests to it
+    key: str  # +sip.instance, else the push token, else the Contact URI
+    expires_at: float
+
+
+@dataclass(slots=True)
+class CallResult:
+    """How a call the PBX placed ended."""
+
+    user: str
+    status: int  # the final answer; 0: none (the flow ended); 408: rang out, cancelled
+    reason: str  # the Reason header, else the reason phrase
+    woken: bool = False  # the relay parked it and pushed (180 with Push-Status)
+    push_status: str = ""
+    wake_seconds: float | None = None  # INVITE sent to the phone's own first answer
+    setup_seconds: float | None = None  # INVITE sent to 200
+
+    @property
+    def connected(self) -> bool:
+        return 200 <= self.status < 300
+
+
+@dataclass(slots=True)
+class PbxCounters:
+    registers: int = 0
+    register_refused: int = 0
+    calls_in: int = 0  # calls from phones, answered
+
+
+@dataclass
+class MockPbx:
+    serial: str
+    domain: str
+    users: dict[str, str] = field(repr=False)  # user -> SIP password (add_user)
+    now: Callable[[], float] = time.monotonic
+    ring_timeout: float = 30.0  # real seconds a call rings before the PBX cancels it
+    link: SipLink | None = None
+    bindings: dict[str, list[Binding]] = field(default_factory=dict)
+    counters: PbxCounters = field(default_factory=PbxCounters)
+    registered: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _nonces: dict[str, float] = field(default_factory=dict)
+    _incoming: dict[str, asyncio.Event] = field(default_factory=dict)
+    _keepalive: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        relay: RelayAddress,
+        *,
+        serial: str,
+        secret: str,
+        domain: str,
+        users: Mapping[str, str],
+        transport: Transport = Transport.TCP,
+        ring_timeout: float = 30.0,
+        keepalive: float = KEEPALIVE,
+        now: Callable[[], float] = time.monotonic,
+    ) -> MockPbx:
+        """Dial out to the relay and link as `serial`; PbxRefused if it says no."""
+        if transport is Transport.UDP:
+            raise ValueError("a PBX links over TCP, TLS or WebSocket: calls come back on it")
+        pbx = cls(serial, domain, dict(users), now=now, ring_timeout=ring_timeout)
+        pbx.link = await SipLink.open(transport, relay, pbx._on_request)
+        try:
+            status = await pbx._link(secret)
+        except BaseException:
+            await pbx.link.close()
+            raise
+        if status != 200:
+            await pbx.link.close()
+            raise PbxRefused(status)
+        pbx._keepalive = asyncio.create_task(pbx._keep_alive(keepalive), name=f"pbx-{serial}")
+        return pbx
+
+    def add_user(self, user: str, password: str) -> None:
+        """A user the registrar accepts from now on."""
+        self.users[user] = password
+
+    @property
+    def phone_domain(self) -> str:
+        return f"{self.serial}.{self.domain}"
+
+    def _link_or_raise(self) -> SipLink:
+        if self.link is None or self.link.closed.is_set():
+            raise LinkClosed("the PBX's flow is closed")
+        return self.link
+
+    async def _link(self, secret: str) -> int:
+        link = self._link_or_raise()
+        call_id = f"pbx-{secrets.token_hex(8)}"
+        aor = f"<sip:{self.serial}@{self.domain}>"
+        contact = f"<sip:{self.serial}@{link.sent_by};transport={link.transport.value}>"
+
+        def register(cseq: int, *extra: tuple[str, str]) -> Request:
+            return new_request(
+                link,
+                "REGISTER",
+                f"sip:{self.domain}",
+                from_=f"{aor};tag={call_id[-8:]}",
+                to=aor,
+                call_id=call_id,
+                cseq=cseq,
+                headers=[("Contact", contact), ("Expires", "600"), *extra],
+            )
+
+        answer = await link.transact(register(1))
+        if answer.status != 401:
+            return answer.status
+        header, _ = authorization(
+            answer.get("WWW-Authenticate") or "",
+            username=self.serial,
+            password=secret,
+            method="REGISTER",
+            uri=f"sip:{self.domain}",
+        )
+        return (await link.transact(register(2, ("Authorization", header)))).status
+
+    async def _keep_alive(self, every: float) -> None:
+        link = self._link_or_raise()
+        while not link.closed.is_set():
+            await asyncio.sleep(every)
+            with contextlib.suppress(LinkClosed, TimeoutError, OSError):
+                await link.ping()
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+        if self.link is not None:
+            await self.link.close()
+
+    # --- registrar --------------------------------------------------------------------
+
+    def live_bindings(self, user: str) -> list[Binding]:
+        now = self.now()
+        return [b for b in self.bindings.get(user, []) if b.expires_at > now]
+
+    async def wait_registered(self, user: str, count: int = 1, within: float = TIMEOUT) -> None:
+        """Wait until `user` has at least `count` live bindings."""
+        async with asyncio.timeout(within), self.registered:
+            await self.registered.wait_for(lambda: len(self.live_bindings(user)) >= count)
+
+    async def _on_request(self, request: Request) -> None:
+        handler = {
+            "REGISTER": self._register,
+            "INVITE": self._invite,
+            "BYE": self._ok,
+            "OPTIONS": self._ok,
+            "CANCEL": self._cancel,
+        }.get(request.method)
+        if request.method == "ACK":
+            return
+        link = self._link_or_raise()
+        if handler is None:
+            await link.send(make_response(request, 405, headers=[("Allow", _ALLOW)]))
+            return
+        await handler(link, request)
+
+    async def _ok(self, link: SipLink, request: Request) -> None:
+        await link.send(make_response(request, 200))
+
+    async def _register(self, link: SipLink, request: Request) -> None:
+        self.counters.registers += 1
+        to = request.to.uri
+        user = to.user if isinstance(to, SipUri) else None
+        password = self.users.get(user or "")
+        if user is None or password is None:
+            self.counters.register_refused += 1
+            await link.send(make_response(request, 404, "Unknown User"))
+            return
+        header = request.get("Authorization")
+        if header is None or not self._proves(header, user, password):
+            await link.send(make_response(request, 401, headers=[self._challenge()]))
+            return
+        now = self.now()
+        kept = [b for b in self.bindings.get(user, []) if b.expires_at > now]
+        default = request.expires if request.expires is not None else 3600
+        paths = request.get_all("Path")
+        for contact in request.contacts:
+            expires = contact.expires if contact.expires is not None else default
+            key = _binding_key(contact)
+            kept = [b for b in kept if b.key != key]
+            if expires > 0:
+                kept.append(Binding(user, contact, paths, key, now + expires))
+        if request.contact_star:
+            kept = []
+        async with self.registered:
+            self.bindings[user] = kept
+            self.registered.notify_all()
+        contacts = [
+            ("Contact", str(b.contact.with_param("expires", str(int(b.expires_at - now)))))
+            for b in kept
+        ]
+        await link.send(make_response(request, 200, headers=contacts))
+
+    def _challenge(self) -> tuple[str, str]:
+        nonce = secrets.token_hex(16)
+        if len(self._nonces) >= MAX_NONCES:
+            self._nonces.pop(next(iter(self._nonces)))
+        self._nonces[nonce] = self.now()
+        realm = f"pbx-{self.serial}"
+        return (
+            "WWW-Authenticate",
+            f'Digest realm="{realm}", nonce="{nonce}", algorithm=MD5, qop="auth"',
+        )
+
+    def _proves(self, header: str, user: str, password: str) -> bool:
+        try:
+            creds = parse_authorization(header)
+            if creds.username != user or creds.nonce not in self._nonces:
+                return False
+            return secrets.compare_digest(creds.response, response(creds, password, "REGISTER"))
+        except DigestError:
+            return False
+
+    # --- calls from phones ------------------------------------------------------------
+
+    async def _invite(self, link: SipLink, invite: Request) -> None:
+        tag = secrets.token_hex(6)
+        echoed = [("Record-Route", rr) for rr in invite.get_all("Record-Route")]
+        contact = ("Contact", f"<sip:pbx@{link.sent_by};transport={link.transport.value}>")
+        cancelled = asyncio.Event()
+        self._incoming[invite.call_id] = cancelled
+        try:
+            await link.send(make_response(invite, 180, headers=[*echoed, contact], to_tag=tag))
+            if cancelled.is_set():
+                return
+            self.counters.calls_in += 1
+            await link.send(
+                make_response(
+                    invite,
+                    200,
+                    headers=[*echoed, contact, ("Content-Type", "application/sdp")],
+                    to_tag=tag,
+                    body=sdp("pbx"),
+                )
+            )
+        finally:
+            self._incoming.pop(invite.call_id, None)
+
+    async def _cancel(self, link: SipLink, cancel: Request) -> None:
+        pending = self._incoming.get(cancel.call_id)
+        await link.send(make_response(cancel, 200 if pending else 481))
+        if pending is not None:
+            pending.set()
+
+    # --- calls to phones --------------------------------------------------------------
+
+    async def call(self, user: str, *, hold: float = 0.0, caller: str = "pbx") -> CallResult:
+        """Call every live binding of `user`; the first to answer wins. After `hold`
+        real seconds of talk the PBX hangs up."""
+        link = self._link_or_raise()
+        targets = self.live_bindings(user)
+        if not targets:
+            return CallResult(user, 480, "not registered")
+        started = self.now()
+        result = CallResult(user, 0, "")
+        answered = asyncio.Event()
+        invites = [self._invite_for(link, b, caller) for b in targets]
+
+        def provisional(answer: Response) -> None:
+            status = answer.get("Push-Status")
+            if status is not None:
+                result.woken = True
+                result.push_status = status
+            elif answer.status == 180 and result.woken and result.wake_seconds is None:
+                result.wake_seconds = self.now() - started
+
+        async def branch(invite: Request) -> Response | None:
+            try:
+                answer = await link.transact(
+                    invite, within=self.ring_timeout + TIMEOUT, on_provisional=provisional
+                )
+            except (LinkClosed, TimeoutError):
+                return None
+            if answer.status >= 300:
+                await link.send(ack_for_failure(invite, answer))
+            else:
+                answered.set()
+            return answer
+
+        tasks = [asyncio.create_task(branch(invite)) for invite in invites]
+        try:
+            ringing = asyncio.create_task(answered.wait())
+            all_ended: asyncio.Future[list[Response | None]] = asyncio.gather(*tasks)
+            waited: list[asyncio.Future[object]] = [ringing, all_ended]  # type: ignore[list-item]  # both are awaited below
+            done, _ = await asyncio.wait(
+                waited,
+                timeout=self.ring_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            ringing.cancel()
+            # Cancel every branch still ringing: rung out, or another branch answered.
+            for invite, task in zip(invites, tasks, strict=True):
+                if not task.done():
+                    with contextlib.suppress(LinkClosed, TimeoutError):
+                        await link.transact(cancel_for(invite))
+            answers = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        winner = next((a for a in answers if a is not None and a.status < 300), None)
+        if winner is not None:
+            invite = invites[answers.index(winner)]
+            result.status, result.reason = winner.status, winner.reason
+            result.setup_seconds = self.now() - started
+            if result.woken and result.wake_seconds is None:
+                result.wake_seconds = result.setup_seconds
+            dialog = Dialog.as_caller(invite, winner)
+            await link.send(dialog.request(link, "ACK", cseq=dialog.cseq))
+            if hold > 0:
+                await asyncio.sleep(hold)
+            with contextlib.suppress(LinkClosed, TimeoutError):
+                await link.transact(dialog.request(link, "BYE"))
+            return result
+        finals = [a for a in answers if a is not None]
+        if not finals:
+            result.status, result.reason = 0, "no answer: the flow ended"
+        elif not done or all(a.status == 487 for a in finals):
+            result.status, result.reason = 408, "no answer: rang out"
+        else:
+            best = min(finals, key=lambda a: a.status)
+            result.status = best.status
+            result.reason = best.get("Reason") or best.reason
+        return result
+
+    def _invite_for(self, link: SipLink, binding: Binding, caller: str) -> Request:
+        return new_request(
+            link,
+            "INVITE",
+            str(binding.contact.uri),
+            from_=f'"{caller}" <sip:{caller}@{self.phone_domain}>;tag={secrets.token_hex(6)}',
+            to=f"<sip:{binding.user}@{self.phone_domain}>",
+            call_id=f"pbx-call-{secrets.token_hex(10)}",
+            cseq=1,
+            routes=binding.paths,
+            headers=[
+                ("Contact", f"<sip:{caller}@{link.sent_by};transport={link.transport.value}>"),
+                ("Content-Type", "application/sdp"),
+            ],
+            body=sdp(caller),
+        )
+
+
+_ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER"
+
+
+def _binding_key(contact: NameAddr) -> str:
+    if contact.instance:
+        return contact.instance
+    push = contact.push
+    if push is not None and push.prid:
+        return f"{push.provider}:{push.prid}"
+    return str(contact.uri)
