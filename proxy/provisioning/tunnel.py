@@ -115,6 +115,7 @@ class Tunnel:
         self._streams: dict[int, Exchange] = {}
         self._ids = itertools.count(1)
         self.closed = False
+        self.ended = asyncio.Event()  # set once the tunnel is closed
 
     @property
     def in_flight(self) -> int:
@@ -173,6 +174,7 @@ class Tunnel:
 
     def end(self) -> None:
         self.closed = True
+        self.ended.set()
         for exchange in list(self._streams.values()):
             exchange.fail(StreamReset("tunnel closed"))
         self._streams.clear()
