@@ -44,6 +44,7 @@ from privacy.store import Store
 from proxy.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
 from proxy.config import Config, config_path, load_config, with_overrides
 from proxy.dsr_cli import add_dsr_parser, dsr_command
+from proxy.oauth import stand_in_notice
 from usage.cli import add_billing_parser, billing
 
 log = logging.getLogger("softrelay.proxy")
@@ -211,6 +212,8 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
             print(f"softrelay: http://{host}:{port} (healthz, metrics)", flush=True)
             log.info("listening", extra={"fields": {"listen": f"http://{host}:{port}"}})
         _print_push(runner.app)
+        if oauth_notice := stand_in_notice(runner.app):
+            print(oauth_notice, flush=True)
         for kind, (host, port) in runner.app[SIP_TRANSPORTS].addresses:
             print(f"softrelay: sip {kind} {host}:{port}", flush=True)
         print(

@@ -51,4 +51,16 @@ def add_oauth(app: web.Application, settings: OAuthSettings, clock: Clock) -> No
     app.router.add_post(ROUTE, handle)
 
 
-__all__ = ["OAUTH", "OAUTH_STAND_IN", "OAuthSettings", "add_oauth"]
+def stand_in_notice(app: web.Application) -> str | None:
+    """What `serve` prints when the stand-in answers instead of a real provider."""
+    stand_in = app.get(OAUTH_STAND_IN)
+    if stand_in is None:
+        return None
+    name = stand_in.provider.name
+    return (
+        f"softrelay: OAuth stand-in in-process (no [[oauth.provider]] configured): "
+        f"/oauth/{name}/token -> {stand_in.provider.token_url}"
+    )
+
+
+__all__ = ["OAUTH", "OAUTH_STAND_IN", "OAuthSettings", "add_oauth", "stand_in_notice"]
