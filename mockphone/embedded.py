@@ -106,10 +106,10 @@ class EmbeddedRelay:
             logs.close()
             raise
         http_port = runner.addresses[0][1]
-        sip_port = next(
-            port for kind, (_, port) in runner.app[SIP_TRANSPORTS].addresses if kind == "tcp"
+        ports = {kind.value: port for kind, (_, port) in runner.app[SIP_TRANSPORTS].addresses}
+        address = RelayAddress(
+            "127.0.0.1", ports["tcp"], f"http://127.0.0.1:{http_port}", udp_port=ports["udp"]
         )
-        address = RelayAddress("127.0.0.1", sip_port, f"http://127.0.0.1:{http_port}")
         return cls(config_file, config, runner, logs, address, pbx_secrets, tenant_key, crash)
 
     @property

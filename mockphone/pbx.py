@@ -330,8 +330,10 @@ class MockPbx:
 
         def provisional(answer: Response) -> None:
             status = answer.get("Push-Status")
-            if status is not None:
+            if answer.status == 100 or status is not None:
+                # Only the relay answers 100 here (it parked the call; the phones do not).
                 result.woken = True
+            if status is not None:
                 result.push_status = status
             elif answer.status == 180 and result.woken and result.wake_seconds is None:
                 result.wake_seconds = self.now() - started

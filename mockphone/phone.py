@@ -91,7 +91,7 @@ class PhoneSpec:
     answer: Answer = Answer.ANSWER
     answer_delay: Delay = NO_DELAY
     wake_delay: Delay = WAKE_DELAY  # push to re-REGISTER, in simulated seconds
-    expires: int = 600
+    expires: int = 3600
     keepalive: float = 30.0  # real seconds between CRLF pings while awake; 0: none
     app_id: str = DEFAULT_APP_ID
     local_host: str = "127.0.0.1"
@@ -377,10 +377,12 @@ class MockPhone:
                 await self.pace.wait_for(self.spec.wake_delay)
                 if self.awake.is_set():
                     continue  # woken meanwhile by another push or by hand
-                if await self._connect_and_register() == 200:
-                    self.counters.wakes += 1
-                else:
+                if await self._connect_and_register() != 200:
                     self.counters.wake_failures += 1
+                elif kind is PushKind.REREGISTER:
+                    await self.sleep()  # refreshed in the background; back to sleep
+                else:
+                    self.counters.wakes += 1
 
     # --- calls to the phone -----------------------------------------------------------
 

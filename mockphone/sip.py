@@ -57,6 +57,7 @@ class RelayAddress:
     http_url: str = ""  # e.g. http://127.0.0.1:8080; SIP over WebSocket is at /sip
     tls_port: int | None = None
     tls_context: ssl.SSLContext | None = None  # trusts the relay's certificate
+    udp_port: int | None = None  # when not the SIP port (port 0 picks two free ports)
 
 
 class LinkClosed(Exception):
@@ -151,7 +152,7 @@ class SipLink:
         udp, _ = await loop.create_datagram_endpoint(
             lambda: _Datagrams(queue),
             local_addr=(local, 0),
-            remote_addr=(relay.host, relay.sip_port),
+            remote_addr=(relay.host, relay.udp_port or relay.sip_port),
         )
         host, port = udp.get_extra_info("sockname")[:2]
         link = cls(Transport.UDP, f"{host}:{port}", on_request)

@@ -10,6 +10,7 @@
     softrelay crashes list|show EVENT_ID|export [--project P] [--output FILE]
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
+    softrelay simulate (--embedded | --target URL) [--phones N] [--duration S] ...
 
 Every command takes --config FILE (or SOFTRELAY_CONFIG) and --data-dir DIR. A
 configuration or policy that cannot work ends the command with exit status 2 and one
@@ -31,6 +32,7 @@ import uvloop
 from aiohttp import web
 
 from crashreports.commands import add_crashes_parser, crashes_command
+from mockphone.simulate import add_simulate_parser, simulate_command
 from privacy.audit import audit, format_hits, format_report, scan_for_canaries
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
 from privacy.declaration import ConfigError
@@ -79,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "policy":
         return _policy(args, config, policy)
+    if args.command == "simulate":  # its own world: no logs or data of this config
+        return simulate_command(args, config)
     # Owner-only from the start: everything below it is data of the policy.
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = getattr(args, "now", None)
@@ -160,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     add_dsr_parser(sub, common)
 
     add_crashes_parser(sub, common)
+    add_simulate_parser(sub, common)
 
     keys = sub.add_parser("keys", help="manage the keyring")
     keys_sub = keys.add_subparsers(dest="action", required=True)
