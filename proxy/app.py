@@ -30,9 +30,9 @@ from privacy.policy import Policy
 from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.dsr_api import add_dsr_routes
-from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.oauth import add_oauth
 from proxy.oauth.settings import OAuthSettings
+from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.provisioning import add_provisioning
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.relay import Relay
@@ -65,10 +65,10 @@ class Services:
     sip: SipSettings = field(default_factory=SipSettings)
     # Where SIP listens (UDP and TCP share the port); None: no SIP transports (tests).
     sip_listen: tuple[str, int] | None = None
+    crash: CrashSettings = field(default_factory=CrashSettings)
     provisioning: ProvisioningSettings = field(default_factory=ProvisioningSettings)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
     dsr: DsrSettings = field(default_factory=DsrSettings)
-    crash: CrashSettings = field(default_factory=CrashSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
 
 
@@ -107,9 +107,6 @@ def build_app(services: Services) -> web.Application:
     add_oauth(app, services.oauth, services.clock)
     # Last in, first out: SIP stops taking messages before push and the store close.
     app.cleanup_ctx.append(_sip_ctx)
-    # After the store and the relay: a subject proves identity through its PBX's flow.
-    add_dsr_routes(app, services.dsr, STORE, RELAY)
-    add_openapi_route(app)
     # After the store and the relay: a subject proves identity through its PBX's flow.
     add_dsr_routes(app, services.dsr, STORE, RELAY)
     add_openapi_route(app)

@@ -1,0 +1,442 @@
+"""Waking a sleeping phone over real sockets: `softrelay serve` with its embedded push
+stand-ins, the Python PBX of test_sipp.py (`Pbx`) as the caller, and a Python phone.
+
+The PBX links by serial over TCP. The phone connects over TCP from 127.0.0.2, so that
+its address differs from the relay's, and registers through the PBX with RFC 8599 push
+parameters in its Contact (`pn-provider=apns`, a 64-hex `pn-prid`, and a `pn-param`
+naming the app `serve` runs its stand-ins for). Then it sleeps: it closes its
+connection. The PBX calls the registered Contact along the Path it was given, as RFC
+8599 has it; the relay parks the INVITE, answers `100`, pushes, and answers `180` with
+`Push-Status: delivered`. The phone reconnects on a new connection, registers again
+with the same `pn-prid`, and receives the INVITE from the relay's memory; the call is
+answered, acknowledged and hung up along the Record-Route.
+
+How the phone learns that its push arrived: the stand-ins run inside `serve`, so this
+test cannot see their deliveries. The relay sends that `180 Push-Status: delivered`
+only once the stand-in has accepted the push (the provider's 200), so the PBX side
+hands it on to the phone as its "push arrived" signal (`push_arrived`), and the phone
+reconnects the moment it is set. A real phone hears it from its OS; the order of
+events at the relay is the same.
+
+The phone's sleep is a half-close: it sends FIN and waits for the relay to close its
+side, which the relay does as it drops the flow (`eof_received`). So the PBX calls
+only once the relay has seen the phone go, and the INVITE is parked, not written to
+a dead connection.
+
+Every wait is bounded by a timeout (STEP_TIMEOUT), never paced by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from proxy.sip.framing import PONG, Keepalive, StreamFramer
+from proxy.sip.message import NameAddr, Request, Response, make_response, parse
+from tests.sip.test_sipp import (
+    DOMAIN,
+    PHONE_DOMAIN,
+    PHONE_IP,
+    SERIAL,
+    STEP_TIMEOUT,
+    Pbx,
+    Server,
+    _audit,
+    _challenge_param,
+    _digest,
+    _message,
+    start_server,  # noqa: F401  (the fixture: pytest finds it in this module's namespace)
+)
+from tests.sip.test_websocket_phone import _http_port
+
+TOKEN = secrets.token_hex(32)  # the APNs device token: 64 hex digits
+PN_PARAM = "ABCDE12345.com.example.softphone.voip"  # team id, `serve`'s embedded app id
+CALLER_NAME = "Carol Caller-canary"
+CALLEE_NAME = "Alice Callee-canary"
+SDP_CANARY = "o=carol 4711 4711 IN IP4 sdp-canary.example"
+SDP = f"v=0\r\n{SDP_CANARY}\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+SDP += "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+PHONE_SDP = f"v=0\r\no=alice 1 1 IN IP4 {PHONE_IP}\r\ns=-\r\nc=IN IP4 {PHONE_IP}\r\nt=0 0\r\n"
+PHONE_SDP += "m=audio 41000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+
+
+class CallingPbx(Pbx):
+    """The PBX of test_sipp.py, receiving every message: over TCP nothing repeats, and
+    the relay's `180 Push-Status` and the phone's own 180 share Call-ID, CSeq and
+    branch."""
+
+    async def receive(self) -> Request | Response:
+        return await self._next()
+
+    async def accept_register(self, password: str | None) -> tuple[Request, NameAddr, NameAddr]:
+        """A phone's REGISTER, challenged first when `password` is set, then accepted:
+        the accepted REGISTER, its Contact and the Path back to the phone."""
+        register = await self.request("REGISTER")
+        if password is not None:
+            nonce = secrets.token_hex(12)
+            challenge = f'Digest realm="pbx.{DOMAIN}", nonce="{nonce}", algorithm=MD5, qop="auth"'
+            await self.send(make_response(register, 401, headers=[("WWW-Authenticate", challenge)]))
+            register = await self.request("REGISTER")
+            creds = register.get("Authorization") or ""
+            cnonce, nc = _challenge_param(creds, "cnonce"), _challenge_param(creds, "nc")
+            expected = _digest(
+                "MD5",
+                username="alice",
+                realm=f"pbx.{DOMAIN}",
+                password=password,
+                method="REGISTER",
+                uri=f"sip:{PHONE_DOMAIN}",
+                nonce=nonce,
+                nc=nc,
+                cnonce=cnonce,
+            )
+            assert _challenge_param(creds, "response") == expected, creds
+        (path,) = register.paths
+        assert "ft=" in str(path), str(path)
+        (contact,) = register.contacts
+        push = contact.push
+        assert push is not None, "the Contact's push parameters reach the PBX"
+        assert (push.provider, push.prid, push.param) == ("apns", TOKEN, PN_PARAM)
+        await self.send(
+            make_response(
+                register,
+                200,
+                headers=[
+                    ("Contact", str(contact.with_param("expires", "600"))),
+                    ("Expires", "600"),
+                ],
+            )
+        )
+        return register, contact, path
+
+    async def invite(self, contact: NameAddr, path: NameAddr, call_id: str) -> list[str]:
+        """INVITE the registered Contact along the Path (RFC 8599: the Request-URI is the
+        Contact with its pn- parameters); the headers of the dialog, for ACK and BYE."""
+        dialog = [f'From: "{CALLER_NAME}" <sip:carol@{PHONE_DOMAIN}>;tag=pbx-{call_id}']
+        dialog.append(f"Call-ID: {call_id}")
+        await self.send(
+            _message(
+                f"INVITE {contact.uri} SIP/2.0",
+                self.via(),
+                f"Route: {path}",
+                "Max-Forwards: 70",
+                *dialog,
+                f'To: "{CALLEE_NAME}" <sip:alice@{PHONE_DOMAIN}>',
+                "CSeq: 1 INVITE",
+                f"Contact: {self.contact}",
+                "Content-Type: application/sdp",
+                body=SDP,
+            )
+        )
+        return dialog
+
+    async def provisional(self) -> Response:
+        message = await self.receive()
+        assert isinstance(message, Response), self.last()
+        assert message.cseq.method == "INVITE", self.last()
+        assert message.status < 200, self.last()
+        return message
+
+
+class TcpPhone:
+    """A softphone on one TCP connection from PHONE_IP, one transaction at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.framer = StreamFramer()
+        self.inbox: list[bytes] = []
+        self.port: int = writer.get_extra_info("sockname")[1]
+        self.contact = (
+            f"<sip:alice@{PHONE_IP}:{self.port};transport=tcp;"
+            f"pn-provider=apns;pn-prid={TOKEN};pn-param={PN_PARAM}>"
+        )
+        self.transcript: list[str] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> TcpPhone:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(PHONE_IP, 0)), STEP_TIMEOUT
+        )
+        return cls(reader, writer)
+
+    def via(self) -> str:
+        sent_by = f"{PHONE_IP}:{self.port}"
+        return f"Via: SIP/2.0/TCP {sent_by};branch=z9hG4bK-ph-{secrets.token_hex(6)}"
+
+    async def send(self, message: bytes | Request | Response) -> None:
+        data = message if isinstance(message, bytes) else message.serialize()
+        self.transcript.append(f">>> {data.decode(errors='replace')}")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self) -> Request | Response:
+        while not self.inbox:
+            data = await asyncio.wait_for(self.reader.read(65536), STEP_TIMEOUT)
+            assert data, f"the relay closed the phone's connection after:\n{self.last()}"
+            for item in self.framer.feed(data):
+                if item is Keepalive.PING:
+                    self.writer.write(PONG)
+                elif isinstance(item, bytes):
+                    self.inbox.append(item)
+        raw = self.inbox.pop(0)
+        self.transcript.append(f"<<< {raw.decode(errors='replace')}")
+        return parse(raw)
+
+    async def request(self, method: str) -> Request:
+        message = await self.receive()
+        assert isinstance(message, Request), f"expected {method}, got:\n{self.last()}"
+        assert message.method == method, f"expected {method}, got:\n{self.last()}"
+        return message
+
+    async def final(self, method: str) -> Response:
+        while True:
+            message = await self.receive()
+            assert isinstance(message, Response), f"expected a response, got:\n{self.last()}"
+            assert message.cseq.method == method, self.last()
+            if message.status >= 200:
+                return message
+
+    def last(self) -> str:
+        return self.transcript[-1] if self.transcript else "(nothing)"
+
+    async def register(self, password: str | None) -> Response:
+        """REGISTER alice with the push parameters, answering a digest challenge."""
+        call_id = f"tcp-reg-{secrets.token_hex(6)}"
+
+        def register(cseq: int, *extra: str) -> bytes:
+            return _message(
+                f"REGISTER sip:{PHONE_DOMAIN} SIP/2.0",
+                self.via(),
+                f"From: <sip:alice@{PHONE_DOMAIN}>;tag=ph-{call_id}",
+                f"To: <sip:alice@{PHONE_DOMAIN}>",
+                f"Call-ID: {call_id}",
+                f"CSeq: {cseq} REGISTER",
+                "Max-Forwards: 70",
+                f"Contact: {self.contact}",
+                "Expires: 600",
+                *extra,
+            )
+
+        await self.send(register(1))
+        answer = await self.final("REGISTER")
+        if answer.status == 401 and password is not None:
+            challenge = answer.get("WWW-Authenticate") or ""
+            realm = _challenge_param(challenge, "realm")
+            nonce = _challenge_param(challenge, "nonce")
+            uri, nc, cnonce = f"sip:{PHONE_DOMAIN}", "00000001", secrets.token_hex(8)
+            response = _digest(
+                "MD5",
+                username="alice",
+                realm=realm,
+                password=password,
+                method="REGISTER",
+                uri=uri,
+                nonce=nonce,
+                nc=nc,
+                cnonce=cnonce,
+            )
+            authorization = (
+                f'Digest username="alice", realm="{realm}", nonce="{nonce}", uri="{uri}", '
+                f'response="{response}", algorithm=MD5, qop=auth, nc={nc}, cnonce="{cnonce}"'
+            )
+            await self.send(register(2, f"Authorization: {authorization}"))
+            answer = await self.final("REGISTER")
+        assert answer.status == 200, self.last()
+        return answer
+
+    async def sleep(self) -> None:
+        """The app goes to the background: FIN, then wait until the relay closes its
+        side, which it does as it drops the flow; then the socket is gone."""
+        self.writer.write_eof()
+        rest = await asyncio.wait_for(self.reader.read(), STEP_TIMEOUT)
+        assert rest == b"", rest
+        await self.close()
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+    async def take_call(self) -> Request:
+        """The parked INVITE: 180 and 200 echoing the Record-Route; its ACK and BYE."""
+        invite = await self.request("INVITE")
+        echoed = [("Record-Route", value) for value in invite.get_all("Record-Route")]
+        contact = f"<sip:alice@{PHONE_IP}:{self.port};transport=tcp>"
+        tag = "ph-in"
+        await self.send(
+            make_response(invite, 180, headers=[*echoed, ("Contact", contact)], to_tag=tag)
+        )
+        await self.send(
+            make_response(
+                invite,
+                200,
+                headers=[*echoed, ("Contact", contact), ("Content-Type", "application/sdp")],
+                to_tag=tag,
+                body=PHONE_SDP.encode(),
+            )
+        )
+        ack = await self.request("ACK")
+        assert ack.call_id == invite.call_id
+        bye = await self.request("BYE")
+        assert bye.call_id == invite.call_id
+        await self.send(make_response(bye, 200))
+        return invite
+
+
+async def _metric(server: Server, name: str) -> float:
+    """One sample of `serve`'s /metrics, 0 when absent."""
+    url = f"http://127.0.0.1:{_http_port(server)}/metrics"
+    timeout = aiohttp.ClientTimeout(total=STEP_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as answer:
+        text = await answer.text()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _linked_pbx(server: Server) -> CallingPbx:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", server.ports["tcp"]), STEP_TIMEOUT
+    )
+    pbx = CallingPbx(reader, writer)
+    assert await pbx.link(server.secret) == 200, server.log()
+    return pbx
+
+
+async def _asleep(
+    server: Server, pbx: CallingPbx, password: str | None
+) -> tuple[int, NameAddr, NameAddr]:
+    """A phone registered through the PBX, then slept: the port it had, and the Contact
+    and Path the PBX keeps for it."""
+    phone = await TcpPhone.connect(server.ports["tcp"])
+    try:
+        async with asyncio.TaskGroup() as group:
+            registered = group.create_task(phone.register(password))
+            accepted = group.create_task(pbx.accept_register(password))
+        ok = registered.result()
+        assert '+sip.pns="apns,apns.dev,fcm"' in (ok.get("Feature-Caps") or ""), phone.last()
+    finally:
+        await phone.sleep()
+    _, contact, path = accepted.result()
+    return phone.port, contact, path
+
+
+async def test_sleeping_phone_is_woken_by_a_push_and_takes_the_call_on_a_new_connection(
+    start_server: Callable[[], Awaitable[Server]],  # noqa: F811  (the fixture imported above)
+) -> None:
+    """(a) The call is parked, pushed (100, 180 Push-Status: delivered), delivered to the
+    phone's new connection once its PBX accepts its re-REGISTER, and completes; (c)
+    afterwards the caller's and callee's names, the SDP, the push token and the phone's
+    address are nowhere in plain under the data directory."""
+    server = await start_server()
+    pbx = await _linked_pbx(server)
+    password = f"pw-{secrets.token_hex(8)}"
+    push_arrived = asyncio.Event()
+    phones: list[TcpPhone] = []
+    try:
+        first_port, contact, path = await _asleep(server, pbx, password)
+
+        async def caller() -> None:
+            dialog = await pbx.invite(contact, path, "wake-e2e-1")
+            trying = await pbx.provisional()
+            assert trying.status == 100, pbx.last()
+            ringing = await pbx.provisional()
+            assert ringing.status == 180, pbx.last()
+            assert ringing.get("Push-Status") == "delivered", pbx.last()
+            push_arrived.set()  # the phone's "your push arrived"
+            await pbx.accept_register(password)  # the woken phone's re-REGISTER
+            ringing = await pbx.provisional()
+            assert ringing.status == 180, pbx.last()
+            assert ringing.get("Push-Status") is None, "the phone's own 180 this time"
+            answer = await pbx.response("INVITE", 200)
+            assert answer.body == PHONE_SDP.encode()
+            routes = [f"Route: {rr}" for rr in reversed(answer.record_routes)]
+            assert routes, pbx.last()
+            (target,) = answer.contacts
+            in_dialog = [*routes, "Max-Forwards: 70", *dialog, f"To: {answer.get('To')}"]
+            await pbx.send(
+                _message(f"ACK {target.uri} SIP/2.0", pbx.via(), *in_dialog, "CSeq: 1 ACK")
+            )
+            await pbx.send(
+                _message(f"BYE {target.uri} SIP/2.0", pbx.via(), *in_dialog, "CSeq: 2 BYE")
+            )
+            assert (await pbx.response("BYE")).status == 200, pbx.last()
+
+        async def phone() -> None:
+            await asyncio.wait_for(push_arrived.wait(), STEP_TIMEOUT)
+            woken = await TcpPhone.connect(server.ports["tcp"])
+            phones.append(woken)
+            assert woken.port != first_port, "a new connection"
+            await woken.register(password)
+            invite = await woken.take_call()
+            # The INVITE as the PBX sent it, held in memory only while the phone slept.
+            assert str(invite.uri) == str(contact.uri), "the registered Contact, pn- and all"
+            assert invite.body == SDP.encode()
+            assert CALLER_NAME in (invite.get("From") or "")
+            assert not invite.routes, "the relay took the Path's Route off"
+            assert invite.record_routes, "the relay Record-Routes the dialog"
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(caller())
+            group.create_task(phone())
+        assert await _metric(server, 'softrelay_wake_calls_total{end="delivered"}') == 1
+        assert await _metric(server, "softrelay_wake_parked") == 0
+    except BaseException:
+        for woken in phones:
+            print("\n".join(woken.transcript[-10:]))
+        print("\n".join(pbx.transcript[-20:]))
+        print(server.log())
+        raise
+    finally:
+        for woken in phones:
+            await woken.close()
+        await pbx.close()
+    assert await server.stop() == 0, server.log()
+
+    # (c) With debug mode off, the parked call existed in memory only.
+    status, report = await _audit(
+        server, CALLER_NAME, CALLEE_NAME, SDP_CANARY, PHONE_IP, TOKEN, password
+    )
+    assert status == 0, report
+    assert "no canary found" in report
+    # ...while the scan does read the data: the serial is stored in plain.
+    status, report = await _audit(server, SERIAL)
+    assert status == 1, report
+
+
+async def test_sigterm_answers_both_parked_calls_with_503_before_serve_exits(
+    start_server: Callable[[], Awaitable[Server]],  # noqa: F811  (the fixture imported above)
+) -> None:
+    """(b) Two calls parked for a sleeping phone; SIGTERM: each INVITE gets a final 503
+    with Retry-After, read by the PBX after `serve` has exited with status 0."""
+    server = await start_server()
+    pbx = await _linked_pbx(server)
+    try:
+        _, contact, path = await _asleep(server, pbx, None)
+        calls = ("wake-e2e-stop-1", "wake-e2e-stop-2")
+        for call_id in calls:
+            await pbx.invite(contact, path, call_id)
+        # Both parked and pushed: 100 and 180 Push-Status for each, in some order.
+        seen: dict[str, list[int]] = {call_id: [] for call_id in calls}
+        while any(statuses != [100, 180] for statuses in seen.values()):
+            provisional = await pbx.provisional()
+            seen[provisional.call_id].append(provisional.status)
+            assert len(seen[provisional.call_id]) <= 2, seen
+            if provisional.status == 180:
+                assert provisional.get("Push-Status") == "delivered", pbx.last()
+
+        assert await server.stop() == 0, server.log()
+        finals = [await pbx.response("INVITE") for _ in calls]
+    except BaseException:
+        print("\n".join(pbx.transcript[-20:]))
+        print(server.log())
+        raise
+    finally:
+        await pbx.close()
+    assert sorted(f.call_id for f in finals) == sorted(calls)
+    assert [f.status for f in finals] == [503, 503], pbx.transcript[-2:]
+    assert all(f.get("Retry-After") for f in finals)
+    assert all("shutting down" in (f.get("Reason") or "") for f in finals)
