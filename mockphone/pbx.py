@@ -355,6 +355,8 @@ class MockPbx:
         try:
             ringing = asyncio.create_task(answered.wait())
             all_ended: asyncio.Future[list[Response | None]] = asyncio.gather(*tasks)
+            # Its outcome is read from the tasks; a cancelled call must not leave it unread.
+            all_ended.add_done_callback(lambda f: f.cancelled() or f.exception())
             waited: list[asyncio.Future[object]] = [ringing, all_ended]  # type: ignore[list-item]  # both are awaited below
             done, _ = await asyncio.wait(
                 waited,
