@@ -35,6 +35,8 @@ from push.wake import (
 )
 
 Sleep = Callable[[float], Awaitable[None]]
+# Refused here, before any provider saw it: `max_in_flight` pushes of the app are out.
+OVERLOADED = TemporaryFailure("overloaded")
 push_log = category_logger("push_log")
 log = logging.getLogger("softrelay.push")
 
@@ -131,7 +133,7 @@ class PushService:
             result = WakeResult(PermanentFailure("no credentials for this app"), 0, 0.0)
         elif self._in_flight.get(slot, 0) >= self._limits.max_in_flight:
             self.metrics.rejected.labels(family, request.app_id).inc()
-            result = WakeResult(TemporaryFailure("overloaded"), 0, 0.0)
+            result = WakeResult(OVERLOADED, 0, 0.0)
         else:
             self._in_flight[slot] = self._in_flight.get(slot, 0) + 1
             try:

@@ -37,7 +37,7 @@ from privacy.clock import Clock
 from privacy.store import Store, Subject
 from proxy.sip.flow import Flow
 from proxy.sip.message import PushParams, Request, SipUri, parse
-from push.service import PushService
+from push.service import OVERLOADED, PushService
 from push.wake import Delivered, PermanentFailure, Reason, Service, TokenDead, WakeRequest
 
 log = logging.getLogger("softrelay.proxy")
@@ -255,6 +255,9 @@ class Parking:
             await self._end(parked, 480, "push token no longer valid", "push_failed")
         elif isinstance(outcome, PermanentFailure):
             await self._end(parked, 480, "push refused", "push_failed")
+        elif outcome == OVERLOADED:
+            # Our own limit, not the phone's state: the caller may try again shortly.
+            await self._end(parked, 503, "push service busy", "refused")
         else:
             await self._end(parked, 480, "push failed", "push_failed")
 

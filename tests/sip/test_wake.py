@@ -96,9 +96,9 @@ async def world(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     clock = ManualClock(time.time())
     policy = load_policy("auerproxy")
     logs = setup_logging(policy, tmp_path, clock)
-    wake = getattr(request, "param", WakeSettings())
+    wake, in_flight = getattr(request, "param", (WakeSettings(), 10))
     sip = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),), wake=wake)
-    push = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id=APP_ID)
+    push = PushSettings(apps=(), max_in_flight=in_flight, max_attempts=2, embedded_app_id=APP_ID)
     app = build_app(Services(policy, Keyring.generate(), tmp_path, clock, 3600, push, sip))
     server = TestServer(app)
     await server.start_server()
@@ -291,7 +291,7 @@ async def test_shutdown_answers_every_parked_call(world: World) -> None:
     assert len(world.relay.parking) == 0
 
 
-@pytest.mark.parametrize("world", [WakeSettings(max_per_binding=1)], indirect=True)
+@pytest.mark.parametrize("world", [(WakeSettings(max_per_binding=1), 10)], indirect=True)
 async def test_parked_calls_per_binding_are_bounded(world: World) -> None:
     pbx, pbx_wire, register = await _asleep(world)
     await world.relay.handle(_invite(register, "call-1"), pbx)
@@ -369,7 +369,9 @@ async def test_binding_about_to_expire_gets_one_background_push(world: World) ->
     assert push.headers["apns-push-type"] == "background", "never a VoIP push"
 
 
-@pytest.mark.parametrize("world", [WakeSettings(debug_serials=frozenset({SERIAL}))], indirect=True)
+@pytest.mark.parametrize(
+    "world", [(WakeSettings(debug_serials=frozenset({SERIAL})), 10)], indirect=True
+)
 async def test_debug_mode_keeps_the_destination_name_for_four_weeks(world: World) -> None:
     pbx, pbx_wire, register = await _asleep(world)
     await world.relay.handle(_invite(register), pbx)
@@ -421,3 +423,21 @@ async def test_phone_on_udp_that_answers_is_not_pushed(world: World) -> None:
     await world.relay.parking.expire()
     assert world.stand_ins.deliveries.for_token(TOKEN) == []
     assert len(world.relay.parking) == 0
+
+
+@pytest.mark.parametrize("world", [(WakeSettings(), 1)], indirect=True)
+async def test_push_service_at_its_limit_answers_503_not_480(world: World) -> None:
+    other = "beefcafe" * 8
+    world.stand_ins.script.push(TOKEN, Respond.hanging())
+    pbx, pbx_wire, register = await _asleep(world)
+    bob, _, other_register = await _register(
+        world, pbx, pbx_wire, cseq=2, contact=_contact(other, user="bob"), user="bob"
+    )
+    bob.close()
+    await world.relay.handle(_invite(register, "call-1"), pbx)
+    await pbx_wire.response(100)
+    await world.relay.handle(_invite(other_register, "call-2", user="bob"), pbx)
+    busy = await pbx_wire.response(503)
+    assert busy.call_id == "call-2"
+    assert busy.get("Retry-After") == "5"
+    assert world.stand_ins.deliveries.for_token(other) == []
