@@ -316,9 +316,12 @@ class MockPbx:
 
     # --- calls to phones --------------------------------------------------------------
 
-    async def call(self, user: str, *, hold: float = 0.0, caller: str = "pbx") -> CallResult:
-        """Call every live binding of `user`; the first to answer wins. After `hold`
-        real seconds of talk the PBX hangs up."""
+    async def call(
+        self, user: str, *, hold: float = 0.0, caller: str = "pbx", caller_name: str | None = None
+    ) -> CallResult:
+        """Call every live binding of `user` from `caller` (display name `caller_name`,
+        else `caller`); the first to answer wins. After `hold` real seconds of talk the
+        PBX hangs up."""
         link = self._link_or_raise()
         targets = self.live_bindings(user)
         if not targets:
@@ -326,7 +329,7 @@ class MockPbx:
         started = self.now()
         result = CallResult(user, 0, "")
         answered = asyncio.Event()
-        invites = [self._invite_for(link, b, caller) for b in targets]
+        invites = [self._invite_for(link, b, caller, caller_name or caller) for b in targets]
 
         def provisional(answer: Response) -> None:
             status = answer.get("Push-Status")
@@ -398,12 +401,12 @@ class MockPbx:
             result.reason = best.get("Reason") or best.reason
         return result
 
-    def _invite_for(self, link: SipLink, binding: Binding, caller: str) -> Request:
+    def _invite_for(self, link: SipLink, binding: Binding, caller: str, name: str) -> Request:
         return new_request(
             link,
             "INVITE",
             str(binding.contact.uri),
-            from_=f'"{caller}" <sip:{caller}@{self.phone_domain}>;tag={secrets.token_hex(6)}',
+            from_=f'"{name}" <sip:{caller}@{self.phone_domain}>;tag={secrets.token_hex(6)}',
             to=f"<sip:{binding.user}@{self.phone_domain}>",
             call_id=f"pbx-call-{secrets.token_hex(10)}",
             cseq=1,

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -500,8 +500,17 @@ class Simulation:
         await asyncio.gather(*(p.close() for p in self.pbxs), return_exceptions=True)
 
 
-def send_crash(dsn: str, kind: Kind, opted_in: bool) -> None:
-    """One crash report, as an app sends it: the stock sentry-sdk, its own client."""
+def send_crash(
+    dsn: str,
+    kind: Kind,
+    opted_in: bool,
+    *,
+    message: str = "simulated crash in CallScreen.render",
+    extra: Mapping[str, str] | None = None,
+) -> str | None:
+    """One crash report, as an app sends it: the stock sentry-sdk, its own client.
+    `message` and `extra` are what a careless app puts in a report (the relay scrubs
+    them); the event id the SDK gave the report."""
     import sentry_sdk  # the app's SDK, imported where the app would use it
     from sentry_sdk.utils import event_from_exception
 
@@ -516,14 +525,17 @@ def send_crash(dsn: str, kind: Kind, opted_in: bool) -> None:
     scope.set_tag("softrelay.opt_in", "yes" if opted_in else "no")
     scope.set_tag("device.kind", kind.value)
     scope.add_breadcrumb(message="opened the dial pad", category="ui")
+    for key, value in (extra or {}).items():
+        scope.set_extra(key, value)
     # One client per phone, so not the SDK's global hub: capture on this client.
     try:
-        raise RuntimeError("simulated crash in CallScreen.render")  # noqa: TRY301
+        raise RuntimeError(message)  # noqa: TRY301
     except RuntimeError as exc:
         event, hint = event_from_exception(exc, client_options=client.options)
-        client.capture_event(event, hint, scope=scope)
+        event_id = client.capture_event(event, hint, scope=scope)
     client.flush(timeout=5)
     client.close(timeout=5)
+    return event_id
 
 
 async def push_outcomes(world: World) -> dict[str, float]:
