@@ -71,6 +71,13 @@ class Backend(Protocol):
         cryptography runs beside the write and off the event loop that carries SIP."""
         ...
 
+    async def put_many(
+        self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
+    ) -> None:
+        """`put` of many rows of a category without subjects, in one statement: for
+        writers that collect their callers' rows and commit them together."""
+        ...
+
     async def select(
         self,
         table: TableSpec,

@@ -185,6 +185,19 @@ class SQLiteBackend:
             self._touch_subject(subject, now)
         return record_id
 
+    async def put_many(
+        self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
+    ) -> None:
+        assert self._thread is not None, "backend is closed"
+        if rows:
+            await self._thread.batched(partial(self._put_many, table, rows, now))
+
+    def _put_many(self, table: TableSpec, rows: Sequence[Callable[[], Row]], now: float) -> None:
+        built = [{**row(), "subject": None, "created_at": now, "last_used_at": now} for row in rows]
+        # One statement for the whole batch; without RETURNING, which executemany refuses.
+        sql = _upsert_sql(table, tuple(built[0])).removesuffix(" RETURNING id")
+        self.db.executemany(sql, [list(values.values()) for values in built])
+
     def _touch_subject(self, subject: bytes, now: float) -> None:
         self.db.execute(
             "INSERT INTO subjects VALUES (?, ?) ON CONFLICT(subject) DO UPDATE "

@@ -11,7 +11,7 @@ even before the sweeper has removed it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,21 @@ class Store:
         return await self.backend.put(
             self._tables[category], row, subject=subject, now=self.clock.now()
         )
+
+    async def put_many(self, category: str, records: Sequence[Mapping[str, Value]]) -> None:
+        """`put` of many records of a category without subjects, committed together.
+        Each is checked first; one refused record refuses them all, nothing written."""
+        cat = self._stored(category)
+        if cat.subject:
+            raise PolicyViolation(f"{category}: put_many is for categories without subjects")
+        rows = []
+        for fields in records:
+            self._check_fields(cat, fields)
+            missing = [name for name in cat.key if fields.get(name) is None]
+            if missing:
+                raise PolicyViolation(f"{category}: field {missing[0]!r} is required (record key)")
+            rows.append(self._encode(cat, fields))
+        await self.backend.put_many(self._tables[category], rows, now=self.clock.now())
 
     async def update(
         self, category: str, record_id: int, fields: Mapping[str, Value], *, use: bool = True

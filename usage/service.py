@@ -60,6 +60,7 @@ def add_usage(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await ledger.drain()
 
     app.cleanup_ctx.append(usage_ctx)
     app.router.add_post(PING_PATH, _ping)
