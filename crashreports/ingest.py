@@ -34,6 +34,7 @@ from crashreports.scrubber import DropEvent
 from crashreports.settings import CrashSettings, Project
 from privacy.clock import Clock
 from privacy.store import Store
+from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response
 
 CATEGORY = "crash_report"
 # aiohttp decodes these itself, streaming, a bounded chunk at a time (with Brotli for br).
@@ -289,3 +290,80 @@ def _legacy_body(body: bytes, cap: int) -> bytes:
     if len(out) > cap or inflater.unconsumed_tail:
         raise IngestError(413, f"body larger than {cap} bytes once decoded", "too_large")
     return out
+
+
+def describe(openapi: OpenApi) -> None:
+    """The two ingest operations, with the refusals of steps 1-4 above."""
+    openapi.security_scheme(
+        "sentryAuth",
+        {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Sentry-Auth",
+            "description": "Sentry sentry_key=<project public key>, ...",
+        },
+    )
+    openapi.security_scheme("sentryKey", {"type": "apiKey", "in": "query", "name": "sentry_key"})
+    detail = openapi.schema(
+        "CrashRefusal",
+        {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
+    )
+    accepted = json_response(
+        "Accepted: stored scrubbed, or dropped unstored (no opt-in); `id` when there was an event",
+        {"type": "object", "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}},
+    )
+    rate_headers = RETRY_AFTER | {"X-Sentry-Rate-Limits": {"schema": {"type": "string"}}}
+    responses = {
+        "200": accepted,
+        "400": json_response("Malformed envelope or event, or an attachment", detail),
+        "401": json_response("No sentry_key", detail),
+        "403": json_response("Unknown project or key", detail),
+        "413": json_response("Body over the limit once decoded", detail),
+        "415": json_response("Content-Encoding not supported", detail),
+        "429": json_response("The project's rate limit", detail) | {"headers": rate_headers},
+    }
+    project = {
+        "name": "project",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "the project id of the DSN",
+    }
+    security: list[dict[str, list[str]]] = [{"sentryAuth": []}, {"sentryKey": []}]
+    binary = {"type": "string", "format": "binary"}
+    # Header line, then per item a header line and its payload (develop.sentry.dev).
+    envelope = (
+        '{"event_id":"9ec79c33ec9942ab8353589fcb2e04dc"}\n'
+        '{"type":"event"}\n'
+        '{"message":"crash","tags":{"softrelay.opt_in":"yes"}}\n'
+    )
+    openapi.operation(
+        "/api/{project}/envelope/",
+        "post",
+        {
+            "summary": "Sentry envelope ingest (events scrubbed before they are stored)",
+            "parameters": [project],
+            "security": security,
+            "requestBody": {
+                "required": True,
+                # Any Content-Type is read as an envelope; SDKs send the first. (The
+                # example sits on the second: a fuzzer knows how to send that one.)
+                "content": {
+                    "application/x-sentry-envelope": {"schema": binary},
+                    "application/octet-stream": {"schema": binary, "example": envelope},
+                },
+            },
+            "responses": responses,
+        },
+    )
+    openapi.operation(
+        "/api/{project}/store/",
+        "post",
+        {
+            "summary": "Sentry's older single-event ingest (JSON, or base64 of zlib JSON)",
+            "parameters": [project],
+            "security": security,
+            "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
+            "responses": responses,
+        },
+    )

@@ -10,11 +10,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from crashreports.forward import Forwarder
-from crashreports.ingest import Ingest
+from crashreports.ingest import Ingest, describe
 from crashreports.selfreport import start_self_reporting, stop_self_reporting
 from crashreports.settings import CrashSettings
 from privacy.clock import Clock
 from privacy.store import Store
+from proxy.openapi import OPENAPI
 
 INGEST = web.AppKey("crash_ingest", Ingest)
 
@@ -51,6 +52,8 @@ def add_crashreports(
     app.cleanup_ctx.append(ctx)
     app.router.add_post("/api/{project}/envelope/", _route(lambda i: i.envelope_handler))
     app.router.add_post("/api/{project}/store/", _route(lambda i: i.store_handler))
+    if OPENAPI in app:  # build_app's registry; a test's bare app has none
+        describe(app[OPENAPI])
 
 
 def _route(

@@ -24,13 +24,20 @@ ERROR_SCHEMA = {
     "required": ["error"],
     "properties": {"error": {"type": "string"}},
 }
+# The refusal of the usage, provisioning and SIP-over-WebSocket routes: a code to act
+# on and a sentence for people.
+REFUSAL_SCHEMA = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+}
 
 
 class OpenApi:
     def __init__(self, title: str, version: str) -> None:
         self._info = {"title": title, "version": version}
         self._paths: dict[str, dict[str, Any]] = {}
-        self._schemas: dict[str, Any] = {"Error": ERROR_SCHEMA}
+        self._schemas: dict[str, Any] = {"Error": ERROR_SCHEMA, "Refusal": REFUSAL_SCHEMA}
         self._security: dict[str, Any] = {}
         self._document: dict[str, Any] | None = None
 
@@ -80,6 +87,46 @@ def json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 def error(description: str) -> dict[str, Any]:
     return json_response(description, ref("Error"))
+
+
+def refusal(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A `{"error", "detail"}` answer; `headers` as in an OpenAPI response object."""
+    answer = json_response(description, ref("Refusal"))
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
+
+
+def websocket_upgrade(
+    summary: str, subprotocol: str | None, refusals: dict[str, Any]
+) -> dict[str, Any]:
+    """A WebSocket endpoint, described as the GET that asks for the upgrade.
+
+    OpenAPI has no WebSocket operations; the upgrade request and the answers that
+    refuse it are plain HTTP, and those are what a client needs documented (and what a
+    fuzzer can check). What flows after the 101 is described by `summary`.
+    """
+    parameters: list[dict[str, Any]] = []
+    switching = "Switching to WebSocket"
+    if subprotocol is not None:
+        switching += f", subprotocol {subprotocol!r}"
+        parameters.append(
+            {
+                "name": "Sec-WebSocket-Protocol",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": f"must offer {subprotocol!r}",
+            }
+        )
+    return {
+        "summary": summary,
+        "parameters": parameters,
+        "responses": {"101": {"description": switching}, **refusals},
+    }
 
 
 def add_openapi_route(app: web.Application) -> None:

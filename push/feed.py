@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import openapi
 from push.embedded import StandIns
 from push.fakes.script import Delivery
 
@@ -27,12 +28,14 @@ MAX_QUEUED = 10_000  # deliveries waiting for a slow reader; past it the feed cl
 def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> None:
     async def feed(request: web.Request) -> web.StreamResponse:
         if not _loopback(request.remote):
-            raise web.HTTPForbidden(text="the delivery feed answers loopback only")
+            return _refusal(403, "loopback_only", "the delivery feed answers loopback only")
         running = request.app.get(stand_ins)
         if running is None:
-            raise web.HTTPNotFound(text="no push stand-ins run here")
+            return _refusal(404, "no_stand_ins", "no push stand-ins run here")
         token = request.query.get("token")
         ws = web.WebSocketResponse(heartbeat=30)
+        if not ws.can_prepare(request).ok:
+            return _refusal(426, "websocket_required", "the delivery feed is a WebSocket")
         await ws.prepare(request)
         # None: the reader fell MAX_QUEUED behind; the sender closes the feed.
         queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
@@ -54,6 +57,24 @@ def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> 
         return ws
 
     app.router.add_get(FEED_PATH, feed)
+    if openapi.OPENAPI in app:  # build_app's registry; a test's bare app has none
+        spec = openapi.websocket_upgrade(
+            "The embedded push stand-ins' deliveries, one JSON text message each (loopback)",
+            None,
+            {
+                "403": openapi.refusal("loopback_only"),
+                "404": openapi.refusal("no_stand_ins"),
+                "426": openapi.refusal("websocket_required: no WebSocket upgrade"),
+            },
+        )
+        spec["parameters"] = [  # the device token to follow; all when absent
+            {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}
+        ]
+        app[openapi.OPENAPI].operation(FEED_PATH, "get", spec)
+
+
+def _refusal(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
 
 
 async def _send(ws: web.WebSocketResponse, queue: asyncio.Queue[Delivery | None]) -> None:

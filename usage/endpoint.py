@@ -35,6 +35,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from privacy.clock import Clock
+from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
 from usage.ledger import Ledger, PeriodClosed
 from usage.limits import CapWatch, IpBuckets
 from usage.period import parse_period, period_of, previous_period, start_of
@@ -211,3 +212,60 @@ class PingEndpoint:
             f"field 'period' must be the current month {current}"
             + (f" (or {previous} during the grace window)" if self._settings.grace else ""),
         )
+
+
+def describe(openapi: OpenApi) -> None:
+    """The ping's OpenAPI operation: what `_accept` checks, and every refusal above."""
+    openapi.security_scheme(
+        "tenantKey", {"type": "http", "scheme": "bearer", "description": "the tenant's key"}
+    )
+    ping = openapi.schema(
+        "UsagePing",
+        {
+            "type": "object",
+            "required": list(FIELDS),
+            "additionalProperties": False,
+            "properties": {
+                "tenant": {"type": "string", "description": "the tenant id"},
+                "period": {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}$"},
+                "pid": {
+                    "type": "string",
+                    "pattern": _PID.pattern,
+                    "description": "this month's pseudonymous install id",
+                },
+                "platform": {"enum": list(PLATFORMS)},
+                "app_version": {"type": "string", "pattern": _VERSION.pattern},
+            },
+        },
+    )
+    openapi.operation(
+        PING_PATH,
+        "post",
+        {
+            "summary": "Report that an install was used this month (idempotent)",
+            "security": [{"tenantKey": []}],
+            "requestBody": {"required": True, "content": {JSON: {"schema": ping}}},
+            "responses": {
+                "202": json_response(
+                    "Counted, or a repeat of a ping already counted",
+                    {
+                        "type": "object",
+                        "required": ["status"],
+                        "properties": {"status": {"const": "accepted"}},
+                    },
+                ),
+                "400": refusal(
+                    "malformed_body, unknown_field, missing_field, bad_field, bad_period"
+                ),
+                "401": refusal(
+                    "unauthorized: unknown tenant or wrong key",
+                    {"WWW-Authenticate": {"schema": {"type": "string"}}},
+                ),
+                "409": refusal("period_closed: the month is counted; do not retry"),
+                "413": refusal("body_too_large"),
+                "415": refusal("unsupported_media_type"),
+                "429": refusal("rate_limited", RETRY_AFTER),
+                "500": refusal("internal: not counted; retry later"),
+            },
+        },
+    )

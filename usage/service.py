@@ -18,8 +18,9 @@ from privacy.clock import Clock
 from privacy.declaration import ConfigError
 from privacy.policy import Policy
 from privacy.store import Store
+from proxy.openapi import OPENAPI
 from usage.closing import MonthCloser
-from usage.endpoint import PING_PATH, PingEndpoint
+from usage.endpoint import PING_PATH, PingEndpoint, describe
 from usage.ledger import USAGE, Ledger
 from usage.settings import UsageSettings, check_retention
 
@@ -64,6 +65,8 @@ def add_usage(
 
     app.cleanup_ctx.append(usage_ctx)
     app.router.add_post(PING_PATH, _ping)
+    if OPENAPI in app:  # build_app's registry; a test's bare app has none
+        describe(app[OPENAPI])
 
 
 async def _ping(request: web.Request) -> web.Response:

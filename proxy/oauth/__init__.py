@@ -15,9 +15,10 @@ import aiohttp
 from aiohttp import web
 
 from privacy.clock import Clock
-from proxy.oauth.relay import ROUTE, OAuthRelay
+from proxy.oauth.relay import GRANTS, ROUTE, OAuthRelay
 from proxy.oauth.settings import OAuthProvider, OAuthSettings
 from proxy.oauth.standin import OAuthStandIn
+from proxy.openapi import OPENAPI, RETRY_AFTER, OpenApi, json_response
 from proxy.ratelimit import RateLimiter
 
 OAUTH = web.AppKey("oauth", OAuthRelay)
@@ -49,6 +50,83 @@ def add_oauth(app: web.Application, settings: OAuthSettings, clock: Clock) -> No
 
     app.cleanup_ctx.append(context)
     app.router.add_post(ROUTE, handle)
+    if OPENAPI in app:  # build_app's registry; a test's bare app has none
+        names = [p.name for p in settings.providers] or [settings.embedded_provider]
+        _describe(app[OPENAPI], names)
+
+
+def _describe(openapi: OpenApi, providers: list[str]) -> None:
+    error = openapi.schema(
+        "OAuthError",
+        {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "error_description": {"type": "string"},
+            },
+        },
+    )
+    tokens = openapi.schema(
+        "OAuthTokens",
+        {
+            "type": "object",
+            "required": ["access_token", "token_type"],
+            "properties": {
+                "access_token": {"type": "string"},
+                "token_type": {"type": "string"},
+                "expires_in": {"type": "integer"},
+                "refresh_token": {"type": "string"},
+                "scope": {"type": "string"},
+            },
+        },
+    )
+    text = {"type": "string", "maxLength": 2048}
+    openapi.operation(
+        ROUTE,
+        "post",
+        {
+            "summary": "Token exchange (RFC 6749 4.1.3, 6); the relay adds the client secret",
+            "parameters": [
+                {
+                    "name": "provider",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"enum": providers},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["grant_type"],
+                            "properties": {
+                                "grant_type": {"enum": list(GRANTS)},
+                                "code": text,
+                                "refresh_token": text,
+                                "redirect_uri": text,
+                                "code_verifier": text,
+                                "client_id": {**text, "description": "replaced by the relay's"},
+                            },
+                        }
+                    }
+                },
+            },
+            # The provider's answer passes through: its tokens, or its RFC 6749 5.2 error.
+            "responses": {
+                "200": json_response("The provider's tokens", tokens),
+                "400": json_response("The request, or the provider, refused the grant", error),
+                "401": json_response("The provider refused the client", error),
+                "404": json_response("No provider by this name", error),
+                "413": json_response("The request body is over the limit", error),
+                "429": json_response("slow_down", error) | {"headers": RETRY_AFTER},
+                "502": json_response("The provider cannot be reached, or answered too much", error),
+                "504": json_response("The provider did not answer in time", error),
+            },
+        },
+    )
 
 
 def stand_in_notice(app: web.Application) -> str | None:

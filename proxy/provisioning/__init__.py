@@ -18,10 +18,12 @@ from aiohttp import web
 
 from privacy.clock import Clock
 from privacy.store import Store
-from proxy.provisioning.protocol import TUNNEL_PATH
+from proxy.openapi import OPENAPI, RETRY_AFTER, OpenApi, refusal, websocket_upgrade
+from proxy.provisioning.protocol import SUBPROTOCOL, TUNNEL_PATH
 from proxy.provisioning.relay import METHODS, ROUTE, ProvisioningRelay
 from proxy.provisioning.settings import ProvisioningSettings
-from proxy.provisioning.tunnel import TunnelHub, refusal
+from proxy.provisioning.tunnel import TunnelHub
+from proxy.provisioning.tunnel import refusal as refuse
 from proxy.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
 
@@ -54,7 +56,7 @@ def add_provisioning(
         return await request.app[PROVISIONING].handle(request)
 
     async def not_allowed(request: web.Request) -> web.StreamResponse:
-        return refusal(405, "method_not_allowed", f"use one of {', '.join(METHODS)}")
+        return refuse(405, "method_not_allowed", f"use one of {', '.join(METHODS)}")
 
     app.cleanup_ctx.append(context)
     app.on_shutdown.append(hub.shutdown)
@@ -63,6 +65,55 @@ def add_provisioning(
     for method in METHODS:
         app.router.add_route(method, ROUTE, handle)
     app.router.add_route("*", ROUTE, not_allowed)
+    if OPENAPI in app:  # build_app's registry; a test's bare app has none
+        _describe(app[OPENAPI])
+
+
+def _describe(openapi: OpenApi) -> None:
+    limited = refusal("rate_limited: too many requests from this address", RETRY_AFTER)
+    openapi.operation(
+        TUNNEL_PATH,
+        "get",
+        websocket_upgrade(
+            "A PBX's tunnel: it proves its serial (HMAC challenge), then serves the "
+            "phones' requests multiplexed over binary frames (proxy/provisioning/protocol.py)",
+            SUBPROTOCOL,
+            {
+                "400": refusal("subprotocol_required"),
+                "426": refusal("websocket_required: no WebSocket upgrade"),
+                "429": limited,
+            },
+        ),
+    )
+    relayed = {
+        "parameters": [
+            {"name": "serial", "in": "path", "required": True, "schema": {"type": "string"}},
+            {
+                "name": "path",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "the path on the PBX's provisioning server",
+            },
+        ],
+        "responses": {
+            "400": refusal("bad_path: '.' or '..' segments, control characters"),
+            "404": refusal("unknown_serial: no PBX with this serial is served here"),
+            "413": refusal("body_too_large"),
+            "429": limited,
+            "502": refusal("pbx_failed, response_too_large: a broken answer"),
+            "503": refusal("pbx_offline, pbx_unavailable, pbx_unreachable", RETRY_AFTER),
+            "504": refusal("pbx_timeout"),
+            # What the PBX answers passes through unchanged, whatever its status.
+            "default": {"description": "The PBX's answer, passed through unchanged"},
+        },
+    }
+    body = {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
+    for method in METHODS:
+        spec = relayed | {"summary": f"{method} a file of the PBX's provisioning server"}
+        if method in ("POST", "PUT"):
+            spec["requestBody"] = body
+        openapi.operation("/provisioning/{serial}/{path}", method.lower(), spec)
 
 
 __all__ = ["PROVISIONING", "TUNNELS", "ProvisioningSettings", "add_provisioning"]

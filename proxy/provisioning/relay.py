@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
@@ -35,7 +36,10 @@ from proxy.provisioning.tunnel import (
 from proxy.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
 
-ROUTE = "/provisioning/{serial}/{path:.*}"
+# Any path, newlines included (`.` would leave those to aiohttp's plain-text 404), so
+# every answer on this prefix is the relay's own; control characters get `bad_path`.
+ROUTE = r"/provisioning/{serial}/{path:[\s\S]*}"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 METHODS = ("GET", "HEAD", "POST", "PUT")
 LOG_CATEGORY = "provisioning_log"
 # Hop-by-hop headers (RFC 9110 7.6.1) and what would let a phone speak for the relay.
@@ -94,6 +98,8 @@ class ProvisioningRelay:
         path = request.match_info["path"]
         if any(part in (".", "..") for part in path.split("/")):
             return refusal(400, "bad_path", "'.' and '..' segments are not allowed")
+        if _CONTROL.search(path):
+            return refusal(400, "bad_path", "control characters are not allowed")
         await self._store.put(LOG_CATEGORY, _log_fields(request.remote, serial))
         try:
             body = await _read_body(request, self._settings.max_request_body)

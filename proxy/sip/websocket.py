@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
+from proxy import openapi
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.framing import PONG, Keepalive, datagram_keepalive
 from proxy.sip.transport import STOP_GRACE, Link, Refusal, SipTransports
@@ -35,6 +36,21 @@ def add_sip_websocket(
     endpoint = _SipWebSocket(transports)
     app.router.add_get(path, endpoint.handle)
     app.on_shutdown.append(endpoint.shutdown)
+    if openapi.OPENAPI in app:  # build_app's registry; a test's bare app has none
+        app[openapi.OPENAPI].operation(
+            path,
+            "get",
+            openapi.websocket_upgrade(
+                "SIP over WebSocket (RFC 7118): one message, text or binary, is one SIP message",
+                SUBPROTOCOL,
+                {
+                    "400": openapi.refusal("subprotocol_required, connection_gone"),
+                    "426": openapi.refusal("websocket_required: no WebSocket upgrade"),
+                    "429": openapi.refusal("too_many_connections from this address"),
+                    "503": openapi.refusal("unavailable: not accepting connections now"),
+                },
+            ),
+        )
 
 
 def _refusal(status: int, error: str, detail: str, **headers: str) -> web.Response:
@@ -47,10 +63,10 @@ class _SipWebSocket:
         self._links: set[_WsLink] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        edge = request.app[self._key]
+        edge = request.app.get(self._key)
         ws: web.WebSocketResponse[Any] = web.WebSocketResponse(
             protocols=(SUBPROTOCOL,),
-            max_msg_size=edge.limits.max_message_size,
+            max_msg_size=edge.limits.max_message_size if edge else 1,  # refused below
             autoping=False,  # pings count as activity, so they are seen and answered here
             compress=False,  # a deflate context per connection costs more than idle flows may
             decode_text=False,
@@ -70,6 +86,8 @@ class _SipWebSocket:
                 "subprotocol_required",
                 "offer the WebSocket subprotocol 'sip' (Sec-WebSocket-Protocol: sip, RFC 7118)",
             )
+        if edge is None:  # an app built without SIP transports (`sip_listen` None)
+            return _refusal(503, "unavailable", "SIP is not served here")
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         if transport is None or peer is None:
