@@ -17,25 +17,33 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from prometheus_client import CollectorRegistry
 
+from crashreports.settings import parse_crashreports
 from privacy.clock import ManualClock
+from privacy.declaration import Section
 from privacy.dsr import DsrSettings
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
-from proxy.app import RELAY, STORE, healthz
-from proxy.dsr_api import add_dsr_routes
+from proxy.app import RELAY, STORE, Services, build_app
+from proxy.oauth.settings import OAuthSettings
 from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
+from proxy.provisioning.settings import ProvisioningSettings
+from proxy.ratelimit import RateLimit
 from proxy.sip.digest import DigestAuthority, DigestError, parse_authorization, response
 from proxy.sip.flow import Flow
 from proxy.sip.message import Request, parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
+from push.apps import PushSettings
 from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _link_pbx, _reply
+from usage.settings import Tenant, UsageSettings
 
 PASSWORD = "alice-sip-password-canary-61d0"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+CRASH_KEY = "crashkeyfortests0123456789"
+URL_SERIAL = "pbx-by-url"  # a PBX whose provisioning server the relay reaches by URL
+UNLIMITED = RateLimit(per_minute=0)
 PBX_REALM = "pbx.example"
 ALICE = Subject("alice", SERIAL)
 
@@ -83,37 +91,59 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
-    """The DSR API with the store and the relay it needs, on loopback (the rest of the
-    app is left out so this test depends on no other API)."""
+    """The whole app of `softrelay serve` (`build_app`, embedded push and OAuth
+    stand-ins, no SIP listeners) on loopback, with one PBX linked over a fake flow.
+
+    The per-client rate limits are lifted, so a fuzzer reaches past them (the DSR
+    failure limit stays: the tests below prove it). A usage tenant and a crash project
+    take the admin token and CRASH_KEY, so one set of headers opens every API."""
     monkeypatch.setenv("SOFTRELAY_TEST_ADMIN", ADMIN_TOKEN)
-    clock = ManualClock(1_772_366_400.0)
-    store = await Store.create(load_policy("auerproxy"), Keyring.generate(), tmp_path, clock)
-    sip = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),))
-    relay = Relay(sip, store, clock, CollectorRegistry())
-    dsr = DsrSettings(admin_token="env:SOFTRELAY_TEST_ADMIN", max_failures=3, failure_window=600)
-    app = web.Application()
-    app[STORE] = store
-    app[RELAY] = relay
-    app[OPENAPI] = OpenApi("softrelay", "1")
-    add_dsr_routes(app, dsr, STORE, RELAY)
-    add_openapi_route(app)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", healthz_text)
+    clock = ManualClock(1_772_366_400.0)  # 2026-03-01
+    files = web.Application()
+    files.router.add_route("*", "/{path:.*}", provisioning_file)
+    files_server = TestServer(files, host="127.0.0.1")
+    await files_server.start_server()
+    by_url = PbxSettings(URL_SERIAL, "", provisioning_url=str(files_server.make_url("/")))
+    crash = parse_crashreports(
+        Section(
+            {"project": [{"id": "1", "key": CRASH_KEY}], "rate_limit": 100_000},
+            tmp_path / "test.toml",
+            "crashreports",
+        )
+    )
+    services = Services(
+        load_policy("auerproxy"),
+        Keyring.generate(),
+        tmp_path,
+        clock,
+        sweep_interval=3600,
+        push=PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.t"),
+        sip=SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET), by_url)),
+        crash=crash,
+        provisioning=ProvisioningSettings(rate=UNLIMITED),
+        oauth=OAuthSettings(rate=UNLIMITED),
+        dsr=DsrSettings(admin_token="env:SOFTRELAY_TEST_ADMIN", max_failures=3, failure_window=600),
+        usage=UsageSettings(tenants=(Tenant("acme", ADMIN_TOKEN),), ip_burst=100_000),
+    )
+    app = build_app(services)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
+        relay = app[RELAY]
         flow, _, status = await _link_pbx(relay)
         assert status == 200
         pbx = DigestPbx(relay, flow, clock)
         flow.sender = pbx
-        yield World(str(server.make_url("/")), store, clock, pbx)
+        yield World(str(server.make_url("/")), app[STORE], clock, pbx)
     finally:
         await server.close()
-        await store.close()
+        await files_server.close()
 
 
-async def healthz_text(request: web.Request) -> web.Response:
-    return web.Response(text="# metrics\n", content_type="text/plain")
+async def provisioning_file(request: web.Request) -> web.Response:
+    """The provisioning server of the PBX reached by URL: a file for any path."""
+    await request.read()
+    return web.Response(text="# provisioning file\n", content_type="text/plain")
 
 
 def _authorization(challenge: dict[str, Any], password: str) -> str:
@@ -244,16 +274,42 @@ async def test_openapi_document_describes_the_dsr_and_core_routes(world: World) 
         assert path in document["paths"], path
 
 
-async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
-    world: World, tmp_path: Path
-) -> None:
-    """The stock schemathesis CLI as the client, against the live app on loopback."""
+# Values a fuzzer cannot guess, so it reaches past "who are you" into each handler:
+# the crash project, the usage tenant and month (the clock's), the PBX reached by URL,
+# a subject at the linked PBX. Every other field is still generated, valid and invalid.
+SCHEMATHESIS_CONFIG = f"""
+[[operations]]
+include-path-regex = "^/api/"
+parameters = {{ "path.project" = "1" }}
+
+[[operations]]
+include-path = "/usage/v1/ping"
+parameters = {{ "body.tenant" = "acme", "body.period" = "2026-03" }}
+
+[[operations]]
+include-path = "/provisioning/{{serial}}/{{path}}"
+parameters = {{ "path.serial" = "{URL_SERIAL}" }}
+
+[[operations]]
+include-path-regex = "^/dsr/v1/"
+parameters = {{ "body.sip_username" = "alice", "body.pbx_serial" = "{SERIAL}" }}
+"""
+
+
+async def schemathesis(base: str, config_dir: Path) -> tuple[int, str]:
+    """The stock schemathesis CLI against `base`/openapi.json: every documented
+    operation, examples then coverage then fuzzing, at most 15 generated cases per
+    operation (about 900 requests, under 15 s), deterministic by its seed."""
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert st is not None, "schemathesis is a test dependency (pyproject.toml)"
+    config = config_dir / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG, encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
         st,
+        "--config-file",
+        str(config),
         "run",
-        f"{world.base}openapi.json",
+        f"{base}openapi.json",
         "--checks",
         "not_a_server_error,response_schema_conformance,status_code_conformance,"
         "content_type_conformance",
@@ -267,9 +323,57 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
         "10",
         "-H",
         f"Authorization: Bearer {ADMIN_TOKEN}",
+        "-H",
+        f"X-Sentry-Auth: Sentry sentry_version=7, sentry_key={CRASH_KEY}",
+        "--continue-on-failure",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        cwd=tmp_path,
+        cwd=config_dir,
     )
-    output, _ = await asyncio.wait_for(proc.communicate(), 240)
-    assert proc.returncode == 0, output.decode()[-6000:]
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, output.decode(errors="replace")
+
+
+async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
+    world: World, tmp_path: Path
+) -> None:
+    """Every operation of the whole app's /openapi.json (DSR, usage, crash ingest,
+    provisioning, OAuth, the WebSocket upgrades, health and metrics), fuzzed: no 5xx,
+    no status, Content-Type or body the document does not describe."""
+    returncode, output = await schemathesis(world.base, tmp_path)
+    assert returncode == 0, output[-6000:]
+    assert "Operations:       21 selected / 21 total" in output, output[:2000]
+
+
+async def test_schemathesis_run_fails_on_a_server_error_and_an_undocumented_answer(
+    tmp_path: Path,
+) -> None:
+    """The run above can fail: the same invocation against an app whose /healthz
+    answers 500 and whose /metrics answers JSON where text is documented."""
+
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, status=500)
+
+    async def json_metrics(request: web.Request) -> web.Response:
+        return web.json_response({"not": "prometheus"})
+
+    app = web.Application()
+    app[OPENAPI] = OpenApi("softrelay", "1")
+    add_openapi_route(app)
+    app.router.add_get("/healthz", broken)
+    app.router.add_get("/metrics", json_metrics)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        returncode, output = await schemathesis(str(server.make_url("/")), tmp_path)
+    finally:
+        await server.close()
+    assert returncode != 0
+    assert "Server error" in output, output[-3000:]
+    assert "Undocumented Content-Type" in output, output[-3000:]
