@@ -205,3 +205,16 @@ async def test_erased_values_do_not_linger_in_the_database_files(
     # Plain fields of the erased record: neither in free pages nor in the WAL.
     assert b"0042137" not in blob
     assert b"com.example.phone.voip" not in blob
+
+
+async def test_put_many_writes_all_or_refuses_all(store: Store) -> None:
+    rows: list[dict[str, Value]] = [
+        {"tenant": "acme", "period": "2026-11", "pid": f"{i:032x}"} for i in range(50)
+    ]
+    await store.put_many("usage", [*rows, rows[0]])  # the same key twice: one record
+    assert len(await store.find("usage", tenant="acme")) == 50
+    with pytest.raises(PolicyViolation):
+        await store.put_many("usage", [{**rows[0], "pid": "f" * 32}, {**rows[1], "password": "x"}])
+    assert len(await store.find("usage", tenant="acme")) == 50, "nothing of a refused batch"
+    with pytest.raises(PolicyViolation):
+        await store.put_many("registration", [REGISTRATION])  # has subjects: use put
