@@ -12,7 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-run: $(STAMP)
+# The demo PBX's secret of the sample config (its [[sip.pbx]] "demo-0001"): random,
+# owner-only, made once; `softrelay simulate` in another terminal reads it too.
+DEMO_SECRET := var/demo-pbx.secret
+
+$(DEMO_SECRET):
+	mkdir -p -m 700 var
+	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@.tmp
+	mv $@.tmp $@
+
+run: $(STAMP) $(DEMO_SECRET)
 	$(BIN)/softrelay serve
 
 lint: $(STAMP)
@@ -24,10 +33,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint $(DEMO_SECRET)
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: $(STAMP) $(DEMO_SECRET)
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/wake.py
 

@@ -1,13 +1,17 @@
 """`softrelay simulate`: many mock phones and PBXs against one softrelay.
 
+    softrelay simulate --phones 200 --duration 60     # against `make run`'s server
     softrelay simulate --embedded --phones 200 --duration 60
     softrelay simulate --target http://127.0.0.1:8080 --phones 200 --duration 60
 
-`--embedded` starts softrelay in this process (a throwaway configuration and data
-directory, or `--data-dir`); `--target URL` plays against a running `serve` of the same
-`--config`: the simulator needs its PBX serials and secrets (`[[sip.pbx]]`), its SIP
+With neither option it plays against the `serve` of the same `--config` at that
+configuration's own HTTP address when one answers there, else it starts one in this
+process. `--embedded` starts softrelay in this process (a throwaway configuration and
+data directory, or `--data-dir`); `--target URL` plays against a running `serve` of the
+same `--config`: the simulator needs its PBX serials and secrets (`[[sip.pbx]]`), its SIP
 port, a usage tenant for pings and a crash project for reports, and the push stand-ins'
-delivery feed, which `serve` offers only with no push credentials configured.
+delivery feed, which `serve` offers only with no push credentials configured. Against a
+served relay on loopback each phone connects from its own 127.1.x.y address.
 
 What happens: every PBX links; every phone registers through its PBX; a share of the
 mobile phones (`asleep`) go to sleep at once. Then, until `--duration` simulated seconds
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import math
 import random
 import re
@@ -166,6 +171,15 @@ class World:
     workdir: Path
     embedded: EmbeddedRelay | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
+    # Each phone connects from its own loopback address (127.1.x.y), as real phones
+    # come from addresses of their own: a served relay limits connections per address.
+    own_addresses: bool = False
+
+    def local_host(self, i: int) -> str:
+        """The address phone `i` connects from."""
+        if not self.own_addresses:
+            return "127.0.0.1"
+        return f"127.{1 + i // 62_500}.{i // 250 % 250}.{1 + i % 250}"
 
     async def close(self) -> None:
         await self.inbox.close()
@@ -229,7 +243,7 @@ async def target_world(settings: SimSettings, url: str, config: Config) -> World
             f"--target {url}: no push stand-ins' delivery feed there ({exc}); it runs "
             "only when serve has no push credentials"
         ) from None
-    return World(
+    world = World(
         RelayAddress(host, config.listen.sip_port, http_url),
         config.sip.domain,
         {p.serial: p.secret for p in pbxs[: settings.pbxs]},
@@ -240,6 +254,39 @@ async def target_world(settings: SimSettings, url: str, config: Config) -> World
         session,
         Path(tempfile.gettempdir()),
     )
+    # Every 127/8 address is the loopback interface on Linux, not elsewhere.
+    world.own_addresses = sys.platform == "linux" and _is_loopback(host)
+    return world
+
+
+def default_target(config: Config) -> str:
+    """The HTTP address of a `serve` of this configuration, as a client reaches it."""
+    host = config.listen.http_host
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104  (a wildcard listen address, not a bind)
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.listen.http_port}"
+
+
+async def reachable(url: str) -> bool:
+    """Whether a softrelay answers `GET /healthz` at `url` within a second."""
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url.rstrip("/") + "/healthz") as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 # --- the run --------------------------------------------------------------------------
@@ -318,6 +365,7 @@ class Simulation:
                 answer_delay=s.answer_delay,
                 wake_delay=s.wake_delay,
                 keepalive=0 if math.isinf(s.speed) else 30.0,
+                local_host=self.world.local_host(i),
             )
             phone = MockPhone(
                 spec,
@@ -582,7 +630,9 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     where = sim.add_mutually_exclusive_group()
     where.add_argument("--embedded", action="store_true", help="start softrelay in-process")
     where.add_argument(
-        "--target", metavar="URL", help="a running serve, e.g. http://127.0.0.1:8080"
+        "--target",
+        metavar="URL",
+        help="a running serve (default: this config's HTTP address if it answers, else --embedded)",
     )
     sim.add_argument("--scenario", metavar="FILE", help="a TOML scenario (options override it)")
     sim.add_argument("--phones", type=int)
@@ -686,8 +736,19 @@ def simulate_command(args: argparse.Namespace, config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if args.target:
-            world = await target_world(settings, args.target, config)
+        target = args.target
+        if target is None and not args.embedded:
+            # The plain command plays against `make run`'s server when one answers.
+            target = default_target(config)
+            if not await reachable(target):
+                print(
+                    f"softrelay: simulate: no softrelay answers at {target}; starting one "
+                    "in this process (--embedded)",
+                    file=sys.stderr,
+                )
+                target = None
+        if target:
+            world = await target_world(settings, target, config)
         else:
             data_dir = Path(args.data_dir) if args.data_dir else None
             world = await embedded_world(settings, data_dir)

@@ -10,7 +10,7 @@
     softrelay crashes list|show EVENT_ID|export [--project P] [--output FILE]
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
-    softrelay simulate (--embedded | --target URL) [--phones N] [--duration S] ...
+    softrelay simulate [--embedded | --target URL] [--phones N] [--duration S] ...
 
 Every command takes --config FILE (or SOFTRELAY_CONFIG) and --data-dir DIR. A
 configuration or policy that cannot work ends the command with exit status 2 and one

@@ -407,7 +407,10 @@ class FakeFcm:
         if body.get("validate_only", body.get("validateOnly", False)):
             name = f"projects/{project}/messages/fake_message_id"  # dry run: nothing sent
         else:
-            headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+            # Plain str keys (aiohttp's are `istr`): the delivery feed sends them as JSON.
+            headers = {
+                str(k): v for k, v in request.headers.items() if k.lower() != "authorization"
+            }
             await self.deliveries.add(
                 Delivery("fcm", token, project, headers, message, self.clock.now())
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
 from mockphone.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx
@@ -10,14 +11,15 @@ from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.pushes import PushInbox
 
 
+@pytest.mark.parametrize("kind", [Kind.IOS, Kind.ANDROID])
 async def test_a_phone_woken_through_the_feed_takes_its_call(
-    softrelay: EmbeddedRelay, mock_pbx: MockPbx
+    softrelay: EmbeddedRelay, mock_pbx: MockPbx, kind: Kind
 ) -> None:
     async with aiohttp.ClientSession() as session:
         inbox = await PushInbox.from_feed(softrelay.address.http_url, session)
         mock_pbx.add_user("remote1", "pw-remote1")
         phone = MockPhone(
-            PhoneSpec("remote1", "pw-remote1", Kind.IOS),
+            PhoneSpec("remote1", "pw-remote1", kind),
             softrelay.address,
             serial=mock_pbx.serial,
             domain=softrelay.domain,

@@ -1,0 +1,121 @@
+"""`make run` in one terminal and `softrelay simulate` in another, as the README says.
+
+The sample configuration (with its ports moved to free ones) is copied to a directory
+where `serve` runs as `make run` starts it, its demo PBX secret written as `make run`
+writes it; then the plain `softrelay simulate`, no --target, from the same directory,
+must find that server, play its demo PBX and get its pushes through the delivery feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import orjson
+
+from proxy.config import DEFAULT_CONFIG
+
+STEP_TIMEOUT = 15.0
+
+
+def _free_port() -> int:
+    """A port free for TCP and UDP on 127.0.0.1 (SIP listens on both)."""
+    for _ in range(20):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def _sample_config(workdir: Path) -> tuple[int, int]:
+    text = DEFAULT_CONFIG.read_text(encoding="utf-8")
+    http_port, sip_port = _free_port(), _free_port()
+    text, n_http = re.subn(r"(?m)^http_port = 8080", f"http_port = {http_port}", text)
+    text, n_sip = re.subn(r"(?m)^sip_port = 5060", f"sip_port = {sip_port}", text)
+    assert (n_http, n_sip) == (1, 1), "the sample's listen ports moved"
+    assert 'secret = "file:var/demo-pbx.secret"' in text, "the sample has its demo PBX"
+    (workdir / "softrelay.toml").write_text(text, encoding="utf-8")
+    (workdir / "var").mkdir(mode=0o700)
+    fd = os.open(workdir / "var" / "demo-pbx.secret", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:  # what `make run` writes
+        fh.write(secrets.token_urlsafe(32) + "\n")
+    return http_port, sip_port
+
+
+async def _softrelay(workdir: Path, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        *args,
+        "--config",
+        "softrelay.toml",
+        cwd=workdir,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SOFTRELAY_CONFIG": ""},
+    )
+
+
+async def test_plain_simulate_plays_against_the_server_make_run_started(tmp_path: Path) -> None:
+    http_port, _ = _sample_config(tmp_path)
+    serve = await _softrelay(tmp_path, "serve")
+    assert serve.stdout is not None
+    assert serve.stderr is not None
+    printed: list[str] = []
+    try:
+        while not printed or not printed[-1].startswith("softrelay: profile"):
+            line = (await asyncio.wait_for(serve.stdout.readline(), STEP_TIMEOUT)).decode()
+            assert line, f"serve ended:\n{''.join(printed)}"
+            printed.append(line)
+        assert f"softrelay: http://127.0.0.1:{http_port} (healthz, metrics)\n" in printed
+
+        sim = await _softrelay(
+            tmp_path,
+            "simulate",
+            "--phones",
+            "20",
+            "--duration",
+            "20",
+            "--speed",
+            "4",
+            "--call-rate",
+            "1.5",
+            "--seed",
+            "11",
+            "--no-live",
+            "--json",
+            "summary.json",
+        )
+        out, err = await asyncio.wait_for(sim.communicate(), 60)
+        assert sim.returncode == 0, err.decode()
+    finally:
+        if serve.returncode is None:
+            serve.send_signal(signal.SIGTERM)
+        _, serve_err = await asyncio.wait_for(serve.communicate(), STEP_TIMEOUT)
+    assert serve.returncode == 0, serve_err.decode()[-3000:]
+
+    assert b"starting one in this process" not in err, "it found the served relay"
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert summary["registrations"] == {"ok": 20, "failed": {}}
+    calls = summary["calls"]
+    assert calls["connected"] >= 5, calls
+    # A simulated user declines some calls, and lets some ring out; nothing else fails.
+    assert set(calls["failed"]) <= {"603 Decline", "408 no answer: rang out"}, calls
+    assert calls["woken"] >= 1, "calls to sleeping phones were woken across processes"
+    assert summary["wake_latency"]["count"] == calls["woken"]
+    assert summary["pushes"].get("delivered", 0) >= calls["woken"]
+    assert summary["skipped_events"] == 0
+    assert summary["crash_reports"]["errors"] == 0
+    assert b"calls" in out, "the summary table was printed"
