@@ -50,10 +50,10 @@ class Config:
     log_console: bool
     push: PushSettings
     sip: SipSettings
+    crashreports: CrashSettings
+    dsr: DsrSettings
     provisioning: ProvisioningSettings
     oauth: OAuthSettings
-    dsr: DsrSettings
-    crashreports: CrashSettings
     usage: UsageSettings
 
 
@@ -115,10 +115,10 @@ def load_config(path: Path | None) -> Config:
     logging_sec.finish()
     push = parse_push(root.section("push", {}))
     sip = parse_sip(root.section("sip", {}))
+    crashreports = parse_crashreports(root.section("crashreports", {}))
+    dsr = parse_dsr(root.section("dsr", {}))
     provisioning = parse_provisioning(root.section("provisioning", {}))
     oauth = parse_oauth(root.section("oauth", {}))
-    dsr = parse_dsr(root.section("dsr", {}))
-    crashreports = parse_crashreports(root.section("crashreports", {}))
     usage = parse_usage(root.section("usage", {}))
     root.finish()
 
@@ -135,10 +135,10 @@ def load_config(path: Path | None) -> Config:
         log_console=log_console,
         push=push,
         sip=sip,
+        crashreports=crashreports,
+        dsr=dsr,
         provisioning=provisioning,
         oauth=oauth,
-        dsr=dsr,
-        crashreports=crashreports,
         usage=usage,
     )
 
