@@ -20,7 +20,7 @@ from privacy.declaration import Section
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    per_minute: int = 60  # 0: no limit
+    per_minute: float = 60  # 0: no limit
     burst: int = 20
     max_tracked: int = 100_000  # addresses tracked at once; the least recent go first
 

@@ -36,8 +36,9 @@ from prometheus_client import CollectorRegistry, Counter
 
 from privacy.clock import Clock
 from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
+from proxy.ratelimit import RateLimit, RateLimiter
 from usage.ledger import Ledger, PeriodClosed
-from usage.limits import CapWatch, IpBuckets
+from usage.limits import CapWatch
 from usage.period import parse_period, period_of, previous_period, start_of
 from usage.settings import UsageSettings
 
@@ -79,8 +80,10 @@ class PingEndpoint:
         self._ledger = ledger
         self._clock = clock
         self._tenants = {t.id: t for t in settings.tenants}
-        self._buckets = IpBuckets(
-            settings.ip_burst, settings.ip_window, settings.max_tracked_ips, clock
+        # `ip_burst` pings per source address, refilled at that many per `ip_window`.
+        rate = settings.ip_burst * 60 / settings.ip_window if settings.ip_burst else 0
+        self._limiter = RateLimiter(
+            RateLimit(rate, max(1, settings.ip_burst), settings.max_tracked_ips), clock
         )
         self.caps = CapWatch(registry)
         self._pings = Counter(
@@ -126,7 +129,7 @@ class PingEndpoint:
         )
 
     async def _accept(self, request: web.Request) -> Ping:
-        wait = self._buckets.take(request.remote or "")
+        wait = self._limiter.check(request.remote)
         if wait:
             raise PingRefused(
                 429,

@@ -1,51 +1,15 @@
-"""Limits of the ping endpoint: a per-IP rate held only in memory, and the per-tenant
-cap on distinct ids per month, which flags and never drops.
-
-The addresses in the buckets live in this process's memory only: never stored, never
-logged, gone at restart, and the oldest bucket is evicted past `max_tracked_ips`.
-"""
+"""The per-tenant cap on distinct ids per month, which flags and never drops. (The
+per-IP rate of the ping endpoint is `proxy.ratelimit`'s, like every web relay's.)"""
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from privacy.clock import Clock
 from usage.settings import Tenant
 
 log = logging.getLogger("softrelay.usage")
-
-
-class IpBuckets:
-    """A token bucket per source address: `burst` pings, refilled at `burst` per
-    `window` seconds. A burst of 0 turns the limit off."""
-
-    def __init__(self, burst: int, window: float, max_tracked: int, clock: Clock) -> None:
-        self._burst = float(burst)
-        self._rate = burst / window
-        self._max = max_tracked
-        self._clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> tokens, at
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, ip: str) -> float:
-        """0 if the ping may go on, else the seconds until the next token."""
-        if not self._burst:
-            return 0.0
-        now = self._clock.now()
-        tokens, at = self._buckets.pop(ip, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - at) * self._rate)
-        if tokens < 1.0:
-            self._buckets[ip] = (tokens, now)
-            return (1.0 - tokens) / self._rate
-        self._buckets[ip] = (tokens - 1.0, now)
-        if len(self._buckets) > self._max:
-            self._buckets.popitem(last=False)  # least recently seen
-        return 0.0
 
 
 class CapWatch:
