@@ -16,6 +16,7 @@ from crashreports.scrubber import (
     LimitDepth,
     RemoveIdentifying,
     RequireOptIn,
+    ScrubTree,
     ScrubValues,
     compile_chain,
     sensitive_keys,
@@ -156,6 +157,83 @@ def test_scrub_values_reaches_keys_and_values_and_keeps_the_shape() -> None:
     step = ScrubValues(PATTERNS)
     event = {"extra": {"bob@example.com": ["x\x00y", 1, None, {"ip": "10.1.2.3"}]}}
     assert step(event) == {"extra": {"[email]": ["x\ufffdy", 1, None, {"ip": "[ip]"}]}}
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    for i in range(depth):
+        leaf = {f"k{i}": leaf} if i % 2 else [leaf]
+    return leaf
+
+
+# Every kind of value, in keys and values, at every depth, sensitive keys with empty
+# values, NUL in keys and values, keys that scrub to the same placeholder.
+TREE_EVENT: dict[str, Any] = {
+    "message": "REGISTER sip:bob@pbx.example.com from 10.0.0.1 for bob@example.com",
+    "extra": {
+        "a\x00b": "c\x00d",
+        "bob@example.com": {"note": "+49 151 2345678 and Bearer abcdefghijk"},
+        "carol@example.com": 2,
+        "[email]": 3,
+        "1.2.3.4": "ok",
+        "list": ["0151 98765432", "std::vec", "::", 1, None, 2.5, True, ["192.168.1.1"]],
+        "secrets": {"password": "x", "pwd": "", "token": None, "auth": {"a": 1}},
+        "deep": _nested(30, "alice@example.com"),
+        "text": "DE89 3704 0044 0532 0130 00, 4111-1111-1111-1111, 490154203237518, "
+        + "ab" * 32
+        + ", 00:1A:2B:3C:4D:5E https://u:p@h/x?token=abc&x=1 C:\\Users\\Bob\\x "
+        "/Users/carol/x tel:+49-151-1234567 (555) 123-4567 fe80::1%eth0 "
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abcdef version 2.4.1 at 12:30:45",
+    },
+    "breadcrumbs": {"values": [{"message": f"call {n} to +49 151 2345678"} for n in range(3)]},
+}
+
+
+def test_scrub_tree_is_the_depth_key_and_value_steps_in_one_walk() -> None:
+    import copy
+
+    sensitive = sensitive_keys()
+    in_turn = ScrubValues(PATTERNS)(FilterKeys(sensitive)(LimitDepth()(copy.deepcopy(TREE_EVENT))))
+    at_once = ScrubTree(sensitive, PATTERNS)(copy.deepcopy(TREE_EVENT))
+    assert at_once == in_turn
+    assert list(at_once["extra"]) == list(in_turn["extra"])  # the keys' order too
+    assert "alice@example.com" not in repr(at_once)
+    assert at_once["extra"]["[email]"] == 3  # two keys scrubbed to one: the last value
+
+
+def test_sub_each_returns_what_sub_returns_for_the_texts_it_changes() -> None:
+    texts = [
+        "plain words",
+        "mail alice@example.com",
+        "0",
+        "2.75.0",
+        "call +49 151 12345678",
+        "call +49 151 12345678",
+        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----",
+        "/home/alice/x",
+    ]
+    changed = PATTERNS.sub_each(texts)
+    assert changed == {i: PATTERNS.sub(t) for i, t in enumerate(texts) if PATTERNS.sub(t) != t}
+    assert sorted(changed) == [1, 4, 5, 6, 7]
+
+
+def test_spans_too_short_or_without_the_characters_a_rule_needs_skip_it_only() -> None:
+    # The features only skip rules that cannot match: the full alternation agrees.
+    for text in (
+        "0",
+        "19",
+        "2.75.0",
+        "1.2.3.4",
+        "tel:1234",
+        "a@b.cd",
+        "::",
+        "/home/x",
+        "+4915112",
+        "0151 9876543",
+        "token=x",
+        "x:y@z",
+        "4111111111111111",
+    ):
+        assert PATTERNS.sub(text) == PATTERNS.regex.sub(PATTERNS._replace, text), text
 
 
 def test_the_chain_runs_every_step_and_a_deployments_own_rules() -> None:
