@@ -74,6 +74,8 @@ class RateLimiter:
 def _client_key(address: str | None) -> str:
     if not address:
         return ""
+    if ":" not in address:
+        return address  # IPv4 as the socket gives it: parsing it costs more than the check
     try:
         parsed = ip_address(address)
     except ValueError:

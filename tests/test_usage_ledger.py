@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 
 from privacy.store import Store
-from usage.ledger import Ledger
+from usage.ledger import Ledger, _Month
 
 
 async def test_ledger_commits_concurrent_new_ids_together_and_counts_each(store: Store) -> None:
@@ -15,3 +17,10 @@ async def test_ledger_commits_concurrent_new_ids_together_and_counts_each(store:
     assert sorted(c for c in counts if c is not None) == list(range(1, 41))
     assert len(await store.find("usage", tenant="acme", period="2026-11")) == 40
     assert await ledger.record("acme", "2026-11", pids[0]) is None, "a repeat writes nothing"
+
+
+def test_the_stored_id_is_the_hmac_of_tenant_and_pid_under_the_month_secret() -> None:
+    secret, pid = b"s" * 32, b"p" * 16
+    expected = hmac.digest(secret, b"acme\x1f" + pid, hashlib.sha256)[:16]
+    assert _Month(secret).keyed("acme", pid) == expected
+    assert _Month(b"t" * 32).keyed("acme", pid) != expected, "another month, another id"
