@@ -38,6 +38,7 @@ PATTERNS = ValuePatterns()
         ("v6 2001:db8::7 and fe80::1%eth0", "v6 [ip] and [ip]"),
         ("call +49 151 12345678", "call [phone]"),
         ("call 0151 12345678", "call [phone]"),
+        ("phone:0151 98765432", "phone:[phone]"),
         ("call (555) 123-4567", "call [phone]"),
         ("card 4111-1111-1111-1111", "card [card]"),
         ("imei 490154203237518", "imei [imei]"),
@@ -66,6 +67,7 @@ def test_each_value_pattern_replaces_its_kind_with_a_typed_placeholder(
     [
         "std::vec::Vec at 12:30:45",
         "2026-03-01T12:00:00Z",
+        "2026-11-22T09:09:07.737849Z",  # seconds 00-09 once looked like a national number
         "com.example.phone@2.4.1",
         "version 2.4.1 build 1234",
         "ts 1772366400000",  # 13 digits that fail Luhn: a time, not a card
