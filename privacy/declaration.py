@@ -7,6 +7,7 @@ read: a typo in a configuration must stop the start, not be ignored.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -16,6 +17,26 @@ from typing import Any
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _MISSING: Any = object()
+
+
+def resolve_secret(source: str, file: Path | str, key: str) -> str:
+    """The value of `env:NAME` (an environment variable) or `file:PATH` (a file's text,
+    stripped); a ConfigError naming `file` and `key` when it is missing or empty."""
+    kind, _, where = source.partition(":")
+    if kind == "env":
+        value = os.environ.get(where, "")
+        if not value:
+            raise ConfigError(file, key, f"environment variable {where} is not set")
+        return value
+    if kind == "file":
+        try:
+            value = Path(where).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(file, key, f"cannot read {where}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(file, key, f"{where} is empty")
+        return value
+    raise ConfigError(file, key, "must be 'env:NAME' or 'file:PATH'")
 
 
 class ConfigError(Exception):
@@ -72,6 +93,12 @@ class Section:
 
     def error(self, name: str, message: str) -> ConfigError:
         return ConfigError(self.file, self.key(name), message)
+
+    def secret(self, name: str, default: Any = _MISSING) -> str:
+        """A secret named by `env:NAME` or `file:PATH` (never the secret itself: the
+        configuration is no place for it), read now; "" when left empty."""
+        source = self.text(name, default)
+        return resolve_secret(source, self.file, self.key(name)) if source else ""
 
     def has(self, name: str) -> bool:
         return name in self._data

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,31 +305,24 @@ async def _keys(runtime: Runtime, args: argparse.Namespace) -> int:
 
 
 async def _dsr(runtime: Runtime, args: argparse.Namespace) -> int:
-    store = await Store.create(
-        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
-    )
-    try:
-        return await dsr_command(store, runtime.config.dsr, args)
-    finally:
-        await store.close()
+    return await _with_store(runtime, lambda store: dsr_command(store, runtime.config.dsr, args))
 
 
 async def _billing(runtime: Runtime, args: argparse.Namespace) -> int:
-    store = await Store.create(
-        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
-    )
-    try:
-        return await billing(store, runtime.config.usage, args)
-    finally:
-        await store.close()
+    return await _with_store(runtime, lambda store: billing(store, runtime.config.usage, args))
 
 
 async def _crashes(runtime: Runtime, args: argparse.Namespace) -> int:
+    return await _with_store(runtime, lambda store: crashes_command(store, args))
+
+
+async def _with_store(runtime: Runtime, command: Callable[[Store], Awaitable[int]]) -> int:
+    """Run a command on the store, closed after it whatever happens."""
     store = await Store.create(
         runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
     )
     try:
-        return await crashes_command(store, args)
+        return await command(store)
     finally:
         await store.close()
 

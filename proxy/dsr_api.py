@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from privacy.declaration import ConfigError
+from privacy.declaration import ConfigError, resolve_secret
 from privacy.dsr import (
     MUTABLE_FIELDS,
     DataSubjectRights,
@@ -63,21 +61,13 @@ DSR_API = web.AppKey("dsr_api", DsrApi)
 
 def load_admin_token(source: str) -> str | None:
     """The operator's token from `env:NAME` or `file:PATH`; None when not configured."""
-    key = "dsr.admin_token"
     if not source:
         return None
-    if source.startswith("env:"):
-        token = os.environ.get(source[4:], "")
-        if not token:
-            raise ConfigError("<environment>", key, f"{source[4:]} is not set or empty")
-    else:
-        path = Path(source[5:])
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(path, key, f"cannot read: {exc.strerror}") from None
+    token = resolve_secret(source, "<config>", "dsr.admin_token")
     if len(token) < 16:
-        raise ConfigError(source, key, "the admin token must be at least 16 characters")
+        raise ConfigError(
+            source, "dsr.admin_token", "the admin token must be at least 16 characters"
+        )
     return token
 
 

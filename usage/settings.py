@@ -6,7 +6,6 @@ from `env:NAME` or `file:PATH`, like the PBX secrets.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,28 +93,9 @@ def _parse_tenant(sec: Section) -> Tenant:
     tenant_id = sec.text("id")
     if not _TENANT.match(tenant_id):
         raise sec.error("id", "lower-case letters, digits, '.', '_' and '-', at most 64")
-    source = sec.text("key")
+    key = sec.secret("key")
     cap = sec.integer("max_installs", 0, minimum=0)
     sec.finish()
-    key = _secret(sec, source)
     if len(key) < MIN_KEY_CHARS:
         raise sec.error("key", f"a tenant key needs at least {MIN_KEY_CHARS} characters")
     return Tenant(tenant_id, key, cap)
-
-
-def _secret(sec: Section, source: str) -> str:
-    """`env:NAME` or `file:PATH`: a tenant key never sits in the configuration itself."""
-    if source.startswith("env:"):
-        value = os.environ.get(source[4:], "")
-        if not value:
-            raise sec.error("key", f"environment variable {source[4:]} is not set")
-        return value
-    if source.startswith("file:"):
-        try:
-            value = Path(source[5:]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise sec.error("key", f"cannot read {source[5:]}: {exc.strerror}") from None
-        if not value:
-            raise sec.error("key", f"{source[5:]} is empty")
-        return value
-    raise sec.error("key", "must be 'env:NAME' or 'file:PATH'")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
 from yarl import URL
 
@@ -87,26 +85,7 @@ def _parse_provider(sec: Section) -> OAuthProvider:
     client_id = sec.text("client_id")
     if not client_id:
         raise sec.error("client_id", "is empty")
-    source = sec.text("client_secret")
+    secret = sec.secret("client_secret")
     auth = ClientAuth(sec.choice("auth_method", tuple(ClientAuth), ClientAuth.POST.value))
     sec.finish()
-    return OAuthProvider(name, token_url, client_id, _secret(sec, source), auth)
-
-
-def _secret(sec: Section, source: str) -> str:
-    """`env:NAME` or `file:PATH`: the secret never sits in the configuration itself."""
-    kind, _, where = source.partition(":")
-    if kind == "env":
-        value = os.environ.get(where, "")
-        if not value:
-            raise sec.error("client_secret", f"environment variable {where} is not set")
-        return value
-    if kind == "file":
-        try:
-            value = Path(where).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise sec.error("client_secret", f"cannot read {where}: {exc.strerror}") from None
-        if not value:
-            raise sec.error("client_secret", f"{where} is empty")
-        return value
-    raise sec.error("client_secret", "must be 'env:NAME' or 'file:PATH'")
+    return OAuthProvider(name, token_url, client_id, secret, auth)

@@ -214,7 +214,7 @@ class Relay:
             if isinstance(message, Request) and self._shed(message):
                 self.metrics.errors.labels("overload").inc()
                 retry = ("Retry-After", str(self.settings.overload.retry_after))
-                await self._reply(message, flow, 503, None, (retry,))
+                await self.reply(message, flow, 503, None, (retry,))
                 return "shed"
             if isinstance(message, Response):
                 await self._response(message)
@@ -259,7 +259,7 @@ class Relay:
         *,
         to_tag: str | None = None,
     ) -> None:
-        """Answer `request` on `flow` (for parking: its 100, 180 and final answers)."""
+        """Answer `request` on `flow` (an ACK gets no answer). Parking uses it too."""
         if request.method != "ACK":
             await self._send(flow, make_response(request, status, reason, headers, to_tag=to_tag))
 
@@ -267,23 +267,12 @@ class Relay:
         """Forward a request that came on `flow` to `target`, as a new dialog's first."""
         await self._forward(request, flow, target, record_route=True)
 
-    async def _reply(
-        self,
-        request: Request,
-        flow: Flow,
-        status: int,
-        reason: str | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        if request.method != "ACK":
-            await self._send(flow, make_response(request, status, reason, headers))
-
     # --- REGISTER -------------------------------------------------------------------
 
     async def _register(self, request: Request, flow: Flow) -> None:
         to = request.to.uri
         if not isinstance(to, SipUri):
-            await self._reply(request, flow, 416)
+            await self.reply(request, flow, 416)
             return
         host = to.host.lower()
         if host == self.settings.domain and to.user:
@@ -293,16 +282,16 @@ class Relay:
             await self._register_phone(request, flow, serial, to.user)
         else:
             self.metrics.errors.labels("not_our_domain").inc()
-            await self._reply(request, flow, 404, "Not Served Here")
+            await self.reply(request, flow, 404, "Not Served Here")
 
     async def _register_pbx(self, request: Request, flow: Flow, serial: str) -> None:
         pbx = self._pbx_settings.get(serial)
         if pbx is None:
-            await self._reply(request, flow, 404, "Unknown PBX")
+            await self.reply(request, flow, 404, "Unknown PBX")
             return
         if not flow.transport.reliable:
             # Calls must come back over this flow; a datagram "flow" dies with the NAT.
-            await self._reply(request, flow, 403, "PBX Must Use TCP, TLS or WebSocket")
+            await self.reply(request, flow, 403, "PBX Must Use TCP, TLS or WebSocket")
             return
         if not await self._authenticate_pbx(request, flow, pbx):
             return
@@ -331,7 +320,7 @@ class Relay:
         self.metrics.pbx_links.set(len(self._pbx_flows))
         contacts = [str(c.with_param("expires", str(expires))) for c in request.contacts]
         headers = (*(("Contact", c) for c in contacts), ("Expires", str(expires)))
-        await self._reply(request, flow, 200, None, headers)
+        await self.reply(request, flow, 200, None, headers)
 
     async def _authenticate_pbx(self, request: Request, flow: Flow, pbx: PbxSettings) -> bool:
         """Whether the PBX proved its serial as configured: by its client certificate, the
@@ -342,9 +331,9 @@ class Relay:
             self.metrics.errors.labels("pbx_auth").inc()
             log.warning("pbx certificate refused", extra={"fields": {"pbx_serial": serial}})
             if flow.transport is Transport.TLS:
-                await self._reply(request, flow, 403, "Certificate Does Not Match")
+                await self.reply(request, flow, 403, "Certificate Does Not Match")
             else:  # WebSocket flows carry no certificate names: SIP over TLS only
-                await self._reply(request, flow, 403, "PBX Must Use SIP over TLS")
+                await self.reply(request, flow, 403, "PBX Must Use SIP over TLS")
             return False
         if not pbx.auth.needs_digest:
             return True
@@ -352,18 +341,18 @@ class Relay:
         authorization = request.get("Authorization")
         if authorization is None:
             challenges = self.digest.challenges(serial, now)
-            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
+            await self.reply(request, flow, 401, None, _www_authenticate(challenges))
             return False
         try:
             self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now)
         except StaleNonce:
             challenges = self.digest.challenges(serial, now, stale=True)
-            await self._reply(request, flow, 401, None, _www_authenticate(challenges))
+            await self.reply(request, flow, 401, None, _www_authenticate(challenges))
             return False
         except DigestError:
             self.metrics.errors.labels("pbx_auth").inc()
             log.warning("pbx authentication failed", extra={"fields": {"pbx_serial": serial}})
-            await self._reply(request, flow, 403, "Wrong Credentials")
+            await self.reply(request, flow, 403, "Wrong Credentials")
             return False
         return True
 
@@ -378,7 +367,7 @@ class Relay:
     ) -> None:
         pbx = self.pbx_flow(serial)
         if pbx is None:
-            await self._reply(request, flow, 480, "PBX Not Connected")
+            await self.reply(request, flow, 480, "PBX Not Connected")
             return
         contacts = [] if request.contact_star else request.contacts
         contact = contacts[0] if contacts else None
@@ -388,7 +377,7 @@ class Relay:
             Subject(username, serial)
         ):
             self.metrics.errors.labels("restricted").inc()
-            await self._reply(request, flow, 403, "Restricted by Data Subject Request")
+            await self.reply(request, flow, 403, "Restricted by Data Subject Request")
             return
         expires = request.expires if request.expires is not None else 3600
         if contact is not None and contact.expires is not None:
@@ -544,12 +533,12 @@ class Relay:
             return
         uri = request.uri
         if not isinstance(uri, SipUri) or not uri.host.lower().endswith("." + self.settings.domain):
-            await self._reply(request, flow, 404, "Not Served Here")
+            await self.reply(request, flow, 404, "Not Served Here")
             return
         serial = uri.host.lower()[: -len(self.settings.domain) - 1]
         pbx = self.pbx_flow(serial)
         if pbx is None:
-            await self._reply(request, flow, 480, "PBX Not Connected")
+            await self.reply(request, flow, 480, "PBX Not Connected")
             return
         await self._forward(request, flow, pbx, record_route=True)
 
@@ -575,7 +564,7 @@ class Relay:
             target = ends[1] if ends[0] is flow else ends[0]
             record_route = False
         if target is None:
-            await self._reply(request, flow, 480, "Flow Gone")
+            await self.reply(request, flow, 480, "Flow Gone")
             return
         await self._forward(request, flow, target, record_route=record_route)
 
@@ -594,7 +583,7 @@ class Relay:
             if wakeable is not None:
                 await self.parking.park(request, flow, *wakeable)
                 return
-        await self._reply(request, flow, 480, "Flow Gone")
+        await self.reply(request, flow, 480, "Flow Gone")
 
     def _watch_answer(self, request: Request, flow: Flow) -> None:
         """A call to a phone on UDP with push parameters: it may be asleep behind a
@@ -627,7 +616,7 @@ class Relay:
         try:
             branch = self._forward_prepare(request, flow)
         except SipParseError as exc:
-            await self._reply(request, flow, exc.status, exc.reason)
+            await self.reply(request, flow, exc.status, exc.reason)
             return
         if record_route and request.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"):
             pbx_side, phone_side = (flow, target) if self._is_pbx(flow) else (target, flow)

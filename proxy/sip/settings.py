@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from privacy.declaration import Section
+from privacy.declaration import Section, resolve_secret
 from proxy.sip.overload import OverloadSettings
 from proxy.sip.transport import TransportLimits, TransportSettings
 from proxy.sip.wake import WakeSettings
@@ -184,7 +183,7 @@ def _parse_pbx(sec: Section) -> PbxSettings:
         raise sec.error("secret", "is not used with auth = 'mtls' (use 'both' for both)")
     if static is None and auth.needs_digest and not source:
         raise sec.error("secret", "is missing: a PBX that dials out needs one (or set static)")
-    secret = _secret(sec, source) if source else ""
+    secret = resolve_secret(source, sec.file, sec.key("secret")) if source else ""
     return PbxSettings(serial, secret, static, auth, provisioning_url)
 
 
@@ -203,21 +202,3 @@ def _static(sec: Section, text: str) -> tuple[str, int]:
     if kind != "udp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise sec.error("static", f"expected 'udp:HOST:PORT', got {text!r}")
     return host.strip("[]"), int(port)
-
-
-def _secret(sec: Section, source: str) -> str:
-    """`env:NAME` or `file:PATH`: a secret never sits in the configuration itself."""
-    if source.startswith("env:"):
-        value = os.environ.get(source[4:], "")
-        if not value:
-            raise sec.error("secret", f"environment variable {source[4:]} is not set")
-        return value
-    if source.startswith("file:"):
-        try:
-            value = Path(source[5:]).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise sec.error("secret", f"cannot read {source[5:]}: {exc.strerror}") from None
-        if not value:
-            raise sec.error("secret", f"{source[5:]} is empty")
-        return value
-    raise sec.error("secret", "must be 'env:NAME' or 'file:PATH'")
