@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,8 +13,8 @@ import pytest
 
 from push.apps import PushSettings
 from tests.conftest import sample_fields
+from tests.peers import STARTUP_TIMEOUT, http_base, spawn_serve
 
-STARTUP_TIMEOUT = 20
 EMBEDDED_PUSH = PushSettings(
     apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.test"
 )
@@ -25,28 +22,10 @@ EMBEDDED_PUSH = PushSettings(
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    env = {**os.environ, "SOFTRELAY_CONFIG": ""}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy.cli",
-        "serve",
-        "--data-dir",
-        str(tmp_path / "var"),
-        "--http-port",
-        "0",
-        "--sip-port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT)
-    match = re.search(rb"http://127\.0\.0\.1:(\d+)", line)
-    assert match, line
+    proc = await spawn_serve(tmp_path / "var")
+    base = await http_base(proc)
     try:
-        yield proc, f"http://127.0.0.1:{int(match.group(1))}"
+        yield proc, base
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -5,22 +5,19 @@ nowhere on stderr (no access log, no aiohttp error log)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 
 from privacy.audit import scan_for_canaries
+from tests.peers import STARTUP_TIMEOUT, http_base, spawn_serve
 from usage.client import UsageClient
 from usage.endpoint import PING_PATH
 
 CANARY_IP = "127.83.41.29"  # loopback, and unlike any address the server has of its own
 KEY = "canary-tenant-key-0123456789"
-STARTUP_TIMEOUT = 20
 
 
 async def test_no_ip_of_a_ping_reaches_the_data_dir_or_stderr(tmp_path: Path) -> None:
@@ -29,28 +26,10 @@ async def test_no_ip_of_a_ping_reaches_the_data_dir_or_stderr(tmp_path: Path) ->
         "[usage]\nip_burst = 6\n[[usage.tenant]]\nid = 'acme'\nkey = 'env:CANARY_USAGE_KEY'\n"
     )
     data = tmp_path / "var"
-    env = {**os.environ, "SOFTRELAY_CONFIG": str(config), "CANARY_USAGE_KEY": KEY}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy.cli",
-        "serve",
-        "--data-dir",
-        str(data),
-        "--http-port",
-        "0",
-        "--sip-port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    env = {"SOFTRELAY_CONFIG": str(config), "CANARY_USAGE_KEY": KEY}
+    proc = await spawn_serve(data, env=env)
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), STARTUP_TIMEOUT)
-        match = re.search(rb"http://127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        base = f"http://127.0.0.1:{int(match.group(1))}"
+        base = await http_base(proc)
         connector = aiohttp.TCPConnector(local_addr=(CANARY_IP, 0))
         async with aiohttp.ClientSession(connector=connector) as session:
             app = UsageClient(

@@ -15,9 +15,7 @@ No time passes on purpose: the plugin's `phone_pace` wakes phones at once.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from mockphone.pbx import CallResult, MockPbx
 from mockphone.phone import Kind, MockPhone, OutgoingCall, State
 from mockphone.pytest_plugin import SERIAL, PhoneFactory
 from mockphone.simulate import send_crash
+from tests.peers import run_cli
 from usage.client import UsageClient
 from usage.period import period_of
 
@@ -44,22 +43,6 @@ FLEET = [
     ("desktop", "ws", 4),
 ]
 CRASHES = 10  # every fifth phone crashes; every other crashing user opted in
-
-
-async def _cli(*args: str) -> tuple[int, str]:
-    """`softrelay ARGS` in a subprocess, as an operator runs it; status and output."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "SOFTRELAY_CONFIG": ""},
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
 
 
 async def _ping_usage(softrelay: EmbeddedRelay, phones: list[MockPhone], state: Path) -> list[int]:
@@ -161,7 +144,7 @@ async def test_fifty_phones_live_a_day_and_leave_nothing_behind(
 
     config = ("--config", str(softrelay.config_file), "--data-dir", str(softrelay.data_dir))
     period = period_of(time.time())
-    status, out = await _cli("billing", "--month", period, "--format", "json", *config)
+    status, out = await run_cli("billing", "--month", period, "--format", "json", *config)
     assert status == 0, out
     billing = orjson.loads(out)
     assert billing["tenants"] == [
@@ -174,15 +157,15 @@ async def test_fifty_phones_live_a_day_and_leave_nothing_behind(
         }
     ], billing
 
-    status, out = await _cli("audit", *config)
+    status, out = await run_cli("audit", *config)
     assert status == 0, out
 
     canaries = [p.spec.password for p in phones] + tokens + list(callers.values())
     # --canary=VALUE: a password or an FCM token may begin with "-".
-    status, out = await _cli("audit", *config, *(f"--canary={canary}" for canary in canaries))
+    status, out = await run_cli("audit", *config, *(f"--canary={canary}" for canary in canaries))
     assert status == 0, out
     assert "no canary found" in out
     # ...and the scan does read the stored data: the PBX serial is kept in plain.
-    status, out = await _cli("audit", *config, "--canary", SERIAL)
+    status, out = await run_cli("audit", *config, "--canary", SERIAL)
     assert status == 1, out
     assert repr(SERIAL) in out

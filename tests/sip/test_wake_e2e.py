@@ -1,5 +1,5 @@
 """Waking a sleeping phone over real sockets: `softrelay serve` with its embedded push
-stand-ins, the Python PBX of test_sipp.py (`Pbx`) as the caller, and a Python phone.
+stand-ins, the Python PBX of tests/peers.py (`Pbx`) as the caller, and a Python phone.
 
 The PBX links by serial over TCP. The phone connects over TCP from 127.0.0.2, so that
 its address differs from the relay's, and registers through the PBX with RFC 8599 push
@@ -35,23 +35,22 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from proxy.sip.framing import PONG, Keepalive, StreamFramer
-from proxy.sip.message import NameAddr, Request, Response, make_response, parse
-from tests.sip.test_sipp import (
+from proxy.sip.message import NameAddr, Request, Response
+from tests.peers import (
     DOMAIN,
     PHONE_DOMAIN,
     PHONE_IP,
+    PHONE_SDP,
     SERIAL,
     STEP_TIMEOUT,
     Pbx,
     Server,
-    _audit,
-    _challenge_param,
-    _digest,
-    _message,
-    start_server,  # noqa: F401  (the fixture: pytest finds it in this module's namespace)
+    StreamPeer,
+    audit,
+    challenge_param,
+    digest,
+    sip_message,
 )
-from tests.sip.test_websocket_phone import _http_port
 
 TOKEN = secrets.token_hex(32)  # the APNs device token: 64 hex digits
 PN_PARAM = "ABCDE12345.com.example.softphone.voip"  # team id, `serve`'s embedded app id
@@ -60,30 +59,26 @@ CALLEE_NAME = "Alice Callee-canary"
 SDP_CANARY = "o=carol 4711 4711 IN IP4 sdp-canary.example"
 SDP = f"v=0\r\n{SDP_CANARY}\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
 SDP += "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
-PHONE_SDP = f"v=0\r\no=alice 1 1 IN IP4 {PHONE_IP}\r\ns=-\r\nc=IN IP4 {PHONE_IP}\r\nt=0 0\r\n"
-PHONE_SDP += "m=audio 41000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
 
 
 class CallingPbx(Pbx):
-    """The PBX of test_sipp.py, receiving every message: over TCP nothing repeats, and
+    """The PBX of tests/peers.py, receiving every message: over TCP nothing repeats, and
     the relay's `180 Push-Status` and the phone's own 180 share Call-ID, CSeq and
     branch."""
 
     async def receive(self) -> Request | Response:
-        return await self._next()
+        return await StreamPeer.receive(self)
 
     async def accept_register(self, password: str | None) -> tuple[Request, NameAddr, NameAddr]:
         """A phone's REGISTER, challenged first when `password` is set, then accepted:
         the accepted REGISTER, its Contact and the Path back to the phone."""
         register = await self.request("REGISTER")
         if password is not None:
-            nonce = secrets.token_hex(12)
-            challenge = f'Digest realm="pbx.{DOMAIN}", nonce="{nonce}", algorithm=MD5, qop="auth"'
-            await self.send(make_response(register, 401, headers=[("WWW-Authenticate", challenge)]))
+            nonce = await self.challenge(register)
             register = await self.request("REGISTER")
             creds = register.get("Authorization") or ""
-            cnonce, nc = _challenge_param(creds, "cnonce"), _challenge_param(creds, "nc")
-            expected = _digest(
+            cnonce, nc = challenge_param(creds, "cnonce"), challenge_param(creds, "nc")
+            expected = digest(
                 "MD5",
                 username="alice",
                 realm=f"pbx.{DOMAIN}",
@@ -94,23 +89,14 @@ class CallingPbx(Pbx):
                 nc=nc,
                 cnonce=cnonce,
             )
-            assert _challenge_param(creds, "response") == expected, creds
+            assert challenge_param(creds, "response") == expected, creds
         (path,) = register.paths
         assert "ft=" in str(path), str(path)
         (contact,) = register.contacts
         push = contact.push
         assert push is not None, "the Contact's push parameters reach the PBX"
         assert (push.provider, push.prid, push.param) == ("apns", TOKEN, PN_PARAM)
-        await self.send(
-            make_response(
-                register,
-                200,
-                headers=[
-                    ("Contact", str(contact.with_param("expires", "600"))),
-                    ("Expires", "600"),
-                ],
-            )
-        )
+        await self.accept(register, contact)
         return register, contact, path
 
     async def invite(self, contact: NameAddr, path: NameAddr, call_id: str) -> list[str]:
@@ -119,7 +105,7 @@ class CallingPbx(Pbx):
         dialog = [f'From: "{CALLER_NAME}" <sip:carol@{PHONE_DOMAIN}>;tag=pbx-{call_id}']
         dialog.append(f"Call-ID: {call_id}")
         await self.send(
-            _message(
+            sip_message(
                 f"INVITE {contact.uri} SIP/2.0",
                 self.via(),
                 f"Route: {path}",
@@ -142,20 +128,16 @@ class CallingPbx(Pbx):
         return message
 
 
-class TcpPhone:
+class TcpPhone(StreamPeer):
     """A softphone on one TCP connection from PHONE_IP, one transaction at a time."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.framer = StreamFramer()
-        self.inbox: list[bytes] = []
+        super().__init__(reader, writer)
         self.port: int = writer.get_extra_info("sockname")[1]
         self.contact = (
             f"<sip:alice@{PHONE_IP}:{self.port};transport=tcp;"
             f"pn-provider=apns;pn-prid={TOKEN};pn-param={PN_PARAM}>"
         )
-        self.transcript: list[str] = []
 
     @classmethod
     async def connect(cls, port: int) -> TcpPhone:
@@ -168,84 +150,9 @@ class TcpPhone:
         sent_by = f"{PHONE_IP}:{self.port}"
         return f"Via: SIP/2.0/TCP {sent_by};branch=z9hG4bK-ph-{secrets.token_hex(6)}"
 
-    async def send(self, message: bytes | Request | Response) -> None:
-        data = message if isinstance(message, bytes) else message.serialize()
-        self.transcript.append(f">>> {data.decode(errors='replace')}")
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def receive(self) -> Request | Response:
-        while not self.inbox:
-            data = await asyncio.wait_for(self.reader.read(65536), STEP_TIMEOUT)
-            assert data, f"the relay closed the phone's connection after:\n{self.last()}"
-            for item in self.framer.feed(data):
-                if item is Keepalive.PING:
-                    self.writer.write(PONG)
-                elif isinstance(item, bytes):
-                    self.inbox.append(item)
-        raw = self.inbox.pop(0)
-        self.transcript.append(f"<<< {raw.decode(errors='replace')}")
-        return parse(raw)
-
-    async def request(self, method: str) -> Request:
-        message = await self.receive()
-        assert isinstance(message, Request), f"expected {method}, got:\n{self.last()}"
-        assert message.method == method, f"expected {method}, got:\n{self.last()}"
-        return message
-
-    async def final(self, method: str) -> Response:
-        while True:
-            message = await self.receive()
-            assert isinstance(message, Response), f"expected a response, got:\n{self.last()}"
-            assert message.cseq.method == method, self.last()
-            if message.status >= 200:
-                return message
-
-    def last(self) -> str:
-        return self.transcript[-1] if self.transcript else "(nothing)"
-
     async def register(self, password: str | None) -> Response:
         """REGISTER alice with the push parameters, answering a digest challenge."""
-        call_id = f"tcp-reg-{secrets.token_hex(6)}"
-
-        def register(cseq: int, *extra: str) -> bytes:
-            return _message(
-                f"REGISTER sip:{PHONE_DOMAIN} SIP/2.0",
-                self.via(),
-                f"From: <sip:alice@{PHONE_DOMAIN}>;tag=ph-{call_id}",
-                f"To: <sip:alice@{PHONE_DOMAIN}>",
-                f"Call-ID: {call_id}",
-                f"CSeq: {cseq} REGISTER",
-                "Max-Forwards: 70",
-                f"Contact: {self.contact}",
-                "Expires: 600",
-                *extra,
-            )
-
-        await self.send(register(1))
-        answer = await self.final("REGISTER")
-        if answer.status == 401 and password is not None:
-            challenge = answer.get("WWW-Authenticate") or ""
-            realm = _challenge_param(challenge, "realm")
-            nonce = _challenge_param(challenge, "nonce")
-            uri, nc, cnonce = f"sip:{PHONE_DOMAIN}", "00000001", secrets.token_hex(8)
-            response = _digest(
-                "MD5",
-                username="alice",
-                realm=realm,
-                password=password,
-                method="REGISTER",
-                uri=uri,
-                nonce=nonce,
-                nc=nc,
-                cnonce=cnonce,
-            )
-            authorization = (
-                f'Digest username="alice", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-                f'response="{response}", algorithm=MD5, qop=auth, nc={nc}, cnonce="{cnonce}"'
-            )
-            await self.send(register(2, f"Authorization: {authorization}"))
-            answer = await self.final("REGISTER")
+        _, answer = await self.digest_register("alice", PHONE_DOMAIN, password, tag="ph")
         assert answer.status == 200, self.last()
         return answer
 
@@ -257,39 +164,18 @@ class TcpPhone:
         assert rest == b"", rest
         await self.close()
 
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
     async def take_call(self) -> Request:
         """The parked INVITE: 180 and 200 echoing the Record-Route; its ACK and BYE."""
         invite = await self.request("INVITE")
-        echoed = [("Record-Route", value) for value in invite.get_all("Record-Route")]
         contact = f"<sip:alice@{PHONE_IP}:{self.port};transport=tcp>"
-        tag = "ph-in"
-        await self.send(
-            make_response(invite, 180, headers=[*echoed, ("Contact", contact)], to_tag=tag)
-        )
-        await self.send(
-            make_response(
-                invite,
-                200,
-                headers=[*echoed, ("Contact", contact), ("Content-Type", "application/sdp")],
-                to_tag=tag,
-                body=PHONE_SDP.encode(),
-            )
-        )
-        ack = await self.request("ACK")
-        assert ack.call_id == invite.call_id
-        bye = await self.request("BYE")
+        _, bye = await self.answer(invite, contact=contact, tag="ph-in", sdp=PHONE_SDP)
         assert bye.call_id == invite.call_id
-        await self.send(make_response(bye, 200))
         return invite
 
 
 async def _metric(server: Server, name: str) -> float:
     """One sample of `serve`'s /metrics, 0 when absent."""
-    url = f"http://127.0.0.1:{_http_port(server)}/metrics"
+    url = f"http://127.0.0.1:{server.http_port()}/metrics"
     timeout = aiohttp.ClientTimeout(total=STEP_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as answer:
         text = await answer.text()
@@ -298,10 +184,7 @@ async def _metric(server: Server, name: str) -> float:
 
 
 async def _linked_pbx(server: Server) -> CallingPbx:
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", server.ports["tcp"]), STEP_TIMEOUT
-    )
-    pbx = CallingPbx(reader, writer)
+    pbx = await CallingPbx.connect(server.ports["tcp"])
     assert await pbx.link(server.secret) == 200, server.log()
     return pbx
 
@@ -325,7 +208,7 @@ async def _asleep(
 
 
 async def test_sleeping_phone_is_woken_by_a_push_and_takes_the_call_on_a_new_connection(
-    start_server: Callable[[], Awaitable[Server]],  # noqa: F811  (the fixture imported above)
+    start_server: Callable[[], Awaitable[Server]],
 ) -> None:
     """(a) The call is parked, pushed (100, 180 Push-Status: delivered), delivered to the
     phone's new connection once its PBX accepts its re-REGISTER, and completes; (c)
@@ -353,17 +236,7 @@ async def test_sleeping_phone_is_woken_by_a_push_and_takes_the_call_on_a_new_con
             assert ringing.get("Push-Status") is None, "the phone's own 180 this time"
             answer = await pbx.response("INVITE", 200)
             assert answer.body == PHONE_SDP.encode()
-            routes = [f"Route: {rr}" for rr in reversed(answer.record_routes)]
-            assert routes, pbx.last()
-            (target,) = answer.contacts
-            in_dialog = [*routes, "Max-Forwards: 70", *dialog, f"To: {answer.get('To')}"]
-            await pbx.send(
-                _message(f"ACK {target.uri} SIP/2.0", pbx.via(), *in_dialog, "CSeq: 1 ACK")
-            )
-            await pbx.send(
-                _message(f"BYE {target.uri} SIP/2.0", pbx.via(), *in_dialog, "CSeq: 2 BYE")
-            )
-            assert (await pbx.response("BYE")).status == 200, pbx.last()
+            assert (await pbx.hang_up(answer, dialog)).status == 200, pbx.last()
 
         async def phone() -> None:
             await asyncio.wait_for(push_arrived.wait(), STEP_TIMEOUT)
@@ -397,18 +270,18 @@ async def test_sleeping_phone_is_woken_by_a_push_and_takes_the_call_on_a_new_con
     assert await server.stop() == 0, server.log()
 
     # (c) With debug mode off, the parked call existed in memory only.
-    status, report = await _audit(
+    status, report = await audit(
         server, CALLER_NAME, CALLEE_NAME, SDP_CANARY, PHONE_IP, TOKEN, password
     )
     assert status == 0, report
     assert "no canary found" in report
     # ...while the scan does read the data: the serial is stored in plain.
-    status, report = await _audit(server, SERIAL)
+    status, report = await audit(server, SERIAL)
     assert status == 1, report
 
 
 async def test_sigterm_answers_both_parked_calls_with_503_before_serve_exits(
-    start_server: Callable[[], Awaitable[Server]],  # noqa: F811  (the fixture imported above)
+    start_server: Callable[[], Awaitable[Server]],
 ) -> None:
     """(b) Two calls parked for a sleeping phone; SIGTERM: each INVITE gets a final 503
     with Retry-After, read by the PBX after `serve` has exited with status 0."""

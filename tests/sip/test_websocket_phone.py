@@ -17,7 +17,6 @@ is bounded by a timeout, never paced by sleeping.
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,42 +24,26 @@ from pathlib import Path
 import aiohttp
 from aiohttp import WSMsgType
 
-from privacy.clock import SystemClock
-from privacy.keys import load_keyring
-from privacy.policy import load_policy
-from privacy.store import Store
 from proxy.sip.framing import datagram_keepalive
-from proxy.sip.message import Request, Response, SipUri, make_response, parse
-from tests.sip.test_sipp import (
+from proxy.sip.message import Request, Response, SipUri
+from tests.peers import (
     PHONE_DOMAIN,
     PHONE_IP,
+    PHONE_SDP,
     SERIAL,
     STEP_TIMEOUT,
     Pbx,
     PhoneSecrets,
     Server,
-    _audit,
-    _challenge_param,
-    _digest,
-    _message,
-    _serve_phone,
-    start_server,  # noqa: F401  (the fixture: pytest finds it in this module's namespace)
+    SipPeer,
+    audit,
+    serve_phone,
+    sip_message,
+    stored_registration,
 )
 
-# The phone's SDP names its own address: bodies pass through, and are never kept.
-PHONE_SDP = f"v=0\r\no=alice 1 1 IN IP4 {PHONE_IP}\r\ns=-\r\nc=IN IP4 {PHONE_IP}\r\nt=0 0\r\n"
-PHONE_SDP += "m=audio 41000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
 
-
-def _http_port(server: Server) -> int:
-    """The HTTP port `serve` printed at start; SIP over WebSocket is at /sip on it."""
-    for line in server.output:
-        if match := re.match(r"softrelay: http://127\.0\.0\.1:(\d+) ", line):
-            return int(match.group(1))
-    raise AssertionError(f"serve printed no HTTP address:\n{server.log()}")
-
-
-class WsPhone:
+class WsPhone(SipPeer):
     """A phone with one WebSocket to the relay, connected from PHONE_IP.
 
     It handles one transaction at a time, in order: over a reliable transport nothing
@@ -104,7 +87,7 @@ class WsPhone:
 
     async def send(self, message: bytes | Request | Response) -> None:
         data = message if isinstance(message, bytes) else message.serialize()
-        self.transcript.append(f">>> {data.decode(errors='replace')}")
+        self._sent(data)
         await self.ws.send_str(data.decode())  # one SIP message per (text) frame
 
     async def receive(self) -> Request | Response:
@@ -118,14 +101,7 @@ class WsPhone:
                 raise AssertionError(f"the WebSocket ended ({msg.type.name}):\n{self.last()}")
             if datagram_keepalive(data) is not None:
                 continue
-            self.transcript.append(f"<<< {data.decode(errors='replace')}")
-            return parse(data)
-
-    async def request(self, method: str) -> Request:
-        message = await self.receive()
-        assert isinstance(message, Request), f"expected {method}, got:\n{self.last()}"
-        assert message.method == method, f"expected {method}, got:\n{self.last()}"
-        return message
+            return self._received(data)
 
     async def responses(self, method: str) -> tuple[list[int], Response]:
         """The statuses of the responses to `method` up to its final one, and that one."""
@@ -138,55 +114,13 @@ class WsPhone:
             if message.status >= 200:
                 return seen, message
 
-    def last(self) -> str:
-        return self.transcript[-1] if self.transcript else "(nothing)"
-
     # --- the scenario: register, be called, call -----------------------------------
 
     async def register(self, password: str) -> Response:
         """REGISTER alice through the relay, answering the PBX's digest challenge."""
-        call_id = f"ws-reg-{secrets.token_hex(6)}"
-
-        def register(cseq: int, *extra: str) -> bytes:
-            return _message(
-                f"REGISTER sip:{PHONE_DOMAIN} SIP/2.0",
-                self.via(),
-                f"From: <sip:alice@{PHONE_DOMAIN}>;tag=ws-{call_id}",
-                f"To: <sip:alice@{PHONE_DOMAIN}>",
-                f"Call-ID: {call_id}",
-                f"CSeq: {cseq} REGISTER",
-                "Max-Forwards: 70",
-                f"Contact: {self.contact}",
-                "Expires: 600",
-                *extra,
-            )
-
-        await self.send(register(1))
-        statuses, challenged = await self.responses("REGISTER")
-        assert statuses[-1] == 401, self.last()
-        challenge = challenged.get("WWW-Authenticate") or ""
-        realm = _challenge_param(challenge, "realm")
-        nonce = _challenge_param(challenge, "nonce")
-        algorithm = _challenge_param(challenge, "algorithm")
-        uri, nc, cnonce = f"sip:{PHONE_DOMAIN}", "00000001", secrets.token_hex(8)
-        answer = _digest(
-            algorithm,
-            username="alice",
-            realm=realm,
-            password=password,
-            method="REGISTER",
-            uri=uri,
-            nonce=nonce,
-            nc=nc,
-            cnonce=cnonce,
-        )
-        authorization = (
-            f'Digest username="alice", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-            f'response="{answer}", algorithm={algorithm}, qop=auth, nc={nc}, cnonce="{cnonce}"'
-        )
-        await self.send(register(2, f"Authorization: {authorization}"))
-        statuses, final = await self.responses("REGISTER")
-        assert statuses[-1] == 200, self.last()
+        challenged, final = await self.digest_register("alice", PHONE_DOMAIN, password, tag="ws")
+        assert challenged.status == 401, self.last()
+        assert final.status == 200, self.last()
         return final
 
     async def take_call(self) -> None:
@@ -196,33 +130,16 @@ class WsPhone:
         assert invite.uri.host == self.host, "the INVITE is for the registered Contact"
         assert not invite.routes, "the relay took the Path's Route off"
         assert invite.record_routes, "the relay Record-Routes the dialog"
-        echoed = [("Record-Route", value) for value in invite.get_all("Record-Route")]
-        tag = "ws-in"
-        await self.send(
-            make_response(invite, 180, headers=[*echoed, ("Contact", self.contact)], to_tag=tag)
-        )
-        await self.send(
-            make_response(
-                invite,
-                200,
-                headers=[*echoed, ("Contact", self.contact), ("Content-Type", "application/sdp")],
-                to_tag=tag,
-                body=PHONE_SDP.encode(),
-            )
-        )
-        ack = await self.request("ACK")
-        assert ack.call_id == invite.call_id
+        ack, bye = await self.answer(invite, contact=self.contact, tag="ws-in", sdp=PHONE_SDP)
         assert not ack.routes, "the relay took its own Route off"
-        bye = await self.request("BYE")
         assert bye.call_id == invite.call_id
-        await self.send(make_response(bye, 200))
 
     async def call(self) -> None:
         """INVITE carol at the PBX; ACK and BYE along the route set of the answer."""
         call_id = f"ws-out-{secrets.token_hex(6)}"
         from_ = f"From: <sip:alice@{PHONE_DOMAIN}>;tag=ws-out"
         await self.send(
-            _message(
+            sip_message(
                 f"INVITE sip:carol@{PHONE_DOMAIN} SIP/2.0",
                 self.via(),
                 "Max-Forwards: 70",
@@ -252,10 +169,10 @@ class WsPhone:
         ]
         # Loose routing (RFC 3261 12.2.1.1): the Request-URI is the remote target.
         await self.send(
-            _message(f"ACK {remote.uri} SIP/2.0", self.via(), *in_dialog, "CSeq: 1 ACK")
+            sip_message(f"ACK {remote.uri} SIP/2.0", self.via(), *in_dialog, "CSeq: 1 ACK")
         )
         await self.send(
-            _message(f"BYE {remote.uri} SIP/2.0", self.via(), *in_dialog, "CSeq: 2 BYE")
+            sip_message(f"BYE {remote.uri} SIP/2.0", self.via(), *in_dialog, "CSeq: 2 BYE")
         )
         statuses, done = await self.responses("BYE")
         assert statuses == [200], self.last()
@@ -263,7 +180,7 @@ class WsPhone:
 
 
 async def test_websocket_phone_registers_and_calls_both_ways_and_leaves_no_secret(
-    start_server: Callable[[], Awaitable[Server]],  # noqa: F811  (the fixture imported above)
+    start_server: Callable[[], Awaitable[Server]],
     tmp_path: Path,
 ) -> None:
     server = await start_server()
@@ -273,7 +190,7 @@ async def test_websocket_phone_registers_and_calls_both_ways_and_leaves_no_secre
         assert await pbx.link("not-the-secret") == 403, "a wrong secret is refused"
         assert await pbx.link(server.secret) == 200, server.log()
 
-        phone = await WsPhone.connect(f"ws://127.0.0.1:{_http_port(server)}/sip")
+        phone = await WsPhone.connect(f"ws://127.0.0.1:{server.http_port()}/sip")
         try:
             assert phone.ws.protocol == "sip", "the relay accepted the subprotocol sip"
 
@@ -283,7 +200,7 @@ async def test_websocket_phone_registers_and_calls_both_ways_and_leaves_no_secre
                 await phone.call()
 
             async with asyncio.TaskGroup() as group:
-                group.create_task(_serve_phone(pbx, phone_secrets, contact_host=phone.host))
+                group.create_task(serve_phone(pbx, phone_secrets, contact_host=phone.host))
                 group.create_task(phone_side())
         except BaseException:
             print("\n".join(phone.transcript[-20:]))
@@ -297,26 +214,17 @@ async def test_websocket_phone_registers_and_calls_both_ways_and_leaves_no_secre
     assert await server.stop() == 0, server.log()
 
     # With the server stopped: nothing of the phone's secrets or address in plain...
-    status, report = await _audit(
+    status, report = await audit(
         server,
-        phone_secrets.password,
-        phone_secrets.authorization,
-        phone_secrets.digest_response,
-        'Digest username="alice"',
+        *phone_secrets.canaries(),
         PHONE_IP,
         server.secret,
     )
     assert status == 0, report
     assert "no canary found" in report
     # ...while the scan does read the data: the serial is stored in plain.
-    status, report = await _audit(server, SERIAL)
+    status, report = await audit(server, SERIAL)
     assert status == 1, report
     # ...and the binding keeps the address the WebSocket came from, encrypted.
-    store = await Store.create(
-        load_policy("auerproxy"), load_keyring("", server.data_dir), server.data_dir, SystemClock()
-    )
-    try:
-        (binding,) = await store.find("registration", pbx_serial=SERIAL, sip_username="alice")
-    finally:
-        await store.close()
+    binding = await stored_registration(server)
     assert binding.fields["phone_ip"] == PHONE_IP
