@@ -34,6 +34,7 @@ from crashreports.scrubber import DropEvent
 from crashreports.settings import CrashSettings, Project
 from privacy.clock import Clock
 from privacy.store import Store
+from proxy.http import BodyTooLarge, read_capped
 from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response
 
 CATEGORY = "crash_report"
@@ -43,7 +44,6 @@ IGNORED_ITEMS = frozenset({"session", "sessions", "client_report"})
 ATTACHMENTS = frozenset({"attachment"})
 _EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
 _AUTH_KEY = re.compile(r"sentry_key=([^,\s]+)")
-_READ_CHUNK = 64 * 1024
 
 
 class IngestError(Exception):
@@ -174,21 +174,15 @@ class Ingest:
         if encoding not in DECODED_BY_SERVER:
             raise IngestError(415, f"unsupported Content-Encoding {encoding[:20]!r}", "encoding")
         cap = self.settings.max_body
-        if request.content_length is not None and not encoding and request.content_length > cap:
-            raise IngestError(413, f"body larger than {cap} bytes", "too_large")
-        chunks: list[bytes] = []
-        size = 0
+        # A compressed body's Content-Length says nothing of its size once decoded.
+        declared = None if encoding else request.content_length
         try:
-            while chunk := await request.content.read(_READ_CHUNK):
-                size += len(chunk)
-                if size > cap:
-                    raise IngestError(
-                        413, f"body larger than {cap} bytes once decoded", "too_large"
-                    )
-                chunks.append(chunk)
+            return await read_capped(request.content, cap, declared)
+        except BodyTooLarge as exc:
+            decoded = "" if exc.declared else " once decoded"
+            raise IngestError(413, f"body larger than {cap} bytes{decoded}", "too_large") from None
         except (ValueError, EOFError) as exc:  # aiohttp's ContentEncodingError is a ValueError
             raise IngestError(400, "body cannot be decoded", "malformed") from exc
-        return b"".join(chunks)
 
     # --- 4. envelopes and the old store endpoint ----------------------------------------
 

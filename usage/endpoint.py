@@ -35,6 +35,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from privacy.clock import Clock
+from proxy.http import BodyTooLarge, read_capped
 from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
 from proxy.ratelimit import RateLimit, RateLimiter
 from usage.ledger import Ledger, PeriodClosed
@@ -170,15 +171,10 @@ class PingEndpoint:
 
     async def _read(self, request: web.Request) -> bytes:
         limit = self._settings.max_body
-        too_large = PingRefused(413, "body_too_large", f"a ping is at most {limit} bytes")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        body = bytearray()
-        while chunk := await request.content.read(limit + 1 - len(body)):
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-        return bytes(body)
+        try:
+            return await read_capped(request.content, limit, request.content_length)
+        except BodyTooLarge:
+            raise PingRefused(413, "body_too_large", f"a ping is at most {limit} bytes") from None
 
     def _authenticate(self, request: web.Request, tenant_id: str) -> str:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")

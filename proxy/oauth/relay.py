@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from privacy.logs import category_logger
+from proxy.http import BodyTooLarge, read_capped
 from proxy.oauth.settings import ClientAuth, OAuthProvider, OAuthSettings
 from proxy.ratelimit import RateLimiter
 
@@ -104,13 +105,10 @@ class OAuthRelay:
         if request.content_type != _FORM:
             raise _Refused(400, "invalid_request", f"the body must be {_FORM} (RFC 6749 4.1.3)")
         limit = self._settings.max_body
-        if request.content_length is not None and request.content_length > limit:
-            raise _Refused(413, "invalid_request", "the request body is over the limit")
-        raw = bytearray()
-        async for part in request.content.iter_chunked(4096):
-            raw += part
-            if len(raw) > limit:
-                raise _Refused(413, "invalid_request", "the request body is over the limit")
+        try:
+            raw = await read_capped(request.content, limit, request.content_length)
+        except BodyTooLarge:
+            raise _Refused(413, "invalid_request", "the request body is over the limit") from None
         try:
             pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=bool(raw))
         except (UnicodeDecodeError, ValueError):
@@ -156,13 +154,9 @@ class OAuthRelay:
 
 
 async def _bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    if upstream.content_length is not None and upstream.content_length > limit:
-        raise _Refused(502, "temporarily_unavailable", "the provider's answer is over the limit")
-    body = bytearray()
-    async for part in upstream.content.iter_chunked(4096):
-        body += part
-        if len(body) > limit:
-            raise _Refused(
-                502, "temporarily_unavailable", "the provider's answer is over the limit"
-            )
-    return bytes(body)
+    try:
+        return await read_capped(upstream.content, limit, upstream.content_length)
+    except BodyTooLarge:
+        raise _Refused(
+            502, "temporarily_unavailable", "the provider's answer is over the limit"
+        ) from None

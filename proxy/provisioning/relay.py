@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from privacy.store import Store, Value
+from proxy.http import BodyTooLarge, read_capped
 from proxy.provisioning.protocol import CHUNK, StreamReset
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.provisioning.tunnel import (
@@ -66,10 +67,6 @@ _NOT_FORWARDED = frozenset(
 log = logging.getLogger("softrelay.provisioning")
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class ProvisioningRelay:
     def __init__(
         self,
@@ -102,8 +99,9 @@ class ProvisioningRelay:
             return refusal(400, "bad_path", "control characters are not allowed")
         await self._store.put(LOG_CATEGORY, _log_fields(request.remote, serial))
         try:
-            body = await _read_body(request, self._settings.max_request_body)
-        except _TooLarge:
+            limit = self._settings.max_request_body
+            body = await read_capped(request.content, limit, request.content_length)
+        except BodyTooLarge:
             return refusal(413, "body_too_large", "the request body is over the limit")
         head = RequestHead(
             request.method, "/" + path, request.query_string, _forwardable(request.headers)
@@ -175,7 +173,7 @@ class ProvisioningRelay:
         await response.prepare(request)
         try:
             await self._pump(request, response, chunks, length)
-        except (TimeoutError, StreamReset, _TooLarge, aiohttp.ClientError) as exc:
+        except (TimeoutError, StreamReset, BodyTooLarge, aiohttp.ClientError) as exc:
             # The status went out already: cutting the connection is how the phone
             # learns that the body is incomplete.
             fields = {"pbx_serial": request.match_info["serial"], "error": type(exc).__name__}
@@ -202,7 +200,7 @@ class ProvisioningRelay:
                 break
             total += len(chunk)
             if total > limit:
-                raise _TooLarge
+                raise BodyTooLarge(limit, declared=False)
             await response.write(chunk)
         if length is not None and total != length and request.method != "HEAD":
             raise StreamReset("the body ended early")
@@ -225,16 +223,3 @@ def _content_length(headers: list[tuple[str, str]]) -> int | None:
         if name.lower() == "content-length":
             return int(value) if value.isdigit() else None
     return None
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise _TooLarge
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.content.iter_chunked(CHUNK):
-        size += len(part)
-        if size > limit:
-            raise _TooLarge
-        parts.append(part)
-    return b"".join(parts)
