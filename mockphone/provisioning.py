@@ -40,9 +40,9 @@ from proxy.provisioning.protocol import (
     credit_of,
     decode,
     encode,
+    hello_message,
     new_nonce,
-    proof,
-    proof_matches,
+    ready_proves,
     send_body,
 )
 
@@ -241,16 +241,9 @@ async def _handshake(ws: aiohttp.ClientWebSocketResponse, serial: str, secret: s
         if challenge.get("type") != "challenge" or not isinstance(nonce, str):
             raise TunnelRefused("the relay sent no challenge")
         cnonce = new_nonce(16)
-        hello = {
-            "type": "hello",
-            "serial": serial,
-            "cnonce": cnonce,
-            "proof": proof("pbx", secret, serial, nonce, cnonce),
-        }
-        await ws.send_str(orjson.dumps(hello).decode())
+        await ws.send_str(hello_message(serial, secret, nonce, cnonce))
         ready = await _json(ws)
-    expected = proof("relay", secret, serial, nonce, cnonce)
-    if ready.get("type") != "ready" or not proof_matches(expected, ready.get("proof")):
+    if not ready_proves(ready, serial, secret, nonce, cnonce):
         raise TunnelRefused("the relay did not prove that it knows the secret")
 
 

@@ -40,6 +40,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import IntEnum
 
+import orjson
+
 TUNNEL_PATH = "/provisioning/v1/tunnel"
 SUBPROTOCOL = "softrelay-provisioning.1"
 CHUNK = 16 * 1024
@@ -107,6 +109,48 @@ def proof(role: str, secret: str, serial: str, nonce: str, cnonce: str) -> str:
 
 def proof_matches(expected: str, given: object) -> bool:
     return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+# --- the handshake's three text messages, as both sides write and check them ----------
+
+
+def challenge_message(nonce: str) -> str:
+    return orjson.dumps({"type": "challenge", "nonce": nonce}).decode()
+
+
+def hello_message(serial: str, secret: str, nonce: str, cnonce: str) -> str:
+    message = {
+        "type": "hello",
+        "serial": serial,
+        "cnonce": cnonce,
+        "proof": proof("pbx", secret, serial, nonce, cnonce),
+    }
+    return orjson.dumps(message).decode()
+
+
+def hello_proves(hello: dict[str, object], secret: str, nonce: str) -> bool:
+    """Whether a hello's serial, cnonce (16 to 256 characters) and proof answer `nonce`
+    with `secret`, the secret of the serial it names."""
+    serial, cnonce = hello.get("serial"), hello.get("cnonce")
+    return (
+        isinstance(serial, str)
+        and isinstance(cnonce, str)
+        and 16 <= len(cnonce) <= 256
+        and proof_matches(proof("pbx", secret, serial, nonce, cnonce), hello.get("proof"))
+    )
+
+
+def ready_message(serial: str, secret: str, nonce: str, cnonce: str) -> str:
+    answer = proof("relay", secret, serial, nonce, cnonce)
+    return orjson.dumps({"type": "ready", "proof": answer}).decode()
+
+
+def ready_proves(
+    ready: dict[str, object], serial: str, secret: str, nonce: str, cnonce: str
+) -> bool:
+    """Whether the relay's ready proves that it knows the serial's secret too."""
+    expected = proof("relay", secret, serial, nonce, cnonce)
+    return ready.get("type") == "ready" and proof_matches(expected, ready.get("proof"))
 
 
 class BodyReader:

@@ -32,13 +32,14 @@ from proxy.provisioning.protocol import (
     ProtocolError,
     SendWindow,
     StreamReset,
+    challenge_message,
     credit_frame,
     credit_of,
     decode,
     encode,
+    hello_proves,
     new_nonce,
-    proof,
-    proof_matches,
+    ready_message,
     send_body,
 )
 from proxy.provisioning.settings import ProvisioningSettings
@@ -291,7 +292,7 @@ class TunnelHub:
 
     async def _authenticate(self, ws: web.WebSocketResponse[Any]) -> Tunnel | None:
         nonce = new_nonce()
-        await ws.send_str(orjson.dumps({"type": "challenge", "nonce": nonce}).decode())
+        await ws.send_str(challenge_message(nonce))
         try:
             msg = await ws.receive(timeout=AUTH_TIMEOUT)
         except TimeoutError:
@@ -306,14 +307,7 @@ class TunnelHub:
             return None
         serial, cnonce = hello.get("serial"), hello.get("cnonce")
         secret = self._secrets.get(serial) if isinstance(serial, str) else None
-        if (
-            secret is None
-            or not isinstance(cnonce, str)
-            or not 16 <= len(cnonce) <= 256
-            or not proof_matches(
-                proof("pbx", secret, str(serial), nonce, cnonce), hello.get("proof")
-            )
-        ):
+        if secret is None or not hello_proves(hello, secret, nonce):
             # The serial is named only when it is configured: others are free text.
             known = {"pbx_serial": serial} if secret is not None else {}
             log.warning(
@@ -323,8 +317,8 @@ class TunnelHub:
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"authentication failed")
             return None
         assert isinstance(serial, str)
-        answer = proof("relay", secret, serial, nonce, cnonce)
-        await ws.send_str(orjson.dumps({"type": "ready", "proof": answer}).decode())
+        assert isinstance(cnonce, str)
+        await ws.send_str(ready_message(serial, secret, nonce, cnonce))
         return Tunnel(serial, ws, self._settings.max_streams)
 
     async def shutdown(self, app: web.Application) -> None:
