@@ -719,10 +719,26 @@ def _check_field(name: str, value: str) -> None:
     value.encode("latin-1")
 
 
+# The cached views built from each header: a change to the header drops only these.
+_VIEWS_OF: Final = {
+    "via": ("vias", "top_via"),
+    "from": ("from",),
+    "to": ("to",),
+    "cseq": ("cseq",),
+    "contact": ("contacts",),
+    "route": ("routes",),
+    "record-route": ("record_routes",),
+    "path": ("paths",),
+    "max-forwards": ("max_forwards",),
+    "expires": ("expires",),
+}
+_MISSING: Final = object()
+
+
 class Message:
     """Common part of requests and responses: headers, body, views, serialization."""
 
-    __slots__ = ("_body", "_cache", "_fields", "_index", "_raw")
+    __slots__ = ("_body", "_cache", "_fields", "_index_", "_raw")
 
     def __init__(
         self,
@@ -735,23 +751,32 @@ class Message:
         self._body = body
         self._raw = raw  # the exact octets while nothing changed
         self._cache: dict[str, object] = {}
-        if index is None:
-            self._reindex()
-        else:
-            self._index = index
+        # Positions of the fields by canonical name; None after a change that moved
+        # fields, rebuilt when next needed (a relay's changes come in a row).
+        self._index_ = index
 
     # -- raw header access --
 
-    def _reindex(self) -> None:
-        index: dict[str, list[int]] = {}
-        for i, field in enumerate(self._fields):
-            index.setdefault(field[1], []).append(i)
-        self._index = index
+    @property
+    def _index(self) -> dict[str, list[int]]:
+        index = self._index_
+        if index is None:
+            index = {}
+            for i, field in enumerate(self._fields):
+                index.setdefault(field[1], []).append(i)
+            self._index_ = index
+        return index
 
-    def _changed(self) -> None:
+    def _changed(self, key: str, *, moved: bool) -> None:
+        """Header `key` changed: the octets and its views go; the index too if `moved`."""
         self._raw = None
-        self._cache.clear()
-        self._reindex()
+        views = _VIEWS_OF.get(key)
+        if views is not None:
+            cache = self._cache
+            for view in views:
+                cache.pop(view, None)
+        if moved:
+            self._index_ = None
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -786,8 +811,13 @@ class Message:
     def add(self, name: str, value: str) -> None:
         """Append a header field at the end."""
         _check_field(name, value)
-        self._fields.append((name, canonical_name(name), value, None))
-        self._changed()
+        key = canonical_name(name)
+        fields = self._fields
+        fields.append((name, key, value, None))
+        index = self._index_
+        if index is not None:  # the others keep their places
+            index.setdefault(key, []).append(len(fields) - 1)
+        self._changed(key, moved=False)
 
     def prepend(self, name: str, value: str) -> None:
         """Insert a field before the first field of that name (top Via, Record-Route,
@@ -796,7 +826,7 @@ class Message:
         key = canonical_name(name)
         positions = self._index.get(key)
         self._fields.insert(positions[0] if positions else 0, (name, key, value, None))
-        self._changed()
+        self._changed(key, moved=True)
 
     def set(self, name: str, value: str) -> None:
         """Replace all fields of that name by one, where the first one was."""
@@ -810,31 +840,33 @@ class Message:
         self._fields[positions[0]] = (first[0], key, value, None)
         for i in reversed(positions[1:]):
             del self._fields[i]
-        self._changed()
+        self._changed(key, moved=len(positions) > 1)
 
     def remove(self, name: str) -> int:
         """Remove every field of that name; returns how many there were."""
-        positions = self._index.get(canonical_name(name), [])
+        key = canonical_name(name)
+        positions = self._index.get(key, [])
         for i in reversed(positions):
             del self._fields[i]
         if positions:
-            self._changed()
+            self._changed(key, moved=True)
         return len(positions)
 
     def pop_value(self, name: str) -> str | None:
         """Remove and return the first value of a list header (the top Via or Route),
         keeping the other values of its line."""
-        positions = self._index.get(canonical_name(name))
+        key = canonical_name(name)
+        positions = self._index.get(key)
         if not positions:
             return None
         i = positions[0]
-        fname, key, value, _ = self._fields[i]
+        fname, _, value, _ = self._fields[i]
         first, *others = split_commas(value)
         if others:
             self._fields[i] = (fname, key, ", ".join(others), None)
         else:
             del self._fields[i]
-        self._changed()
+        self._changed(key, moved=not others)
         return first
 
     def prepend_via(self, via: ViaHeader) -> None:
@@ -842,10 +874,11 @@ class Message:
 
     def pop_via(self) -> ViaHeader:
         """Remove the top Via (a proxy does so on a response, RFC 3261 16.7)."""
+        top = self._cache.get("top_via")  # parsed from the same value pop_value returns
         value = self.pop_value("via")
         if value is None:
             raise SipParseError("Missing Via header")
-        return parse_via(value)
+        return top if isinstance(top, ViaHeader) else parse_via(value)
 
     @property
     def body(self) -> bytes:
@@ -859,10 +892,9 @@ class Message:
     # -- structured views --
 
     def _view(self, key: str, header: str, build: Callable[[], _T]) -> _T:
-        try:
-            return cast(_T, self._cache[key])
-        except KeyError:
-            pass
+        cached = self._cache.get(key, _MISSING)
+        if cached is not _MISSING:
+            return cast(_T, cached)
         try:
             value = build()
         except SipParseError as exc:
@@ -884,7 +916,14 @@ class Message:
 
     @property
     def vias(self) -> list[ViaHeader]:
-        return self._view("vias", "Via", lambda: [parse_via(v) for v in self.values("via")])
+        def build() -> list[ViaHeader]:
+            values = self.values("via")
+            top = self._cache.get("top_via")  # parsed from values[0] already
+            if isinstance(top, ViaHeader):
+                return [top, *(parse_via(v) for v in values[1:])]
+            return [parse_via(v) for v in values]
+
+        return self._view("vias", "Via", build)
 
     @property
     def top_via(self) -> ViaHeader:
