@@ -166,7 +166,7 @@ class Bench:
         return steps
 
 
-async def run(calls: int, repeat: int, profile: bool) -> None:
+async def run(calls: int, repeat: int, profile: str) -> None:
     clock = ManualClock(parse_instant("2026-03-01T12:00:00Z"))
     with tempfile.TemporaryDirectory() as tmp:
         store = await Store.create(load_policy("auerproxy"), Keyring.generate(), Path(tmp), clock)
@@ -200,7 +200,7 @@ async def run(calls: int, repeat: int, profile: bool) -> None:
                     await handle(data, flow)
                 profiler.disable()
                 stats = pstats.Stats(profiler)
-                stats.sort_stats("tottime").print_stats(25)
+                stats.sort_stats(profile).print_stats(30)
         finally:
             await store.close()
 
@@ -209,7 +209,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--profile", action="store_true", help="one more pass under cProfile")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="tottime",
+        default="",
+        help="one more pass under cProfile, sorted by this pstats key (tottime)",
+    )
     args = parser.parse_args()
     uvloop.run(run(args.calls, args.repeat, args.profile))
 

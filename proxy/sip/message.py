@@ -1160,11 +1160,8 @@ def parse(data: bytes) -> Request | Response:
     if len(head.translate(None, _CTL_OCTETS)) != len(head) and _BAD_CTL_RE.search(text):
         raise SipParseError("Control character in header")
 
-    fields = _parse_fields(lines, check_length=len(text) > MAX_LINE)
+    fields, index = _parse_fields(lines, check_length=len(text) > MAX_LINE)
     first = lines[0]
-    index: dict[str, list[int]] = {}
-    for i, field in enumerate(fields):
-        index.setdefault(field[1], []).append(i)
 
     # Content-Length frames the body: octets past it in a datagram are noise (RFC 3261
     # 18.3, RFC 4475 3.1.1.8), a shorter body is an error (RFC 4475 3.1.2.2).
@@ -1213,8 +1210,13 @@ def _field_name(written: str) -> tuple[str, str]:
     return result
 
 
-def _parse_fields(lines: list[str], check_length: bool) -> list[_Field]:
+def _parse_fields(
+    lines: list[str], check_length: bool
+) -> tuple[list[_Field], dict[str, list[int]]]:
+    """The header fields of `lines` (the start line first) and their positions by name."""
     fields: list[_Field] = []
+    index: dict[str, list[int]] = {}
+    known_names = _NAME_CACHE.get
     for line in lines[1:]:
         if check_length and len(line) > MAX_LINE:
             raise SipParseError("Header too long")
@@ -1232,12 +1234,17 @@ def _parse_fields(lines: list[str], check_length: bool) -> list[_Field]:
         written, colon, value = line.partition(":")
         if not colon:
             raise SipParseError("Bad header line")
-        known = _NAME_CACHE.get(written)
+        known = known_names(written)
         name, key = _field_name(written) if known is None else known
+        positions = index.get(key)
+        if positions is None:
+            index[key] = [len(fields)]
+        else:
+            positions.append(len(fields))
         fields.append((name, key, value.strip(" \t"), line))
     if len(fields) > MAX_HEADERS:
         raise SipParseError("Too many headers")
-    return fields
+    return fields, index
 
 
 def _response(

@@ -46,7 +46,6 @@ from proxy.sip.message import (
     Response,
     SipParseError,
     SipUri,
-    ViaHeader,
     make_response,
     parse,
 )
@@ -62,6 +61,7 @@ LAST_WRITTEN_LIMIT = 100_000  # bindings remembered for coalescing before old on
 PENDING_TTL = 32.0  # seconds: RFC 3261 timer F, after which no answer will come
 ANSWERED_LIMIT = 10_000  # final REGISTER answers kept for UDP retransmissions, at most
 BINDING_WRITES = 1_000  # binding writes in flight before a PBX's answers wait for them
+ADDRESSES_LIMIT = 256  # our addresses (one per transport and local address) kept made
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +122,7 @@ class Relay:
         self._linked: dict[int, str] = {}  # the reverse: flow id -> serial
         self._pbx_settings = {p.serial: p for p in settings.pbxs}
         self._static = {p.static: p.serial for p in settings.pbxs if p.static is not None}
+        self._addresses: dict[tuple[Transport, tuple[str, int]], tuple[SipUri, str, str]] = {}
         # Set once the transports run: makes the UDP flow to a static PBX.
         self.udp_flow: Callable[[tuple[str, int]], Flow | None] | None = None
         self._pending: dict[str, _PendingRegister] = {}
@@ -182,10 +183,26 @@ class Relay:
 
     def _me(self, flow: Flow) -> SipUri:
         """Our address as the peer on `flow` reaches us."""
-        host, port = flow.local
-        host = self.settings.public_host or host
-        params = () if flow.transport.value == "udp" else (("transport", flow.transport.value),)
-        return SipUri(host, port=port, params=Params((*params, ("lr", None))))
+        return self._address(flow)[0]
+
+    def _address(self, flow: Flow) -> tuple[SipUri, str, str]:
+        """`_me(flow)`, its text, and the start of the Via we put on requests to `flow`.
+
+        Made once per transport and local address: there are as many as listening
+        sockets, so the cache stays small (it is emptied should it ever grow)."""
+        key = (flow.transport, flow.local)
+        address = self._addresses.get(key)
+        if address is None:
+            host, port = flow.local
+            host = self.settings.public_host or host
+            transport = flow.transport.value
+            params = () if transport == "udp" else (("transport", transport),)
+            me = SipUri(host, port=port, params=Params((*params, ("lr", None))))
+            address = (me, str(me), f"SIP/2.0/{flow.transport.via_name} {me.host_port}")
+            if len(self._addresses) >= ADDRESSES_LIMIT:
+                self._addresses.clear()
+            self._addresses[key] = address
+        return address
 
     # --- entry point ----------------------------------------------------------------
 
@@ -518,9 +535,9 @@ class Relay:
         return branch
 
     def _push_via(self, request: Request, branch: str, came_from: Flow, going_to: Flow) -> None:
-        me = self._me(going_to)
-        via = ViaHeader.new(going_to.transport.via_name, me.host, me.port, branch)
-        request.prepend_via(via.with_param("ft", self._token(came_from)))
+        # As str(ViaHeader.new(...).with_param("ft", token)) writes it, made once.
+        start = self._address(going_to)[2]
+        request.prepend("Via", f"{start};branch={branch};rport;ft={self._token(came_from)}")
 
     async def _request(self, request: Request, flow: Flow) -> None:
         route = request.routes[0] if request.routes else None
@@ -623,12 +640,9 @@ class Relay:
             tokens = (("pf", self._token(pbx_side)), ("uf", self._token(phone_side)))
             # Double Record-Route (RFC 5658): each side gets our address on its own
             # transport; the callee reads the set top down, the caller bottom up.
-            entries = []
-            for side in (flow, target):
-                rr = self._me(side)
-                for name, value in tokens:
-                    rr = rr.with_param(name, value)
-                entries.append(f"<{rr}>")
+            params = "".join(f";{name}={value}" for name, value in tokens)
+            # Our address has no pf or uf of its own: they append, as with_param would.
+            entries = [f"<{self._address(side)[1]}{params}>" for side in (flow, target)]
             for entry in dict.fromkeys(entries):  # one entry when both sides look alike
                 request.prepend("Record-Route", entry)
         self._push_via(request, branch, flow, target)
