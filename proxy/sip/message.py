@@ -491,6 +491,9 @@ class AbsoluteUri(NamedTuple):
 Uri = SipUri | AbsoluteUri
 
 
+# URIs repeat across messages (a user's address, a PBX's, our own in a Route) and the
+# result is immutable: parsed once each. At most 1024 x MAX_URI characters are kept.
+@functools.lru_cache(maxsize=1024)
 def parse_uri(text: str) -> Uri:
     """Parse a URI: sip/sips strictly (RFC 3261 25.1), other schemes as opaque text."""
     if len(text) > MAX_URI:
@@ -624,6 +627,13 @@ def parse_name_addr(value: str, *, require_brackets: bool = False) -> NameAddr:
     return NameAddr(parse_uri(uri_text), None, parse_params("" if semi < 0 else value[semi:]))
 
 
+# Route, Record-Route and Path values name the same few hops (ours among them) in
+# message after message: parsed once each, as immutable NameAddrs.
+@functools.lru_cache(maxsize=1024)
+def _parse_hop(value: str) -> NameAddr:
+    return parse_name_addr(value, require_brackets=True)
+
+
 class ViaHeader(NamedTuple):
     """One Via value (RFC 3261 20.42, RFC 3581 rport)."""
 
@@ -692,6 +702,7 @@ class CSeq(NamedTuple):
         return f"{self.number} {self.method}"
 
 
+@functools.lru_cache(maxsize=256)  # "1 INVITE", "2 BYE": few values, each an immutable CSeq
 def parse_cseq(value: str) -> CSeq:
     match = _CSEQ_RE.fullmatch(value)
     if match is None:
@@ -912,7 +923,9 @@ class Message:
 
     def _name_addrs(self, key: str, *, brackets: bool) -> list[NameAddr]:
         values = self.values(key)
-        return [parse_name_addr(v, require_brackets=brackets) for v in values]
+        if brackets:
+            return [_parse_hop(v) for v in values]
+        return [parse_name_addr(v) for v in values]
 
     @property
     def vias(self) -> list[ViaHeader]:
