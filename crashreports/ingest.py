@@ -32,6 +32,7 @@ from crashreports.envelope import EnvelopeError, Item, parse_envelope
 from crashreports.forward import Forwarder
 from crashreports.scrubber import DropEvent
 from crashreports.settings import CrashSettings, Project
+from privacy.batches import Batches
 from privacy.clock import Clock
 from privacy.store import Store
 from proxy.http import BodyTooLarge, read_capped
@@ -122,6 +123,8 @@ class Ingest:
     ) -> None:
         self.settings = settings
         self.store = store
+        # Concurrent events are committed together, each answered once its row is on disk.
+        self.batches = Batches(store, CATEGORY)
         self.limiter = RateLimiter(settings.rate_limit, clock)
         self.metrics = Metrics(registry)
         self.forwarder = forwarder
@@ -228,9 +231,7 @@ class Ingest:
             self.metrics.events.labels(project.id, exc.reason).inc()
             return event_id
         scrubbed["event_id"] = event_id
-        await self.store.put(
-            CATEGORY, {"project": project.id, "event_id": event_id, "event": scrubbed}
-        )
+        await self.batches.write({"project": project.id, "event_id": event_id, "event": scrubbed})
         self.metrics.events.labels(project.id, "stored").inc()
         if self.forwarder is not None:
             self.forwarder.offer(scrubbed)

@@ -39,13 +39,14 @@ def add_crashreports(
                 attempts=settings.forward_attempts,
             )
             await forwarder.start()
-        app[INGEST] = Ingest(settings, app[store], clock, app[registry], forwarder)
+        ingest = app[INGEST] = Ingest(settings, app[store], clock, app[registry], forwarder)
         own = start_self_reporting(settings, _release())
         try:
             yield
         finally:
             if own:
                 stop_self_reporting()
+            await ingest.batches.drain()
             if forwarder is not None:
                 await forwarder.close()
 

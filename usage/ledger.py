@@ -22,7 +22,8 @@ import hmac
 import secrets
 from dataclasses import dataclass, field
 
-from privacy.store import Store, Value
+from privacy.batches import Batches
+from privacy.store import Store
 
 USAGE = "usage"
 USAGE_KEY = "usage_key"
@@ -52,55 +53,14 @@ class _Month:
         return mac.digest()[:KEYED_BYTES]
 
 
-class _Batches:
-    """New ids committed together, each ping answered only once its id is committed.
-
-    Pings that arrive while a commit is under way join the next one: one statement and
-    one wake-up of the loop per batch instead of per ping (bench/usage.py), and an
-    invoice still counts only ids that were on disk before their 202 went out.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._rows: list[dict[str, Value]] = []
-        self._done: asyncio.Future[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-
-    async def write(self, row: dict[str, Value]) -> None:
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-            # Retrieved here, so a batch whose callers all went away logs no warning.
-            self._done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        done = self._done
-        self._rows.append(row)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all())
-        # Shielded: a client that hangs up must not cancel the commit of the others.
-        await asyncio.shield(done)
-
-    async def _write_all(self) -> None:
-        while self._rows:
-            rows, done = self._rows, self._done
-            self._rows, self._done = [], None
-            assert done is not None
-            try:
-                await self._store.put_many(USAGE, rows)
-            except Exception as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
-
-    async def drain(self) -> None:
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
-
-
 class Ledger:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._months: dict[str, _Month] = {}
         self._opening = asyncio.Lock()  # one month's secret is created once
-        self._batches = _Batches(store)
+        # New ids of concurrent pings are committed together; each ping is answered only
+        # once its id is on disk, so an invoice counts only ids stored before their 202.
+        self._batches = Batches(store, USAGE)
 
     async def record(self, tenant: str, period: str, pid: bytes) -> int | None:
         """Count a ping; the tenant's distinct ids this month if it was new, None if the

@@ -1,0 +1,75 @@
+"""privacy.batches: concurrent rows committed together, each caller answered on its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import pytest
+
+from privacy.batches import Batches
+from privacy.policy import PolicyViolation
+from privacy.store import Store, Value
+
+
+class _CountingStore:
+    """The real store, counting its `put_many` calls and the rows of each."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.calls: list[int] = []
+
+    async def put_many(self, category: str, records: Sequence[Mapping[str, Value]]) -> None:
+        self.calls.append(len(records))
+        await self.store.put_many(category, records)
+
+
+def _row(i: int) -> dict[str, Value]:
+    return {"project": "1", "event_id": f"{i:032x}", "event": {"n": i}}
+
+
+async def test_concurrent_rows_are_committed_together_and_on_disk_when_each_returns(
+    store: Store,
+) -> None:
+    counting = _CountingStore(store)
+    batches = Batches(counting, "crash_report")  # type: ignore[arg-type]  # a counting seam
+
+    async def write(i: int) -> int:
+        await batches.write(_row(i))
+        return len(await store.find("crash_report", event_id=f"{i:032x}"))
+
+    found = await asyncio.gather(*(write(i) for i in range(40)))
+    assert found == [1] * 40, "every row is on disk when its caller returns"
+    assert sum(counting.calls) == 40
+    assert len(counting.calls) < 40, "rows arriving during a commit join the next one"
+
+
+async def test_a_refused_row_fails_only_its_caller(store: Store) -> None:
+    batches = Batches(store, "crash_report")
+    bad: dict[str, Value] = {**_row(1), "email": "a@example.org"}  # never stored
+    results = await asyncio.gather(
+        batches.write(_row(0)), batches.write(bad), batches.write(_row(2)), return_exceptions=True
+    )
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], PolicyViolation)
+    assert len(await store.find("crash_report")) == 2
+
+
+async def test_a_caller_that_goes_away_leaves_the_others_commit_alone(store: Store) -> None:
+    batches = Batches(store, "crash_report")
+    first = asyncio.ensure_future(batches.write(_row(0)))
+    await asyncio.sleep(0)  # the first commit is under way; the next two wait for it
+    leaving = asyncio.ensure_future(batches.write(_row(1)))
+    staying = asyncio.ensure_future(batches.write(_row(2)))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    await first
+    await staying
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await batches.drain()
+    assert {r.fields["event_id"] for r in await store.find("crash_report")} >= {
+        f"{0:032x}",
+        f"{2:032x}",
+    }
