@@ -1,6 +1,6 @@
 """CPU per relayed call, in process: the six messages of a SIPp call through `Relay`.
 
-    .venv/bin/python bench/relay_inproc.py [--calls 2000] [--repeat 7] [--profile]
+    .venv/bin/python bench/relay_inproc.py [--calls 2000] [--repeat 7] [--profile [KEY]]
 
 No sockets and no SIPp: what `bench/relay.py`'s softrelay path costs the relay's core
 (parse, route, serialize, metrics), measured deterministically so that each change to
