@@ -5,15 +5,19 @@
     ...
     await batches.drain()  # at shutdown, before the store closes
 
-Rows that arrive while a commit is under way join the next one: one `Store.put_many`
-(one statement, one wake-up of the loop) per batch instead of a `Store.put` per row
-(bench/usage.py, bench/crashreports.py). A caller still returns only after the commit
-that holds its row, so "on disk before the answer" holds.
+Rows written in the same turn of the event loop go together: one `Store.put_many` (one
+statement, one wake-up of the loop) per batch instead of a `Store.put` per row. A batch
+does not wait for the commit before it: the database thread joins the batches queued
+behind a running transaction into its next one (group commit), so the thread never
+idles while rows wait on the loop. (Waiting for the previous commit, as the usage
+ledger's first version did, cost ~15% of the crash ingest's non-scrubbing throughput.)
+A caller returns only after the commit that holds its row, so "on disk before the
+answer" holds.
 
 If a batch is refused (`put_many` refuses every row when one is refused), its rows are
 written again one at a time, so only the caller of the refused row sees the error. A
 caller that goes away (its task cancelled) leaves the others' commit alone; its row may
-still be written. The writer task belongs to the `Batches`: `drain` awaits it.
+still be written. The writer tasks belong to the `Batches`: `drain` awaits them.
 """
 
 from __future__ import annotations
@@ -33,41 +37,44 @@ class Batches:
         self._store = store
         self._category = category
         self._pending: list[_Pending] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
 
     async def write(self, row: Mapping[str, Value]) -> None:
         """Store `row`; returns once it is committed, raises what its write raised."""
         # One future per caller: a caller cancelled cancels its own wait only.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            # Rows written in this turn of the loop go together; the batch does not wait
+            # for the commit before it (the database thread joins them in one transaction).
+            task = asyncio.get_running_loop().create_task(self._write_next())
+            self._writers.add(task)
+            task.add_done_callback(self._writers.discard)
         self._pending.append((row, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_all())
         await done
 
     async def drain(self) -> None:
         """Let the commits under way finish (at shutdown, before the store closes)."""
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
+        while self._writers:
+            await asyncio.gather(*self._writers, return_exceptions=True)
 
-    async def _write_all(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                await self._store.put_many(self._category, [row for row, _ in batch])
-            except Exception as exc:
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc)
-                    continue
-                for row, done in batch:  # find the refused row: only its caller is told
-                    try:
-                        await self._store.put_many(self._category, [row])
-                    except Exception as exc:
-                        _settle(done, exc)
-                    else:
-                        _settle(done, None)
-            else:
-                for _, done in batch:
+    async def _write_next(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            await self._store.put_many(self._category, [row for row, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exc)
+                return
+            for row, done in batch:  # find the refused row: only its caller is told
+                try:
+                    await self._store.put_many(self._category, [row])
+                except Exception as exc:
+                    _settle(done, exc)
+                else:
                     _settle(done, None)
+        else:
+            for _, done in batch:
+                _settle(done, None)
 
 
 def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:

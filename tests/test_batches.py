@@ -41,7 +41,7 @@ async def test_concurrent_rows_are_committed_together_and_on_disk_when_each_retu
     found = await asyncio.gather(*(write(i) for i in range(40)))
     assert found == [1] * 40, "every row is on disk when its caller returns"
     assert sum(counting.calls) == 40
-    assert len(counting.calls) < 40, "rows arriving during a commit join the next one"
+    assert len(counting.calls) < 40, "rows of one turn of the loop go together"
 
 
 async def test_a_refused_row_fails_only_its_caller(store: Store) -> None:
