@@ -461,6 +461,9 @@ class Simulation:
             result = await pbx.call(
                 phone.spec.user, hold=self.pace.real(self.settings.hold.draw(self.rng))
             )
+        except Exception as exc:  # a party's link went away mid-call: still an outcome
+            self.stats.failed(f"error: {type(exc).__name__}")
+            return
         finally:
             self.stats.calls_in_progress -= 1
         self._count(result)
@@ -487,6 +490,9 @@ class Simulation:
         self.stats.calls_in_progress += 1
         try:
             call = await phone.call("echo", hold=self.pace.real(self.settings.hold.draw(self.rng)))
+        except Exception as exc:  # a party's link went away mid-call: still an outcome
+            self.stats.failed(f"error: {type(exc).__name__}")
+            return
         finally:
             self.stats.calls_in_progress -= 1
         if call.connected:

@@ -282,8 +282,8 @@ class Parking:
             waiting.remove(parked)
         if not waiting:
             self._by_token.pop(parked.identity.token, None)
-        if parked.push is not None and parked.push is not asyncio.current_task():
-            parked.push.cancel()
+        # A push in flight is left to finish: it has likely reached the provider, and
+        # its outcome belongs in the push log and counters whatever became of the call.
         self.metrics.parked.set(len(self._parked))
         return True
 
