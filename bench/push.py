@@ -74,8 +74,9 @@ from h2.settings import SettingCodes
 # Run as a script, this file's directory comes first on sys.path and this module, named
 # push, would hide the `push` package it measures.
 if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository: bench.*
 
+from bench.profiling import Stats, own_time, positive_ints
 from push.apns import ApnsProvider
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials, FcmCredentials
 from push.endpoints import apns_ssl_context
@@ -498,20 +499,6 @@ _BUILTINS = (
     ("_socket.socket", "socket send/recv syscalls"),
 )
 
-Stats = dict[tuple[str, int, str], tuple[Any, ...]]  # pstats' own table, untyped there
-
-
-def _layer(filename: str, name: str) -> str:
-    if filename == "~":
-        for needle, layer in _BUILTINS:
-            if needle in name:
-                return layer
-        return "other builtins (json, uuid, dict, ...)"
-    for needle, layer in _LAYERS:
-        if needle in filename:
-            return layer
-    return "other Python (uuid, json, jwt, ...)"
-
 
 def _entered(table: Stats, entries: Sequence[tuple[str, str, str | None]]) -> float:
     """Cumulative seconds of `entries` (file, function, caller name or None for any)."""
@@ -530,13 +517,13 @@ def _entered(table: Stats, entries: Sequence[tuple[str, str, str | None]]) -> fl
 def profile_summary(profile: cProfile.Profile, pushes: int, top: int) -> dict[str, Any]:
     """Time per push by side (client, fake, loop), own time per layer, top functions."""
     table: Stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]  # untyped in pstats
-    layers: Counter[str] = Counter()
-    functions: list[tuple[float, int, str]] = []
-    for (filename, line, name), (_, calls, tottime, _, _) in table.items():
-        layers[_layer(filename, name)] += tottime
-        where = name if filename == "~" else f"{Path(filename).name}:{line} {name}"
-        functions.append((tottime, calls, where))
-    functions.sort(reverse=True)
+    layers, functions = own_time(
+        table,
+        _LAYERS,
+        _BUILTINS,
+        other_builtins="other builtins (json, uuid, dict, ...)",
+        other="other Python (uuid, json, jwt, ...)",
+    )
     total = sum(layers.values())
     idle = layers["epoll wait (idle)"]
     fake = _entered(table, _FAKE_ENTRIES)
@@ -618,18 +605,6 @@ async def bench(args: argparse.Namespace) -> Bench:
     return done
 
 
-def parse_levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of integers: {text}"
-        ) from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("levels must be integers of at least 1")
-    return levels
-
-
 def _version(name: str) -> str:
     try:
         return metadata.version(name)
@@ -641,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--total", type=int, default=2000, help="pushes per run (2000)")
     parser.add_argument(
-        "--levels", type=parse_levels, default=[1, 100, 1000], help="concurrency (1,100,1000)"
+        "--levels", type=positive_ints, default=[1, 100, 1000], help="concurrency (1,100,1000)"
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept (3)")
     parser.add_argument(

@@ -79,6 +79,9 @@ import aiohttp
 import orjson
 from aiohttp.connector import AddrInfoType
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.*
+
+from bench.profiling import Stats, own_time, positive_ints
 from proxy.sip.framing import PONG, Keepalive, StreamFramer
 from proxy.sip.message import Request, Response, SipParseError, make_response, parse
 
@@ -1055,6 +1058,9 @@ _LAYERS = (
     ("/asyncio/", "asyncio event loop and UDP transport"),
     ("/enum.py", "enum (Transport.value and friends)"),
     ("/logging/", "logging"),
+    ("/base64.py", "HMAC and SHA-256 (flow tokens, branches)"),
+    ("/hmac.py", "HMAC and SHA-256 (flow tokens, branches)"),
+    ("/re/", "regular expressions"),
 )
 _BUILTINS = (
     ("epoll", "idle (epoll wait)"),
@@ -1068,37 +1074,17 @@ _BUILTINS = (
 )
 
 
-def _layer(filename: str, name: str) -> str:
-    if filename == "~":
-        for needle, layer in _BUILTINS:
-            if needle in name:
-                return layer
-        return "other builtins (str, bytes, dict methods)"
-    for needle, layer in _LAYERS:
-        if needle in filename:
-            return layer
-    if "/base64.py" in filename or "/hmac.py" in filename:
-        return "HMAC and SHA-256 (flow tokens, branches)"
-    if "/re/" in filename:
-        return "regular expressions"
-    return "other Python"
-
-
 def profile_summary(path: Path, calls: int, top: int = 12) -> dict[str, Any]:
     """Own time per layer and the top functions of a profiled serve, µs per call."""
-    table: dict[tuple[str, int, str], tuple[Any, ...]]
-    table = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # untyped in pstats
-    layers: Counter[str] = Counter()
-    functions: list[tuple[float, int, str]] = []
+    table: Stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # untyped in pstats
+    layers, functions = own_time(
+        table, _LAYERS, _BUILTINS, other_builtins="other builtins (str, bytes, dict methods)"
+    )
     cumulative: dict[str, float] = {}
-    for (filename, line, name), (_, ncalls, tottime, cumtime, _) in table.items():
-        layers[_layer(filename, name)] += tottime
-        where = name if filename == "~" else f"{filename.split('/softrelay/')[-1]}:{line} {name}"
-        short = where if filename == "~" else f"{Path(filename).name}:{line} {name}"
-        functions.append((tottime, ncalls, short))
+    for (filename, line, name), (_, _, _, cumtime, _) in table.items():
         if "proxy/sip/" in filename and name in ("handle", "parse", "serialize", "validate"):
+            short = f"{Path(filename).name}:{line} {name}"
             cumulative[short] = cumulative.get(short, 0.0) + cumtime
-    functions.sort(reverse=True)
     busy = sum(v for k, v in layers.items() if not k.startswith("idle"))
     scale = 1e6 / calls if calls else 0.0
     return {
@@ -1293,18 +1279,6 @@ def idle_line(idle: Idle) -> str:
     )
 
 
-def parse_counts(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of integers: {text}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("values must be integers of at least 1")
-    return values
-
-
 def parse_kinds(text: str) -> list[str]:
     kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
     if set(kinds) - set(IDLE_KINDS) or not kinds:
@@ -1324,7 +1298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--rates",
-        type=parse_counts,
+        type=positive_ints,
         default=[250, 500, 1000, 2000, 4000],
         help="offered calls/s, rising, per path (250,500,1000,2000,4000)",
     )
@@ -1334,7 +1308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--idle-flows",
-        type=parse_counts,
+        type=positive_ints,
         default=[5000],
         help="idle connections to hold, one fresh server per count and kind (5000; 5000,50000)",
     )

@@ -65,6 +65,7 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.profiling import Stats, own_time
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
@@ -361,29 +362,10 @@ _BUILTINS = (
 )
 
 
-def _layer(filename: str, name: str) -> str:
-    if filename == "~":
-        for needle, layer in _BUILTINS:
-            if needle in name:
-                return layer
-        return "other builtins"
-    for needle, layer in _LAYERS:
-        if needle in filename:
-            return layer
-    return "other Python"
-
-
 def _profile_summary(profile: cProfile.Profile, wakes: int, top: int = 15) -> dict[str, Any]:
     """Own time per wake, per layer and for the top functions (µs; ~2x inflated)."""
-    table: dict[tuple[str, int, str], tuple[Any, ...]]
-    table = pstats.Stats(profile).stats  # type: ignore[attr-defined]  # untyped in pstats
-    layers: Counter[str] = Counter()
-    functions: list[tuple[float, int, str]] = []
-    for (filename, line, name), (_, calls, tottime, _, _) in table.items():
-        layers[_layer(filename, name)] += tottime
-        where = name if filename == "~" else f"{Path(filename).name}:{line} {name}"
-        functions.append((tottime, calls, where))
-    functions.sort(reverse=True)
+    table: Stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]  # untyped in pstats
+    layers, functions = own_time(table, _LAYERS, _BUILTINS)
     return {
         "wakes": wakes,
         "layers_us_per_wake": {k: round(1e6 * v / wakes, 1) for k, v in layers.most_common()},
