@@ -111,7 +111,9 @@ class Backend(Protocol):
         of subjects removed."""
         ...
 
-    async def is_restricted(self, subject: bytes) -> bool: ...
+    async def restricted_subjects(self) -> frozenset[bytes]:
+        """Every subject with a restriction mark (few: they are asked for one by one)."""
+        ...
 
     async def restrict(self, subject: bytes, on: bool, *, now: float) -> bool:
         """Set (`on`) or lift the subject's restriction mark; whether it changed.

@@ -307,12 +307,11 @@ class SQLiteBackend:
 
     # --- restriction (GDPR Art. 18) -------------------------------------------------
 
-    async def is_restricted(self, subject: bytes) -> bool:
-        return await self._run(self._is_restricted, subject)
+    async def restricted_subjects(self) -> frozenset[bytes]:
+        return await self._run(self._restricted_subjects)
 
-    def _is_restricted(self, subject: bytes) -> bool:
-        row = self.db.execute("SELECT 1 FROM restrictions WHERE subject = ?", (subject,))
-        return row.fetchone() is not None
+    def _restricted_subjects(self) -> frozenset[bytes]:
+        return frozenset(row[0] for row in self.db.execute("SELECT subject FROM restrictions"))
 
     async def restrict(self, subject: bytes, on: bool, *, now: float) -> bool:
         return await self._run(self._restrict, subject, on, now)

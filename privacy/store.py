@@ -11,6 +11,7 @@ even before the sweeper has removed it.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from privacy.sqlite import SQLiteBackend
 
 Value = str | int | float | list[Any] | dict[str, Any] | None
 DATABASE_FILE = "softrelay.db"
+RESTRICTIONS_FRESH = 2.0  # seconds a read of the restriction marks is trusted
 ACCOUNT = "account"  # the policy category whose retention applies to a whole subject
 _SQLTYPE = {
     FieldType.TEXT: "TEXT",
@@ -97,6 +99,11 @@ class Store:
         self._subject_tables = [
             self._tables[c.name] for c in stored_categories(policy) if c.subject
         ]
+        # The restriction marks, asked for on every phone REGISTER and wake: read as a
+        # whole, at most every RESTRICTIONS_FRESH seconds (another process, the `dsr`
+        # CLI, may change them) and at once after a change made here.
+        self._restricted: frozenset[bytes] | None = None
+        self._restricted_read = 0.0
 
     @classmethod
     async def create(cls, policy: Policy, keyring: Keyring, data_dir: Path, clock: Clock) -> Store:
@@ -171,6 +178,7 @@ class Store:
         (exceptions of GDPR Art. 17(3)); rows deleted per category."""
         tables = [t for t in self._subject_tables if t.name.removeprefix("c_") not in keep]
         counts = await self.backend.delete_subject(tables, self.subject_index(subject))
+        self._restricted = None  # an erasure lifts the mark too
         return {name.removeprefix("c_"): count for name, count in counts.items()}
 
     async def subject_last_used(self, subject: Subject) -> float | None:
@@ -184,10 +192,16 @@ class Store:
 
         A restricted subject's data stays stored, but nothing processes it: no wake
         push, no REGISTER accepted, until the mark is lifted. The mark is not a use."""
+        self._restricted = None
         return await self.backend.restrict(self.subject_index(subject), on, now=self.clock.now())
 
     async def is_restricted(self, subject: Subject) -> bool:
-        return await self.backend.is_restricted(self.subject_index(subject))
+        marks = self._restricted
+        # Monotonic, not the policy clock: this is how fresh a cache is, not a retention.
+        if marks is None or time.monotonic() - self._restricted_read >= RESTRICTIONS_FRESH:
+            self._restricted_read = time.monotonic()
+            marks = self._restricted = await self.backend.restricted_subjects()
+        return self.subject_index(subject) in marks
 
     # --- reads ----------------------------------------------------------------------
 
@@ -234,6 +248,7 @@ class Store:
         if account is not None:
             cutoff = self.cutoff(account)
             removed = await self.backend.delete_inactive_subjects(self._subject_tables, cutoff)
+            self._restricted = None  # their marks went with them
             result[ACCOUNT] = (cutoff, removed)
         await self.backend.checkpoint()
         return result

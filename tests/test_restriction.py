@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
+import privacy.store as store_module
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
@@ -53,6 +55,28 @@ async def test_restriction_survives_a_restart(tmp_path: Path, clock: ManualClock
         assert await second.is_restricted(ALICE)
     finally:
         await second.close()
+
+
+async def test_a_mark_set_by_another_process_is_seen_within_the_freshness(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marks are read as a whole and trusted for RESTRICTIONS_FRESH seconds, so a
+    REGISTER costs no query; the `dsr` CLI's mark still takes effect that soon."""
+    now = [1000.0]
+    monkeypatch.setattr("privacy.store.time.monotonic", lambda: now[0])
+    keyring, policy = Keyring.generate(), load_policy("auerproxy")
+    serve = await Store.create(policy, keyring, tmp_path, clock)
+    cli = await Store.create(policy, keyring, tmp_path, clock)
+    try:
+        assert not await serve.is_restricted(ALICE)
+        await cli.restrict(ALICE, True)
+        now[0] += store_module.RESTRICTIONS_FRESH - 0.1
+        assert not await serve.is_restricted(ALICE), "the read is still fresh"
+        now[0] += 0.2
+        assert await serve.is_restricted(ALICE)
+    finally:
+        await serve.close()
+        await cli.close()
 
 
 async def test_erasure_removes_the_mark_with_the_data(store: Store) -> None:
