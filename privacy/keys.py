@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ import orjson
 from privacy.declaration import ConfigError
 
 KEY_BYTES = 32
+_TEMP_ATTEMPTS = 8  # random 128-bit names: a second try means someone planted files
 log = logging.getLogger("softrelay.privacy")
 
 
@@ -143,10 +145,14 @@ def _embedded_keyring(data_dir: Path) -> Keyring:
         return parse_keyring(path.read_bytes(), str(path))
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     keyring = Keyring.generate()
-    # O_EXCL: two instances starting at once must not overwrite each other's keys.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(keyring.to_json())
+    try:
+        _publish(keyring.to_json(), path, replace=False)
+    except FileExistsError:
+        # Another instance starting at the same moment published its keyring first:
+        # use that one, so both encrypt with the same keys.
+        if path.is_symlink():
+            raise ConfigError(path, "", "is a symbolic link; refusing to use it") from None
+        return parse_keyring(path.read_bytes(), str(path))
     log.warning(
         "generated a keyring beside the data; production keeps it elsewhere (secrets.keyring)",
         extra={"fields": {}},
@@ -156,8 +162,56 @@ def _embedded_keyring(data_dir: Path) -> Keyring:
 
 def write_keyring(keyring: Keyring, path: Path) -> None:
     """Replace a keyring file atomically, keeping mode 0600."""
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(keyring.to_json())
-    tmp.replace(path)
+    _publish(keyring.to_json(), path, replace=True)
+
+
+def _publish(data: bytes, path: Path, *, replace: bool) -> None:
+    """Write `data` to a fresh private file beside `path`, make it durable, then move it
+    into place: renamed over `path` (`replace`), or linked only if `path` does not exist
+    (FileExistsError otherwise), so a reader never sees half a keyring.
+
+    The temporary file gets a random name and is created with O_EXCL|O_NOFOLLOW: a file
+    or symlink planted in the directory is never opened, truncated or written through.
+    """
+    directory = path.parent
+    fd, tmp = _create_private(directory, path.name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path, follow_symlinks=False)
+            os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _create_private(directory: Path, name: str) -> tuple[int, Path]:
+    """A new file only this user can read, under a name nobody could have guessed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = directory / f".{name}.{_temp_suffix()}.tmp"
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue  # taken (by chance, or planted): another random name
+    raise FileExistsError(f"no free temporary name in {directory} after {_TEMP_ATTEMPTS} tries")
+
+
+def _temp_suffix() -> str:
+    return secrets.token_hex(16)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename is durable only once the directory entry is.
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
