@@ -133,12 +133,6 @@ class Relay:
         self.overload = Overload(settings.overload)
         self.metrics = RelayMetrics(registry)
         self.parking = Parking(settings.wake, self, push, store, clock, registry)
-        # RFC 8599 section 5: we wake phones through these services; with +sip.pnsreg,
-        # we also push a binding to refresh itself before it expires.
-        caps = '*;+sip.pns="apns,apns.dev,fcm"'
-        if settings.wake.reregister_before > 0:
-            caps += f';+sip.pnsreg="{settings.wake.reregister_before}"'
-        self._feature_caps = caps
 
     # --- flows ----------------------------------------------------------------------
 
@@ -472,6 +466,8 @@ class Relay:
         key = (pending.serial, pending.username, pending.instance)
         if pending.contact is None:
             return  # a query of the bindings changes nothing
+        # Before the write is coalesced away: when its refresh push is due.
+        self.parking.binding_registered(key, pending.expires, pending.contact)
         if pending.expires == 0:
             await self.store.delete(
                 "registration",
@@ -672,7 +668,10 @@ class Relay:
         if pending is not None and 200 <= response.status < 300 and pending.contact:
             identity = PushIdentity.of(pending.contact.push)
             if identity is not None:
-                response.add("Feature-Caps", self._feature_caps)
+                # RFC 8599 5.6.1: we wake it; +sip.pnsreg if it can refresh on its own.
+                response.add(
+                    "Feature-Caps", self.parking.feature_caps(pending.contact, pending.expires)
+                )
         data = response.serialize()
         await self._send_bytes(came_from, data)
         if pending is None:
@@ -682,7 +681,8 @@ class Relay:
         if 200 <= response.status < 300:
             if identity is not None and pending.expires > 0:
                 # The phone is back: what was parked for it goes out on its new flow.
-                await self.parking.deliver(identity, pending.flow)
+                subject = Subject(pending.username, pending.serial)
+                await self.parking.deliver(identity, subject, pending.instance, pending.flow)
             await self._write_binding(pending)
 
 

@@ -8,10 +8,16 @@ the phone is woken by a push, as Flexisip (`fork-late`) and Acrobits SIPIS do:
 
     INVITE ──► park ──► 100 Trying ──► push ──► 180 + Push-Status: delivered
                  │                        └──► provider refused: 480 at once
-                 ├─ REGISTER with the same pn-prid accepted by the PBX: forward on it
+                 ├─ the PBX's 200 to a REGISTER of the same binding: forward on it
                  ├─ caller's CANCEL: 200, 487, and the "call cancelled" push iOS requires
                  ├─ wake timeout: 480 with a Reason
                  └─ softrelay stops: 503 with Retry-After
+
+"The same binding" is the same subject (user at the PBX serial the INVITE came from),
+the same `pn-prid` and, when the parked binding was registered with one, the same
+`+sip.instance`; and only the PBX's 200 counts, not the REGISTER itself. A push token
+is no secret (a PBX, a provider, an old phone see it), so another user of the same PBX
+who registers with it gets nobody's calls.
 
 After delivery the caller's CANCEL, and the ACK of a failure, still name the old flow
 in their Route; they follow the call to its new flow for as long as a transaction may
@@ -36,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from privacy.clock import Clock
 from privacy.store import Store, Subject
 from proxy.sip.flow import Flow
-from proxy.sip.message import PushParams, Request, SipUri, parse
+from proxy.sip.message import NameAddr, PushParams, Request, SipUri, parse
 from push.service import OVERLOADED, PushService
 from push.wake import Delivered, PermanentFailure, Reason, Service, TokenDead, WakeRequest
 
@@ -46,6 +52,10 @@ TRANSACTION_LIFETIME = 32.0  # seconds: RFC 3261 timer B/F, how long a CANCEL ma
 DELIVERED_LIMIT = 10_000  # delivered calls remembered for their CANCEL or ACK, at most
 TICK = 1.0  # seconds between checks of the wake timeouts
 REREGISTER_SCAN = 60.0  # seconds between scans for bindings about to expire
+# RFC 8599 5.4: a phone that refreshes on its own is pushed only if no REGISTER came
+# by this long before its binding expires (the RFC's 120 s, or less for a short one).
+REFRESH_MARGIN = 120
+BINDINGS_LIMIT = 100_000  # bindings whose refresh time is remembered, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +72,10 @@ class WakeSettings:
     answer_timeout: float = 2.0
     max_per_binding: int = 4  # parked INVITEs per push identity; more get 503
     retry_after: int = 5  # seconds, in those 503s
-    # A binding with push parameters gets a background push this long before it
-    # expires, so the app can refresh it (RFC 8599 +sip.pnsreg); 0 turns it off.
+    # RFC 8599 5.4: a binding with push parameters gets a background push this long
+    # before it expires, so a suspended app can refresh it; but never sooner than half
+    # its registration (one of 300 s: at 150 s), so a registration shorter than this
+    # does not earn a push the moment it is stored. 0 turns it off.
     reregister_before: int = 600
     # PBX serials in debug mode: their calls' destination names are stored (28 days).
     debug_serials: frozenset[str] = frozenset()
@@ -124,12 +136,31 @@ class _Parked:
     request: Request  # the INVITE with its body and the caller's name: memory only
     caller: Flow
     identity: PushIdentity
+    subject: Subject  # the callee at the PBX that sent the INVITE
+    # +sip.instance of the subject's stored bindings with this token ("": none named);
+    # empty when none is stored, and then subject and token alone decide.
+    instances: frozenset[str]
     key: tuple[str, str]  # Call-ID and the caller's branch: how its CANCEL finds it
     deadline: float  # clock time
     arrived: float  # perf_counter, for the latency histograms only
     call_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     to_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     push: asyncio.Task[None] | None = None
+
+    def released_by(self, identity: PushIdentity, subject: Subject, instance: str) -> bool:
+        """Whether an accepted REGISTER of `subject` (with `identity` and `instance`) is
+        this call's own phone back: the token alone is not, anyone may present it."""
+        return (
+            identity.service is self.identity.service
+            and identity.token == self.identity.token
+            and subject == self.subject
+            and (not self.instances or "" in self.instances or instance in self.instances)
+        )
+
+
+class _Refresh(NamedTuple):
+    expires_at: int  # clock time
+    push_at: int  # clock time from which a binding-refresh push is due
 
 
 class WakeMetrics:
@@ -181,6 +212,8 @@ class Parking:
         # Delivered calls: key -> (the woken flow, when), for their CANCEL or ACK.
         self._delivered: OrderedDict[tuple[str, str], tuple[Flow, float]] = OrderedDict()
         self._reregistered: dict[str, int] = {}  # token -> the expiry it was pushed for
+        # binding (serial, user, instance) -> its refresh, as of the last accepted REGISTER
+        self._refreshes: OrderedDict[tuple[str, str, str], _Refresh] = OrderedDict()
         self._watched: OrderedDict[tuple[str, str], _Watched] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = WakeMetrics(registry)
@@ -214,6 +247,8 @@ class Parking:
             request,
             caller,
             identity,
+            subject,
+            await self._instances(identity, subject),
             key,
             self._clock.now() + self.settings.timeout,
             time.perf_counter(),
@@ -223,6 +258,16 @@ class Parking:
         self.metrics.parked.set(len(self._parked))
         await self._courier.reply(request, caller, 100)
         parked.push = self._spawn(self._wake(parked))
+
+    async def _instances(self, identity: PushIdentity, subject: Subject) -> frozenset[str]:
+        """The instances of the subject's stored bindings with this push token."""
+        records = await self._store.find(
+            "registration",
+            pbx_serial=subject.pbx_serial,
+            sip_username=subject.sip_username,
+            push_token=identity.token,
+        )
+        return frozenset(str(r.fields.get("instance") or "") for r in records)
 
     async def _wake(self, parked: _Parked) -> None:
         push = self._push
@@ -310,17 +355,27 @@ class Parking:
 
     # --- the ways a parked call ends ------------------------------------------------
 
-    async def deliver(self, identity: PushIdentity, flow: Flow) -> int:
-        """The phone re-registered on `flow`: forward what waits for it; how many."""
-        waiting = list(self._by_token.get(identity.token, ()))
+    async def deliver(
+        self, identity: PushIdentity, subject: Subject, instance: str, flow: Flow
+    ) -> int:
+        """The PBX accepted (its 200, not the phone's request) a REGISTER of `subject` with
+        `identity` and `instance`, which came on `flow`: forward the calls parked for that
+        binding there; how many."""
+        waiting = [
+            parked
+            for parked in self._by_token.get(identity.token, ())
+            if parked.released_by(identity, subject, instance)
+        ]
+        delivered = 0
         for parked in waiting:
             if not self._unpark(parked):
                 continue
+            delivered += 1
             self.metrics.ends.labels("delivered").inc()
             self.metrics.to_delivery.observe(time.perf_counter() - parked.arrived)
             self._remember_delivery(parked.key, flow)
             await self._courier.forward_to(parked.request, parked.caller, flow)
-        return len(waiting)
+        return delivered
 
     def _remember_delivery(self, key: tuple[str, str], flow: Flow) -> None:
         now = self._clock.now()
@@ -394,13 +449,56 @@ class Parking:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- keeping bindings wakeable ----------------------------------------------------
+    #
+    # RFC 8599: a suspended app cannot refresh its binding on a timer, so we push it to
+    # (5.4), early enough for its REGISTER to arrive before the binding expires. An app
+    # that can refresh on its own says so with the `+sip.pnsreg` media feature tag in its
+    # Contact; to it, and only to it, the 200 says `+sip.pnsreg="<s>"`: refresh at least
+    # s seconds before expiry (5.6.1, 11.3), the time we would otherwise push it. It is
+    # pushed only should that refresh not have come by REFRESH_MARGIN before expiry.
+
+    def refresh_lead(self, duration: int) -> int:
+        """How long before a binding registered for `duration` seconds expires it is to
+        be refreshed: `reregister_before`, but at most half the registration."""
+        return min(self.settings.reregister_before, max(duration, 0) // 2)
+
+    def feature_caps(self, contact: NameAddr, expires: int) -> str:
+        """Feature-Caps of the 200 to a REGISTER of `contact` with push parameters."""
+        caps = '*;+sip.pns="apns,apns.dev,fcm"'
+        lead = self.refresh_lead(expires)
+        if lead > 0 and "+sip.pnsreg" in contact.params:
+            caps += f';+sip.pnsreg="{lead}"'
+        return caps
+
+    def binding_registered(
+        self, key: tuple[str, str, str], expires: int, contact: NameAddr | None
+    ) -> None:
+        """The PBX accepted a REGISTER of binding `key` (serial, user, instance): note
+        when its refresh push is due. Remembered here, not only read back from the store,
+        because the relay does not write every refresh: the stored expiry may lag."""
+        self._refreshes.pop(key, None)
+        if contact is None or expires <= 0 or PushIdentity.of(contact.push) is None:
+            return
+        expires_at = int(self._clock.now()) + expires
+        lead = self.refresh_lead(expires)
+        if "+sip.pnsreg" in contact.params:
+            lead = min(REFRESH_MARGIN, lead // 2)
+        if len(self._refreshes) >= BINDINGS_LIMIT:
+            self._refreshes.popitem(last=False)
+        self._refreshes[key] = _Refresh(expires_at, expires_at - lead)
+
+    def _refresh_of(self, key: tuple[str, str, str], expires_at: int, written: float) -> _Refresh:
+        known = self._refreshes.get(key)
+        if known is not None and known.expires_at >= expires_at:
+            return known
+        # Not registered since we started: its lead from the registration as stored.
+        return _Refresh(expires_at, expires_at - self.refresh_lead(expires_at - int(written)))
 
     async def reregister_due(self) -> int:
-        """Background pushes to bindings that expire within `reregister_before`, once
-        per expiry: never a VoIP push, which iOS punishes when no call follows."""
-        before = self.settings.reregister_before
+        """Background pushes to bindings whose refresh is due, once per expiry: never a
+        VoIP push, which iOS punishes when no call follows."""
         push = self._push
-        if before <= 0 or push is None:
+        if self.settings.reregister_before <= 0 or push is None:
             return 0
         now = self._clock.now()
         sent = 0
@@ -409,7 +507,13 @@ class Parking:
             expires_at, token = fields.get("expires_at"), fields.get("push_token")
             if not isinstance(expires_at, int) or not isinstance(token, str):
                 continue
-            if not now < expires_at <= now + before or self._reregistered.get(token) == expires_at:
+            serial, user = str(fields["pbx_serial"]), str(fields["sip_username"])
+            key = (serial, user, str(fields.get("instance") or ""))
+            refresh = self._refresh_of(key, expires_at, record.last_used_at)
+            expires_at = refresh.expires_at
+            if not refresh.push_at <= now < expires_at:
+                continue
+            if self._reregistered.get(token) == expires_at:
                 continue
             app_param = fields.get("push_app_id")
             identity = PushIdentity.of(
@@ -417,8 +521,7 @@ class Parking:
             )
             if identity is None:
                 continue
-            subject = Subject(str(fields["sip_username"]), str(fields["pbx_serial"]))
-            if await self._store.is_restricted(subject):
+            if await self._store.is_restricted(Subject(user, serial)):
                 continue
             app_id = push.app_for(identity.service, identity.app_param)
             if app_id is None:
@@ -430,6 +533,8 @@ class Parking:
             sent += 1
         # Forget what expired: those bindings are gone or were refreshed.
         self._reregistered = {t: e for t, e in self._reregistered.items() if e > now}
+        for key in [k for k, r in self._refreshes.items() if r.expires_at <= now]:
+            del self._refreshes[key]
         return sent
 
     async def run_forever(self) -> None:
