@@ -30,6 +30,7 @@ from privacy.policy import Policy
 from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.dsr_api import add_dsr_routes
+from proxy.http import refusals
 from proxy.oauth import add_oauth
 from proxy.oauth.settings import OAuthSettings
 from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
@@ -83,7 +84,8 @@ SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
 
 
 def build_app(services: Services) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY)
+    # Every refusal and every handler error rendered as JSON in one place (proxy/http.py).
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[refusals])
     app[SERVICES] = services
     app[REGISTRY] = CollectorRegistry(auto_describe=True)
     # Each API module describes its operations here; served at /openapi.json.

@@ -8,15 +8,18 @@ Who may ask:
 - the operator, with `Authorization: Bearer <admin token>` (`[dsr] admin_token`),
   acting on a request the operator verified by other means.
 
-Failed proofs count per subject and per client address (memory only); past
-`dsr.max_failures` within `dsr.failure_window` the answer is 429 with Retry-After.
-Every error is JSON `{"error": "..."}`; refused requests are recorded in the trail.
+Failed proofs count per client and subject, and per client (memory only; a client is
+its address, an IPv6 one its /64): past `dsr.max_failures` for one subject, or
+`CLIENT_FAILURE_FACTOR` times that for one client, within `dsr.failure_window`, the
+answer is 429 with Retry-After. Nothing counts per subject alone, so a stranger's bogus
+proofs never lock the subject out; one client still cannot try many passwords.
+Every error is a `Refusal` (proxy/http.py), JSON `{"error": <code>, "detail": <sentence>}`;
+refused requests are recorded in the trail.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,7 +36,9 @@ from privacy.dsr import (
 )
 from privacy.store import Store, Subject
 from proxy.dsr_identity import IdentityError, PbxIdentity
-from proxy.openapi import JSON, OPENAPI, error, json_response, ref
+from proxy.http import Refusal, read_json
+from proxy.openapi import JSON, OPENAPI, RETRY_AFTER, json_response, ref, refusal
+from proxy.ratelimit import client_key
 from proxy.sip.relay import Relay
 
 PREFIX = "/dsr/v1"
@@ -41,6 +46,13 @@ ACTIONS = ("export", "rectify", "erase", "restrict", "unrestrict", "object")
 _SUBJECT_KEYS = {"sip_username", "pbx_serial"}
 _PROOF_KEYS = {"challenge_id", "authorization"}
 _EXTRA_KEYS = {"rectify": {"changes", "instance"}}
+MAX_BODY = 64 * 1024  # a subject, a proof (4 KiB at most) and a few changes
+# One client may fail this many times `max_failures` in a window, over all subjects:
+# an office behind one address is not stopped by one user's typos, and a client still
+# gets only a handful of guesses per window.
+CLIENT_FAILURE_FACTOR = 4
+# IdentityError's statuses, as refusal codes.
+_IDENTITY_CODES = {403: "not_proved", 502: "pbx_error", 503: "pbx_offline", 504: "pbx_timeout"}
 
 
 class DsrApi:
@@ -53,7 +65,27 @@ class DsrApi:
         self.identity = identity
         self.admin_token = admin_token
         settings = rights.settings
-        self.limiter = FailureLimiter(rights.clock, settings.max_failures, settings.failure_window)
+        window = settings.failure_window
+        self.per_subject = FailureLimiter(rights.clock, settings.max_failures, window)
+        self.per_client = FailureLimiter(
+            rights.clock, settings.max_failures * CLIENT_FAILURE_FACTOR, window
+        )
+
+    def retry_after(self, client: str, subject: Subject | None = None) -> int:
+        """Seconds until `client` may try again (for `subject`); 0: now."""
+        wait = self.per_client.retry_after(client)
+        if subject is not None:
+            wait = max(wait, self.per_subject.retry_after(_pair_key(client, subject)))
+        return wait
+
+    def failed(self, client: str, subject: Subject | None = None) -> None:
+        self.per_client.fail(client)
+        if subject is not None:
+            self.per_subject.fail(_pair_key(client, subject))
+
+
+def _pair_key(client: str, subject: Subject) -> str:
+    return f"{client}\x1f{subject.sip_username}\x1f{subject.pbx_serial}"
 
 
 DSR_API = web.AppKey("dsr_api", DsrApi)
@@ -94,30 +126,13 @@ def add_dsr_routes(
     _describe(app)
 
 
-def _fail(status: int, message: str, headers: dict[str, str] | None = None) -> web.HTTPException:
-    kinds: dict[int, Callable[..., web.HTTPException]] = {
-        400: web.HTTPBadRequest,
-        403: web.HTTPForbidden,
-        429: web.HTTPTooManyRequests,
-        502: web.HTTPBadGateway,
-        503: web.HTTPServiceUnavailable,
-        504: web.HTTPGatewayTimeout,
-    }
-    return kinds[status](
-        text=f'{{"error": {json.dumps(message)}}}', content_type=JSON, headers=headers
-    )
-
-
 async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise _fail(400, "the body must be a JSON object") from None
+    body = await read_json(request, MAX_BODY)
     if not isinstance(body, dict):
-        raise _fail(400, "the body must be a JSON object")
+        raise Refusal(400, "malformed_body", "the body must be a JSON object")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise _fail(400, f"unknown key {unknown[0][:64]!r}")
+        raise Refusal(400, "unknown_field", f"unknown key {unknown[0][:64]!r}")
     return body
 
 
@@ -125,28 +140,32 @@ def _subject(body: dict[str, Any]) -> Subject:
     try:
         return parse_subject(body.get("sip_username"), body.get("pbx_serial"))
     except InvalidRequest as exc:
-        raise _fail(400, str(exc)) from None
+        raise Refusal(400, "bad_subject", str(exc)) from None
 
 
 def _client(request: web.Request) -> str:
-    return "client:" + (request.remote or "?")
+    return client_key(request.remote) or "?"
 
 
-def _check_limit(api: DsrApi, *keys: str) -> None:
-    wait = api.limiter.retry_after(*keys)
+def _check_limit(api: DsrApi, client: str, subject: Subject | None = None) -> None:
+    wait = api.retry_after(client, subject)
     if wait:
-        raise _fail(429, "too many failed attempts", {"Retry-After": str(wait)})
+        raise Refusal(429, "rate_limited", "too many failed attempts", {"Retry-After": str(wait)})
+
+
+def _identity_refusal(exc: IdentityError) -> Refusal:
+    return Refusal(exc.status, _IDENTITY_CODES.get(exc.status, "not_proved"), exc.reason)
 
 
 async def challenge(request: web.Request) -> web.Response:
     api = request.app[DSR_API]
     body = await _body(request, _SUBJECT_KEYS)
     subject = _subject(body)
-    _check_limit(api, _client(request), _subject_key(subject))
+    _check_limit(api, _client(request), subject)
     try:
         issued = await api.identity.challenge(subject)
     except IdentityError as exc:
-        raise _fail(exc.status, exc.reason) from None
+        raise _identity_refusal(exc) from None
     return web.json_response(
         {
             "challenge_id": issued.id,
@@ -155,10 +174,6 @@ async def challenge(request: web.Request) -> web.Response:
             "www_authenticate": list(issued.www_authenticate),
         }
     )
-
-
-def _subject_key(subject: Subject) -> str:
-    return f"subject:{subject.sip_username}\x1f{subject.pbx_serial}"
 
 
 async def _authenticate(request: web.Request, body: dict[str, Any], subject: Subject) -> str:
@@ -170,20 +185,21 @@ async def _authenticate(request: web.Request, body: dict[str, Any], subject: Sub
         _check_limit(api, client)
         token = header[7:].encode()
         if api.admin_token is None or not hmac.compare_digest(token, api.admin_token.encode()):
-            api.limiter.fail(client)
-            raise _fail(403, "wrong admin token")
+            api.failed(client)
+            raise Refusal(403, "wrong_admin_token", "wrong admin token")
         return "operator"
-    keys = (client, _subject_key(subject))
-    _check_limit(api, *keys)
+    _check_limit(api, client, subject)
     challenge_id, authorization = body.get("challenge_id"), body.get("authorization")
     if not isinstance(challenge_id, str) or not isinstance(authorization, str):
-        raise _fail(403, "prove identity: challenge_id and authorization, or an admin token")
+        raise Refusal(
+            403, "not_proved", "prove identity: challenge_id and authorization, or an admin token"
+        )
     try:
         await api.identity.verify(subject, challenge_id, authorization)
     except IdentityError as exc:
         if exc.status == 403:
-            api.limiter.fail(*keys)
-        raise _fail(exc.status, exc.reason) from None
+            api.failed(client, subject)
+        raise _identity_refusal(exc) from None
     return "subject"
 
 
@@ -196,14 +212,14 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         subject = _subject(body)
         try:
             actor = await _authenticate(request, body, subject)
-        except web.HTTPException as exc:
+        except Refusal as exc:
             outcome = {403: "refused", 429: "rate_limited"}.get(exc.status, "error")
             await api.rights.refused(kind, "unproved", outcome)
             raise
         rights = api.rights
         changes, instance = body.get("changes", {}), body.get("instance", "")
         if not isinstance(changes, dict) or not isinstance(instance, str):
-            raise _fail(400, "changes: expected an object; instance: a string")
+            raise Refusal(400, "bad_field", "changes: expected an object; instance: a string")
         try:
             if kind == "export":
                 return web.json_response(await rights.export(subject, actor))
@@ -216,7 +232,7 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
             else:
                 receipt = await rights.object(subject, actor)
         except InvalidRequest as exc:
-            raise _fail(400, str(exc)) from None
+            raise Refusal(400, "bad_request", str(exc)) from None
         return web.json_response(receipt.as_json())
 
     return handler
@@ -229,14 +245,14 @@ async def requests(request: web.Request) -> web.Response:
     header = request.headers.get("Authorization", "")
     token = header[7:].encode() if header.startswith("Bearer ") else b""
     if api.admin_token is None or not hmac.compare_digest(token, api.admin_token.encode()):
-        api.limiter.fail(client)
-        raise _fail(403, "the request trail needs the admin token")
+        api.failed(client)
+        raise Refusal(403, "wrong_admin_token", "the request trail needs the admin token")
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
-        raise _fail(400, "limit: expected an integer") from None
+        raise Refusal(400, "bad_query", "limit: expected an integer") from None
     if not 1 <= limit <= 1000:
-        raise _fail(400, "limit: between 1 and 1000")
+        raise Refusal(400, "bad_query", "limit: between 1 and 1000")
     entries = await api.rights.trail(limit)
     return web.json_response(
         {
@@ -354,12 +370,15 @@ def _describe(app: web.Application) -> None:
         },
     )
     errors = {
-        "400": error("Malformed request"),
-        "403": error("Identity not proved"),
-        "429": error("Too many failed attempts; see Retry-After"),
-        "502": error("The PBX answered unexpectedly"),
-        "503": error("The subject's PBX is not connected"),
-        "504": error("The PBX did not answer in time"),
+        "400": refusal(
+            "malformed_body, unknown_field, bad_subject, bad_field, bad_request, bad_query"
+        ),
+        "403": refusal("not_proved, wrong_admin_token"),
+        "413": refusal("body_too_large"),
+        "429": refusal("rate_limited: too many failed attempts", RETRY_AFTER),
+        "502": refusal("pbx_error: the PBX answered unexpectedly"),
+        "503": refusal("pbx_offline: the subject's PBX is not connected"),
+        "504": refusal("pbx_timeout: the PBX did not answer in time"),
     }
     body = {"required": True, "content": {JSON: {"schema": request_schema}}}
     openapi.operation(

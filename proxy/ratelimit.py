@@ -49,7 +49,7 @@ class RateLimiter:
             return 0.0
         now = self._clock.now()
         self._forget_refilled(now)
-        key = _client_key(address)
+        key = client_key(address)
         tokens, when = self._buckets.pop(key, (float(self._limit.burst), now))
         tokens = min(float(self._limit.burst), tokens + max(0.0, now - when) * self._rate)
         if tokens >= 1.0:
@@ -71,7 +71,9 @@ class RateLimiter:
             del self._buckets[key]
 
 
-def _client_key(address: str | None) -> str:
+def client_key(address: str | None) -> str:
+    """What a per-client limit counts: the address, an IPv6 one by its /64 (one host
+    holds a whole /64), an IPv4-mapped one as IPv4; "" when unknown."""
     if not address:
         return ""
     if ":" not in address:

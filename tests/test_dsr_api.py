@@ -26,6 +26,7 @@ from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
 from proxy.app import RELAY, STORE, Services, build_app
+from proxy.dsr_api import CLIENT_FAILURE_FACTOR
 from proxy.oauth.settings import OAuthSettings
 from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.provisioning.settings import ProvisioningSettings
@@ -217,7 +218,8 @@ async def test_wrong_password_is_refused_by_the_pbx_and_failures_are_rate_limite
         for _ in range(3):
             proof = await _prove(session, world.base, "not-the-password")
             status, body, _ = await _post(session, url, SUBJECT | proof)
-            assert (status, body["error"]) == (403, "the PBX refused the credentials")
+            assert (status, body["error"]) == (403, "not_proved")
+            assert body["detail"] == "the PBX refused the credentials"
         # Limited now, even with the right password: the PBX is not even asked.
         status, body, answer = await _post(session, f"{world.base}dsr/v1/challenge", SUBJECT)
         assert status == 429
@@ -227,6 +229,58 @@ async def test_wrong_password_is_refused_by_the_pbx_and_failures_are_rate_limite
         status, receipt, _ = await _post(session, url, SUBJECT | proof)
         assert status == 200
         assert receipt["type"] == "erase"
+
+
+def _from(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `address` (any 127.x.y.z reaches the app)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
+async def _fail_proof(session: aiohttp.ClientSession, base: str, user: str) -> int:
+    """One wrong-password attempt for `user`; the status it ends with (403, or 429)."""
+    subject = {"sip_username": user, "pbx_serial": SERIAL}
+    status, challenge, _ = await _post(session, f"{base}dsr/v1/challenge", subject)
+    if status != 200:
+        return status
+    proof = {
+        "challenge_id": challenge["challenge_id"],
+        "authorization": _authorization(challenge, "not-the-password"),
+    }
+    status, _, _ = await _post(session, f"{base}dsr/v1/erase", subject | proof)
+    return status
+
+
+async def test_a_strangers_failed_proofs_do_not_lock_the_subject_out(world: World) -> None:
+    """Failures count per client and subject: a stranger at another address who sends
+    bogus proofs for alice is stopped, and alice herself still proves and acts."""
+    async with _from("127.0.0.3") as stranger:
+        assert [await _fail_proof(stranger, world.base, "alice") for _ in range(4)] == [
+            403,
+            403,
+            403,
+            429,
+        ]
+    async with _from("127.0.0.2") as alice:
+        proof = await _prove(alice, world.base, PASSWORD)
+        status, receipt, _ = await _post(alice, f"{world.base}dsr/v1/restrict", SUBJECT | proof)
+        assert (status, receipt["type"]) == (200, "restrict")
+
+
+async def test_one_client_is_stopped_across_subjects(world: World) -> None:
+    """Per client, failures add up over every subject (max_failures 3, times
+    CLIENT_FAILURE_FACTOR): a client that moves from user to user gets no more guesses."""
+    users = [f"user{i}" for i in range(CLIENT_FAILURE_FACTOR)]
+    async with _from("127.0.0.4") as client:
+        for user in users:
+            assert [await _fail_proof(client, world.base, user) for _ in range(3)] == [403] * 3
+        # A fresh subject, but this client spent its budget.
+        status, body, answer = await _post(
+            client, f"{world.base}dsr/v1/challenge", {"sip_username": "fresh", "pbx_serial": SERIAL}
+        )
+        assert (status, body["error"]) == (429, "rate_limited")
+        assert int(answer.headers["Retry-After"]) > 0
+    async with _from("127.0.0.5") as other:  # another client is not affected
+        assert await _fail_proof(other, world.base, "fresh") == 403
 
 
 async def test_operator_acts_with_the_admin_token_and_a_wrong_token_is_refused(

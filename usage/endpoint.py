@@ -11,6 +11,7 @@ refusal is a JSON `{"error": <code>, "detail": <sentence>}` with its status, dec
 
     PingRefused
     ├── 400 malformed_body, unknown_field, missing_field, bad_field, bad_period
+    │       (a header that is not UTF-8: `bad_header`, from proxy.http.refusals)
     ├── 401 unauthorized              (no or wrong tenant key; WWW-Authenticate: Bearer)
     ├── 409 period_closed             (the month is counted; do not retry)
     ├── 413 body_too_large
@@ -35,7 +36,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from privacy.clock import Clock
-from proxy.http import BodyTooLarge, read_capped
+from proxy.http import BadBody, BodyTooLarge, read_capped
 from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
 from proxy.ratelimit import RateLimit, RateLimiter
 from usage.ledger import Ledger, PeriodClosed
@@ -175,6 +176,8 @@ class PingEndpoint:
             return await read_capped(request.content, limit, request.content_length)
         except BodyTooLarge:
             raise PingRefused(413, "body_too_large", f"a ping is at most {limit} bytes") from None
+        except BadBody:  # broken chunking or Content-Encoding
+            raise PingRefused(400, "malformed_body", "the body cannot be decoded") from None
 
     def _authenticate(self, request: web.Request, tenant_id: str) -> str:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
