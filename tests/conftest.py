@@ -1,4 +1,5 @@
-"""Shared fixtures: an injected clock and a store on a temporary data directory."""
+"""Shared fixtures: an injected clock, a store on a temporary data directory, and
+`softrelay serve` with its peers (tests/peers.py) for the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from privacy.clock import ManualClock, parse_instant
 from privacy.keys import Keyring
 from privacy.policy import Category, FieldType, Protection, load_policy
 from privacy.store import Store, Value
+from tests import peers
 
 START = parse_instant("2026-03-01T12:00:00Z")
 PROFILES = ("auerproxy", "cloudsoftphone")
@@ -66,3 +68,26 @@ def sample_fields(category: Category, marker: str = "x") -> dict[str, Value]:
         else:
             values[name] = f"{marker}-{name}"
     return values
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[Callable[[], Awaitable[peers.Server]]]:
+    """Starts `softrelay serve` on tmp_path when called; stops it after the test.
+
+    A test calls it only once its peers are known to be there, and exchanges SIP with
+    the server before it stops it: serve sets up its SIGTERM handler just after its
+    start-up report.
+    """
+    started: list[peers.Server] = []
+
+    async def start() -> peers.Server:
+        started.append(await peers.start_server(tmp_path))
+        return started[-1]
+
+    try:
+        yield start
+        for srv in started:
+            assert await srv.stop() == 0, srv.log()
+    finally:
+        for srv in started:
+            await srv.kill()
