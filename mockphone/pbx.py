@@ -302,7 +302,7 @@ class MockPbx:
                     200,
                     headers=[*echoed, contact, ("Content-Type", "application/sdp")],
                     to_tag=tag,
-                    body=sdp("pbx"),
+                    body=sdp("pbx", link.media_host),
                 )
             )
         finally:
@@ -415,7 +415,7 @@ class MockPbx:
                 ("Contact", f"<sip:{caller}@{link.sent_by};transport={link.transport.value}>"),
                 ("Content-Type", "application/sdp"),
             ],
-            body=sdp(caller),
+            body=sdp(caller, link.media_host),
         )
 
 

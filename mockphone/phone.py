@@ -296,7 +296,7 @@ class MockPhone:
                 ("Contact", self.contact(link)),
                 ("Content-Type", "application/sdp"),
             ],
-            body=sdp(self.spec.user),
+            body=sdp(self.spec.user, link.media_host),
         )
         self.calls_in_progress += 1
         try:
@@ -436,7 +436,7 @@ class MockPhone:
                             200,
                             headers=[*echoed, contact, ("Content-Type", "application/sdp")],
                             to_tag=tag,
-                            body=sdp(self.spec.user),
+                            body=sdp(self.spec.user, link.media_host),
                         )
                     )
                     return

@@ -70,9 +70,14 @@ RequestHandler = Callable[[Request], Coroutine[Any, Any, None]]
 class SipLink:
     """One flow to the relay and the client transactions on it."""
 
-    def __init__(self, transport: Transport, sent_by: str, on_request: RequestHandler) -> None:
+    def __init__(
+        self, transport: Transport, sent_by: str, on_request: RequestHandler, media_host: str
+    ) -> None:
         self.transport = transport
         self.sent_by = sent_by  # the Via sent-by; `<random>.invalid` on WebSocket
+        # The local address of our socket: where our SDP asks for media, so a real
+        # client answering a mock party's call sends it to this machine, not off it.
+        self.media_host = media_host
         self.on_request = on_request
         self.closed = asyncio.Event()
         # Client transactions by branch and method (a CANCEL shares its INVITE's branch).
@@ -81,6 +86,7 @@ class SipLink:
         self._send: Callable[[bytes], Awaitable[None]] = _unset
         self._close: Callable[[], Awaitable[None]] = _noop
         self._reader: asyncio.Task[None] | None = None
+        self._read: Coroutine[Any, Any, None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -116,7 +122,7 @@ class SipLink:
                 relay.host, relay.sip_port, local_addr=(local, 0)
             )
         host, port = writer.get_extra_info("sockname")[:2]
-        link = cls(transport, f"{host}:{port}", on_request)
+        link = cls(transport, f"{host}:{port}", on_request, host)
 
         async def send(data: bytes) -> None:
             if writer.is_closing():
@@ -155,7 +161,7 @@ class SipLink:
             remote_addr=(relay.host, relay.udp_port or relay.sip_port),
         )
         host, port = udp.get_extra_info("sockname")[:2]
-        link = cls(Transport.UDP, f"{host}:{port}", on_request)
+        link = cls(Transport.UDP, f"{host}:{port}", on_request, host)
 
         async def send(data: bytes) -> None:
             if udp.is_closing():
@@ -184,8 +190,11 @@ class SipLink:
         except BaseException:
             await session.close()
             raise
-        # RFC 7118 5.2: a WebSocket client knows no address of its own.
-        link = cls(Transport.WS, f"{secrets.token_hex(6)}.invalid", on_request)
+        # RFC 7118 5.2: a WebSocket client knows no address of its own for SIP; media
+        # still goes to its socket's.
+        sockname = ws.get_extra_info("sockname")
+        host = sockname[0] if sockname else local
+        link = cls(Transport.WS, f"{secrets.token_hex(6)}.invalid", on_request, host)
 
         async def send(data: bytes) -> None:
             if ws.closed:
@@ -213,9 +222,10 @@ class SipLink:
         self,
         send: Callable[[bytes], Awaitable[None]],
         close: Callable[[], Awaitable[None]],
-        read: Awaitable[None],
+        read: Coroutine[Any, Any, None],
     ) -> None:
         self._send, self._close = send, close
+        self._read = read
 
         async def run() -> None:
             try:
@@ -318,6 +328,8 @@ class SipLink:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        if self._read is not None:
+            self._read.close()  # a link closed before its reader ran: no "never awaited"
         for task in list(self._handlers):
             task.cancel()
         for task in list(self._handlers):
@@ -511,9 +523,11 @@ class Dialog:
         )
 
 
-def sdp(user: str) -> bytes:
-    """A minimal audio offer or answer; the mock parties send no media."""
+def sdp(user: str, host: str) -> bytes:
+    """A minimal audio offer or answer at `host`, the party's own (loopback) address:
+    the mock parties send no media, and what a real peer sends stays on this machine."""
+    family = "IP6" if ":" in host else "IP4"
     return (
-        f"v=0\r\no={user} 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n"
-        "m=audio 49170 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+        f"v=0\r\no={user} 1 1 IN {family} {host}\r\ns=-\r\nc=IN {family} {host}\r\n"
+        "t=0 0\r\nm=audio 49170 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
     ).encode()
