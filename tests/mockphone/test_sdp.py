@@ -58,7 +58,8 @@ async def test_offers_name_the_offering_partys_own_address(
     )
     try:
         assert await phone.start() == 200
-        assert phone.link is not None and mock_pbx.link is not None
+        assert phone.link is not None
+        assert mock_pbx.link is not None
         at_phone: list[Request] = []
         at_pbx: list[Request] = []
         phone.link.on_request = _recording(phone.link.on_request, at_phone)
