@@ -6,7 +6,8 @@ adds the PBX tunnel endpoint (`TUNNEL_PATH`), the relay route (`ROUTE`) and a
 cleanup context owning the HTTP client of PBXs configured by URL. The pieces:
 `protocol.py` (the tunnel's frames, shared with the PBX side in
 `mockphone/provisioning.py`), `tunnel.py` (the relay's side of the tunnel),
-`relay.py` (the HTTP route), `settings.py` (the `[provisioning]` section).
+`relay.py` (the HTTP route), `paths.py` (which paths may reach a PBX), `settings.py`
+(the `[provisioning]` section).
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def _describe(openapi: OpenApi) -> None:
             },
         ],
         "responses": {
-            "400": refusal("bad_path: '.' or '..' segments, control characters"),
+            "400": refusal(
+                "bad_path: '.' or '..' segments in any encoding, '\\', ';', '?', '#',"
+                " control characters"
+            ),
             "404": refusal("unknown_serial: no PBX with this serial is served here"),
             "413": refusal("body_too_large"),
             "429": limited,

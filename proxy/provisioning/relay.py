@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
@@ -25,6 +25,7 @@ from yarl import URL
 
 from privacy.store import Store, Value
 from proxy.http import BodyTooLarge, read_capped
+from proxy.provisioning.paths import BadPath, check_path
 from proxy.provisioning.protocol import CHUNK, StreamReset
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.provisioning.tunnel import (
@@ -38,10 +39,12 @@ from proxy.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
 
 # Any path, newlines included (`.` would leave those to aiohttp's plain-text 404), so
-# every answer on this prefix is the relay's own; control characters get `bad_path`.
+# every answer on this prefix is the relay's own; `paths.check_path` judges the path.
 ROUTE = r"/provisioning/{serial}/{path:[\s\S]*}"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 METHODS = ("GET", "HEAD", "POST", "PUT")
+# What a path segment may hold unencoded (RFC 3986 pchar) besides letters, digits and
+# `-._~`; `;` is refused by the path check before this.
+_PATH_SAFE = "/:@!$&'()*+,="
 LOG_CATEGORY = "provisioning_log"
 # Hop-by-hop headers (RFC 9110 7.6.1) and what would let a phone speak for the relay.
 _NOT_FORWARDED = frozenset(
@@ -93,10 +96,10 @@ class ProvisioningRelay:
         if pbx is None:
             return refusal(404, "unknown_serial", "no PBX with this serial is served here")
         path = request.match_info["path"]
-        if any(part in (".", "..") for part in path.split("/")):
-            return refusal(400, "bad_path", "'.' and '..' segments are not allowed")
-        if _CONTROL.search(path):
-            return refusal(400, "bad_path", "control characters are not allowed")
+        try:
+            check_path(path)
+        except BadPath as exc:
+            return refusal(400, "bad_path", str(exc))
         await self._store.put(LOG_CATEGORY, _log_fields(request.remote, serial))
         try:
             limit = self._settings.max_request_body
@@ -135,9 +138,13 @@ class ProvisioningRelay:
     async def _by_url(
         self, request: web.Request, base: str, head: RequestHead, body: bytes
     ) -> web.StreamResponse:
-        url = URL(base.rstrip("/") + head.path, encoded=False)
-        if head.query:
-            url = url.with_query(head.query)
+        # The path as the phone meant it, percent-encoded exactly once, and the query as
+        # it came: yarl left to encode would keep a `%41` that aiohttp had decoded from
+        # `%2541`, and the PBX would decode it a second time.
+        target = base.rstrip("/") + urllib.parse.quote(head.path, safe=_PATH_SAFE)
+        if raw_query := request.rel_url.raw_query_string:
+            target += "?" + raw_query
+        url = URL(target, encoded=True)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._settings.timeout, sock_read=self._settings.timeout
         )
