@@ -16,8 +16,10 @@ from typing import Protocol
 SqlValue = str | int | float | bytes | None
 Row = dict[str, SqlValue]
 
-# Columns every category table has besides its declared fields.
-META_COLUMNS = ("id", "subject", "created_at", "last_used_at")
+# Columns every category table has besides its declared fields. `rid`: the random row id
+# that binds the ciphertexts of a record without a record key to that record.
+ROW_ID = "rid"
+META_COLUMNS = ("id", "subject", "created_at", "last_used_at", ROW_ID)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +95,21 @@ class Backend(Protocol):
     async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool: ...
 
     async def update(
-        self, table: TableSpec, record_id: int, values: Row, *, now: float | None
+        self,
+        table: TableSpec,
+        record_id: int,
+        values: Callable[[Row], Row],
+        *,
+        now: float | None,
     ) -> bool:
-        """Set `values`; with `now`, also record a use."""
+        """Set what `values` makes of the row as stored (it seals against the row, so it is
+        called on the writer, in the update's transaction); with `now`, also record a use.
+        Whether the record exists."""
+        ...
+
+    async def scan(self, table: TableSpec, *, after: int, limit: int) -> list[Row]:
+        """Up to `limit` rows with an id above `after`, by id, expired ones included:
+        for the audit and a reseal, which walk a whole table."""
         ...
 
     async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int: ...

@@ -90,11 +90,12 @@ def parse_keyring(raw: bytes | str, origin: str) -> Keyring:
         }
     except ValueError:
         raise ConfigError(origin, "encryption", "key ids are integers") from None
+    # Two bytes in every ciphertext; 0 marks the row-bound format (privacy/crypto.py).
+    if not all(0 < kid < 2**16 for kid in encryption):
+        raise ConfigError(origin, "encryption", "key ids are between 1 and 65535")
     active = data.get("active")
     if not isinstance(active, int) or active not in encryption:
         raise ConfigError(origin, "active", "must name one of the encryption key ids")
-    if not 0 < active < 2**16:
-        raise ConfigError(origin, "active", "key ids are between 1 and 65535")
     return Keyring(
         active=active,
         encryption=encryption,

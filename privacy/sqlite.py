@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from privacy.backend import (
     META_COLUMNS,
+    ROW_ID,
     RequestEntry,
     RetentionRun,
     Row,
@@ -134,9 +135,11 @@ class SQLiteBackend:
             fields = ", ".join(f"{c.name} {c.sqltype}" for c in table.columns)
             self.db.execute(
                 f"CREATE TABLE {table.name} (id INTEGER PRIMARY KEY, subject BLOB, "
-                f"created_at REAL NOT NULL, last_used_at REAL NOT NULL, {fields})"
+                f"created_at REAL NOT NULL, last_used_at REAL NOT NULL, {ROW_ID} BLOB, {fields})"
             )
         else:
+            if ROW_ID not in existing:  # a database from before the row binding
+                self.db.execute(f"ALTER TABLE {table.name} ADD COLUMN {ROW_ID} BLOB")
             for column in table.columns:
                 if column.name not in existing:
                     self.db.execute(
@@ -229,18 +232,39 @@ class SQLiteBackend:
         return [dict(row) for row in rows]
 
     async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool:
-        return await self._run(self._update, table, record_id, {}, now)
+        return await self._run(self._update, table, record_id, None, now)
 
     async def update(
-        self, table: TableSpec, record_id: int, values: Row, *, now: float | None
+        self,
+        table: TableSpec,
+        record_id: int,
+        values: Callable[[Row], Row],
+        *,
+        now: float | None,
     ) -> bool:
         return await self._run(self._update, table, record_id, values, now)
 
-    def _update(self, table: TableSpec, record_id: int, values: Row, now: float | None) -> bool:
-        if now is not None:
-            values = {**values, "last_used_at": now}
-        assignments = ", ".join(f"{name} = ?" for name in values)
+    def _update(
+        self,
+        table: TableSpec,
+        record_id: int,
+        build: Callable[[Row], Row] | None,
+        now: float | None,
+    ) -> bool:
         with self._transaction():
+            values: Row = {}
+            if build is not None:
+                current = self.db.execute(
+                    f"SELECT * FROM {table.name} WHERE id = ?", (record_id,)
+                ).fetchone()
+                if current is None:
+                    return False
+                values = build(dict(current))
+            if now is not None:
+                values["last_used_at"] = now
+            if not values:
+                return True
+            assignments = ", ".join(f"{name} = ?" for name in values)
             found = self.db.execute(
                 f"UPDATE {table.name} SET {assignments} WHERE id = ? RETURNING subject",
                 [*values.values(), record_id],
@@ -248,6 +272,15 @@ class SQLiteBackend:
             if found and found[0][0] is not None and now is not None:
                 self._touch_subject(found[0][0], now)
         return bool(found)
+
+    async def scan(self, table: TableSpec, *, after: int, limit: int) -> list[Row]:
+        return await self._run(self._scan, table, after, limit)
+
+    def _scan(self, table: TableSpec, after: int, limit: int) -> list[Row]:
+        rows = self.db.execute(
+            f"SELECT * FROM {table.name} WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [dict(row) for row in rows]
 
     async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int:
         return await self._run(self._delete, table, dict(where))

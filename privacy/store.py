@@ -6,13 +6,24 @@ nothing is written. Declared fields are then protected as the policy says: encry
 with AES-GCM (with a blind index where look-ups need one), anonymised at write, or kept
 plain. Reads apply the retention themselves, so an expired record is never returned,
 even before the sweeper has removed it.
+
+Each ciphertext is bound to its record as well as to its field (privacy/crypto.py): to
+the record key as stored (plain values, blind indexes), or, in a category without a
+key, to a random row id drawn at insert (`rid`) and the record's subject. A value moved
+into another row does not open there; a read skips such a record and says so in the
+service log (category and field, never a value) rather than failing, and
+`opened_values` (the audit) counts it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import os
+import struct
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +31,9 @@ from typing import Any
 import orjson
 
 from privacy.anonymise import anonymise_ip
-from privacy.backend import Backend, Column, Row, SqlValue, TableSpec, TableStats
+from privacy.backend import ROW_ID, Backend, Column, Row, SqlValue, TableSpec, TableStats
 from privacy.clock import Clock
-from privacy.crypto import FieldCipher
+from privacy.crypto import DecryptionError, FieldCipher
 from privacy.keys import Keyring
 from privacy.policy import (
     Category,
@@ -47,6 +58,9 @@ _SQLTYPE = {
     FieldType.JSON: "TEXT",
 }
 _BIDX = "__bidx"
+_ROW_ID_BYTES = 16
+_SCAN_PAGE = 500  # rows per read when the audit or a reseal walks a whole table
+log = logging.getLogger("softrelay.privacy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +70,16 @@ class Record:
     fields: dict[str, Value]
     created_at: float
     last_used_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """One encrypted value of the store, as the audit sees it."""
+
+    category: str
+    field: str
+    record_id: int
+    plaintext: bytes | None  # None: it does not open (tampered, moved, or its key is gone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +112,51 @@ def _lookup_column(spec: FieldSpec) -> str:
     return spec.name + _BIDX if spec.protection is Protection.ENCRYPTED else spec.name
 
 
+class _RowBinding:
+    """What names a record for its ciphertexts, read from the row as stored.
+
+    A category with a record key: the key's columns (a plain value, or the blind index of
+    an encrypted one), stable across every put of the same key, as the upsert keeps the
+    row. Without a key: the random row id drawn at the insert, and the subject."""
+
+    __slots__ = ("_columns", "random")
+
+    def __init__(self, cat: Category) -> None:
+        self.random = not cat.key
+        if self.random:
+            self._columns: tuple[tuple[str, FieldType | None], ...] = (
+                (ROW_ID, None),
+                ("subject", None),
+            )
+        else:
+            self._columns = tuple(
+                (
+                    _lookup_column(spec),
+                    None if spec.protection is Protection.ENCRYPTED else spec.type,
+                )
+                for spec in (cat.fields[name] for name in cat.key)
+            )
+
+    def of(self, row: Mapping[str, SqlValue]) -> bytes:
+        return b"".join(_binding_part(row.get(column), kind) for column, kind in self._columns)
+
+
+def _binding_part(value: SqlValue, kind: FieldType | None) -> bytes:
+    """One value, length-prefixed, in a form that survives the database's round trip
+    (a REAL column gives back 5.0 for 5)."""
+    if value is None:
+        raw = b"n"
+    elif isinstance(value, bytes):
+        raw = b"b" + value
+    elif kind is FieldType.REAL or isinstance(value, float):
+        raw = b"f" + repr(float(value)).encode()
+    elif isinstance(value, int):
+        raw = b"i" + str(value).encode()
+    else:
+        raw = b"s" + value.encode()
+    return struct.pack(">I", len(raw)) + raw
+
+
 class Store:
     def __init__(self, policy: Policy, keyring: Keyring, backend: Backend, clock: Clock) -> None:
         self.policy = policy
@@ -95,6 +164,7 @@ class Store:
         self.clock = clock
         self._cipher = FieldCipher(keyring)
         self._tables = {c.name: table_spec(c) for c in stored_categories(policy)}
+        self._bindings = {c.name: _RowBinding(c) for c in stored_categories(policy)}
         # Tables whose rows name a subject: the ones an erasure or the account rule reaches.
         self._subject_tables = [
             self._tables[c.name] for c in stored_categories(policy) if c.subject
@@ -125,8 +195,8 @@ class Store:
             raise PolicyViolation(
                 f"{category}: field {missing[0]!r} is required (record key or subject)"
             )
-        row = self._encode(cat, fields)
         subject = self._subject_of(cat, fields)
+        row = self._encode(cat, fields, subject)
         return await self.backend.put(
             self._tables[category], row, subject=subject, now=self.clock.now()
         )
@@ -143,7 +213,7 @@ class Store:
             missing = [name for name in cat.key if fields.get(name) is None]
             if missing:
                 raise PolicyViolation(f"{category}: field {missing[0]!r} is required (record key)")
-            rows.append(self._encode(cat, fields))
+            rows.append(self._encode(cat, fields, None))
         await self.backend.put_many(self._tables[category], rows, now=self.clock.now())
 
     async def update(
@@ -158,9 +228,12 @@ class Store:
             raise PolicyViolation(
                 f"{category}: field {frozen[0]!r} identifies the record; store anew"
             )
-        row = self._encode(cat, fields)()  # rare (rectification): sealed right here
+        # Sealed on the writer against the row as it is stored, which names the record.
         return await self.backend.update(
-            self._tables[category], record_id, row, now=self.clock.now() if use else None
+            self._tables[category],
+            record_id,
+            self._encode(cat, fields, None).against,
+            now=self.clock.now() if use else None,
         )
 
     async def touch(self, category: str, record_id: int) -> bool:
@@ -214,7 +287,15 @@ class Store:
             cutoff=self.cutoff(cat),
             subject_cutoff=self._account_cutoff(),
         )
-        return [self._decode(cat, row) for row in rows]
+        records: list[Record] = []
+        for row in rows:
+            try:
+                records.append(self._decode(cat, row))
+            except _Unreadable as exc:
+                # Tampered or moved between rows: not this record's data, so not returned.
+                fields = {"category": cat.name, "error": f"field {exc.field} does not open"}
+                log.warning("store.record_unreadable", extra={"fields": fields})
+        return records
 
     async def find_subject(self, subject: Subject) -> dict[str, list[Record]]:
         """Every live record naming the subject, per category (for access requests)."""
@@ -260,6 +341,96 @@ class Store:
             result[ACCOUNT] = await self.backend.subject_stats()
         return result
 
+    async def opened_values(self) -> AsyncIterator[Opened]:
+        """Every encrypted value in the store, decrypted, expired records included: what
+        the audit searches for canaries, since no file shows it in the clear."""
+        for cat in stored_categories(self.policy):
+            sealed = _encrypted(cat)
+            if not sealed:
+                continue
+            async for rows in self._pages(cat.name):
+                for opened in await asyncio.to_thread(self._open_rows, cat, sealed, rows):
+                    yield opened
+
+    def _open_rows(
+        self, cat: Category, sealed: Sequence[FieldSpec], rows: Sequence[Row]
+    ) -> list[Opened]:
+        found: list[Opened] = []
+        binding = self._bindings[cat.name]
+        for row in rows:
+            record_id = row["id"]
+            assert isinstance(record_id, int)
+            bound = binding.of(row)
+            for spec in sealed:
+                blob = row.get(spec.name)
+                if blob is None:
+                    continue
+                assert isinstance(blob, bytes)
+                try:
+                    plain: bytes | None = self._cipher.decrypt(blob, _context(cat, spec), row=bound)
+                except DecryptionError:
+                    plain = None
+                found.append(Opened(cat.name, spec.name, record_id, plain))
+        return found
+
+    async def reseal(self) -> int:
+        """Rewrite every ciphertext that is not row-bound or not under the active key
+        (after a key rotation, or once for a database written before the row binding);
+        the number of records rewritten. Not a use. A value that does not open is left
+        as it is (the audit reports it)."""
+        rewritten = 0
+        for cat in stored_categories(self.policy):
+            sealed = _encrypted(cat)
+            if not sealed:
+                continue
+            table = self._tables[cat.name]
+            async for rows in self._pages(cat.name):
+                for row in rows:
+                    if not self._stale(cat, sealed, row):
+                        continue
+                    record_id = row["id"]
+                    assert isinstance(record_id, int)
+                    resealing = functools.partial(self._resealed, cat, sealed)
+                    rewritten += await self.backend.update(table, record_id, resealing, now=None)
+        return rewritten
+
+    def _stale(self, cat: Category, sealed: Sequence[FieldSpec], row: Row) -> bool:
+        if self._bindings[cat.name].random and row.get(ROW_ID) is None:
+            return True
+        blobs = [b for b in (row.get(s.name) for s in sealed) if isinstance(b, bytes)]
+        active = self._cipher.active_key
+        return any(FieldCipher.version(b) < 2 or FieldCipher.key_id(b) != active for b in blobs)
+
+    def _resealed(self, cat: Category, sealed: Sequence[FieldSpec], current: Row) -> Row:
+        """New ciphertexts for a row as it is stored now (run on the writer); nothing
+        for a row with a value that does not open, as a new row id would orphan it."""
+        binding = self._bindings[cat.name]
+        old = binding.of(current)
+        values: Row = {}
+        if binding.random and current.get(ROW_ID) is None:
+            values[ROW_ID] = os.urandom(_ROW_ID_BYTES)
+        new = binding.of({**current, **values})
+        for spec in sealed:
+            blob = current.get(spec.name)
+            if not isinstance(blob, bytes):
+                continue
+            context = _context(cat, spec)
+            try:
+                plain = self._cipher.decrypt(blob, context, row=old)
+            except DecryptionError:
+                return {}
+            values[spec.name] = self._cipher.encrypt(plain, context, row=new)
+        return values
+
+    async def _pages(self, category: str) -> AsyncIterator[list[Row]]:
+        table = self._tables[category]
+        after = 0
+        while rows := await self.backend.scan(table, after=after, limit=_SCAN_PAGE):
+            yield rows
+            last = rows[-1]["id"]
+            assert isinstance(last, int)
+            after = last
+
     async def undeclared_columns(self) -> dict[str, dict[str, int]]:
         return {
             name: await self.backend.undeclared_columns(spec) for name, spec in self._tables.items()
@@ -297,7 +468,9 @@ class Store:
             return None
         return self.subject_index(Subject(str(fields["sip_username"]), str(fields["pbx_serial"])))
 
-    def _encode(self, cat: Category, fields: Mapping[str, Value]) -> _Sealing:
+    def _encode(
+        self, cat: Category, fields: Mapping[str, Value], subject: bytes | None
+    ) -> _Sealing:
         """Check and convert every value now; the returned sealing encrypts when called.
 
         Everything that can refuse a value happens here, on the caller's side, so the
@@ -319,7 +492,7 @@ class Store:
             else:
                 _check_type(cat, spec, value)
                 plain[name] = _plain(spec, value)
-        return _Sealing(self._cipher, plain, to_seal)
+        return _Sealing(self._cipher, plain, to_seal, self._bindings[cat.name], subject)
 
     def _match(self, cat: Category, where: Mapping[str, Value]) -> dict[str, SqlValue]:
         self._check_fields(cat, where)
@@ -345,13 +518,18 @@ class Store:
 
     def _decode(self, cat: Category, row: Row) -> Record:
         fields: dict[str, Value] = {}
+        bound = self._bindings[cat.name].of(row)
         for name, spec in cat.fields.items():
             stored = row.get(name)
             if stored is None:
                 fields[name] = None
             elif spec.protection is Protection.ENCRYPTED:
                 assert isinstance(stored, bytes)
-                fields[name] = _from_bytes(spec, self._cipher.decrypt(stored, _context(cat, spec)))
+                try:
+                    raw = self._cipher.decrypt(stored, _context(cat, spec), row=bound)
+                except DecryptionError:
+                    raise _Unreadable(name) from None
+                fields[name] = _from_bytes(spec, raw)
             elif spec.type is FieldType.JSON:
                 assert isinstance(stored, str)
                 fields[name] = orjson.loads(stored)
@@ -365,30 +543,63 @@ class Store:
         return Record(record_id, cat.name, fields, created, used)
 
 
-class _Sealing:
-    """A row whose encrypted fields are sealed when it is called."""
+class _Unreadable(Exception):
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
 
-    __slots__ = ("_cipher", "_plain", "_to_seal")
+
+class _Sealing:
+    """A row whose encrypted fields are sealed when it is called: a new row (a put) when
+    called bare, a change to a stored row (an update) through `against`."""
+
+    __slots__ = ("_binding", "_cipher", "_plain", "_subject", "_to_seal")
 
     def __init__(
-        self, cipher: FieldCipher, plain: Row, to_seal: list[tuple[str, bytes, bytes, bool]]
+        self,
+        cipher: FieldCipher,
+        plain: Row,
+        to_seal: list[tuple[str, bytes, bytes, bool]],
+        binding: _RowBinding,
+        subject: bytes | None,
     ) -> None:
         self._cipher = cipher
         self._plain = plain
         self._to_seal = to_seal
+        self._binding = binding
+        self._subject = subject
 
     def __call__(self) -> Row:
+        row = self._indexed()
+        if self._binding.random:
+            row[ROW_ID] = os.urandom(_ROW_ID_BYTES)
+        # The blind indexes are in `row` already: a record key may be made of them.
+        return self._sealed(row, self._binding.of({**row, "subject": self._subject}))
+
+    def against(self, current: Row) -> Row:
+        # An update changes no field of the record key, so the stored row names it.
+        return self._sealed(self._indexed(), self._binding.of(current))
+
+    def _indexed(self) -> Row:
         row = dict(self._plain)
         for name, raw, context, lookup in self._to_seal:
-            row[name] = self._cipher.encrypt(raw, context)
             if lookup:
                 row[name + _BIDX] = self._cipher.blind_index(context, raw)
+        return row
+
+    def _sealed(self, row: Row, bound: bytes) -> Row:
+        for name, raw, context, _ in self._to_seal:
+            row[name] = self._cipher.encrypt(raw, context, row=bound)
         return row
 
 
 def stored_categories(policy: Policy) -> list[Category]:
     """Categories with a table of their own (the account rule works on subjects instead)."""
     return [c for c in policy.stored(Storage.DATABASE) if c.name != ACCOUNT]
+
+
+def _encrypted(cat: Category) -> list[FieldSpec]:
+    return [spec for spec in cat.fields.values() if spec.protection is Protection.ENCRYPTED]
 
 
 @functools.cache
@@ -450,4 +661,4 @@ def _anonymised(cat: Category, spec: FieldSpec, value: Value) -> str:
         raise PolicyViolation(f"{cat.name}: field {spec.name!r} must be an IP address") from None
 
 
-__all__ = ["Record", "Store", "Subject", "Value", "stored_categories", "table_spec"]
+__all__ = ["Opened", "Record", "Store", "Subject", "Value", "stored_categories", "table_spec"]

@@ -137,10 +137,12 @@ async def test_not_an_ip_in_an_anonymised_field_is_refused(store: Store) -> None
 
 async def test_ciphertext_moved_to_another_column_does_not_decrypt() -> None:
     cipher = FieldCipher(Keyring.generate())
-    sealed = cipher.encrypt(b"alice", b"registration.sip_username")
-    assert cipher.decrypt(sealed, b"registration.sip_username") == b"alice"
+    sealed = cipher.encrypt(b"alice", b"registration.sip_username", row=b"row-1")
+    assert cipher.decrypt(sealed, b"registration.sip_username", row=b"row-1") == b"alice"
     with pytest.raises(DecryptionError):
-        cipher.decrypt(sealed, b"registration.push_token")
+        cipher.decrypt(sealed, b"registration.push_token", row=b"row-1")
+    with pytest.raises(DecryptionError):
+        cipher.decrypt(sealed, b"registration.sip_username", row=b"row-2")
 
 
 async def test_rotated_keyring_reads_old_records_and_writes_with_the_new_key(
