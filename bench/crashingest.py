@@ -1,0 +1,218 @@
+"""The ingest mode of `bench/crashreports.py`: `softrelay serve` in a process of its own,
+and a client in another, posting gzip envelopes as the stock SDK sends them.
+
+The client is this module run as a script (`--client`), so its CPU is not on the
+server's event loop; both still share the machine's cores, as they would on a one-box
+deployment. The client waits for a line on stdin between its warm-up and its timed part,
+so that the parent reads the server's CPU time at the start of the timed part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":
+    # The client process: the repository first, and not this folder, whose crashreports.py
+    # would hide the package (as in bench/crashreports.py).
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import orjson
+
+from bench.crashevents import SIZES, gzip_sdk, renumbered, sdk_envelopes
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "0123456789abcdef0123456789abcdef"
+# The server's side, as an operator writes it; no rate limit to speak of: the bench
+# measures the ingest, not its 429s.
+CONFIG = f"""[crashreports]
+rate_limit = 1000000000
+
+[[crashreports.project]]
+id = "1"
+key = "{KEY}"
+"""
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and its threads (the store's thread included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pack(bodies: list[bytes]) -> bytes:
+    return b"".join(struct.pack(">I", len(b)) + b for b in bodies)
+
+
+def _unpack(data: bytes) -> list[bytes]:
+    bodies, pos = [], 0
+    while pos < len(data):
+        (size,) = struct.unpack_from(">I", data, pos)
+        bodies.append(data[pos + 4 : pos + 4 + size])
+        pos += 4 + size
+    return bodies
+
+
+async def _client(url: str, bodies: list[bytes], concurrency: int, warmup: int) -> None:
+    """Posts every body from `concurrency` connections, the first `warmup` untimed."""
+    import aiohttp
+
+    headers = {
+        "X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={KEY}, sentry_client=bench",
+        "Content-Encoding": "gzip",
+        "Content-Type": "application/x-sentry-envelope",
+    }
+    statuses: dict[str, int] = {}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post_all(queue: list[bytes]) -> None:
+            async def worker() -> None:
+                while queue:
+                    body = queue.pop()
+                    try:
+                        async with session.post(url, data=body, headers=headers) as resp:
+                            await resp.read()
+                            status = str(resp.status)
+                    except aiohttp.ClientError as exc:
+                        status = type(exc).__name__
+                    statuses[status] = statuses.get(status, 0) + 1
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+        await post_all(bodies[:warmup][::-1])
+        print("warm", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        cpu, start = time.process_time(), time.perf_counter()
+        await post_all(bodies[warmup:][::-1])
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(orjson.dumps({"elapsed": elapsed, "cpu": cpu, "statuses": statuses}).decode())
+
+
+async def _serve(tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """`softrelay serve` of this tree on ports 0, once it has said it is ready."""
+    config = tmp / "softrelay.toml"
+    config.write_text(CONFIG, encoding="utf-8")
+    with (tmp / "serve.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)),
+            *("--data-dir", str(tmp / "var"), "--http-port", "0", "--sip-port", "0"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            cwd=ROOT,
+            env={**os.environ, "SOFTRELAY_CONFIG": ""},
+        )
+    assert proc.stdout is not None
+    url = ""
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if not line:
+            raise RuntimeError("serve ended before it was ready")
+        if match := re.match(rb"softrelay: (http://127\.0\.0\.1:\d+) ", line):
+            url = f"{match.group(1).decode()}/api/1/envelope/"
+        if line.startswith(b"softrelay: profile"):  # the last line of its start-up report
+            return proc, url
+
+
+async def _stored(data_dir: Path) -> int:
+    from privacy.clock import SystemClock
+    from privacy.keys import load_keyring
+    from privacy.policy import load_policy
+    from privacy.store import Store
+
+    store = await Store.create(
+        load_policy("auerproxy"), load_keyring("", data_dir), data_dir, SystemClock()
+    )
+    try:
+        return (await store.stats())["crash_report"].rows
+    finally:
+        await store.close()
+
+
+async def ingest_round(bodies: list[bytes], concurrency: int, tmp: Path) -> dict[str, Any]:
+    warmup = len(bodies) // 11
+    (tmp / "bodies").write_bytes(_pack(bodies))
+    server, url = await _serve(tmp)
+    assert server.stdout is not None
+    drain = asyncio.create_task(server.stdout.read())  # its pipe never fills
+    try:
+        client = await asyncio.create_subprocess_exec(
+            *(sys.executable, __file__, "--client", url, str(tmp / "bodies")),
+            *(str(concurrency), str(warmup)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert client.stdin is not None
+        assert client.stdout is not None
+        if await asyncio.wait_for(client.stdout.readline(), 300) != b"warm\n":
+            raise RuntimeError("the client failed in its warm-up")
+        load, server_cpu = load_average(), _cpu_seconds(server.pid)
+        client.stdin.write(b"go\n")
+        await client.stdin.drain()
+        result = orjson.loads(await asyncio.wait_for(client.stdout.readline(), 600))
+        server_cpu = _cpu_seconds(server.pid) - server_cpu
+        await client.wait()
+    finally:
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.wait(), 60)
+        await drain
+    timed = len(bodies) - warmup
+    return {
+        "envelopes_per_s": round(timed / result["elapsed"]),
+        "server_cpu_us_per_envelope": round(server_cpu / timed * 1e6),
+        "client_cpu_us_per_envelope": round(result["cpu"] / timed * 1e6),
+        "statuses": result["statuses"],
+        "stored": await _stored(tmp / "var"),
+        "posted": len(bodies),
+        "load_before": load,
+    }
+
+
+def ingest(events: int, rounds: int, concurrency: int) -> list[dict[str, Any]]:
+    """Per size, `rounds` fresh servers each taking `events` timed envelopes."""
+    results = []
+    for label, full in SIZES:
+        made = sdk_envelopes(200, full)
+        total = events + events // 10
+        bodies = [gzip_sdk(renumbered(made[i % len(made)])) for i in range(total)]
+        runs: list[dict[str, Any]] = []
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    runs.append(asyncio.run(ingest_round(bodies, concurrency, Path(tmp))))
+                except (RuntimeError, OSError, TimeoutError, ValueError) as exc:
+                    # The server's own log (policy-filtered JSON lines) says why.
+                    tail = (Path(tmp) / "serve.log").read_text(errors="replace")[-2000:]
+                    runs.append({"error": repr(exc), "serve_log_tail": tail})
+        rates = [r["envelopes_per_s"] for r in runs if "error" not in r]
+        results.append(
+            {
+                "label": label,
+                "mean_gzip_bytes": round(sum(map(len, bodies)) / len(bodies)),
+                "median_envelopes_per_s": round(statistics.median(rates)) if rates else None,
+                "rounds": runs,
+            }
+        )
+    return results
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--client":
+    import uvloop
+
+    _bodies = _unpack(Path(sys.argv[3]).read_bytes())
+    uvloop.run(_client(sys.argv[2], _bodies, int(sys.argv[4]), int(sys.argv[5])))
