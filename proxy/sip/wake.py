@@ -243,12 +243,15 @@ class Parking:
             self.metrics.ends.labels("not_woken").inc()
             await self._courier.reply(request, caller, 480, None, _reason("not reachable"))
             return
+        instances = await self._instances(identity, subject)
+        if key in self._parked:
+            return  # its retransmission was parked while we read the store
         parked = _Parked(
             request,
             caller,
             identity,
             subject,
-            await self._instances(identity, subject),
+            instances,
             key,
             self._clock.now() + self.settings.timeout,
             time.perf_counter(),

@@ -310,6 +310,17 @@ async def test_invite_retransmission_while_parked_pushes_once(world: World) -> N
     assert len(world.stand_ins.deliveries.for_token(TOKEN)) == 1
 
 
+async def test_invite_retransmission_while_the_first_is_being_parked_pushes_once(
+    world: World,
+) -> None:
+    pbx, pbx_wire, register = await _asleep(world)
+    invite = _invite(register)
+    await asyncio.gather(world.relay.handle(invite, pbx), world.relay.handle(invite, pbx))
+    await pbx_wire.response(180)
+    assert len(world.relay.parking) == 1
+    assert len(world.stand_ins.deliveries.for_token(TOKEN)) == 1
+
+
 async def test_fork_to_a_desk_app_and_a_sleeping_mobile_first_answer_wins(
     world: World,
 ) -> None:
