@@ -25,6 +25,19 @@ The logger tree that `setup_logging` wires:
 
 None of them propagates to the root logger: a handler there (a library's basicConfig)
 would print the records unfiltered.
+
+Every other logger (aiohttp's "Error handling request from <IP>" with its traceback,
+asyncio's "Task exception was never retrieved", warnings) is a library's, whose text is
+formatted from whatever it had at hand: a client's address, a header, a repr. While a
+LogSet is active such records reach the service log as a marker only, the logger name,
+the level and the exception's class (`log.library_record`), never their text:
+
+    root logger, logging.lastResort -> the marker in service_log (WARNING and up);
+                                       the root's handlers and other libraries' own
+                                       handlers are detached until close()
+    warnings                        -> logging ("py.warnings"), so the marker
+    threading.excepthook,           -> `softrelay.runtime`: the exception's class only
+    sys.unraisablehook
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -268,6 +282,44 @@ class _StrayCategoryHandler(logging.Handler):
         self._service.handle(marker)
 
 
+class _LibraryHandler(logging.Handler):
+    """Records of loggers outside the softrelay tree: a marker line in the service log
+    that names the logger, the level and the exception's class, and nothing of the text
+    or the arguments (see the module doc)."""
+
+    def __init__(self, service: PolicyLogHandler) -> None:
+        super().__init__(logging.WARNING)
+        self._service = service
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc_info = record.exc_info if record.exc_info and record.exc_info[0] else None
+        marker = logging.makeLogRecord(
+            {
+                "name": record.name,
+                "levelno": record.levelno,
+                "levelname": record.levelname,
+                "msg": "log.library_record",
+                "exc_info": exc_info,
+            }
+        )
+        self._service.handle(marker)
+
+
+_runtime = logging.getLogger(f"{ROOT_LOGGER}.runtime")
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    # The default hook prints the traceback and message, which may quote data.
+    if args.exc_value is not None and args.exc_type is not SystemExit:
+        _runtime.error("thread.failed", exc_info=(args.exc_type, args.exc_value, None))
+
+
+def _unraisable(args: sys.UnraisableHookArgs) -> None:
+    # "Exception ignored in: <repr>" would print an object's repr.
+    if args.exc_value is not None:
+        _runtime.warning("exception.unraisable", exc_info=(args.exc_type, args.exc_value, None))
+
+
 class LogSet:
     """The handlers `setup_logging` attached. `close()` detaches and closes them and puts
     the loggers back as they were; it may be called more than once."""
@@ -276,7 +328,38 @@ class LogSet:
         self.handlers = handlers
         self._attached: list[tuple[logging.Logger, logging.Handler]] = []
         self._saved: list[tuple[logging.Logger, int, bool]] = []
+        self._detached: list[tuple[logging.Logger, logging.Handler]] = []
+        self._undo: list[tuple[object, str, object]] = []  # (module, attribute, value)
         self.closed = False
+
+    def _route_libraries(self, service: PolicyLogHandler) -> None:
+        """Every record outside the softrelay tree becomes a marker (see module doc)."""
+        library = _LibraryHandler(service)
+        root = logging.getLogger()
+        loggers = [root] + [
+            logger
+            for name, logger in logging.Logger.manager.loggerDict.items()
+            if isinstance(logger, logging.Logger)
+            and name != ROOT_LOGGER
+            and not name.startswith(f"{ROOT_LOGGER}.")
+        ]
+        for logger in loggers:
+            for handler in logger.handlers[:]:
+                if not isinstance(handler, logging.NullHandler):
+                    logger.removeHandler(handler)
+                    self._detached.append((logger, handler))
+        root.addHandler(library)
+        self._attached.append((root, library))
+        # Where a record finds no handler at all (a library logger that does not
+        # propagate), Python prints it to stderr through the last resort: not any more.
+        self._replace(logging, "lastResort", library)
+        self._replace(threading, "excepthook", _thread_failed)
+        self._replace(sys, "unraisablehook", _unraisable)
+        logging.captureWarnings(True)
+
+    def _replace(self, module: object, attribute: str, value: object) -> None:
+        self._undo.append((module, attribute, getattr(module, attribute)))
+        setattr(module, attribute, value)
 
     def _attach(
         self, logger: logging.Logger, handler: logging.Handler, level: int | None = None
@@ -293,9 +376,15 @@ class LogSet:
         if self.closed:
             return
         self.closed = True
+        if self._undo:
+            logging.captureWarnings(False)
+        for module, attribute, value in reversed(self._undo):
+            setattr(module, attribute, value)
         for logger, handler in self._attached:
             logger.removeHandler(handler)
             handler.close()
+        for logger, handler in self._detached:
+            logger.addHandler(handler)
         for logger, level, propagate in reversed(self._saved):
             logger.setLevel(level)
             logger.propagate = propagate
@@ -353,6 +442,7 @@ def setup_logging(
     logset._attach(logging.getLogger(CATEGORY_LOGGER), _StrayCategoryHandler(service))
     for name, handler in handlers.items():
         logset._attach(category_logger(name), handler)
+    logset._route_libraries(service)
     _active = logset
     return logset
 

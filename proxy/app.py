@@ -11,26 +11,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
 
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings
-from privacy.audit import CategoryVerdict, audit
 from privacy.clock import Clock
 from privacy.dsr import DsrSettings
 from privacy.keys import Keyring
 from privacy.policy import Policy
-from privacy.retention import Sweeper
 from privacy.store import Store
+from proxy.connections import HTTP_GUARD, HttpGuard, HttpLimits
 from proxy.dsr_api import add_dsr_routes
 from proxy.http import refusals
+from proxy.metrics import (
+    METRICS,
+    METRICS_PATH,
+    AuditedSweeper,
+    AuditSnapshot,
+    MetricsEndpoint,
+    MetricsSettings,
+)
 from proxy.oauth import add_oauth
 from proxy.oauth.settings import OAuthSettings
 from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
@@ -71,11 +76,13 @@ class Services:
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
     dsr: DsrSettings = field(default_factory=DsrSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
+    http: HttpLimits = field(default_factory=HttpLimits)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 SERVICES = web.AppKey("services", Services)
 STORE = web.AppKey("store", Store)
-SWEEPER = web.AppKey("sweeper", Sweeper)
+SWEEPER = web.AppKey("sweeper", AuditedSweeper)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 PUSH = web.AppKey("push", PushService)
 STAND_INS = web.AppKey("stand_ins", StandIns)
@@ -84,10 +91,16 @@ SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
 
 
 def build_app(services: Services) -> web.Application:
+    registry = CollectorRegistry(auto_describe=True)
+    # Connection limits of the listeners `serve` starts (GuardedSite); the guard's
+    # middleware marks when a request head has arrived, so it comes first.
+    guard = HttpGuard(services.http, services.clock, registry)
     # Every refusal and every handler error rendered as JSON in one place (proxy/http.py).
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[refusals])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware, refusals])
     app[SERVICES] = services
-    app[REGISTRY] = CollectorRegistry(auto_describe=True)
+    app[REGISTRY] = registry
+    app[HTTP_GUARD] = guard
+    app.cleanup_ctx.append(guard.context)
     # Each API module describes its operations here; served at /openapi.json.
     app[OPENAPI] = OpenApi("softrelay", "1")
     app.cleanup_ctx.append(_store_ctx)
@@ -111,13 +124,16 @@ def build_app(services: Services) -> web.Application:
     app.cleanup_ctx.append(_sip_ctx)
     # After the store and the relay: a subject proves identity through its PBX's flow.
     add_dsr_routes(app, services.dsr, STORE, RELAY)
-    add_openapi_route(app)
+    metrics = services.metrics
+    add_openapi_route(app, metrics=metrics.listen is None, token=bool(metrics.token))
     add_sip_websocket(app, SIP_TRANSPORTS)
     if services.push.embedded:
         # Mock phones in another process (`simulate --target`) follow the stand-ins here.
         add_delivery_feed(app, STAND_INS)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app[METRICS] = endpoint = MetricsEndpoint(registry, services.metrics)
+    if services.metrics.listen is None:  # else on a listener of its own (`serve`)
+        app.router.add_get(METRICS_PATH, endpoint.handle)
     return app
 
 
@@ -131,8 +147,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    sweeper = Sweeper(app[STORE], services.data_dir)
+    store = app[STORE]
+    # The sweeper takes the audit snapshot /metrics serves: a scrape does no store work.
+    sweeper = AuditedSweeper(store, services.data_dir, AuditSnapshot(store, services.data_dir))
     app[SWEEPER] = sweeper
+    app[METRICS].sweeper = sweeper
     task = asyncio.create_task(
         sweeper.run_forever(services.sweep_interval), name="retention-sweeper"
     )
@@ -208,61 +227,3 @@ async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    app = request.app
-    verdicts = await audit(app[STORE], app[SERVICES].data_dir)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_RetentionCollector(verdicts, app[SWEEPER]))
-    body = generate_latest(app[REGISTRY]) + generate_latest(registry)
-    return web.Response(body=body, content_type="text/plain", charset="utf-8")
-
-
-class _RetentionCollector(Collector):
-    """A snapshot of the audit and the sweeper, taken for one scrape."""
-
-    def __init__(self, verdicts: list[CategoryVerdict], sweeper: Sweeper) -> None:
-        self._verdicts = verdicts
-        self._sweeper = sweeper
-
-    def collect(self) -> Iterable[Metric]:
-        oldest = GaugeMetricFamily(
-            "softrelay_retention_oldest_age_seconds",
-            "Age of the oldest record or log file of a category",
-            labels=["category"],
-        )
-        limit = GaugeMetricFamily(
-            "softrelay_retention_limit_seconds",
-            "Retention limit of a category",
-            labels=["category"],
-        )
-        violation = GaugeMetricFamily(
-            "softrelay_retention_violation",
-            "1 while a category holds data past its retention",
-            labels=["category"],
-        )
-        for verdict in self._verdicts:
-            oldest.add_metric([verdict.category], verdict.oldest_age_seconds or 0.0)
-            limit.add_metric([verdict.category], verdict.limit_seconds)
-            violation.add_metric([verdict.category], 1.0 if verdict.verdict == "violation" else 0.0)
-        counters = self._sweeper.counters
-        runs = CounterMetricFamily(
-            "softrelay_sweeper_runs", "Retention sweeps run", value=counters.runs
-        )
-        failures = CounterMetricFamily(
-            "softrelay_sweeper_failures", "Retention sweeps that failed", value=counters.failures
-        )
-        deleted = CounterMetricFamily(
-            "softrelay_sweeper_deleted",
-            "Records, subjects or log files deleted by the sweeper",
-            labels=["category"],
-        )
-        for category, count in sorted(counters.deleted.items()):
-            deleted.add_metric([category], count)
-        last = GaugeMetricFamily(
-            "softrelay_sweeper_last_run_timestamp_seconds",
-            "When the last sweep ran",
-            value=counters.last_run_at or 0.0,
-        )
-        return [oldest, limit, violation, runs, failures, deleted, last]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import uvloop
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from crashreports.commands import add_crashes_parser, crashes_command
 from mockphone.simulate import add_simulate_parser, simulate_command
@@ -45,7 +46,9 @@ from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
 from proxy.config import Config, config_path, load_config, with_overrides
+from proxy.connections import HTTP_GUARD, GuardedSite, HttpGuard, HttpLimits
 from proxy.dsr_cli import add_dsr_parser, dsr_command
+from proxy.metrics import METRICS, MetricsSettings, metrics_app
 from proxy.oauth import stand_in_notice
 from usage.cli import add_billing_parser, billing
 
@@ -200,22 +203,34 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         oauth=config.oauth,
         usage=config.usage,
         dsr=config.dsr,
+        http=config.http,
+        metrics=MetricsSettings(config.metrics_token, config.listen.metrics),
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # No access log: aiohttp's would write every client's full IP address.
-    runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
+    app = build_app(services)
+    # No access log: aiohttp's would write every client's full IP address. Its
+    # keep-alive timeout is the idle timeout; the guard adds the rest (proxy/connections.py).
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=config.http.idle_timeout
+    )
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     try:
-        site = web.TCPSite(runner, config.listen.http_host, config.listen.http_port)
+        site = GuardedSite(
+            runner, config.listen.http_host, config.listen.http_port, app[HTTP_GUARD]
+        )
         await site.start()
+        served = "healthz" if config.listen.metrics else "healthz, metrics"
         for address in runner.addresses:
             host, port = address[0], address[1]
-            print(f"softrelay: http://{host}:{port} (healthz, metrics)", flush=True)
+            print(f"softrelay: http://{host}:{port} ({served})", flush=True)
             log.info("listening", extra={"fields": {"listen": f"http://{host}:{port}"}})
+        if config.listen.metrics is not None:
+            metrics_runner = await _serve_metrics(app, config.listen.metrics, config.http)
         _print_push(runner.app)
         if oauth_notice := stand_in_notice(runner.app):
             print(oauth_notice, flush=True)
@@ -229,11 +244,31 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         await stop.wait()
         print("softrelay: stopping", flush=True)
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         # Stops accepting, lets requests in flight finish, then runs the cleanup contexts
         # in reverse: the sweeper stops before the store closes.
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _serve_metrics(
+    app: web.Application, listen: tuple[str, int], limits: HttpLimits
+) -> web.AppRunner:
+    """/metrics on a listener of its own, with the same connection limits."""
+    metrics = metrics_app(app[METRICS])
+    guard = HttpGuard(limits, app[SERVICES].clock, CollectorRegistry())
+    metrics.middlewares.insert(0, guard.middleware)
+    metrics.cleanup_ctx.append(guard.context)
+    runner = web.AppRunner(
+        metrics, access_log=None, handle_signals=False, keepalive_timeout=limits.idle_timeout
+    )
+    await runner.setup()
+    await GuardedSite(runner, listen[0], listen[1], guard).start()
+    for address in runner.addresses:
+        print(f"softrelay: http://{address[0]}:{address[1]}/metrics (metrics)", flush=True)
+    return runner
 
 
 def _print_push(app: web.Application) -> None:

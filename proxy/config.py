@@ -18,6 +18,7 @@ from privacy.declaration import ConfigError, Section, load_toml
 from privacy.dsr import DsrSettings, parse_dsr
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
+from proxy.connections import HttpLimits
 from proxy.oauth.settings import OAuthSettings, parse_oauth
 from proxy.provisioning.settings import ProvisioningSettings, parse_provisioning
 from proxy.sip.settings import SipSettings, parse_sip
@@ -34,6 +35,8 @@ class Listen:
     http_port: int
     sip_host: str
     sip_port: int
+    # A listener for /metrics alone; None: /metrics is on the HTTP port.
+    metrics: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class Config:
     provisioning: ProvisioningSettings
     oauth: OAuthSettings
     usage: UsageSettings
+    http: HttpLimits
+    metrics_token: str  # the secret itself, read from its env:/file: source at start
 
 
 def config_path(cli_value: str | None) -> Path | None:
@@ -73,6 +78,7 @@ def load_config(path: Path | None) -> Config:
         http_port=_port(server, "http_port", 8080),
         sip_host=_host(server, "sip_host"),
         sip_port=_port(server, "sip_port", 5060),
+        metrics=_listen(server, "metrics_listen"),
     )
     data_dir = Path(server.text("data_dir", "var"))
     server.finish()
@@ -120,6 +126,7 @@ def load_config(path: Path | None) -> Config:
     provisioning = parse_provisioning(root.section("provisioning", {}))
     oauth = parse_oauth(root.section("oauth", {}))
     usage = parse_usage(root.section("usage", {}))
+    http, metrics_token = _parse_http(root.section("http", {}))
     root.finish()
 
     return Config(
@@ -140,6 +147,8 @@ def load_config(path: Path | None) -> Config:
         provisioning=provisioning,
         oauth=oauth,
         usage=usage,
+        http=http,
+        metrics_token=metrics_token,
     )
 
 
@@ -170,6 +179,45 @@ def _host(sec: Section, key: str) -> str:
     except ValueError:
         raise sec.error(key, f"expected an IP address to listen on, got {host!r}") from None
     return host
+
+
+def _parse_http(sec: Section) -> tuple[HttpLimits, str]:
+    default = HttpLimits()
+    header_timeout = sec.duration("header_timeout", "10s")
+    idle_timeout = sec.duration("idle_timeout", "60s")
+    for key, value in (("header_timeout", header_timeout), ("idle_timeout", idle_timeout)):
+        if value < 1:
+            raise sec.error(key, "must be at least 1s")
+    limits = HttpLimits(
+        max_connections=sec.integer("max_connections", default.max_connections, minimum=1),
+        max_connections_per_ip=sec.integer(
+            "max_connections_per_ip", default.max_connections_per_ip, minimum=0
+        ),
+        header_timeout=header_timeout,
+        idle_timeout=idle_timeout,
+    )
+    token = sec.secret("metrics_token", "")
+    if token and len(token) < 16:
+        raise sec.error("metrics_token", "the token must be at least 16 characters")
+    sec.finish()
+    return limits, token
+
+
+def _listen(sec: Section, key: str) -> tuple[str, int] | None:
+    """`host:port` (an IPv6 host in brackets), or "" for none."""
+    text = sec.text(key, "")
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise sec.error(key, f"expected IP:PORT (port 0 picks a free one), got {text!r}")
+    return host, number
 
 
 def _port(sec: Section, key: str, default: int) -> int:

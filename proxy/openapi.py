@@ -129,8 +129,9 @@ def websocket_upgrade(
     }
 
 
-def add_openapi_route(app: web.Application) -> None:
-    """Serve the document, and describe the routes of app.py itself."""
+def add_openapi_route(app: web.Application, *, metrics: bool = True, token: bool = False) -> None:
+    """Serve the document, and describe the routes of app.py itself: /metrics when it
+    is served on this port (`metrics`), and its 401 when a scrape needs a `token`."""
     openapi = app[OPENAPI]
     openapi.operation(
         "/openapi.json",
@@ -157,19 +158,22 @@ def add_openapi_route(app: web.Application) -> None:
             },
         },
     )
-    openapi.operation(
-        "/metrics",
-        "get",
-        {
-            "summary": "Prometheus metrics",
-            "responses": {
-                "200": {
-                    "description": "Prometheus text format",
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                }
-            },
-        },
-    )
+    if metrics:
+        responses: dict[str, Any] = {
+            "200": {
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        }
+        operation: dict[str, Any] = {"summary": "Prometheus metrics", "responses": responses}
+        if token:
+            openapi.security_scheme("metricsToken", {"type": "http", "scheme": "bearer"})
+            operation["security"] = [{"metricsToken": []}]
+            responses["401"] = refusal(
+                "unauthorized: no or a wrong metrics token",
+                {"WWW-Authenticate": {"schema": {"type": "string"}}},
+            )
+        openapi.operation("/metrics", "get", operation)
     app.router.add_get("/openapi.json", _serve)
 
 

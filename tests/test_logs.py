@@ -7,6 +7,9 @@ import logging
 import os
 import re
 import stat
+import sys
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -384,3 +387,103 @@ def test_umask_does_not_widen_the_modes(policy: Policy, tmp_path: Path, clock: M
         os.umask(old)
     assert stat.S_IMODE(log_file(tmp_path, "push_log").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "log").stat().st_mode) == 0o700
+
+
+# --- records of other loggers: libraries, the last resort, threads, warnings ----------
+
+LEAK = "CANARY-127.9.8.7-Bearer-s3cr3t"
+
+
+def _library_lines(data_dir: Path) -> list[dict[str, Any]]:
+    path = log_file(data_dir, "service_log")
+    lines = read_lines(path) if path.exists() else []
+    return [line for line in lines if line["event"] == "log.library_record"]
+
+
+def test_a_library_record_becomes_a_marker_without_its_text_or_arguments(
+    policy: Policy, tmp_path: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """aiohttp's "Error handling request from <IP>" with a traceback whose message quotes
+    a header: only the logger, level and exception class reach the log and the console."""
+
+    def parse() -> None:
+        raise ValueError(f"Invalid header: Authorization: {LEAK}")
+
+    with setup_logging(policy, tmp_path, clock, console=True):
+        try:
+            parse()
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request from %s", LEAK)
+        logging.getLogger("asyncio").error(f"Task exception was never retrieved {LEAK}")
+        logging.getLogger("aiohttp.access").info("below the threshold %s", LEAK)
+
+    captured = capsys.readouterr()
+    assert LEAK not in captured.err + captured.out
+    assert LEAK.encode() not in log_file(tmp_path, "service_log").read_bytes()
+    server, loop = _library_lines(tmp_path)
+    assert server == {
+        "time": "2024-05-01T12:00:00Z",
+        "level": "ERROR",
+        "logger": "aiohttp.server",
+        "event": "log.library_record",
+        "error_type": "ValueError",
+    }
+    assert (loop["logger"], loop["level"]) == ("asyncio", "ERROR")
+
+
+def test_the_last_resort_and_handlers_libraries_brought_are_detached_until_close(
+    policy: Policy, tmp_path: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A root handler (a library's basicConfig), a library logger's own handler, and a
+    logger with no handler at all (Python's last resort prints it on stderr)."""
+    root_handler, own_handler = _Collect(), _Collect()
+    logging.getLogger().addHandler(root_handler)
+    chatty = logging.getLogger("some.library")
+    chatty.addHandler(own_handler)
+    lonely = logging.getLogger("lonely.library")
+    lonely.propagate = False
+    last_resort = logging.lastResort
+    try:
+        with setup_logging(policy, tmp_path, clock):
+            chatty.warning("chatty %s", LEAK)
+            lonely.warning("lonely %s", LEAK)
+        assert root_handler.records == own_handler.records == []
+        assert [line["logger"] for line in _library_lines(tmp_path)] == [
+            "some.library",
+            "lonely.library",
+        ]
+        assert LEAK not in capsys.readouterr().err
+        # Put back as they were.
+        assert root_handler in logging.getLogger().handlers
+        assert own_handler in chatty.handlers
+        assert logging.lastResort is last_resort
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+        chatty.removeHandler(own_handler)
+        lonely.propagate = True
+
+
+def test_a_failing_thread_and_a_warning_leave_only_their_class(
+    policy: Policy, tmp_path: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail() -> None:
+        raise KeyError(LEAK)
+
+    hooks = (threading.excepthook, sys.unraisablehook)
+    with setup_logging(policy, tmp_path, clock):
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"unclosed transport {LEAK}", ResourceWarning, stacklevel=1)
+
+    assert LEAK not in capsys.readouterr().err
+    lines = read_lines(log_file(tmp_path, "service_log"))
+    assert LEAK.encode() not in log_file(tmp_path, "service_log").read_bytes()
+    failed = [line for line in lines if line["event"] == "thread.failed"]
+    assert [(line["logger"], line["error_type"]) for line in failed] == [
+        ("softrelay.runtime", "KeyError")
+    ]
+    assert [line["logger"] for line in _library_lines(tmp_path)] == ["py.warnings"]
+    assert (threading.excepthook, sys.unraisablehook) == hooks

@@ -56,8 +56,11 @@ async def test_serve_answers_health_and_metrics_then_stops_on_sigterm(
     assert not (var / "softrelay.db-wal").exists() or (var / "softrelay.db-wal").stat().st_size == 0
 
 
-async def test_metrics_show_a_retention_violation(tmp_path: Path) -> None:
-    """/metrics reports the oldest age per category from the store, expired rows included."""
+async def test_metrics_show_a_retention_violation_from_the_sweepers_snapshot(
+    tmp_path: Path,
+) -> None:
+    """/metrics reports the oldest age per category from the audit the sweeper took
+    after its last run, expired rows included; a scrape alone does not refresh it."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from privacy.clock import ManualClock
@@ -73,11 +76,20 @@ async def test_metrics_show_a_retention_violation(tmp_path: Path) -> None:
     )
     app = build_app(services)
     async with TestClient(TestServer(app)) as client:
-        await app[SWEEPER].swept.wait()  # the start-up sweep must not race the clock below
+        sweeper = app[SWEEPER]
+        await sweeper.snapshot.taken.wait()  # the start-up sweep and its audit are done
         store = app[STORE]
         await store.put("crash_report", sample_fields(policy.categories["crash_report"]))
         clock.advance(91 * 86400)
-        resp = await client.get("/metrics")
-        text = await resp.text()
-    assert 'softrelay_retention_violation{category="crash_report"} 1.0' in text
-    assert 'softrelay_retention_oldest_age_seconds{category="crash_report"} 7.8624e+06' in text
+        before = await (await client.get("/metrics")).text()
+        await sweeper.snapshot.refresh()  # what the sweeper does after each run
+        after = await (await client.get("/metrics")).text()
+    assert 'softrelay_retention_violation{category="crash_report"} 0.0' in before
+    assert 'softrelay_retention_violation{category="crash_report"} 1.0' in after
+    assert 'softrelay_retention_oldest_age_seconds{category="crash_report"} 7.8624e+06' in after
+    (taken,) = [
+        float(line.split()[1])
+        for line in after.splitlines()
+        if line.startswith("softrelay_retention_snapshot_timestamp_seconds ")
+    ]
+    assert taken == clock.now()

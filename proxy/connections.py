@@ -1,0 +1,285 @@
+"""Connection limits of the HTTP port, as the SIP port has them (proxy/sip/transport.py).
+
+aiohttp's server bounds how long a connection may sit idle between requests (its
+keep-alive timeout) but not how many connections one address holds, nor how many there
+are in all, nor how long a request head may take to arrive: a client that sends one
+header line every 20 s keeps its connection for ever, and 20,000 of them took every
+file descriptor of the process, SIP's included. `HttpGuard` adds what is missing
+around aiohttp's own protocol, which it wraps in the listener's protocol factory
+(`GuardedSite`):
+
+- a connection over the total cap, or over the cap of its address (an IPv6 client's
+  /64), is closed at once, before aiohttp sees a byte of it;
+- the whole request head must arrive within `header_timeout` of the connection's
+  start, or of the first byte after the previous answer; the reaper aborts it when not;
+- between requests, aiohttp's keep-alive timeout (`idle_timeout`) closes it.
+
+A connection is in a handler from the moment the guard's middleware sees its request
+until the handler returns, and no head timeout runs meanwhile: a body is read by the
+handler under its own caps, and a WebSocket (SIP at /sip) stays in its handler for its
+whole life, reaped by the SIP transports, never here. Upgraded or not, a connection
+holds a descriptor of this port and counts against the caps.
+
+Nothing here logs an address: the metrics count by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import cast
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Counter as MetricCounter
+from yarl import URL
+
+from privacy.clock import Clock
+from proxy.ratelimit import client_key
+
+log = logging.getLogger("softrelay.http")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """`[http]` of softrelay.toml: the connection limits of the HTTP port."""
+
+    max_connections: int = 10_000  # on the HTTP port in all, WebSockets included
+    max_connections_per_ip: int = 100  # 0 turns it off (everyone behind a load balancer)
+    header_timeout: float = 10.0  # seconds for a whole request head to arrive
+    idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for a request
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.max_connections_per_ip < 0:
+            raise ValueError("max_connections_per_ip must be 0 (off) or more")
+        if self.header_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+    @property
+    def reap_interval(self) -> float:
+        return max(0.5, self.header_timeout / 4)
+
+
+class HttpGuard:
+    """Admits, counts and reaps the connections of the HTTP listener(s) it wraps."""
+
+    def __init__(self, limits: HttpLimits, clock: Clock, registry: CollectorRegistry) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._per_source: Counter[str] = Counter()
+        self._by_handler: dict[RequestHandler, _Connection] = {}
+        # Connections waiting for a request head, oldest first: the reaper stops at the
+        # first one still in time.
+        self._heads: OrderedDict[_Connection, float] = OrderedDict()
+        self.connections = Gauge(
+            "softrelay_http_connections", "Open connections of the HTTP port", registry=registry
+        )
+        self.refused = MetricCounter(
+            "softrelay_http_refused",
+            "HTTP connections refused: per_ip, total",
+            ["reason"],
+            registry=registry,
+        )
+        self.closed = MetricCounter(
+            "softrelay_http_closed",
+            "HTTP connections the server cut: header_timeout",
+            ["reason"],
+            registry=registry,
+        )
+
+    @property
+    def open(self) -> int:
+        return len(self._by_handler)
+
+    def protocol(self, server: Callable[[], RequestHandler]) -> asyncio.Protocol:
+        """A protocol for one new connection of the listener; `server` is aiohttp's
+        protocol factory (the runner's `web.Server`)."""
+        return _Connection(self, server)
+
+    # What _Connection calls ----------------------------------------------------------
+
+    def admit(self, connection: _Connection, host: str) -> str | None:
+        """Count a new connection in, or the reason it is refused (and count that)."""
+        limits = self.limits
+        reason: str | None = None
+        if len(self._by_handler) >= limits.max_connections:
+            reason = "total"
+        elif limits.max_connections_per_ip:
+            source = client_key(host)
+            if self._per_source[source] >= limits.max_connections_per_ip:
+                reason = "per_ip"
+            else:
+                self._per_source[source] += 1
+                connection.source = source
+        if reason is not None:
+            self.refused.labels(reason).inc()
+        return reason
+
+    def attach(self, connection: _Connection, handler: RequestHandler) -> None:
+        self._by_handler[handler] = connection
+        self.connections.inc()
+        self.head_started(connection)
+
+    def detach(self, connection: _Connection, handler: RequestHandler) -> None:
+        self._by_handler.pop(handler, None)
+        self._heads.pop(connection, None)
+        self.connections.dec()
+        source = connection.source
+        if source is not None:
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
+
+    def head_started(self, connection: _Connection) -> None:
+        self._heads[connection] = self._clock.now()
+
+    def bytes_arrived(self, connection: _Connection) -> None:
+        """Bytes outside a handler: the head of a request, if none was under way."""
+        if not connection.in_handler and connection not in self._heads:
+            self._heads[connection] = self._clock.now()
+
+    # The request's side --------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Marks the connection as in a handler (its head has arrived) until the
+        handler returns. Connections of other sites (a test server) pass untouched."""
+        connection = self._by_handler.get(request.protocol)
+        if connection is None:
+            return await handler(request)
+        self._heads.pop(connection, None)
+        connection.in_handler = True
+        try:
+            return await handler(request)
+        finally:
+            connection.in_handler = False
+
+    # Reaping ---------------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Abort connections whose request head is overdue; how many."""
+        deadline = self._clock.now() - self.limits.header_timeout
+        overdue: list[_Connection] = []
+        for connection, since in self._heads.items():
+            if since > deadline:
+                break
+            overdue.append(connection)
+        for connection in overdue:
+            del self._heads[connection]
+            self.closed.labels("header_timeout").inc()
+            connection.abort()
+        return len(overdue)
+
+    async def reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.reap_interval)
+            try:
+                self.reap()
+            except Exception as exc:
+                log.warning("http.reap_failed", extra={"fields": {"error": type(exc).__name__}})
+
+    async def context(self, app: web.Application) -> AsyncIterator[None]:
+        """The reaper, owned by the app's cleanup context."""
+        task = asyncio.create_task(self.reap_forever(), name="http-reaper")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: aiohttp's protocol inside, seen by the guard on the way in.
+
+    aiohttp's `RequestHandler` is created only once the connection is admitted, so a
+    refused one costs no task and never reaches the server's bookkeeping."""
+
+    __slots__ = ("_factory", "_guard", "handler", "in_handler", "source", "transport")
+
+    def __init__(self, guard: HttpGuard, factory: Callable[[], RequestHandler]) -> None:
+        self._guard = guard
+        self._factory = factory
+        self.handler: RequestHandler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.source: str | None = None  # counted per source under this key
+        self.in_handler = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but are one.
+        transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if self._guard.admit(self, host) is not None:
+            transport.close()
+            return
+        self.transport = transport
+        self.handler = handler = self._factory()
+        self._guard.attach(self, handler)
+        handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        self._guard.bytes_arrived(self)
+        handler.data_received(data)
+
+    def eof_received(self) -> None:
+        if self.handler is not None:
+            self.handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        handler = self.handler
+        if handler is None:
+            return
+        self._guard.detach(self, handler)
+        self.handler = None
+        handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class GuardedSite(web.BaseSite):
+    """`web.TCPSite` with every connection going through an `HttpGuard`."""
+
+    __slots__ = ("_guard", "_host", "_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: HttpGuard) -> None:
+        super().__init__(runner)
+        self._host = host
+        self._port = port
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        return str(URL.build(scheme="http", host=self._host, port=self._port))
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        guard = self._guard
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: guard.protocol(server), self._host, self._port, backlog=self._backlog
+        )
+
+
+HTTP_GUARD = web.AppKey("http_guard", HttpGuard)
