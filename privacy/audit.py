@@ -7,9 +7,12 @@ Two independent checks, both read-only:
   the subjects behind the account rule, the daily log files, and any table or file of a
   memory-only category. Data the policy does not declare (an extra column with values,
   a `c_*` table or log directory of no such category) is a violation of its own.
-- `scan_for_canaries` searches every file under the data directory, byte by byte, for
-  marker values in the encodings data commonly leaks in: a marker found means some path
-  stored what it must not, in the clear.
+- `scan_for_canaries` searches every file under the data directory (and any captured
+  service output the operator names), byte by byte, for marker values in the encodings
+  data commonly leaks in: a marker found means some path stored what it must not, in the
+  clear. `scan_sealed` searches what no file shows in the clear: every encrypted field
+  of the store (crash reports included), decrypted with the keyring, and names the
+  category and field of each hit, never the text around it.
 
 The audit judges expiry by the rule the sweeper deletes by (basis time + retention <=
 now), re-implemented here rather than borrowed, so a bug in the sweeper cannot hide.
@@ -36,7 +39,7 @@ import orjson
 from privacy.backend import TableStats
 from privacy.declaration import format_duration
 from privacy.policy import Category, Policy, Storage
-from privacy.store import Store, stored_categories, table_name
+from privacy.store import Opened, Store, stored_categories, table_name
 
 Verdict = Literal["ok", "violation", "memory only"]
 LOG_DIR = "log"
@@ -64,6 +67,25 @@ class CanaryHit:
     value: str
     path: Path
     encoding: str
+
+
+@dataclass(frozen=True)
+class SealedHit:
+    """A canary inside an encrypted value: where (category and field), in how many
+    records, and in which encoding; nothing of the plaintext around it."""
+
+    value: str
+    category: str
+    field: str
+    records: int
+    encoding: str
+
+
+@dataclass(frozen=True)
+class SealedScan:
+    hits: list[SealedHit]
+    searched: int  # encrypted values opened and searched
+    unopened: dict[str, int]  # "category.field" -> values no key opens (the scan is blind there)
 
 
 # --- retention audit ----------------------------------------------------------------
@@ -223,22 +245,83 @@ class _Needle:
     folded: bool  # searched in the ASCII-lowercased bytes (case-insensitive)
 
 
+def check_canaries(values: Sequence[str]) -> None:
+    """Raise ValueError for a value too short to search for, before any work is done."""
+    for value in values:
+        _needles(value)
+
+
 def scan_for_canaries(
-    data_dir: Path, values: Sequence[str], *, chunk_bytes: int = CHUNK_BYTES
+    data_dir: Path,
+    values: Sequence[str],
+    *,
+    also: Sequence[Path] = (),
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> list[CanaryHit]:
-    """Every (value, file, encoding) found under data_dir; each file read in bounded chunks."""
+    """Every (value, file, encoding) found under data_dir and in `also` (captured stdout
+    and stderr of the service, say: files, or directories searched like data_dir); each
+    file read in bounded chunks, each searched once however often it is named."""
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be at least 1")
-    needles = [needle for value in dict.fromkeys(values) for needle in _needles(value)]
+    needles = _all_needles(values)
     if not needles:
         return []
     # A match that straddles two chunks lies entirely within the overlap plus the next chunk.
     overlap = max(len(n.pattern) for n in needles) - 1
     hits: list[CanaryHit] = []
-    for path in _regular_files(data_dir):
+    seen: set[Path] = set()
+    for path in _files_to_scan(data_dir, also):
+        if (real := path.resolve()) in seen:
+            continue
+        seen.add(real)
         found = _shadowed_utf16_dropped(_scan_file(path, needles, chunk_bytes, overlap))
         hits.extend(CanaryHit(n.value, path, n.encoding) for n in needles if n in found)
     return hits
+
+
+def _files_to_scan(data_dir: Path, also: Sequence[Path]) -> Iterator[Path]:
+    yield from _regular_files(data_dir)
+    for path in also:
+        # Named by the operator: a symlink given on the command line is meant.
+        if path.is_dir():
+            yield from _regular_files(path)
+        else:
+            yield path
+
+
+async def scan_sealed(store: Store, values: Sequence[str]) -> SealedScan:
+    """Decrypt every encrypted value of the store (expired records included) and search
+    the plaintext as the files are searched; hits name category and field only."""
+    needles = _all_needles(values)
+    records: dict[tuple[_Needle, str, str], int] = {}
+    unopened: dict[str, int] = {}
+    searched = 0
+    async for opened in store.opened_values():
+        if opened.plaintext is None:
+            place = f"{opened.category}.{opened.field}"
+            unopened[place] = unopened.get(place, 0) + 1
+            continue
+        searched += 1
+        for needle in _found_in(opened, needles):
+            key = (needle, opened.category, opened.field)
+            records[key] = records.get(key, 0) + 1
+    hits = [
+        SealedHit(needle.value, category, field, count, needle.encoding)
+        for (needle, category, field), count in records.items()
+    ]
+    return SealedScan(hits, searched, unopened)
+
+
+def _found_in(opened: Opened, needles: list[_Needle]) -> list[_Needle]:
+    assert opened.plaintext is not None
+    plain = opened.plaintext
+    folded = plain.lower()
+    found = {n: at for n in needles if (at := (folded if n.folded else plain).find(n.pattern)) >= 0}
+    return list(_shadowed_utf16_dropped(found))
+
+
+def _all_needles(values: Sequence[str]) -> list[_Needle]:
+    return [needle for value in dict.fromkeys(values) for needle in _needles(value)]
 
 
 def _scan_file(
@@ -390,20 +473,40 @@ def format_report(verdicts: Sequence[CategoryVerdict]) -> str:
     return "\n".join([line.rstrip() for line in lines] + ["", summary]) + "\n"
 
 
-def format_hits(hits: Sequence[CanaryHit]) -> str:
-    if not hits:
-        return "no canary found\n"
+def format_hits(hits: Sequence[CanaryHit], sealed: SealedScan | None = None) -> str:
+    """Files first, then encrypted fields; a value no key opens is reported too, as the
+    scan could not look inside it."""
     lines = [f"{hit.path}: {hit.value!r} as {hit.encoding}" for hit in hits]
-    return "\n".join([*lines, "", _plural(len(hits), "canary hit")]) + "\n"
+    count = len(hits)
+    tail: list[str] = []
+    if sealed is not None:
+        for s in sealed.hits:
+            records = _plural(s.records, "record")
+            lines.append(
+                f"{s.category}.{s.field} (encrypted, {records}): {s.value!r} as {s.encoding}"
+            )
+        count += len(sealed.hits)
+        tail.append(f"searched {_plural(sealed.searched, 'encrypted value')} of the store")
+        for place, unopened in sorted(sealed.unopened.items()):
+            tail.append(
+                f"{place}: {_plural(unopened, 'encrypted value')} did not open"
+                " (tampered, moved between records, or its key is gone): not searched"
+            )
+    summary = _plural(count, "canary hit") if count else "no canary found"
+    return "\n".join([*lines, *([""] if lines else []), *tail, summary]) + "\n"
 
 
 __all__ = [
     "CanaryHit",
     "CategoryVerdict",
+    "SealedHit",
+    "SealedScan",
     "Verdict",
     "audit",
+    "check_canaries",
     "format_hits",
     "format_report",
     "human_duration",
     "scan_for_canaries",
+    "scan_sealed",
 ]

@@ -2,7 +2,8 @@
 
     softrelay serve [--http-port N] [--sip-port N]
     softrelay sweep [--now ISO-8601]
-    softrelay audit [--now ISO-8601] [--canary VALUE ...]
+    softrelay audit [--now ISO-8601] [--canary VALUE ...] [--clear-canary VALUE ...]
+                    [--also FILE ...]
     softrelay policy show
     softrelay policy render --lang en|de [--output FILE]
     softrelay keys rotate
@@ -34,7 +35,14 @@ from prometheus_client import CollectorRegistry
 
 from crashreports.commands import add_crashes_parser, crashes_command
 from mockphone.simulate import add_simulate_parser, simulate_command
-from privacy.audit import audit, format_hits, format_report, scan_for_canaries
+from privacy.audit import (
+    audit,
+    check_canaries,
+    format_hits,
+    format_report,
+    scan_for_canaries,
+    scan_sealed,
+)
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
 from privacy.declaration import ConfigError
 from privacy.dsr import check_dsr
@@ -151,7 +159,26 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="VALUE",
-        help="fail if VALUE is found in any file under the data directory",
+        help="fail if VALUE is found in any file under the data directory, or inside an"
+        " encrypted field of the store (decrypted with the keyring)",
+    )
+    aud.add_argument(
+        "--clear-canary",
+        action="append",
+        default=[],
+        metavar="VALUE",
+        help="fail if VALUE is found in the clear in any file: for a value the policy"
+        " keeps, encrypted (an address, a push token), which decryption finds by design",
+    )
+    aud.add_argument(
+        "--also",
+        action="extend",
+        nargs="+",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="search these files (or directories) for the canaries too: the service's"
+        " captured stdout and stderr, say",
     )
 
     pol = sub.add_parser("policy", help="show the policy or render the privacy notice")
@@ -302,21 +329,35 @@ async def _sweep(runtime: Runtime, args: argparse.Namespace) -> int:
 
 async def _audit(runtime: Runtime, args: argparse.Namespace) -> int:
     data_dir = runtime.config.data_dir
+    canaries: list[str] = args.canary
+    in_files = [*canaries, *args.clear_canary]
+    also: list[Path] = args.also
+    try:
+        check_canaries(in_files)
+    except ValueError as exc:
+        print(f"softrelay: --canary: {exc}", file=sys.stderr)
+        return 2
+    if also and not in_files:
+        print("softrelay: --also: give the values to look for with --canary", file=sys.stderr)
+        return 2
+    if missing := [str(path) for path in also if not path.exists()]:
+        print(f"softrelay: --also: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
     store = await Store.create(runtime.policy, runtime.keyring(), data_dir, runtime.clock)
     try:
         verdicts = await audit(store, data_dir)
+        sealed = await scan_sealed(store, canaries) if canaries else None
     finally:
         await store.close()
     print(format_report(verdicts))
     failed = any(v.verdict == "violation" for v in verdicts)
-    if args.canary:
-        try:
-            hits = scan_for_canaries(data_dir, args.canary)
-        except ValueError as exc:
-            print(f"softrelay: --canary: {exc}", file=sys.stderr)
-            return 2
-        print(format_hits(hits))
+    if in_files:
+        # After the store closed: its write-ahead log is folded into the file by then.
+        hits = await asyncio.to_thread(scan_for_canaries, data_dir, in_files, also=also)
+        print(format_hits(hits, sealed))
         failed = failed or bool(hits)
+    if sealed is not None:
+        failed = failed or bool(sealed.hits) or bool(sealed.unopened)
     return 1 if failed else 0
 
 

@@ -20,7 +20,7 @@ import secrets
 import signal
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -178,9 +178,11 @@ async def start_server(tmp_path: Path) -> Server:
     return srv
 
 
-async def audit(server: Server, *canaries: str) -> tuple[int, str]:
-    """`softrelay audit` of the stopped server's data, looking for each canary."""
+async def audit(server: Server, *canaries: str, clear: Sequence[str] = ()) -> tuple[int, str]:
+    """`softrelay audit` of the stopped server's data, looking for each canary anywhere
+    (decrypted fields included), and for each of `clear` in the clear in files only."""
     args = [arg for canary in canaries for arg in ("--canary", canary)]
+    args += [arg for value in clear for arg in ("--clear-canary", value)]
     return await run_cli(
         "audit", "--config", str(server.config), "--data-dir", str(server.data_dir), *args
     )

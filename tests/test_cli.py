@@ -146,20 +146,14 @@ async def test_audit_canary_scan_fails_on_a_planted_value(
     data = tmp_path / "var"
     await _store_registration(data, "2026-01-01T00:00:00Z")
     now = "2026-01-02T00:00:00Z"
-    # Encrypted at rest: the username is nowhere on disk.
-    assert (
-        await _main(
-            ["audit", "--data-dir", str(data), "--now", now, "--canary", "canary-user-4711"]
-        )
-        == 0
-    )
+    audit = ["audit", "--data-dir", str(data), "--now", now]
+    # Encrypted at rest: the username is nowhere on disk in the clear...
+    assert await _main([*audit, "--clear-canary", "canary-user-4711"]) == 0
+    # ...and decrypted, the audit finds where it is stored.
+    assert await _main([*audit, "--canary", "canary-user-4711"]) == 1
+    assert "registration.sip_username (encrypted, 1 record)" in capsys.readouterr().out
     (data / "stray.txt").write_text("debug dump: canary-user-4711\n")
-    assert (
-        await _main(
-            ["audit", "--data-dir", str(data), "--now", now, "--canary", "canary-user-4711"]
-        )
-        == 1
-    )
+    assert await _main([*audit, "--clear-canary", "canary-user-4711"]) == 1
     assert "stray.txt" in capsys.readouterr().out
 
 
