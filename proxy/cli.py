@@ -6,7 +6,7 @@
                     [--also FILE ...]
     softrelay policy show
     softrelay policy render --lang en|de [--output FILE]
-    softrelay keys rotate
+    softrelay keys rotate|reseal
     softrelay crashes list|show EVENT_ID|export [--project P] [--output FILE]
     softrelay dsr export|rectify|erase|restrict|unrestrict --user U --serial S
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
@@ -199,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage the keyring")
     keys_sub = keys.add_subparsers(dest="action", required=True)
     keys_sub.add_parser("rotate", parents=[common], help="add a new active encryption key")
+    keys_sub.add_parser(
+        "reseal",
+        parents=[common],
+        help="rewrite every stored ciphertext under the active key, bound to its record"
+        " (after a rotation, once every instance runs with the new keyring)",
+    )
     return parser
 
 
@@ -362,6 +368,13 @@ async def _audit(runtime: Runtime, args: argparse.Namespace) -> int:
 
 
 async def _keys(runtime: Runtime, args: argparse.Namespace) -> int:
+    if args.action == "reseal":
+        count = await _with_store(runtime, lambda store: store.reseal())
+        print(
+            f"softrelay: {count} records rewritten; keys older than the active one are"
+            " no longer needed once backups made before now have expired"
+        )
+        return 0
     source = runtime.config.keyring
     if source.startswith("env:"):
         print(
@@ -377,6 +390,9 @@ async def _keys(runtime: Runtime, args: argparse.Namespace) -> int:
     rotated = runtime.keyring().rotated()
     write_keyring(rotated, path)
     print(f"softrelay: key {rotated.active} is now active in {path}; older keys still decrypt")
+    # Not resealed here: an instance still running with the old keyring could not read
+    # what the new key wrote. `keys reseal` once all run with this keyring.
+    print("softrelay: restart every instance, then run `softrelay keys reseal`")
     return 0
 
 

@@ -6,6 +6,7 @@ of failing or showing the moved value. Databases written before the row binding
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -22,14 +23,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from privacy.clock import ManualClock
 from privacy.crypto import FieldCipher
 from privacy.dsr import DsrSettings
-from privacy.keys import Keyring
+from privacy.keys import Keyring, load_keyring
 from privacy.policy import load_policy
 from privacy.store import DATABASE_FILE, Store, Value
 from proxy.app import STORE, Services, build_app
+from proxy.cli import main as cli_main
 from push.apps import PushSettings
 
 SERIAL = "0042137"
 ADMIN_TOKEN = "admin-token-row-binding-0123456789"
+ENCRYPTED = ("sip_username", "instance", "phone_ip", "pbx_ip", "push_token")
 PUSH = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.t")
 
 
@@ -204,3 +207,35 @@ async def test_version_1_ciphertexts_still_read_and_reseal_binds_them_to_their_r
     (rid,) = column(tmp_path, "c_crash_report", "rid")
     assert rid is not None
     assert len(rid) == 16
+
+
+async def test_keys_rotate_then_reseal_leaves_every_ciphertext_row_bound_under_the_new_key(
+    tmp_path: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keyring = load_keyring("", tmp_path)
+    store = await Store.create(load_policy("auerproxy"), keyring, tmp_path, clock)
+    try:
+        alice = await store.put("registration", registration("alice", "alice-token-1111"))
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(tmp_path / DATABASE_FILE)) as db:
+        old_token = v1_ciphertext(keyring, b"alice-token-1111", b"registration.push_token")
+        db.execute("UPDATE c_registration SET push_token = ? WHERE id = ?", (old_token, alice))
+        db.commit()
+
+    assert await asyncio.to_thread(cli_main, ["keys", "rotate", "--data-dir", str(tmp_path)]) == 0
+    assert "keys reseal" in capsys.readouterr().out
+    assert await asyncio.to_thread(cli_main, ["keys", "reseal", "--data-dir", str(tmp_path)]) == 0
+    assert "1 records rewritten" in capsys.readouterr().out
+
+    blobs = [b for name in ENCRYPTED for b in column(tmp_path, "c_registration", name)]
+    assert blobs
+    assert {(FieldCipher.version(b), FieldCipher.key_id(b)) for b in blobs if b} == {(2, 2)}
+    store = await Store.create(
+        load_policy("auerproxy"), load_keyring("", tmp_path), tmp_path, clock
+    )
+    try:
+        (record,) = await store.find("registration", pbx_serial=SERIAL)
+    finally:
+        await store.close()
+    assert record.fields["push_token"] == "alice-token-1111"
