@@ -56,6 +56,16 @@ class Flow:
     # The names of the peer's verified client certificate (TLS only, when a client CA is
     # configured): what a PBX linking by mutual TLS is recognised by. Memory only.
     peer_names: tuple[str, ...] = ()
+    # What a seal (proxy.sip.tokens) names the flow by: the connection of a stream; for
+    # UDP the (local socket, remote address) pair, which is all a datagram tells us.
+    key: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.transport is Transport.UDP:
+            local, remote = self.local, self.remote
+            self.key = f"udp {local[0]} {local[1]} {remote[0]} {remote[1]}".encode()
+        else:
+            self.key = b"#%d" % self.id
 
     async def send(self, data: bytes) -> None:
         if self.closed:

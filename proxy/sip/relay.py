@@ -9,8 +9,13 @@ Every message arrives with its flow. Routing needs no table of calls:
   phone's answer through, and on 200 keeps the binding the policy allows.
 - Requests towards a phone carry that Path back as their top Route; requests of a
   dialog carry our Record-Route, which names the flows of both sides. Responses find
-  their flow in the parameter of the Via we added. Flow tokens are HMAC-sealed, so a
-  peer cannot forge one to reach another peer's flow.
+  their flow in the parameter of the Via we added. Every such value is sealed with a
+  key of the process (proxy/sip/tokens.py) to where it may be used from: a response
+  only from the flow its request went to, a Path only from the PBX of its serial, a
+  Record-Route only from the ends of its dialog (or that PBX on a new flow). Having
+  seen a token is not enough to use it.
+- Route entries that name us without a token (a phone's outbound proxy, RFC 3261
+  16.4) are taken off, on REGISTER too, before the request goes on.
 
 The only transaction state kept is for REGISTER, bounded and short-lived: those in
 flight (to store the binding when the PBX accepts it, and to absorb a phone's
@@ -23,21 +28,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from privacy.clock import Clock
 from privacy.store import Store, Subject
-from proxy.sip.digest import DigestAuthority, DigestError, StaleNonce
+from proxy.sip.digest import DigestAuthority, DigestError, MalformedAuthorization, StaleNonce
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.message import (
     NameAddr,
@@ -51,17 +56,18 @@ from proxy.sip.message import (
 )
 from proxy.sip.overload import Overload
 from proxy.sip.settings import PbxSettings, SipSettings
+from proxy.sip.tokens import Dialog, End, Sealer
 from proxy.sip.wake import Parking, PushIdentity
 from push.service import PushService
 
 log = logging.getLogger("softrelay.proxy")
-MAGIC = "z9hG4bK"
 PENDING_REGISTERS = 10_000  # REGISTERs awaiting the PBX's answer, at most
 LAST_WRITTEN_LIMIT = 100_000  # bindings remembered for coalescing before old ones go
 PENDING_TTL = 32.0  # seconds: RFC 3261 timer F, after which no answer will come
 ANSWERED_LIMIT = 10_000  # final REGISTER answers kept for UDP retransmissions, at most
 BINDING_WRITES = 1_000  # binding writes in flight before a PBX's answers wait for them
 ADDRESSES_LIMIT = 256  # our addresses (one per transport and local address) kept made
+DIALOGS_LIMIT = 10_000  # dialog tokens kept made or opened, before the cache is emptied
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +76,10 @@ class _PendingRegister:
     username: str
     instance: str
     flow: Flow
-    contact: NameAddr | None  # None for a fetch of the bindings
+    contact: NameAddr | None  # None for a fetch of the bindings, or `Contact: *`
     expires: int
     created: float
+    remove_all: bool = False  # `Contact: *`: every binding of the user at this PBX
 
 
 class RelayMetrics:
@@ -117,6 +124,17 @@ class Relay:
         self.digest = DigestAuthority(settings.domain)
         self._flow_key = secrets.token_bytes(32)
         self._tokens: dict[int, str] = {}  # flow id -> token
+        self._flows: dict[int, Flow] = {}  # flow id -> flow, for those with a token
+        # Dialog tokens made or opened: both ways, so a call's requests seal or open
+        # each once. Emptied when full: a miss only costs the seal again.
+        self._dialog_tokens: dict[tuple[bytes, bytes, str], str] = {}
+        self._dialogs: dict[str, Dialog] = {}
+        # Hosts and ports that name us in a Route (RFC 3261 16.4): the configured names,
+        # and every local address a flow arrived on or `listening` was told of.
+        self._own_hosts = {settings.domain.lower()}
+        if settings.public_host:
+            self._own_hosts.add(settings.public_host.lower().strip("[]"))
+        self._own_ports: set[int] = set()
         self._by_token: dict[str, Flow] = {}
         self._pbx_flows: dict[str, Flow] = {}  # serial -> its flow
         self._linked: dict[int, str] = {}  # the reverse: flow id -> serial
@@ -146,15 +164,32 @@ class Relay:
             token = base64.b32encode(raw + mac).decode().rstrip("=").lower()
             self._tokens[flow.id] = token
             self._by_token[token] = flow
+            self._flows[flow.id] = flow
             flow.on_close.append(self._forget_flow)
         return token
+
+    @property
+    def _flow_key(self) -> bytes:
+        return self._key
+
+    @_flow_key.setter
+    def _flow_key(self, key: bytes) -> None:
+        """The key of every token and seal (bench/relay_inproc.py fixes it, so that the
+        octets forwarded can be compared between runs)."""
+        self._key = key
+        self._sealer = Sealer(key)
 
     def _flow(self, token: str | None) -> Flow | None:
         flow = self._by_token.get(token.lower()) if token else None
         return None if flow is None or flow.closed else flow
 
+    def _live(self, flow_id: int) -> Flow | None:
+        flow = self._flows.get(flow_id)
+        return None if flow is None or flow.closed else flow
+
     def _forget_flow(self, flow: Flow) -> None:
         self._by_token.pop(self._tokens.pop(flow.id, ""), None)
+        self._flows.pop(flow.id, None)
         serial = self._linked.pop(flow.id, None)
         if serial is not None and self._pbx_flows.get(serial) is flow:
             del self._pbx_flows[serial]
@@ -196,7 +231,18 @@ class Relay:
             if len(self._addresses) >= ADDRESSES_LIMIT:
                 self._addresses.clear()
             self._addresses[key] = address
+            self.listening(((flow.transport, flow.local),))
         return address
+
+    def listening(self, addresses: Iterable[tuple[Transport, tuple[str, int]]]) -> None:
+        """Where we listen (each transport's bound address): a Route naming one of them
+        names us. Those that flows arrive on are learnt as well."""
+        for _, (host, port) in addresses:
+            if len(self._own_ports) < ADDRESSES_LIMIT:
+                self._own_ports.add(port)
+            # A wildcard bind names no host: the flows that arrive say which it has.
+            if len(self._own_hosts) < ADDRESSES_LIMIT and not _is_unspecified(host):
+                self._own_hosts.add(host.lower())
 
     # --- entry point ----------------------------------------------------------------
 
@@ -228,7 +274,7 @@ class Relay:
                 await self.reply(message, flow, 503, None, (retry,))
                 return "shed"
             if isinstance(message, Response):
-                await self._response(message)
+                await self._response(message, flow)
             elif message.method == "REGISTER":
                 await self._register(message, flow)
             else:
@@ -281,6 +327,7 @@ class Relay:
     # --- REGISTER -------------------------------------------------------------------
 
     async def _register(self, request: Request, flow: Flow) -> None:
+        self._take_own_routes(request, flow)  # we are the next hop: the Route ends here
         to = request.to.uri
         if not isinstance(to, SipUri):
             await self.reply(request, flow, 416)
@@ -350,15 +397,21 @@ class Relay:
             return True
         now = self.clock.now()
         authorization = request.get("Authorization")
+        # Nonces are bound to this flow and answered once: a REGISTER captured elsewhere,
+        # or replayed here, gets a new challenge, and the serial stays where it is.
         if authorization is None:
-            challenges = self.digest.challenges(serial, now)
+            challenges = self.digest.challenges(serial, now, flow=flow.key)
             await self.reply(request, flow, 401, None, _www_authenticate(challenges))
             return False
         try:
-            self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now)
+            self.digest.verify(authorization, serial, pbx.secret, "REGISTER", now, flow=flow.key)
         except StaleNonce:
-            challenges = self.digest.challenges(serial, now, stale=True)
+            challenges = self.digest.challenges(serial, now, stale=True, flow=flow.key)
             await self.reply(request, flow, 401, None, _www_authenticate(challenges))
+            return False
+        except MalformedAuthorization:
+            self.metrics.errors.labels("pbx_auth").inc()
+            await self.reply(request, flow, 400, "Malformed Authorization")
             return False
         except DigestError:
             self.metrics.errors.labels("pbx_auth").inc()
@@ -395,8 +448,8 @@ class Relay:
             expires = contact.expires
         if request.contact_star:
             expires = 0
-        token = self._token(flow)
-        branch = self._forward_prepare(request, flow)
+        self._token(flow)  # watch the flow: the Path names it
+        branch = self._forward_prepare(request, flow, pbx)
         previous = self._pending.get(branch)
         if previous is not None and self.clock.now() - previous.created <= PENDING_TTL:
             # A retransmission while the PBX has the original: its answer will come.
@@ -407,7 +460,9 @@ class Relay:
             self.metrics.errors.labels("retransmission_absorbed").inc()
             await self._send_bytes(flow, answered[0])
             return
-        request.prepend("Path", f"<{self._me(pbx).with_param('ob').with_param('ft', token)}>")
+        # Only the PBX of this serial may send along this Path to the phone's flow.
+        path_token = self._sealer.path_token(flow, serial)
+        request.prepend("Path", f"<{self._me(pbx).with_param('ob').with_param('ft', path_token)}>")
         self._push_via(request, branch, flow, pbx)
         if not request.has("Supported") or "path" not in (request.get("Supported") or ""):
             request.add("Supported", "path")
@@ -421,6 +476,7 @@ class Relay:
                 contact,
                 expires,
                 self.clock.now(),
+                request.contact_star,
             ),
         )
         await self._send(pbx, request)
@@ -447,10 +503,11 @@ class Relay:
     async def _write_binding(self, pending: _PendingRegister) -> None:
         """Store the binding without holding up the PBX's flow: its next answers need not
         wait for this commit, and concurrent writes share one (group commit)."""
+        write = self._unregistered_all if pending.remove_all else self._registered
         if len(self._writes) >= BINDING_WRITES:
-            await self._registered(pending)  # the store is behind: let the PBX wait
+            await write(pending)  # the store is behind: let the PBX wait
             return
-        task = asyncio.create_task(self._registered(pending))
+        task = asyncio.create_task(write(pending))
         self._writes.add(task)
         task.add_done_callback(self._written)
 
@@ -460,6 +517,15 @@ class Relay:
             self.metrics.errors.labels("store").inc()
             error = type(task.exception()).__name__
             log.error("binding not stored", extra={"fields": {"error": error}})
+
+    async def _unregistered_all(self, pending: _PendingRegister) -> None:
+        """The PBX accepted `Contact: *` (RFC 3261 10.2.2): every binding of the user at
+        that PBX goes, whatever its instance."""
+        await self.store.delete(
+            "registration", pbx_serial=pending.serial, sip_username=pending.username
+        )
+        user = (pending.serial, pending.username)
+        self._last_written = {k: v for k, v in self._last_written.items() if k[:2] != user}
 
     async def _registered(self, pending: _PendingRegister) -> None:
         """The PBX accepted a phone's REGISTER: keep what the policy allows."""
@@ -511,7 +577,7 @@ class Relay:
 
     # --- other requests -------------------------------------------------------------
 
-    def _forward_prepare(self, request: Request, flow: Flow) -> str:
+    def _forward_prepare(self, request: Request, flow: Flow, target: Flow) -> str:
         """Steps of RFC 3261 16.6 every forwarded request takes; our branch."""
         request.decrement_max_forwards()
         top = request.top_via
@@ -522,9 +588,9 @@ class Relay:
                 received = received.with_param("rport", str(flow.remote[1]))
             request.prepend_via(received)
         # Stateless branch (RFC 3261 16.11): the same request (a retransmission, or its
-        # CANCEL) gets the same branch, so the next hop can match it.
-        seed = f"{top.branch}|{flow.id}|{request.uri}".encode()
-        branch = MAGIC + hashlib.sha256(seed).hexdigest()[:24]
+        # CANCEL) gets the same branch, so the next hop can match it; sealed to the flow
+        # it goes to, which alone may answer it.
+        branch = self._sealer.branch(f"{top.branch}|{request.uri}".encode(), flow, target)
         for via in request.vias[1:]:
             if via.branch == branch:
                 raise SipParseError("Loop Detected", status=482, partial=request)
@@ -536,12 +602,8 @@ class Relay:
         request.prepend("Via", f"{start};branch={branch};rport;ft={self._token(came_from)}")
 
     async def _request(self, request: Request, flow: Flow) -> None:
-        route = request.routes[0] if request.routes else None
-        if route is not None and self._is_mine(route):
-            request.pop_value("Route")
-            # The second half of a double Record-Route is ours too: skip it.
-            if request.routes and self._is_mine(request.routes[0]):
-                request.pop_value("Route")
+        route = self._take_own_routes(request, flow)
+        if route is not None:
             await self._follow_route(request, flow, route)
             return
         uri = request.uri
@@ -555,17 +617,57 @@ class Relay:
             return
         await self._forward(request, flow, pbx, record_route=True)
 
+    def _take_own_routes(self, request: Request, flow: Flow) -> NameAddr | None:
+        """Take off the Route entries on top that name us (RFC 3261 16.4): a phone's
+        outbound proxy, both halves of a double Record-Route. The first that carries one
+        of our tokens, which says where the request goes."""
+        found = None
+        while routes := request.routes:
+            route = routes[0]
+            if self._is_mine(route):
+                found = found or route
+            elif not self._names_me(route, flow):
+                break
+            request.pop_value("Route")
+        return found
+
+    def _names_me(self, route: NameAddr, flow: Flow) -> bool:
+        """Whether a Route entry without our tokens names us: one of our names (domain,
+        public host), or our address with one of our ports (the default port of its
+        transport when it names none)."""
+        uri = route.uri
+        if not isinstance(uri, SipUri):
+            return False
+        host = uri.host.lower()
+        named = host in self._own_hosts or host == flow.local[0]
+        if not named:
+            return False
+        port = uri.port
+        if port is None:
+            if not _is_address(host):
+                return True  # a name: DNS (RFC 3263) says which port, and it is ours
+            secure = uri.scheme == "sips" or uri.transport == "tls"
+            port = 5061 if secure else 5060
+        return port == flow.local[1] or port in self._own_ports
+
     async def _follow_route(self, request: Request, flow: Flow, route: NameAddr) -> None:
         uri = route.uri
         assert isinstance(uri, SipUri)
-        if uri.params.get("ft") is not None:
+        path = uri.params.get("ft")
+        if path is not None:
             # A Path we gave a phone's REGISTER: the PBX sends a new request to the phone.
-            target = self._flow(uri.params.get("ft"))
+            # Only the PBX of the serial it was made for: for anyone else, no route. A
+            # token of no flow we know (forged, or from before a restart) is a phone
+            # whose flow is gone, which a call may wake.
+            serial = self._serial_of(flow)
+            if serial is None:
+                await self._refuse_route(request, flow)
+                return
+            phone = self._sealer.open_path(path.lower(), serial)
+            target = None if phone is None else self._live(phone)
             record_route = True
-            if request.method == "INVITE" and self.settings.wake.debug_serials:
-                serial = self._serial_of(flow)
-                if serial is not None:
-                    await self.parking.debug_record(serial, request)
+            if request.method == "INVITE" and serial in self.settings.wake.debug_serials:
+                await self.parking.debug_record(serial, request)
             if target is None:
                 await self._phone_asleep(request, flow)
                 return
@@ -573,13 +675,68 @@ class Relay:
                 self._watch_answer(request, flow)
         else:
             # Our Record-Route of a dialog: go to the side the request did not come from.
-            ends = (self._flow(uri.params.get("pf")), self._flow(uri.params.get("uf")))
-            target = ends[1] if ends[0] is flow else ends[0]
+            dialog = self._dialog(uri.params.get("dt"))
+            if dialog is None or not self._in_dialog(dialog, flow):
+                await self._refuse_route(request, flow)
+                return
+            target = self._other_end(dialog, flow)
             record_route = False
         if target is None:
             await self.reply(request, flow, 480, "Flow Gone")
             return
         await self._forward(request, flow, target, record_route=record_route)
+
+    async def _refuse_route(self, request: Request, flow: Flow) -> None:
+        self.metrics.errors.labels("route_refused").inc()
+        await self.reply(request, flow, 403, "Route Not Valid From Here")
+
+    def _dialog_token(self, pbx: Flow, phone: Flow) -> str:
+        """Our Record-Route's token for a dialog between these flows (made once)."""
+        serial = self._serial_of(pbx) or ""
+        key = (pbx.key, phone.key, serial)
+        token = self._dialog_tokens.get(key)
+        if token is None:
+            self._token(pbx)  # watch both flows: the token names them by id
+            self._token(phone)
+            token = self._sealer.dialog_token(pbx, phone, serial)
+            if len(self._dialog_tokens) >= DIALOGS_LIMIT:
+                self._dialog_tokens.clear()
+            self._dialog_tokens[key] = token
+        return token
+
+    def _dialog(self, token: str | None) -> Dialog | None:
+        """The dialog our Record-Route's token names, if it is ours."""
+        if not token:
+            return None
+        dialog = self._dialogs.get(token)
+        if dialog is None:
+            dialog = self._sealer.open_dialog(token.lower())
+            if dialog is not None:
+                if len(self._dialogs) >= DIALOGS_LIMIT:
+                    self._dialogs.clear()
+                self._dialogs[token] = dialog
+        return dialog
+
+    def _in_dialog(self, dialog: Dialog, flow: Flow) -> bool:
+        """Whether `flow` may send along the dialog's route: one of its ends, or the PBX
+        of its serial come back on a new flow."""
+        if dialog.phone.is_(flow) or dialog.pbx.is_(flow):
+            return True
+        return bool(dialog.serial) and self._serial_of(flow) == dialog.serial
+
+    def _other_end(self, dialog: Dialog, flow: Flow) -> Flow | None:
+        if not dialog.phone.is_(flow):
+            return self._end_flow(dialog.phone)
+        target = self._end_flow(dialog.pbx)
+        if target is None and dialog.serial:
+            target = self.pbx_flow(dialog.serial)  # the PBX is linked on a new flow
+        return target
+
+    def _end_flow(self, end: End) -> Flow | None:
+        flow = self._live(end.flow_id)
+        if flow is None and end.remote is not None and self.udp_flow is not None:
+            flow = self.udp_flow(end.remote)  # UDP: the same peer, heard from anew
+        return flow
 
     async def _phone_asleep(self, request: Request, flow: Flow) -> None:
         """A request for a phone whose flow is gone: wake it for a call, or follow a
@@ -627,17 +784,16 @@ class Relay:
         self, request: Request, flow: Flow, target: Flow, *, record_route: bool
     ) -> None:
         try:
-            branch = self._forward_prepare(request, flow)
+            branch = self._forward_prepare(request, flow, target)
         except SipParseError as exc:
             await self.reply(request, flow, exc.status, exc.reason)
             return
         if record_route and request.method in ("INVITE", "SUBSCRIBE", "REFER", "NOTIFY"):
             pbx_side, phone_side = (flow, target) if self._is_pbx(flow) else (target, flow)
-            tokens = (("pf", self._token(pbx_side)), ("uf", self._token(phone_side)))
             # Double Record-Route (RFC 5658): each side gets our address on its own
             # transport; the callee reads the set top down, the caller bottom up.
-            params = "".join(f";{name}={value}" for name, value in tokens)
-            # Our address has no pf or uf of its own: they append, as with_param would.
+            # Our address has no dt of its own: it appends, as with_param would.
+            params = f";dt={self._dialog_token(pbx_side, phone_side)}"
             entries = [f"<{self._address(side)[1]}{params}>" for side in (flow, target)]
             for entry in dict.fromkeys(entries):  # one entry when both sides look alike
                 request.prepend("Record-Route", entry)
@@ -645,18 +801,23 @@ class Relay:
         await self._send(target, request)
 
     def _is_mine(self, route: NameAddr) -> bool:
+        """Whether a Route entry carries one of our tokens (a Path's or a dialog's)."""
         uri = route.uri
-        return isinstance(uri, SipUri) and any(
-            uri.params.get(p) is not None for p in ("ft", "pf", "uf")
+        return isinstance(uri, SipUri) and (
+            uri.params.get("ft") is not None or uri.params.get("dt") is not None
         )
 
     # --- responses ------------------------------------------------------------------
 
-    async def _response(self, response: Response) -> None:
+    async def _response(self, response: Response, flow: Flow) -> None:
         top = response.top_via
         came_from = self._flow(top.params.get("ft"))
         if came_from is None:
             self.metrics.errors.labels("response_unroutable").inc()
+            return
+        if not self._sealer.answers_branch(top.branch or "", came_from, flow):
+            # Not from where its request went: a forgery (or a peer's confusion).
+            self.metrics.errors.labels("response_not_from_target").inc()
             return
         response.pop_via()
         if self.parking.watching and response.cseq.method == "INVITE":
@@ -688,3 +849,18 @@ class Relay:
 
 def _www_authenticate(challenges: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(("WWW-Authenticate", challenge) for challenge in challenges)
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

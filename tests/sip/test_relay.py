@@ -333,7 +333,7 @@ async def test_static_pbx_is_reached_over_udp_without_registering(
     )
     invite = pbx_wire.request()
     assert invite.method == "INVITE"
-    assert "pf=" in str(invite.record_routes[0])
+    assert "dt=" in str(invite.record_routes[0])
     await relay.handle(_reply(invite, 200, "OK"), pbx)
     assert phone_wire.response().status == 200
 

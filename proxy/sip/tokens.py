@@ -1,0 +1,159 @@
+"""What softrelay writes into messages to find its way back, sealed with a key of the
+process, so that a peer can use a value only from where it was meant to be used.
+
+- Branch (our Via's `branch`): stateless as RFC 3261 16.11 asks (a retransmission or
+  the CANCEL of a request gets the same one), then a seal of the flow the request came
+  from and the flow it went to. A response is routed only when it arrives on that flow:
+  nobody else can answer a request for the peer it was sent to.
+- Path token (`ft` in the Path of a phone's REGISTER): the phone's flow, usable only by
+  the PBX of the serial the REGISTER went to.
+- Dialog token (`dt` in our Record-Route): both ends of a dialog and the PBX's serial;
+  only those ends, or the PBX of that serial on a new flow, can use it.
+
+A flow is named in a seal by `Flow.key`: its connection for a stream, its (socket,
+remote address) pair for UDP. The seals are keyed BLAKE2b (a keyed hash made to be a
+MAC, and in CPython quicker than HMAC-SHA-256 for these short inputs), 64 bits each: a
+guess costs a message, so 2^64 of them is out of reach.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import struct
+from typing import NamedTuple
+
+from proxy.sip.flow import Address, Flow, Transport
+
+MAGIC = "z9hG4bK"
+_HALF = 16  # hex digits of each half of a branch
+BRANCH_LENGTH = len(MAGIC) + 2 * _HALF
+_MAC = 8  # bytes of every seal
+_ID = struct.Struct(">Q")
+_PORT = struct.Struct(">H")
+
+
+class End(NamedTuple):
+    """One end of a dialog: its flow's id, and for UDP the peer's address as well, which
+    names the flow even after the Flow object was forgotten and made again."""
+
+    flow_id: int
+    remote: Address | None  # UDP only
+
+    def is_(self, flow: Flow) -> bool:
+        if flow.id == self.flow_id:
+            return True
+        return (
+            self.remote is not None
+            and flow.transport is Transport.UDP
+            and (flow.remote == self.remote)
+        )
+
+
+class Dialog(NamedTuple):
+    pbx: End
+    phone: End
+    serial: str
+
+
+class Sealer:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _mac(self, data: bytes) -> bytes:
+        return hashlib.blake2b(data, key=self._key, digest_size=_MAC).digest()
+
+    # --- branches -----------------------------------------------------------------
+
+    def branch(self, transaction: bytes, came_from: Flow, target: Flow) -> str:
+        """Our branch for a request: `transaction` names it (the same for its
+        retransmissions and its CANCEL), then the seal of where it goes."""
+        first = hashlib.blake2b(
+            b"T" + transaction + b"\0" + came_from.key, key=self._key, digest_size=_MAC
+        ).hexdigest()
+        return MAGIC + first + self._branch_seal(first, came_from, target)
+
+    def answers_branch(self, branch: str, came_from: Flow, arrived: Flow) -> bool:
+        """Whether a response with our `branch` may come on `arrived`: the flow its
+        request was sent to (from `came_from`)."""
+        if len(branch) != BRANCH_LENGTH or not branch.isascii() or not branch.startswith(MAGIC):
+            return False
+        first = branch[len(MAGIC) : len(MAGIC) + _HALF]
+        expected = self._branch_seal(first, came_from, arrived)
+        return hmac.compare_digest(expected, branch[len(MAGIC) + _HALF :])
+
+    def _branch_seal(self, first: str, came_from: Flow, target: Flow) -> str:
+        data = b"B" + first.encode() + b"\0" + came_from.key + b"\0" + target.key
+        return hashlib.blake2b(data, key=self._key, digest_size=_MAC).hexdigest()
+
+    # --- Path tokens --------------------------------------------------------------
+
+    def path_token(self, phone: Flow, serial: str) -> str:
+        raw = _ID.pack(phone.id)
+        return _encode(raw + self._mac(b"P" + raw + serial.encode()))
+
+    def open_path(self, token: str, serial: str) -> int | None:
+        """The phone flow's id in a Path token, if it was made for `serial`."""
+        raw = _decode(token)
+        if raw is None or len(raw) != _ID.size + _MAC:
+            return None
+        body, mac = raw[: _ID.size], raw[_ID.size :]
+        if not hmac.compare_digest(mac, self._mac(b"P" + body + serial.encode())):
+            return None
+        flow_id: int = _ID.unpack(body)[0]
+        return flow_id
+
+    # --- dialog tokens ------------------------------------------------------------
+
+    def dialog_token(self, pbx: Flow, phone: Flow, serial: str) -> str:
+        body = _end(pbx) + _end(phone) + serial.encode()
+        return _encode(self._mac(b"D" + body) + body)
+
+    def open_dialog(self, token: str) -> Dialog | None:
+        raw = _decode(token)
+        if raw is None or len(raw) <= _MAC:
+            return None
+        mac, body = raw[:_MAC], raw[_MAC:]
+        if not hmac.compare_digest(mac, self._mac(b"D" + body)):
+            return None
+        # Ours, so well formed: what we wrote is read back.
+        pbx, rest = _read_end(body)
+        phone, rest = _read_end(rest)
+        return Dialog(pbx, phone, rest.decode())
+
+
+def _end(flow: Flow) -> bytes:
+    try:
+        packed = ipaddress.ip_address(flow.remote[0]).packed
+    except ValueError:
+        packed = b""  # not an address (an in-process flow): known by its id alone
+    if flow.transport is not Transport.UDP or not packed:
+        return b"s" + _ID.pack(flow.id)
+    return b"u" + _ID.pack(flow.id) + bytes((len(packed),)) + packed + _PORT.pack(flow.remote[1])
+
+
+def _read_end(data: bytes) -> tuple[End, bytes]:
+    flow_id: int = _ID.unpack_from(data, 1)[0]
+    if data[:1] == b"s":
+        return End(flow_id, None), data[1 + _ID.size :]
+    at = 1 + _ID.size
+    size = data[at]
+    host = str(ipaddress.ip_address(data[at + 1 : at + 1 + size]))
+    port: int = _PORT.unpack_from(data, at + 1 + size)[0]
+    return End(flow_id, (host, port)), data[at + 1 + size + _PORT.size :]
+
+
+def _encode(raw: bytes) -> str:
+    return base64.b32encode(raw).decode().rstrip("=").lower()
+
+
+def _decode(token: str) -> bytes | None:
+    if not token.isascii():
+        return None
+    try:
+        return base64.b32decode(token.upper() + "=" * (-len(token) % 8))
+    except (binascii.Error, ValueError):
+        return None
