@@ -213,6 +213,7 @@ async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SIP_TRANSPORTS] = transports
     relay.udp_flow = transports.udp_flow
+    relay.listening(transports.addresses)  # a Route naming one of these names us
     timers = asyncio.create_task(relay.parking.run_forever())
     async with relay.overload.probing():
         yield
