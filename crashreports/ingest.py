@@ -6,8 +6,11 @@ A request is answered in this order, so nothing is decoded for a caller without 
     2. the project's rate limit (Retry-After and X-Sentry-Rate-Limits)           429
     3. the body, decoded (gzip, deflate, br) and capped on its decoded size      413/415
     4. the envelope and its items                                                400
-    5. per event: opt-in and scrubbing (`scrubber.Chain`), then the store and the
-       forwarder; a report without opt-in is dropped unstored and counted        200
+    5. per event: opt-in and scrubbing (`scrubber.Chain`, in a worker off the event
+       loop: `workers.Scrubbers`), then the store and the forwarder; a report
+       without opt-in, or over the CPU budget of scrubbing, is dropped unstored and
+       counted                                                                   200
+       (a scrubbing worker that died: 503, nothing stored)                      503
 
 Every refusal is JSON `{"detail": reason}`; the reason never quotes the body.
 """
@@ -32,6 +35,7 @@ from crashreports.envelope import EnvelopeError, Item, parse_envelope
 from crashreports.forward import Forwarder
 from crashreports.scrubber import DropEvent
 from crashreports.settings import CrashSettings, Project
+from crashreports.workers import Scrubbers, ScrubberUnavailable
 from privacy.batches import Batches
 from privacy.clock import Clock
 from privacy.store import Store
@@ -98,7 +102,7 @@ class Metrics:
         )
         self.events = Counter(
             "softrelay_crash_events",
-            "Crash report events by outcome (stored, no_opt_in, invalid)",
+            "Crash report events by outcome (stored, no_opt_in, over_budget)",
             ["project", "outcome"],
             registry=registry,
         )
@@ -119,10 +123,12 @@ class Ingest:
         store: Store,
         clock: Clock,
         registry: CollectorRegistry,
+        scrubbers: Scrubbers,
         forwarder: Forwarder | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.scrubbers = scrubbers
         # Concurrent events are committed together, each answered once its row is on disk.
         self.batches = Batches(store, CATEGORY)
         self.limiter = RateLimiter(settings.rate_limit, clock)
@@ -226,10 +232,14 @@ class Ingest:
     async def _event(self, project: Project, event: dict[str, Any], header_id: Any) -> str:
         event_id = _event_id(event.get("event_id", header_id))
         try:
-            scrubbed = project.chain(event)
+            scrubbed = await self.scrubbers.scrub(project.id, event)
         except DropEvent as exc:
             self.metrics.events.labels(project.id, exc.reason).inc()
             return event_id
+        except ScrubberUnavailable:
+            raise IngestError(
+                503, "crash report scrubber restarting, retry", "unavailable"
+            ) from None
         scrubbed["event_id"] = event_id
         await self.batches.write({"project": project.id, "event_id": event_id, "event": scrubbed})
         self.metrics.events.labels(project.id, "stored").inc()
@@ -315,6 +325,7 @@ def describe(openapi: OpenApi) -> None:
         "403": json_response("Unknown project or key", detail),
         "413": json_response("Body over the limit once decoded", detail),
         "415": json_response("Content-Encoding not supported", detail),
+        "503": json_response("The scrubbing worker died; nothing was stored", detail),
         "429": json_response("The project's rate limit", detail) | {"headers": rate_headers},
     }
     project = {

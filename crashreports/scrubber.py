@@ -17,6 +17,10 @@ nothing of it is stored. In order:
                       them (one walk over a 15 KiB event cost more than twice all of the
                       SDK EventScrubber's work); same result as the three in turn
 
+The chain has a CPU budget per event (`crashreports.budget`): the walk and the rules
+tick a deadline, and an event over budget is dropped (`DropEvent("over_budget")`), so a
+report built to be slow costs at most its budget and is never kept half scrubbed.
+
 What stays: device model and OS, app version, stack frames (function, module, line),
 breadcrumb categories and times, tags, levels; each string in them scrubbed.
 """
@@ -24,11 +28,14 @@ breadcrumb categories and times, tags, levels; each string in them scrubbed.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from crashreports.budget import UNLIMITED, Clock, Deadline, OverBudget
 from crashreports.patterns import JOINT, ValuePatterns
+from crashreports.regex import Regex, compile_re2
 
 Event = dict[str, Any]
 FILTERED = "[filtered]"
@@ -53,6 +60,28 @@ SENSITIVE_KEYS = (
     "signature",
     "bearer",
     "jwt",
+    "ha1",
+)
+# Substrings of a key whose value names a person (a display name, a caller): removed too.
+PERSON_KEYS = (
+    "displayname",
+    "firstname",
+    "lastname",
+    "fullname",
+    "givenname",
+    "familyname",
+    "middlename",
+    "surname",
+    "nickname",
+    "username",
+    "realname",
+    "callername",
+    "calleename",
+    "callee",
+    "caller",
+    "contact",
+    "sendername",
+    "recipient",
 )
 # Keys of an event that a crash report needs; anything else is not kept.
 TOP_LEVEL = frozenset(
@@ -96,7 +125,7 @@ class DropEvent(Exception):
 
 
 class Step(Protocol):
-    def __call__(self, event: Event) -> Event: ...
+    def __call__(self, event: Event, deadline: Deadline = ...) -> Event: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +135,7 @@ class RequireOptIn:
     tag: str
     value: str
 
-    def __call__(self, event: Event) -> Event:
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         tags = event.get("tags")
         if isinstance(tags, dict):
             found = tags.get(self.tag)
@@ -138,7 +167,7 @@ def _cut(node: Any, depth: int) -> Any:
 class LimitDepth:
     depth: int = MAX_DEPTH
 
-    def __call__(self, event: Event) -> Event:
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         cut: Event = _cut(event, self.depth)
         return cut
 
@@ -147,7 +176,7 @@ class LimitDepth:
 class KeepTopLevel:
     keys: frozenset[str] = TOP_LEVEL
 
-    def __call__(self, event: Event) -> Event:
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         return {k: v for k, v in event.items() if k in self.keys}
 
 
@@ -176,7 +205,7 @@ class RemoveIdentifying:
         ("contexts", "user"),
     )
 
-    def __call__(self, event: Event) -> Event:
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         for path in self.paths:
             _pop_in(event, path)
         for frame in _frames(event):
@@ -199,11 +228,11 @@ def _frames(event: Event) -> Iterator[dict[str, Any]]:
                     yield frame
 
 
-def _is_secret(key: str, sensitive: re.Pattern[str]) -> bool:
+def _is_secret(key: str, sensitive: Regex) -> bool:
     return sensitive.search(key.lower().translate(_FOLD)) is not None
 
 
-def _filter_keys(node: Any, sensitive: re.Pattern[str]) -> Any:
+def _filter_keys(node: Any, sensitive: Regex) -> Any:
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
@@ -219,9 +248,9 @@ def _filter_keys(node: Any, sensitive: re.Pattern[str]) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class FilterKeys:
-    sensitive: re.Pattern[str]
+    sensitive: Regex
 
-    def __call__(self, event: Event) -> Event:
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         filtered: Event = _filter_keys(event, self.sensitive)
         return filtered
 
@@ -255,10 +284,10 @@ class ScrubValues:
 
     patterns: ValuePatterns
 
-    def __call__(self, event: Event) -> Event:
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         texts: list[str] = []
         _collect(event, texts)
-        scrubbed = self.patterns.sub(_JOINT.join(texts)).split(_JOINT)
+        scrubbed = self.patterns.sub(_JOINT.join(texts), deadline).split(_JOINT)
         assert len(scrubbed) == len(texts)  # no rule matches the joint
         rebuilt: Event = _rebuild(event, iter(scrubbed))
         return rebuilt
@@ -271,10 +300,11 @@ class _Walk:
     """One event's walk: the tree rebuilt with depth and key rules applied, and where
     each of its strings (keys included) sits, so that only the changed ones are put back."""
 
-    __slots__ = ("holders", "secret", "sensitive", "slots", "texts")
+    __slots__ = ("deadline", "holders", "secret", "sensitive", "slots", "texts")
 
-    def __init__(self, sensitive: re.Pattern[str]) -> None:
+    def __init__(self, sensitive: Regex, deadline: Deadline) -> None:
         self.sensitive = sensitive
+        self.deadline = deadline
         self.secret: dict[str, bool] = {}  # this event's keys, tested once each
         self.texts: list[str] = []
         self.holders: list[Any] = []  # the dict or list holding texts[i]
@@ -290,7 +320,9 @@ class _Walk:
     def mapping(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         secret, texts, holders, slots = self.secret, self.texts, self.holders, self.slots
+        tick = self.deadline.tick
         for key, value in node.items():
+            tick()
             hidden = secret.get(key)
             if hidden is None:
                 hidden = secret[key] = _is_secret(key, self.sensitive)
@@ -315,7 +347,9 @@ class _Walk:
     def sequence(self, node: list[Any], depth: int) -> list[Any]:
         out: list[Any] = []
         texts, holders, slots = self.texts, self.holders, self.slots
+        tick = self.deadline.tick
         for value in node:
+            tick()
             if isinstance(value, str):
                 if _JOINT in value:
                     value = value.replace(_JOINT, "\ufffd")
@@ -332,18 +366,18 @@ class _Walk:
 class ScrubTree:
     """`LimitDepth`, `FilterKeys` and `ScrubValues` in one walk, with the same result."""
 
-    sensitive: re.Pattern[str]
+    sensitive: Regex
     patterns: ValuePatterns
     depth: int = MAX_DEPTH
 
-    def __call__(self, event: Event) -> Event:
-        walk = _Walk(self.sensitive)
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
+        walk = _Walk(self.sensitive, deadline)
         out = walk.node(event, self.depth)
         if not isinstance(out, dict):
             return {}
         renamed: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
         holders, slots, texts = walk.holders, walk.slots, walk.texts
-        for i, text in self.patterns.sub_each(texts).items():
+        for i, text in self.patterns.sub_each(texts, deadline).items():
             slot = slots[i]
             if slot is _KEY:
                 holder = holders[i]
@@ -363,42 +397,62 @@ class ScrubTree:
 
 @dataclass(frozen=True, slots=True)
 class Chain:
-    steps: tuple[Step, ...]
+    """The steps in order, within `budget` seconds of CPU time per event (0: none).
 
-    def __call__(self, event: Event) -> Event:
-        for step in self.steps:
-            event = step(event)
+    `clock` reads the CPU time of the thread that scrubs (injected by tests)."""
+
+    steps: tuple[Step, ...]
+    budget: float = 0.0
+    clock: Clock = field(default=time.thread_time, compare=False)
+
+    def __call__(self, event: Event, deadline: Deadline | None = None) -> Event:
+        if deadline is None:
+            deadline = Deadline.start(self.budget, self.clock) if self.budget else UNLIMITED
+        try:
+            for step in self.steps:
+                event = step(event, deadline)
+                deadline.check()
+        except OverBudget:
+            raise DropEvent("over_budget") from None
         return event
 
+    def with_budget(self, seconds: float, clock: Clock = time.thread_time) -> Chain:
+        return Chain(self.steps, seconds, clock)
 
-def sensitive_keys(extra: tuple[str, ...] = ()) -> re.Pattern[str]:
+
+def sensitive_keys(extra: tuple[str, ...] = ()) -> Regex:
+    """Key substrings as one RE2 alternation (a key may be as long as the body)."""
     words = [
         re.escape(w.lower().replace("_", "").replace("-", "").replace(" ", ""))
-        for w in (
-            *SENSITIVE_KEYS,
-            *extra,
-        )
+        for w in (*SENSITIVE_KEYS, *PERSON_KEYS, *extra)
     ]
-    return re.compile("|".join(words))
+    return compile_re2("|".join(words))
 
 
 def compile_chain(
     *,
     opt_in: RequireOptIn | None,
     extra_keys: tuple[str, ...] = (),
-    extra_patterns: tuple[re.Pattern[str], ...] = (),
+    extra_patterns: tuple[str, ...] = (),
+    budget: float = 0.0,
+    clock: Clock = time.thread_time,
 ) -> Chain:
-    """The chain of a project: its opt-in check (if by tag), then the scrubbing steps."""
+    """The chain of a project: its opt-in check (if by tag), then the scrubbing steps.
+
+    `extra_patterns` are RE2 patterns (checked by the settings); `budget` is CPU seconds
+    per event (0: none)."""
     steps: list[Step] = [] if opt_in is None else [opt_in]
     steps += [
         KeepTopLevel(),
         RemoveIdentifying(),
         ScrubTree(sensitive_keys(extra_keys), ValuePatterns(extra_patterns)),
     ]
-    return Chain(tuple(steps))
+    return Chain(tuple(steps), budget, clock)
 
 
 __all__ = [
+    "PERSON_KEYS",
+    "SENSITIVE_KEYS",
     "Chain",
     "DropEvent",
     "Event",

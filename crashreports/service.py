@@ -13,6 +13,7 @@ from crashreports.forward import Forwarder
 from crashreports.ingest import Ingest, describe
 from crashreports.selfreport import start_self_reporting, stop_self_reporting
 from crashreports.settings import CrashSettings
+from crashreports.workers import Scrubbers
 from privacy.clock import Clock
 from privacy.store import Store
 from proxy.openapi import OPENAPI
@@ -39,13 +40,23 @@ def add_crashreports(
                 attempts=settings.forward_attempts,
             )
             await forwarder.start()
-        ingest = app[INGEST] = Ingest(settings, app[store], clock, app[registry], forwarder)
+        scrubbers = await Scrubbers.create(
+            {p.id: p.chain for p in settings.projects},
+            settings.scrub_mode,
+            settings.scrub_workers,
+        )
+        ingest = app[INGEST] = Ingest(
+            settings, app[store], clock, app[registry], scrubbers, forwarder
+        )
         own = start_self_reporting(settings, _release())
         try:
             yield
         finally:
             if own:
                 stop_self_reporting()
+            # Requests in flight have been answered (the runner stops them first):
+            # nothing waits on a worker any more.
+            await scrubbers.close()
             await ingest.batches.drain()
             if forwarder is not None:
                 await forwarder.close()

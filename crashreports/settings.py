@@ -1,7 +1,8 @@
 """The `[crashreports]` section: projects and their keys, limits, forwarding, own errors.
 
 Parsed once at start; each project's scrubbing chain is compiled here, so a pattern
-that cannot work stops the start with the file and the key named.
+that cannot work stops the start with the file and the key named. Deployment patterns
+(`scrub_patterns`) are RE2 syntax, like the built-in rules: linear time, no lookaround.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from crashreports.regex import compile_re2
 from crashreports.scrubber import Chain, RequireOptIn, compile_chain
 from privacy.declaration import Section
 
 OPT_IN_MODES = ("tag", "dsn")
 ATTACHMENT_MODES = ("refuse", "drop")
+SCRUB_MODES = ("process", "thread")
+DEFAULT_BUDGET_MS = 50
 _PROJECT_ID = re.compile(r"^[0-9]{1,18}$")
 _KEY = re.compile(r"^[0-9A-Za-z]{16,64}$")
 
@@ -51,6 +55,9 @@ class CrashSettings:
     self_chain: Chain = field(
         default_factory=lambda: compile_chain(opt_in=None), repr=False, compare=False
     )
+    # Where chains run (`crashreports.workers`): processes, or threads; how many.
+    scrub_mode: str = "process"
+    scrub_workers: int = 1
 
     def project(self, project_id: str) -> Project | None:
         return next((p for p in self.projects if p.id == project_id), None)
@@ -75,20 +82,21 @@ def parse_crashreports(sec: Section) -> CrashSettings:
     for word in extra_keys:
         if not word.strip():
             raise sec.error("scrub_keys", "an empty word would match every key")
-    extra_patterns: list[re.Pattern[str]] = []
+    extra_patterns: list[str] = []
     for text in sec.text_list("scrub_patterns", []):
         try:
-            pattern = re.compile(text)
-        except re.error as exc:
+            pattern = compile_re2(text)
+        except ValueError as exc:
             raise sec.error(
-                "scrub_patterns", f"{text!r} is not a regular expression: {exc}"
+                "scrub_patterns", f"{text!r} is not an RE2 regular expression: {exc}"
             ) from None
         if pattern.groups or pattern.match(""):
             raise sec.error(
                 "scrub_patterns",
                 f"{text!r}: use (?:...) instead of groups, and match at least one character",
             )
-        extra_patterns.append(pattern)
+        extra_patterns.append(text)
+    budget_ms = sec.integer("scrub_budget_ms", DEFAULT_BUDGET_MS, minimum=1)
     opt_in_tag = sec.text("opt_in_tag", "softrelay.opt_in")
     opt_in_value = sec.text("opt_in_value", "yes")
     if not opt_in_tag or not opt_in_value:
@@ -96,7 +104,10 @@ def parse_crashreports(sec: Section) -> CrashSettings:
 
     def chain(opt_in: RequireOptIn | None) -> Chain:
         return compile_chain(
-            opt_in=opt_in, extra_keys=extra_keys, extra_patterns=tuple(extra_patterns)
+            opt_in=opt_in,
+            extra_keys=extra_keys,
+            extra_patterns=tuple(extra_patterns),
+            budget=budget_ms / 1000,
         )
 
     by_tag = chain(RequireOptIn(opt_in_tag, opt_in_value))
@@ -150,6 +161,8 @@ def parse_crashreports(sec: Section) -> CrashSettings:
         self_dsn=self_dsn,
         self_environment=self_environment,
         self_chain=by_dsn,
+        scrub_mode=sec.choice("scrub_mode", SCRUB_MODES, "process"),
+        scrub_workers=sec.integer("scrub_workers", 1, minimum=1),
     )
     sec.finish()
     return settings

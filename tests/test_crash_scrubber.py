@@ -235,16 +235,14 @@ def test_spans_too_short_or_without_the_characters_a_rule_needs_skip_it_only() -
         "x:y@z",
         "4111111111111111",
     ):
-        assert PATTERNS.sub(text) == PATTERNS.regex.sub(PATTERNS._replace, text), text
+        assert PATTERNS.sub(text) == PATTERNS.sub_all_rules(text), text
 
 
 def test_the_chain_runs_every_step_and_a_deployments_own_rules() -> None:
-    import re
-
     chain = compile_chain(
         opt_in=RequireOptIn("consent", "1"),
         extra_keys=("pin",),
-        extra_patterns=(re.compile(r"CUST-\d{6}"),),
+        extra_patterns=(r"CUST-\d{6}",),
     )
     event = {
         "tags": {"consent": "1"},
@@ -299,7 +297,10 @@ def _parse(table: dict[str, Any]) -> Any:
         ),
         ({"project": [{"id": "1", "key": "short"}]}, "crashreports.project[0].key: must be 16"),
         ({"project": [{"id": "1", "key": "k" * 32, "opt_in": "maybe"}]}, "opt_in: must be one of"),
-        ({"scrub_patterns": ["("]}, "crashreports.scrub_patterns: '(' is not a regular expression"),
+        (
+            {"scrub_patterns": ["("]},
+            "crashreports.scrub_patterns: '(' is not an RE2 regular expression",
+        ),
         ({"scrub_patterns": ["(a)"]}, "use (?:...) instead of groups"),
         ({"forward": {"dsn": "not a dsn"}}, "crashreports.forward.dsn: expected a DSN"),
         ({"attachments": "keep"}, "crashreports.attachments: must be one of refuse, drop"),
