@@ -234,7 +234,7 @@ def run_encode(rows: Sequence[Fields], policy: Policy) -> dict[str, float]:
     store = Store(policy, Keyring.generate(), unopened, SystemClock())
     steps: dict[str, Callable[[Fields], object]] = {
         "check_fields": lambda fields: store._check_fields(cat, fields),
-        "encode": lambda fields: store._encode(cat, fields)(),
+        "encode": lambda fields: store._encode(cat, fields, None)(),
         "subject_index": lambda fields: store._subject_of(cat, fields),
     }
     seconds: dict[str, float] = {}
