@@ -197,45 +197,61 @@ def scrub_mode(args: argparse.Namespace, relay: RelayPii | None) -> list[dict[st
 # --- adversarial: point 1's events through our chain -----------------------------------
 
 
-def adversarial_child(name: str, size: int, repeat: int) -> None:
-    """In the child process: time the chain on one adversarial event, print JSON."""
-    chain = compile_chain(opt_in=None)
+def adversarial_child(name: str, size: int, repeat: int, engine: str) -> None:
+    """In the child process: time `engine` (ours or relay) on one adversarial event, and
+    print the runs as JSON."""
     text = adversarial_texts(size)[name]
+    if engine == "relay":
+        relay = RelayPii()
+        raw = orjson.dumps(adversarial_event(text))
+
+        def run() -> None:
+            relay(raw)
+
+    else:
+        chain = compile_chain(opt_in=None)
+
+        def run() -> None:
+            chain(adversarial_event(text))
+
     runs: list[float] = []
     outcome = "scrubbed"
-    spent = 0.0
-    while len(runs) < repeat and spent < 5.0:
-        event = adversarial_event(text)
+    while len(runs) < repeat and sum(runs) < 5.0:
         start = time.perf_counter()
         try:
-            chain(event)
+            run()
         except DropEvent as exc:
             outcome = f"dropped ({exc.reason})"
         runs.append(time.perf_counter() - start)
-        spent += runs[-1]
     print(orjson.dumps({"ms": [round(t * 1000, 2) for t in runs], "outcome": outcome}).decode())
 
 
-def adversarial_mode(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _adversarial_run(args: argparse.Namespace, name: str, size: int, engine: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--adversarial-child", name, str(size)]
+    command += [str(args.adversarial_repeat), engine]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, timeout=args.adversarial_timeout, check=True
+        )
+    except subprocess.TimeoutExpired:
+        return {"median_ms": None, "outcome": f"killed after {args.adversarial_timeout:g} s"}
+    child = orjson.loads(done.stdout.splitlines()[-1])
+    return {"median_ms": statistics.median(child["ms"]), "runs_ms": child["ms"]} | {
+        "outcome": child["outcome"]
+    }
+
+
+def adversarial_mode(args: argparse.Namespace, relay: bool) -> list[dict[str, Any]]:
     results = []
     for size in ADVERSARIAL_SIZES:
         for name, text in adversarial_texts(size).items():
             envelope = gzip_sdk(envelope_of(adversarial_event(text)))
-            load = load_average()
-            command = [sys.executable, __file__, "--adversarial-child", name, str(size)]
-            command.append(str(args.adversarial_repeat))
             row: dict[str, Any] = {"rule": name, "chars": len(text), "gzip_bytes": len(envelope)}
-            try:
-                done = subprocess.run(
-                    command, capture_output=True, timeout=args.adversarial_timeout, check=True
-                )
-            except subprocess.TimeoutExpired:
-                row |= {"median_ms": None, "outcome": f"killed after {args.adversarial_timeout} s"}
-            else:
-                child = orjson.loads(done.stdout.splitlines()[-1])
-                row |= {"median_ms": statistics.median(child["ms"]), "runs_ms": child["ms"]}
-                row["outcome"] = child["outcome"]
-            results.append(row | {"load_before": load})
+            row["load_before"] = load_average()
+            row |= _adversarial_run(args, name, size, "ours")
+            if relay:
+                row["relay"] = _adversarial_run(args, name, size, "relay")
+            results.append(row)
     return results
 
 
@@ -280,9 +296,13 @@ def report(result: dict[str, Any]) -> bool:
             ms = row["median_ms"]
             worst = max(worst, float("inf") if ms is None else ms)
             timed = "-" if ms is None else f"{ms:,.1f} ms"
+            peer = ""
+            if "relay" in row:
+                relay_ms = row["relay"]["median_ms"]
+                peer = "  Relay: " + ("killed" if relay_ms is None else f"{relay_ms:,.1f} ms")
             print(
                 f"{row['rule']:<8}{row['chars']:>9,} chars, gzip {row['gzip_bytes']:>5} B: "
-                f"{timed:>12}  {row['outcome']}  (load {row['load_before'][0]})"
+                f"{timed:>12}  {row['outcome']}{peer}  (load {row['load_before'][0]})"
             )
         passed &= worst <= TARGET_MS
         worst_text = "a run killed" if worst == float("inf") else f"{worst:,.1f} ms"
@@ -312,8 +332,8 @@ def report(result: dict[str, Any]) -> bool:
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--adversarial-child":
-        adversarial_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--adversarial-child":
+        adversarial_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("all", "scrub", "adversarial", "ingest"), default="all")
@@ -345,7 +365,7 @@ def main() -> int:
     if args.mode in ("all", "scrub"):
         result["scrub"] = scrub_mode(args, relay)
     if args.mode in ("all", "adversarial"):
-        result["adversarial"] = adversarial_mode(args)
+        result["adversarial"] = adversarial_mode(args, relay is not None)
     if args.mode in ("all", "ingest"):
         result["ingest"] = ingest(args.events, args.ingest_rounds, args.concurrency)
     result["load_at_end"] = load_average()
