@@ -163,12 +163,14 @@ def compare(raws: list[bytes], scrubbers: dict[str, Scrub], rounds: int) -> dict
             rates[name].append(len(raws) / (time.perf_counter() - start))
     for name in names:
         out[name]["events_per_s"] = round(statistics.median(rates[name]))
+        out[name]["rounds_events_per_s"] = [round(rate) for rate in rates[name]]
     if "relay" in rates:
         ratios = [o / r for o, r in zip(rates["ours"], rates["relay"], strict=True)]
         out["ratio_ours_relay"] = {
             "median": round(statistics.median(ratios), 2),
             "min": round(min(ratios), 2),
             "max": round(max(ratios), 2),
+            "rounds": [round(ratio, 2) for ratio in ratios],
         }
     return out
 
