@@ -1,6 +1,10 @@
-"""`softrelay crashes list|show|export`: the stored (scrubbed) reports, for developers.
+"""`softrelay crashes list|show|export|stats`: the stored (scrubbed) reports.
 
 Reads through the store, so an expired report is never shown, even before the sweep.
+`stats` counts the reports kept per project and, from a running server's `/metrics`,
+the events it dropped unstored since it started, by reason (`no_opt_in`, and
+`over_budget`: scrubbing would have cost more CPU time than `scrub_budget_ms`). Drops
+are not stored anywhere: nothing of a dropped report is kept, not even that it came.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from crashreports.ingest import CATEGORY
 from privacy.clock import iso
@@ -82,6 +88,65 @@ def export_to(records: list[Record], output: str | None, stdout: IO[bytes]) -> N
         export(records, stdout)
 
 
+EVENTS_METRIC = "softrelay_crash_events"
+METRICS_TIMEOUT = 10.0  # seconds to wait for a server's /metrics
+
+
+class MetricsUnavailable(Exception):
+    """The server's /metrics could not be read; the reason says why."""
+
+
+async def dropped(metrics_url: str) -> dict[str, dict[str, int]]:
+    """Events by project and outcome (stored, no_opt_in, over_budget) from `/metrics`."""
+    timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(metrics_url) as resp,
+        ):
+            if resp.status != 200:
+                raise MetricsUnavailable(f"{metrics_url} answered {resp.status}")
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise MetricsUnavailable(f"{metrics_url}: {type(exc).__name__}") from exc
+    counts: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != EVENTS_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{EVENTS_METRIC}_total":
+                project = sample.labels.get("project", "")
+                outcome = sample.labels.get("outcome", "")
+                counts.setdefault(project, {})[outcome] = int(sample.value)
+    return counts
+
+
+def format_stats(
+    records: list[Record], events: dict[str, dict[str, int]] | None, project: str | None
+) -> str:
+    kept: dict[str, int] = {}
+    for record in records:
+        kept[str(record.fields["project"])] = kept.get(str(record.fields["project"]), 0) + 1
+    projects = sorted(set(kept) | set(events or {}))
+    if project:
+        projects = [p for p in projects if p == project]
+    head = f"{'project':<9}{'stored':>8}"
+    if events is not None:
+        head += f"{'dropped: no_opt_in':>20}{'over_budget':>13}"
+    lines = [head]
+    for name in projects:
+        line = f"{name:<9}{kept.get(name, 0):>8}"
+        if events is not None:
+            by = events.get(name, {})
+            line += f"{by.get('no_opt_in', 0):>20}{by.get('over_budget', 0):>13}"
+        lines.append(line)
+    if events is None:
+        lines.append("(events dropped unstored: add --metrics-url of the running server)")
+    else:
+        lines.append("(dropped: since the server started; nothing of them is stored)")
+    return "\n".join(lines)
+
+
 def add_crashes_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     crashes = sub.add_parser("crashes", help="the stored, scrubbed crash reports")
     actions = crashes.add_subparsers(dest="action", required=True)
@@ -92,6 +157,15 @@ def add_crashes_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     out = actions.add_parser("export", parents=[common], help="reports as JSON lines")
     out.add_argument("--project", help="only this project id")
     out.add_argument("--output", help="file to write (default: standard output)")
+    stats = actions.add_parser(
+        "stats", parents=[common], help="reports kept, and events dropped, per project"
+    )
+    stats.add_argument("--project", help="only this project id")
+    stats.add_argument(
+        "--metrics-url",
+        help="a running server's /metrics (http://HOST:PORT/metrics): adds the events it "
+        "dropped unstored (no opt-in, over the CPU budget) since it started",
+    )
 
 
 async def crashes_command(store: Store, args: argparse.Namespace) -> int:
@@ -104,6 +178,16 @@ async def crashes_command(store: Store, args: argparse.Namespace) -> int:
         print(show(found[0]))
         return 0
     records = await reports(store, args.project)
+    if args.action == "stats":
+        events = None
+        if args.metrics_url:
+            try:
+                events = await dropped(args.metrics_url)
+            except MetricsUnavailable as exc:
+                print(f"softrelay: cannot read the server's metrics: {exc}", file=sys.stderr)
+                return 1
+        print(format_stats(records, events, args.project))
+        return 0
     if args.action == "list":
         print(format_list(records))
         return 0

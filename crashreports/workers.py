@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any
 
-from crashreports.scrubber import Chain, DropEvent, Event, RequireOptIn
+from crashreports.scrubber import Chain, DropEvent, Event, ScrubTree
 
 log = logging.getLogger("softrelay.crashreports")
 
@@ -60,9 +60,10 @@ _WARM_UP: Event = {
 
 
 def warm_up(chain: Chain) -> None:
-    """Run the scrubbing steps of `chain` (not its opt-in check) over `_WARM_UP`."""
-    steps = tuple(s for s in chain.steps if not isinstance(s, RequireOptIn))
-    Chain(steps)(copy.deepcopy(_WARM_UP))
+    """Run the rules of `chain` (its `ScrubTree` steps, no other) over `_WARM_UP`."""
+    for step in chain.steps:
+        if isinstance(step, ScrubTree):
+            step(copy.deepcopy(_WARM_UP))
 
 
 def _install(chains: Mapping[str, Chain]) -> None:

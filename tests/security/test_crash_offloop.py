@@ -1,0 +1,150 @@
+"""Issue 14, point 1: crash reports are scrubbed off the event loop.
+
+The whole app (`build_app`: SIP over UDP, /healthz, the crash ingest) runs in this
+process. A scrubbing step of the test holds the chain inside the worker (a process of
+the pool, or a thread) until the test releases it: while an envelope is held there,
+/healthz and a SIP OPTIONS are answered, so the loop is free whatever the engine's
+speed. Nothing waits on time: the step signals an event when it is entered, and waits
+for another that the test sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from crashreports.budget import UNLIMITED, Deadline
+from crashreports.scrubber import Chain, Event, compile_chain
+from crashreports.settings import CrashSettings, Project
+from privacy.keys import Keyring
+from privacy.policy import load_policy
+from proxy.app import SIP_TRANSPORTS, STORE, Services, build_app
+from proxy.sip.message import Response, parse
+from push.apps import PushSettings
+from tests.conftest import START
+
+KEY = "0123456789abcdef0123456789abcdef"
+WAIT = 30.0  # seconds for any one step (spawning a worker process included)
+EMBEDDED_PUSH = PushSettings(
+    apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.test"
+)
+
+
+class Flag(Protocol):
+    def set(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A first step that says it was entered, then waits to be released (in the worker)."""
+
+    entered: Flag
+    release: Flag
+
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
+        self.entered.set()
+        assert self.release.wait(WAIT), "the test never released the scrubber"
+        return event
+
+
+def _flags(mode: str) -> tuple[Flag, Flag]:
+    if mode == "process":
+        ctx = multiprocessing.get_context("spawn")
+        return ctx.Event(), ctx.Event()
+    import threading
+
+    return threading.Event(), threading.Event()
+
+
+def _options(call_id: str) -> bytes:
+    return (
+        "OPTIONS sip:relay.test SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-offloop-1;rport\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:probe@relay.test>;tag=probe1\r\n"
+        "To: <sip:relay.test>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.answers.put_nowait(data)
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbing(
+    tmp_path: Path, mode: str
+) -> None:
+    from privacy.clock import ManualClock
+
+    entered, release = _flags(mode)
+    chain = compile_chain(opt_in=None)
+    held = Chain((Hold(entered, release), *chain.steps), chain.budget)
+    crash = CrashSettings(projects=(Project("1", KEY, "dsn", held),), scrub_mode=mode)
+    services = Services(
+        load_policy("auerproxy"),
+        Keyring.generate(),
+        tmp_path,
+        ManualClock(START),
+        sweep_interval=3600,
+        push=EMBEDDED_PUSH,
+        sip_listen=("127.0.0.1", 0),
+        crash=crash,
+    )
+    app = build_app(services)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    loop = asyncio.get_running_loop()
+    transport, udp = await loop.create_datagram_endpoint(_Udp, local_addr=("127.0.0.1", 0))
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        sip_port = next(port for kind, (_, port) in app[SIP_TRANSPORTS].addresses if kind == "udp")
+        event = {"message": "held call to +49 151 23456789", "event_id": "a" * 32}
+        payload = orjson.dumps(event)
+        body = b"{}\n" + orjson.dumps({"type": "event", "length": len(payload)}) + b"\n" + payload
+        headers = {"X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={KEY}"}
+        async with aiohttp.ClientSession() as session:
+            posting = asyncio.ensure_future(
+                session.post(f"{base}/api/1/envelope/", data=body, headers=headers)
+            )
+            try:
+                # The scrubbing step has the envelope now, and holds it.
+                assert await asyncio.to_thread(entered.wait, WAIT)
+                async with asyncio.timeout(WAIT):
+                    async with session.get(f"{base}/healthz") as health:
+                        assert health.status == 200
+                        assert await health.json() == {"status": "ok"}
+                    transport.sendto(_options("offloop-1"), ("127.0.0.1", sip_port))
+                    answer = parse(await udp.answers.get())
+                assert isinstance(answer, Response)
+                assert answer.get("Call-ID") == "offloop-1"
+                assert not posting.done()  # still held: the answers came from a free loop
+            finally:
+                release.set()
+            async with asyncio.timeout(WAIT):
+                response = await posting
+                assert response.status == 200
+                assert await response.json() == {"id": "a" * 32}
+                response.release()
+        (record,) = await app[STORE].find("crash_report")
+        stored = record.fields["event"]
+        assert isinstance(stored, dict)
+        assert stored["message"] == "held call to [phone]"
+    finally:
+        transport.close()
+        await server.close()
