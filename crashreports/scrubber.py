@@ -16,6 +16,9 @@ nothing of it is stored. In order:
     ScrubTree         the last three in one walk over the event, as `compile_chain` runs
                       them (one walk over a 15 KiB event cost more than twice all of the
                       SDK EventScrubber's work); same result as the three in turn
+    FilterLogParams   a log call's parameter that its scrubbed message no longer shows
+                      ("password %s" with "hunter2": the message says "password
+                      [filtered]") is filtered too: alone, a parameter has no context
 
 The chain has a CPU budget per event (`crashreports.budget`): the walk and the rules
 tick a deadline, and an event over budget is dropped (`DropEvent("over_budget")`), so a
@@ -396,6 +399,34 @@ class ScrubTree:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterLogParams:
+    """`logentry.params` checked against the scrubbed `logentry.formatted`."""
+
+    patterns: ValuePatterns
+
+    def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
+        entry = event.get("logentry")
+        if not isinstance(entry, dict) or not isinstance(entry.get("params"), list):
+            return event
+        params: list[Any] = entry["params"]
+        formatted = entry.get("formatted")
+        if not isinstance(formatted, str):
+            template = entry.get("message")
+            if not isinstance(template, str):
+                return event
+            try:
+                formatted = self.patterns.sub(template % tuple(params), deadline)
+            except (TypeError, ValueError, KeyError):
+                return event
+        for i, param in enumerate(params):
+            deadline.tick()
+            shown = param if isinstance(param, str) else repr(param)
+            if param not in (None, "") and shown not in formatted:
+                params[i] = FILTERED
+        return event
+
+
+@dataclass(frozen=True, slots=True)
 class Chain:
     """The steps in order, within `budget` seconds of CPU time per event (0: none).
 
@@ -445,8 +476,9 @@ def compile_chain(
     steps += [
         KeepTopLevel(),
         RemoveIdentifying(),
-        ScrubTree(sensitive_keys(extra_keys), ValuePatterns(extra_patterns)),
     ]
+    patterns = ValuePatterns(extra_patterns)
+    steps += [ScrubTree(sensitive_keys(extra_keys), patterns), FilterLogParams(patterns)]
     return Chain(tuple(steps), budget, clock)
 
 
@@ -457,6 +489,7 @@ __all__ = [
     "DropEvent",
     "Event",
     "FilterKeys",
+    "FilterLogParams",
     "KeepTopLevel",
     "LimitDepth",
     "RemoveIdentifying",

@@ -499,3 +499,115 @@ async def test_reports_are_gone_after_90_days(start: Start, clock: ManualClock) 
     assert await server.store.find("crash_report") == []
     deleted = await server.store.delete_expired()
     assert deleted["crash_report"][1] == 1
+
+
+# Issue 14, point 7: what the scrubber used to store unchanged. Each value is a canary.
+FREE_PASSWORD = "hunter2xyzCanary"
+PW_VALUE = "canaryPwValue7"
+PASSWD_VALUE = "canaryPasswdValue8"
+DIGEST_USER = "canarydigestuser"
+DIGEST_NONCE = "canaryNonce5f1e"
+DIGEST_RESPONSE = "6629fae49393a05397450978507c4ef1"
+HA1_32 = "5f4dcc3b5aa765d61d8327deb882cf99"
+HA1_64 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+REPR_SECRET = "canaryReprSecret"
+JSON_SECRET = "canaryJsonSecret"
+QUOTED_NAME = "Canaryquoted Smith"
+BARE_NAME = "Canarybare Jones"
+PERSON_VALUES = {
+    "caller_name": "Canary Caller",
+    "display_name": "Canary Display",
+    "callee": "Canary Callee",
+    "contact": "Canary Contact",
+    "first_name": "Canaryfirst",
+    "last_name": "Canarylast",
+    "full_name": "Canary Fullname",
+}
+LEAKS = (
+    FREE_PASSWORD,
+    PW_VALUE,
+    PASSWD_VALUE,
+    DIGEST_USER,
+    DIGEST_NONCE,
+    DIGEST_RESPONSE,
+    HA1_32,
+    HA1_64,
+    REPR_SECRET,
+    JSON_SECRET,
+    QUOTED_NAME,
+    BARE_NAME,
+    *PERSON_VALUES.values(),
+)
+
+
+def _fail_registering() -> None:
+    raise PermissionError(
+        f'REGISTER refused: Authorization: Digest username="{DIGEST_USER}", '
+        f'realm="pbx.example.com", nonce="{DIGEST_NONCE}", uri="sip:pbx.example.com", '
+        f'response="{DIGEST_RESPONSE}", algorithm=MD5; From: "{QUOTED_NAME}" '
+        f"<sip:alice@pbx.example.com>; To: {BARE_NAME} <sip:bob@pbx.example.com>"
+    )
+
+
+async def test_credentials_digests_display_names_and_person_keys_are_absent_from_the_store(
+    start: Start, sdk: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start()
+    sdk(server.dsn)
+    with sentry_sdk.new_scope():
+        for name, value in OPT_IN.items():
+            sentry_sdk.set_tag(name, value)
+        sentry_sdk.set_extra("call", dict(PERSON_VALUES))
+        sentry_sdk.set_extra("account", f"{{'sip_password': '{REPR_SECRET}', 'port': 5060}}")
+        sentry_sdk.add_breadcrumb(
+            category="provisioning",
+            message=f'got {{"password": "{JSON_SECRET}", "ha1": "{HA1_64}"}}',
+        )
+        sentry_sdk.add_breadcrumb(category="sip", message=f"stored ha1={HA1_32}")
+        try:
+            _fail_registering()
+        except PermissionError:
+            sentry_sdk.capture_exception()
+        logging.getLogger("phoneapp").error(
+            "login with password %s failed (pw=%s, passwd = %s)",
+            FREE_PASSWORD,
+            PW_VALUE,
+            PASSWD_VALUE,
+        )
+    await flush()
+
+    records = await server.store.find("crash_report", project="1")
+    assert len(records) == 2
+    stored = orjson.dumps([r.fields for r in records]).decode()
+    for leak in LEAKS:
+        assert leak not in stored, leak
+    event = next(e for e in map(_event, records) if "exception" in e)
+    value = event["exception"]["values"][-1]["value"]
+    assert "Authorization: Digest [filtered]" in value
+    assert 'From: "[name]" <sip:[sip-user]@pbx.example.com>' in value
+    assert "To: [name] <sip:[sip-user]@pbx.example.com>" in value
+    assert event["extra"]["call"] == dict.fromkeys(PERSON_VALUES, "[filtered]")
+    assert event["extra"]["account"] == "{'sip_password': '[filtered]', 'port': 5060}"
+    crumbs = [c["message"] for c in event["breadcrumbs"]["values"]]
+    assert crumbs == [
+        'got {"password": "[filtered]", "ha1": "[filtered]"}',
+        "stored ha1=[filtered]",
+    ]
+    # Useful crash content stays: the frame's function and module, the exception type.
+    frame = event["exception"]["values"][-1]["stacktrace"]["frames"][-1]
+    assert frame["function"] == "_fail_registering"
+    assert frame["module"] == "tests.test_crash_ingest"
+    assert event["exception"]["values"][-1]["type"] == "PermissionError"
+    log_event = next(e for e in map(_event, records) if "exception" not in e)
+    assert log_event["logentry"]["params"] == ["[filtered]", "[filtered]", "[filtered]"]
+
+    # And nowhere under the data directory.
+    await server.app.shutdown()
+    await server.app.cleanup()
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    monkeypatch.setenv("SOFTRELAY_CONFIG", str(config))
+    args = ["audit", "--now", "2026-03-01T13:00:00Z", "--data-dir", str(server.data_dir)]
+    for leak in LEAKS:
+        args += ["--canary", leak]
+    assert await asyncio.to_thread(cli_main, args) == 0

@@ -32,7 +32,13 @@ from crashreports.budget import Deadline, OverBudget
 from crashreports.commands import crashes_command
 from crashreports.patterns import SPAN_RULES, WORD_RULES, Rules, ValuePatterns
 from crashreports.regex import Program
-from crashreports.scrubber import DropEvent, ScrubTree, compile_chain, sensitive_keys
+from crashreports.scrubber import (
+    DropEvent,
+    FilterLogParams,
+    ScrubTree,
+    compile_chain,
+    sensitive_keys,
+)
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings, Project, parse_crashreports
 from privacy.clock import ManualClock
@@ -350,3 +356,16 @@ def test_values_of_keys_that_name_a_person_are_filtered_and_frames_kept() -> Non
     }
     assert out["exception"] == event["exception"]
     assert out["contexts"] == event["contexts"]
+
+
+def test_a_log_parameter_its_scrubbed_message_no_longer_shows_is_filtered() -> None:
+    step = FilterLogParams(PATTERNS)
+    entry = {
+        "message": "password %s for %s on port %s",
+        "formatted": "password [filtered] for [email] on port 5060",
+        "params": ["hunter2", "[email]", 5060],
+    }
+    assert step({"logentry": dict(entry)})["logentry"]["params"] == ["[filtered]", "[email]", 5060]
+    # Without "formatted" (older SDKs) the message is formatted and scrubbed here.
+    bare = {"message": entry["message"], "params": ["hunter2", "[email]", 5060]}
+    assert step({"logentry": bare})["logentry"]["params"] == ["[filtered]", "[email]", 5060]
