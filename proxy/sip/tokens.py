@@ -11,9 +11,10 @@ process, so that a peer can use a value only from where it was meant to be used.
   only those ends, or the PBX of that serial on a new flow, can use it.
 
 A flow is named in a seal by `Flow.key`: its connection for a stream, its (socket,
-remote address) pair for UDP. The seals are keyed BLAKE2b (a keyed hash made to be a
-MAC, and in CPython quicker than HMAC-SHA-256 for these short inputs), 64 bits each: a
-guess costs a message, so 2^64 of them is out of reach.
+remote address) pair for UDP. The seals are keyed BLAKE2s (a keyed hash made to be a
+MAC; with its keyed state made once and copied, a third of HMAC-SHA-256's time for
+these short inputs in CPython), 64 bits each: a guess costs a message, so 2^64 of them
+is out of reach.
 """
 
 from __future__ import annotations
@@ -61,19 +62,22 @@ class Dialog(NamedTuple):
 
 class Sealer:
     def __init__(self, key: bytes) -> None:
-        self._key = key
+        self._keyed = hashlib.blake2s(key=key, digest_size=_MAC)  # at most 32 bytes
+
+    def _hash(self, data: bytes) -> hashlib.blake2s:
+        keyed = self._keyed.copy()
+        keyed.update(data)
+        return keyed
 
     def _mac(self, data: bytes) -> bytes:
-        return hashlib.blake2b(data, key=self._key, digest_size=_MAC).digest()
+        return self._hash(data).digest()
 
     # --- branches -----------------------------------------------------------------
 
     def branch(self, transaction: bytes, came_from: Flow, target: Flow) -> str:
         """Our branch for a request: `transaction` names it (the same for its
         retransmissions and its CANCEL), then the seal of where it goes."""
-        first = hashlib.blake2b(
-            b"T" + transaction + b"\0" + came_from.key, key=self._key, digest_size=_MAC
-        ).hexdigest()
+        first = self._hash(b"T" + transaction + b"\0" + came_from.key).hexdigest()
         return MAGIC + first + self._branch_seal(first, came_from, target)
 
     def answers_branch(self, branch: str, came_from: Flow, arrived: Flow) -> bool:
@@ -87,7 +91,7 @@ class Sealer:
 
     def _branch_seal(self, first: str, came_from: Flow, target: Flow) -> str:
         data = b"B" + first.encode() + b"\0" + came_from.key + b"\0" + target.key
-        return hashlib.blake2b(data, key=self._key, digest_size=_MAC).hexdigest()
+        return self._hash(data).hexdigest()
 
     # --- Path tokens --------------------------------------------------------------
 
