@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +61,21 @@ class Baresip:
         sip_port = _free_port(PHONE_HOST, socket.SOCK_STREAM)
         ctrl_port = _free_port("127.0.0.1", socket.SOCK_STREAM)
         modules = "/usr/lib/baresip/modules"
+        # What baresip says in a call: a second of 8 kHz silence, the rate of PCMU.
+        silence = home / "silence.wav"
+        with wave.open(str(silence), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(8000)
+            out.writeframes(bytes(16000))
         (home / "config").write_text(
             f"sip_listen {PHONE_HOST}:{sip_port}\n"
             f"module_path {modules}\n"
-            "module g711.so\nmodule ausine.so\n"
+            "module g711.so\nmodule aufile.so\n"
             "module_app account.so\nmodule_app menu.so\nmodule_app ctrl_tcp.so\n"
             f"ctrl_tcp_listen 127.0.0.1:{ctrl_port}\n"
-            "audio_player ausine,nil\naudio_source ausine,nil\naudio_alert ausine,nil\n"
+            f"audio_source aufile,{silence}\naudio_player aufile,{home / 'heard.wav'}\n"
+            f"audio_alert aufile,{home / 'alert.wav'}\n"
             "rtp_ports 42000-42100\n",
             encoding="utf-8",
         )
