@@ -219,20 +219,23 @@ class Ingest:
         if not events:
             return None
         header_id = envelope.headers.get("event_id")
-        return await self._event(project, _load_event(events[0].payload), header_id)
+        payload = events[0].payload
+        return await self._event(project, _load_event(payload), payload, header_id)
 
     async def store_endpoint(self, request: web.Request, project: Project) -> str | None:
         body = await self._body(request)
         if body[:1] != b"{":
             body = _legacy_body(body, self.settings.max_body)
-        return await self._event(project, _load_event(body), None)
+        return await self._event(project, _load_event(body), body, None)
 
     # --- 5. one event --------------------------------------------------------------------
 
-    async def _event(self, project: Project, event: dict[str, Any], header_id: Any) -> str:
+    async def _event(
+        self, project: Project, event: dict[str, Any], payload: bytes, header_id: Any
+    ) -> str:
         event_id = _event_id(event.get("event_id", header_id))
         try:
-            scrubbed = await self.scrubbers.scrub(project.id, event)
+            scrubbed = await self.scrubbers.scrub(project.id, event, payload)
         except DropEvent as exc:
             self.metrics.events.labels(project.id, exc.reason).inc()
             return event_id

@@ -1,43 +1,51 @@
 """Where the scrubbing chains run: never on the event loop.
 
-A crash report is parsed on the loop (orjson, bounded by the body cap), then scrubbed
-in a worker while the loop goes on answering SIP, pushes and the other routes:
+A crash report is parsed on the loop (orjson, bounded by the body cap: its event id and
+its shape are needed for the answer), then scrubbed in a worker while the loop goes on
+answering SIP, pushes and the other routes:
 
-- "process" (the default): a pool of `workers` processes (started by `spawn`, so no
-  thread or lock of the server is copied into them), each holding the chains of every
-  project, sent once when it starts and compiled there. An event crosses as a pickled
-  dict both ways (~8 KiB: tens of µs).
+- "process" (the default): `workers` processes of `python -m crashreports.worker`,
+  started at the first report (a server that gets none starts none), each given the
+  pickled chains of every project once, compiling and warming them up itself. The event
+  crosses as the JSON bytes the client sent, and comes back as JSON bytes: the loop's
+  cost per event is a pipe write and an `orjson.loads` (measured: ProcessPoolExecutor
+  cost the loop's process ~260 µs of CPU per round trip, even for a no-op on bytes, in
+  its manager and feeder threads).
 - "thread": a pool of threads in this process. RE2 releases the GIL while it matches,
   but the walk over the event and the replacements are Python and hold it, so a
-  scrubbing thread takes the GIL from the loop about as long as the chain runs.
-
-Measured with bench/crashreports.py (SDK events of ~8 KiB, 2 cores): see the figures in
-the module docstring of `crashreports.patterns` and bench/README.md.
+  scrubbing thread takes the GIL from the loop about as long as the chain runs, and a
+  garbage collection of the whole server's heap can fall on a report's CPU budget.
 
 `Scrubbers` is created and closed by the crash reports' cleanup context
-(`crashreports.service`): closing cancels what has not started and waits for what
-has. A pool whose worker died (killed, out of memory) is replaced once per failure;
-the event it held is refused with 503, never stored unscrubbed.
+(`crashreports.service`); each worker's reader task is owned by its `_Process`, and
+closing ends the workers' input, lets them answer what they hold, and awaits them.
+A worker that died (killed, out of memory) fails the events it held with
+`ScrubberUnavailable` (503, nothing stored) and is replaced at the next event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
-import multiprocessing
+import os
+import pickle
+import sys
+from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+import orjson
+
 from crashreports.scrubber import Chain, DropEvent, Event, ScrubTree
+from crashreports.worker import frame
 
 log = logging.getLogger("softrelay.crashreports")
-
-# The chains of a worker process, by project id: set once by `_install` at its start.
-_CHAINS: dict[str, Chain] = {}
+START_TIMEOUT = 60.0  # seconds for a worker to import, compile and warm up its chains
+STOP_TIMEOUT = 10.0  # seconds for a worker to finish what it holds once its input ends
 
 
 class ScrubberUnavailable(Exception):
@@ -51,7 +59,7 @@ _WARM_UP: Event = {
     "message": "REGISTER sip:user@pbx.example.com from 192.0.2.1:5060 and [2001:db8::1]; "
     "mail user@example.com, call +49 151 23456789, 0151 98765432 or (555) 123-4567; "
     "card 4111 1111 1111 1111, iban DE89 3704 0044 0532 0130 00, mac 00:1a:2b:3c:4d:5e; "
-    "https://u:p@host/x?token=abc&x=1 /home/user/x C:\\Users\\user\\x tel:+4930123456 "
+    "https://u:p@host/x?token=abc&x=1 /home/user/x C:\\\\Users\\\\user\\\\x tel:+4930123456 "
     'Authorization: Digest username="u", response="0" password hunter2 "A B" <sip:u@h> '
     "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc Bearer abcdefghijk " + "ab" * 32,
     "extra": {"ha1": "0" * 32, "display_name": "A", "version": "2.4.1 at 12:30:45"},
@@ -66,21 +74,6 @@ def warm_up(chain: Chain) -> None:
             step(copy.deepcopy(_WARM_UP))
 
 
-def _install(chains: Mapping[str, Chain]) -> None:
-    _CHAINS.clear()
-    _CHAINS.update(chains)
-    for chain in {id(c): c for c in chains.values()}.values():
-        warm_up(chain)
-
-
-def _scrub(project: str, event: Event) -> tuple[bool, Any]:
-    """(True, the scrubbed event) or (False, the reason it was dropped)."""
-    try:
-        return True, _CHAINS[project](event)
-    except DropEvent as exc:
-        return False, exc.reason
-
-
 def _scrub_with(chain: Chain, event: Event) -> tuple[bool, Any]:
     try:
         return True, chain(event)
@@ -88,8 +81,96 @@ def _scrub_with(chain: Chain, event: Event) -> tuple[bool, Any]:
         return False, exc.reason
 
 
+async def _read_frame(stream: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await stream.readexactly(4)
+        return await stream.readexactly(int.from_bytes(head, "big"))
+    except asyncio.IncompleteReadError:
+        return None
+
+
+class _Process:
+    """One worker process and the events it holds, answered in the order sent."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        self.proc = proc
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
+        self.pending: deque[asyncio.Future[bytes]] = deque()
+        self.dead = False
+        self.reader = asyncio.create_task(self._read(), name="crash-scrub-reader")
+
+    @classmethod
+    async def start(cls, chains: bytes) -> _Process:
+        # The worker imports what this process can: the same search path (as `spawn` would).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "crashreports.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            proc.stdin.write(frame(chains))
+            await proc.stdin.drain()
+            async with asyncio.timeout(START_TIMEOUT):
+                ready = await _read_frame(proc.stdout)
+        except (OSError, TimeoutError):
+            ready = None
+        if ready != b"ready":
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise ScrubberUnavailable
+        return cls(proc)
+
+    async def _read(self) -> None:
+        try:
+            while (data := await _read_frame(self.stdout)) is not None:
+                waiter = self.pending.popleft()
+                if not waiter.done():  # its request may have been cancelled
+                    waiter.set_result(data)
+        finally:
+            self.dead = True
+            while self.pending:
+                waiter = self.pending.popleft()
+                if not waiter.done():
+                    waiter.set_exception(ScrubberUnavailable())
+
+    async def ask(self, request: bytes) -> bytes:
+        if self.dead:
+            raise ScrubberUnavailable
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending.append(waiter)
+        try:
+            self.stdin.write(frame(request))
+            await self.stdin.drain()
+        except (ConnectionError, RuntimeError):
+            raise ScrubberUnavailable from None
+        return await waiter
+
+    async def close(self) -> None:
+        """End its input; it answers what it holds and exits (killed if it does not)."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.stdin.close()
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        await self.reader
+
+
 class Scrubbers:
-    """The pool that runs the chains of `chains` (project id -> chain)."""
+    """The workers that run the chains of `chains` (project id -> chain)."""
 
     def __init__(self, chains: Mapping[str, Chain], mode: str, workers: int) -> None:
         if mode not in ("process", "thread"):
@@ -97,59 +178,64 @@ class Scrubbers:
         self.chains = dict(chains)
         self.mode = mode
         self.workers = workers
-        self._executor = self._new_executor()
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: list[_Process] = []
+        self._starting = asyncio.Lock()
 
     @classmethod
     async def create(cls, chains: Mapping[str, Chain], mode: str, workers: int) -> Scrubbers:
         """The pool; threads share the chains of this process, warmed up here once
-        (off the loop); processes warm up their own when they start."""
+        (off the loop); processes start at the first event and warm up their own."""
         scrubbers = cls(chains, mode, workers)
         if mode == "thread":
+            threads = scrubbers._threads = ThreadPoolExecutor(
+                workers, thread_name_prefix="crash-scrub"
+            )
             loop = asyncio.get_running_loop()
             for chain in {id(c): c for c in scrubbers.chains.values()}.values():
-                await loop.run_in_executor(scrubbers._executor, warm_up, chain)
+                await loop.run_in_executor(threads, warm_up, chain)
         return scrubbers
 
-    def _new_executor(self) -> Executor:
-        if self.mode == "thread":
-            return ThreadPoolExecutor(self.workers, thread_name_prefix="crash-scrub")
-        # Workers start at the first event, not with the server: a server that gets no
-        # crash report starts no process.
-        return ProcessPoolExecutor(
-            self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_install,
-            initargs=(self.chains,),
-        )
-
-    async def scrub(self, project: str, event: Event) -> Event:
-        """`event` scrubbed by the chain of `project`; DropEvent if it must not be kept."""
-        loop = asyncio.get_running_loop()
-        executor = self._executor
-        if self.mode == "thread":
+    async def scrub(self, project: str, event: Event, payload: bytes) -> Event:
+        """`event` (parsed from `payload`) scrubbed by the chain of `project`;
+        DropEvent if it must not be kept, ScrubberUnavailable if its worker died."""
+        if self._threads is not None:
             job = partial(_scrub_with, self.chains[project], event)
-        else:
-            job = partial(_scrub, project, event)
-        try:
-            kept, result = await loop.run_in_executor(executor, job)
-        except BrokenProcessPool:
-            self._replace(executor)
-            raise ScrubberUnavailable from None
-        if not kept:
-            raise DropEvent(result)
-        scrubbed: Event = result
-        return scrubbed
+            kept, result = await asyncio.get_running_loop().run_in_executor(self._threads, job)
+            if not kept:
+                raise DropEvent(result)
+            scrubbed: Event = result
+            return scrubbed
+        worker = await self._worker()
+        answer = await worker.ask(project.encode() + b"\x00" + payload)
+        if answer[:1] != b"+":
+            raise DropEvent(answer[1:].decode())
+        kept_event: Event = orjson.loads(answer[1:])
+        return kept_event
 
-    def _replace(self, broken: Executor) -> None:
-        if self._executor is broken:
-            log.warning("scrubber process died; starting a new pool")
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._executor = self._new_executor()
+    async def _worker(self) -> _Process:
+        live = [p for p in self._processes if not p.dead]
+        if len(live) < self.workers:
+            async with self._starting:
+                dead = [p for p in self._processes if p.dead]
+                for process in dead:
+                    log.warning("a crash scrubbing worker ended; starting another")
+                    self._processes.remove(process)
+                    await process.close()
+                chains = pickle.dumps(self.chains)
+                while len(self._processes) < self.workers:
+                    self._processes.append(await _Process.start(chains))
+                live = list(self._processes)
+        return min(live, key=lambda p: len(p.pending))
 
     async def close(self) -> None:
-        """Cancel what has not started, wait for what has (off the loop)."""
-        executor = self._executor
-        await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        """Workers answer what they hold and stop; threads finish what they run."""
+        async with self._starting:
+            processes, self._processes = self._processes, []
+        for process in processes:
+            await process.close()
+        if self._threads is not None:
+            await asyncio.to_thread(self._threads.shutdown, wait=True, cancel_futures=True)
 
 
-__all__ = ["ScrubberUnavailable", "Scrubbers"]
+__all__ = ["ScrubberUnavailable", "Scrubbers", "warm_up"]

@@ -11,10 +11,10 @@ for another that the test sets.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import orjson
@@ -38,31 +38,36 @@ EMBEDDED_PUSH = PushSettings(
 )
 
 
-class Flag(Protocol):
-    def set(self) -> None: ...
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-
 @dataclass(frozen=True)
 class Hold:
-    """A first step that says it was entered, then waits to be released (in the worker)."""
+    """A first step that holds the event in the worker (a process or a thread) until the
+    test says so: it connects to the test's port (entered), then waits for a byte
+    (released). A socket, so that the same step works in a worker process."""
 
-    entered: Flag
-    release: Flag
+    port: int
 
     def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
-        self.entered.set()
-        assert self.release.wait(WAIT), "the test never released the scrubber"
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as conn:
+            conn.sendall(b"E")
+            assert conn.recv(1) == b"G", "the test never released the scrubber"
         return event
 
 
-def _flags(mode: str) -> tuple[Flag, Flag]:
-    if mode == "process":
-        ctx = multiprocessing.get_context("spawn")
-        return ctx.Event(), ctx.Event()
-    import threading
+class Gate:
+    """The test's side of `Hold`: `entered` is set when the step has the event."""
 
-    return threading.Event(), threading.Event()
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readexactly(1) == b"E"
+        self.entered.set()
+        await self.release.wait()
+        writer.write(b"G")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
 
 
 def _options(call_id: str) -> bytes:
@@ -92,9 +97,11 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
 ) -> None:
     from privacy.clock import ManualClock
 
-    entered, release = _flags(mode)
+    gate = Gate()
+    gate_server = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
+    gate_port = gate_server.sockets[0].getsockname()[1]
     chain = compile_chain(opt_in=None)
-    held = Chain((Hold(entered, release), *chain.steps), chain.budget)
+    held = Chain((Hold(gate_port), *chain.steps), chain.budget)
     crash = CrashSettings(projects=(Project("1", KEY, "dsn", held),), scrub_mode=mode)
     services = Services(
         load_policy("auerproxy"),
@@ -123,9 +130,9 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
                 session.post(f"{base}/api/1/envelope/", data=body, headers=headers)
             )
             try:
-                # The scrubbing step has the envelope now, and holds it.
-                assert await asyncio.to_thread(entered.wait, WAIT)
                 async with asyncio.timeout(WAIT):
+                    # The scrubbing step has the envelope now, and holds it.
+                    await gate.entered.wait()
                     async with session.get(f"{base}/healthz") as health:
                         assert health.status == 200
                         assert await health.json() == {"status": "ok"}
@@ -135,7 +142,7 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
                 assert answer.get("Call-ID") == "offloop-1"
                 assert not posting.done()  # still held: the answers came from a free loop
             finally:
-                release.set()
+                gate.release.set()
             async with asyncio.timeout(WAIT):
                 response = await posting
                 assert response.status == 200
@@ -148,3 +155,5 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
     finally:
         transport.close()
         await server.close()
+        gate_server.close()
+        await gate_server.wait_closed()
