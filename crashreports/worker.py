@@ -11,6 +11,7 @@ it holds anyway and an `orjson.loads` of the answer: no pickling, no executor th
 from __future__ import annotations
 
 import pickle
+import signal
 import struct
 import sys
 from typing import BinaryIO
@@ -54,6 +55,11 @@ def answer(chains: dict[str, Chain], request: bytes) -> bytes:
 def main() -> int:
     from crashreports.workers import warm_up
 
+    # The server stops its workers by closing their input, after its requests in flight
+    # are answered; a Ctrl-C or SIGTERM to the whole process group must not cut them
+    # short. If the server dies, the end of the input ends the worker too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     setup = read_frame(stdin)
     if setup is None:

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 
 from crashreports.budget import UNLIMITED, Deadline
 from crashreports.scrubber import Chain, Event, compile_chain
+from crashreports.service import INGEST
 from crashreports.settings import CrashSettings, Project
 from privacy.keys import Keyring
 from privacy.policy import load_policy
@@ -148,6 +149,8 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
                 assert response.status == 200
                 assert await response.json() == {"id": "a" * 32}
                 response.release()
+        workers = [p.proc for p in app[INGEST].scrubbers._processes]
+        assert len(workers) == (1 if mode == "process" else 0)
         (record,) = await app[STORE].find("crash_report")
         stored = record.fields["event"]
         assert isinstance(stored, dict)
@@ -157,3 +160,5 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
         await server.close()
         gate_server.close()
         await gate_server.wait_closed()
+    # The app's cleanup ended the worker: its input closed, it exited by itself.
+    assert [w.returncode for w in workers] == [0] * len(workers)
