@@ -243,6 +243,9 @@ _BLANK_BYTES = frozenset(b" \t\n\v\f\r\x1c\x1d\x1e\x1f\x00")
 _PEM_BEGIN = Program(r"-----BEGIN [A-Z0-9 ]{1,40}-----")
 _PEM_END = Program(r"-----END [A-Z0-9 ]{1,40}-----")
 _PEM_MAX = 20000  # bytes between the two lines of one block
+# Bounds of `ValuePatterns._clean` (emptied when full): at most ~4 MiB of text.
+CLEAN_ENTRIES = 8192
+CLEAN_CHARS = 512
 
 
 def luhn_ok(digits: str) -> bool:
@@ -486,6 +489,11 @@ class ValuePatterns:
                 by_names[names] = Rules(chosen, compute) if chosen else None
             self._by_features.append(by_names[names])
         self._all = Rules(list(SPAN_RULES) + own, compute)
+        # Texts the rules left unchanged, across events: most strings of crash reports
+        # (modules, functions, files, SDK and context names, keys) recur from report to
+        # report, and one set lookup replaces their share of every scan. The result of
+        # a text does not depend on its neighbours (no match crosses the NUL joint).
+        self._clean: set[str] = set()
         # Digits that failed the card check may still be a phone number.
         self._phone = Rules((r for r in SPAN_RULES if r.name in _PHONES), {})
 
@@ -551,10 +559,33 @@ class ValuePatterns:
     def sub_each(self, texts: list[str], deadline: Deadline = UNLIMITED) -> dict[int, str]:
         """The texts that scrubbing changes, by index, each as `sub` would return it.
 
-        One pass over all of them joined by NUL (which no rule matches and no text may
-        hold); a span that repeats in the texts (the same phone number in every
-        breadcrumb) is scrubbed once.
+        A text that an earlier event showed to be clean (`_clean`) is skipped; the rest
+        go in one pass, joined by NUL (which no rule matches and no text may hold); a
+        span that repeats in them (the same phone number in every breadcrumb) is
+        scrubbed once.
         """
+        clean = self._clean
+        todo = [i for i, text in enumerate(texts) if text not in clean]
+        if not todo:
+            return {}
+        if len(todo) == len(texts):
+            changed = self._sub_joined(texts, deadline)
+        else:
+            changed = {
+                todo[i]: text
+                for i, text in self._sub_joined([texts[i] for i in todo], deadline).items()
+            }
+        # Only what came out unchanged is remembered: text the rules found nothing in,
+        # which is kept as it is anyway (nothing a rule matched stays in memory).
+        if len(clean) + len(todo) > CLEAN_ENTRIES:
+            clean.clear()
+        for i in todo:
+            text = texts[i]
+            if i not in changed and len(text) <= CLEAN_CHARS:
+                clean.add(text)
+        return changed
+
+    def _sub_joined(self, texts: list[str], deadline: Deadline) -> dict[int, str]:
         joined = JOINT.join(texts).encode("utf-8", "surrogatepass")
         changed_at: list[int] = []
         text, scrubbed = self._scrub(joined, deadline, changed_at, every_rule=False)

@@ -115,6 +115,9 @@ TOP_LEVEL = frozenset(
     }
 )
 _JOINT = JOINT
+# Bounds of `ScrubTree.keys`: keys up to this long are remembered, this many (then none).
+KEY_CHARS = 128
+KEY_ENTRIES = 8192
 # Dropped from a key, lower case, before the sensitive words are looked for in it.
 _FOLD = str.maketrans("", "", "_- .")
 
@@ -305,10 +308,10 @@ class _Walk:
 
     __slots__ = ("deadline", "holders", "secret", "sensitive", "slots", "texts")
 
-    def __init__(self, sensitive: Regex, deadline: Deadline) -> None:
+    def __init__(self, sensitive: Regex, deadline: Deadline, secret: dict[str, bool]) -> None:
         self.sensitive = sensitive
         self.deadline = deadline
-        self.secret: dict[str, bool] = {}  # this event's keys, tested once each
+        self.secret = secret  # keys tested once each (`ScrubTree.keys`)
         self.texts: list[str] = []
         self.holders: list[Any] = []  # the dict or list holding texts[i]
         self.slots: list[object] = []  # its key or index there, or _KEY for a dict key
@@ -328,7 +331,9 @@ class _Walk:
             tick()
             hidden = secret.get(key)
             if hidden is None:
-                hidden = secret[key] = _is_secret(key, self.sensitive)
+                hidden = _is_secret(key, self.sensitive)
+                if len(key) <= KEY_CHARS:
+                    secret[key] = hidden
             if _JOINT in key:
                 key = key.replace(_JOINT, "\ufffd")
             texts.append(key)
@@ -372,9 +377,13 @@ class ScrubTree:
     sensitive: Regex
     patterns: ValuePatterns
     depth: int = MAX_DEPTH
+    # Whether a key is secret, across events: reports of an app repeat their keys.
+    keys: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
-        walk = _Walk(self.sensitive, deadline)
+        if len(self.keys) > KEY_ENTRIES:
+            self.keys.clear()
+        walk = _Walk(self.sensitive, deadline, self.keys)
         out = walk.node(event, self.depth)
         if not isinstance(out, dict):
             return {}

@@ -318,3 +318,26 @@ def test_a_dsn_splits_into_the_envelope_url_and_key() -> None:
     upstream = parse_dsn("https://abc123@o1.ingest.example.com/sentry/42")
     assert upstream.envelope_url == "https://o1.ingest.example.com/sentry/api/42/envelope/"
     assert upstream.public_key == "abc123"
+
+
+def test_texts_found_clean_are_skipped_later_and_nothing_changed_is_remembered() -> None:
+    patterns = ValuePatterns()
+    texts = ["plain words", "mail alice@example.com", "2.75.0", "/home/alice/x", "x" * 600]
+    first = patterns.sub_each(texts)
+    assert sorted(first) == [1, 3]
+    # Only the clean texts of bounded length are remembered; a text a rule changed is not.
+    assert patterns._clean == {"plain words", "2.75.0"}
+    # The next event mixes remembered and new texts: the same answer, by the right index.
+    again = ["2.75.0", "call +49 151 12345678", "plain words", "mail alice@example.com"]
+    assert patterns.sub_each(again) == {
+        i: PATTERNS.sub(t) for i, t in enumerate(again) if i in (1, 3)
+    }
+    assert patterns.sub_each(["plain words", "2.75.0"]) == {}
+
+
+def test_the_key_decisions_kept_across_events_still_filter_each_event() -> None:
+    tree = ScrubTree(sensitive_keys(), PATTERNS)
+    for _ in range(2):  # the second event's keys are all remembered
+        out = tree({"extra": {"auth_token": "abc", "release": "1.0", "k" * 200: "v"}})
+        assert out == {"extra": {"auth_token": "[filtered]", "release": "1.0", "k" * 200: "v"}}
+    assert tree.keys == {"extra": False, "auth_token": True, "release": False}
