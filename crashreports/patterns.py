@@ -494,6 +494,9 @@ class ValuePatterns:
         # report, and one set lookup replaces their share of every scan. The result of
         # a text does not depend on its neighbours (no match crosses the NUL joint).
         self._clean: set[str] = set()
+        # Likewise the candidate spans the span rules left unchanged (a time, a version,
+        # a path without a user), for the texts that are not clean as a whole.
+        self._clean_spans: set[bytes] = set()
         # Digits that failed the card check may still be a phone number.
         self._phone = Rules((r for r in SPAN_RULES if r.name in _PHONES), {})
 
@@ -526,6 +529,10 @@ class ValuePatterns:
         words = self._words.sub(framed, deadline)
         text = data if words is framed else words[CONTEXT:]
         seen: dict[bytes, bytes] = {}
+        # `every_rule` (tests) runs the rules on every span: it neither reads nor fills it.
+        clean: set[bytes] = set() if every_rule else self._clean_spans
+        if len(clean) >= CLEAN_ENTRIES:
+            clean.clear()
         out: list[bytes] = []
         last = 0
         for start, end in _iter(_CANDIDATES, text):
@@ -534,7 +541,12 @@ class ValuePatterns:
             found = text[start:end]
             new = seen.get(found)
             if new is None:
-                new = seen[found] = self._span(found, deadline, every_rule)
+                if found in clean:
+                    new = seen[found] = found
+                else:
+                    new = seen[found] = self._span(found, deadline, every_rule)
+                    if new == found and len(found) <= CLEAN_CHARS and len(clean) < CLEAN_ENTRIES:
+                        clean.add(found)
             if new != found:
                 out += (text[last:start], new)
                 last = end
@@ -552,7 +564,8 @@ class ValuePatterns:
         return text if scrubbed == data else _text(scrubbed)
 
     def sub_all_rules(self, text: str) -> str:
-        """`sub` without skipping rules by the features of a span (for tests)."""
+        """`sub` without skipping rules by the features of a span or by spans found
+        clean before (for tests)."""
         data = text.encode("utf-8", "surrogatepass")
         return _text(self._scrub(data, UNLIMITED, None, every_rule=True)[1])
 

@@ -341,3 +341,13 @@ def test_the_key_decisions_kept_across_events_still_filter_each_event() -> None:
         out = tree({"extra": {"auth_token": "abc", "release": "1.0", "k" * 200: "v"}})
         assert out == {"extra": {"auth_token": "[filtered]", "release": "1.0", "k" * 200: "v"}}
     assert tree.keys == {"extra": False, "auth_token": True, "release": False}
+
+
+def test_spans_found_clean_are_remembered_and_only_those() -> None:
+    patterns = ValuePatterns()
+    text = "at 12:30:45 mail alice@example.com"
+    assert patterns.sub(text) == "at 12:30:45 mail [email]"
+    assert patterns._clean_spans == {b"12:30:45"}
+    # A remembered span in another text: still kept, the new spans still scrubbed.
+    assert patterns.sub("12:30:45 tel:+4930123456") == "12:30:45 tel:[phone]"
+    assert patterns.sub_all_rules("12:30:45 tel:+4930123456") == "12:30:45 tel:[phone]"
