@@ -3,35 +3,37 @@ events of issue 14 point 1, and ingest end to end through `softrelay serve`.
 
     .venv/bin/python bench/crashreports.py [--mode all|scrub|adversarial|ingest]
         [--sample 200] [--rounds 9] [--events 3000] [--ingest-rounds 3] [--concurrency 32]
-        [--adversarial-repeat 5] [--adversarial-timeout 30] [--out FILE]
+        [--crash-option LINE ...] [--adversarial-repeat 5] [--adversarial-timeout 30]
+        [--note TEXT] [--out FILE]
 
 Events are made by the stock sentry-sdk (`bench/crashevents.py`): an exception raised
-through nested calls, 20 breadcrumbs, contexts, tags and extra, all holding planted
-personal data of every kind the audit named. Two sizes: ~8 KiB of JSON (frames without
-locals or source lines, no installed modules) and ~16 KiB (the SDK's defaults).
+through nested calls, 20 breadcrumbs, contexts, tags and extra, each event holding its
+own planted personal data of every kind the audit named. Two sizes: ~7.5 KiB of JSON
+(frames without locals or source lines, no installed modules) and ~15.5 KiB (the SDK's
+defaults).
 
-scrub        Per size, `--rounds` rounds over the same `--sample` events, the scrubbers
-             interleaved (their order alternating by round): bytes of the event in,
-             scrubbed JSON out, for each. (b) ours: `orjson.loads`, the chain
-             (`compile_chain`), `orjson.dumps`, as the ingest does. (r) Relay:
-             `pii_strip_event` with the config `convert_datascrubbing_config` makes of
-             Sentry's defaults, given the event's bytes and the config encoded once (its
-             best case; (r') is the same call as documented, with dicts and `json`).
-             (c) the SDK's own `EventScrubber`, for reference. Events/s is the median of
-             the rounds; ours/Relay is the median of per-round ratios, with min and max.
-             Then each scrubber's output of every sample event is searched for every
+scrub        Per size, `--rounds` timed rounds, each on `--sample` events none of the
+             scrubbers has seen, the scrubbers interleaved (order alternating by round):
+             bytes of the event in, scrubbed JSON out. Ours: `orjson.loads`, the chain as
+             serve compiles it (CPU budget included), `orjson.dumps`, as the ingest does.
+             Relay: `pii_strip_event` with the config `convert_datascrubbing_config` makes
+             of Sentry's defaults, given the event's bytes and the config encoded once
+             (its best case; `relay_documented` is the same call with dicts and `json`).
+             The SDK's own `EventScrubber`, for reference. Events/s is the median of the
+             rounds; ours/Relay the median of per-round ratios, with min and max. Before
+             the rounds, each scrubber's output of one more sample is searched for every
              planted value: per kind, the events still holding it of those that had it.
-adversarial  Each adversarial string of point 1 (~100 KB and 1 MiB) as an event through
-             our chain in a child process (killed after `--adversarial-timeout` s): the
-             median ms of up to `--adversarial-repeat` runs (fewer once 5 s are spent).
-ingest       Per size and round, a fresh `softrelay serve` (its own process: uvloop, the
-             SIP, push and HTTP services all started, SQLite in a temporary directory)
-             with one crash project; a separate client process posts `--events` gzip
-             envelopes, each the stock SDK's serialisation of its event under a fresh
-             event id, from `--concurrency` connections (after a warm-up of 10%). Each is
-             answered 200 only after its scrubbed event is committed; after the server
-             stops, the stored reports are counted. Both processes share this machine's
-             cores; the server's and the client's CPU per envelope are given.
+adversarial  Each adversarial string of point 1 (~100 KB and 1 MiB) as an event, in a child
+             process per engine (killed after `--adversarial-timeout` s): ours without a
+             CPU budget, ours as served (with it), Relay; the median ms of up to
+             `--adversarial-repeat` runs (fewer once 5 s are spent).
+ingest       Per size and round, a fresh `softrelay serve` (`bench/crashingest.py`) with
+             one crash project; a separate client process posts `--events` gzip envelopes
+             (plus a 10% warm-up), each the stock SDK's serialisation of its own event,
+             from `--concurrency` connections. Each is answered 200 only after its
+             scrubbed event is committed; after the server stops, the stored reports are
+             counted. Both processes share this machine's cores; the CPU per envelope of
+             serve, of serve with its scrubbing workers, and of the client are given.
 
 Targets (issue 14): ours at least 2x Relay's events/s with 0 planted values left; the
 worst adversarial event in at most 50 ms; ingest at least 2,000 envelopes/s. The exit
@@ -151,13 +153,16 @@ def _sdk(scrubber: EventScrubber) -> Scrub:
 # --- scrub: ours against Relay on the same events --------------------------------------
 
 
-def compare(raws: list[bytes], scrubbers: dict[str, Scrub], rounds: int) -> dict[str, Any]:
+def compare(chunks: list[list[bytes]], start: int, scrubbers: dict[str, Scrub]) -> dict[str, Any]:
+    """The planted values each scrubber leaves in the first chunk of events (numbered from
+    `start`), then one timed round per further chunk: every event is new to every
+    scrubber when it is timed, so what one remembers across events gains only on what
+    recurs between different events (frames, SDK fields), as it would in production."""
     names = list(scrubbers)
     out: dict[str, Any] = {}
-    # Each scrubber's output searched for the planted values; also its warm-up (Relay
-    # compiles its rules on first use).
-    for name in names:
-        kinds = left_by_kind(raws, [scrubbers[name](raw) for raw in raws])
+    first = chunks[0]
+    for name in names:  # also the warm-up (Relay compiles its rules on first use)
+        kinds = left_by_kind(first, [scrubbers[name](raw) for raw in first], start)
         out[name] = {
             "left_by_kind": kinds,
             "left": sum(left for left, _ in kinds.values()),
@@ -165,13 +170,13 @@ def compare(raws: list[bytes], scrubbers: dict[str, Scrub], rounds: int) -> dict
             "kinds_left": [kind for kind, (left, _) in kinds.items() if left],
         }
     rates: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
+    for r, raws in enumerate(chunks[1:]):
         for name in names if r % 2 == 0 else reversed(names):
             fn = scrubbers[name]
-            start = time.perf_counter()
+            began = time.perf_counter()
             for raw in raws:
                 fn(raw)
-            rates[name].append(len(raws) / (time.perf_counter() - start))
+            rates[name].append(len(raws) / (time.perf_counter() - began))
     for name in names:
         out[name]["events_per_s"] = round(statistics.median(rates[name]))
         out[name]["rounds_events_per_s"] = [round(rate) for rate in rates[name]]
@@ -194,11 +199,14 @@ def scrub_mode(args: argparse.Namespace, relay: RelayPii | None) -> list[dict[st
         scrubbers["relay_documented"] = relay.documented
     scrubbers["sdk_event_scrubber"] = _sdk(EventScrubber())
     results = []
-    for label, full in SIZES:
-        raws = [event_of(e) for e in sdk_envelopes(args.sample, full)]
+    for n, (label, full) in enumerate(SIZES):
+        start = n * 10**6  # each size's events with planted values of their own
+        made = sdk_envelopes(args.sample * (args.rounds + 1), full, start)
+        raws = [event_of(e) for e in made]
+        chunks = [raws[k : k + args.sample] for k in range(0, len(raws), args.sample)]
         load = load_average()
         dropped[0] = 0
-        row = compare(raws, scrubbers, args.rounds)
+        row = compare(chunks, start, scrubbers)
         # Of the (rounds + 1) x sample runs of our chain: over its CPU budget, not kept.
         row["ours"]["dropped_over_budget"] = dropped[0]
         row |= {
