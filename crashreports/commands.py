@@ -96,13 +96,15 @@ class MetricsUnavailable(Exception):
     """The server's /metrics could not be read; the reason says why."""
 
 
-async def dropped(metrics_url: str) -> dict[str, dict[str, int]]:
-    """Events by project and outcome (stored, no_opt_in, over_budget) from `/metrics`."""
+async def dropped(metrics_url: str, token: str = "") -> dict[str, dict[str, int]]:
+    """Events by project and outcome (stored, no_opt_in, over_budget) from `/metrics`;
+    `token` is the config's `[http] metrics_token`, sent when the scrape needs one."""
     timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(metrics_url) as resp,
+            session.get(metrics_url, headers=headers) as resp,
         ):
             if resp.status != 200:
                 raise MetricsUnavailable(f"{metrics_url} answered {resp.status}")
@@ -168,7 +170,7 @@ def add_crashes_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
-async def crashes_command(store: Store, args: argparse.Namespace) -> int:
+async def crashes_command(store: Store, args: argparse.Namespace, metrics_token: str = "") -> int:
     if args.action == "show":
         event_id = args.event_id.replace("-", "").lower()
         found = await store.find(CATEGORY, event_id=event_id)
@@ -182,7 +184,7 @@ async def crashes_command(store: Store, args: argparse.Namespace) -> int:
         events = None
         if args.metrics_url:
             try:
-                events = await dropped(args.metrics_url)
+                events = await dropped(args.metrics_url, metrics_token)
             except MetricsUnavailable as exc:
                 print(f"softrelay: cannot read the server's metrics: {exc}", file=sys.stderr)
                 return 1

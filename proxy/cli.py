@@ -7,7 +7,7 @@
     softrelay policy show
     softrelay policy render --lang en|de [--output FILE]
     softrelay keys rotate|reseal
-    softrelay crashes list|show EVENT_ID|export [--project P] [--output FILE]
+    softrelay crashes list|show EVENT_ID|export|stats [--project P] [--output FILE]
     softrelay dsr export|rectify|erase|restrict|unrestrict --user U --serial S
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
@@ -405,7 +405,8 @@ async def _billing(runtime: Runtime, args: argparse.Namespace) -> int:
 
 
 async def _crashes(runtime: Runtime, args: argparse.Namespace) -> int:
-    return await _with_store(runtime, lambda store: crashes_command(store, args))
+    token = runtime.config.metrics_token
+    return await _with_store(runtime, lambda store: crashes_command(store, args, token))
 
 
 async def _with_store(runtime: Runtime, command: Callable[[Store], Awaitable[int]]) -> int:

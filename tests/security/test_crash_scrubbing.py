@@ -26,10 +26,10 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from crashreports.budget import Deadline, OverBudget
-from crashreports.commands import crashes_command
+from crashreports.commands import MetricsUnavailable, crashes_command, dropped
 from crashreports.patterns import SPAN_RULES, WORD_RULES, Rules, ValuePatterns
 from crashreports.regex import Program
 from crashreports.scrubber import (
@@ -256,6 +256,27 @@ async def test_over_budget_through_the_ingest_is_stored_nowhere_and_counted_in_s
     assert lines[0].split() == ["project", "stored", "dropped:", "no_opt_in", "over_budget"]
     assert lines[1].split() == ["1", "0", "0", "1"]
     assert lines[2].split() == ["2", "1", "0", "0"]
+
+
+async def test_stats_sends_the_metrics_token_when_the_scrape_needs_one() -> None:
+    """`crashes stats --metrics-url` against a /metrics behind `[http] metrics_token`."""
+    token = "metrics-token-0123456789"
+    registry = CollectorRegistry()
+    events = Counter("softrelay_crash_events", "", ["project", "outcome"], registry=registry)
+    events.labels(project="7", outcome="over_budget").inc(3)
+
+    async def metrics(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            return web.Response(status=401)
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    async with TestServer(app, host="127.0.0.1") as server:
+        url = str(server.make_url("/metrics"))
+        with pytest.raises(MetricsUnavailable, match="401"):
+            await dropped(url)
+        assert await dropped(url, token) == {"7": {"over_budget": 3}}
 
 
 # --- point 7 ------------------------------------------------------------------------
