@@ -21,8 +21,8 @@ from sentry_sdk.transport import Transport
 
 OPT_IN = {"softrelay.opt_in": "yes"}
 # (label, with the SDK's defaults): frames without locals or source lines and no list of
-# installed modules (~7.5 KiB of JSON), or with them all (~15.5 KiB).
-SIZES = (("~7.5 KiB", False), ("~15.5 KiB, SDK defaults", True))
+# installed modules (~7.7 KiB of JSON), or with them all (~16 KiB).
+SIZES = (("~8 KiB", False), ("~16 KiB, SDK defaults", True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,8 @@ events of issue 14 point 1, and ingest end to end through `softrelay serve`.
 
 Events are made by the stock sentry-sdk (`bench/crashevents.py`): an exception raised
 through nested calls, 20 breadcrumbs, contexts, tags and extra, each event holding its
-own planted personal data of every kind the audit named. Two sizes: ~7.5 KiB of JSON
-(frames without locals or source lines, no installed modules) and ~15.5 KiB (the SDK's
+own planted personal data of every kind the audit named. Two sizes: ~7.7 KiB of JSON
+(frames without locals or source lines, no installed modules) and ~16 KiB (the SDK's
 defaults).
 
 scrub        Per size, `--rounds` timed rounds, each on `--sample` events none of the
@@ -65,6 +65,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 import orjson  # noqa: E402 - after the sys.path fix above
 from sentry_sdk.scrubber import EventScrubber  # noqa: E402
 
+import crashreports.settings  # noqa: E402
 from bench.crashevents import (  # noqa: E402
     KINDS,
     SIZES,
@@ -78,7 +79,9 @@ from bench.crashevents import (  # noqa: E402
 )
 from bench.crashingest import ingest, load_average  # noqa: E402
 from crashreports.scrubber import Chain, DropEvent, compile_chain  # noqa: E402
-from crashreports.settings import DEFAULT_BUDGET_MS  # noqa: E402
+
+# serve's default CPU budget per event; None in a tree from before it (the baseline).
+BUDGET_MS: int | None = getattr(crashreports.settings, "DEFAULT_BUDGET_MS", None)
 
 DEFAULT_OUT = _HERE / "results" / "crashreports.json"
 ADVERSARIAL_SIZES = (100_000, 1 << 20)
@@ -124,7 +127,9 @@ class RelayPii:
 def served_chain() -> Chain:
     """A project's chain as `serve` compiles it by default (its CPU budget included),
     without the opt-in check (every bench event carries the tag)."""
-    return compile_chain(opt_in=None, budget=DEFAULT_BUDGET_MS / 1000)
+    if BUDGET_MS is None:
+        return compile_chain(opt_in=None)
+    return compile_chain(opt_in=None, budget=BUDGET_MS / 1000)
 
 
 def _ours(dropped: list[int]) -> Scrub:
@@ -343,7 +348,7 @@ def report(result: dict[str, Any]) -> bool:
     if adversarial:
         print(
             f"\n-- adversarial events (point 1), ms: ours without a CPU budget (target <= "
-            f"{TARGET_MS:g} ms, scrubbed), ours as served ({DEFAULT_BUDGET_MS} ms budget), Relay"
+            f"{TARGET_MS:g} ms, scrubbed), ours as served ({BUDGET_MS} ms budget), Relay"
         )
         worst = 0.0
         for row in adversarial:
