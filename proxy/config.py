@@ -183,9 +183,16 @@ def _host(sec: Section, key: str) -> str:
 
 def _parse_http(sec: Section) -> tuple[HttpLimits, str]:
     default = HttpLimits()
-    header_timeout = sec.duration("header_timeout", "10s")
-    idle_timeout = sec.duration("idle_timeout", "60s")
-    for key, value in (("header_timeout", header_timeout), ("idle_timeout", idle_timeout)):
+    timeouts = {
+        key: sec.duration(key, text)
+        for key, text in (
+            ("header_timeout", "10s"),
+            ("idle_timeout", "60s"),
+            ("body_timeout", "60s"),
+            ("write_timeout", "30s"),
+        )
+    }
+    for key, value in timeouts.items():
         if value < 1:
             raise sec.error(key, "must be at least 1s")
     limits = HttpLimits(
@@ -193,8 +200,7 @@ def _parse_http(sec: Section) -> tuple[HttpLimits, str]:
         max_connections_per_ip=sec.integer(
             "max_connections_per_ip", default.max_connections_per_ip, minimum=0
         ),
-        header_timeout=header_timeout,
-        idle_timeout=idle_timeout,
+        **timeouts,
     )
     token = sec.secret("metrics_token", "")
     if token and len(token) < 16:

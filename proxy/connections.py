@@ -12,13 +12,25 @@ around aiohttp's own protocol, which it wraps in the listener's protocol factory
   /64), is closed at once, before aiohttp sees a byte of it;
 - the whole request head must arrive within `header_timeout` of the connection's
   start, or of the first byte after the previous answer; the reaper aborts it when not;
+- a request's body (Content-Length or chunked) must arrive whole within `body_timeout`
+  of its head: a client that trickles a byte every few seconds of a large declared
+  body is cut, whether or not its handler is reading;
+- an answer the client does not read (its transport's buffer stays over the
+  high-water mark, so aiohttp's writes wait) is cut after `write_timeout`: a phone
+  that never reads a firmware image holds no handler, no upstream stream and no
+  tunnel slot for longer than that;
 - between requests, aiohttp's keep-alive timeout (`idle_timeout`) closes it.
 
 A connection is in a handler from the moment the guard's middleware sees its request
-until the handler returns, and no head timeout runs meanwhile: a body is read by the
-handler under its own caps, and a WebSocket (SIP at /sip) stays in its handler for its
-whole life, reaped by the SIP transports, never here. Upgraded or not, a connection
-holds a descriptor of this port and counts against the caps.
+until the handler returns, and no head timeout runs meanwhile. A WebSocket (SIP at
+/sip, the provisioning tunnel) upgrades on a request without a body, so no body
+timeout runs for it either: it stays in its handler for its whole life, reaped by
+its own keep-alives (the SIP transports, the tunnel's heartbeat), and here only when
+it stops reading what it is sent. Upgraded or not, a connection holds a descriptor of
+this port and counts against the caps.
+
+Each timeout is kept in a queue ordered by start, so the reaper stops at the first
+entry still in time; all run on the injected clock.
 
 Nothing here logs an address: the metrics count by reason.
 """
@@ -33,7 +45,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Gauge
@@ -54,18 +66,20 @@ class HttpLimits:
     max_connections_per_ip: int = 100  # 0 turns it off (everyone behind a load balancer)
     header_timeout: float = 10.0  # seconds for a whole request head to arrive
     idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for a request
+    body_timeout: float = 60.0  # seconds for a request's whole body, from its head
+    write_timeout: float = 30.0  # seconds an answer may wait for the client to read
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if self.max_connections_per_ip < 0:
             raise ValueError("max_connections_per_ip must be 0 (off) or more")
-        if self.header_timeout <= 0 or self.idle_timeout <= 0:
+        if min(self.header_timeout, self.idle_timeout, self.body_timeout, self.write_timeout) <= 0:
             raise ValueError("timeouts must be positive")
 
     @property
     def reap_interval(self) -> float:
-        return max(0.5, self.header_timeout / 4)
+        return max(0.5, min(self.header_timeout, self.body_timeout, self.write_timeout) / 4)
 
 
 class HttpGuard:
@@ -79,6 +93,10 @@ class HttpGuard:
         # Connections waiting for a request head, oldest first: the reaper stops at the
         # first one still in time.
         self._heads: OrderedDict[_Connection, float] = OrderedDict()
+        # Requests whose body is still arriving, with its reader, from their head on.
+        self._bodies: OrderedDict[_Connection, tuple[float, StreamReader]] = OrderedDict()
+        # Connections whose writes are paused (the client does not read), since when.
+        self._stalls: OrderedDict[_Connection, float] = OrderedDict()
         self.connections = Gauge(
             "softrelay_http_connections", "Open connections of the HTTP port", registry=registry
         )
@@ -90,7 +108,7 @@ class HttpGuard:
         )
         self.closed = MetricCounter(
             "softrelay_http_closed",
-            "HTTP connections the server cut: header_timeout",
+            "HTTP connections the server cut: header_timeout, body_timeout, write_timeout",
             ["reason"],
             registry=registry,
         )
@@ -131,6 +149,8 @@ class HttpGuard:
     def detach(self, connection: _Connection, handler: RequestHandler) -> None:
         self._by_handler.pop(handler, None)
         self._heads.pop(connection, None)
+        self._bodies.pop(connection, None)
+        self._stalls.pop(connection, None)
         self.connections.dec()
         source = connection.source
         if source is not None:
@@ -146,37 +166,76 @@ class HttpGuard:
         if not connection.in_handler and connection not in self._heads:
             self._heads[connection] = self._clock.now()
 
+    def write_paused(self, connection: _Connection) -> None:
+        """The transport's buffer passed its high-water mark: the client is not reading."""
+        self._stalls.setdefault(connection, self._clock.now())
+
+    def write_resumed(self, connection: _Connection) -> None:
+        self._stalls.pop(connection, None)
+
     # The request's side --------------------------------------------------------------
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Marks the connection as in a handler (its head has arrived) until the
-        handler returns. Connections of other sites (a test server) pass untouched."""
+        handler returns, and starts the body timeout of a request whose body is still
+        to come. Connections of other sites (a test server) pass untouched."""
         connection = self._by_handler.get(request.protocol)
         if connection is None:
             return await handler(request)
         self._heads.pop(connection, None)
         connection.in_handler = True
+        content = request.content
+        # A request without a body (every WebSocket upgrade of ours) has an empty
+        # payload already at its end: nothing to time.
+        if not content.is_eof():
+            self._bodies[connection] = (self._clock.now(), content)
         try:
             return await handler(request)
         finally:
             connection.in_handler = False
+            # What is left of an unread body aiohttp discards (its lingering time), and
+            # bytes past it start a head timeout again (`bytes_arrived`).
+            self._bodies.pop(connection, None)
 
     # Reaping ---------------------------------------------------------------------------
 
     def reap(self) -> int:
-        """Abort connections whose request head is overdue; how many."""
-        deadline = self._clock.now() - self.limits.header_timeout
-        overdue: list[_Connection] = []
+        """Abort connections whose request head or body is overdue, or whose client has
+        not read for too long; how many."""
+        now = self._clock.now()
+        limits = self.limits
+        overdue: list[tuple[_Connection, str]] = []
+        deadline = now - limits.header_timeout
         for connection, since in self._heads.items():
             if since > deadline:
                 break
-            overdue.append(connection)
-        for connection in overdue:
-            del self._heads[connection]
-            self.closed.labels("header_timeout").inc()
-            connection.abort()
-        return len(overdue)
+            overdue.append((connection, "header_timeout"))
+        deadline = now - limits.body_timeout
+        done: list[_Connection] = []
+        for connection, (since, content) in self._bodies.items():
+            if since > deadline:
+                break
+            # A body read to its end before its deadline is no longer timed.
+            done.append(connection)
+            if not content.is_eof():
+                overdue.append((connection, "body_timeout"))
+        for connection in done:
+            del self._bodies[connection]
+        deadline = now - limits.write_timeout
+        for connection, since in self._stalls.items():
+            if since > deadline:
+                break
+            overdue.append((connection, "write_timeout"))
+        cut: set[_Connection] = set()
+        for connection, reason in overdue:
+            self._heads.pop(connection, None)
+            self._stalls.pop(connection, None)
+            if connection not in cut:
+                cut.add(connection)
+                self.closed.labels(reason).inc()
+                connection.abort()
+        return len(cut)
 
     async def reap_forever(self) -> None:
         while True:
@@ -245,10 +304,12 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.handler is not None:
+            self._guard.write_paused(self)
             self.handler.pause_writing()
 
     def resume_writing(self) -> None:
         if self.handler is not None:
+            self._guard.write_resumed(self)
             self.handler.resume_writing()
 
     def abort(self) -> None:
