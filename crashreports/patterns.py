@@ -575,28 +575,28 @@ class ValuePatterns:
         """The texts that scrubbing changes, by index, each as `sub` would return it.
 
         A text that an earlier event showed to be clean (`_clean`) is skipped; the rest
-        go in one pass, joined by NUL (which no rule matches and no text may hold); a
-        span that repeats in them (the same phone number in every breadcrumb) is
-        scrubbed once.
+        go in one pass, joined by NUL (which no rule matches and no text may hold), each
+        distinct text once (a breadcrumb's message recurs in one report: the result of a
+        text does not depend on its neighbours); a span that repeats in them (the same
+        phone number in every breadcrumb) is scrubbed once.
         """
         clean = self._clean
         todo = [i for i, text in enumerate(texts) if text not in clean]
         if not todo:
             return {}
-        if len(todo) == len(texts):
-            changed = self._sub_joined(texts, deadline)
-        else:
-            changed = {
-                todo[i]: text
-                for i, text in self._sub_joined([texts[i] for i in todo], deadline).items()
-            }
+        first: dict[str, int] = {}
+        for i in todo:
+            first.setdefault(texts[i], i)
+        unique = list(first)
+        found = self._sub_joined(unique, deadline)
+        by_text = {unique[j]: text for j, text in found.items()}
+        changed = {i: by_text[texts[i]] for i in todo if texts[i] in by_text} if found else {}
         # Only what came out unchanged is remembered: text the rules found nothing in,
         # which is kept as it is anyway (nothing a rule matched stays in memory).
-        if len(clean) + len(todo) > CLEAN_ENTRIES:
+        if len(clean) + len(unique) > CLEAN_ENTRIES:
             clean.clear()
-        for i in todo:
-            text = texts[i]
-            if i not in changed and len(text) <= CLEAN_CHARS:
+        for text in unique:
+            if text not in by_text and len(text) <= CLEAN_CHARS:
                 clean.add(text)
         return changed
 
