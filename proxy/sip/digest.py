@@ -8,6 +8,13 @@ connection proves nothing on another, nor a second time on its own. Issuing need
 table; only nonces answered with the right secret are remembered, each for its
 lifetime, and at most USED_LIMIT of them, so only holders of a secret can fill it.
 Nothing of an Authorization header is ever stored or logged.
+
+What is accepted is what was offered, nothing weaker: the algorithms of the two
+challenges (SHA-256, then MD5 for PBXs that know no other; one nonce serves both, so a
+PBX that takes the first nonce and answers MD5 still links), and `qop=auth` with its
+`nc` and `cnonce` (no RFC 2069 answer without qop, no `auth-int`, no `-sess`
+algorithm). A parameter given twice makes the header malformed: which one counts
+would otherwise be a matter of parsing order.
 """
 
 from __future__ import annotations
@@ -101,6 +108,10 @@ class DigestAuthority:
         creds = parse_authorization(header)
         if creds.username != serial or creds.realm != self.realm:
             raise DigestError("credentials for another serial or realm")
+        if creds.qop.lower() != "auth":
+            raise DigestError("only qop=auth, as offered")
+        if not creds.nc or not creds.cnonce:
+            raise MalformedAuthorization("qop=auth without nc or cnonce")
         # The secret first: whoever lacks it learns only "wrong", whatever the nonce.
         expected = response(creds, secret, method)
         if not hmac.compare_digest(expected.encode(), creds.response.lower().encode()):
@@ -177,7 +188,10 @@ def parse_authorization(header: str) -> Credentials:
         value = match.group(2)
         if value.startswith('"'):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        params[match.group(1).lower()] = value
+        name = match.group(1).lower()
+        if name in params:
+            raise MalformedAuthorization("a parameter given twice")
+        params[name] = value
         position = match.end()
     try:
         return Credentials(

@@ -133,7 +133,7 @@ class Relay:
         # and every local address a flow arrived on or `listening` was told of.
         self._own_hosts = {settings.domain.lower()}
         if settings.public_host:
-            self._own_hosts.add(settings.public_host.lower().strip("[]"))
+            self._own_hosts.add(_canonical_host(settings.public_host))
         self._own_ports: set[int] = set()
         self._by_token: dict[str, Flow] = {}
         self._pbx_flows: dict[str, Flow] = {}  # serial -> its flow
@@ -242,7 +242,7 @@ class Relay:
                 self._own_ports.add(port)
             # A wildcard bind names no host: the flows that arrive say which it has.
             if len(self._own_hosts) < ADDRESSES_LIMIT and not _is_unspecified(host):
-                self._own_hosts.add(host.lower())
+                self._own_hosts.add(_canonical_host(host))
 
     # --- entry point ----------------------------------------------------------------
 
@@ -396,7 +396,14 @@ class Relay:
         if not pbx.auth.needs_digest:
             return True
         now = self.clock.now()
-        authorization = request.get("Authorization")
+        answers = request.get_all("Authorization")
+        if len(answers) > 1:
+            # One realm, ours, challenged this REGISTER: which of several to believe
+            # would be our guess, and a second one can only be there to confuse.
+            self.metrics.errors.labels("pbx_auth").inc()
+            await self.reply(request, flow, 400, "One Authorization Only")
+            return False
+        authorization = answers[0] if answers else None
         # Nonces are bound to this flow and answered once: a REGISTER captured elsewhere,
         # or replayed here, gets a new challenge, and the serial stays where it is.
         if authorization is None:
@@ -602,7 +609,8 @@ class Relay:
         request.prepend("Via", f"{start};branch={branch};rport;ft={self._token(came_from)}")
 
     async def _request(self, request: Request, flow: Flow) -> None:
-        route = self._take_own_routes(request, flow)
+        strict = self._strict_routed(request)
+        route = self._take_own_routes(request, flow) if strict is None else strict
         if route is not None:
             await self._follow_route(request, flow, route)
             return
@@ -639,16 +647,35 @@ class Relay:
         if not isinstance(uri, SipUri):
             return False
         host = uri.host.lower()
-        named = host in self._own_hosts or host == flow.local[0]
-        if not named:
-            return False
+        if not (host in self._own_hosts or host == flow.local[0]):
+            # An address may be written many ways ([::1], 0:0::1, ::ffff:127.0.0.1).
+            host = _canonical_host(host)
+            if not (host in self._own_hosts or host == _canonical_host(flow.local[0])):
+                return False
         port = uri.port
         if port is None:
             if not _is_address(host):
                 return True  # a name: DNS (RFC 3263) says which port, and it is ours
-            secure = uri.scheme == "sips" or uri.transport == "tls"
-            port = 5061 if secure else 5060
+            port = _default_port(uri)
+        # The port decides, whatever `transport` says: one of ours on our address is us
+        # (nothing else listens there), and the request did reach us through it.
         return port == flow.local[1] or port in self._own_ports
+
+    def _strict_routed(self, request: Request) -> NameAddr | None:
+        """RFC 3261 16.4: a previous hop that routes strictly (no `lr`) puts our
+        Record-Route, with its token, in the Request-URI and the remote target last in
+        the Route set. The Request-URI becomes that last Route value again; our entry is
+        the route to follow."""
+        uri = request.uri
+        if not isinstance(uri, SipUri) or not _carries_token(uri):
+            return None
+        if values := request.values("Route"):
+            last = request.routes[-1].uri
+            request.remove("Route")
+            for value in values[:-1]:
+                request.add("Route", value)
+            request.uri = last
+        return NameAddr(uri)
 
     async def _follow_route(self, request: Request, flow: Flow, route: NameAddr) -> None:
         uri = route.uri
@@ -744,7 +771,7 @@ class Relay:
         if request.method in ("CANCEL", "ACK"):
             if request.method == "CANCEL" and await self.parking.cancel(request, flow):
                 return
-            woken = self.parking.delivered_to(request)
+            woken = self.parking.delivered_to(request, flow)
             if woken is not None:
                 await self._forward(request, flow, woken, record_route=False)
                 return
@@ -803,9 +830,7 @@ class Relay:
     def _is_mine(self, route: NameAddr) -> bool:
         """Whether a Route entry carries one of our tokens (a Path's or a dialog's)."""
         uri = route.uri
-        return isinstance(uri, SipUri) and (
-            uri.params.get("ft") is not None or uri.params.get("dt") is not None
-        )
+        return isinstance(uri, SipUri) and _carries_token(uri)
 
     # --- responses ------------------------------------------------------------------
 
@@ -821,10 +846,12 @@ class Relay:
             return
         response.pop_via()
         if self.parking.watching and response.cseq.method == "INVITE":
-            self.parking.answered(response.call_id, response.top_via.branch or "")
+            self.parking.answered(came_from, response.call_id, response.top_via.branch or "")
         pending = None
         if response.status >= 200 and response.cseq.method == "REGISTER" and top.branch:
             pending = self._pending.pop(top.branch, None)
+            if pending is not None and self.clock.now() - pending.created > PENDING_TTL:
+                pending = None  # its transaction is over: an answer now changes nothing
         identity = None
         if pending is not None and 200 <= response.status < 300 and pending.contact:
             identity = PushIdentity.of(pending.contact.push)
@@ -849,6 +876,35 @@ class Relay:
 
 def _www_authenticate(challenges: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(("WWW-Authenticate", challenge) for challenge in challenges)
+
+
+def _carries_token(uri: SipUri) -> bool:
+    """Whether a URI carries one of our tokens (a Path's `ft`, a dialog's `dt`)."""
+    params = uri.params
+    return params.get("ft") is not None or params.get("dt") is not None
+
+
+def _default_port(uri: SipUri) -> int:
+    """The port a URI without one means (RFC 3263 4.2, RFC 7118 for WebSocket)."""
+    transport = uri.transport
+    if transport == "ws":
+        return 80
+    if transport == "wss":
+        return 443
+    return 5061 if uri.scheme == "sips" or transport == "tls" else 5060
+
+
+def _canonical_host(host: str) -> str:
+    """A host as one spelling: an address in its canonical form (an IPv4-mapped IPv6
+    address as the IPv4 address), a name in lower case."""
+    host = host.strip("[]").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
 
 
 def _is_unspecified(host: str) -> bool:

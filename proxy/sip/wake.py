@@ -21,7 +21,11 @@ who registers with it gets nobody's calls.
 
 After delivery the caller's CANCEL, and the ACK of a failure, still name the old flow
 in their Route; they follow the call to its new flow for as long as a transaction may
-last. Calls to one phone with several bindings are forked by the PBX, which sends an
+last. A parked or delivered call is known by the flow its INVITE came on as well as by
+its Call-ID and branch (values every hop and every callee sees): only that flow, the
+caller's PBX, can cancel it or send its ACK, not another PBX nor anyone else.
+
+Calls to one phone with several bindings are forked by the PBX, which sends an
 INVITE to each binding's Path and CANCELs the others when one answers: each INVITE is
 parked, woken and cancelled on its own.
 """
@@ -56,6 +60,10 @@ REREGISTER_SCAN = 60.0  # seconds between scans for bindings about to expire
 # by this long before its binding expires (the RFC's 120 s, or less for a short one).
 REFRESH_MARGIN = 120
 BINDINGS_LIMIT = 100_000  # bindings whose refresh time is remembered, at most
+
+# A call as the flow its INVITE came on (Flow.key) and that INVITE's Call-ID and top
+# branch: the CANCEL and ACK (RFC 3261 9.1, 17.1.1.3) carry the same two values.
+_CallKey = tuple[bytes, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +148,7 @@ class _Parked:
     # +sip.instance of the subject's stored bindings with this token ("": none named);
     # empty when none is stored, and then subject and token alone decide.
     instances: frozenset[str]
-    key: tuple[str, str]  # Call-ID and the caller's branch: how its CANCEL finds it
+    key: _CallKey  # caller's flow, Call-ID, caller's branch: how its CANCEL finds it
     deadline: float  # clock time
     arrived: float  # perf_counter, for the latency histograms only
     call_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -207,14 +215,17 @@ class Parking:
         self._push = push
         self._store = store
         self._clock = clock
-        self._parked: dict[tuple[str, str], _Parked] = {}
+        self._parked: dict[_CallKey, _Parked] = {}
         self._by_token: dict[str, list[_Parked]] = {}
         # Delivered calls: key -> (the woken flow, when), for their CANCEL or ACK.
-        self._delivered: OrderedDict[tuple[str, str], tuple[Flow, float]] = OrderedDict()
-        self._reregistered: dict[str, int] = {}  # token -> the expiry it was pushed for
+        self._delivered: OrderedDict[_CallKey, tuple[Flow, float]] = OrderedDict()
+        # binding (serial, user, instance) -> the expiry it was pushed for. By binding, not
+        # token: another user's binding that names the same token (anyone may present
+        # one) must not stand in for this one's push.
+        self._reregistered: dict[tuple[str, str, str], int] = {}
         # binding (serial, user, instance) -> its refresh, as of the last accepted REGISTER
         self._refreshes: OrderedDict[tuple[str, str, str], _Refresh] = OrderedDict()
-        self._watched: OrderedDict[tuple[str, str], _Watched] = OrderedDict()
+        self._watched: OrderedDict[_CallKey, _Watched] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics = WakeMetrics(registry)
 
@@ -227,7 +238,7 @@ class Parking:
         self, request: Request, caller: Flow, identity: PushIdentity, subject: Subject
     ) -> None:
         """An INVITE for a phone whose flow is gone: wake the phone, hold the call."""
-        key = _key(request)
+        key = _key(request, caller)
         if key in self._parked:
             return  # the caller's retransmission: the call is parked already
         waiting = self._by_token.get(identity.token, [])
@@ -344,7 +355,7 @@ class Parking:
         if len(self._watched) >= self.settings.max_parked:
             self._watched.popitem(last=False)
         deadline = self._clock.now() + self.settings.answer_timeout
-        self._watched[_key(invite)] = _Watched(
+        self._watched[_key(invite, caller)] = _Watched(
             invite.serialize(), caller, identity, subject, deadline
         )
 
@@ -352,9 +363,10 @@ class Parking:
     def watching(self) -> bool:
         return bool(self._watched)
 
-    def answered(self, call_id: str, branch: str) -> None:
-        """The phone answered the INVITE (any response): it is awake."""
-        self._watched.pop((call_id, branch), None)
+    def answered(self, caller: Flow, call_id: str, branch: str) -> None:
+        """The phone answered the INVITE that came on `caller` (any response): it is
+        awake."""
+        self._watched.pop((caller.key, call_id, branch), None)
 
     # --- the ways a parked call ends ------------------------------------------------
 
@@ -380,7 +392,7 @@ class Parking:
             await self._courier.forward_to(parked.request, parked.caller, flow)
         return delivered
 
-    def _remember_delivery(self, key: tuple[str, str], flow: Flow) -> None:
+    def _remember_delivery(self, key: _CallKey, flow: Flow) -> None:
         now = self._clock.now()
         while self._delivered and (
             len(self._delivered) >= DELIVERED_LIMIT
@@ -389,9 +401,10 @@ class Parking:
             self._delivered.popitem(last=False)
         self._delivered[key] = (flow, now)
 
-    def delivered_to(self, request: Request) -> Flow | None:
-        """Where a delivered call went: for its CANCEL, or the ACK of its failure."""
-        found = self._delivered.get(_key(request))
+    def delivered_to(self, request: Request, flow: Flow) -> Flow | None:
+        """Where a delivered call went: for its CANCEL, or the ACK of its failure, when
+        `flow` is the one its INVITE came on."""
+        found = self._delivered.get(_key(request, flow))
         if found is None or found[0].closed:
             return None
         if self._clock.now() - found[1] > TRANSACTION_LIFETIME:
@@ -400,8 +413,8 @@ class Parking:
 
     async def cancel(self, cancel: Request, flow: Flow) -> bool:
         """The caller's CANCEL of a parked INVITE: 200 to it, 487 to the INVITE, and
-        the "call cancelled" push; False when no such call is parked."""
-        parked = self._parked.get(_key(cancel))
+        the "call cancelled" push; False when no such call was parked from `flow`."""
+        parked = self._parked.get(_key(cancel, flow))
         if parked is None:
             return False
         await self._courier.reply(cancel, flow, 200)
@@ -516,7 +529,7 @@ class Parking:
             expires_at = refresh.expires_at
             if not refresh.push_at <= now < expires_at:
                 continue
-            if self._reregistered.get(token) == expires_at:
+            if self._reregistered.get(key) == expires_at:
                 continue
             app_param = fields.get("push_app_id")
             identity = PushIdentity.of(
@@ -529,13 +542,13 @@ class Parking:
             app_id = push.app_for(identity.service, identity.app_param)
             if app_id is None:
                 continue
-            self._reregistered[token] = expires_at
+            self._reregistered[key] = expires_at
             self.metrics.reregister_pushes.inc()
             request = WakeRequest(identity.service, token, app_id, Reason.REREGISTER, expires_at)
             self._spawn(_wake_only(push, request))
             sent += 1
         # Forget what expired: those bindings are gone or were refreshed.
-        self._reregistered = {t: e for t, e in self._reregistered.items() if e > now}
+        self._reregistered = {k: e for k, e in self._reregistered.items() if e > now}
         for key in [k for k, r in self._refreshes.items() if r.expires_at <= now]:
             del self._refreshes[key]
         return sent
@@ -577,8 +590,8 @@ class Parking:
         )
 
 
-def _key(request: Request) -> tuple[str, str]:
-    return (request.call_id, request.top_via.branch or "")
+def _key(request: Request, caller: Flow) -> _CallKey:
+    return (caller.key, request.call_id, request.top_via.branch or "")
 
 
 def _reason(text: str) -> tuple[tuple[str, str], ...]:
