@@ -418,8 +418,10 @@ def setup_logging(
 ) -> LogSet:
     """Wire the softrelay logger tree to the policy's log categories (see module doc).
 
-    `console` mirrors every line on stderr for `softrelay serve` in the foreground;
-    whatever keeps stderr (journald) must then keep it no longer than the policy says.
+    `console` mirrors the service log's lines on stderr for `softrelay serve` in the
+    foreground. Only the service log's: it declares no personal data, while a category
+    log may keep an address or a user agent (troubleshooting_log) for its own retention,
+    which a copy on stderr (a terminal, journald) would escape.
     """
     global _active
     categories = {c.name: c for c in policy.stored(Storage.LOG)}
@@ -431,7 +433,8 @@ def setup_logging(
     handlers: dict[str, PolicyLogHandler] = {}
     for name, category in categories.items():
         try:
-            handlers[name] = PolicyLogHandler(category, data_dir, clock, console=stream)
+            mirror = stream if name == SERVICE_LOG else None
+            handlers[name] = PolicyLogHandler(category, data_dir, clock, console=mirror)
         except ValueError as exc:
             raise ConfigError(policy.source, f"categories.{name}.fields", str(exc)) from exc
     if _active is not None:

@@ -25,7 +25,7 @@ from privacy.dsr import DsrSettings
 from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.store import Store
-from proxy.connections import HTTP_GUARD, HttpGuard, HttpLimits
+from proxy.connections import HTTP_GUARD, HttpGuard, HttpLimits, fit_process_descriptors
 from proxy.dsr_api import add_dsr_routes
 from proxy.http import refusals
 from proxy.metrics import (
@@ -94,7 +94,11 @@ def build_app(services: Services) -> web.Application:
     registry = CollectorRegistry(auto_describe=True)
     # Connection limits of the listeners `serve` starts (GuardedSite); the guard's
     # middleware marks when a request head has arrived, so it comes first.
-    guard = HttpGuard(services.http, services.clock, registry)
+    http = services.http
+    if services.sip_listen is not None:
+        # SIP shares the process's descriptors: both caps must fit under its limit.
+        http = fit_process_descriptors(http, services.sip.limits.max_connections)
+    guard = HttpGuard(http, services.clock, registry)
     # Every refusal and every handler error rendered as JSON in one place (proxy/http.py).
     app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware, refusals])
     app[SERVICES] = services

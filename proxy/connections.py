@@ -40,9 +40,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 from aiohttp import StreamReader, web
@@ -80,6 +82,65 @@ class HttpLimits:
     @property
     def reap_interval(self) -> float:
         return max(0.5, min(self.header_timeout, self.body_timeout, self.write_timeout) / 4)
+
+
+# Descriptors kept out of the connection caps: the database and its WAL, log files,
+# listeners, upstream and push connections, crash-scrubbing worker pipes.
+RESERVED_DESCRIPTORS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorFit:
+    """How the HTTP cap fits the process's open-file limit beside SIP's."""
+
+    limits: HttpLimits  # with max_connections clamped when it had to be
+    soft_limit: int  # RLIMIT_NOFILE, after raising it towards the hard limit
+    warning: str | None  # a sentence for the operator when the caps did not fit
+
+
+def fit_descriptors(
+    limits: HttpLimits, sip_connections: int, soft: int, hard: int
+) -> DescriptorFit:
+    """`max_connections` of the HTTP port and SIP's TCP/TLS/WebSocket cap must fit under
+    the open-file limit together, or a flood of one port takes the descriptors the
+    other needs (20,000 slow HTTP connections once stopped SIP). The soft limit is
+    raised towards the hard one as far as the caps need; when that is not enough the
+    HTTP cap is cut to its share of what is left (the caps' own ratio), and a warning
+    says which keys to lower. SIP's cap is its transports' to enforce; a WebSocket
+    counts in both, so the sum is an upper bound."""
+    wanted = limits.max_connections + sip_connections + RESERVED_DESCRIPTORS
+    if soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else max(soft, min(hard, wanted))
+    available = max(1, soft - RESERVED_DESCRIPTORS)
+    if limits.max_connections + sip_connections <= available:
+        return DescriptorFit(limits, soft, None)
+    share = available * limits.max_connections // (limits.max_connections + sip_connections)
+    clamped = max(1, min(limits.max_connections, share))
+    warning = (
+        f"the open-file limit ({soft}) cannot hold [http] max_connections"
+        f" ({limits.max_connections}) and [sip.limits] max_connections ({sip_connections})"
+        f" beside {RESERVED_DESCRIPTORS} reserved: the HTTP port takes at most {clamped};"
+        " lower both caps or raise the limit (ulimit -n)"
+    )
+    return DescriptorFit(replace(limits, max_connections=clamped), soft, warning)
+
+
+def fit_process_descriptors(limits: HttpLimits, sip_connections: int) -> HttpLimits:
+    """`fit_descriptors` for this process: raises its soft limit, says when the caps
+    did not fit (stderr and the service log)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fit = fit_descriptors(limits, sip_connections, soft, hard)
+    if fit.soft_limit != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fit.soft_limit, hard))
+    if fit.warning is not None:
+        # The sentence is for the operator at the console (it names config keys, no
+        # client); the service log keeps the event and the cap, its declared fields.
+        print(f"softrelay: warning: {fit.warning}", file=sys.stderr, flush=True)
+        log.warning(
+            "http.descriptors_short", extra={"fields": {"count": fit.limits.max_connections}}
+        )
+    return fit.limits
 
 
 class HttpGuard:

@@ -340,6 +340,21 @@ def test_console_mirrors_the_file_lines_on_stderr(
     assert capsys.readouterr().err.encode() == log_file(tmp_path, "service_log").read_bytes()
 
 
+def test_the_console_mirrors_no_category_log_so_no_address_reaches_stderr(
+    policy: Policy, tmp_path: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The troubleshooting log keeps a caller's IP and user agent under its own
+    retention; its lines stay in its file, never on stderr."""
+    fields = {"ip": "203.0.113.77", "user_agent": "CANARY-agent", "route": "/x", "status": 400}
+    with setup_logging(policy, tmp_path, clock, console=True):
+        category_logger("troubleshooting_log").info("oauth.token", extra={"fields": fields})
+
+    assert b"203.0.113.77" in log_file(tmp_path, "troubleshooting_log").read_bytes()
+    err = capsys.readouterr().err
+    assert "203.0.113.77" not in err
+    assert "CANARY" not in err
+
+
 def test_setup_again_replaces_the_first_set_and_close_restores_the_loggers(
     policy: Policy, tmp_path: Path, clock: ManualClock
 ) -> None:
