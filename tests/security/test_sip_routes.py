@@ -22,7 +22,7 @@ from privacy.clock import ManualClock
 from privacy.store import Store
 from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Flow, Transport
-from proxy.sip.message import Request, SipUri
+from proxy.sip.message import Request, Response, SipUri, parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from tests.sip.test_relay import (
@@ -363,3 +363,135 @@ async def test_in_a_dialog_our_outbound_route_and_both_record_routes_are_taken_o
     bye = pbx_wire.request()
     assert bye.method == "BYE"
     assert bye.routes == []
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        f"<sip:{PUBLIC_HOST.upper()}:5060;transport=tcp;lr>",  # our name, any case, a port
+        "<SIP:127.0.0.1:5060;transport=tcp;lr>",  # the scheme in capitals
+        "<sip:127.0.0.1:5060;transport=TLS;lr>",  # our port decides, whatever transport
+        "<sip:127.0.0.1;transport=TCP;lr>",  # no port: 5060 for TCP
+        "<sip:[::1]:5060;transport=tcp;lr>",  # our IPv6 address, bracketed
+        "<sip:[0:0:0:0:0:0:0:1];lr>",  # ... written out, without a port
+        "<sip:[::ffff:127.0.0.1]:5060;lr>",  # our IPv4 address, IPv4-mapped
+    ],
+)
+async def test_our_address_in_any_spelling_is_taken_off_a_register(
+    relay: Relay, route: str
+) -> None:
+    relay.listening([(Transport.TCP, ("::1", 5060))])
+    _pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, _ = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    register = _phone_register().replace(
+        b"Max-Forwards", f"Route: {route}\r\nMax-Forwards".encode()
+    )
+    await relay.handle(register, phone)
+    forwarded = pbx_wire.request()
+    assert forwarded.method == "REGISTER"
+    assert forwarded.routes == [], [str(r) for r in forwarded.routes]
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "<sip:127.0.0.2:5060;lr>",  # another address on our port
+        "<sip:127.0.0.1:5070;lr>",  # our address, another port
+        "<sip:127.0.0.1;transport=tls;lr>",  # no port: TLS means 5061, not ours here
+        "<sip:pbx.example;lr>",
+    ],
+)
+async def test_an_entry_that_does_not_name_us_stays(relay: Relay, route: str) -> None:
+    _pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, _ = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    register = _phone_register().replace(
+        b"Max-Forwards", f"Route: {route}\r\nMax-Forwards".encode()
+    )
+    await relay.handle(register, phone)
+    assert [str(r) for r in pbx_wire.request().routes] == [route]
+
+
+async def test_only_the_top_entries_naming_us_are_taken_off(relay: Relay) -> None:
+    """RFC 3261 16.4 pre-processes the top of the route set: an entry naming us after a
+    foreign one is the foreign hop's to route, and stays where it is."""
+    _pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, _ = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    routes = ["<sip:127.0.0.1:5060;lr>", "<sip:pbx.example;lr>", f"<sip:{PUBLIC_HOST};lr>"]
+    register = _phone_register().replace(
+        b"Max-Forwards", "".join(f"Route: {r}\r\n" for r in routes).encode() + b"Max-Forwards"
+    )
+    await relay.handle(register, phone)
+    assert [str(r) for r in pbx_wire.request().routes] == routes[1:]
+
+
+async def test_a_strict_routing_previous_hop_is_undone_as_16_4_says(relay: Relay) -> None:
+    """A hop that routes strictly puts our Record-Route in the Request-URI and the
+    remote target last in the Route set: the request goes where our token says, with
+    that target as its Request-URI again and no Route left naming it."""
+    _pbx, pbx_wire, phone, _, routes = await _call_from_pbx(relay)
+    ours = routes[0].strip("<>")
+    target = "sip:bob@203.0.113.9:40000;transport=tcp"
+    bye = _bye_along([*routes[1:], f"<{target}>"], "dialog").replace(
+        f"BYE {target} SIP/2.0".encode(), f"BYE {ours} SIP/2.0".encode()
+    )
+    await relay.handle(bye, phone)
+    forwarded = pbx_wire.request()
+    assert forwarded.method == "BYE"
+    assert str(forwarded.uri) == target
+    assert forwarded.routes == []
+
+
+# --- responses over every transport ----------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", [Transport.UDP, Transport.TCP, Transport.WS])
+async def test_a_2xx_to_an_invite_forged_by_the_callees_neighbour_is_dropped(
+    relay: Relay, transport: Transport
+) -> None:
+    """The PBX calls Alice's phone; Bob's phone (registered at the same PBX, on the same
+    transport and address) answers 200 with the exact Via set Alice got: dropped on
+    UDP, TCP and WebSocket alike; Alice's own answer goes through."""
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    alice, alice_wire = _flow(transport, ("198.51.100.23", 40001))
+    bob, bob_wire = _flow(transport, ("198.51.100.23", 40002))
+    await relay.handle(_phone_register(), alice)
+    register = pbx_wire.request()
+    await relay.handle(_reply(register, 200, "OK"), pbx)
+    await relay.handle(_invite_along(str(register.paths[0]), "ring"), pbx)
+    invite = alice_wire.request()
+    sent = len(pbx_wire.raw)
+    await relay.handle(_reply(invite, 200, "OK"), bob)
+    assert len(pbx_wire.raw) == sent, "nothing of Bob's reached the PBX"
+    assert bob_wire.raw == []
+    assert _errors(relay, "response_not_from_target") == 1
+    await relay.handle(_reply(invite, 200, "OK"), alice)
+    assert pbx_wire.response().status == 200
+
+
+async def test_a_register_answer_replayed_after_its_transaction_stores_nothing(
+    relay: Relay, clock: ManualClock
+) -> None:
+    """The PBX's 401 ended a REGISTER; the same Via answered 200 later (by the PBX's own
+    flow, which is all a forger can hope to sound like) changes no binding, and neither
+    does a first answer that comes after timer F."""
+    pbx, pbx_wire, _ = await _link_pbx(relay)
+    phone, phone_wire = _flow(Transport.TCP, ("198.51.100.23", 40001))
+    await relay.handle(_phone_register(), phone)
+    register = pbx_wire.request()
+    await relay.handle(_reply(register, 401, "Unauthorized"), pbx)
+    await relay.handle(_reply(register, 200, "OK"), pbx)
+    await relay.drain()
+    assert await relay.store.find("registration") == []
+    await relay.handle(_phone_register(cseq=2), phone)
+    late = pbx_wire.request()
+    clock.advance(33)  # timer F (32 s) has run out: the phone gave up
+    await relay.handle(_reply(late, 200, "OK"), pbx)
+    await relay.drain()
+    assert await relay.store.find("registration") == []
+    assert [m.status for m in map(_parse_response, phone_wire.raw)] == [401, 200, 200]
+
+
+def _parse_response(data: bytes) -> Response:
+    message = parse(data)
+    assert isinstance(message, Response)
+    return message
