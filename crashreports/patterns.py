@@ -331,14 +331,13 @@ class Rules:
         """`data` (which starts with the NUL sentinel) with every match replaced."""
         out: list[bytes] = []
         last = pos = 0
-        find, spans = self.program.find, self.program.spans
+        search = self.program.search
         size = len(data)
         while pos < size:
-            m_start, m_end = find(data, pos)
-            if m_start < 0:
+            groups = search(data, pos)
+            if groups[0][0] < 0:
                 break
             deadline.tick()
-            groups = spans(data, m_start, m_end)
             rule = next(r for r in self._groups if groups[r[0]][0] >= 0)
             group, values, placeholder, compute = rule
             start, end = groups[group]
@@ -357,6 +356,8 @@ class Rules:
             else:
                 out.append(placeholder)
             last = end
+            if end >= size:  # a body after this one would start at the end: empty
+                break
             pos = _back(data, end, CONTEXT)
         if not out:
             return data
