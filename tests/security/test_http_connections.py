@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from privacy.clock import ManualClock
+from proxy.config import ConfigError, load_config
 from proxy.connections import GuardedSite, HttpGuard, HttpLimits
 from proxy.http import refusals
 
@@ -440,3 +442,13 @@ async def test_a_client_that_does_not_read_its_answer_is_cut_at_the_write_timeou
     finally:
         sock.close()
     assert await served(port, "127.0.0.2") == 200
+
+
+def test_the_body_and_write_timeouts_are_read_from_the_http_section(tmp_path: Path) -> None:
+    config = tmp_path / "softrelay.toml"
+    config.write_text('[http]\nbody_timeout = "2m"\nwrite_timeout = "5s"\n')
+    limits = load_config(config).http
+    assert (limits.body_timeout, limits.write_timeout) == (120, 5)
+    config.write_text('[http]\nbody_timeout = "0s"\n')
+    with pytest.raises(ConfigError, match="body_timeout"):
+        load_config(config)
