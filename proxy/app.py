@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -97,7 +97,10 @@ def build_app(services: Services) -> web.Application:
     http = services.http
     if services.sip_listen is not None:
         # SIP shares the process's descriptors: both caps must fit under its limit.
-        http = fit_process_descriptors(http, services.sip.limits.max_connections)
+        fit = fit_process_descriptors(http, services.sip.limits.max_connections)
+        http = fit.limits
+        sip_limits = replace(services.sip.limits, max_connections=fit.sip_connections)
+        services = replace(services, sip=replace(services.sip, limits=sip_limits))
     guard = HttpGuard(http, services.clock, registry)
     # Every refusal and every handler error rendered as JSON in one place (proxy/http.py).
     app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware, refusals])

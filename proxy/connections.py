@@ -91,9 +91,10 @@ RESERVED_DESCRIPTORS = 1024
 
 @dataclass(frozen=True, slots=True)
 class DescriptorFit:
-    """How the HTTP cap fits the process's open-file limit beside SIP's."""
+    """How the HTTP cap and SIP's connection cap fit the process's open-file limit."""
 
     limits: HttpLimits  # with max_connections clamped when it had to be
+    sip_connections: int  # SIP's TCP/TLS/WebSocket cap, clamped alike
     soft_limit: int  # RLIMIT_NOFILE, after raising it towards the hard limit
     warning: str | None  # a sentence for the operator when the caps did not fit
 
@@ -103,29 +104,30 @@ def fit_descriptors(
 ) -> DescriptorFit:
     """`max_connections` of the HTTP port and SIP's TCP/TLS/WebSocket cap must fit under
     the open-file limit together, or a flood of one port takes the descriptors the
-    other needs (20,000 slow HTTP connections once stopped SIP). The soft limit is
-    raised towards the hard one as far as the caps need; when that is not enough the
-    HTTP cap is cut to its share of what is left (the caps' own ratio), and a warning
-    says which keys to lower. SIP's cap is its transports' to enforce; a WebSocket
-    counts in both, so the sum is an upper bound."""
+    other needs (20,000 slow HTTP connections once stopped SIP; a SIP cap above the
+    limit would do the same to HTTP). The soft limit is raised towards the hard one as
+    far as the caps need; when that is not enough both caps are cut to their share of
+    what is left (in their configured ratio), and a warning says which keys to lower.
+    A WebSocket counts in both, so the sum is an upper bound."""
     wanted = limits.max_connections + sip_connections + RESERVED_DESCRIPTORS
     if soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else max(soft, min(hard, wanted))
-    available = max(1, soft - RESERVED_DESCRIPTORS)
-    if limits.max_connections + sip_connections <= available:
-        return DescriptorFit(limits, soft, None)
-    share = available * limits.max_connections // (limits.max_connections + sip_connections)
-    clamped = max(1, min(limits.max_connections, share))
+    available = max(2, soft - RESERVED_DESCRIPTORS)
+    total = limits.max_connections + sip_connections
+    if total <= available:
+        return DescriptorFit(limits, sip_connections, soft, None)
+    http = max(1, available * limits.max_connections // total)
+    sip = max(1, available - http)
     warning = (
         f"the open-file limit ({soft}) cannot hold [http] max_connections"
         f" ({limits.max_connections}) and [sip.limits] max_connections ({sip_connections})"
-        f" beside {RESERVED_DESCRIPTORS} reserved: the HTTP port takes at most {clamped};"
-        " lower both caps or raise the limit (ulimit -n)"
+        f" beside {RESERVED_DESCRIPTORS} reserved: the HTTP port takes at most {http}"
+        f" connections and SIP at most {sip}; lower both caps or raise the limit (ulimit -n)"
     )
-    return DescriptorFit(replace(limits, max_connections=clamped), soft, warning)
+    return DescriptorFit(replace(limits, max_connections=http), sip, soft, warning)
 
 
-def fit_process_descriptors(limits: HttpLimits, sip_connections: int) -> HttpLimits:
+def fit_process_descriptors(limits: HttpLimits, sip_connections: int) -> DescriptorFit:
     """`fit_descriptors` for this process: raises its soft limit, says when the caps
     did not fit (stderr and the service log)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -135,12 +137,12 @@ def fit_process_descriptors(limits: HttpLimits, sip_connections: int) -> HttpLim
             resource.setrlimit(resource.RLIMIT_NOFILE, (fit.soft_limit, hard))
     if fit.warning is not None:
         # The sentence is for the operator at the console (it names config keys, no
-        # client); the service log keeps the event and the cap, its declared fields.
+        # client); the service log keeps the event and the caps, its declared fields.
         print(f"softrelay: warning: {fit.warning}", file=sys.stderr, flush=True)
         log.warning(
             "http.descriptors_short", extra={"fields": {"count": fit.limits.max_connections}}
         )
-    return fit.limits
+    return fit
 
 
 class HttpGuard:

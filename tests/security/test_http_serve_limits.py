@@ -201,16 +201,20 @@ def test_caps_that_fit_raise_the_soft_limit_and_keep_the_configured_cap() -> Non
     fit = fit_descriptors(limits, 100_000, soft=1024, hard=1_048_576)
     assert fit.warning is None
     assert fit.limits == limits
+    assert fit.sip_connections == 100_000
     assert fit.soft_limit == 10_000 + 100_000 + RESERVED_DESCRIPTORS
     unlimited = fit_descriptors(limits, 100_000, soft=1024, hard=resource.RLIM_INFINITY)
     assert unlimited.warning is None
 
 
-def test_caps_that_do_not_fit_cut_the_http_cap_to_its_share_and_say_so() -> None:
+def test_caps_that_do_not_fit_are_both_cut_to_their_share_and_say_so() -> None:
     fit = fit_descriptors(HttpLimits(max_connections=10_000), 100_000, soft=4096, hard=20_000)
     assert fit.soft_limit == 20_000
     cap = fit.limits.max_connections
     assert cap == (20_000 - RESERVED_DESCRIPTORS) * 10_000 // 110_000
+    # SIP's cap is cut too: together they leave the reserved descriptors free.
+    assert fit.sip_connections == 20_000 - RESERVED_DESCRIPTORS - cap
+    assert f"SIP at most {fit.sip_connections}" in (fit.warning or "")
     assert fit.warning is not None
     assert "[http] max_connections" in fit.warning
     assert "[sip.limits] max_connections" in fit.warning
