@@ -304,14 +304,21 @@ _KEY = object()  # marks a dict key in `_Walk.slots`
 
 class _Walk:
     """One event's walk: the tree rebuilt with depth and key rules applied, and where
-    each of its strings (keys included) sits, so that only the changed ones are put back."""
+    each of its strings (keys included) sits, so that only the changed ones are put back.
 
-    __slots__ = ("deadline", "holders", "secret", "sensitive", "slots", "texts")
+    A string that the value rules found clean in an earlier event (`clean`, which holds
+    no NUL) is neither recorded nor scanned: most strings of a report recur in the next
+    one, and a set lookup here is cheaper than three list entries and a lookup later."""
 
-    def __init__(self, sensitive: Regex, deadline: Deadline, secret: dict[str, bool]) -> None:
+    __slots__ = ("clean", "deadline", "holders", "secret", "sensitive", "slots", "texts")
+
+    def __init__(
+        self, sensitive: Regex, deadline: Deadline, secret: dict[str, bool], clean: set[str]
+    ) -> None:
         self.sensitive = sensitive
         self.deadline = deadline
         self.secret = secret  # keys tested once each (`ScrubTree.keys`)
+        self.clean = clean  # texts the value rules leave unchanged (`ValuePatterns.clean`)
         self.texts: list[str] = []
         self.holders: list[Any] = []  # the dict or list holding texts[i]
         self.slots: list[object] = []  # its key or index there, or _KEY for a dict key
@@ -325,7 +332,8 @@ class _Walk:
 
     def mapping(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        secret, texts, holders, slots = self.secret, self.texts, self.holders, self.slots
+        secret, clean, texts = self.secret, self.clean, self.texts
+        holders, slots = self.holders, self.slots
         tick = self.deadline.tick
         for key, value in node.items():
             tick()
@@ -334,19 +342,21 @@ class _Walk:
                 hidden = _is_secret(key, self.sensitive)
                 if len(key) <= KEY_CHARS:
                     secret[key] = hidden
-            if _JOINT in key:
-                key = key.replace(_JOINT, "\ufffd")
-            texts.append(key)
-            holders.append(out)
-            slots.append(_KEY)
+            if key not in clean:
+                if _JOINT in key:
+                    key = key.replace(_JOINT, "\ufffd")
+                texts.append(key)
+                holders.append(out)
+                slots.append(_KEY)
             if hidden and value is not None and value != "":
                 out[key] = FILTERED
             elif isinstance(value, str):
-                if _JOINT in value:
-                    value = value.replace(_JOINT, "\ufffd")
-                texts.append(value)
-                holders.append(out)
-                slots.append(key)
+                if value not in clean:
+                    if _JOINT in value:
+                        value = value.replace(_JOINT, "\ufffd")
+                    texts.append(value)
+                    holders.append(out)
+                    slots.append(key)
                 out[key] = value
             else:
                 out[key] = self.node(value, depth)
@@ -354,16 +364,17 @@ class _Walk:
 
     def sequence(self, node: list[Any], depth: int) -> list[Any]:
         out: list[Any] = []
-        texts, holders, slots = self.texts, self.holders, self.slots
+        clean, texts, holders, slots = self.clean, self.texts, self.holders, self.slots
         tick = self.deadline.tick
         for value in node:
             tick()
             if isinstance(value, str):
-                if _JOINT in value:
-                    value = value.replace(_JOINT, "\ufffd")
-                texts.append(value)
-                holders.append(out)
-                slots.append(len(out))
+                if value not in clean:
+                    if _JOINT in value:
+                        value = value.replace(_JOINT, "\ufffd")
+                    texts.append(value)
+                    holders.append(out)
+                    slots.append(len(out))
                 out.append(value)
             else:
                 out.append(self.node(value, depth))
@@ -383,7 +394,7 @@ class ScrubTree:
     def __call__(self, event: Event, deadline: Deadline = UNLIMITED) -> Event:
         if len(self.keys) > KEY_ENTRIES:
             self.keys.clear()
-        walk = _Walk(self.sensitive, deadline, self.keys)
+        walk = _Walk(self.sensitive, deadline, self.keys, self.patterns.clean)
         out = walk.node(event, self.depth)
         if not isinstance(out, dict):
             return {}
