@@ -6,8 +6,9 @@ A request is answered in this order, so nothing is decoded for a caller without 
     2. the project's rate limit (Retry-After and X-Sentry-Rate-Limits)           429
     3. the body, decoded (gzip, deflate, br) and capped on its decoded size      413/415
     4. the envelope and its items                                                400
-    5. per event: opt-in and scrubbing (`scrubber.Chain`, in a worker off the event
-       loop: `workers.Scrubbers`), then the store and the forwarder; a report
+    5. per event, in a worker off the event loop (`workers.Scrubbers`): its JSON
+       (an object, else 400), opt-in and scrubbing (`scrubber.Chain`); then the
+       store (the scrubbed JSON as the worker made it) and the forwarder; a report
        without opt-in, or over the CPU budget of scrubbing, is dropped unstored and
        counted                                                                   200
        (a scrubbing worker that died: 503, nothing stored)                      503
@@ -21,7 +22,6 @@ import base64
 import binascii
 import math
 import re
-import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,12 +33,11 @@ from prometheus_client import CollectorRegistry, Counter
 
 from crashreports.envelope import EnvelopeError, Item, parse_envelope
 from crashreports.forward import Forwarder
-from crashreports.scrubber import DropEvent
 from crashreports.settings import CrashSettings, Project
-from crashreports.workers import Scrubbers, ScrubberUnavailable
+from crashreports.workers import MalformedEvent, Scrubbers, ScrubberUnavailable
 from privacy.batches import Batches
 from privacy.clock import Clock
-from privacy.store import Store
+from privacy.store import JsonText, Store, Writable
 from proxy.http import BodyTooLarge, read_capped
 from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response
 
@@ -218,37 +217,38 @@ class Ingest:
             raise IngestError(400, "malformed envelope: more than one event", "malformed")
         if not events:
             return None
-        header_id = envelope.headers.get("event_id")
-        payload = events[0].payload
-        return await self._event(project, _load_event(payload), payload, header_id)
+        return await self._event(project, events[0].payload, envelope.headers.get("event_id"))
 
     async def store_endpoint(self, request: web.Request, project: Project) -> str | None:
         body = await self._body(request)
         if body[:1] != b"{":
             body = _legacy_body(body, self.settings.max_body)
-        return await self._event(project, _load_event(body), body, None)
+        return await self._event(project, body, None)
 
     # --- 5. one event --------------------------------------------------------------------
 
-    async def _event(
-        self, project: Project, event: dict[str, Any], payload: bytes, header_id: Any
-    ) -> str:
-        event_id = _event_id(event.get("event_id", header_id))
+    async def _event(self, project: Project, payload: bytes, header_id: Any) -> str:
         try:
-            scrubbed = await self.scrubbers.scrub(project.id, event, payload)
-        except DropEvent as exc:
-            self.metrics.events.labels(project.id, exc.reason).inc()
-            return event_id
+            result = await self.scrubbers.scrub(project.id, _header_id(header_id), payload)
+        except MalformedEvent as exc:
+            raise IngestError(400, f"malformed event: {exc}", "malformed") from None
         except ScrubberUnavailable:
             raise IngestError(
                 503, "crash report scrubber restarting, retry", "unavailable"
             ) from None
-        scrubbed["event_id"] = event_id
-        await self.batches.write({"project": project.id, "event_id": event_id, "event": scrubbed})
+        if result.event is None:
+            self.metrics.events.labels(project.id, result.dropped).inc()
+            return result.event_id
+        row: dict[str, Writable] = {
+            "project": project.id,
+            "event_id": result.event_id,
+            "event": JsonText(result.event),
+        }
+        await self.batches.write(row)
         self.metrics.events.labels(project.id, "stored").inc()
         if self.forwarder is not None:
-            self.forwarder.offer(scrubbed)
-        return event_id
+            self.forwarder.offer(orjson.loads(result.event))
+        return result.event_id
 
 
 def _public_key(request: web.Request) -> str | None:
@@ -267,22 +267,13 @@ def _public_key(request: web.Request) -> str | None:
     return None
 
 
-def _event_id(value: Any) -> str:
+def _header_id(value: Any) -> str:
+    """The envelope's event id for the worker, if it is one (else "": none)."""
     if isinstance(value, str):
         compact = value.replace("-", "").lower()
         if _EVENT_ID.match(compact):
             return compact
-    return uuid.uuid4().hex
-
-
-def _load_event(payload: bytes) -> dict[str, Any]:
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise IngestError(400, "malformed event: not JSON", "malformed") from None
-    if not isinstance(event, dict):
-        raise IngestError(400, "malformed event: not a JSON object", "malformed")
-    return event
+    return ""
 
 
 def _legacy_body(body: bytes, cap: int) -> bytes:

@@ -1,14 +1,15 @@
 """Where the scrubbing chains run: never on the event loop.
 
-A crash report is parsed on the loop (orjson, bounded by the body cap: its event id and
-its shape are needed for the answer), then scrubbed in a worker while the loop goes on
-answering SIP, pushes and the other routes:
+The loop reads the envelope's header lines; the event's JSON, as the client sent it, is
+parsed and scrubbed in a worker (`crashreports.worker.answer`) while the loop goes on
+answering SIP, pushes and the other routes, and comes back as the scrubbed event's JSON,
+which the store encrypts as it is:
 
 - "process" (the default): `workers` processes of `python -m crashreports.worker`,
   started at the first report (a server that gets none starts none), each given the
   pickled chains of every project once, compiling and warming them up itself. The event
   crosses as the JSON bytes the client sent, and comes back as JSON bytes: the loop's
-  cost per event is a pipe write and an `orjson.loads` (measured: ProcessPoolExecutor
+  cost per event is a pipe write and a read of bytes (measured: ProcessPoolExecutor
   cost the loop's process ~260 µs of CPU per round trip, even for a no-op on bytes, in
   its manager and feeder threads).
 - "thread": a pool of threads in this process. RE2 releases the GIL while it matches,
@@ -41,13 +42,11 @@ import sys
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
-import orjson
-
-from crashreports.scrubber import Chain, DropEvent, Event, ScrubTree
-from crashreports.worker import frame
+from crashreports.scrubber import Chain, Event, ScrubTree
+from crashreports.worker import answer, frame
 
 log = logging.getLogger("softrelay.crashreports")
 START_TIMEOUT = 60.0  # seconds for a worker to import, compile and warm up its chains
@@ -56,6 +55,20 @@ STOP_TIMEOUT = 10.0  # seconds for a worker to finish what it holds once its inp
 
 class ScrubberUnavailable(Exception):
     """The worker holding an event died; the event was not scrubbed (and not kept)."""
+
+
+class MalformedEvent(ValueError):
+    """The event's JSON is not JSON, or not an object; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scrubbed:
+    """What became of one event: kept as `event` (the scrubbed JSON), or dropped unstored
+    for `dropped` (the counter label: no_opt_in, over_budget, scrub_error)."""
+
+    event_id: str
+    event: bytes | None
+    dropped: str = ""
 
 
 # Text of every shape the rules look for: scrubbed once per chain before the first event,
@@ -78,13 +91,6 @@ def warm_up(chain: Chain) -> None:
     for step in chain.steps:
         if isinstance(step, ScrubTree):
             step(copy.deepcopy(_WARM_UP))
-
-
-def _scrub_with(chain: Chain, event: Event) -> tuple[bool, Any]:
-    try:
-        return True, chain(event)
-    except DropEvent as exc:
-        return False, exc.reason
 
 
 async def _read_frame(stream: asyncio.StreamReader) -> bytes | None:
@@ -202,22 +208,24 @@ class Scrubbers:
                 await loop.run_in_executor(threads, warm_up, chain)
         return scrubbers
 
-    async def scrub(self, project: str, event: Event, payload: bytes) -> Event:
-        """`event` (parsed from `payload`) scrubbed by the chain of `project`;
-        DropEvent if it must not be kept, ScrubberUnavailable if its worker died."""
+    async def scrub(self, project: str, header_id: str, payload: bytes) -> Scrubbed:
+        """The event JSON `payload` scrubbed by the chain of `project` (`header_id`: the
+        envelope's event id, "" if none); MalformedEvent if it is no JSON object,
+        ScrubberUnavailable if its worker died."""
+        request = b"\x00".join((project.encode(), header_id.encode(), payload))
         if self._threads is not None:
-            job = partial(_scrub_with, self.chains[project], event)
-            kept, result = await asyncio.get_running_loop().run_in_executor(self._threads, job)
-            if not kept:
-                raise DropEvent(result)
-            scrubbed: Event = result
-            return scrubbed
-        worker = await self._worker()
-        answer = await worker.ask(project.encode() + b"\x00" + payload)
-        if answer[:1] != b"+":
-            raise DropEvent(answer[1:].decode())
-        kept_event: Event = orjson.loads(answer[1:])
-        return kept_event
+            job = partial(answer, self.chains, request)
+            reply = await asyncio.get_running_loop().run_in_executor(self._threads, job)
+        else:
+            worker = await self._worker()
+            reply = await worker.ask(request)
+        kind = reply[:1]
+        if kind == b"!":
+            raise MalformedEvent(reply[1:].decode())
+        kept_id = reply[1:33].decode()
+        if kind == b"+":
+            return Scrubbed(kept_id, reply[33:])
+        return Scrubbed(kept_id, None, reply[33:].decode())
 
     async def _worker(self) -> _Process:
         live = [p for p in self._processes if not p.dead]
@@ -244,4 +252,4 @@ class Scrubbers:
             await asyncio.to_thread(self._threads.shutdown, wait=True, cancel_futures=True)
 
 
-__all__ = ["ScrubberUnavailable", "Scrubbers", "warm_up"]
+__all__ = ["MalformedEvent", "Scrubbed", "ScrubberUnavailable", "Scrubbers", "warm_up"]

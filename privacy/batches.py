@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from privacy.store import Store, Value
+from privacy.store import Store, Writable
 
-_Pending = tuple[Mapping[str, Value], "asyncio.Future[None]"]
+_Pending = tuple[Mapping[str, Writable], "asyncio.Future[None]"]
 
 
 class Batches:
@@ -39,7 +39,7 @@ class Batches:
         self._pending: list[_Pending] = []
         self._writers: set[asyncio.Task[None]] = set()
 
-    async def write(self, row: Mapping[str, Value]) -> None:
+    async def write(self, row: Mapping[str, Writable]) -> None:
         """Store `row`; returns once it is committed, raises what its write raised."""
         # One future per caller: a caller cancelled cancels its own wait only.
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

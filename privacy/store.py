@@ -48,6 +48,21 @@ from privacy.policy import (
 from privacy.sqlite import SQLiteBackend
 
 Value = str | int | float | list[Any] | dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class JsonText:
+    """A value for a field declared `json`, already serialised by its writer (with
+    `orjson.dumps`, from a value such a field holds): kept as these bytes, without a
+    decode and re-encode on the loop (a crash report of 8-16 KiB comes from its scrubbing
+    worker as JSON). Its category and field are checked as for any value; any other
+    type of field refuses it. It reads back as the decoded value."""
+
+    data: bytes
+
+
+# What a write takes: a value, or JSON text for a `json` field.
+Writable = Value | JsonText
 DATABASE_FILE = "softrelay.db"
 RESTRICTIONS_FRESH = 2.0  # seconds a read of the restriction marks is trusted
 ACCOUNT = "account"  # the policy category whose retention applies to a whole subject
@@ -186,7 +201,7 @@ class Store:
 
     # --- writes ---------------------------------------------------------------------
 
-    async def put(self, category: str, fields: Mapping[str, Value]) -> int:
+    async def put(self, category: str, fields: Mapping[str, Writable]) -> int:
         """Store a record (or replace the one with the same key); its id."""
         cat = self._stored(category)
         self._check_fields(cat, fields)
@@ -201,7 +216,7 @@ class Store:
             self._tables[category], row, subject=subject, now=self.clock.now()
         )
 
-    async def put_many(self, category: str, records: Sequence[Mapping[str, Value]]) -> None:
+    async def put_many(self, category: str, records: Sequence[Mapping[str, Writable]]) -> None:
         """`put` of many records of a category without subjects, committed together.
         Each is checked first; one refused record refuses them all, nothing written."""
         cat = self._stored(category)
@@ -217,7 +232,7 @@ class Store:
         await self.backend.put_many(self._tables[category], rows, now=self.clock.now())
 
     async def update(
-        self, category: str, record_id: int, fields: Mapping[str, Value], *, use: bool = True
+        self, category: str, record_id: int, fields: Mapping[str, Writable], *, use: bool = True
     ) -> bool:
         """Change fields of a record (rectification). Counts as a use unless `use` is
         false: forgetting a dead push token must not extend the record's life."""
@@ -451,7 +466,7 @@ class Store:
         return self._tables[category]
 
     @staticmethod
-    def _check_fields(cat: Category, fields: Mapping[str, Value]) -> None:
+    def _check_fields(cat: Category, fields: Mapping[str, Writable]) -> None:
         # Sorted so the error names the same field every time; never the value.
         for name in sorted(fields):
             if name in cat.never_stored:
@@ -463,13 +478,13 @@ class Store:
         value = f"{subject.sip_username}\x1f{subject.pbx_serial}".encode()
         return self._cipher.blind_index(b"subject", value)
 
-    def _subject_of(self, cat: Category, fields: Mapping[str, Value]) -> bytes | None:
+    def _subject_of(self, cat: Category, fields: Mapping[str, Writable]) -> bytes | None:
         if not cat.subject:
             return None
         return self.subject_index(Subject(str(fields["sip_username"]), str(fields["pbx_serial"])))
 
     def _encode(
-        self, cat: Category, fields: Mapping[str, Value], subject: bytes | None
+        self, cat: Category, fields: Mapping[str, Writable], subject: bytes | None
     ) -> _Sealing:
         """Check and convert every value now; the returned sealing encrypts when called.
 
@@ -612,7 +627,7 @@ def _context(cat: Category, spec: FieldSpec) -> bytes:
     return _context_of(cat.name, spec.name)
 
 
-def _check_type(cat: Category, spec: FieldSpec, value: Value) -> None:
+def _check_type(cat: Category, spec: FieldSpec, value: Writable) -> None:
     kind = spec.type
     if kind is FieldType.TEXT:
         ok = isinstance(value, str)
@@ -626,10 +641,10 @@ def _check_type(cat: Category, spec: FieldSpec, value: Value) -> None:
         raise PolicyViolation(f"{cat.name}: field {spec.name!r} is declared {spec.type.value}")
 
 
-def _to_bytes(cat: Category, spec: FieldSpec, value: Value) -> bytes:
+def _to_bytes(cat: Category, spec: FieldSpec, value: Writable) -> bytes:
     _check_type(cat, spec, value)
     if spec.type is FieldType.JSON:
-        return orjson.dumps(value)
+        return value.data if isinstance(value, JsonText) else orjson.dumps(value)
     return str(value).encode()
 
 
@@ -645,14 +660,14 @@ def _from_bytes(spec: FieldSpec, raw: bytes) -> Value:
     return text
 
 
-def _plain(spec: FieldSpec, value: Value) -> SqlValue:
+def _plain(spec: FieldSpec, value: Writable) -> SqlValue:
     if spec.type is FieldType.JSON:
-        return orjson.dumps(value).decode()
+        return (value.data if isinstance(value, JsonText) else orjson.dumps(value)).decode()
     assert isinstance(value, str | int | float)
     return value
 
 
-def _anonymised(cat: Category, spec: FieldSpec, value: Value) -> str:
+def _anonymised(cat: Category, spec: FieldSpec, value: Writable) -> str:
     _check_type(cat, spec, value)
     assert isinstance(value, str)
     try:
@@ -661,4 +676,14 @@ def _anonymised(cat: Category, spec: FieldSpec, value: Value) -> str:
         raise PolicyViolation(f"{cat.name}: field {spec.name!r} must be an IP address") from None
 
 
-__all__ = ["Opened", "Record", "Store", "Subject", "Value", "stored_categories", "table_spec"]
+__all__ = [
+    "JsonText",
+    "Opened",
+    "Record",
+    "Store",
+    "Subject",
+    "Value",
+    "Writable",
+    "stored_categories",
+    "table_spec",
+]

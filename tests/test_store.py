@@ -11,7 +11,7 @@ from privacy.clock import ManualClock
 from privacy.crypto import DecryptionError, FieldCipher
 from privacy.keys import Keyring
 from privacy.policy import PolicyViolation, load_policy
-from privacy.store import DATABASE_FILE, Store, Subject, Value
+from privacy.store import DATABASE_FILE, JsonText, Store, Subject, Value
 from tests.conftest import StoreFactory, sample_fields
 
 REGISTRATION: dict[str, Value] = {
@@ -220,3 +220,31 @@ async def test_put_many_writes_all_or_refuses_all(store: Store) -> None:
     assert len(await store.find("usage", tenant="acme")) == 50, "nothing of a refused batch"
     with pytest.raises(PolicyViolation):
         await store.put_many("registration", [REGISTRATION])  # has subjects: use put
+
+
+async def test_json_text_is_stored_as_given_and_checked_like_any_value(
+    store: Store, tmp_path: Path
+) -> None:
+    """Already-serialised JSON for a `json` field: sealed as given, read back decoded;
+    undeclared fields, fields of another type and never-stored ones still refuse it."""
+    event = b'{"message":"canary-json-text","n":[1,2]}'
+    row: dict[str, Value | JsonText] = {
+        "project": "1",
+        "event_id": "a" * 32,
+        "event": JsonText(event),
+    }
+    await store.put_many("crash_report", [row])
+    (record,) = await store.find("crash_report", event_id="a" * 32)
+    assert record.fields["event"] == {"message": "canary-json-text", "n": [1, 2]}
+    with sqlite3.connect(tmp_path / DATABASE_FILE) as db:
+        dump = "\n".join(db.iterdump())
+    assert "canary-json-text" not in dump, "an encrypted field is never plaintext"
+    refused: list[dict[str, Value | JsonText]] = [
+        {**row, "project": JsonText(b'"1"')},  # a text field
+        {**row, "note": JsonText(b"{}")},  # undeclared
+        {**row, "password": JsonText(b'"x"')},  # never stored
+    ]
+    for bad in refused:
+        with pytest.raises(PolicyViolation):
+            await store.put_many("crash_report", [bad])
+    assert len(await store.find("crash_report", project="1")) == 1
