@@ -461,7 +461,11 @@ def _features(text: bytes) -> int:
     found |= _LONG
     if len(text) - len(text.translate(None, _DIGITS)) >= 7:
         found |= _DIGITS7
-    if b"/home/" in text or b"/Users/" in text or b":\\users\\" in text.lower():
+    if (
+        b"/home/" in text
+        or b"/Users/" in text
+        or (b":\\" in text and b":\\users\\" in text.lower())
+    ):
         found |= _HOME
     return found
 
