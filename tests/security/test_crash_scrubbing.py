@@ -163,6 +163,29 @@ def test_the_budget_is_read_inside_the_rules_not_only_between_steps() -> None:
         step({"message": "x=1&token=2 " * 100}, deadline)
 
 
+def test_the_cpu_clock_is_read_only_once_the_wall_clock_has_passed_the_budget() -> None:
+    """A thread cannot use more CPU time than wall time went by: before the wall clock
+    passes the budget the CPU clock is not read; after, the CPU time alone decides."""
+    cpu: list[float] = []
+
+    def cpu_clock() -> float:
+        cpu.append(0.0)
+        return cpu_now[0]
+
+    wall_now, cpu_now = [0.0], [0.0]
+    deadline = Deadline(cpu_clock, 0.5, 1, lambda: wall_now[0], 0.5)
+    wall_now[0] = 0.49
+    deadline.tick()
+    deadline.check()
+    assert cpu == [], "the CPU clock is not read while the wall clock is within the budget"
+    wall_now[0], cpu_now[0] = 2.0, 0.4  # much wall time, little CPU time: not over
+    deadline.tick()
+    assert len(cpu) == 1
+    cpu_now[0] = 0.6
+    with pytest.raises(OverBudget):
+        deadline.tick()
+
+
 def test_the_budget_is_configured_in_milliseconds_and_checked() -> None:
     settings = parse_crashreports(
         Section({"scrub_budget_ms": 20, "scrub_mode": "thread"}, Path("t.toml"), "crashreports")
