@@ -22,6 +22,12 @@ gzip envelopes of the stock SDK): "process" 740 envelopes/s of ~8 KiB (620 of ~1
 with one worker, 914 (734) with two; "thread" 424 (394), its process spending 2.5 ms
 of CPU per envelope against 1.9 ms for the loop and the worker together. /healthz
 during a flood of envelopes: p99 ~2 ms either way. So "process" is the default.
+Since the event is parsed only in the worker and the scrubber got faster (3 runs per
+tree, interleaved, load 1.2-1.6): one worker 1,528-1,800 envelopes/s of ~8 KiB
+(median 1,798; the tree before 1,032-1,123) and 897-1,091 of ~16 KiB (before
+731-783); the serve process ~360-400 µs of CPU per envelope of ~8 KiB (before
+~570-690), with its worker ~0.9-1.0 ms (before ~1.45-1.6). Two workers, in other runs:
+1,684-1,906 (~8 KiB) and 1,212-1,373 (~16 KiB).
 
 `Scrubbers` is created and closed by the crash reports' cleanup context
 (`crashreports.service`); each worker's reader task is owned by its `_Process`, and
