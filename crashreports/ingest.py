@@ -3,7 +3,8 @@
 A request is answered in this order, so nothing is decoded for a caller without a key:
 
     1. the project and its public key (X-Sentry-Auth, ?sentry_key=, Basic auth)  401/403
-    2. the project's rate limit (Retry-After and X-Sentry-Rate-Limits)           429
+    2. the project's rate limit, and the requests in flight across projects
+       (`max_in_flight`; Retry-After and X-Sentry-Rate-Limits)                   429
     3. the body, decoded (gzip, deflate, br) and capped on its decoded size      413/415
     4. the envelope and its items                                                400
     5. per event, in a worker off the event loop (`workers.Scrubbers`): its JSON
@@ -61,8 +62,13 @@ class IngestError(Exception):
 
 
 class RateLimited(IngestError):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(429, "rate limit of the project reached", "rate_limited")
+    def __init__(
+        self,
+        retry_after: int,
+        reason: str = "rate limit of the project reached",
+        outcome: str = "rate_limited",
+    ) -> None:
+        super().__init__(429, reason, outcome)
         self.retry_after = retry_after
 
 
@@ -131,6 +137,10 @@ class Ingest:
         # Concurrent events are committed together, each answered once its row is on disk.
         self.batches = Batches(store, CATEGORY)
         self.limiter = RateLimiter(settings.rate_limit, clock)
+        # Each request in flight holds up to `max_body` bytes and a place in a scrubbing
+        # worker's queue; a per-project rate allows bursts, this bounds them all together
+        # (a flood of events that each spend their whole CPU budget queues no further).
+        self.in_flight = 0
         self.metrics = Metrics(registry)
         self.forwarder = forwarder
         self.envelope_handler = self._handler(self.envelope)
@@ -142,8 +152,12 @@ class Ingest:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 project = self._authenticate(request)
-                self.limiter.take(project.id)
-                event_id = await inner(request, project)
+                self._admit(project)
+                self.in_flight += 1
+                try:
+                    event_id = await inner(request, project)
+                finally:
+                    self.in_flight -= 1
             except RateLimited as exc:
                 self.metrics.requests.labels(exc.outcome).inc()
                 retry = str(exc.retry_after)
@@ -164,7 +178,13 @@ class Ingest:
 
         return handle
 
-    # --- 1. who is calling --------------------------------------------------------------
+    # --- 1. who is calling, 2. whether there is room ------------------------------------
+
+    def _admit(self, project: Project) -> None:
+        # The shared cap first: a refused request spends none of its project's rate.
+        if self.in_flight >= self.settings.max_in_flight:
+            raise RateLimited(1, "too many crash reports in progress", "busy")
+        self.limiter.take(project.id)
 
     def _authenticate(self, request: web.Request) -> Project:
         key = _public_key(request)

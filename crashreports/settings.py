@@ -44,6 +44,8 @@ class CrashSettings:
     projects: tuple[Project, ...] = ()
     max_body: int = 1024 * 1024  # bytes of an envelope, after decoding
     rate_limit: int = 600  # events per minute per project
+    # Requests past the key check at once (body read, scrubbing, commit): past it 429.
+    max_in_flight: int = 64
     attachments: str = "refuse"
     opt_in_tag: str = "softrelay.opt_in"
     opt_in_value: str = "yes"
@@ -152,6 +154,7 @@ def parse_crashreports(sec: Section) -> CrashSettings:
         projects=tuple(projects),
         max_body=sec.integer("max_body", 1024 * 1024, minimum=1024),
         rate_limit=sec.integer("rate_limit", 600, minimum=1),
+        max_in_flight=sec.integer("max_in_flight", 64, minimum=1),
         attachments=sec.choice("attachments", ATTACHMENT_MODES, "refuse"),
         opt_in_tag=opt_in_tag,
         opt_in_value=opt_in_value,

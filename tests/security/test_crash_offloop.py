@@ -162,3 +162,60 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
         await gate_server.wait_closed()
     # The app's cleanup ended the worker: its input closed, it exited by itself.
     assert [w.returncode for w in workers] == [0] * len(workers)
+
+
+async def test_reports_past_max_in_flight_get_429_while_one_is_held(tmp_path: Path) -> None:
+    """A flood of reports that each take their whole CPU budget queues no further than
+    `max_in_flight`: past it the SDK is told to back off (429 + Retry-After), and the
+    held report still completes."""
+    from privacy.clock import ManualClock
+
+    gate = Gate()
+    gate_server = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
+    gate_port = gate_server.sockets[0].getsockname()[1]
+    chain = compile_chain(opt_in=None)
+    held = Chain((Hold(gate_port), *chain.steps), chain.budget)
+    crash = CrashSettings(
+        projects=(Project("1", KEY, "dsn", held),), scrub_mode="thread", max_in_flight=1
+    )
+    services = Services(
+        load_policy("auerproxy"),
+        Keyring.generate(),
+        tmp_path,
+        ManualClock(START),
+        sweep_interval=3600,
+        push=EMBEDDED_PUSH,
+        crash=crash,
+    )
+    server = TestServer(build_app(services), host="127.0.0.1", port=0)
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}/api/1/envelope/"
+    headers = {"X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={KEY}"}
+
+    def body(event_id: str) -> bytes:
+        payload = orjson.dumps({"message": "flood", "event_id": event_id})
+        return b"{}\n" + orjson.dumps({"type": "event", "length": len(payload)}) + b"\n" + payload
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.ensure_future(session.post(url, data=body("a" * 32), headers=headers))
+            try:
+                async with asyncio.timeout(WAIT):
+                    await gate.entered.wait()
+                    async with session.post(url, data=body("b" * 32), headers=headers) as busy:
+                        assert busy.status == 429
+                        assert busy.headers["Retry-After"] == "1"
+                        assert "X-Sentry-Rate-Limits" in busy.headers
+                        assert await busy.json() == {"detail": "too many crash reports in progress"}
+            finally:
+                gate.release.set()
+            async with asyncio.timeout(WAIT):
+                response = await first
+                assert response.status == 200
+                response.release()
+        (record,) = await server.app[STORE].find("crash_report")
+        assert record.fields["event_id"] == "a" * 32
+    finally:
+        await server.close()
+        gate_server.close()
+        await gate_server.wait_closed()
