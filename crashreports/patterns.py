@@ -451,15 +451,20 @@ NEEDS = {
 _DIGITS = b"0123456789"
 
 
+# Single bytes are looked for as ints: `64 in text` is a memchr (~35 ns), `b"@" in text`
+# takes the argument's buffer first (~190 ns), and there are ~30 spans per SDK event.
+_AT_BYTE, _EQ_BYTE, _COLON_BYTE, _PLUS_BYTE, _SLASH_BYTE, _BACKSLASH_BYTE = b"@=:+/\\"
+
+
 def _features(text: bytes) -> int:
     found = 0
-    if b"@" in text:
+    if _AT_BYTE in text:
         found |= _AT
-    if b"=" in text:
+    if _EQ_BYTE in text:
         found |= _EQ
-    if b":" in text:
+    if _COLON_BYTE in text:
         found |= _COLON
-    if b"+" in text:
+    if _PLUS_BYTE in text:
         found |= _PLUS
     # Bytes, not characters: a span may count as long when it is not, which only means
     # that a rule is tried that cannot match.
@@ -468,10 +473,8 @@ def _features(text: bytes) -> int:
     found |= _LONG
     if len(text) - len(text.translate(None, _DIGITS)) >= 7:
         found |= _DIGITS7
-    if (
-        b"/home/" in text
-        or b"/Users/" in text
-        or (b":\\" in text and b":\\users\\" in text.lower())
+    if (_SLASH_BYTE in text and (b"/home/" in text or b"/Users/" in text)) or (
+        _BACKSLASH_BYTE in text and b":\\" in text and b":\\users\\" in text.lower()
     ):
         found |= _HOME
     return found
