@@ -163,6 +163,11 @@ def _write_config(
         f'[sip.wake]\ntimeout = "{wake_timeout}s"\n',
         # Every mock phone connects from loopback: no per-address connection limit.
         "[sip.limits]\nmax_connections_per_ip = 0\n",
+        # The relay shares its event loop with the stand-ins, the mock PBX and the mock
+        # phones here: the loop's lag measures the simulation's own work, and shedding
+        # on it would refuse the simulation's own phones (a REGISTER answered 503). A
+        # relay of its own (`serve`, bench/simulate.py) keeps its overload guard.
+        "[sip.overload]\nlag_ms = 0\n",
         "[usage]\nip_burst = 0\n",
     ]
     for serial, secret in pbx_secrets.items():
