@@ -92,28 +92,39 @@ class _Udp(asyncio.DatagramProtocol):
         self.answers.put_nowait(data)
 
 
-@pytest.mark.parametrize("mode", ["process", "thread"])
-async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbing(
-    tmp_path: Path, mode: str
-) -> None:
+def _held_world(
+    tmp_path: Path, gate_port: int, *, scrub_mode: str, sip: bool = False, max_in_flight: int = 64
+) -> Services:
+    """The app's services with one crash project whose chain starts with `Hold`."""
     from privacy.clock import ManualClock
 
-    gate = Gate()
-    gate_server = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
-    gate_port = gate_server.sockets[0].getsockname()[1]
     chain = compile_chain(opt_in=None)
     held = Chain((Hold(gate_port), *chain.steps), chain.budget)
-    crash = CrashSettings(projects=(Project("1", KEY, "dsn", held),), scrub_mode=mode)
-    services = Services(
+    crash = CrashSettings(
+        projects=(Project("1", KEY, "dsn", held),),
+        scrub_mode=scrub_mode,
+        max_in_flight=max_in_flight,
+    )
+    return Services(
         load_policy("auerproxy"),
         Keyring.generate(),
         tmp_path,
         ManualClock(START),
         sweep_interval=3600,
         push=EMBEDDED_PUSH,
-        sip_listen=("127.0.0.1", 0),
+        sip_listen=("127.0.0.1", 0) if sip else None,
         crash=crash,
     )
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbing(
+    tmp_path: Path, mode: str
+) -> None:
+    gate = Gate()
+    gate_server = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
+    gate_port = gate_server.sockets[0].getsockname()[1]
+    services = _held_world(tmp_path, gate_port, scrub_mode=mode, sip=True)
     app = build_app(services)
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
@@ -168,25 +179,10 @@ async def test_reports_past_max_in_flight_get_429_while_one_is_held(tmp_path: Pa
     """A flood of reports that each take their whole CPU budget queues no further than
     `max_in_flight`: past it the SDK is told to back off (429 + Retry-After), and the
     held report still completes."""
-    from privacy.clock import ManualClock
-
     gate = Gate()
     gate_server = await asyncio.start_server(gate.handle, "127.0.0.1", 0)
     gate_port = gate_server.sockets[0].getsockname()[1]
-    chain = compile_chain(opt_in=None)
-    held = Chain((Hold(gate_port), *chain.steps), chain.budget)
-    crash = CrashSettings(
-        projects=(Project("1", KEY, "dsn", held),), scrub_mode="thread", max_in_flight=1
-    )
-    services = Services(
-        load_policy("auerproxy"),
-        Keyring.generate(),
-        tmp_path,
-        ManualClock(START),
-        sweep_interval=3600,
-        push=EMBEDDED_PUSH,
-        crash=crash,
-    )
+    services = _held_world(tmp_path, gate_port, scrub_mode="thread", max_in_flight=1)
     server = TestServer(build_app(services), host="127.0.0.1", port=0)
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}/api/1/envelope/"
