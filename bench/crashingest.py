@@ -134,7 +134,7 @@ async def _serve(tmp: Path, options: tuple[str, ...]) -> tuple[asyncio.subproces
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with (tmp / "serve.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)),
+            *(sys.executable, "-m", "softrelay.cli", "serve", "--config", str(config)),
             *("--data-dir", str(tmp / "var"), "--http-port", "0", "--sip-port", "0"),
             stdout=asyncio.subprocess.PIPE,
             stderr=log,

@@ -682,7 +682,7 @@ async def start_softrelay(
     procs: Processes, work: Path, config: Path, profile: Path | None = None
 ) -> Softrelay:
     log = write_file(work / "serve.log", "")
-    python = [sys.executable, "-m", "proxy.cli"]
+    python = [sys.executable, "-m", "softrelay.cli"]
     if profile is not None:
         python = [sys.executable, "-c", PROFILED_SERVE, str(profile)]
     argv = [*python, "serve", "--config", str(config)]
@@ -1237,7 +1237,7 @@ async def registers(
 # the profile holds the calls only, not the start-up. argv: PROFILE_FILE serve ...
 PROFILED_SERVE = """
 import cProfile, signal, sys
-from proxy.cli import main
+from softrelay.cli import main
 profile, out = cProfile.Profile(), sys.argv.pop(1)
 def dump(*_):
     profile.disable()

@@ -145,7 +145,7 @@ async def start_server(work: Path) -> Server:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli",
+        "softrelay.cli",
         "serve",
         "--config",
         str(work / "softrelay.toml"),

@@ -69,7 +69,7 @@ from bench.profiling import Stats, own_time
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from proxy.app import REGISTRY, RELAY, STAND_INS, Services, build_app
+from softrelay.app import REGISTRY, RELAY, STAND_INS, Services, build_app
 from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request, make_response, parse
 from proxy.sip.relay import Relay

@@ -39,8 +39,8 @@ from crashreports.workers import MalformedEvent, Scrubbers, ScrubberUnavailable
 from privacy.batches import Batches
 from privacy.clock import Clock
 from privacy.store import JsonText, Store, Writable
-from proxy.http import BodyTooLarge, read_capped
-from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response
+from webapi.http import BodyTooLarge, read_capped
+from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response
 
 CATEGORY = "crash_report"
 # aiohttp decodes these itself, streaming, a bounded chunk at a time (with Brotli for br).

@@ -16,7 +16,7 @@ from crashreports.settings import CrashSettings
 from crashreports.workers import Scrubbers
 from privacy.clock import Clock
 from privacy.store import Store
-from proxy.openapi import OPENAPI
+from webapi.openapi import OPENAPI
 
 INGEST = web.AppKey("crash_ingest", Ingest)
 

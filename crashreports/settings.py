@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from crashreports.regex import compile_re2
 from crashreports.scrubber import Chain, RequireOptIn, compile_chain
-from privacy.declaration import Section
+from tomlsections.reader import Section
 
 OPT_IN_MODES = ("tag", "dsn")
 ATTACHMENT_MODES = ("refuse", "drop")

@@ -37,7 +37,7 @@ from typing import Literal
 import orjson
 
 from privacy.backend import TableStats
-from privacy.declaration import format_duration
+from tomlsections.reader import format_duration
 from privacy.policy import Category, Policy, Storage
 from privacy.store import Opened, Store, stored_categories, table_name
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 
 KEY_BYTES = 32
 _TEMP_ATTEMPTS = 8  # random 128-bit names: a second try means someone planted files

@@ -58,7 +58,7 @@ import orjson
 
 from privacy.anonymise import anonymise_ip
 from privacy.clock import Clock, iso
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 from privacy.policy import (
     LOG_ENVELOPE,
     Category,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from privacy.declaration import ConfigError, Section, format_duration, load_toml
+from tomlsections.reader import ConfigError, Section, format_duration, load_toml
 
 LANGUAGES = ("en", "de")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "config" / "policy"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privacy.declaration import Section
+from tomlsections.reader import Section
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import openapi
+from webapi import openapi
 from push.embedded import StandIns
 from push.fakes.script import Delivery
 

@@ -24,7 +24,7 @@ StoreFactory = Callable[[str], Awaitable[Store]]
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], object]]:
-    """The loop `softrelay serve` runs on (proxy/cli.py), for every in-process test too."""
+    """The loop `softrelay serve` runs on (softrelay/cli.py), for every in-process test too."""
     return {"uvloop": uvloop.new_event_loop}
 
 

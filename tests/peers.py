@@ -63,7 +63,7 @@ async def spawn_serve(
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli",
+        "softrelay.cli",
         "serve",
         *args,
         "--data-dir",
@@ -92,7 +92,7 @@ async def run_cli(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli",
+        "softrelay.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -13,7 +13,7 @@ from privacy.clock import ManualClock, iso, parse_instant
 from privacy.keys import embedded_keyring_path, load_keyring
 from privacy.policy import load_policy
 from privacy.store import DATABASE_FILE, Store
-from proxy.cli import main
+from softrelay.cli import main
 from tests.conftest import sample_fields
 
 
@@ -88,7 +88,7 @@ def test_keyring_from_environment_and_bad_keyring_named(
     monkeypatch.setenv("RING", ring.to_json().decode())
     assert load_keyring("env:RING", tmp_path / "elsewhere") == ring
     monkeypatch.setenv("RING", '{"active": 1, "encryption": {"1": "c2hvcnQ="}}')
-    from privacy.declaration import ConfigError
+    from tomlsections.reader import ConfigError
 
     with pytest.raises(
         ConfigError, match=r"environment variable RING: encryption\.1: must be base64"

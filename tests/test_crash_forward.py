@@ -21,7 +21,7 @@ from crashreports.forward import Forwarder
 from crashreports.selfreport import start_self_reporting, stop_self_reporting
 from crashreports.settings import parse_dsn
 from privacy.clock import ManualClock
-from proxy.cli import main as cli_main
+from softrelay.cli import main as cli_main
 from tests.test_crash_ingest import (
     EMAIL,
     IP4,

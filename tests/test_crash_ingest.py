@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings, parse_crashreports
 from privacy.clock import ManualClock
-from privacy.declaration import Section
+from tomlsections.reader import Section
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import Record, Store
-from proxy.cli import main as cli_main
+from softrelay.cli import main as cli_main
 
 KEY = "0123456789abcdef0123456789abcdef"
 OPT_IN = {"softrelay.opt_in": "yes"}

@@ -22,7 +22,7 @@ from crashreports.scrubber import (
     sensitive_keys,
 )
 from crashreports.settings import parse_crashreports, parse_dsn
-from privacy.declaration import ConfigError, Section
+from tomlsections.reader import ConfigError, Section
 
 PATTERNS = ValuePatterns()
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from privacy.clock import ManualClock
-from privacy.dsr import EXPORT_FORMAT, DataSubjectRights, DsrSettings, InvalidRequest
+from dsr.service import EXPORT_FORMAT, DataSubjectRights, DsrSettings, InvalidRequest
 from privacy.keys import load_keyring
 from privacy.policy import Storage, load_policy
 from privacy.retention import Sweeper
 from privacy.store import DATABASE_FILE, Store, Subject, Value
-from proxy.cli import main
+from softrelay.cli import main
 from tests.conftest import PROFILES, StoreFactory
 
 ALICE = Subject("alice-7f3e9", "0042137")

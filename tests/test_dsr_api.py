@@ -20,17 +20,17 @@ from aiohttp.test_utils import TestServer
 
 from crashreports.settings import parse_crashreports
 from privacy.clock import ManualClock
-from privacy.declaration import Section
-from privacy.dsr import DsrSettings
+from tomlsections.reader import Section
+from dsr.service import DsrSettings
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
-from proxy.app import RELAY, STORE, Services, build_app
-from proxy.dsr_api import CLIENT_FAILURE_FACTOR
+from softrelay.app import RELAY, STORE, Services, build_app
+from dsr.api import CLIENT_FAILURE_FACTOR
 from proxy.oauth.settings import OAuthSettings
-from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
+from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.provisioning.settings import ProvisioningSettings
-from proxy.ratelimit import RateLimit
+from webapi.ratelimit import RateLimit
 from proxy.sip.digest import DigestAuthority, DigestError, parse_authorization, response
 from proxy.sip.flow import Flow
 from proxy.sip.message import Request, parse

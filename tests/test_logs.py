@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from privacy.clock import ManualClock, parse_instant
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 from privacy.logs import (
     LogSet,
     PolicyLogHandler,

@@ -23,12 +23,12 @@ from privacy.keys import Keyring
 from privacy.logs import day_of, log_dir, setup_logging
 from privacy.policy import load_policy
 from privacy.retention import Sweeper
-from proxy.app import STORE, Services, build_app
-from proxy.config import ConfigError, load_config
+from softrelay.app import STORE, Services, build_app
+from softrelay.config import ConfigError, load_config
 from proxy.oauth import OAUTH_STAND_IN
 from proxy.oauth.settings import ClientAuth, OAuthProvider, OAuthSettings
 from proxy.oauth.standin import OAuthStandIn
-from proxy.ratelimit import RateLimit
+from webapi.ratelimit import RateLimit
 from push.apps import PushSettings
 
 PUSH = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.t")

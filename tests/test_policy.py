@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 from privacy.policy import PROFILES_DIR, Rule, Storage, load_policy
 from tests.conftest import PROFILES
 

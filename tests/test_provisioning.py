@@ -25,11 +25,11 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.retention import Sweeper
-from proxy.app import STORE, Services, build_app
-from proxy.config import ConfigError, load_config
+from softrelay.app import STORE, Services, build_app
+from softrelay.config import ConfigError, load_config
 from proxy.provisioning import TUNNELS
 from proxy.provisioning.settings import ProvisioningSettings
-from proxy.ratelimit import RateLimit, RateLimiter
+from webapi.ratelimit import RateLimit, RateLimiter
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
 
@@ -461,7 +461,7 @@ async def test_canaries_in_the_file_and_the_credentials_leave_no_trace(tmp_path:
     data_dir = tmp_path / "var"
     env = {**os.environ, "SOFTRELAY_CONFIG": ""}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", "serve", "--config", str(config),
+        sys.executable, "-m", "softrelay.cli", "serve", "--config", str(config),
         "--data-dir", str(data_dir), "--http-port", "0", "--sip-port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
     )  # fmt: skip
@@ -504,7 +504,7 @@ async def test_canaries_in_the_file_and_the_credentials_leave_no_trace(tmp_path:
 async def _audit(config: Path, data_dir: Path, *canaries: str) -> tuple[int, str]:
     args = [arg for canary in canaries for arg in ("--canary", canary)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy.cli", "audit", "--config", str(config),
+        sys.executable, "-m", "softrelay.cli", "audit", "--config", str(config),
         "--data-dir", str(data_dir), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "SOFTRELAY_CONFIG": ""},

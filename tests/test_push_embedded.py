@@ -16,7 +16,7 @@ from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.logs import setup_logging
 from privacy.policy import load_policy
-from proxy.app import PUSH, STAND_INS, STORE, Services, build_app
+from softrelay.app import PUSH, STAND_INS, STORE, Services, build_app
 from push.apps import PushSettings
 from push.fakes.script import Respond
 from push.wake import Delivered, Reason, Service, TokenDead, WakeRequest

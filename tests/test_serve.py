@@ -66,7 +66,7 @@ async def test_metrics_show_a_retention_violation_from_the_sweepers_snapshot(
     from privacy.clock import ManualClock
     from privacy.keys import Keyring
     from privacy.policy import load_policy
-    from proxy.app import STORE, SWEEPER, Services, build_app
+    from softrelay.app import STORE, SWEEPER, Services, build_app
     from tests.conftest import START
 
     clock = ManualClock(START)

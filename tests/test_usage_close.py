@@ -17,7 +17,7 @@ from privacy.clock import ManualClock, iso, parse_instant
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import DATABASE_FILE, Store
-from proxy.cli import main
+from softrelay.cli import main
 from tests.usage_fixtures import GLOBEX_KEY, TENANTS, install_pid, start_usage
 from usage.closing import MonthCloser, NotClosable
 from usage.settings import UsageSettings

@@ -3,7 +3,7 @@
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N] [--now T]
     softrelay billing close --month YYYY-MM [--now ISO-8601]
 
-`proxy.cli` owns the command and opens the store; this module parses and prints.
+`softrelay.cli` owns the command and opens the store; this module parses and prints.
 """
 
 from __future__ import annotations

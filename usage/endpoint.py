@@ -11,7 +11,7 @@ refusal is a JSON `{"error": <code>, "detail": <sentence>}` with its status, dec
 
     PingRefused
     ├── 400 malformed_body, unknown_field, missing_field, bad_field, bad_period
-    │       (a header that is not UTF-8: `bad_header`, from proxy.http.refusals)
+    │       (a header that is not UTF-8: `bad_header`, from webapi.http.refusals)
     ├── 401 unauthorized              (no or wrong tenant key; WWW-Authenticate: Bearer)
     ├── 409 period_closed             (the month is counted; do not retry)
     ├── 413 body_too_large
@@ -36,9 +36,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from privacy.clock import Clock
-from proxy.http import BadBody, BodyTooLarge, read_capped
-from proxy.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
-from proxy.ratelimit import RateLimit, RateLimiter
+from webapi.http import BadBody, BodyTooLarge, read_capped
+from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
+from webapi.ratelimit import RateLimit, RateLimiter
 from usage.ledger import Ledger, PeriodClosed
 from usage.limits import CapWatch
 from usage.period import parse_period, period_of, previous_period, start_of

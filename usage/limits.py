@@ -1,5 +1,5 @@
 """The per-tenant cap on distinct ids per month, which flags and never drops. (The
-per-IP rate of the ping endpoint is `proxy.ratelimit`'s, like every web relay's.)"""
+per-IP rate of the ping endpoint is `webapi.ratelimit`'s, like every web relay's.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Usage pings in the server: the route, and the owner of the month-close task.
 
-`add_usage` is called by `proxy.app.build_app`. Its cleanup context starts after the
+`add_usage` is called by `softrelay.app.build_app`. Its cleanup context starts after the
 store and stops before it: the close task is cancelled and awaited at shutdown.
 """
 
@@ -15,10 +15,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from privacy.clock import Clock
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 from privacy.policy import Policy
 from privacy.store import Store
-from proxy.openapi import OPENAPI
+from webapi.openapi import OPENAPI
 from usage.closing import MonthCloser
 from usage.endpoint import PING_PATH, PingEndpoint, describe
 from usage.ledger import USAGE, Ledger

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.declaration import Section
+from tomlsections.reader import Section
 
 DAY = 86400
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")

@@ -18,8 +18,8 @@ from privacy.clock import Clock
 from proxy.oauth.relay import GRANTS, ROUTE, OAuthRelay
 from proxy.oauth.settings import OAuthProvider, OAuthSettings
 from proxy.oauth.standin import OAuthStandIn
-from proxy.openapi import OPENAPI, RETRY_AFTER, OpenApi, json_response
-from proxy.ratelimit import RateLimiter
+from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, json_response
+from webapi.ratelimit import RateLimiter
 
 OAUTH = web.AppKey("oauth", OAuthRelay)
 OAUTH_STAND_IN = web.AppKey("oauth_stand_in", OAuthStandIn)

@@ -21,9 +21,9 @@ import aiohttp
 from aiohttp import web
 
 from privacy.logs import category_logger
-from proxy.http import BodyTooLarge, read_capped
+from webapi.http import BodyTooLarge, read_capped
 from proxy.oauth.settings import ClientAuth, OAuthProvider, OAuthSettings
-from proxy.ratelimit import RateLimiter
+from webapi.ratelimit import RateLimiter
 
 ROUTE = "/oauth/{provider}/token"
 GRANTS = {"authorization_code": "code", "refresh_token": "refresh_token"}

@@ -8,8 +8,8 @@ from enum import StrEnum
 
 from yarl import URL
 
-from privacy.declaration import Section
-from proxy.ratelimit import RateLimit, parse_rate
+from tomlsections.reader import Section
+from webapi.ratelimit import RateLimit, parse_rate
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -19,13 +19,13 @@ from aiohttp import web
 
 from privacy.clock import Clock
 from privacy.store import Store
-from proxy.openapi import OPENAPI, RETRY_AFTER, OpenApi, refusal, websocket_upgrade
+from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, refusal, websocket_upgrade
 from proxy.provisioning.protocol import SUBPROTOCOL, TUNNEL_PATH
 from proxy.provisioning.relay import METHODS, ROUTE, ProvisioningRelay
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.provisioning.tunnel import TunnelHub
 from proxy.provisioning.tunnel import refusal as refuse
-from proxy.ratelimit import RateLimiter
+from webapi.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
 
 TUNNELS = web.AppKey("provisioning_tunnels", TunnelHub)

@@ -24,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from privacy.store import Store, Value
-from proxy.http import BodyTooLarge, read_capped
+from webapi.http import BodyTooLarge, read_capped
 from proxy.provisioning.paths import BadPath, check_path
 from proxy.provisioning.protocol import CHUNK, StreamReset
 from proxy.provisioning.settings import ProvisioningSettings
@@ -35,7 +35,7 @@ from proxy.provisioning.tunnel import (
     TunnelUnavailable,
     refusal,
 )
-from proxy.ratelimit import RateLimiter
+from webapi.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
 
 # Any path, newlines included (`.` would leave those to aiohttp's plain-text 404), so

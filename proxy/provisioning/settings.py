@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from privacy.declaration import Section
-from proxy.ratelimit import RateLimit, parse_rate
+from tomlsections.reader import Section
+from webapi.ratelimit import RateLimit, parse_rate
 
 
 @dataclass(frozen=True, slots=True)

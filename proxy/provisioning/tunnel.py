@@ -43,7 +43,7 @@ from proxy.provisioning.protocol import (
     send_body,
 )
 from proxy.provisioning.settings import ProvisioningSettings
-from proxy.ratelimit import RateLimiter
+from webapi.ratelimit import RateLimiter
 
 AUTH_TIMEOUT = 10.0  # for the PBX's hello after the challenge
 HEARTBEAT = 30.0  # WebSocket pings; a PBX that stops answering is dropped

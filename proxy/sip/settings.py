@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from privacy.declaration import Section, resolve_secret
+from tomlsections.reader import Section, resolve_secret
 from proxy.sip.overload import OverloadSettings
 from proxy.sip.transport import TransportLimits, TransportSettings
 from proxy.sip.wake import WakeSettings

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
-from proxy import openapi
+from webapi import openapi
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.framing import PONG, Keepalive, datagram_keepalive
 from proxy.sip.transport import STOP_GRACE, Link, Refusal, SipTransports

@@ -22,10 +22,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from mockphone.embedded import TENANT, EmbeddedRelay
+from softrelay.embedded import TENANT, EmbeddedRelay
 from mockphone.pbx import CallResult, MockPbx
 from mockphone.phone import Kind, MockPhone, OutgoingCall, State
-from mockphone.pytest_plugin import SERIAL, PhoneFactory
+from softrelay.pytest_plugin import SERIAL, PhoneFactory
 from mockphone.simulate import send_crash
 from tests.peers import run_cli
 from usage.client import UsageClient

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mockphone.embedded import EmbeddedRelay
+from softrelay.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx, PbxRefused
-from mockphone.pytest_plugin import SERIAL, PhoneFactory
+from softrelay.pytest_plugin import SERIAL, PhoneFactory
 from mockphone.sip import Transport
 
 

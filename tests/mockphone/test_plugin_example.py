@@ -1,13 +1,13 @@
 """The pytest plugin's promise: a vendor's "sleeping iPhone gets a call" in a few lines.
 
-The fixtures (`mock_pbx`, `mock_phones`) come from `mockphone.pytest_plugin`, loaded
+The fixtures (`mock_pbx`, `mock_phones`) come from `softrelay.pytest_plugin`, loaded
 through softrelay's `pytest11` entry point, as in a vendor's own test suite.
 """
 
 from __future__ import annotations
 
 from mockphone.pbx import MockPbx
-from mockphone.pytest_plugin import PhoneFactory
+from softrelay.pytest_plugin import PhoneFactory
 
 
 async def test_a_sleeping_iphone_gets_a_call(mock_pbx: MockPbx, mock_phones: PhoneFactory) -> None:

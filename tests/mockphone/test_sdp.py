@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 
-from mockphone.embedded import EmbeddedRelay
+from softrelay.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.pushes import PushInbox

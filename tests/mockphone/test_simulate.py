@@ -16,7 +16,7 @@ from privacy.clock import SystemClock
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import Store
-from proxy.cli import main
+from softrelay.cli import main
 
 
 def test_simulate_embedded_summary_matches_what_happened(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.config import DEFAULT_CONFIG
+from softrelay.config import DEFAULT_CONFIG
 
 STEP_TIMEOUT = 15.0
 
@@ -57,7 +57,7 @@ async def _softrelay(workdir: Path, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli",
+        "softrelay.cli",
         *args,
         "--config",
         "softrelay.toml",

@@ -27,7 +27,7 @@ from crashreports.service import INGEST
 from crashreports.settings import CrashSettings, Project
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from proxy.app import SIP_TRANSPORTS, STORE, Services, build_app
+from softrelay.app import SIP_TRANSPORTS, STORE, Services, build_app
 from proxy.sip.message import Response, parse
 from push.apps import PushSettings
 from tests.conftest import START

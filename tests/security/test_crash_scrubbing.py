@@ -42,7 +42,7 @@ from crashreports.scrubber import (
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings, Project, parse_crashreports
 from privacy.clock import ManualClock
-from privacy.declaration import ConfigError, Section
+from tomlsections.reader import ConfigError, Section
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store

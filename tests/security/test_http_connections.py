@@ -23,9 +23,9 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from privacy.clock import ManualClock
-from proxy.config import ConfigError, load_config
-from proxy.connections import GuardedSite, HttpGuard, HttpLimits
-from proxy.http import refusals
+from softrelay.config import ConfigError, load_config
+from webapi.connections import GuardedSite, HttpGuard, HttpLimits
+from webapi.http import refusals
 
 TIMEOUT = 10.0
 HEADER_TIMEOUT = 10.0

@@ -20,8 +20,8 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store
-from proxy.app import STORE, SWEEPER, Services, build_app
-from proxy.metrics import MetricsSettings
+from softrelay.app import STORE, SWEEPER, Services, build_app
+from softrelay.metrics import MetricsSettings
 from push.apps import PushSettings
 from tests.peers import STEP_TIMEOUT, http_base, spawn_serve
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.connections import RESERVED_DESCRIPTORS, HttpLimits, fit_descriptors
+from webapi.connections import RESERVED_DESCRIPTORS, HttpLimits, fit_descriptors
 from tests.peers import STARTUP_TIMEOUT, STEP_TIMEOUT, _cli_env
 
 SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Slow: 1\r\n"  # never finished
@@ -59,7 +59,7 @@ async def spawn(tmp: Path, config: str, nofile: int | None = None) -> Serve:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy.cli",
+        "softrelay.cli",
         "serve",
         "--config",
         str(tmp / "softrelay.toml"),

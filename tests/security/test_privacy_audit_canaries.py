@@ -26,7 +26,7 @@ from privacy.clock import ManualClock, SystemClock
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import DATABASE_FILE, Store, Value
-from proxy.cli import main as cli_main
+from softrelay.cli import main as cli_main
 from tests.peers import STEP_TIMEOUT, Server, _drain, run_cli, spawn_serve
 
 SERIAL = "0042137"

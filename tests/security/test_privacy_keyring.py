@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import privacy.keys
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 from privacy.keys import Keyring, embedded_keyring_path, load_keyring, parse_keyring, write_keyring
 
 VICTIM_TEXT = b"the file a planted symlink points at\n"

@@ -22,12 +22,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from privacy.clock import ManualClock
 from privacy.crypto import FieldCipher
-from privacy.dsr import DsrSettings
+from dsr.service import DsrSettings
 from privacy.keys import Keyring, load_keyring
 from privacy.policy import load_policy
 from privacy.store import DATABASE_FILE, Store, Value
-from proxy.app import STORE, Services, build_app
-from proxy.cli import main as cli_main
+from softrelay.app import STORE, Services, build_app
+from softrelay.cli import main as cli_main
 from push.apps import PushSettings
 
 SERIAL = "0042137"

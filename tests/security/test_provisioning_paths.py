@@ -21,10 +21,10 @@ from mockphone.provisioning import PbxTunnel, TunnelRequest, TunnelResponse
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from proxy.app import Services, build_app
+from softrelay.app import Services, build_app
 from proxy.provisioning.paths import BadPath, check_path
 from proxy.provisioning.settings import ProvisioningSettings
-from proxy.ratelimit import RateLimit
+from webapi.ratelimit import RateLimit
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
 

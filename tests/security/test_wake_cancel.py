@@ -26,7 +26,7 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.logs import setup_logging
 from privacy.policy import load_policy
-from proxy.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
+from softrelay.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
 from proxy.sip.flow import Flow
 from proxy.sip.message import Request
 from proxy.sip.settings import PbxSettings, SipSettings

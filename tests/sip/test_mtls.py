@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry
 
 from privacy.audit import scan_for_canaries
 from privacy.clock import ManualClock
-from privacy.declaration import ConfigError
+from tomlsections.reader import ConfigError
 from privacy.store import Store
-from proxy.config import load_config
+from softrelay.config import load_config
 from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Transport, certificate_names
 from proxy.sip.message import Request, Response, parse

@@ -21,7 +21,7 @@ from privacy.logs import setup_logging
 from privacy.policy import load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store, Subject
-from proxy.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
+from softrelay.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
 from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request, Response, parse
 from proxy.sip.relay import Relay

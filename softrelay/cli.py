@@ -34,7 +34,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from crashreports.commands import add_crashes_parser, crashes_command
-from mockphone.simulate import add_simulate_parser, simulate_command
+from dsr.cli import add_dsr_parser, dsr_command
+from dsr.service import check_dsr
 from privacy.audit import (
     audit,
     check_canaries,
@@ -44,21 +45,20 @@ from privacy.audit import (
     scan_sealed,
 )
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
-from privacy.declaration import ConfigError
-from privacy.dsr import check_dsr
 from privacy.keys import Keyring, embedded_keyring_path, load_keyring, write_keyring
 from privacy.logs import LogSet, setup_logging
 from privacy.notice import policy_table, render_notice
 from privacy.policy import Policy, load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store
-from proxy.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
-from proxy.config import Config, config_path, load_config, with_overrides
-from proxy.connections import HTTP_GUARD, GuardedSite, HttpGuard, HttpLimits
-from proxy.dsr_cli import add_dsr_parser, dsr_command
-from proxy.metrics import METRICS, MetricsSettings, metrics_app
 from proxy.oauth import stand_in_notice
+from softrelay.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
+from softrelay.config import Config, config_path, load_config, with_overrides
+from softrelay.metrics import METRICS, MetricsSettings, metrics_app
+from softrelay.simulate import add_simulate_parser, simulate_command
+from tomlsections.reader import ConfigError
 from usage.cli import add_billing_parser, billing
+from webapi.connections import HTTP_GUARD, GuardedSite, HttpGuard, HttpLimits
 
 log = logging.getLogger("softrelay.proxy")
 
@@ -246,7 +246,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     app = build_app(services)
     # No access log: aiohttp's would write every client's full IP address. Its
-    # keep-alive timeout is the idle timeout; the guard adds the rest (proxy/connections.py).
+    # keep-alive timeout is the idle timeout; the guard adds the rest (webapi/connections.py).
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, keepalive_timeout=config.http.idle_timeout
     )

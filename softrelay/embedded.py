@@ -23,9 +23,9 @@ from privacy.keys import load_keyring
 from privacy.logs import LogSet, setup_logging
 from privacy.policy import load_policy
 from privacy.store import Store
-from proxy.app import SIP_TRANSPORTS, STAND_INS, STORE, Services, build_app
-from proxy.config import Config, load_config
 from push.embedded import StandIns
+from softrelay.app import SIP_TRANSPORTS, STAND_INS, STORE, Services, build_app
+from softrelay.config import Config, load_config
 
 DOMAIN = "relay.test"
 APP_ID = "com.example.softphone"

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from privacy.dsr import DataSubjectRights, DsrSettings, InvalidRequest, parse_subject
+from dsr.service import DataSubjectRights, DsrSettings, InvalidRequest, parse_subject
 from privacy.store import Store
 
 ACTIONS = ("export", "rectify", "erase", "restrict", "unrestrict", "object")

@@ -1,8 +1,8 @@
-"""`/dsr/v1/...`: the data-subject rights over HTTP (privacy/dsr.py does the work).
+"""`/dsr/v1/...`: the data-subject rights over HTTP (dsr/service.py does the work).
 
 Who may ask:
 
-- the subject, proving identity through their PBX (proxy/dsr_identity.py): first
+- the subject, proving identity through their PBX (dsr/identity.py): first
   `POST /dsr/v1/challenge`, then the request with `challenge_id` and the digest
   `authorization` computed from the PBX's challenge;
 - the operator, with `Authorization: Bearer <admin token>` (`[dsr] admin_token`),
@@ -13,7 +13,7 @@ its address, an IPv6 one its /64): past `dsr.max_failures` for one subject, or
 `CLIENT_FAILURE_FACTOR` times that for one client, within `dsr.failure_window`, the
 answer is 429 with Retry-After. Nothing counts per subject alone, so a stranger's bogus
 proofs never lock the subject out; one client still cannot try many passwords.
-Every error is a `Refusal` (proxy/http.py), JSON `{"error": <code>, "detail": <sentence>}`;
+Every error is a `Refusal` (webapi/http.py), JSON `{"error": <code>, "detail": <sentence>}`;
 refused requests are recorded in the trail.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from privacy.declaration import ConfigError, resolve_secret
-from privacy.dsr import (
+from tomlsections.reader import ConfigError, resolve_secret
+from dsr.service import (
     MUTABLE_FIELDS,
     DataSubjectRights,
     DsrSettings,
@@ -35,10 +35,10 @@ from privacy.dsr import (
     parse_subject,
 )
 from privacy.store import Store, Subject
-from proxy.dsr_identity import IdentityError, PbxIdentity
-from proxy.http import Refusal, read_json
-from proxy.openapi import JSON, OPENAPI, RETRY_AFTER, json_response, ref, refusal
-from proxy.ratelimit import client_key
+from dsr.identity import IdentityError, PbxIdentity
+from webapi.http import Refusal, read_json
+from webapi.openapi import JSON, OPENAPI, RETRY_AFTER, json_response, ref, refusal
+from webapi.ratelimit import client_key
 from proxy.sip.relay import Relay
 
 PREFIX = "/dsr/v1"

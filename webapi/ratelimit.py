@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network, ip_address
 
 from privacy.clock import Clock
-from privacy.declaration import Section
+from tomlsections.reader import Section
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,16 +14,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from crashreports.settings import CrashSettings, parse_crashreports
-from privacy.declaration import ConfigError, Section, load_toml
-from privacy.dsr import DsrSettings, parse_dsr
+from dsr.service import DsrSettings, parse_dsr
 from privacy.notice import Controller
 from privacy.policy import PROFILES_DIR
-from proxy.connections import HttpLimits
 from proxy.oauth.settings import OAuthSettings, parse_oauth
 from proxy.provisioning.settings import ProvisioningSettings, parse_provisioning
 from proxy.sip.settings import SipSettings, parse_sip
 from push.apps import PushSettings, parse_push
+from tomlsections.reader import ConfigError, Section, load_toml
 from usage.settings import UsageSettings, parse_usage
+from webapi.connections import HttpLimits
 
 DEFAULT_CONFIG = PROFILES_DIR.parent / "softrelay.toml"
 _LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -20,25 +20,14 @@ from prometheus_client import CollectorRegistry
 
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings
+from dsr.api import add_dsr_routes
+from dsr.service import DsrSettings
 from privacy.clock import Clock
-from privacy.dsr import DsrSettings
 from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.store import Store
-from proxy.connections import HTTP_GUARD, HttpGuard, HttpLimits, fit_process_descriptors
-from proxy.dsr_api import add_dsr_routes
-from proxy.http import refusals
-from proxy.metrics import (
-    METRICS,
-    METRICS_PATH,
-    AuditedSweeper,
-    AuditSnapshot,
-    MetricsEndpoint,
-    MetricsSettings,
-)
 from proxy.oauth import add_oauth
 from proxy.oauth.settings import OAuthSettings
-from proxy.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.provisioning import add_provisioning
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.relay import Relay
@@ -51,8 +40,19 @@ from push.embedded import StandIns
 from push.fcm import FcmProvider
 from push.feed import add_delivery_feed
 from push.service import PushLimits, PushService
+from softrelay.metrics import (
+    METRICS,
+    METRICS_PATH,
+    AuditedSweeper,
+    AuditSnapshot,
+    MetricsEndpoint,
+    MetricsSettings,
+)
 from usage.service import add_usage
 from usage.settings import UsageSettings
+from webapi.connections import HTTP_GUARD, HttpGuard, HttpLimits, fit_process_descriptors
+from webapi.http import refusals
+from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
 
 MAX_BODY = 1024 * 1024
 log = logging.getLogger("softrelay.proxy")
@@ -102,7 +102,7 @@ def build_app(services: Services) -> web.Application:
         sip_limits = replace(services.sip.limits, max_connections=fit.sip_connections)
         services = replace(services, sip=replace(services.sip, limits=sip_limits))
     guard = HttpGuard(http, services.clock, registry)
-    # Every refusal and every handler error rendered as JSON in one place (proxy/http.py).
+    # Every refusal and every handler error rendered as JSON in one place (webapi/http.py).
     app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware, refusals])
     app[SERVICES] = services
     app[REGISTRY] = registry

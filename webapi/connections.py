@@ -55,7 +55,7 @@ from prometheus_client import Counter as MetricCounter
 from yarl import URL
 
 from privacy.clock import Clock
-from proxy.ratelimit import client_key
+from webapi.ratelimit import client_key
 
 log = logging.getLogger("softrelay.http")
 

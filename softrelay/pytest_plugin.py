@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from mockphone.delays import Delay, Pace
-from mockphone.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx
 from mockphone.phone import Answer, Kind, MockPhone, PhoneSpec
 from mockphone.pushes import PushInbox
 from mockphone.sip import Transport
+from softrelay.embedded import EmbeddedRelay
 
 if TYPE_CHECKING:
     from pytest_asyncio import fixture as async_fixture

@@ -1,7 +1,7 @@
 """Data-subject requests (GDPR Art. 15-18, 20, 21) across every category of the policy.
 
 `DataSubjectRights` answers one request at a time for a subject (a SIP user name at a
-PBX serial) that the caller has already authenticated (proxy/dsr_api.py, proxy/cli.py):
+PBX serial) that the caller has already authenticated (dsr/api.py, softrelay/cli.py):
 
 - `export` (Art. 15, 20): every category of the policy, in the policy's order, with its
   purpose, legal basis, recipients, retention and source; the subject's records where
@@ -31,7 +31,7 @@ from typing import Any
 
 from privacy.backend import RequestEntry
 from privacy.clock import Clock, iso
-from privacy.declaration import ConfigError, Section
+from tomlsections.reader import ConfigError, Section
 from privacy.policy import Category, Policy, PolicyViolation, Storage
 from privacy.store import ACCOUNT, Record, Store, Subject, Value
 

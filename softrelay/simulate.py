@@ -1,0 +1,262 @@
+"""`softrelay simulate`: the command, and the worlds it plays in.
+
+    softrelay simulate --phones 200 --duration 60     # against `make run`'s server
+    softrelay simulate --embedded --phones 200 --duration 60
+    softrelay simulate --target http://127.0.0.1:8080 --phones 200 --duration 60
+
+The simulation itself (mock parties, events, statistics) is `mockphone/simulate.py`;
+this module composes it with a relay: an embedded one started in this process, or a
+running `serve` described by the same `--config`. See mockphone/simulate.py's docstring
+for what happens in a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import re
+import signal
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from mockphone.delays import Delay
+from mockphone.phone import Kind
+from mockphone.pushes import PushInbox
+from mockphone.simulate import (
+    SimSettings,
+    Simulation,
+    SimulationError,
+    World,
+    check,
+    parse_shares,
+)
+from mockphone.sip import RelayAddress, Transport
+from softrelay.config import Config
+from softrelay.embedded import EmbeddedRelay
+
+
+async def embedded_world(settings: SimSettings, data_dir: Path | None) -> World:
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="softrelay-simulate-")
+        workdir = Path(tmp.name)
+    else:
+        workdir = data_dir
+    serials = tuple(f"{9000000 + i:07d}" for i in range(settings.pbxs))
+    relay = await EmbeddedRelay.start(workdir, serials=serials)
+    return World(
+        relay.address,
+        relay.domain,
+        relay.pbx_secrets,
+        PushInbox.embedded(relay.stand_ins.deliveries),
+        ("sim", relay.tenant_key),
+        relay.dsn,
+        relay.address.http_url + "/metrics",
+        aiohttp.ClientSession(),
+        workdir,
+        relay.stop,
+        tmp,
+    )
+
+
+async def target_world(settings: SimSettings, url: str, config: Config) -> World:
+    source = str(config.source or "<defaults>")
+    pbxs = [p for p in config.sip.pbxs if p.secret and p.static is None]
+    if not pbxs:
+        raise SimulationError(
+            f"{source}: sip.pbx: --target needs the [[sip.pbx]] serials and secrets of the "
+            "server it plays against (or use --embedded)"
+        )
+    if settings.pbxs > len(pbxs):
+        raise SimulationError(
+            f"{source}: sip.pbx: --pbxs {settings.pbxs} but only {len(pbxs)} PBX(s) configured"
+        )
+    match = re.fullmatch(r"http://([^/:]+)(?::(\d+))?/?", url)
+    if match is None:
+        raise SimulationError(f"--target {url}: expected http://HOST[:PORT]")
+    host = match.group(1)
+    http_url = url.rstrip("/")
+    tenant = config.usage.tenants[0] if config.usage.tenants else None
+    project = config.crashreports.projects[0] if config.crashreports.projects else None
+    port = match.group(2) or "80"
+    session = aiohttp.ClientSession()
+    try:
+        inbox = await PushInbox.from_feed(http_url, session)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        await session.close()
+        raise SimulationError(
+            f"--target {url}: no push stand-ins' delivery feed there ({exc}); it runs "
+            "only when serve has no push credentials"
+        ) from None
+    world = World(
+        RelayAddress(host, config.listen.sip_port, http_url),
+        config.sip.domain,
+        {p.serial: p.secret for p in pbxs[: settings.pbxs]},
+        inbox,
+        (tenant.id, tenant.key) if tenant else None,
+        f"http://{project.key}@{host}:{port}/{project.id}" if project else None,
+        http_url + "/metrics",
+        session,
+        Path(tempfile.gettempdir()),
+    )
+    # Every 127/8 address is the loopback interface on Linux, not elsewhere.
+    world.own_addresses = sys.platform == "linux" and _is_loopback(host)
+    return world
+
+
+def default_target(config: Config) -> str:
+    """The HTTP address of a `serve` of this configuration, as a client reaches it."""
+    host = config.listen.http_host
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104  (a wildcard listen address, not a bind)
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.listen.http_port}"
+
+
+async def reachable(url: str) -> bool:
+    """Whether a softrelay answers `GET /healthz` at `url` within a second."""
+    timeout = aiohttp.ClientTimeout(total=1.0)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url.rstrip("/") + "/healthz") as response,
+        ):
+            return response.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    sim = sub.add_parser(
+        "simulate", parents=[common], help="mock phones and PBXs against a softrelay"
+    )
+    where = sim.add_mutually_exclusive_group()
+    where.add_argument("--embedded", action="store_true", help="start softrelay in-process")
+    where.add_argument(
+        "--target",
+        metavar="URL",
+        help="a running serve (default: this config's HTTP address if it answers, else --embedded)",
+    )
+    sim.add_argument("--scenario", metavar="FILE", help="a TOML scenario (options override it)")
+    sim.add_argument("--phones", type=int)
+    sim.add_argument("--pbxs", type=int)
+    sim.add_argument("--duration", type=float, help="simulated seconds")
+    sim.add_argument("--mix", help="phone kinds, e.g. ios=0.4,android=0.4,desktop=0.2")
+    sim.add_argument("--transports", help="e.g. tcp=0.8,ws=0.1,udp=0.1 (udp: desktops only)")
+    sim.add_argument("--call-rate", type=float, help="calls per second, in all")
+    sim.add_argument("--sleep-rate", type=float, help="phones falling asleep per second")
+    sim.add_argument("--crash-rate", type=float, help="crashes per second, in all")
+    sim.add_argument("--opt-in", type=float, help="share of users opted in to crash reports")
+    sim.add_argument("--wake-delay", help="push to re-REGISTER, e.g. lognormal:1.5,0.4")
+    sim.add_argument("--speed", type=float, help="simulated seconds per second (default 1)")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+    sim.add_argument("--no-live", action="store_true", help="no live view, summary only")
+
+
+def settings_from_args(args: argparse.Namespace, base: SimSettings) -> SimSettings:
+    """The scenario's settings (or the defaults) with the command line's options on top."""
+    changes: dict[str, Any] = {}
+    for name in (
+        "phones",
+        "pbxs",
+        "duration",
+        "call_rate",
+        "sleep_rate",
+        "crash_rate",
+        "opt_in",
+        "speed",
+        "seed",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    try:
+        if args.mix:
+            changes["mix"] = parse_shares(args.mix, Kind, "--mix")
+        if args.transports:
+            changes["transports"] = parse_shares(args.transports, Transport, "--transports")
+        if args.wake_delay:
+            changes["wake_delay"] = Delay.parse(args.wake_delay)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+    return check(replace(base, **changes), "option")
+
+
+def simulate_command(args: argparse.Namespace, config: Config) -> int:
+    """Run `softrelay simulate`; exit 0, or 2 for options or configuration that cannot
+    work (one line naming the option, or the file and the key)."""
+    import uvloop
+
+    from mockphone.scenario import load_scenario
+    from mockphone.view import LiveView, print_summary
+
+    try:
+        base = load_scenario(Path(args.scenario)) if args.scenario else SimSettings()
+        settings = settings_from_args(args, base)
+    except SimulationError as exc:
+        print(f"softrelay: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        target = args.target
+        if target is None and not args.embedded:
+            # The plain command plays against `make run`'s server when one answers.
+            target = default_target(config)
+            if not await reachable(target):
+                print(
+                    f"softrelay: simulate: no softrelay answers at {target}; starting one "
+                    "in this process (--embedded)",
+                    file=sys.stderr,
+                )
+                target = None
+        if target:
+            world = await target_world(settings, target, config)
+        else:
+            data_dir = Path(args.data_dir) if args.data_dir else None
+            world = await embedded_world(settings, data_dir)
+        try:
+            simulation = Simulation(settings, world, stop)
+            live = not args.no_live and sys.stdout.isatty()
+            async with LiveView(simulation, enabled=live):
+                stats = await simulation.run()
+            stats.interrupted = stop.is_set()
+            return stats.summary(settings)
+        finally:
+            await world.close()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            summary = runner.run(main())
+    except SimulationError as exc:
+        print(f"softrelay: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"softrelay: simulate: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    return 0
