@@ -11,10 +11,46 @@ from proxy.sip.digest import (
     DigestError,
     MalformedAuthorization,
     StaleNonce,
+    parse_authorization,
     response,
 )
+from tests import digest_vectors
+from tests.digest_vectors import Vector
 
 NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize("vector", digest_vectors.ALL, ids=lambda v: v.source)
+def test_response_matches_the_rfc_examples(vector: Vector) -> None:
+    """The relay's digest against the answers printed in the RFCs, not against itself."""
+    creds = Credentials(
+        vector.username,
+        vector.realm,
+        vector.nonce,
+        vector.uri,
+        "",
+        vector.algorithm,
+        vector.qop,
+        vector.nc,
+        vector.cnonce,
+    )
+    assert response(creds, vector.password, vector.method) == vector.response
+
+
+@pytest.mark.parametrize("vector", digest_vectors.ALL, ids=lambda v: v.source)
+def test_the_rfc_authorization_headers_parse_to_their_parameters(vector: Vector) -> None:
+    creds = parse_authorization(vector.authorization)
+    assert creds == Credentials(
+        vector.username,
+        vector.realm,
+        vector.nonce,
+        vector.uri,
+        vector.response,
+        vector.algorithm,
+        vector.qop,
+        vector.nc,
+        vector.cnonce,
+    )
 
 
 def _answer(challenge: str, serial: str, secret: str, *, algorithm: str = "SHA-256") -> str:
