@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import os
 import pickle
@@ -51,8 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
-from crashreports.scrubber import Chain, Event, ScrubTree
-from crashreports.worker import answer, frame
+from crashreports.scrubber import Chain
+from crashreports.worker import answer, frame, warm_up
 
 log = logging.getLogger("softrelay.crashreports")
 START_TIMEOUT = 60.0  # seconds for a worker to import, compile and warm up its chains
@@ -75,28 +74,6 @@ class Scrubbed:
     event_id: str
     event: bytes | None
     dropped: str = ""
-
-
-# Text of every shape the rules look for: scrubbed once per chain before the first event,
-# so that RE2 builds the DFA states of common text then, not on a report's CPU budget
-# (a cold chain took ~20 ms for its first SDK event, a warm one ~1.5 ms).
-_WARM_UP: Event = {
-    "message": "REGISTER sip:user@pbx.example.com from 192.0.2.1:5060 and [2001:db8::1]; "
-    "mail user@example.com, call +49 151 23456789, 0151 98765432 or (555) 123-4567; "
-    "card 4111 1111 1111 1111, iban DE89 3704 0044 0532 0130 00, mac 00:1a:2b:3c:4d:5e; "
-    "https://u:p@host/x?token=abc&x=1 /home/user/x C:\\\\Users\\\\user\\\\x tel:+4930123456 "
-    'Authorization: Digest username="u", response="0" password hunter2 "A B" <sip:u@h> '
-    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc Bearer abcdefghijk " + "ab" * 32,
-    "extra": {"ha1": "0" * 32, "display_name": "A", "version": "2.4.1 at 12:30:45"},
-    "breadcrumbs": {"values": [{"message": "tapped 7", "timestamp": "2026-03-01T12:00:00Z"}]},
-}
-
-
-def warm_up(chain: Chain) -> None:
-    """Run the rules of `chain` (its `ScrubTree` steps, no other) over `_WARM_UP`."""
-    for step in chain.steps:
-        if isinstance(step, ScrubTree):
-            step(copy.deepcopy(_WARM_UP))
 
 
 async def _read_frame(stream: asyncio.StreamReader) -> bytes | None:
