@@ -46,7 +46,8 @@ def _copy_tree(dest: Path) -> None:
 
 def test_every_layer_names_a_package_of_the_tree() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    (contract,) = config["tool"]["importlinter"]["contracts"]
+    contract, siblings = config["tool"]["importlinter"]["contracts"]
+    assert set(siblings["ancestors"]) == set(_packages())
     named = {name.strip() for layer in contract["layers"] for name in layer.split("|")}
     assert named == set(_packages())
     for package in named:
@@ -57,7 +58,7 @@ def test_the_tree_keeps_its_layers(tmp_path: Path) -> None:
     _copy_tree(tmp_path)
     result = _lint(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
 def test_an_upward_import_fails_the_lint(tmp_path: Path) -> None:
@@ -69,3 +70,16 @@ def test_an_upward_import_fails_the_lint(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "BROKEN" in result.stdout
     assert "privacy.clock -> softrelay.app" in result.stdout
+
+
+def test_two_modules_importing_each_other_fail_the_lint(tmp_path: Path) -> None:
+    """A circle inside one package (once crashreports' worker and workers modules)."""
+    _copy_tree(tmp_path)
+    worker = tmp_path / "crashreports" / "worker.py"
+    worker.write_text(
+        worker.read_text(encoding="utf-8") + "\nimport crashreports.workers  # noqa\n"
+    )
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "BROKEN" in result.stdout
+    assert "- .workers -> .worker" in result.stdout
