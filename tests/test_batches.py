@@ -12,15 +12,20 @@ from privacy.policy import PolicyViolation
 from privacy.store import Store, Value
 
 
-class _CountingStore:
-    """The real store, counting its `put_many` calls and the rows of each."""
+class _RecordingStore:
+    """The real store, recording the rows (their event ids) of each `put_many` call;
+    each call is held until `gate` opens, and announced on `entered`."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.calls: list[int] = []
+        self.calls: list[list[Value]] = []
+        self.entered: asyncio.Queue[None] = asyncio.Queue()
+        self.gate = asyncio.Event()
 
     async def put_many(self, category: str, records: Sequence[Mapping[str, Value]]) -> None:
-        self.calls.append(len(records))
+        self.calls.append([record["event_id"] for record in records])
+        self.entered.put_nowait(None)
+        await self.gate.wait()
         await self.store.put_many(category, records)
 
 
@@ -31,17 +36,26 @@ def _row(i: int) -> dict[str, Value]:
 async def test_concurrent_rows_are_committed_together_and_on_disk_when_each_returns(
     store: Store,
 ) -> None:
-    counting = _CountingStore(store)
-    batches = Batches(counting, "crash_report")  # type: ignore[arg-type]  # a counting seam
+    recording = _RecordingStore(store)
+    batches = Batches(recording, "crash_report")  # type: ignore[arg-type]  # a recording seam
 
     async def write(i: int) -> int:
         await batches.write(_row(i))
         return len(await store.find("crash_report", event_id=f"{i:032x}"))
 
-    found = await asyncio.gather(*(write(i) for i in range(40)))
-    assert found == [1] * 40, "every row is on disk when its caller returns"
-    assert sum(counting.calls) == 40
-    assert len(counting.calls) < 40, "rows of one turn of the loop go together"
+    # 40 writers start in one turn of the loop; 10 more while that batch is committing.
+    first = [asyncio.ensure_future(write(i)) for i in range(40)]
+    await asyncio.wait_for(recording.entered.get(), 5)
+    assert recording.calls == [[f"{i:032x}" for i in range(40)]], "one turn, one batch"
+    second = [asyncio.ensure_future(write(i)) for i in range(40, 50)]
+    await asyncio.wait_for(recording.entered.get(), 5)
+    recording.gate.set()
+    found = await asyncio.gather(*first, *second)
+    assert found == [1] * 50, "every row is on disk when its caller returns"
+    assert recording.calls == [
+        [f"{i:032x}" for i in range(40)],
+        [f"{i:032x}" for i in range(40, 50)],
+    ], "rows of the next turn go in the next batch, whole and in order"
 
 
 async def test_a_refused_row_fails_only_its_caller(store: Store) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 
@@ -15,8 +16,16 @@ async def test_ledger_commits_concurrent_new_ids_together_and_counts_each(store:
     pids = [bytes([i]) * 16 for i in range(40)]
     counts = await asyncio.gather(*(ledger.record("acme", "2026-11", pid) for pid in pids))
     assert sorted(c for c in counts if c is not None) == list(range(1, 41))
-    assert len(await store.find("usage", tenant="acme", period="2026-11")) == 40
+    # Exactly the keyed ids under the month's stored secret, one row each, nothing else.
+    (key,) = await store.find("usage_key", period="2026-11")
+    secret = base64.b64decode(str(key.fields["secret"]))
+    expected = sorted(_Month(secret).keyed("acme", pid).hex() for pid in pids)
+    rows = await store.find("usage", period="2026-11")
+    assert sorted((r.fields["tenant"], r.fields["pid"]) for r in rows) == [
+        ("acme", keyed) for keyed in expected
+    ]
     assert await ledger.record("acme", "2026-11", pids[0]) is None, "a repeat writes nothing"
+    assert len(await store.find("usage", period="2026-11")) == 40
 
 
 def test_the_stored_id_is_the_hmac_of_tenant_and_pid_under_the_month_secret() -> None:
