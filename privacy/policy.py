@@ -5,6 +5,14 @@ is protected, the fields that must never be stored, purpose, legal basis, locati
 recipients, retention and the rights that apply. The store, the logs, the sweeper, the
 audit and the privacy notice all read this one model, so they cannot drift apart.
 
+Where the data goes is declared once per profile: the servers that store it
+(`[locations.<id>]`) and the other parties that receive it (`[recipients.<id>]`), each
+with its country, and for a country outside the EU/EEA the basis of the transfer
+(Art. 44-49 GDPR); a category names them in `stored_at` and `sent_to`.
+
+A retention is written in the unit a person would say it in ("12mo", "4w", "90d",
+"10y") and the notice says it in that unit; see `Period`.
+
 The policy is compiled when it loads: names are checked to be safe SQL identifiers,
 never-stored names may not also be declared fields, every rule has what it needs. A
 deployment may add its own file on top of a profile that shortens retentions and adds
@@ -18,15 +26,17 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from tomlsections.reader import ConfigError, Section, format_duration, load_toml
+from privacy.countries import ADEQUATE, EEA, NAMES, PARTIAL_ADEQUACY
+from tomlsections.reader import ConfigError, Section, load_toml
 
 LANGUAGES = ("en", "de")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "config" / "policy"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
-# Rights a category may grant; Art. 77 (complaint to a supervisory authority) always applies.
 # Keys of every log line (privacy.logs); a log field may not reuse them.
 LOG_ENVELOPE = frozenset({"time", "level", "logger", "event", "error_type", "dropped"})
+# Rights a category may grant; Art. 77 (complaint to a supervisory authority) always applies.
 RIGHTS = ("access", "rectification", "erasure", "restriction", "portability", "objection")
+_PERIOD = re.compile(r"^\s*(\d+)\s*(mo|y|w|d|h|m|s)\s*$")
 
 
 class Storage(StrEnum):
@@ -56,15 +66,92 @@ class FieldType(StrEnum):
     JSON = "json"
 
 
+class Unit(StrEnum):
+    """The unit a retention is written in; the notice says it in the same unit."""
+
+    SECOND = "s"
+    MINUTE = "m"
+    HOUR = "h"
+    DAY = "d"
+    WEEK = "w"
+    MONTH = "mo"
+    YEAR = "y"
+
+
+_YEAR = 365 * 86400
+# A year is 365 days and a month a twelfth of it (30 days 10 hours), so "12mo" and "1y"
+# are exactly the 365 days the sweeper has always kept for "365d", and 12 months in the
+# notice are never longer than 12 calendar months.
+_UNIT_SECONDS = {
+    Unit.SECOND: 1,
+    Unit.MINUTE: 60,
+    Unit.HOUR: 3600,
+    Unit.DAY: 86400,
+    Unit.WEEK: 7 * 86400,
+    Unit.MONTH: _YEAR // 12,
+    Unit.YEAR: _YEAR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A retention as the policy writes it: "12mo" stays 12 months, "365d" 365 days.
+
+    The rule is the author's: the notice says a period in the unit it was written in, not
+    in a unit the code guesses from the seconds (365 days can be "1 year" or "12 months";
+    only the author knows which the statement says).
+    """
+
+    count: int
+    unit: Unit
+
+    @property
+    def seconds(self) -> int:
+        return self.count * _UNIT_SECONDS[self.unit]
+
+    def __str__(self) -> str:
+        return f"{self.count}{self.unit.value}"
+
+
 @dataclass(frozen=True, slots=True)
 class Retention:
     rule: Rule
-    seconds: int  # 0 for memory-only
+    period: Period | None  # None for memory-only
+
+    @property
+    def seconds(self) -> int:
+        return self.period.seconds if self.period is not None else 0
 
     def describe(self) -> str:
-        if self.rule is Rule.MEMORY_ONLY:
+        if self.period is None:
             return "memory only, deleted immediately after use"
-        return f"{self.rule.value.replace('_', ' ')} {format_duration(self.seconds)}"
+        return f"{self.rule.value.replace('_', ' ')} {self.period}"
+
+
+class TransferBasis(StrEnum):
+    """What makes a transfer to a country outside the EU/EEA lawful (Art. 44-49 GDPR)."""
+
+    ADEQUACY_DECISION = "adequacy_decision"  # Art. 45
+    STANDARD_CONTRACTUAL_CLAUSES = "standard_contractual_clauses"  # Art. 46(2)(c)
+    BINDING_CORPORATE_RULES = "binding_corporate_rules"  # Art. 46(2)(b), 47
+    EXPLICIT_CONSENT = "explicit_consent"  # Art. 49(1)(a)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    basis: TransferBasis
+    # What the basis is in this case, e.g. the EU-US Data Privacy Framework; {} for none.
+    detail: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A server that stores data (a location) or another party that receives it."""
+
+    name: str
+    title: dict[str, str]
+    country: str  # ISO 3166-1 alpha-2
+    transfer: Transfer | None  # None inside the EU/EEA, where the GDPR applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +181,9 @@ class Category:
     # Fields that identify one record: storing again under the same key replaces it.
     key: tuple[str, ...] = ()
     unlinkable_reason: dict[str, str] = field(default_factory=dict)
+    # Ids of the policy's locations that hold the data and of recipients it is sent to.
+    stored_at: tuple[str, ...] = ()
+    sent_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +193,8 @@ class Policy:
     source: Path
     never_stored: frozenset[str]
     categories: dict[str, Category]
+    locations: dict[str, Site] = field(default_factory=dict)
+    recipients: dict[str, Site] = field(default_factory=dict)
 
     def category(self, name: str) -> Category:
         try:
@@ -138,20 +230,94 @@ def _parse_policy(root: Section) -> Policy:
     meta.finish()
     if "password" not in global_never:
         raise meta.error("never_stored", "must contain 'password': no password, ever")
+    locations = _parse_sites(root.section("locations"))
+    if not locations:
+        raise root.error("locations", "the policy declares no server location")
+    recipients = _parse_sites(root.section("recipients", {}))
     table = root.section("categories")
     categories = {
-        name: _parse_category(table.section(name), name, global_never) for name in table.names()
+        name: _parse_category(table.section(name), name, global_never, locations, recipients)
+        for name in table.names()
     }
     table.finish()
     root.finish()
     if not categories:
         raise root.error("categories", "the policy declares no category")
-    return Policy(profile, title, root.file, global_never, categories)
+    # A declared place no data goes to would put a country in the notice for nothing.
+    for label, sites, names_key in (
+        ("locations", locations, "stored_at"),
+        ("recipients", recipients, "sent_to"),
+    ):
+        used = {n for c in categories.values() for n in getattr(c, names_key)}
+        for name in sites:
+            if name not in used:
+                raise root.error(f"{label}.{name}", f"no category names it in {names_key}")
+    return Policy(profile, title, root.file, global_never, categories, locations, recipients)
 
 
-def _parse_category(sec: Section, name: str, global_never: frozenset[str]) -> Category:
+def _parse_sites(table: Section) -> dict[str, Site]:
+    sites = {name: _parse_site(table.section(name), name) for name in table.names()}
+    table.finish()
+    return sites
+
+
+def _parse_site(sec: Section, name: str) -> Site:
+    if not _NAME.match(name):
+        raise sec.error("", f"name {name!r} must match {_NAME.pattern}")
+    title = sec.localised("name", LANGUAGES)
+    country = sec.text("country")
+    if country not in NAMES:
+        raise sec.error(
+            "country", f"{country!r} is not an ISO 3166-1 alpha-2 country code, such as 'DE'"
+        )
+    transfer = None
+    if country in EEA:
+        # The GDPR applies there; a basis named anyway would tell readers data leaves the EU.
+        if sec.has("transfer"):
+            raise sec.error("transfer", f"{country} is in the EU/EEA: there is no transfer")
+    elif not sec.has("transfer"):
+        raise sec.error(
+            "transfer",
+            f"is missing: {country} is outside the EU/EEA, so sending data there needs a "
+            f"basis (one of {', '.join(TransferBasis)})",
+        )
+    else:
+        transfer = _parse_transfer(sec.section("transfer"), country)
+    sec.finish()
+    return Site(name, title, country, transfer)
+
+
+def _parse_transfer(sec: Section, country: str) -> Transfer:
+    basis = TransferBasis(sec.choice("basis", tuple(TransferBasis)))
+    detail = sec.localised("detail", LANGUAGES) if sec.has("detail") else {}
+    if basis is TransferBasis.ADEQUACY_DECISION:
+        if country not in ADEQUATE:
+            raise sec.error(
+                "basis", f"the European Commission has made no adequacy decision for {country}"
+            )
+        if country in PARTIAL_ADEQUACY and not detail:
+            raise sec.error(
+                "detail",
+                f"is missing: the adequacy decision for {country} covers only some "
+                "organisations; name the framework the recipient is certified under",
+            )
+    sec.finish()
+    return Transfer(basis, detail)
+
+
+def _parse_category(
+    sec: Section,
+    name: str,
+    global_never: frozenset[str],
+    locations: dict[str, Site],
+    recipients: dict[str, Site],
+) -> Category:
     if not _NAME.match(name):
         raise sec.error("", f"category name {name!r} must match {_NAME.pattern}")
+    stored_at = _site_names(sec, "stored_at", locations, "locations", [])
+    if not stored_at:
+        raise sec.error("stored_at", "names no location: say which servers hold the data")
+    sent_to = _site_names(sec, "sent_to", recipients, "recipients", [])
     storage = Storage(sec.choice("storage", tuple(Storage)))
     retention = _parse_retention(sec.section("retention"), storage)
     never = frozenset(sec.text_list("never_stored")) | global_never
@@ -203,9 +369,24 @@ def _parse_category(sec: Section, name: str, global_never: frozenset[str]) -> Ca
         subject=subject,
         key=key,
         unlinkable_reason=unlinkable,
+        stored_at=stored_at,
+        sent_to=sent_to,
     )
     sec.finish()
     return category
+
+
+def _site_names(
+    sec: Section, key: str, sites: dict[str, Site], label: str, default: list[str]
+) -> tuple[str, ...]:
+    names = tuple(sec.text_list(key, default))
+    for name in names:
+        if name not in sites:
+            known = ", ".join(sites) or "none"
+            raise sec.error(key, f"names {name!r}, which is not in [{label}] (declared: {known})")
+    if len(set(names)) != len(names):
+        raise sec.error(key, "names a place twice")
+    return names
 
 
 def _parse_retention(sec: Section, storage: Storage) -> Retention:
@@ -217,11 +398,20 @@ def _parse_retention(sec: Section, storage: Storage) -> Retention:
     }[storage]
     if rule not in allowed:
         raise sec.error("rule", f"{rule.value!r} does not fit storage {storage.value!r}")
-    seconds = 0 if rule is Rule.MEMORY_ONLY else sec.duration("duration")
-    if rule is not Rule.MEMORY_ONLY and seconds <= 0:
-        raise sec.error("duration", "must be longer than zero")
+    period = None if rule is Rule.MEMORY_ONLY else _parse_period(sec, "duration")
     sec.finish()
-    return Retention(rule, seconds)
+    return Retention(rule, period)
+
+
+def _parse_period(sec: Section, key: str) -> Period:
+    text = sec.text(key)
+    match = _PERIOD.match(text)
+    if match is None:
+        raise sec.error(key, f"expected a duration like '90d', '4w', '12mo' or '10y', got {text!r}")
+    period = Period(int(match.group(1)), Unit(match.group(2)))
+    if period.count <= 0:
+        raise sec.error(key, "must be longer than zero")
+    return period
 
 
 def _parse_field(sec: Section, name: str, never: frozenset[str]) -> FieldSpec:
@@ -254,20 +444,17 @@ def _tighten(policy: Policy, root: Section) -> Policy:
         retention = base.retention
         if sec.has("retention"):
             rsec = sec.section("retention")
-            seconds = rsec.duration("duration")
-            rsec.finish()
-            if base.retention.rule is Rule.MEMORY_ONLY:
+            if base.retention.period is None:
                 raise rsec.error("duration", "a memory-only category has no duration to change")
-            if seconds > base.retention.seconds:
+            period = _parse_period(rsec, "duration")
+            rsec.finish()
+            if period.seconds > base.retention.seconds:
                 raise rsec.error(
                     "duration",
-                    f"may shorten the profile's retention of "
-                    f"{format_duration(base.retention.seconds)} but not lengthen it to "
-                    f"{format_duration(seconds)}",
+                    f"may shorten the profile's retention of {base.retention.period} but not "
+                    f"lengthen it to {period}",
                 )
-            if seconds <= 0:
-                raise rsec.error("duration", "must be longer than zero")
-            retention = Retention(base.retention.rule, seconds)
+            retention = Retention(base.retention.rule, period)
         extra_never = frozenset(sec.text_list("never_stored", []))
         clash = sorted(extra_never & set(base.fields))
         if clash:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tomlsections.reader import ConfigError
-from privacy.policy import PROFILES_DIR, Rule, Storage, load_policy
+from privacy.policy import PROFILES_DIR, Rule, Storage, TransferBasis, Unit, load_policy
 from tests.conftest import PROFILES
+from tomlsections.reader import ConfigError
 
 # The rows of DESIGN.md's data-path table, which both profiles must implement.
 DESIGN_TABLE = {
@@ -98,7 +98,7 @@ def _broken_profile(tmp_path: Path, old: str, new: str) -> Path:
     [
         ('storage = "memory"', 'storage = "cloud"', "categories.relay.storage", "must be one of"),
         (
-            'duration = "28d"',
+            'duration = "4w"',
             'duration = "four weeks"',
             "categories.debug.retention.duration",
             "duration",
@@ -158,3 +158,185 @@ def test_not_toml_at_all_names_the_file(tmp_path: Path) -> None:
 def test_unknown_profile_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="auerproxy, cloudsoftphone"):
         load_policy("nosuchprofile")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "message"),
+    [
+        # A typo for the United Kingdom, whose ISO code is GB.
+        ('country = "DE"', 'country = "UK"', "locations.relay.country", "not an ISO 3166-1"),
+        ('country = "DE"', 'country = "de"', "locations.relay.country", "not an ISO 3166-1"),
+        # A server outside the EU/EEA with no basis for sending data there.
+        (
+            'country = "DE"',
+            'country = "SG"',
+            "locations.relay.transfer",
+            "SG is outside the EU/EEA",
+        ),
+        # A basis named for a country where the GDPR applies would mislead the reader.
+        (
+            'country = "DE"',
+            'country = "DE"\ntransfer = { basis = "standard_contractual_clauses" }',
+            "locations.relay.transfer",
+            "DE is in the EU/EEA",
+        ),
+        (
+            'transfer = { basis = "adequacy_decision", detail = { en = "EU-US Data Privacy '
+            'Framework, under which Apple Inc. is certified", de = "EU-US Data Privacy '
+            'Framework, nach dem Apple Inc. zertifiziert ist" } }',
+            'transfer = { basis = "adequacy_decision" }',
+            "recipients.apns.transfer.detail",
+            "covers only some organisations",
+        ),
+        (
+            'country = "US"\ntransfer = { basis = "adequacy_decision"',
+            'country = "CN"\ntransfer = { basis = "adequacy_decision"',
+            "recipients.apns.transfer.basis",
+            "no adequacy decision for CN",
+        ),
+        (
+            'transfer = { basis = "adequacy_decision"',
+            'transfer = { basis = "trust_us"',
+            "recipients.apns.transfer.basis",
+            "must be one of adequacy_decision, standard_contractual_clauses",
+        ),
+        (
+            'country = "US"\ntransfer = { basis = "adequacy_decision"',
+            'country = "US"\nowner = "Apple"\ntransfer = { basis = "adequacy_decision"',
+            "recipients.apns.owner",
+            "unknown key",
+        ),
+        (
+            'sent_to = ["apns", "fcm"]',
+            'sent_to = ["apns", "fcm", "hms"]',
+            "categories.registration.sent_to",
+            "names 'hms', which is not in [recipients]",
+        ),
+        (
+            'sent_to = ["apns", "fcm"]',
+            'sent_to = ["apns"]',
+            "recipients.fcm",
+            "no category names it in sent_to",
+        ),
+        (
+            'storage = "memory"\nstored_at = ["relay"]',
+            'storage = "memory"\nstored_at = []',
+            "categories.relay.stored_at",
+            "names no location",
+        ),
+        (
+            'storage = "memory"\nstored_at = ["relay"]',
+            'storage = "memory"\nstored_at = ["relay", "relay"]',
+            "categories.relay.stored_at",
+            "names a place twice",
+        ),
+        (
+            'duration = "4w"',
+            'duration = "4 fortnights"',
+            "categories.debug.retention.duration",
+            "'12mo'",
+        ),
+        (
+            'duration = "4w"',
+            'duration = "0mo"',
+            "categories.debug.retention.duration",
+            "longer than zero",
+        ),
+    ],
+)
+def test_malformed_locations_transfers_and_periods_name_file_and_key(
+    tmp_path: Path, old: str, new: str, key: str, message: str
+) -> None:
+    path = _broken_profile(tmp_path, old, new)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(str(path))
+    assert caught.value.file == str(path)
+    assert caught.value.key == key
+    assert message in str(caught.value)
+
+
+def test_a_profile_without_locations_does_not_load(tmp_path: Path) -> None:
+    text = (PROFILES_DIR / "auerproxy.toml").read_text()
+    path = tmp_path / "no-locations.toml"
+    path.write_text(text.replace("[locations.relay]", "[elsewhere.relay]", 1))
+    with pytest.raises(ConfigError) as caught:
+        load_policy(str(path))
+    assert (caught.value.file, caught.value.key) == (str(path), "locations")
+
+
+@pytest.mark.parametrize(
+    ("profile", "locations", "recipients"),
+    [
+        # Auerswald: relay (and its Sentry) in Germany, Apple's and Google's push in the USA.
+        ("auerproxy", {"relay": "DE"}, {"sentry": "DE", "apns": "US", "fcm": "US"}),
+        # Acrobits: servers in the EU and in the USA.
+        ("cloudsoftphone", {"eu": "DE", "us": "US"}, {"apns": "US", "fcm": "US"}),
+    ],
+)
+def test_profiles_name_their_countries_and_every_transfer_has_a_basis(
+    profile: str, locations: dict[str, str], recipients: dict[str, str]
+) -> None:
+    policy = load_policy(profile)
+    assert {n: s.country for n, s in policy.locations.items()} == locations
+    assert {n: s.country for n, s in policy.recipients.items()} == recipients
+    for site in (*policy.locations.values(), *policy.recipients.values()):
+        assert (site.transfer is None) == (site.country == "DE"), site.name
+    for push in ("apns", "fcm"):
+        transfer = policy.recipients[push].transfer
+        assert transfer is not None
+        assert transfer.basis is TransferBasis.ADEQUACY_DECISION
+        assert "EU-US Data Privacy Framework" in transfer.detail["en"]
+        assert "EU-US Data Privacy Framework" in transfer.detail["de"]
+    registration = policy.categories["registration"]
+    assert registration.sent_to == ("apns", "fcm")
+    assert registration.stored_at == tuple(locations)
+    if profile == "cloudsoftphone":
+        us = policy.locations["us"].transfer
+        assert us is not None
+        assert us.basis is TransferBasis.STANDARD_CONTRACTUAL_CLAUSES
+
+
+@pytest.mark.parametrize(
+    ("written", "unit", "seconds"),
+    [
+        ("12mo", Unit.MONTH, 365 * 86400),
+        ("1y", Unit.YEAR, 365 * 86400),
+        ("4w", Unit.WEEK, 28 * 86400),
+        ("90d", Unit.DAY, 90 * 86400),
+        ("36h", Unit.HOUR, 36 * 3600),
+        ("90m", Unit.MINUTE, 90 * 60),
+    ],
+)
+def test_a_period_keeps_the_unit_it_was_written_in(
+    tmp_path: Path, written: str, unit: Unit, seconds: int
+) -> None:
+    # The profile's registration is "12mo" (365 days): every period here is at most that.
+    path = _override(
+        tmp_path, f'[categories.registration]\nretention = {{ duration = "{written}" }}\n'
+    )
+    retention = load_policy("auerproxy", path).categories["registration"].retention
+    assert retention.period is not None
+    assert (retention.period.unit, retention.seconds, str(retention.period)) == (
+        unit,
+        seconds,
+        written,
+    )
+
+
+def test_twelve_months_are_the_365_days_the_sweeper_always_kept() -> None:
+    policy = load_policy("auerproxy")
+    assert str(policy.categories["registration"].retention.period) == "12mo"
+    assert policy.categories["registration"].retention.seconds == 365 * 86400
+    assert str(policy.categories["usage_count"].retention.period) == "10y"
+    assert policy.categories["usage_count"].retention.seconds == 3650 * 86400
+
+
+def test_a_longer_period_in_another_unit_is_still_refused(tmp_path: Path) -> None:
+    # 53 weeks is 371 days: longer than the profile's 12 months (365 days).
+    path = _override(tmp_path, '[categories.registration]\nretention = { duration = "53w" }\n')
+    with pytest.raises(ConfigError, match="retention of 12mo but not lengthen it to 53w"):
+        load_policy("auerproxy", path)
+    path = _override(tmp_path, '[categories.registration]\nretention = { duration = "52w" }\n')
+    assert load_policy("auerproxy", path).categories["registration"].retention.seconds == (
+        364 * 86400
+    )
