@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import statistics
 import struct
 import sys
@@ -30,8 +28,14 @@ if __name__ == "__main__":
 import orjson
 
 from bench.crashevents import SIZES, gzip_sdk, sdk_envelopes
+from bench.harness import (
+    Processes,
+    cpu_seconds,
+    process_tree,
+    start_softrelay,
+    write_file,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "0123456789abcdef0123456789abcdef"
 # The server's side, as an operator writes it; no rate limit to speak of: the bench
 # measures the ingest, not its 429s.
@@ -48,32 +52,10 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (the 3rd field first)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU of a process (its threads included), and of it with all its
     descendants alive now (the scrubbing worker processes): (process, tree)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = _stat(int(entry.name))
-            except OSError:  # ended meanwhile
-                continue
-            parents[int(entry.name)] = int(fields[1])
-            cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent]
-        tree.update(children)
-        frontier += children
-    return cpu.get(pid, 0.0), sum(cpu.get(p, 0.0) for p in tree)
+    return cpu_seconds([pid]), cpu_seconds(process_tree(pid))
 
 
 def _pack(bodies: list[bytes]) -> bytes:
@@ -125,32 +107,11 @@ async def _client(url: str, bodies: list[bytes], concurrency: int, warmup: int) 
     print(orjson.dumps({"elapsed": elapsed, "cpu": cpu, "statuses": statuses}).decode())
 
 
-async def _serve(tmp: Path, options: tuple[str, ...]) -> tuple[asyncio.subprocess.Process, str]:
-    """`softrelay serve` of this tree on ports 0, once it has said it is ready;
-    `options` are lines added to its `[crashreports]`."""
-    config = tmp / "softrelay.toml"
+def _config(tmp: Path, options: tuple[str, ...]) -> Path:
+    """The server's config; `options` are lines added to its `[crashreports]`."""
     lines = CONFIG.splitlines()
     lines[1:1] = options
-    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with (tmp / "serve.log").open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "softrelay.cli", "serve", "--config", str(config)),
-            *("--data-dir", str(tmp / "var"), "--http-port", "0", "--sip-port", "0"),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-            cwd=ROOT,
-            env={**os.environ, "SOFTRELAY_CONFIG": ""},
-        )
-    assert proc.stdout is not None
-    url = ""
-    while True:
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        if not line:
-            raise RuntimeError("serve ended before it was ready")
-        if match := re.match(rb"softrelay: (http://127\.0\.0\.1:\d+) ", line):
-            url = f"{match.group(1).decode()}/api/1/envelope/"
-        if line.startswith(b"softrelay: profile"):  # the last line of its start-up report
-            return proc, url
+    return write_file(tmp / "softrelay.toml", "\n".join(lines) + "\n")
 
 
 async def _stored(data_dir: Path) -> int:
@@ -173,9 +134,11 @@ async def ingest_round(
 ) -> dict[str, Any]:
     warmup = len(bodies) // 11
     (tmp / "bodies").write_bytes(_pack(bodies))
-    server, url = await _serve(tmp, options)
-    assert server.stdout is not None
-    drain = asyncio.create_task(server.stdout.read())  # its pipe never fills
+    procs = Processes()
+    # `softrelay serve` of this tree on ports 0, its log in tmp/serve.log; it stops the
+    # server if it does not start.
+    server = await start_softrelay(procs, tmp, _config(tmp, options))
+    url = f"{server.http_url}/api/1/envelope/"
     try:
         client = await asyncio.create_subprocess_exec(
             *(sys.executable, __file__, "--client", url, str(tmp / "bodies")),
@@ -187,17 +150,14 @@ async def ingest_round(
         assert client.stdout is not None
         if await asyncio.wait_for(client.stdout.readline(), 300) != b"warm\n":
             raise RuntimeError("the client failed in its warm-up")
-        load, before = load_average(), _cpu_seconds(server.pid)
+        load, before = load_average(), _cpu_seconds(server.proc.pid)
         client.stdin.write(b"go\n")
         await client.stdin.drain()
         result = orjson.loads(await asyncio.wait_for(client.stdout.readline(), 600))
-        after = _cpu_seconds(server.pid)
+        after = _cpu_seconds(server.proc.pid)
         await client.wait()
     finally:
-        if server.returncode is None:
-            server.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(server.wait(), 60)
-        await drain
+        await server.stop(procs, 60)
     timed = len(bodies) - warmup
     return {
         "envelopes_per_s": round(timed / result["elapsed"]),
@@ -207,7 +167,7 @@ async def ingest_round(
         "server_tree_cpu_us_per_envelope": round((after[1] - before[1]) / timed * 1e6),
         "client_cpu_us_per_envelope": round(result["cpu"] / timed * 1e6),
         "statuses": result["statuses"],
-        "stored": await _stored(tmp / "var"),
+        "stored": await _stored(server.data_dir),
         "posted": len(bodies),
         "load_before": load,
     }

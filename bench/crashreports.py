@@ -78,6 +78,7 @@ from bench.crashevents import (  # noqa: E402
     sdk_envelopes,
 )
 from bench.crashingest import ingest, load_average  # noqa: E402
+from bench.harness import spread, write_result  # noqa: E402
 from crashreports.scrubber import Chain, DropEvent, compile_chain  # noqa: E402
 
 # serve's default CPU budget per event; None in a tree from before it (the baseline).
@@ -188,9 +189,7 @@ def compare(chunks: list[list[bytes]], start: int, scrubbers: dict[str, Scrub]) 
     if "relay" in rates:
         ratios = [o / r for o, r in zip(rates["ours"], rates["relay"], strict=True)]
         out["ratio_ours_relay"] = {
-            "median": round(statistics.median(ratios), 2),
-            "min": round(min(ratios), 2),
-            "max": round(max(ratios), 2),
+            **spread(ratios, 2),
             "rounds": [round(ratio, 2) for ratio in ratios],
         }
     return out
@@ -440,8 +439,7 @@ def main() -> int:
     wall = time.perf_counter() - started
     print(f"\n{_verdict(passed)}; load {result['load_at_start']} -> {result['load_at_end']};")
     print(f"wall {wall:.0f} s; wrote {args.out}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    write_result(args.out, result)
     return 0 if passed else 1
 
 

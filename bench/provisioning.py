@@ -30,22 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import write_result
 from mockphone.provisioning import PbxTunnel, TunnelRequest, TunnelResponse
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from softrelay.app import Services, build_app
 from proxy.provisioning.settings import ProvisioningSettings
-from webapi.ratelimit import RateLimit
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
+from softrelay.app import Services, build_app
+from webapi.ratelimit import RateLimit
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "provisioning.json"
 MiB = 1024 * 1024
@@ -144,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
         **measured,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    write_result(args.out, result)
     return 0
 
 

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import jwt
-import orjson
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -76,6 +75,7 @@ from h2.settings import SettingCodes
 if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repository: bench.*
 
+from bench.harness import nearest_rank, write_result
 from bench.profiling import Stats, own_time, positive_ints
 from push.apns import ApnsProvider
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials, FcmCredentials
@@ -131,10 +131,7 @@ class Run:
 
     def percentile(self, q: float) -> float:
         """Nearest-rank percentile in seconds."""
-        if not self.latencies:
-            return math.nan
-        rank = max(1, math.ceil(q * len(self.latencies)))
-        return self.latencies[rank - 1]
+        return nearest_rank(self.latencies, q)
 
 
 async def drive(send: Send, total: int, concurrency: int, budget: float) -> Run:
@@ -686,8 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if done.profiles:
         result["profile"] = done.profiles
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    write_result(args.out, result)
 
     print(
         f"{args.total} pushes per run, best of {args.repeat}, {args.budget:g} s budget per run; "

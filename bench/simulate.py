@@ -46,7 +46,6 @@ import random
 import re
 import resource
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -58,12 +57,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.relay import cpu_seconds, free_port, status_kib
+from bench.harness import (
+    Processes,
+    Softrelay,
+    cpu_seconds,
+    raise_nofile,
+    start_softrelay,
+    status_kib,
+    write_result,
+)
 from mockphone.delays import Pace
 from mockphone.pbx import CallResult, MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec, State
@@ -77,15 +83,7 @@ DOMAIN = "relay.test"
 TARGET = 0.999
 SETUP_CONCURRENCY = 200
 RING_TIMEOUT = 10.0
-START_TIMEOUT = 30.0
-
-
-def raise_nofile() -> int:
-    """Soft RLIMIT_NOFILE to the hard limit; the limit now. Children inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+STOP_TIMEOUT = 60.0  # s for serve to end after SIGTERM: 10,000 phones' flows to close
 
 
 def _own_cpu() -> float:
@@ -99,19 +97,26 @@ def source(i: int) -> str:
 
 @dataclass
 class Server:
-    proc: asyncio.subprocess.Process
-    http_url: str
-    sip_port: int
+    """`softrelay serve` as the harness started it, and the secret of its one PBX."""
+
+    serve: Softrelay
+    procs: Processes
     secret: str = field(repr=False)
-    drains: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        return self.serve.proc
+
+    @property
+    def http_url(self) -> str:
+        return self.serve.http_url
+
+    @property
+    def sip_port(self) -> int:
+        return self.serve.ports["tcp"]  # the phones and the PBX use TCP
 
     async def stop(self) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        status = await asyncio.wait_for(self.proc.wait(), 60)
-        for task in self.drains:
-            task.cancel()
-        return status
+        return await self.serve.stop(self.procs, STOP_TIMEOUT)
 
     async def flows(self, session: aiohttp.ClientSession) -> int:
         async with session.get(self.http_url + "/metrics") as response:
@@ -122,49 +127,20 @@ class Server:
         )
 
 
-async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
-        pass
-
-
-async def start_server(work: Path) -> Server:
+async def start_server(procs: Processes, work: Path) -> Server:
     secret = secrets.token_urlsafe(24)
     fd = os.open(work / "pbx.secret", os.O_WRONLY | os.O_CREAT, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secret + "\n")
-    http_port, sip_port = free_port(), free_port()
     (work / "softrelay.toml").write_text(
-        f'[server]\ndata_dir = "{work / "var"}"\nhttp_port = {http_port}\n'
-        f"sip_port = {sip_port}\n"
         "[logging]\nconsole = false\n"
         f'[sip]\ndomain = "{DOMAIN}"\n'
         "[sip.limits]\nmax_connections_per_ip = 0\n"
         f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{work / "pbx.secret"}"\n',
         encoding="utf-8",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "softrelay.cli",
-        "serve",
-        "--config",
-        str(work / "softrelay.toml"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SOFTRELAY_CONFIG": ""},
-    )
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    server = Server(proc, f"http://127.0.0.1:{http_port}", sip_port, secret)
-    server.drains.append(asyncio.create_task(_drain(proc.stderr)))
-    while True:
-        line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)).decode()
-        if not line:
-            raise RuntimeError("serve ended at start")
-        if line.startswith("softrelay: profile"):
-            break
-    server.drains.append(asyncio.create_task(_drain(proc.stdout)))
-    return server
+    serve = await start_softrelay(procs, work, work / "softrelay.toml")
+    return Server(serve, procs, secret)
 
 
 @dataclass
@@ -353,9 +329,10 @@ class Bench:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    nofile = raise_nofile()
+    nofile, _ = raise_nofile()  # to the hard limit
+    procs = Processes()
     with tempfile.TemporaryDirectory(prefix="softrelay-bench-simulate-") as tmp:
-        server = await start_server(Path(tmp))
+        server = await start_server(procs, Path(tmp))
         try:
             async with aiohttp.ClientSession() as session:
                 b = Bench(server, args.phones, args.seed)
@@ -387,6 +364,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     await b.close()
         finally:
             status = await server.stop()
+            await procs.close()
     passing = [s for s in steps if s.success >= TARGET]
     best = passing[-1] if passing else None
     first_drop = next((s for s in steps if s.success < TARGET), None)
@@ -422,8 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(bench(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    write_result(args.out, result)
     held = result["held"]
     handled = result["calls_per_second_handled"]
     drop = result["first_below_99_9"]

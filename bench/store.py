@@ -36,8 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.*
 
+from bench.harness import write_result
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import Policy, load_policy
@@ -322,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "target_cost": TARGET_COST,
         "pass": passed,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    write_result(args.out, result)
 
     print(
         f"{args.rows} {CATEGORY} rows, best of {args.repeat} runs, fresh temp dir each; "

@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import write_result
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
@@ -228,8 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goal": GOAL,
         "verdict": verdict,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    write_result(args.out, result)
     return 0 if verdict == "PASS" else 1
 
 

@@ -58,24 +58,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import write_result
 from bench.profiling import Stats, own_time
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from softrelay.app import REGISTRY, RELAY, STAND_INS, Services, build_app
 from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request, make_response, parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import DEFAULT_EMBEDDED_APP, PushSettings
 from push.fakes.script import Delivery
+from softrelay.app import REGISTRY, RELAY, STAND_INS, Services, build_app
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "wake.json"
 DOMAIN = "relay.test"
@@ -511,8 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         **result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    write_result(args.out, result)
 
     print()
     print(

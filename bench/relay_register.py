@@ -1,0 +1,177 @@
+"""(4) REGISTER/s through softrelay. A PBX (a client in the bench process) links serial
+0078 over TCP with its SHA-256 digest secret and answers each forwarded REGISTER with
+200. SIPp (`bench/sipp/register.xml`) registers a new user for every REGISTER, so each
+one stores a binding. The climb is the calls' (`bench/relay_sipp.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+
+from bench.harness import HOST, Softrelay
+from bench.relay_sipp import DOMAIN, REGISTER, REGISTER_SERIAL, Sipp, Step, climb
+from proxy.sip.framing import PONG, Keepalive, StreamFramer
+from proxy.sip.message import Request, Response, SipParseError, make_response, parse
+
+LABEL = "REGISTER: SIPp -> softrelay -> PBX"
+NOTE = (
+    "PBX linked by SHA-256 digest over TCP answers 200 at once; a new user per "
+    "REGISTER, so each stores a binding"
+)
+
+
+@dataclass(slots=True)
+class Registers:
+    """The REGISTER climb, why it was cut short if it was, what the PBX answered."""
+
+    steps: list[Step] = field(default_factory=list)
+    note: str = ""
+    pbx_answered: int = 0
+
+
+async def registers(
+    sipp: Sipp, server: Softrelay, secret: str, rates: Sequence[int], refine: int
+) -> Registers:
+    """The climb of REGISTERs through a running `server`, its PBX linked with `secret`."""
+    done = Registers()
+    try:
+        pbx = await Pbx.link(server.ports["tcp"], secret)
+    except (OSError, RuntimeError, AssertionError, TimeoutError, KeyError, SipParseError) as exc:
+        done.note = f"skipped: the PBX could not link ({type(exc).__name__}: {exc})"
+        return done
+    try:
+        target, pids = f"{HOST}:{server.ports['udp']}", [server.proc.pid]
+
+        def measure(rate: int) -> Awaitable[Step]:
+            # A new user for every REGISTER: each stores a binding (no coalesced refresh).
+            keys = {"domain": f"{REGISTER_SERIAL}.{DOMAIN}", "prefix": f"r{rate}"}
+            return sipp.step(REGISTER, target, rate, keys, pids)
+
+        done.steps = await climb(measure, rates, refine, "register", pids)
+    finally:
+        done.pbx_answered = pbx.answered
+        if pbx.error:
+            done.note = f"the PBX stopped answering: {pbx.error}"
+        await pbx.close()
+    return done
+
+
+# --- the PBX client: links by digest, answers REGISTERs -----------------------------------
+
+
+class Pbx:
+    """A PBX linked to softrelay over one TCP connection: it answers the relay's digest
+    challenge with its secret, then answers every phone REGISTER it is sent with 200."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.framer = StreamFramer()
+        self.inbox: deque[bytes] = deque()
+        self.answered = 0
+        self.error = ""  # why it stopped answering, if it did before the end
+        self.task: asyncio.Task[None] | None = None
+        host, port = writer.get_extra_info("sockname")[:2]
+        self.contact = f"<sip:{REGISTER_SERIAL}@{host}:{port};transport=tcp>"
+        self.via_host = f"{host}:{port}"
+
+    @classmethod
+    async def link(cls, port: int, secret: str) -> Pbx:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 10)
+        pbx = cls(reader, writer)
+        try:
+            async with asyncio.timeout(10):
+                status = await pbx._register(secret)
+        except BaseException:
+            writer.close()
+            raise
+        if status != 200:
+            writer.close()
+            raise RuntimeError(f"the PBX link was refused: {status}")
+        pbx.task = asyncio.create_task(pbx._serve())
+        return pbx
+
+    async def _next(self) -> bytes:
+        while not self.inbox:
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("softrelay closed the PBX link")
+            for item in self.framer.feed(data):
+                if item is Keepalive.PING:
+                    self.writer.write(PONG)
+                elif isinstance(item, bytes):
+                    self.inbox.append(item)
+        return self.inbox.popleft()
+
+    async def _register(self, secret: str) -> int:
+        call_id = f"bench-link-{secrets.token_hex(6)}"
+
+        def register(cseq: int, *extra: str) -> bytes:
+            lines = [
+                f"REGISTER sip:{DOMAIN} SIP/2.0",
+                f"Via: SIP/2.0/TCP {self.via_host};branch=z9hG4bK-{secrets.token_hex(6)}",
+                f"From: <sip:{REGISTER_SERIAL}@{DOMAIN}>;tag=link",
+                f"To: <sip:{REGISTER_SERIAL}@{DOMAIN}>",
+                f"Call-ID: {call_id}",
+                f"CSeq: {cseq} REGISTER",
+                "Max-Forwards: 70",
+                f"Contact: {self.contact}",
+                "Expires: 3600",
+                *extra,
+                "Content-Length: 0",
+                "",
+                "",
+            ]
+            return "\r\n".join(lines).encode()
+
+        self.writer.write(register(1))
+        challenge = parse(await self._next())
+        assert isinstance(challenge, Response), challenge
+        assert challenge.status == 401, challenge.status
+        header = challenge.get("WWW-Authenticate") or ""
+        params = dict(re.findall(r'(\w+)="?([^",]+)"?', header))
+        name = {"MD5": "md5", "SHA-256": "sha256"}[params["algorithm"].upper()]
+
+        def h(text: str) -> str:
+            return hashlib.new(name, text.encode()).hexdigest()
+
+        uri, nc, cnonce = f"sip:{DOMAIN}", "00000001", secrets.token_hex(8)
+        ha1 = h(f"{REGISTER_SERIAL}:{params['realm']}:{secret}")
+        answer = h(f"{ha1}:{params['nonce']}:{nc}:{cnonce}:auth:{h(f'REGISTER:{uri}')}")
+        authorization = (
+            f'Digest username="{REGISTER_SERIAL}", realm="{params["realm"]}", '
+            f'nonce="{params["nonce"]}", uri="{uri}", response="{answer}", '
+            f'algorithm={params["algorithm"]}, qop=auth, nc={nc}, cnonce="{cnonce}"'
+        )
+        self.writer.write(register(2, f"Authorization: {authorization}"))
+        final = parse(await self._next())
+        assert isinstance(final, Response)
+        return final.status
+
+    async def _serve(self) -> None:
+        try:
+            while True:
+                message = parse(await self._next())
+                if isinstance(message, Request) and message.method == "REGISTER":
+                    contact = message.get("Contact") or self.contact
+                    headers = [("Contact", f"{contact};expires=600"), ("Expires", "600")]
+                    self.writer.write(make_response(message, 200, headers=headers).serialize())
+                    self.answered += 1
+                    await self.writer.drain()  # TCP back-pressure, as a real PBX has
+        except (ConnectionError, SipParseError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
