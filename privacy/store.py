@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import struct
-import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,9 +284,11 @@ class Store:
 
     async def is_restricted(self, subject: Subject) -> bool:
         marks = self._restricted
-        # Monotonic, not the policy clock: this is how fresh a cache is, not a retention.
-        if marks is None or time.monotonic() - self._restricted_read >= RESTRICTIONS_FRESH:
-            self._restricted_read = time.monotonic()
+        # The injected clock, as everywhere: a test moves it. A clock set back makes
+        # the read count as stale, so a cache is never trusted for longer than meant.
+        now = self.clock.now()
+        if marks is None or not 0 <= now - self._restricted_read < RESTRICTIONS_FRESH:
+            self._restricted_read = now
             marks = self._restricted = await self.backend.restricted_subjects()
         return self.subject_index(subject) in marks
 

@@ -102,18 +102,19 @@ class _App:
     app_id: str
     credential: _Credential
     transport: google_requests.Request  # owns the requests.Session of token refreshes
+    clock: Clock  # the provider's: token expiry is judged on it, like every deadline
     firebase_app: Any = None
     client: Any = None  # firebase_admin's HttpxAsyncClient, built by us
     stale: bool = False  # the access token was refused: renew it before the next send
+    expires_at: float | None = None  # the access token's expiry on `clock`
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one refresh task per app
     # A caller that times out leaves its refresh thread running; the next one waits here.
     thread_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def token_fresh(self) -> bool:
-        expiry = self.credential.expiry
-        if self.stale or self.credential.token is None or expiry is None:
+        if self.stale or self.credential.token is None or self.expires_at is None:
             return False
-        return expiry - datetime.now(UTC).replace(tzinfo=None) > REFRESH_MARGIN
+        return self.expires_at - self.clock.now() > REFRESH_MARGIN.total_seconds()
 
     def refresh_blocking(self) -> None:
         """Fetch a new access token (blocking I/O: runs in a worker thread)."""
@@ -121,7 +122,17 @@ class _App:
             if not self.token_fresh():
                 # google-auth waits 120 s for the token endpoint unless told otherwise.
                 self.credential.refresh(functools.partial(self.transport, timeout=TOKEN_TIMEOUT))
+                self.expires_at = self._expiry_on_our_clock()
                 self.stale = False
+
+    def _expiry_on_our_clock(self) -> float | None:
+        """google-auth stamps the expiry on the wall clock (its own utcnow); translated
+        once, right after the refresh, into a lifetime counted on `clock`."""
+        expiry = self.credential.expiry
+        if expiry is None:
+            return None
+        lifetime = expiry - datetime.now(UTC).replace(tzinfo=None)
+        return self.clock.now() + lifetime.total_seconds()
 
 
 class _BearerAuth(httpx.Auth):
@@ -172,7 +183,7 @@ class FcmProvider:
 
     async def _add(self, app_id: str, fcm: FcmCredentials, endpoint: FcmEndpoint | None) -> None:
         # Off the loop: each httpx transport loads the CA bundle (~20 ms, six of them).
-        app, replaced = await asyncio.to_thread(_build, app_id, fcm, endpoint)
+        app, replaced = await asyncio.to_thread(_build, app_id, fcm, endpoint, self._clock)
         self._apps[app_id] = app
         await replaced.aclose()
 
@@ -304,13 +315,15 @@ class FcmProvider:
         return None
 
 
-def _build(app_id: str, fcm: FcmCredentials, endpoint: FcmEndpoint | None) -> tuple[_App, Any]:
+def _build(
+    app_id: str, fcm: FcmCredentials, endpoint: FcmEndpoint | None, clock: Clock
+) -> tuple[_App, Any]:
     """A firebase_admin App sending through our client; blocking (CA bundles, key parsing)."""
     try:
         certificate = credentials.Certificate(dict(fcm.service_account))
     except (ValueError, KeyError) as exc:
         raise ValueError(f"push app {app_id!r}: not a usable FCM service account") from exc
-    app = _App(app_id, certificate.get_credential(), google_requests.Request())
+    app = _App(app_id, certificate.get_credential(), google_requests.Request(), clock)
     app.client = HttpxAsyncClient(
         retry_config=HttpxRetry(max_retries=0),  # one attempt: PushService retries
         timeout=HTTP_TIMEOUT,

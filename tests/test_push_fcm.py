@@ -357,6 +357,20 @@ async def test_a_token_close_to_expiry_is_renewed_before_the_send(
         await fake.stop()
 
 
+async def test_the_access_token_ages_on_the_injected_clock(
+    provider: FcmProvider, fake: FakeFcm, clock: ManualClock
+) -> None:
+    """The token (3600 s) is renewed once the provider's clock, not the wall clock, has
+    brought it within the 5-minute margin of its expiry."""
+    assert await provider.send(wake(clock), timeout=5) == Delivered()
+    clock.advance(3600 - 300 - 10)
+    assert await provider.send(wake(clock), timeout=5) == Delivered()
+    assert len(fake.grants) == 1, "still fresh: 310 s left"
+    clock.advance(20)
+    assert await provider.send(wake(clock), timeout=5) == Delivered()
+    assert len(fake.grants) == 2, "within the margin: renewed before the send"
+
+
 async def test_a_refused_access_token_fails_the_send_and_is_renewed_for_the_next(
     keys: tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey], clock: ManualClock
 ) -> None:

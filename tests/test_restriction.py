@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 import privacy.store as store_module
@@ -58,22 +57,24 @@ async def test_restriction_survives_a_restart(tmp_path: Path, clock: ManualClock
 
 
 async def test_a_mark_set_by_another_process_is_seen_within_the_freshness(
-    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, clock: ManualClock
 ) -> None:
-    """The marks are read as a whole and trusted for RESTRICTIONS_FRESH seconds, so a
-    REGISTER costs no query; the `dsr` CLI's mark still takes effect that soon."""
-    now = [1000.0]
-    monkeypatch.setattr("privacy.store.time.monotonic", lambda: now[0])
+    """The marks are read as a whole and trusted for RESTRICTIONS_FRESH seconds of the
+    store's clock, so a REGISTER costs no query; the `dsr` CLI's mark still takes effect
+    that soon. A clock set back does not stretch that trust."""
     keyring, policy = Keyring.generate(), load_policy("auerproxy")
     serve = await Store.create(policy, keyring, tmp_path, clock)
     cli = await Store.create(policy, keyring, tmp_path, clock)
     try:
         assert not await serve.is_restricted(ALICE)
         await cli.restrict(ALICE, True)
-        now[0] += store_module.RESTRICTIONS_FRESH - 0.1
+        clock.advance(store_module.RESTRICTIONS_FRESH - 0.1)
         assert not await serve.is_restricted(ALICE), "the read is still fresh"
-        now[0] += 0.2
+        clock.advance(0.2)
         assert await serve.is_restricted(ALICE)
+        await cli.restrict(ALICE, False)
+        clock.advance(-60.0)  # the system clock stepped back
+        assert not await serve.is_restricted(ALICE), "a read from the future is stale"
     finally:
         await serve.close()
         await cli.close()
