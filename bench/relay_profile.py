@@ -56,11 +56,15 @@ async def profile(
     return {"rate": rate, "step": step.to_json(), **profile_summary(stats, step.successful)}
 
 
+_TRANSPORTS = "SIP transports, flows (proxy/sip/transport*.py, udp, streams, link, flow)"
 _LAYERS = (
     ("proxy/sip/message.py", "SIP parse, validate and serialize (proxy/sip/message.py)"),
     ("proxy/sip/relay.py", "relay routing (proxy/sip/relay.py)"),
-    ("proxy/sip/transport.py", "SIP transports, flows (proxy/sip/transport.py, flow.py)"),
-    ("proxy/sip/flow.py", "SIP transports, flows (proxy/sip/transport.py, flow.py)"),
+    ("proxy/sip/transport", _TRANSPORTS),
+    ("proxy/sip/udp.py", _TRANSPORTS),
+    ("proxy/sip/streams.py", _TRANSPORTS),
+    ("proxy/sip/link.py", _TRANSPORTS),
+    ("proxy/sip/flow.py", _TRANSPORTS),
     ("prometheus_client", "metrics (prometheus_client)"),
     ("/asyncio/", "asyncio event loop and UDP transport"),
     ("/enum.py", "enum (Transport.value and friends)"),

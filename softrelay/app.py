@@ -32,7 +32,7 @@ from proxy.provisioning import add_provisioning
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.relay import Relay
 from proxy.sip.settings import SipSettings, transport_settings
-from proxy.sip.transport import SipTransports
+from proxy.sip.transports import SipTransports
 from proxy.sip.websocket import add_sip_websocket
 from push.apns import ApnsProvider
 from push.apps import AppCredentials, PushSettings
@@ -51,7 +51,7 @@ from softrelay.metrics import (
 from usage.service import add_usage
 from usage.settings import UsageSettings
 from webapi.connections import HTTP_GUARD, HttpGuard, HttpLimits, fit_process_descriptors
-from webapi.http import refusals
+from webapi.errors import refusals
 from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
 
 MAX_BODY = 1024 * 1024
@@ -102,7 +102,7 @@ def build_app(services: Services) -> web.Application:
         sip_limits = replace(services.sip.limits, max_connections=fit.sip_connections)
         services = replace(services, sip=replace(services.sip, limits=sip_limits))
     guard = HttpGuard(http, services.clock, registry)
-    # Every refusal and every handler error rendered as JSON in one place (webapi/http.py).
+    # Every refusal and every handler error rendered as JSON in one place (webapi/errors.py).
     app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware, refusals])
     app[SERVICES] = services
     app[REGISTRY] = registry

@@ -1,4 +1,4 @@
-"""Connection limits of the HTTP port, as the SIP port has them (proxy/sip/transport.py).
+"""Connection limits of the HTTP port, as the SIP port has them (proxy/sip/transports.py).
 
 aiohttp's server bounds how long a connection may sit idle between requests (its
 keep-alive timeout) but not how many connections one address holds, nor how many there

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from tomlsections.reader import Section, resolve_secret
 from proxy.sip.overload import OverloadSettings
-from proxy.sip.transport import TransportLimits, TransportSettings
+from proxy.sip.transport_settings import TransportLimits, TransportSettings
 from proxy.sip.wake import WakeSettings
+from tomlsections.reader import Section, resolve_secret
 
 _SERIAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 

@@ -20,10 +20,12 @@ from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
-from webapi import openapi
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.framing import PONG, Keepalive, datagram_keepalive
-from proxy.sip.transport import STOP_GRACE, Link, Refusal, SipTransports
+from proxy.sip.link import Link
+from proxy.sip.transport_settings import STOP_GRACE
+from proxy.sip.transports import Refusal, SipTransports
+from webapi import openapi
 
 SIP_PATH = "/sip"
 SUBPROTOCOL = "sip"

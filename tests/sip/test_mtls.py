@@ -18,16 +18,17 @@ from prometheus_client import CollectorRegistry
 
 from privacy.audit import scan_for_canaries
 from privacy.clock import ManualClock
-from tomlsections.reader import ConfigError
 from privacy.store import Store
-from softrelay.config import load_config
 from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Transport, certificate_names
 from proxy.sip.message import Request, Response, parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxAuth, PbxSettings, SipSettings, transport_settings
-from proxy.sip.transport import SipTransports, server_tls_context
+from proxy.sip.tls import server_tls_context
+from proxy.sip.transports import SipTransports
 from push.fakes.certs import ThrowawayCa
+from softrelay.config import load_config
+from tomlsections.reader import ConfigError
 
 TIMEOUT = 5.0  # a bound on waiting for the network, never a wait for time to pass
 DOMAIN = "relay.test"
