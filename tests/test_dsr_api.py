@@ -19,26 +19,27 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from crashreports.settings import parse_crashreports
-from privacy.clock import ManualClock
-from tomlsections.reader import Section
+from dsr.api import CLIENT_FAILURE_FACTOR
 from dsr.service import DsrSettings
+from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
-from softrelay.app import RELAY, STORE, Services, build_app
-from dsr.api import CLIENT_FAILURE_FACTOR
 from proxy.oauth.settings import OAuthSettings
-from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
 from proxy.provisioning.settings import ProvisioningSettings
-from webapi.ratelimit import RateLimit
 from proxy.sip.digest import DigestAuthority, DigestError, parse_authorization, response
 from proxy.sip.flow import Flow
 from proxy.sip.message import Request, parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
+from softrelay.app import RELAY, STORE, Services, build_app
+from tests.limits import LONGEST_WAIT
 from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _link_pbx, _reply
+from tomlsections.reader import Section
 from usage.settings import Tenant, UsageSettings
+from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
+from webapi.ratelimit import RateLimit
 
 PASSWORD = "alice-sip-password-canary-61d0"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -385,7 +386,7 @@ async def schemathesis(base: str, config_dir: Path) -> tuple[int, str]:
         cwd=config_dir,
     )
     try:
-        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+        output, _ = await asyncio.wait_for(proc.communicate(), LONGEST_WAIT)
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -20,6 +20,7 @@ from pathlib import Path
 import orjson
 
 from softrelay.config import DEFAULT_CONFIG
+from tests.limits import LONGEST_WAIT
 
 STEP_TIMEOUT = 15.0
 
@@ -98,7 +99,7 @@ async def test_plain_simulate_plays_against_the_server_make_run_started(tmp_path
             "--json",
             "summary.json",
         )
-        out, err = await asyncio.wait_for(sim.communicate(), 60)
+        out, err = await asyncio.wait_for(sim.communicate(), LONGEST_WAIT)
         assert sim.returncode == 0, err.decode()
     finally:
         if serve.returncode is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import wave
@@ -23,6 +22,7 @@ import pytest
 
 from proxy.sip.message import Request, SipUri, make_response
 from tests import peers
+from tests.limits import in_ci
 from tests.peers import PHONE_DOMAIN, SDP, STEP_TIMEOUT, Pbx, sip_message
 
 PHONE_HOST = "127.0.0.3"  # baresip's own address: not the relay's, not the PBX's
@@ -33,7 +33,7 @@ def _baresip() -> str:
     """baresip's path; a skip without it, a failure in CI, which must run these tests."""
     path = shutil.which("baresip")
     if path is None:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail("baresip is not on PATH: .ci/run installs it (Debian baresip-core)")
         pytest.skip("baresip is not installed (Debian package baresip-core)")
     return path

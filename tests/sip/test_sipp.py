@@ -18,7 +18,6 @@ each message and process end is awaited under asyncio.wait_for.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.limits import in_ci
 from tests.peers import (
     PHONE_DOMAIN,
     PHONE_IP,
@@ -50,7 +50,7 @@ def _sipp() -> str:
     """SIPp's path; a skip without it, or a failure in CI, which must run these tests."""
     path = shutil.which("sipp")
     if path is None:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail("sipp is not on PATH: .ci/run installs it (Debian package sip-tester)")
         pytest.skip("sipp is not installed (Debian package sip-tester)")
     return path
