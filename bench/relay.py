@@ -100,8 +100,8 @@ class Bench:
 
 
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
-    """The parts in `args.only`, in their order: the call paths (one SIPp UAS for all),
-    REGISTERs through the same softrelay as the calls, the profile, the idle flows."""
+    """The parts in `args.only`, always in this order: the call paths (one SIPp UAS for
+    all), REGISTERs through the same softrelay as the calls, the profile, the idle flows."""
     done = Bench()
     sipp = Sipp(procs, args.sipp, args.seconds, tmp / "sipp")
     sipp.work.mkdir()

@@ -178,7 +178,13 @@ async def idle_flows(
     procs: Processes, work: Path, kind: str, count: int, secret_file: Path
 ) -> Idle:
     """`count` idle flows of `kind` to a fresh softrelay; its RSS before and after."""
-    server = await start_softrelay(procs, work, relay_config(work, None, secret_file))
+    # Room for `count` flows from one address: a WebSocket counts against both the HTTP
+    # and the SIP cap, a TCP flow against SIP's only. Caps far above that would be cut,
+    # both, to fit the server's open-file limit.
+    room = count + CONNECTING
+    http = room if kind == "ws" else CONNECTING
+    config = relay_config(work, None, secret_file, http_connections=http, sip_connections=room)
+    server = await start_softrelay(procs, work, config)
     clients = TcpIdle(server) if kind == "tcp" else WsIdle(server)
     try:
         pid = server.proc.pid

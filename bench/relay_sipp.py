@@ -46,14 +46,26 @@ QUIET_CPU = 0.1  # a relay using less of a CPU than this is done with the last s
 QUIET_LIMIT = 60.0  # ...which it must be within this many seconds
 
 
-def relay_config(work: Path, uas_port: int | None, secret_file: Path) -> Path:
+def relay_config(
+    work: Path,
+    uas_port: int | None,
+    secret_file: Path,
+    *,
+    http_connections: int | None = None,
+    sip_connections: int | None = None,
+) -> Path:
     """softrelay's config: the SIPp UAS on `uas_port` as the static PBX (if any), the
-    digest PBX with its secret, no per-IP connection limit, no console log."""
+    digest PBX with its secret, no per-IP connection limit on SIP, no console log.
+    With `http_connections`, the HTTP port's cap and no per-IP cap there either; with
+    `sip_connections`, SIP's cap on connections."""
     lines = [f'[sip]\ndomain = "{DOMAIN}"\n']
     if uas_port is not None:
         lines.append(f'[[sip.pbx]]\nserial = "{CALL_SERIAL}"\nstatic = "udp:{HOST}:{uas_port}"\n')
     lines.append(f'[[sip.pbx]]\nserial = "{REGISTER_SERIAL}"\nsecret = "file:{secret_file}"\n')
-    lines.append("[sip.limits]\nmax_connections_per_ip = 0\n")
+    sip_cap = "" if sip_connections is None else f"max_connections = {sip_connections}\n"
+    lines.append(f"[sip.limits]\nmax_connections_per_ip = 0\n{sip_cap}")
+    if http_connections is not None:
+        lines.append(f"[http]\nmax_connections = {http_connections}\nmax_connections_per_ip = 0\n")
     lines.append("[logging]\nconsole = false\n")
     return write_file(work / "softrelay.toml", "\n".join(lines))
 
