@@ -27,10 +27,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from privacy.countries import ADEQUATE, EEA, NAMES, PARTIAL_ADEQUACY
-from tomlsections.reader import ConfigError, Section, load_toml
+from tomlsections.reader import ConfigError, Section, load_toml, shipped
 
 LANGUAGES = ("en", "de")
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "config" / "policy"
+# config/policy/ of the checkout, or its copy in an install (package data).
+PROFILES_DIR = shipped("policy")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 # Keys of every log line (privacy.logs); a log field may not reuse them.
 LOG_ENVELOPE = frozenset({"time", "level", "logger", "event", "error_type", "dropped"})

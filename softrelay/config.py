@@ -15,7 +15,7 @@ from pathlib import Path
 
 from crashreports.settings import CrashSettings, parse_crashreports
 from dsr.service import DsrSettings, parse_dsr
-from privacy.notice import Controller
+from privacy.notice import Controller, parse_controller
 from privacy.policy import PROFILES_DIR
 from proxy.oauth.settings import OAuthSettings, parse_oauth
 from proxy.provisioning.settings import ProvisioningSettings, parse_provisioning
@@ -88,18 +88,7 @@ def load_config(path: Path | None) -> Config:
     override_text = pol.text("override", "")
     pol.finish()
 
-    ctl = root.section("controller", {})
-    controller = Controller(
-        name=ctl.text("name", "The operator of this softrelay service"),
-        address=ctl.text("address", "(address not configured)"),
-        email=ctl.text("email", "privacy@example.invalid"),
-        dpo_name=ctl.text("dpo_name", "Data protection officer"),
-        dpo_email=ctl.text("dpo_email", "dpo@example.invalid"),
-        supervisory_authority=ctl.text(
-            "supervisory_authority", "the supervisory authority of your country"
-        ),
-    )
-    ctl.finish()
+    controller = parse_controller(root.section("controller", {}))
 
     sec = root.section("secrets", {})
     keyring = sec.text("keyring", "")
