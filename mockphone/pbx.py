@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from mockphone import digest
 from mockphone.sip import (
     TIMEOUT,
     Dialog,
@@ -41,13 +42,11 @@ from mockphone.sip import (
     SipLink,
     Transport,
     ack_for_failure,
-    authorization,
     cancel_for,
     new_request,
     sdp,
 )
-from proxy.sip.digest import DigestError, parse_authorization, response
-from proxy.sip.message import NameAddr, Request, Response, SipUri, make_response
+from mockphone.sipwire import NameAddr, Request, Response, make_response, request
 
 log = logging.getLogger("softrelay.mockphone")
 
@@ -61,6 +60,58 @@ class PbxRefused(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"the relay answered {status} to the PBX's REGISTER")
         self.status = status
+
+
+@dataclass(slots=True)
+class LinkRegistration:
+    """The REGISTER by which a PBX links to the relay as its serial, and its answer to
+    the relay's digest challenge (with the secret the operator gave the relay for that
+    serial). Sans I/O, so that every PBX client here sends the same: `MockPbx`, the
+    tests' scripted PBX (tests/peers.py) and the benchmarks' PBXs.
+
+        registration = LinkRegistration(serial, domain, contact)
+        challenged = await send(registration.request(via))           # 401
+        await send(registration.request(via, registration.answer(
+            challenged.get("WWW-Authenticate"), secret)))           # 200
+    """
+
+    serial: str
+    domain: str
+    contact: str  # the PBX's Contact header value
+    expires: int = 600
+    call_id: str = field(default_factory=lambda: f"pbx-{secrets.token_hex(8)}")
+    cseq: int = 0
+
+    @property
+    def aor(self) -> str:
+        return f"<sip:{self.serial}@{self.domain}>"
+
+    def request(self, via: str, authorization: str | None = None) -> Request:
+        """The next REGISTER (CSeq counts up) with `via` (a Via value with its branch)."""
+        self.cseq += 1
+        headers = [
+            ("Via", via),
+            ("Max-Forwards", "70"),
+            ("From", f"{self.aor};tag={self.call_id[-8:]}"),
+            ("To", self.aor),
+            ("Call-ID", self.call_id),
+            ("CSeq", f"{self.cseq} REGISTER"),
+            ("Contact", self.contact),
+            ("Expires", str(self.expires)),
+        ]
+        if authorization is not None:
+            headers.append(("Authorization", authorization))
+        return request("REGISTER", f"sip:{self.domain}", headers)
+
+    def answer(self, challenge: str, secret: str) -> str:
+        """The Authorization value answering the relay's `challenge` with `secret`."""
+        return digest.answer(
+            challenge,
+            username=self.serial,
+            password=secret,
+            method="REGISTER",
+            uri=f"sip:{self.domain}",
+        ).header
 
 
 @dataclass(slots=True)
@@ -156,33 +207,13 @@ class MockPbx:
 
     async def _link(self, secret: str) -> int:
         link = self._link_or_raise()
-        call_id = f"pbx-{secrets.token_hex(8)}"
-        aor = f"<sip:{self.serial}@{self.domain}>"
         contact = f"<sip:{self.serial}@{link.sent_by};transport={link.transport.value}>"
-
-        def register(cseq: int, *extra: tuple[str, str]) -> Request:
-            return new_request(
-                link,
-                "REGISTER",
-                f"sip:{self.domain}",
-                from_=f"{aor};tag={call_id[-8:]}",
-                to=aor,
-                call_id=call_id,
-                cseq=cseq,
-                headers=[("Contact", contact), ("Expires", "600"), *extra],
-            )
-
-        answer = await link.transact(register(1))
+        registration = LinkRegistration(self.serial, self.domain, contact)
+        answer = await link.transact(registration.request(link.via()))
         if answer.status != 401:
             return answer.status
-        header, _ = authorization(
-            answer.get("WWW-Authenticate") or "",
-            username=self.serial,
-            password=secret,
-            method="REGISTER",
-            uri=f"sip:{self.domain}",
-        )
-        return (await link.transact(register(2, ("Authorization", header)))).status
+        header = registration.answer(answer.get("WWW-Authenticate") or "", secret)
+        return (await link.transact(registration.request(link.via(), header))).status
 
     async def _keep_alive(self, every: float) -> None:
         link = self._link_or_raise()
@@ -231,8 +262,7 @@ class MockPbx:
 
     async def _register(self, link: SipLink, request: Request) -> None:
         self.counters.registers += 1
-        to = request.to.uri
-        user = to.user if isinstance(to, SipUri) else None
+        user = request.to.uri.user
         password = self.users.get(user or "")
         if user is None or password is None:
             self.counters.register_refused += 1
@@ -268,20 +298,16 @@ class MockPbx:
         if len(self._nonces) >= MAX_NONCES:
             self._nonces.pop(next(iter(self._nonces)))
         self._nonces[nonce] = self.now()
-        realm = f"pbx-{self.serial}"
-        return (
-            "WWW-Authenticate",
-            f'Digest realm="{realm}", nonce="{nonce}", algorithm=MD5, qop="auth"',
-        )
+        return ("WWW-Authenticate", digest.challenge(f"pbx-{self.serial}", nonce))
 
     def _proves(self, header: str, user: str, password: str) -> bool:
         try:
-            creds = parse_authorization(header)
-            if creds.username != user or creds.nonce not in self._nonces:
-                return False
-            return secrets.compare_digest(creds.response, response(creds, password, "REGISTER"))
-        except DigestError:
+            nonce = digest.params(header).get("nonce", "")
+        except digest.DigestSyntaxError:
             return False
+        return nonce in self._nonces and digest.proves(
+            header, username=user, password=password, method="REGISTER"
+        )
 
     # --- calls from phones ------------------------------------------------------------
 

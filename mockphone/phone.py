@@ -44,7 +44,7 @@ from mockphone.sip import (
     new_request,
     sdp,
 )
-from proxy.sip.message import Request, make_response
+from mockphone.sipwire import Request, make_response
 
 log = logging.getLogger("softrelay.mockphone")
 

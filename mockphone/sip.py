@@ -3,7 +3,9 @@
 `SipLink.open` makes one flow to the relay over UDP, TCP, TLS or WebSocket (RFC 7118,
 subprotocol `sip`). On it a party sends requests and waits for their responses
 (`transact`), answers the requests it receives (`on_request`), and sends RFC 5626 CRLF
-keep-alives (`ping`). Messages are `proxy.sip.message` objects, the relay's own parser.
+keep-alives (`ping`). Messages are written and read by `mockphone.sipwire`, and digest
+challenges answered by `mockphone.digest`: the mock parties' own, written apart from the
+relay's parser and digest so that a bug in those shows instead of being shared.
 
 Reliability is the transport's: the mock parties run on loopback, so a request over
 UDP is not retransmitted (a lost datagram ends its transaction in a timeout, which the
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -26,15 +27,24 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType
 
-from proxy.sip.digest import Credentials, response
-from proxy.sip.framing import PONG, FramingError, Keepalive, StreamFramer, datagram_keepalive
-from proxy.sip.message import Request, Response, SipParseError, parse, parse_uri
+from mockphone import digest
+from mockphone.sipwire import (
+    PING,
+    PONG,
+    FramingError,
+    Keepalive,
+    Request,
+    Response,
+    SipWireError,
+    StreamFramer,
+    datagram_keepalive,
+    parse,
+    request,
+)
 
 log = logging.getLogger("softrelay.mockphone")
 
 TIMEOUT = 10.0  # seconds for one transaction, unless the caller says otherwise
-PING = b"\r\n\r\n"
-_PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)')
 
 
 class Transport(StrEnum):
@@ -88,6 +98,7 @@ class SipLink:
         self._reader: asyncio.Task[None] | None = None
         self._read: Coroutine[Any, Any, None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        self._framer: StreamFramer | None = None  # streams: told of our pings
 
     @classmethod
     async def open(
@@ -135,8 +146,9 @@ class SipLink:
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
 
+        framer = link._framer = StreamFramer()
+
         async def read() -> None:
-            framer = StreamFramer()
             while data := await reader.read(65536):
                 try:
                     items = framer.feed(data)
@@ -255,7 +267,7 @@ class SipLink:
         try:
             message = parse(data)
             branch = message.top_via.branch or ""
-        except SipParseError:
+        except SipWireError:
             log.warning("unparsable message dropped")
             return
         if isinstance(message, Response):
@@ -315,6 +327,8 @@ class SipLink:
         """An RFC 5626 keep-alive: a double CRLF, answered by a single CRLF."""
         if self.closed.is_set():
             raise LinkClosed("the flow is closed")
+        if self._framer is not None:
+            self._framer.pinged += 1  # a lone CRLF is now its pong, not half a ping
         await self._send(PING)
         if self.transport is Transport.WS:
             return  # the relay keeps WebSockets alive with WebSocket pings
@@ -338,7 +352,7 @@ class SipLink:
         self.closed.set()
 
 
-_GONE = Response(599, "Flow Gone", [])
+_GONE = Response([], status=599, reason="Flow Gone")
 
 
 async def _unset(data: bytes) -> None:
@@ -363,19 +377,7 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.queue.put_nowait(None)
 
 
-# --- digest (the client side, and the registrar side of the mock PBX) ------------------
-
-
-def challenge_params(header: str) -> dict[str, str]:
-    """The parameters of a `Digest ...` challenge."""
-    scheme, _, rest = header.strip().partition(" ")
-    if scheme.lower() != "digest":
-        raise ValueError("not a Digest challenge")
-    params = {"realm": "", "nonce": "", "algorithm": "MD5", "qop": ""}
-    for match in _PARAM.finditer(rest):
-        value = match.group(2)
-        params[match.group(1).lower()] = value[1:-1] if value.startswith('"') else value
-    return params
+# --- digest (the client side) ------------------------------------------------------------
 
 
 def authorization(
@@ -383,27 +385,8 @@ def authorization(
 ) -> tuple[str, str]:
     """The Authorization header answering `challenge` (qop=auth when offered), and the
     digest response in it."""
-    params = challenge_params(challenge)
-    qop = "auth" if "auth" in params["qop"].split(",") else ""
-    creds = Credentials(
-        username=username,
-        realm=params["realm"],
-        nonce=params["nonce"],
-        uri=uri,
-        response="",
-        algorithm=params["algorithm"] or "MD5",
-        qop=qop,
-        nc="00000001" if qop else "",
-        cnonce=secrets.token_hex(8) if qop else "",
-    )
-    digest = response(creds, password, method)
-    header = (
-        f'Digest username="{username}", realm="{creds.realm}", nonce="{creds.nonce}", '
-        f'uri="{uri}", response="{digest}", algorithm={creds.algorithm}'
-    )
-    if qop:
-        header += f', qop={qop}, nc={creds.nc}, cnonce="{creds.cnonce}"'
-    return header, digest
+    answer = digest.answer(challenge, username=username, password=password, method=method, uri=uri)
+    return answer.header, answer.response
 
 
 # --- requests and dialogs -------------------------------------------------------------
@@ -422,7 +405,7 @@ def new_request(
     headers: Iterable[tuple[str, str]] = (),
     body: bytes = b"",
 ) -> Request:
-    """A request from `link`'s side with a new branch (parsed back, so every view works)."""
+    """A request from `link`'s side with a new branch."""
     fields = [
         ("Via", link.via()),
         *(("Route", route) for route in routes),
@@ -433,13 +416,7 @@ def new_request(
         ("CSeq", f"{cseq} {method}"),
         *headers,
     ]
-    return _reparse(Request.build(method, parse_uri(uri), fields, body))
-
-
-def _reparse(request: Request) -> Request:
-    parsed = parse(request.serialize())
-    assert isinstance(parsed, Request)
-    return parsed
+    return request(method, uri, fields, body)
 
 
 def cancel_for(invite: Request) -> Request:
@@ -453,7 +430,7 @@ def cancel_for(invite: Request) -> Request:
         ("Call-ID", invite.call_id),
         ("CSeq", f"{invite.cseq.number} CANCEL"),
     ]
-    return _reparse(Request.build("CANCEL", invite.uri, fields))
+    return request("CANCEL", invite.uri, fields)
 
 
 def ack_for_failure(invite: Request, answer: Response) -> Request:
@@ -467,7 +444,7 @@ def ack_for_failure(invite: Request, answer: Response) -> Request:
         ("Call-ID", invite.call_id),
         ("CSeq", f"{invite.cseq.number} ACK"),
     ]
-    return _reparse(Request.build("ACK", invite.uri, fields))
+    return request("ACK", invite.uri, fields)
 
 
 @dataclass(slots=True)

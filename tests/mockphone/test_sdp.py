@@ -7,12 +7,12 @@ import secrets
 
 import pytest
 
-from softrelay.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.pushes import PushInbox
 from mockphone.sip import RequestHandler, SipLink, Transport
-from proxy.sip.message import Request
+from mockphone.sipwire import Request
+from softrelay.embedded import EmbeddedRelay
 
 PHONE_HOST = "127.0.0.9"  # not the PBX's 127.0.0.1: each offer must name its own party
 
