@@ -57,14 +57,20 @@ async def profile(
 
 
 _TRANSPORTS = "SIP transports, flows (proxy/sip/transport*.py, udp, streams, link, flow)"
+# (part of a file name, its layer): the first that matches names it. The SIP message
+# and transport layers each span several modules since proxy/sip was split by seam.
+_MESSAGE = "SIP parse, validate and serialize (proxy/sip: message, parser, syntax, ...)"
+_TRANSPORT = "SIP transports, flows (proxy/sip: transports, udp, streams, flow, ...)"
 _LAYERS = (
-    ("proxy/sip/message.py", "SIP parse, validate and serialize (proxy/sip/message.py)"),
+    *(
+        (f"proxy/sip/{name}.py", _MESSAGE)
+        for name in ("message", "parser", "syntax", "uri", "headers", "params", "responses")
+    ),
     ("proxy/sip/relay.py", "relay routing (proxy/sip/relay.py)"),
-    ("proxy/sip/transport", _TRANSPORTS),
-    ("proxy/sip/udp.py", _TRANSPORTS),
-    ("proxy/sip/streams.py", _TRANSPORTS),
-    ("proxy/sip/link.py", _TRANSPORTS),
-    ("proxy/sip/flow.py", _TRANSPORTS),
+    *(
+        (f"proxy/sip/{name}", _TRANSPORT)
+        for name in ("transport", "udp.py", "streams.py", "link.py", "tls.py", "flow.py")
+    ),
     ("prometheus_client", "metrics (prometheus_client)"),
     ("/asyncio/", "asyncio event loop and UDP transport"),
     ("/enum.py", "enum (Transport.value and friends)"),
