@@ -402,7 +402,7 @@ class Message:
 @dataclass(slots=True)
 class Request(Message):
     method: str = ""
-    uri: str = ""
+    uri: Uri = field(default_factory=lambda: Uri(""))
 
     def _head(self) -> str:
         return f"{self.method} {self.uri} SIP/2.0"
@@ -418,9 +418,10 @@ class Response(Message):
 
 
 def request(
-    method: str, uri: str, headers: Iterable[tuple[str, str]], body: bytes = b""
+    method: str, uri: str | Uri, headers: Iterable[tuple[str, str]], body: bytes = b""
 ) -> Request:
-    return Request(list(headers), body, method=method, uri=str(uri))
+    target = uri if isinstance(uri, Uri) else parse_uri(uri)
+    return Request(list(headers), body, method=method, uri=target)
 
 
 def make_response(
@@ -475,7 +476,7 @@ def parse(data: bytes) -> Request | Response:
     if match := _STATUS_LINE.fullmatch(lines[0]):
         message = Response(headers, body, status=int(match.group(1)), reason=match.group(2))
     elif match := _REQUEST_LINE.fullmatch(lines[0]):
-        message = Request(headers, body, method=match.group(1), uri=match.group(2))
+        message = Request(headers, body, method=match.group(1), uri=parse_uri(match.group(2)))
     else:
         raise SipWireError(f"bad start line {lines[0][:60]!r}")
     length = message.get("Content-Length")

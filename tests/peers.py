@@ -2,9 +2,12 @@
 
 `softrelay` as an operator runs it (`spawn_serve`, `run_cli`, `start_server`,
 `audit`); SIP peers on loopback: the base of every Python SIP peer (`SipPeer`, and
-`StreamPeer` for one TCP connection), the PBX that links by serial (`Pbx`), the digest
-answer a phone or PBX gives (`digest_authorization`), and the PBX's part of a phone's
-whole scenario (`serve_phone`).
+`StreamPeer` for one TCP connection), the PBX that links by serial (`Pbx`), and the PBX's
+part of a phone's whole scenario (`serve_phone`).
+
+The peers write and read SIP with the mock parties' own code (`mockphone.sipwire`,
+`mockphone.digest`, the PBX's link as `mockphone.pbx.LinkRegistration`), not with the
+relay's parser or digest: a bug there must show, not be shared by both ends.
 
 Every wait is bounded by STEP_TIMEOUT (or by the start-up and CLI timeouts below),
 never paced by sleeping.
@@ -13,7 +16,6 @@ never paced by sleeping.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import secrets
@@ -25,13 +27,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from mockphone import digest
+from mockphone.pbx import LinkRegistration
+from mockphone.sipwire import (
+    PONG,
+    Keepalive,
+    NameAddr,
+    Request,
+    Response,
+    StreamFramer,
+    make_response,
+    parse,
+    sip_message,
+)
 from privacy.clock import SystemClock
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import Record, Store
-from proxy.sip.digest import parse_authorization
-from proxy.sip.framing import PONG, Keepalive, StreamFramer
-from proxy.sip.message import NameAddr, Request, Response, SipUri, make_response, parse
 
 DOMAIN = "relay.test"
 SERIAL = "0042137"
@@ -201,65 +213,18 @@ async def stored_registration(server: Server) -> Record:
     return binding
 
 
-# --- SIP messages and digests ---------------------------------------------------------
-
-
-def sip_message(start: str, *headers: str, body: str = "") -> bytes:
-    lines = [start, *headers, f"Content-Length: {len(body.encode())}", "", body]
-    return "\r\n".join(lines).encode()
-
-
-def challenge_param(header: str, name: str) -> str:
-    match = re.search(rf'{name}="?([^",]+)"?', header)
-    assert match, header
-    return match.group(1)
-
-
-def digest(
-    algorithm: str,
-    *,
-    username: str,
-    realm: str,
-    password: str,
-    method: str,
-    uri: str,
-    nonce: str,
-    nc: str,
-    cnonce: str,
-) -> str:
-    """The qop=auth response of RFC 7616 3.4.1, made here, not by proxy.sip.digest."""
-    name = {"MD5": "md5", "SHA-256": "sha256"}[algorithm.upper()]
-
-    def h(text: str) -> str:
-        return hashlib.new(name, text.encode()).hexdigest()
-
-    ha1 = h(f"{username}:{realm}:{password}")
-    ha2 = h(f"{method}:{uri}")
-    return h(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
+# --- SIP messages and digests: the mock parties' ---------------------------------------
 
 
 def digest_authorization(challenge: str, *, username: str, password: str, uri: str) -> str:
     """The Authorization value that answers `challenge` (a WWW-Authenticate value, with
     its realm, nonce and algorithm) for a REGISTER of `uri`."""
-    realm = challenge_param(challenge, "realm")
-    nonce = challenge_param(challenge, "nonce")
-    algorithm = challenge_param(challenge, "algorithm")
-    nc, cnonce = "00000001", secrets.token_hex(8)
-    answer = digest(
-        algorithm,
-        username=username,
-        realm=realm,
-        password=password,
-        method="REGISTER",
-        uri=uri,
-        nonce=nonce,
-        nc=nc,
-        cnonce=cnonce,
-    )
-    return (
-        f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-        f'response="{answer}", algorithm={algorithm}, qop=auth, nc={nc}, cnonce="{cnonce}"'
-    )
+    return digest.answer(
+        challenge, username=username, password=password, method="REGISTER", uri=uri
+    ).header
+
+
+__all__ = ["sip_message"]  # re-exported: the tests write raw messages with it
 
 
 # --- SIP peers ------------------------------------------------------------------------
@@ -445,9 +410,13 @@ class Pbx(StreamPeer):
 
     async def link(self, secret: str) -> int:
         """REGISTER as the serial, answering the relay's challenge; the final status."""
-        challenged, final = await self.digest_register(SERIAL, DOMAIN, secret, tag="pbx")
+        registration = LinkRegistration(SERIAL, DOMAIN, self.contact)
+        await self.send(registration.request(self.via().removeprefix("Via: ")))
+        challenged = await self.final("REGISTER")
         assert challenged.status == 401, self.last()
-        return final.status
+        answer = registration.answer(challenged.get("WWW-Authenticate") or "", secret)
+        await self.send(registration.request(self.via().removeprefix("Via: "), answer))
+        return (await self.final("REGISTER")).status
 
     async def challenge(self, register: Request) -> str:
         """401 to a phone's REGISTER with an MD5 challenge of realm pbx.DOMAIN; its nonce."""
@@ -517,32 +486,20 @@ async def serve_phone(pbx: Pbx, phone: PhoneSecrets, *, contact_host: str = PHON
     register = await pbx.request("REGISTER")
     authorization = register.get("Authorization")
     assert authorization is not None, pbx.last()
-    creds = parse_authorization(authorization)
-    assert (creds.username, creds.realm, creds.nonce, creds.uri, creds.qop) == (
+    creds = digest.params(authorization)
+    assert [creds.get(k) for k in ("username", "realm", "nonce", "uri", "qop")] == [
         "alice",
         f"pbx.{DOMAIN}",
         nonce,
         f"sip:{PHONE_DOMAIN}",
         "auth",
-    ), authorization
-    expected = digest(
-        "MD5",
-        username="alice",
-        realm=creds.realm,
-        password=phone.password,
-        method="REGISTER",
-        uri=creds.uri,
-        nonce=nonce,
-        nc=creds.nc,
-        cnonce=creds.cnonce,
-    )
-    assert creds.response == expected, (
-        f"the phone's digest does not prove its password: {authorization}"
-    )
+    ], authorization
+    assert digest.proves(
+        authorization, username="alice", password=phone.password, method="REGISTER"
+    ), f"the phone's digest does not prove its password: {authorization}"
     phone.authorization = authorization
-    phone.digest_response = creds.response
+    phone.digest_response = creds["response"]
     (contact,) = register.contacts
-    assert isinstance(contact.uri, SipUri)
     assert contact.uri.host == contact_host
     await pbx.accept(register, contact)
 

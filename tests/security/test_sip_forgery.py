@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Self
 
+from mockphone.sipwire import Response, make_response
 from privacy.clock import SystemClock
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import Record, Store
-from proxy.sip.message import Response, make_response
 from tests.peers import (
     PHONE_DOMAIN,
     PHONE_IP,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.sip.message import Request, SipUri, make_response
+from mockphone.sipwire import Request, make_response
 from tests import peers
 from tests.limits import in_ci
 from tests.peers import PHONE_DOMAIN, SDP, STEP_TIMEOUT, Pbx, sip_message
@@ -142,7 +142,7 @@ def _names_relay(request: Request, port: int) -> list[str]:
     named = []
     for route in request.routes:
         uri = route.uri
-        if isinstance(uri, SipUri) and uri.host == "127.0.0.1" and uri.port == port:
+        if uri.scheme == "sip" and uri.host == "127.0.0.1" and uri.port == port:
             named.append(str(route))
     return named
 
