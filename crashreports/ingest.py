@@ -14,18 +14,23 @@ A request is answered in this order, so nothing is decoded for a caller without 
        counted                                                                   200
        (a scrubbing worker that died: 503, nothing stored)                      503
 
-Every refusal is JSON `{"detail": reason}`; the reason never quotes the body.
+Every refusal is a `SentryRefusal` (webapi/errors.py), JSON `{"detail": reason}` as
+Relay answers; the reason never quotes the body. Its `error` code is the outcome that
+`softrelay_crash_requests` counts. What the envelope parser and the scrubbing workers
+raise is mapped here, once:
+
+    EnvelopeError          400 malformed
+    MalformedEvent         400 malformed
+    ScrubberUnavailable    503 unavailable
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import math
 import re
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -39,8 +44,10 @@ from crashreports.workers import MalformedEvent, Scrubbers, ScrubberUnavailable
 from privacy.batches import Batches
 from privacy.clock import Clock
 from privacy.store import JsonText, Store, Writable
-from webapi.http import BodyTooLarge, read_capped
+from webapi.body import BodyTooLarge, read_capped
+from webapi.errors import SentryRefusal
 from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response
+from webapi.ratelimit import RateLimit, RateLimiter
 
 CATEGORY = "crash_report"
 # aiohttp decodes these itself, streaming, a bounded chunk at a time (with Brotli for br).
@@ -51,50 +58,13 @@ _EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
 _AUTH_KEY = re.compile(r"sentry_key=([^,\s]+)")
 
 
-class IngestError(Exception):
-    """A request refused; `status` and `reason` are what the client is told."""
-
-    def __init__(self, status: int, reason: str, outcome: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.outcome = outcome
-
-
-class RateLimited(IngestError):
-    def __init__(
-        self,
-        retry_after: int,
-        reason: str = "rate limit of the project reached",
-        outcome: str = "rate_limited",
-    ) -> None:
-        super().__init__(429, reason, outcome)
-        self.retry_after = retry_after
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    at: float
-
-
-class RateLimiter:
-    """A token bucket per project: `per_minute` events, bursts up to the same number."""
-
-    def __init__(self, per_minute: int, clock: Clock) -> None:
-        self._rate = per_minute / 60.0
-        self._burst = float(per_minute)
-        self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
-
-    def take(self, project: str) -> None:
-        now = self._clock.now()
-        bucket = self._buckets.setdefault(project, _Bucket(self._burst, now))
-        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
-        bucket.at = now
-        if bucket.tokens < 1.0:
-            raise RateLimited(max(1, math.ceil((1.0 - bucket.tokens) / self._rate)))
-        bucket.tokens -= 1.0
+def _rate_limited(retry_after: float, reason: str, outcome: str) -> SentryRefusal:
+    refusal = SentryRefusal(429, outcome, reason, retry_after=retry_after)
+    # Every category: the SDK holds back all its envelopes that long.
+    refusal.headers["X-Sentry-Rate-Limits"] = (
+        f"{refusal.headers['Retry-After']}::project:project_quota"
+    )
+    return refusal
 
 
 class Metrics:
@@ -136,7 +106,8 @@ class Ingest:
         self.scrubbers = scrubbers
         # Concurrent events are committed together, each answered once its row is on disk.
         self.batches = Batches(store, CATEGORY)
-        self.limiter = RateLimiter(settings.rate_limit, clock)
+        # A token bucket per project: `rate_limit` events a minute, bursts of as many.
+        self.limiter = RateLimiter(RateLimit.per_window(settings.rate_limit, 60), clock)
         # Each request in flight holds up to `max_body` bytes and a place in a scrubbing
         # worker's queue; a per-project rate allows bursts, this bounds them all together
         # (a flood of events that each spend their whole CPU budget queues no further).
@@ -158,21 +129,9 @@ class Ingest:
                     event_id = await inner(request, project)
                 finally:
                     self.in_flight -= 1
-            except RateLimited as exc:
-                self.metrics.requests.labels(exc.outcome).inc()
-                retry = str(exc.retry_after)
-                return web.json_response(
-                    {"detail": exc.reason},
-                    status=429,
-                    headers={
-                        "Retry-After": retry,
-                        # Every category: the SDK holds back all its envelopes that long.
-                        "X-Sentry-Rate-Limits": f"{retry}::project:project_quota",
-                    },
-                )
-            except IngestError as exc:
-                self.metrics.requests.labels(exc.outcome).inc()
-                return web.json_response({"detail": exc.reason}, status=exc.status)
+            except SentryRefusal as exc:
+                self.metrics.requests.labels(exc.error).inc()
+                raise
             self.metrics.requests.labels("accepted").inc()
             return web.json_response({"id": event_id} if event_id else {})
 
@@ -183,16 +142,18 @@ class Ingest:
     def _admit(self, project: Project) -> None:
         # The shared cap first: a refused request spends none of its project's rate.
         if self.in_flight >= self.settings.max_in_flight:
-            raise RateLimited(1, "too many crash reports in progress", "busy")
-        self.limiter.take(project.id)
+            raise _rate_limited(1, "too many crash reports in progress", "busy")
+        wait = self.limiter.take(project.id)
+        if wait:
+            raise _rate_limited(wait, "rate limit of the project reached", "rate_limited")
 
     def _authenticate(self, request: web.Request) -> Project:
         key = _public_key(request)
         if key is None:
-            raise IngestError(401, "missing sentry_key (X-Sentry-Auth or query)", "no_key")
+            raise SentryRefusal(401, "no_key", "missing sentry_key (X-Sentry-Auth or query)")
         project = self.settings.project(request.match_info["project"])
         if project is None or project.key != key:
-            raise IngestError(403, "unknown project or key", "bad_key")
+            raise SentryRefusal(403, "bad_key", "unknown project or key")
         return project
 
     # --- 3. the body --------------------------------------------------------------------
@@ -200,7 +161,7 @@ class Ingest:
     async def _body(self, request: web.Request) -> bytes:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in DECODED_BY_SERVER:
-            raise IngestError(415, f"unsupported Content-Encoding {encoding[:20]!r}", "encoding")
+            raise SentryRefusal(415, "encoding", f"unsupported Content-Encoding {encoding[:20]!r}")
         cap = self.settings.max_body
         # A compressed body's Content-Length says nothing of its size once decoded.
         declared = None if encoding else request.content_length
@@ -208,9 +169,11 @@ class Ingest:
             return await read_capped(request.content, cap, declared)
         except BodyTooLarge as exc:
             decoded = "" if exc.declared else " once decoded"
-            raise IngestError(413, f"body larger than {cap} bytes{decoded}", "too_large") from None
-        except (ValueError, EOFError) as exc:  # aiohttp's ContentEncodingError is a ValueError
-            raise IngestError(400, "body cannot be decoded", "malformed") from exc
+            raise SentryRefusal(
+                413, "too_large", f"body larger than {cap} bytes{decoded}"
+            ) from None
+        except (ValueError, EOFError):  # BadBody, and aiohttp's ContentEncodingError
+            raise SentryRefusal(400, "malformed", "body cannot be decoded") from None
 
     # --- 4. envelopes and the old store endpoint ----------------------------------------
 
@@ -219,14 +182,14 @@ class Ingest:
         try:
             envelope = parse_envelope(body)
         except EnvelopeError as exc:
-            raise IngestError(400, f"malformed envelope: {exc}", "malformed") from None
+            raise SentryRefusal(400, "malformed", f"malformed envelope: {exc}") from None
         events: list[Item] = []
         for item in envelope.items:
             if item.type in ATTACHMENTS and self.settings.attachments == "refuse":
-                raise IngestError(
+                raise SentryRefusal(
                     400,
-                    "attachments and minidumps are not accepted: they cannot be scrubbed",
                     "attachment",
+                    "attachments and minidumps are not accepted: they cannot be scrubbed",
                 )
             if item.type == "event":
                 events.append(item)
@@ -234,7 +197,7 @@ class Ingest:
                 label = item.type if item.type in IGNORED_ITEMS | ATTACHMENTS else "other"
                 self.metrics.items.labels(label).inc()
         if len(events) > 1:
-            raise IngestError(400, "malformed envelope: more than one event", "malformed")
+            raise SentryRefusal(400, "malformed", "malformed envelope: more than one event")
         if not events:
             return None
         return await self._event(project, events[0].payload, envelope.headers.get("event_id"))
@@ -251,10 +214,10 @@ class Ingest:
         try:
             result = await self.scrubbers.scrub(project.id, _header_id(header_id), payload)
         except MalformedEvent as exc:
-            raise IngestError(400, f"malformed event: {exc}", "malformed") from None
+            raise SentryRefusal(400, "malformed", f"malformed event: {exc}") from None
         except ScrubberUnavailable:
-            raise IngestError(
-                503, "crash report scrubber restarting, retry", "unavailable"
+            raise SentryRefusal(
+                503, "unavailable", "crash report scrubber restarting, retry"
             ) from None
         if result.event is None:
             self.metrics.events.labels(project.id, result.dropped).inc()
@@ -303,11 +266,11 @@ def _legacy_body(body: bytes, cap: int) -> bytes:
         inflater = zlib.decompressobj()
         out = inflater.decompress(raw, cap + 1)
     except (binascii.Error, zlib.error):
-        raise IngestError(
-            400, "malformed event: neither JSON nor base64 zlib", "malformed"
+        raise SentryRefusal(
+            400, "malformed", "malformed event: neither JSON nor base64 zlib"
         ) from None
     if len(out) > cap or inflater.unconsumed_tail:
-        raise IngestError(413, f"body larger than {cap} bytes once decoded", "too_large")
+        raise SentryRefusal(413, "too_large", f"body larger than {cap} bytes once decoded")
     return out
 
 

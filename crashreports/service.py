@@ -16,6 +16,7 @@ from crashreports.settings import CrashSettings
 from crashreports.workers import Scrubbers
 from privacy.clock import Clock
 from privacy.store import Store
+from webapi.errors import SentryRefusal, speaks
 from webapi.openapi import OPENAPI
 
 INGEST = web.AppKey("crash_ingest", Ingest)
@@ -62,6 +63,9 @@ def add_crashreports(
                 await forwarder.close()
 
     app.cleanup_ctx.append(ctx)
+    # The SDK reads Relay's answers: every refusal under /api/ in its shape, the
+    # middleware's own (a header that is not UTF-8, a wrong method) included.
+    speaks(app, "/api/", SentryRefusal)
     app.router.add_post("/api/{project}/envelope/", _route(lambda i: i.envelope_handler))
     app.router.add_post("/api/{project}/store/", _route(lambda i: i.store_handler))
     if OPENAPI in app:  # build_app's registry; a test's bare app has none

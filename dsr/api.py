@@ -9,12 +9,21 @@ Who may ask:
   acting on a request the operator verified by other means.
 
 Failed proofs count per client and subject, and per client (memory only; a client is
-its address, an IPv6 one its /64): past `dsr.max_failures` for one subject, or
-`CLIENT_FAILURE_FACTOR` times that for one client, within `dsr.failure_window`, the
-answer is 429 with Retry-After. Nothing counts per subject alone, so a stranger's bogus
+`webapi.ratelimit.client_key`: its address, an IPv6 one its /64), in token buckets of
+`dsr.max_failures` failures, refilled at that many per `dsr.failure_window`
+(`CLIENT_FAILURE_FACTOR` times both for one client): once a bucket is empty the answer
+is 429 with Retry-After. Nothing counts per subject alone, so a stranger's bogus
 proofs never lock the subject out; one client still cannot try many passwords.
-Every error is a `Refusal` (webapi/http.py), JSON `{"error": <code>, "detail": <sentence>}`;
-refused requests are recorded in the trail.
+
+Every error is a `Refusal` (webapi/errors.py), JSON `{"error": <code>, "detail": <sentence>}`;
+refused requests are recorded in the trail. What the service and the identity proof
+raise is mapped here, once:
+
+    IdentityError NOT_PROVED    403 not_proved   (counts as a failed proof)
+                  PBX_OFFLINE   503 pbx_offline
+                  PBX_ERROR     502 pbx_error
+                  PBX_TIMEOUT   504 pbx_timeout
+    InvalidRequest              400 bad_subject (the subject), bad_request (the rest)
 """
 
 from __future__ import annotations
@@ -25,24 +34,24 @@ from typing import Any
 
 from aiohttp import web
 
-from tomlsections.reader import ConfigError, resolve_secret
+from dsr.identity import Failure, IdentityError, PbxIdentity
 from dsr.service import (
+    ACTIONS,
     MUTABLE_FIELDS,
     DataSubjectRights,
     DsrSettings,
-    FailureLimiter,
     InvalidRequest,
     parse_subject,
 )
 from privacy.store import Store, Subject
-from dsr.identity import IdentityError, PbxIdentity
-from webapi.http import Refusal, read_json
-from webapi.openapi import JSON, OPENAPI, RETRY_AFTER, json_response, ref, refusal
-from webapi.ratelimit import client_key
 from proxy.sip.relay import Relay
+from tomlsections.reader import ConfigError, resolve_secret
+from webapi.body import read_json
+from webapi.errors import Refusal
+from webapi.openapi import JSON, OPENAPI, RETRY_AFTER, json_response, ref, refusal
+from webapi.ratelimit import RateLimit, RateLimiter, client_key
 
 PREFIX = "/dsr/v1"
-ACTIONS = ("export", "rectify", "erase", "restrict", "unrestrict", "object")
 _SUBJECT_KEYS = {"sip_username", "pbx_serial"}
 _PROOF_KEYS = {"challenge_id", "authorization"}
 _EXTRA_KEYS = {"rectify": {"changes", "instance"}}
@@ -51,8 +60,13 @@ MAX_BODY = 64 * 1024  # a subject, a proof (4 KiB at most) and a few changes
 # an office behind one address is not stopped by one user's typos, and a client still
 # gets only a handful of guesses per window.
 CLIENT_FAILURE_FACTOR = 4
-# IdentityError's statuses, as refusal codes.
-_IDENTITY_CODES = {403: "not_proved", 502: "pbx_error", 503: "pbx_offline", 504: "pbx_timeout"}
+# Why an identity was not proved -> the answer (status, code); see the module doc.
+IDENTITY_REFUSALS: dict[Failure, tuple[int, str]] = {
+    Failure.NOT_PROVED: (403, "not_proved"),
+    Failure.PBX_OFFLINE: (503, "pbx_offline"),
+    Failure.PBX_ERROR: (502, "pbx_error"),
+    Failure.PBX_TIMEOUT: (504, "pbx_timeout"),
+}
 
 
 class DsrApi:
@@ -64,24 +78,25 @@ class DsrApi:
         self.rights = rights
         self.identity = identity
         self.admin_token = admin_token
-        settings = rights.settings
+        settings, clock = rights.settings, rights.clock
         window = settings.failure_window
-        self.per_subject = FailureLimiter(rights.clock, settings.max_failures, window)
-        self.per_client = FailureLimiter(
-            rights.clock, settings.max_failures * CLIENT_FAILURE_FACTOR, window
+        # Buckets of failed proofs: `take` per failure, `wait` before each attempt.
+        self.per_subject = RateLimiter(RateLimit.per_window(settings.max_failures, window), clock)
+        self.per_client = RateLimiter(
+            RateLimit.per_window(settings.max_failures * CLIENT_FAILURE_FACTOR, window), clock
         )
 
-    def retry_after(self, client: str, subject: Subject | None = None) -> int:
-        """Seconds until `client` may try again (for `subject`); 0: now."""
-        wait = self.per_client.retry_after(client)
+    def retry_after(self, client: str, subject: Subject | None = None) -> float:
+        """Seconds until `client` may try again (for `subject`); 0.0: now."""
+        wait = self.per_client.wait(client)
         if subject is not None:
-            wait = max(wait, self.per_subject.retry_after(_pair_key(client, subject)))
+            wait = max(wait, self.per_subject.wait(_pair_key(client, subject)))
         return wait
 
     def failed(self, client: str, subject: Subject | None = None) -> None:
-        self.per_client.fail(client)
+        self.per_client.take(client)
         if subject is not None:
-            self.per_subject.fail(_pair_key(client, subject))
+            self.per_subject.take(_pair_key(client, subject))
 
 
 def _pair_key(client: str, subject: Subject) -> str:
@@ -150,11 +165,12 @@ def _client(request: web.Request) -> str:
 def _check_limit(api: DsrApi, client: str, subject: Subject | None = None) -> None:
     wait = api.retry_after(client, subject)
     if wait:
-        raise Refusal(429, "rate_limited", "too many failed attempts", {"Retry-After": str(wait)})
+        raise Refusal(429, "rate_limited", "too many failed attempts", retry_after=wait)
 
 
 def _identity_refusal(exc: IdentityError) -> Refusal:
-    return Refusal(exc.status, _IDENTITY_CODES.get(exc.status, "not_proved"), exc.reason)
+    status, code = IDENTITY_REFUSALS[exc.failure]
+    return Refusal(status, code, exc.reason)
 
 
 async def challenge(request: web.Request) -> web.Response:
@@ -197,7 +213,7 @@ async def _authenticate(request: web.Request, body: dict[str, Any], subject: Sub
     try:
         await api.identity.verify(subject, challenge_id, authorization)
     except IdentityError as exc:
-        if exc.status == 403:
+        if exc.failure is Failure.NOT_PROVED:
             api.failed(client, subject)
         raise _identity_refusal(exc) from None
     return "subject"

@@ -23,10 +23,8 @@ from typing import Any
 
 import orjson
 
-from dsr.service import DataSubjectRights, DsrSettings, InvalidRequest, parse_subject
+from dsr.service import ACTIONS, DataSubjectRights, DsrSettings, InvalidRequest, parse_subject
 from privacy.store import Store
-
-ACTIONS = ("export", "rectify", "erase", "restrict", "unrestrict", "object")
 
 
 def add_dsr_parser(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -20,24 +20,36 @@ import asyncio
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 
 from privacy.clock import Clock
 from privacy.store import Subject
 from proxy.sip.flow import Flow, Transport
-from proxy.sip.message import Response, SipParseError, parse
+from proxy.sip.message import Response
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
+from proxy.sip.syntax import SipParseError
 
 CHALLENGE_TTL = 300.0  # seconds a challenge may be answered
 MAX_CHALLENGES = 10_000
 LOCAL = ("127.0.0.1", 0)  # the in-process end of the flow the relay answers us on
 
 
-class IdentityError(Exception):
-    """The identity was not proved. `status` is the HTTP status to answer with."""
+class Failure(Enum):
+    """Why an identity was not proved; the API maps each to its answer."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    NOT_PROVED = "not_proved"  # a wrong, unknown, expired or misused proof: the caller's
+    PBX_OFFLINE = "pbx_offline"  # the subject's PBX has no flow linked: retry later
+    PBX_ERROR = "pbx_error"  # the PBX answered what a REGISTER fetch never gets
+    PBX_TIMEOUT = "pbx_timeout"  # the PBX did not answer in time: retry later
+
+
+class IdentityError(Exception):
+    """The identity was not proved: `failure` says why, `reason` in a sentence."""
+
+    def __init__(self, failure: Failure, reason: str) -> None:
         super().__init__(reason)
-        self.status = status
+        self.failure = failure
         self.reason = reason
 
 
@@ -89,17 +101,19 @@ class PbxIdentity:
     async def challenge(self, subject: Subject) -> Challenge:
         """Ask the subject's PBX for a digest challenge."""
         if self._relay.pbx_flow(subject.pbx_serial) is None:
-            raise IdentityError(503, "the subject's PBX is not connected")
+            raise IdentityError(Failure.PBX_OFFLINE, "the subject's PBX is not connected")
         pending = _Pending(
             subject, "dsr-" + secrets.token_hex(12), secrets.token_hex(6), 1, self._clock.now()
         )
         answer = await self._fetch(pending, None)
         if answer.status not in (401, 407):
-            raise IdentityError(502, f"the PBX answered {answer.status} instead of a challenge")
+            raise IdentityError(
+                Failure.PBX_ERROR, f"the PBX answered {answer.status} instead of a challenge"
+            )
         header = "WWW-Authenticate" if answer.status == 401 else "Proxy-Authenticate"
         challenges = tuple(v for n, v in answer.headers if n.lower() == header.lower())
         if not challenges:
-            raise IdentityError(502, "the PBX sent no digest challenge")
+            raise IdentityError(Failure.PBX_ERROR, "the PBX sent no digest challenge")
         challenge_id = secrets.token_urlsafe(18)
         self._keep(challenge_id, pending)
         return Challenge(challenge_id, self._uri(subject), challenges)
@@ -109,17 +123,17 @@ class PbxIdentity:
         The challenge is used up either way."""
         pending = self._pending.pop(challenge_id, None)
         if pending is None or self._clock.now() - pending.created > CHALLENGE_TTL:
-            raise IdentityError(403, "unknown or expired challenge")
+            raise IdentityError(Failure.NOT_PROVED, "unknown or expired challenge")
         if pending.subject != subject:
-            raise IdentityError(403, "the challenge was issued for another subject")
+            raise IdentityError(Failure.NOT_PROVED, "the challenge was issued for another subject")
         if not authorization.startswith("Digest ") or any(c in authorization for c in "\r\n"):
-            raise IdentityError(403, "authorization: expected a Digest credential")
+            raise IdentityError(Failure.NOT_PROVED, "authorization: expected a Digest credential")
         answer = await self._fetch(
             _Pending(subject, pending.call_id, pending.from_tag, pending.cseq + 1, 0.0),
             authorization,
         )
         if not 200 <= answer.status < 300:
-            raise IdentityError(403, "the PBX refused the credentials")
+            raise IdentityError(Failure.NOT_PROVED, "the PBX refused the credentials")
 
     def _keep(self, challenge_id: str, pending: _Pending) -> None:
         now = self._clock.now()
@@ -156,6 +170,6 @@ class PbxIdentity:
             async with asyncio.timeout(self._timeout):
                 return await waiter
         except TimeoutError:
-            raise IdentityError(504, "the PBX did not answer in time") from None
+            raise IdentityError(Failure.PBX_TIMEOUT, "the PBX did not answer in time") from None
         finally:
             del self._replies.waiting[pending.call_id]

@@ -21,19 +21,17 @@ the policy's categories rather than in one.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from privacy.backend import RequestEntry
-from privacy.clock import Clock, iso
-from tomlsections.reader import ConfigError, Section
+from privacy.clock import iso
 from privacy.policy import Category, Policy, PolicyViolation, Storage
 from privacy.store import ACCOUNT, Record, Store, Subject, Value
+from tomlsections.reader import ConfigError, Section
 
 EXPORT_FORMAT = "softrelay-dsr-export/1"
 # What a subject may correct (Art. 16), per category: the rest identifies the record or
@@ -41,7 +39,8 @@ EXPORT_FORMAT = "softrelay-dsr-export/1"
 MUTABLE_FIELDS: Mapping[str, frozenset[str]] = {
     "registration": frozenset({"push_token", "push_app_id"}),
 }
-REQUEST_TYPES = ("export", "rectify", "erase", "restrict", "unrestrict", "object")
+# The requests a subject may make, in the order the CLI and the API list them.
+ACTIONS = ("export", "rectify", "erase", "restrict", "unrestrict", "object")
 SOURCES = {
     Storage.DATABASE: "Recorded by the service while your device or PBX used it",
     Storage.LOG: "Written by the service while it handled your device's requests",
@@ -62,7 +61,8 @@ class DsrSettings:
 
     # env:NAME or file:PATH of the operator's admin token; empty: no operator access.
     admin_token: str = ""
-    # Failed identity proofs per subject and per client before 429, within the window.
+    # Failed identity proofs per subject and per client before 429; the bucket refills
+    # at `max_failures` per `failure_window` (webapi.ratelimit).
     max_failures: int = 5
     failure_window: int = 900
     # Seconds the PBX has to answer softrelay's challenge request.
@@ -77,6 +77,8 @@ def parse_dsr(sec: Section) -> DsrSettings:
         raise sec.error("admin_token", "must be 'env:NAME', 'file:PATH' or empty (no operator)")
     max_failures = sec.integer("max_failures", 5, minimum=1)
     window = sec.duration("failure_window", "15m")
+    if window < 1:
+        raise sec.error("failure_window", "must be at least 1s")
     timeout = sec.duration("pbx_timeout", "5s")
     if timeout < 1:
         raise sec.error("pbx_timeout", "must be at least 1s")
@@ -108,40 +110,6 @@ def parse_subject(sip_username: object, pbx_serial: object) -> Subject:
     if not isinstance(pbx_serial, str) or not _SERIAL.fullmatch(pbx_serial.lower()):
         raise InvalidRequest("pbx_serial: expected a PBX serial (letters, digits, '-')")
     return Subject(sip_username, pbx_serial.lower())
-
-
-class FailureLimiter:
-    """Failed identity proofs per key (a subject, a client) within a sliding window.
-
-    Memory only and bounded: the oldest key goes first when `max_keys` is reached."""
-
-    def __init__(self, clock: Clock, max_failures: int, window: float, max_keys: int = 100_000):
-        self._clock = clock
-        self._max = max_failures
-        self._window = window
-        self._max_keys = max_keys
-        self._failures: dict[str, deque[float]] = {}
-
-    def retry_after(self, *keys: str) -> int:
-        """Seconds until the next attempt may be made; 0: allowed now."""
-        now = self._clock.now()
-        wait = 0.0
-        for key in keys:
-            times = self._failures.get(key)
-            if times is None:
-                continue
-            while times and times[0] <= now - self._window:
-                times.popleft()
-            if len(times) >= self._max:
-                wait = max(wait, times[0] + self._window - now)
-        return math.ceil(wait)
-
-    def fail(self, *keys: str) -> None:
-        now = self._clock.now()
-        for key in keys:
-            if key not in self._failures and len(self._failures) >= self._max_keys:
-                del self._failures[next(iter(self._failures))]
-            self._failures.setdefault(key, deque(maxlen=self._max)).append(now)
 
 
 @dataclass(frozen=True, slots=True)

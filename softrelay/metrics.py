@@ -29,7 +29,7 @@ from privacy.audit import CategoryVerdict, audit
 from privacy.backend import RetentionRun
 from privacy.retention import Sweeper
 from privacy.store import Store
-from webapi.http import Refusal, refusals
+from webapi.errors import Refusal, refusals
 
 METRICS_PATH = "/metrics"
 log = logging.getLogger("softrelay.metrics")

@@ -28,11 +28,12 @@ from prometheus_client import CollectorRegistry
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings, parse_crashreports
 from privacy.clock import ManualClock
-from tomlsections.reader import Section
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import Record, Store
 from softrelay.cli import main as cli_main
+from tomlsections.reader import Section
+from webapi.errors import refusals
 
 KEY = "0123456789abcdef0123456789abcdef"
 OPT_IN = {"softrelay.opt_in": "yes"}
@@ -125,7 +126,7 @@ async def serving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
     async def factory(crash: CrashSettings | None = None) -> Running:
         data_dir = tmp_path / "var"
         data_dir.mkdir(exist_ok=True)
-        app = web.Application()
+        app = web.Application(middlewares=[refusals])  # renders the refusals, as in build_app
         app[REGISTRY_KEY] = CollectorRegistry()
 
         async def store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ from usage.client import pseudonymous_id
 from usage.endpoint import PING_PATH
 from usage.service import USAGE_SERVICE, UsageService, add_usage
 from usage.settings import Tenant, UsageSettings
+from webapi.errors import refusals
 
 ACME_KEY = "acme-key-0123456789abcdef"
 GLOBEX_KEY = "globex-key-0123456789abcdef"
@@ -66,7 +67,7 @@ def install_pid(n: int, tenant: str, period: str) -> str:
 async def start_usage(
     store: Store, clock: ManualClock, settings: UsageSettings
 ) -> AsyncIterator[UsageHarness]:
-    app = web.Application()
+    app = web.Application(middlewares=[refusals])  # renders the refusals, as in build_app
     app[STORE_KEY] = store
     app[REGISTRY_KEY] = CollectorRegistry(auto_describe=True)
     add_usage(

@@ -6,17 +6,19 @@
      "platform": "ios", "app_version": "5.2.1"}
 
 `202 {"status": "accepted"}` for a new id and for a repeat alike (idempotent). Every
-refusal is a JSON `{"error": <code>, "detail": <sentence>}` with its status, decided in
-`_accept` by what the caller must do next:
+refusal is a `Refusal` (webapi/errors.py), JSON `{"error": <code>, "detail": <sentence>}`
+with its status, decided in `_accept` by what the caller must do next, and counted in
+`softrelay_usage_pings` by its code:
 
-    PingRefused
-    ├── 400 malformed_body, unknown_field, missing_field, bad_field, bad_period
-    │       (a header that is not UTF-8: `bad_header`, from webapi.http.refusals)
-    ├── 401 unauthorized              (no or wrong tenant key; WWW-Authenticate: Bearer)
-    ├── 409 period_closed             (the month is counted; do not retry)
-    ├── 413 body_too_large
-    ├── 415 unsupported_media_type
-    └── 429 rate_limited              (Retry-After)
+    400 malformed_body, unknown_field, missing_field, bad_field, bad_period
+        (a header that is not UTF-8: `bad_header`, from the middleware, uncounted)
+    401 unauthorized              (no or wrong tenant key; WWW-Authenticate: Bearer)
+    409 period_closed             (the ledger's PeriodClosed: the month is counted;
+                                   do not retry)
+    413 body_too_large
+    415 unsupported_media_type
+    429 rate_limited              (Retry-After)
+    500 internal                  (not counted; retry later)
 
 The route logs no IP address: the server runs without aiohttp's access log, and the
 handler never lets an exception reach aiohttp, whose error log names the client's
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import re
 from dataclasses import dataclass
 
@@ -36,13 +37,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from privacy.clock import Clock
-from webapi.http import BadBody, BodyTooLarge, read_capped
-from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
-from webapi.ratelimit import RateLimit, RateLimiter
 from usage.ledger import Ledger, PeriodClosed
 from usage.limits import CapWatch
 from usage.period import parse_period, period_of, previous_period, start_of
 from usage.settings import UsageSettings
+from webapi.body import BodyTooLarge, read_capped
+from webapi.errors import Refusal
+from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
+from webapi.ratelimit import RateLimit, RateLimiter
 
 PING_PATH = "/usage/v1/ping"
 FIELDS = ("tenant", "period", "pid", "platform", "app_version")
@@ -52,15 +54,6 @@ _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
 _ACCEPTED = orjson.dumps({"status": "accepted"})
 
 log = logging.getLogger("softrelay.usage")
-
-
-class PingRefused(Exception):
-    def __init__(self, status: int, error: str, detail: str, **headers: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.headers = headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +76,9 @@ class PingEndpoint:
         self._clock = clock
         self._tenants = {t.id: t for t in settings.tenants}
         # `ip_burst` pings per source address, refilled at that many per `ip_window`.
-        rate = settings.ip_burst * 60 / settings.ip_window if settings.ip_burst else 0
         self._limiter = RateLimiter(
-            RateLimit(rate, max(1, settings.ip_burst), settings.max_tracked_ips), clock
+            RateLimit.per_window(settings.ip_burst, settings.ip_window, settings.max_tracked_ips),
+            clock,
         )
         self.caps = CapWatch(registry)
         self._pings = Counter(
@@ -98,22 +91,19 @@ class PingEndpoint:
     async def handle(self, request: web.Request) -> web.Response:
         try:
             ping = await self._accept(request)
-            distinct = await self._ledger.record(ping.tenant, ping.period, ping.pid)
-        except PingRefused as refusal:
-            return self._refuse(refusal)
-        except PeriodClosed:
-            return self._refuse(
-                PingRefused(409, "period_closed", "this month is closed and counted")
-            )
+            try:
+                distinct = await self._ledger.record(ping.tenant, ping.period, ping.pid)
+            except PeriodClosed:
+                raise Refusal(409, "period_closed", "this month is closed and counted") from None
+        except Refusal as refusal:
+            self._pings.labels(refusal.error).inc()
+            raise
         except Exception:
-            # Answered here, never raised to aiohttp: its error log names the client's IP.
-            # Ours keeps the exception's class only.
+            # Answered by the middleware as a Refusal, never raised to aiohttp: its error
+            # log names the client's IP. Ours keeps the exception's class only.
             log.exception("usage ping failed")
             self._pings.labels("error").inc()
-            return web.json_response(
-                {"error": "internal", "detail": "the ping was not counted; retry later"},
-                status=500,
-            )
+            raise Refusal(500, "internal", "the ping was not counted; retry later") from None
         if distinct is None:
             self._pings.labels("repeat").inc()
         else:
@@ -122,50 +112,37 @@ class PingEndpoint:
             self.caps.check(tenant, ping.period, distinct)
         return web.Response(body=_ACCEPTED, status=202, content_type="application/json")
 
-    def _refuse(self, refusal: PingRefused) -> web.Response:
-        self._pings.labels(refusal.error).inc()
-        return web.json_response(
-            {"error": refusal.error, "detail": refusal.detail},
-            status=refusal.status,
-            headers=refusal.headers,
-        )
-
     async def _accept(self, request: web.Request) -> Ping:
         wait = self._limiter.check(request.remote)
         if wait:
-            raise PingRefused(
-                429,
-                "rate_limited",
-                "too many pings from this address",
-                **{"Retry-After": str(math.ceil(wait))},
-            )
+            raise Refusal(429, "rate_limited", "too many pings from this address", retry_after=wait)
         if request.content_type != "application/json":
-            raise PingRefused(415, "unsupported_media_type", "send Content-Type: application/json")
+            raise Refusal(415, "unsupported_media_type", "send Content-Type: application/json")
         body = await self._read(request)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise PingRefused(400, "malformed_body", "the body is not valid JSON") from None
+            raise Refusal(400, "malformed_body", "the body is not valid JSON") from None
         if not isinstance(data, dict):
-            raise PingRefused(400, "malformed_body", "the body must be a JSON object")
+            raise Refusal(400, "malformed_body", "the body must be a JSON object")
         unknown = sorted(set(data) - set(FIELDS))
         if unknown:
-            raise PingRefused(400, "unknown_field", f"unknown field {unknown[0][:40]!r}")
+            raise Refusal(400, "unknown_field", f"unknown field {unknown[0][:40]!r}")
         for name in FIELDS:
             if name not in data:
-                raise PingRefused(400, "missing_field", f"field {name!r} is missing")
+                raise Refusal(400, "missing_field", f"field {name!r} is missing")
             if not isinstance(data[name], str):
-                raise PingRefused(400, "bad_field", f"field {name!r} must be a string")
+                raise Refusal(400, "bad_field", f"field {name!r} must be a string")
         tenant = self._authenticate(request, data["tenant"])
         period = self._check_period(data["period"])
         if not _PID.match(data["pid"]):
-            raise PingRefused(400, "bad_field", "field 'pid' must be 32 lower-case hex digits")
+            raise Refusal(400, "bad_field", "field 'pid' must be 32 lower-case hex digits")
         if data["platform"] not in PLATFORMS:
-            raise PingRefused(
+            raise Refusal(
                 400, "bad_field", f"field 'platform' must be one of {', '.join(PLATFORMS)}"
             )
         if not _VERSION.match(data["app_version"]):
-            raise PingRefused(
+            raise Refusal(
                 400, "bad_field", "field 'app_version' must be 1-32 of letters, digits, . + _ -"
             )
         return Ping(tenant, period, bytes.fromhex(data["pid"]))
@@ -175,9 +152,7 @@ class PingEndpoint:
         try:
             return await read_capped(request.content, limit, request.content_length)
         except BodyTooLarge:
-            raise PingRefused(413, "body_too_large", f"a ping is at most {limit} bytes") from None
-        except BadBody:  # broken chunking or Content-Encoding
-            raise PingRefused(400, "malformed_body", "the body cannot be decoded") from None
+            raise Refusal(413, "body_too_large", f"a ping is at most {limit} bytes") from None
 
     def _authenticate(self, request: web.Request, tenant_id: str) -> str:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
@@ -188,11 +163,11 @@ class PingEndpoint:
             or tenant is None
             or not hmac.compare_digest(key.strip().encode(), tenant.key.encode())
         ):
-            raise PingRefused(
+            raise Refusal(
                 401,
                 "unauthorized",
                 "unknown tenant or wrong tenant key (Authorization: Bearer <key>)",
-                **{"WWW-Authenticate": 'Bearer realm="usage"'},
+                {"WWW-Authenticate": 'Bearer realm="usage"'},
             )
         return tenant.id
 
@@ -200,7 +175,7 @@ class PingEndpoint:
         try:
             parse_period(period)
         except ValueError:
-            raise PingRefused(400, "bad_period", "field 'period' must be like '2026-03'") from None
+            raise Refusal(400, "bad_period", "field 'period' must be like '2026-03'") from None
         now = self._clock.now()
         current = period_of(now)
         if period == current:
@@ -208,7 +183,7 @@ class PingEndpoint:
         previous = previous_period(current)
         if period == previous and now < start_of(current) + self._settings.grace:
             return period
-        raise PingRefused(
+        raise Refusal(
             400,
             "bad_period",
             f"field 'period' must be the current month {current}"

@@ -1,18 +1,27 @@
-"""Per-client rate limits of the web relays, held in memory only.
+"""Token buckets, held in memory only: every rate limit of softrelay, and what a
+per-client limit counts (HTTP and SIP alike).
 
-A token bucket per client address: `burst` requests at once, refilled at `per_minute`.
-IPv6 clients are counted per /64, since one host holds a whole /64 and would
-otherwise get a fresh bucket per address. The table is kept in last-use order, and
-an entry whose bucket would be full again is dropped at the next request, so no
-address stays in memory longer than it takes to refill its bucket (`burst` /
-`per_minute` minutes), and never more than `max_tracked` of them at once.
+    limiter = RateLimiter(RateLimit(per_minute=60, burst=20), clock)
+    wait = limiter.check(request.remote)   # per client: 0.0, or seconds to wait
+    wait = limiter.take("project-1")       # any key: a crash project, a DSR subject
+    wait = limiter.wait(key)               # as take, but nothing is taken
+
+A bucket holds `burst` tokens, refilled at `per_minute`; each request takes one. Its
+users: the web relays and the usage ping (per client), crash ingest (per project), and
+the DSR's failed identity proofs (`take` per failure, `wait` before each attempt: at
+most `burst` failures at once, then one per `60 / per_minute` seconds).
+
+The table is kept in last-use order, and an entry whose bucket would be full again is
+dropped at the next request, so no key stays in memory longer than it takes to refill
+its bucket (`burst` / `per_minute` minutes), and never more than `max_tracked` of them
+at once (the least recent go first: forgetting a bucket can only be generous).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from ipaddress import IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv6Address, IPv6Network
 
 from privacy.clock import Clock
 from tomlsections.reader import Section
@@ -22,7 +31,12 @@ from tomlsections.reader import Section
 class RateLimit:
     per_minute: float = 60  # 0: no limit
     burst: int = 20
-    max_tracked: int = 100_000  # addresses tracked at once; the least recent go first
+    max_tracked: int = 100_000  # keys tracked at once; the least recent go first
+
+    @classmethod
+    def per_window(cls, count: int, seconds: float, max_tracked: int = 100_000) -> RateLimit:
+        """`count` at once, refilled at `count` per `seconds` (`count` 0: no limit)."""
+        return cls(count * 60 / seconds, max(1, count), max_tracked)
 
 
 def parse_rate(sec: Section, default: RateLimit) -> RateLimit:
@@ -34,6 +48,8 @@ def parse_rate(sec: Section, default: RateLimit) -> RateLimit:
 
 
 class RateLimiter:
+    """A token bucket per key (see the module doc)."""
+
     def __init__(self, limit: RateLimit, clock: Clock) -> None:
         self._limit = limit
         self._clock = clock
@@ -44,14 +60,17 @@ class RateLimiter:
         return len(self._buckets)
 
     def check(self, address: str | None) -> float:
-        """Take one token for `address`: 0.0 if allowed, else the seconds to wait."""
+        """Take one token for the client at `address` (counted by `client_key`)."""
+        return self.take(client_key(address))
+
+    def take(self, key: str) -> float:
+        """Take one token for `key`: 0.0 if there was one, else the seconds until there
+        is (and nothing is taken)."""
         if self._rate <= 0:
             return 0.0
         now = self._clock.now()
-        self._forget_refilled(now)
-        key = client_key(address)
-        tokens, when = self._buckets.pop(key, (float(self._limit.burst), now))
-        tokens = min(float(self._limit.burst), tokens + max(0.0, now - when) * self._rate)
+        tokens = self._tokens(key, now)
+        self._buckets.pop(key, None)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             wait = 0.0
@@ -61,6 +80,19 @@ class RateLimiter:
         while len(self._buckets) > self._limit.max_tracked:
             self._buckets.popitem(last=False)
         return wait
+
+    def wait(self, key: str) -> float:
+        """The seconds until `key` has a token (0.0: now), taking none."""
+        if self._rate <= 0:
+            return 0.0
+        tokens = self._tokens(key, self._clock.now())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
+
+    def _tokens(self, key: str, now: float) -> float:
+        self._forget_refilled(now)
+        burst = float(self._limit.burst)
+        tokens, when = self._buckets.get(key, (burst, now))
+        return min(burst, tokens + max(0.0, now - when) * self._rate)
 
     def _forget_refilled(self, now: float) -> None:
         refill = self._limit.burst / self._rate
@@ -72,16 +104,19 @@ class RateLimiter:
 
 
 def client_key(address: str | None) -> str:
-    """What a per-client limit counts: the address, an IPv6 one by its /64 (one host
-    holds a whole /64), an IPv4-mapped one as IPv4; "" when unknown."""
+    """What a per-client limit counts, over HTTP and SIP alike: an IPv4 address itself
+    (/32); an IPv6 one by its /64, as `2001:db8:1:2::/64` (a host holds a whole /64 and
+    picks any address of it at will, so single addresses would not limit it), without
+    the zone of a link-local one; an IPv4-mapped IPv6 one as its IPv4 address. "" when
+    unknown; anything that is no address, as it is."""
     if not address:
         return ""
     if ":" not in address:
         return address  # IPv4 as the socket gives it: parsing it costs more than the check
     try:
-        parsed = ip_address(address)
+        parsed = IPv6Address(address.partition("%")[0])
     except ValueError:
         return address
-    if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is None:
-        return str(IPv6Network((parsed, 64), strict=False).network_address)
-    return str(parsed.ipv4_mapped if isinstance(parsed, IPv6Address) else parsed)
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(IPv6Network((parsed, 64), strict=False))

@@ -18,6 +18,7 @@ from privacy.clock import Clock
 from proxy.oauth.relay import GRANTS, ROUTE, OAuthRelay
 from proxy.oauth.settings import OAuthProvider, OAuthSettings
 from proxy.oauth.standin import OAuthStandIn
+from webapi.errors import OAuthRefusal, speaks
 from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, json_response
 from webapi.ratelimit import RateLimiter
 
@@ -49,6 +50,9 @@ def add_oauth(app: web.Application, settings: OAuthSettings, clock: Clock) -> No
         return await request.app[OAUTH].handle(request)
 
     app.cleanup_ctx.append(context)
+    # OAuth clients read RFC 6749's error shape: every refusal under /oauth/ in it, the
+    # middleware's own (a wrong method, a header that is not UTF-8) included.
+    speaks(app, "/oauth/", OAuthRefusal)
     app.router.add_post(ROUTE, handle)
     if OPENAPI in app:  # build_app's registry; a test's bare app has none
         names = [p.name for p in settings.providers] or [settings.embedded_provider]

@@ -7,8 +7,9 @@ endpoint and returns the provider's status and body unchanged, so the secret nev
 ships inside the app. Nothing of the request or the answer is kept: the only trace is
 a `troubleshooting_log` line with the client's IP, user agent, route and status.
 
-Refusals the relay makes itself use the RFC 6749 5.2 error shape
-`{"error", "error_description"}`, which OAuth clients already understand.
+Refusals the relay makes itself are `OAuthRefusal`s (webapi/errors.py): the RFC 6749
+5.2 error shape `{"error", "error_description"}`, which OAuth clients already
+understand, with Cache-Control: no-store.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import aiohttp
 from aiohttp import web
 
 from privacy.logs import category_logger
-from webapi.http import BodyTooLarge, read_capped
 from proxy.oauth.settings import ClientAuth, OAuthProvider, OAuthSettings
+from webapi.body import BodyTooLarge, read_capped
+from webapi.errors import OAuthRefusal, Refusal
 from webapi.ratelimit import RateLimiter
 
 ROUTE = "/oauth/{provider}/token"
@@ -32,15 +34,6 @@ _ANSWER_HEADERS = ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate"
 _FORM = "application/x-www-form-urlencoded"
 trouble = category_logger("troubleshooting_log")
 log = logging.getLogger("softrelay.oauth")
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, error: str, description: str) -> None:
-        super().__init__(description)
-        self.status = status
-        self.error = error
-        self.description = description
-        self.retry_after: float | None = None
 
 
 class OAuthRelay:
@@ -59,64 +52,67 @@ class OAuthRelay:
     async def handle(self, request: web.Request) -> web.Response:
         name = request.match_info["provider"]
         provider = self._providers.get(name)
+        status = 500  # what the middleware answers for an exception not foreseen
         try:
             response = await self._exchange(request, provider)
-        except _Refused as refused:
-            headers = {"Cache-Control": "no-store"}
-            if refused.retry_after:
-                headers["Retry-After"] = str(max(1, round(refused.retry_after)))
-            body = {"error": refused.error, "error_description": refused.description}
-            response = web.json_response(body, status=refused.status, headers=headers)
-        trouble.info(
-            "oauth.token",
-            extra={
-                "fields": {
-                    "ip": request.remote or "",
-                    "user_agent": request.headers.get("User-Agent", ""),
-                    # Only a configured name: anything else is whatever the client typed.
-                    "route": f"/oauth/{name if provider else '<unknown>'}/token",
-                    "status": response.status,
-                }
-            },
-        )
-        return response
+        except Refusal as refused:
+            status = refused.status
+            raise
+        else:
+            status = response.status
+            return response
+        finally:
+            trouble.info(
+                "oauth.token",
+                extra={
+                    "fields": {
+                        "ip": request.remote or "",
+                        "user_agent": request.headers.get("User-Agent", ""),
+                        # Only a configured name: anything else is what the client typed.
+                        "route": f"/oauth/{name if provider else '<unknown>'}/token",
+                        "status": status,
+                    }
+                },
+            )
 
     async def _exchange(self, request: web.Request, provider: OAuthProvider | None) -> web.Response:
         wait = self._limiter.check(request.remote)
         if wait:
-            refused = _Refused(429, "slow_down", "too many token requests from this address")
-            refused.retry_after = wait
-            raise refused
+            raise OAuthRefusal(
+                429, "slow_down", "too many token requests from this address", retry_after=wait
+            )
         if provider is None:
-            raise _Refused(404, "invalid_request", "no OAuth provider by this name is served")
+            raise OAuthRefusal(404, "invalid_request", "no OAuth provider by this name is served")
         params = await self._form(request)
         grant = params.get("grant_type", "")
         if grant not in GRANTS:
-            raise _Refused(
+            raise OAuthRefusal(
                 400,
                 "unsupported_grant_type",
                 "grant_type must be authorization_code or refresh_token",
             )
         if not params.get(GRANTS[grant]):
-            raise _Refused(400, "invalid_request", f"{GRANTS[grant]} is missing")
+            raise OAuthRefusal(400, "invalid_request", f"{GRANTS[grant]} is missing")
         return await self._forward(provider, params)
 
     async def _form(self, request: web.Request) -> dict[str, str]:
         if request.content_type != _FORM:
-            raise _Refused(400, "invalid_request", f"the body must be {_FORM} (RFC 6749 4.1.3)")
+            raise OAuthRefusal(400, "invalid_request", f"the body must be {_FORM} (RFC 6749 4.1.3)")
         limit = self._settings.max_body
         try:
             raw = await read_capped(request.content, limit, request.content_length)
         except BodyTooLarge:
-            raise _Refused(413, "invalid_request", "the request body is over the limit") from None
+            raise OAuthRefusal(
+                413, "invalid_request", "the request body is over the limit"
+            ) from None
         try:
             pairs = parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=bool(raw))
         except (UnicodeDecodeError, ValueError):
-            raise _Refused(400, "invalid_request", "the body is not a form") from None
+            raise OAuthRefusal(400, "invalid_request", "the body is not a form") from None
         params: dict[str, str] = {}
         for key, value in pairs:
             if key in params:  # RFC 6749 3.2: no parameter more than once
-                raise _Refused(400, "invalid_request", f"parameter {key} is repeated")
+                raise OAuthRefusal(400, "invalid_request", f"parameter {key} is repeated")
             params[key] = value
         return params
 
@@ -143,12 +139,12 @@ class OAuthRelay:
                 return web.Response(status=upstream.status, body=body, headers=copied)
         except TimeoutError:
             log.warning("oauth.upstream_timeout", extra={"fields": {"error": "timeout"}})
-            raise _Refused(
+            raise OAuthRefusal(
                 504, "temporarily_unavailable", "the provider did not answer in time"
             ) from None
         except aiohttp.ClientError as exc:
             log.warning("oauth.upstream_failed", extra={"fields": {"error": type(exc).__name__}})
-            raise _Refused(
+            raise OAuthRefusal(
                 502, "temporarily_unavailable", "the provider cannot be reached"
             ) from None
 
@@ -157,6 +153,6 @@ async def _bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
     try:
         return await read_capped(upstream.content, limit, upstream.content_length)
     except BodyTooLarge:
-        raise _Refused(
+        raise OAuthRefusal(
             502, "temporarily_unavailable", "the provider's answer is over the limit"
         ) from None

@@ -19,14 +19,14 @@ from aiohttp import web
 
 from privacy.clock import Clock
 from privacy.store import Store
-from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, refusal, websocket_upgrade
 from proxy.provisioning.protocol import SUBPROTOCOL, TUNNEL_PATH
 from proxy.provisioning.relay import METHODS, ROUTE, ProvisioningRelay
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.provisioning.tunnel import TunnelHub
-from proxy.provisioning.tunnel import refusal as refuse
-from webapi.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
+from webapi.errors import Refusal
+from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, refusal, websocket_upgrade
+from webapi.ratelimit import RateLimiter
 
 TUNNELS = web.AppKey("provisioning_tunnels", TunnelHub)
 PROVISIONING = web.AppKey("provisioning", ProvisioningRelay)
@@ -57,7 +57,7 @@ def add_provisioning(
         return await request.app[PROVISIONING].handle(request)
 
     async def not_allowed(request: web.Request) -> web.StreamResponse:
-        return refuse(405, "method_not_allowed", f"use one of {', '.join(METHODS)}")
+        raise Refusal(405, "method_not_allowed", f"use one of {', '.join(METHODS)}")
 
     app.cleanup_ctx.append(context)
     app.on_shutdown.append(hub.shutdown)

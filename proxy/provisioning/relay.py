@@ -7,8 +7,9 @@ credentials (Authorization, cookies) go to its PBX and nowhere else. Each access
 configured serial adds one `provisioning_log` record: the client's IP, cut by the
 store to /24 or /48 at write, and the serial (the time is the record's creation).
 
-Refusals are JSON `{"error", "detail"}`: 404 unknown serial, 503 PBX offline or busy,
-502 a broken answer, 504 no answer in time, 413 a body too large, 429 rate limited.
+Refusals are `Refusal`s (webapi/errors.py), JSON `{"error", "detail"}`: 404 unknown
+serial, 503 PBX offline or busy, 502 a broken answer, 504 no answer in time, 413 a body
+too large, 429 rate limited.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from privacy.store import Store, Value
-from webapi.http import BodyTooLarge, read_capped
 from proxy.provisioning.paths import BadPath, check_path
 from proxy.provisioning.protocol import CHUNK, StreamReset
 from proxy.provisioning.settings import ProvisioningSettings
@@ -33,10 +33,11 @@ from proxy.provisioning.tunnel import (
     ResponseHead,
     TunnelHub,
     TunnelUnavailable,
-    refusal,
 )
-from webapi.ratelimit import RateLimiter
 from proxy.sip.settings import PbxSettings
+from webapi.body import BodyTooLarge, read_capped
+from webapi.errors import Refusal
+from webapi.ratelimit import RateLimiter
 
 # Any path, newlines included (`.` would leave those to aiohttp's plain-text 404), so
 # every answer on this prefix is the relay's own; `paths.check_path` judges the path.
@@ -90,22 +91,22 @@ class ProvisioningRelay:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         wait = self._limiter.check(request.remote)
         if wait:
-            return refusal(429, "rate_limited", "too many requests", retry_after=wait)
+            raise Refusal(429, "rate_limited", "too many requests", retry_after=wait)
         serial = request.match_info["serial"]
         pbx = self._pbxs.get(serial)
         if pbx is None:
-            return refusal(404, "unknown_serial", "no PBX with this serial is served here")
+            raise Refusal(404, "unknown_serial", "no PBX with this serial is served here")
         path = request.match_info["path"]
         try:
             check_path(path)
         except BadPath as exc:
-            return refusal(400, "bad_path", str(exc))
+            raise Refusal(400, "bad_path", str(exc)) from None
         await self._store.put(LOG_CATEGORY, _log_fields(request.remote, serial))
         try:
             limit = self._settings.max_request_body
             body = await read_capped(request.content, limit, request.content_length)
         except BodyTooLarge:
-            return refusal(413, "body_too_large", "the request body is over the limit")
+            raise Refusal(413, "body_too_large", "the request body is over the limit") from None
         head = RequestHead(
             request.method, "/" + path, request.query_string, _forwardable(request.headers)
         )
@@ -118,19 +119,19 @@ class ProvisioningRelay:
     ) -> web.StreamResponse:
         tunnel = self._hub.get(serial)
         if tunnel is None:
-            return refusal(503, "pbx_offline", "the PBX has no tunnel open", retry_after=30)
+            raise Refusal(503, "pbx_offline", "the PBX has no tunnel open", retry_after=30)
         try:
             exchange = await tunnel.open(head, body)
         except TunnelUnavailable as exc:
-            return refusal(503, "pbx_unavailable", str(exc), retry_after=5)
+            raise Refusal(503, "pbx_unavailable", str(exc), retry_after=5) from None
         try:
             try:
                 async with asyncio.timeout(self._settings.timeout):
                     answer = await exchange.response()
             except TimeoutError:
-                return refusal(504, "pbx_timeout", "the PBX did not answer in time")
+                raise Refusal(504, "pbx_timeout", "the PBX did not answer in time") from None
             except StreamReset:
-                return refusal(502, "pbx_failed", "the PBX dropped the request")
+                raise Refusal(502, "pbx_failed", "the PBX dropped the request") from None
             return await self._stream_back(request, answer, exchange.body.chunks())
         finally:
             await exchange.close()
@@ -158,9 +159,11 @@ class ProvisioningRelay:
                 timeout=timeout,
             )
         except TimeoutError:
-            return refusal(504, "pbx_timeout", "the PBX did not answer in time")
+            raise Refusal(504, "pbx_timeout", "the PBX did not answer in time") from None
         except aiohttp.ClientError:
-            return refusal(503, "pbx_unreachable", "the PBX's provisioning server is unreachable")
+            raise Refusal(
+                503, "pbx_unreachable", "the PBX's provisioning server is unreachable"
+            ) from None
         async with upstream:
             answer = ResponseHead(upstream.status, list(upstream.headers.items()))
             return await self._stream_back(request, answer, upstream.content.iter_chunked(CHUNK))
@@ -173,7 +176,7 @@ class ProvisioningRelay:
         )
         length = _content_length(answer.headers)
         if length is not None and length > self._settings.max_response_body:
-            return refusal(502, "response_too_large", "the PBX's answer is over the limit")
+            raise Refusal(502, "response_too_large", "the PBX's answer is over the limit")
         response = web.StreamResponse(status=answer.status, headers=headers)
         if length is not None:
             response.content_length = length

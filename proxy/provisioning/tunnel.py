@@ -43,6 +43,7 @@ from proxy.provisioning.protocol import (
     send_body,
 )
 from proxy.provisioning.settings import ProvisioningSettings
+from webapi.errors import Refusal
 from webapi.ratelimit import RateLimiter
 
 AUTH_TIMEOUT = 10.0  # for the PBX's hello after the challenge
@@ -251,7 +252,7 @@ class TunnelHub:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         wait = self._limiter.check(request.remote)
         if wait:
-            return refusal(429, "rate_limited", "too many requests", retry_after=wait)
+            raise Refusal(429, "rate_limited", "too many requests", retry_after=wait)
         ws: web.WebSocketResponse[Any] = web.WebSocketResponse(
             protocols=(SUBPROTOCOL,),
             max_msg_size=MAX_FRAME,
@@ -261,9 +262,9 @@ class TunnelHub:
         )
         ready = ws.can_prepare(request)
         if not ready.ok:
-            return refusal(426, "websocket_required", "the tunnel is a WebSocket")
+            raise Refusal(426, "websocket_required", "the tunnel is a WebSocket")
         if ready.protocol != SUBPROTOCOL:
-            return refusal(400, "subprotocol_required", f"offer subprotocol {SUBPROTOCOL!r}")
+            raise Refusal(400, "subprotocol_required", f"offer subprotocol {SUBPROTOCOL!r}")
         await ws.prepare(request)
         task = asyncio.current_task()
         if task is not None:
@@ -329,11 +330,3 @@ class TunnelHub:
             await tunnel.close()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=CLOSE_TIMEOUT)
-
-
-def refusal(
-    status: int, error: str, detail: str, *, retry_after: float | None = None
-) -> web.Response:
-    """A JSON error, the one shape every provisioning refusal has."""
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)

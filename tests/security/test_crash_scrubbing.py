@@ -42,10 +42,11 @@ from crashreports.scrubber import (
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings, Project, parse_crashreports
 from privacy.clock import ManualClock
-from tomlsections.reader import ConfigError, Section
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store
+from tomlsections.reader import ConfigError, Section
+from webapi.errors import refusals
 
 PATTERNS = ValuePatterns()
 MIB = 1 << 20
@@ -213,7 +214,7 @@ async def ingest(
     servers: list[TestServer] = []
 
     async def start(crash: CrashSettings) -> tuple[str, web.Application]:
-        app = web.Application()
+        app = web.Application(middlewares=[refusals])  # renders the refusals, as in build_app
         app[REGISTRY_KEY] = CollectorRegistry()
 
         async def store_ctx(app: web.Application) -> AsyncIterator[None]:

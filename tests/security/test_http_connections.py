@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from privacy.clock import ManualClock
 from softrelay.config import ConfigError, load_config
 from webapi.connections import GuardedSite, HttpGuard, HttpLimits
-from webapi.http import refusals
+from webapi.errors import refusals
 
 TIMEOUT = 10.0
 HEADER_TIMEOUT = 10.0
