@@ -23,9 +23,13 @@ still be written. The writer tasks belong to the `Batches`: `drain` awaits them.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 
 from privacy.store import Store, Writable
+from privacy.tasks import Tasks
+
+log = logging.getLogger("softrelay.privacy")
 
 _Pending = tuple[Mapping[str, Writable], "asyncio.Future[None]"]
 
@@ -37,7 +41,9 @@ class Batches:
         self._store = store
         self._category = category
         self._pending: list[_Pending] = []
-        self._writers: set[asyncio.Task[None]] = set()
+        # A writer settles its callers' futures itself; one that fails past that is a bug,
+        # logged here (its callers' futures stay with them, cancelled at their shutdown).
+        self._writers = Tasks(log, "batch.writer_failed")
 
     async def write(self, row: Mapping[str, Writable]) -> None:
         """Store `row`; returns once it is committed, raises what its write raised."""
@@ -46,16 +52,13 @@ class Batches:
         if not self._pending:
             # Rows written in this turn of the loop go together; the batch does not wait
             # for the commit before it (the database thread joins them in one transaction).
-            task = asyncio.get_running_loop().create_task(self._write_next())
-            self._writers.add(task)
-            task.add_done_callback(self._writers.discard)
+            self._writers.spawn(self._write_next())
         self._pending.append((row, done))
         await done
 
     async def drain(self) -> None:
         """Let the commits under way finish (at shutdown, before the store closes)."""
-        while self._writers:
-            await asyncio.gather(*self._writers, return_exceptions=True)
+        await self._writers.wait()
 
     async def _write_next(self) -> None:
         batch, self._pending = self._pending, []

@@ -5,27 +5,36 @@ text message per push the embedded APNs and FCM stand-ins accept from then on:
 `{"service", "token", "app", "headers", "payload", "received_at"}`. It exists only
 where the stand-ins do (no push credentials configured), answers loopback peers only
 (403 otherwise), and keeps nothing: what it sends is fake pushes to fake devices.
+
+At shutdown (the app's `on_shutdown`, before aiohttp waits for its handlers) every open
+feed is closed with 1001 (going away), so a reader learns that the server went, and
+aiohttp need not wait out its shutdown timeout for handlers that would never return.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
+import logging
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
-from webapi import openapi
+from privacy.tasks import Tasks
 from push.embedded import StandIns
 from push.fakes.script import Delivery
+from webapi import openapi
 
 FEED_PATH = "/stand-ins/v1/deliveries"
 MAX_QUEUED = 10_000  # deliveries waiting for a slow reader; past it the feed closes
+CLOSE_TIMEOUT = 5.0  # how long a close at shutdown waits for the reader's close frame
+log = logging.getLogger("softrelay.push")
 
 
 def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> None:
+    feeds: set[web.WebSocketResponse] = set()  # open ones, for the shutdown hook
+
     async def feed(request: web.Request) -> web.StreamResponse:
         if not _loopback(request.remote):
             return _refusal(403, "loopback_only", "the delivery feed answers loopback only")
@@ -33,7 +42,7 @@ def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> 
         if running is None:
             return _refusal(404, "no_stand_ins", "no push stand-ins run here")
         token = request.query.get("token")
-        ws = web.WebSocketResponse(heartbeat=30)
+        ws = web.WebSocketResponse(heartbeat=30, timeout=CLOSE_TIMEOUT)
         if not ws.can_prepare(request).ok:
             return _refusal(426, "websocket_required", "the delivery feed is a WebSocket")
         await ws.prepare(request)
@@ -45,18 +54,25 @@ def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> 
                 queue.put_nowait(delivery if queue.qsize() < MAX_QUEUED - 1 else None)
 
         unsubscribe = running.deliveries.subscribe(listener)
-        sender = asyncio.create_task(_send(ws, queue))
+        feeds.add(ws)
         try:
-            async for _ in ws:  # the client sends nothing; this ends when it closes
-                pass
+            # The sender is this request's own task: cancelled and awaited as it ends.
+            async with Tasks(log, "push.feed_failed") as tasks:
+                tasks.spawn(_send(ws, queue), name="delivery-feed")
+                async for _ in ws:  # the client sends nothing; this ends when it closes
+                    pass
         finally:
+            feeds.discard(ws)
             unsubscribe()
-            sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
         return ws
 
+    async def shutdown(app: web.Application) -> None:
+        """Close every open feed (1001, going away); its handler then returns."""
+        closing = [ws.close(code=WSCloseCode.GOING_AWAY, message=b"shutdown") for ws in feeds]
+        await asyncio.gather(*closing)
+
     app.router.add_get(FEED_PATH, feed)
+    app.on_shutdown.append(shutdown)
     if openapi.OPENAPI in app:  # build_app's registry; a test's bare app has none
         spec = openapi.websocket_upgrade(
             "The embedded push stand-ins' deliveries, one JSON text message each (loopback)",

@@ -1,15 +1,38 @@
 """The aiohttp application: the one HTTP front of `softrelay serve`.
 
-The app owns the store and the retention sweeper through its cleanup context, so they
-start before the first request and stop, in reverse order, after the last. Later parts
-(SIP over WebSocket, provisioning, usage, crash ingest, data-subject API) add their
-routes and contexts here.
+The app owns every part through its cleanup contexts (store, retention sweeper, crash
+ingest, usage, push, SIP, provisioning, OAuth, data-subject API), so each starts before
+the first request or SIP message and stops, in reverse order, after the last; every
+background task has an owner there (privacy/tasks.py).
+
+Shutdown, in this order (SIGTERM or Ctrl-C in `serve`, which first closes its own
+/metrics listener when it has one; `AppRunner.cleanup()` anywhere):
+
+1. HTTP stops accepting: aiohttp closes its listening sockets and idle connections.
+2. The `on_shutdown` hooks, in the order they were added:
+   a. SIP stops accepting (proxy/sip/service.py): a new request outside a dialog gets
+      503 with Retry-After, the TCP and TLS listeners close (a new connection is
+      refused), calls under way go on; the wake timers stop, then every parked INVITE
+      gets its final 503 with Retry-After while the flow to its caller still exists.
+   b. SIP over WebSocket: the messages in flight are handled, then each closes (1001).
+   c. The provisioning tunnels of the PBXs close (1001).
+   d. The push stand-ins' delivery feeds close (1001).
+3. aiohttp waits for the HTTP handlers still running (at most its shutdown timeout).
+4. The cleanup contexts, last in, first out:
+   a. data-subject API, OAuth relay, provisioning relay: their client sessions close;
+   b. SIP: the handlers in flight answer, every flow closes, the binding writes land;
+   c. push: the providers close, then the stand-ins;
+   d. usage: the month close stops, the batched ledger writes land;
+   e. crash ingest: the scrubbing workers stop, batched writes land, the forwarder ends;
+   f. the retention sweeper stops;
+   g. the store closes (its WAL checkpointed), then the HTTP connection guard.
+
+Nothing is written after the store closes, and every caller SIP or HTTP has taken on
+gets a final answer before its connection goes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -26,14 +49,15 @@ from privacy.clock import Clock
 from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.store import Store
+from privacy.tasks import Tasks
 from proxy.oauth import add_oauth
 from proxy.oauth.settings import OAuthSettings
 from proxy.provisioning import add_provisioning
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.relay import Relay
-from proxy.sip.settings import SipSettings, transport_settings
+from proxy.sip.service import add_sip
+from proxy.sip.settings import SipSettings
 from proxy.sip.transports import SipTransports
-from proxy.sip.websocket import add_sip_websocket
 from push.apns import ApnsProvider
 from push.apps import AppCredentials, PushSettings
 from push.embedded import StandIns
@@ -125,15 +149,25 @@ def build_app(services: Services) -> web.Application:
         registry=REGISTRY,
     )
     app.cleanup_ctx.append(_push_ctx)
+    # After the store and push, so SIP ends before they do; and the first on_shutdown
+    # hook: SIP stops accepting before anything else waits (see the docstring).
+    add_sip(
+        app,
+        services.sip,
+        services.sip_listen,
+        services.clock,
+        store=STORE,
+        registry=REGISTRY,
+        push=PUSH,
+        relay=RELAY,
+        transports=SIP_TRANSPORTS,
+    )
     add_provisioning(app, services.provisioning, services.sip.pbxs, services.clock, STORE)
     add_oauth(app, services.oauth, services.clock)
-    # Last in, first out: SIP stops taking messages before push and the store close.
-    app.cleanup_ctx.append(_sip_ctx)
     # After the store and the relay: a subject proves identity through its PBX's flow.
     add_dsr_routes(app, services.dsr, STORE, RELAY)
     metrics = services.metrics
     add_openapi_route(app, metrics=metrics.listen is None, token=bool(metrics.token))
-    add_sip_websocket(app, SIP_TRANSPORTS)
     if services.push.embedded:
         # Mock phones in another process (`simulate --target`) follow the stand-ins here.
         add_delivery_feed(app, STAND_INS)
@@ -159,13 +193,9 @@ async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
     sweeper = AuditedSweeper(store, services.data_dir, AuditSnapshot(store, services.data_dir))
     app[SWEEPER] = sweeper
     app[METRICS].sweeper = sweeper
-    task = asyncio.create_task(
-        sweeper.run_forever(services.sweep_interval), name="retention-sweeper"
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with Tasks(log, "sweeper.failed") as tasks:
+        tasks.spawn(sweeper.run_forever(services.sweep_interval), name="retention-sweeper")
+        yield
 
 
 async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -204,33 +234,6 @@ async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         if stand_ins is not None:
             await stand_ins.stop()
-
-
-async def _sip_ctx(app: web.Application) -> AsyncIterator[None]:
-    services = app[SERVICES]
-    relay = Relay(services.sip, app[STORE], services.clock, app[REGISTRY], app.get(PUSH))
-    app[RELAY] = relay
-    if services.sip_listen is None:
-        yield
-        await relay.parking.close()
-        return
-    host, port = services.sip_listen
-    transports = await SipTransports.start(
-        transport_settings(services.sip, host, port), relay.handle, services.clock, app[REGISTRY]
-    )
-    app[SIP_TRANSPORTS] = transports
-    relay.udp_flow = transports.udp_flow
-    relay.listening(transports.addresses)  # a Route naming one of these names us
-    timers = asyncio.create_task(relay.parking.run_forever())
-    async with relay.overload.probing():
-        yield
-    timers.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await timers
-    # Parked calls get their final answer while the flows to their callers still exist.
-    await relay.parking.close()
-    await transports.stop()
-    await relay.drain()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -26,7 +26,6 @@ retransmissions go on, statelessly, to the PBX or phone, which absorbs them.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import ipaddress
@@ -42,6 +41,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from privacy.clock import Clock
 from privacy.store import Store, Subject
+from privacy.tasks import Tasks
 from proxy.sip.digest import DigestAuthority, DigestError, MalformedAuthorization, StaleNonce
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.message import (
@@ -107,6 +107,7 @@ class RelayMetrics:
         kinds = ("register", "request", "response", "malformed", "shed")
         self.message_of = {kind: self.messages.labels(kind) for kind in kinds}
         self.latency_of = {kind: self.latency.labels(kind) for kind in kinds}
+        self.errors_store = self.errors.labels("store")
 
 
 class Relay:
@@ -147,9 +148,12 @@ class Relay:
         self._answered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         # binding -> (when its last use was written, the expiry written with it)
         self._last_written: dict[tuple[str, str, str], tuple[float, int]] = {}
-        self._writes: set[asyncio.Task[None]] = set()
         self.overload = Overload(settings.overload)
         self.metrics = RelayMetrics(registry)
+        self._writes = Tasks(
+            log, "binding not stored", on_error=lambda _: self.metrics.errors_store.inc()
+        )
+        self._accepting = True
         self.parking = Parking(settings.wake, self, push, store, clock, registry)
 
     # --- flows ----------------------------------------------------------------------
@@ -268,8 +272,8 @@ class Relay:
             kind = "register" if message.method == "REGISTER" else "request"
         self.metrics.message_of[kind].inc()
         try:
-            if isinstance(message, Request) and self._shed(message):
-                self.metrics.errors.labels("overload").inc()
+            if isinstance(message, Request) and (refusal := self._refusal(message)):
+                self.metrics.errors.labels(refusal).inc()
                 retry = ("Retry-After", str(self.settings.overload.retry_after))
                 await self.reply(message, flow, 503, None, (retry,))
                 return "shed"
@@ -286,16 +290,29 @@ class Relay:
                 await self._send(flow, make_response(message, exc.status, exc.reason))
         return kind
 
-    def _shed(self, request: Request) -> bool:
-        """Refuse new work when overloaded: not what finishes a call already set up."""
-        if not self.overload.shedding and len(self._writes) < BINDING_WRITES:
-            return False
-        return request.method not in ("ACK", "CANCEL") and request.to.tag is None
+    def _refusal(self, request: Request) -> str | None:
+        """Why new work is refused (503) now, "overload" or "stopping"; None: it is
+        not. Never what finishes a call already set up (in-dialog requests, ACK, CANCEL)."""
+        if self._accepting and not self.overload.shedding and len(self._writes) < BINDING_WRITES:
+            return None
+        if request.method in ("ACK", "CANCEL") or request.to.tag is not None:
+            return None
+        return "overload" if self._accepting else "stopping"
+
+    def stop_accepting(self) -> None:
+        """Shutdown has begun: new requests outside a dialog get 503 with Retry-After,
+        so the caller tries another node or later; calls under way go on."""
+        self._accepting = False
 
     async def drain(self) -> None:
-        """Wait for the binding writes in flight (`serve` stops the transports first)."""
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        """Wait for the binding writes in flight (those a write starts included)."""
+        await self._writes.wait()
+
+    async def close(self) -> None:
+        """At shutdown, once the transports stopped (no message comes in any more):
+        the binding writes under way land, before the store closes."""
+        await self._writes.wait()
+        await self._writes.close()
 
     async def _send(self, flow: Flow, message: Request | Response) -> None:
         await self._send_bytes(flow, message.serialize())
@@ -514,16 +531,7 @@ class Relay:
         if len(self._writes) >= BINDING_WRITES:
             await write(pending)  # the store is behind: let the PBX wait
             return
-        task = asyncio.create_task(write(pending))
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Task[None]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.metrics.errors.labels("store").inc()
-            error = type(task.exception()).__name__
-            log.error("binding not stored", extra={"fields": {"error": error}})
+        self._writes.spawn(write(pending))
 
     async def _unregistered_all(self, pending: _PendingRegister) -> None:
         """The PBX accepted `Contact: *` (RFC 3261 10.2.2): every binding of the user at

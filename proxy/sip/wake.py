@@ -11,7 +11,8 @@ the phone is woken by a push, as Flexisip (`fork-late`) and Acrobits SIPIS do:
                  ├─ the PBX's 200 to a REGISTER of the same binding: forward on it
                  ├─ caller's CANCEL: 200, 487, and the "call cancelled" push iOS requires
                  ├─ wake timeout: 480 with a Reason
-                 └─ softrelay stops: 503 with Retry-After
+                 └─ softrelay stops (`close`): 503 with Retry-After; a call that
+                    would be parked after that gets the same at once
 
 "The same binding" is the same subject (user at the PBX serial the INVITE came from),
 the same `pn-prid` and, when the parked binding was registered with one, the same
@@ -37,14 +38,14 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from privacy.clock import Clock
 from privacy.store import Store, Subject
+from privacy.tasks import Tasks
 from proxy.sip.flow import Flow
 from proxy.sip.message import NameAddr, PushParams, Request, SipUri, parse
 from push.service import OVERLOADED, PushService
@@ -226,7 +227,9 @@ class Parking:
         # binding (serial, user, instance) -> its refresh, as of the last accepted REGISTER
         self._refreshes: OrderedDict[tuple[str, str, str], _Refresh] = OrderedDict()
         self._watched: OrderedDict[_CallKey, _Watched] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Pushes: the wakes of parked calls, "call cancelled", binding refreshes.
+        self._tasks = Tasks(log, "wake.push_failed")
+        self._closed = False
         self.metrics = WakeMetrics(registry)
 
     def __len__(self) -> int:
@@ -241,6 +244,9 @@ class Parking:
         key = _key(request, caller)
         if key in self._parked:
             return  # the caller's retransmission: the call is parked already
+        if self._closed:
+            await self._shutting_down(request, caller)
+            return
         waiting = self._by_token.get(identity.token, [])
         if len(self._parked) >= self.settings.max_parked or (
             len(waiting) >= self.settings.max_per_binding
@@ -257,6 +263,9 @@ class Parking:
         instances = await self._instances(identity, subject)
         if key in self._parked:
             return  # its retransmission was parked while we read the store
+        if self._closed:  # closed while we read the store: nobody would answer it later
+            await self._shutting_down(request, caller)
+            return
         parked = _Parked(
             request,
             caller,
@@ -271,7 +280,7 @@ class Parking:
         self._by_token.setdefault(identity.token, []).append(parked)
         self.metrics.parked.set(len(self._parked))
         await self._courier.reply(request, caller, 100)
-        parked.push = self._spawn(self._wake(parked))
+        parked.push = self._tasks.spawn(self._wake(parked))
 
     async def _instances(self, identity: PushIdentity, subject: Subject) -> frozenset[str]:
         """The instances of the subject's stored bindings with this push token."""
@@ -419,7 +428,8 @@ class Parking:
             return False
         await self._courier.reply(cancel, flow, 200)
         await self._end(parked, 487, "", "cancelled")
-        self._spawn(self._cancelled_push(parked))
+        if not self._closed:  # after `close` no push goes out: the tasks have no owner
+            self._tasks.spawn(self._cancelled_push(parked))
         return True
 
     async def _cancelled_push(self, parked: _Parked) -> None:
@@ -455,14 +465,23 @@ class Parking:
             await self._end(parked, 480, "wake timeout", "timeout")
         return len(late)
 
-    async def close(self) -> None:
-        """At shutdown: every parked INVITE gets its final answer before we go."""
-        for parked in list(self._parked.values()):
-            await self._end(parked, 503, "relay shutting down", "shutdown")
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def close(self) -> int:
+        """At shutdown: every parked INVITE gets its final answer (503, Retry-After)
+        while the flows to its caller still exist, and none is parked from now on; the
+        pushes under way are cancelled. How many calls were answered."""
+        self._closed = True
+        parked = list(self._parked.values())
+        for call in parked:
+            await self._end(call, 503, "relay shutting down", "shutdown")
+        await self._tasks.close()
+        return len(parked)
+
+    async def _shutting_down(self, request: Request, caller: Flow) -> None:
+        self.metrics.ends.labels("shutdown").inc()
+        retry = (("Retry-After", str(self.settings.retry_after)),)
+        await self._courier.reply(
+            request, caller, 503, None, _reason("relay shutting down") + retry
+        )
 
     # --- keeping bindings wakeable ----------------------------------------------------
     #
@@ -542,10 +561,12 @@ class Parking:
             app_id = push.app_for(identity.service, identity.app_param)
             if app_id is None:
                 continue
+            if self._closed:
+                break
             self._reregistered[key] = expires_at
             self.metrics.reregister_pushes.inc()
             request = WakeRequest(identity.service, token, app_id, Reason.REREGISTER, expires_at)
-            self._spawn(_wake_only(push, request))
+            self._tasks.spawn(_wake_only(push, request))
             sent += 1
         # Forget what expired: those bindings are gone or were refreshed.
         self._reregistered = {k: e for k, e in self._reregistered.items() if e > now}
@@ -567,12 +588,6 @@ class Parking:
                     log.warning(
                         "reregister scan failed", extra={"fields": {"error": type(exc).__name__}}
                     )
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # --- debug mode -------------------------------------------------------------------
 
