@@ -5,7 +5,7 @@
     softrelay audit [--now ISO-8601] [--canary VALUE ...] [--clear-canary VALUE ...]
                     [--also FILE ...]
     softrelay policy show
-    softrelay policy render --lang en|de [--output FILE]
+    softrelay policy render --lang en|de [--format markdown|html] [--output FILE]
     softrelay keys rotate|reseal
     softrelay crashes list|show EVENT_ID|export|stats [--project P] [--output FILE]
     softrelay dsr export|rectify|erase|restrict|unrestrict --user U --serial S
@@ -47,7 +47,7 @@ from privacy.audit import (
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
 from privacy.keys import Keyring, embedded_keyring_path, load_keyring, write_keyring
 from privacy.logs import LogSet, setup_logging
-from privacy.notice import policy_table, render_notice
+from privacy.notice import FORMATS, policy_table, render_notice
 from privacy.policy import Policy, load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store
@@ -185,9 +185,16 @@ def _parser() -> argparse.ArgumentParser:
     pol_sub = pol.add_subparsers(dest="action", required=True)
     pol_sub.add_parser("show", parents=[common], help="print the effective policy as a table")
     render = pol_sub.add_parser(
-        "render", parents=[common], help="write the privacy notice (Markdown)"
+        "render", parents=[common], help="write the privacy notice (Markdown or HTML)"
     )
     render.add_argument("--lang", choices=("en", "de"), default="en")
+    render.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="markdown",
+        help="markdown, or html: one self-contained page that loads nothing from outside,"
+        " for an app to show as its EULA at first launch",
+    )
     render.add_argument("--output", help="file to write (default: standard output)")
 
     add_billing_parser(sub, common)
@@ -212,11 +219,11 @@ def _policy(args: argparse.Namespace, config: Config, policy: Policy) -> int:
     if args.action == "show":
         print(policy_table(policy))
         return 0
-    notice = render_notice(policy, config.controller, args.lang)
+    notice = render_notice(policy, config.controller, args.lang, args.format)
     if args.output:
         Path(args.output).write_text(notice, encoding="utf-8")
     else:
-        print(notice)
+        print(notice, end="")  # the notice ends in its own newline; stdout equals the file
     return 0
 
 
