@@ -527,3 +527,32 @@ def test_the_sample_configuration_names_an_authority() -> None:
     assert authority is not None
     assert authority.name == "Die Landesbeauftragte für den Datenschutz Niedersachsen"
     assert authority.address == "Prinzenstraße 5\n30159 Hannover"
+
+
+@pytest.mark.parametrize(
+    ("profile", "lines"),
+    [
+        (
+            "auerproxy",
+            [
+                "Locations: relay (DE)",
+                "Recipients: sentry (DE), apns (US, adequacy_decision), "
+                "fcm (US, adequacy_decision)",
+            ],
+        ),
+        (
+            "cloudsoftphone",
+            [
+                "Locations: eu (DE), us (US, standard_contractual_clauses)",
+                "Recipients: apns (US, adequacy_decision), fcm (US, adequacy_decision)",
+            ],
+        ),
+    ],
+)
+def test_policy_table_names_the_countries_and_transfer_bases(
+    profile: str, lines: list[str]
+) -> None:
+    table = policy_table(load_policy(profile)).splitlines()
+    for line in lines:
+        assert line in table
+    assert "registration         database  after last use 12mo" in table
