@@ -13,9 +13,11 @@
     softrelay billing close --month YYYY-MM [--now ISO-8601]
     softrelay simulate [--embedded | --target URL] [--phones N] [--duration S] ...
 
-Every command takes --config FILE (or SOFTRELAY_CONFIG) and --data-dir DIR. A
+Every command takes --config FILE (or SOFTRELAY_CONFIG) and --data-dir DIR, before or
+after its name (`softrelay --config F policy show`); `softrelay --version`. A
 configuration or policy that cannot work ends the command with exit status 2 and one
-line naming the file and the key.
+line naming the file and the key. A command reads only the secrets it uses (see
+`_secrets_used`): `policy render` needs no PBX secret, `serve` reads every one at start.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import uvloop
@@ -53,7 +56,14 @@ from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.oauth import stand_in_notice
 from softrelay.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
-from softrelay.config import Config, config_path, load_config, with_overrides
+from softrelay.config import (
+    SECRET_SECTIONS,
+    Config,
+    SecretSection,
+    config_path,
+    load_config,
+    with_overrides,
+)
 from softrelay.metrics import METRICS, MetricsSettings, metrics_app
 from softrelay.simulate import add_simulate_parser, simulate_command
 from tomlsections.reader import ConfigError
@@ -80,20 +90,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = with_overrides(
-            load_config(config_path(args.config)),
+            load_config(config_path(args.config), read_secrets=False),
             data_dir=args.data_dir,
             http_port=getattr(args, "http_port", None),
             sip_port=getattr(args, "sip_port", None),
         )
+        config.read_secrets(_secrets_used(args))
         policy = load_policy(config.profile, config.policy_override)
         check_dsr(config.dsr, policy, str(config.source or "<defaults>"))
+        if args.command == "policy":
+            return _policy(args, config, policy)
+        if args.command == "simulate":  # its own world: no logs or data of this config
+            return simulate_command(args, config)
     except ConfigError as exc:
         print(f"softrelay: {exc}", file=sys.stderr)
         return 2
-    if args.command == "policy":
-        return _policy(args, config, policy)
-    if args.command == "simulate":  # its own world: no logs or data of this config
-        return simulate_command(args, config)
     # Owner-only from the start: everything below it is data of the policy.
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = getattr(args, "now", None)
@@ -130,17 +141,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.close()
 
 
+def _secrets_used(args: argparse.Namespace) -> tuple[SecretSection, ...]:
+    """The sections holding secrets that a command uses, read before anything starts;
+    it reads no other. The keyring is read apart, when a command opens the store;
+    `simulate --target` reads [sip] and [usage] once it knows it plays against a server."""
+    if args.command == "serve":
+        return SECRET_SECTIONS
+    if args.command == "billing":
+        return ("usage",)
+    if args.command == "crashes" and getattr(args, "metrics_url", None):
+        return ("metrics_token",)  # `crashes stats --metrics-url` scrapes with it
+    return ()
+
+
+def _version() -> str:
+    try:
+        return f"softrelay {version('softrelay')}"
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "softrelay (not installed)"
+
+
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """--config and --data-dir, on the main parser and on every command's: a command's
+    parser leaves them out of the result when not given (SUPPRESS), or its default
+    would overwrite what was given before the command's name."""
+    parser.add_argument(
+        "--config",
+        default=default,
+        help="configuration file (default: SOFTRELAY_CONFIG or the shipped sample)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=default,
+        help="directory of every stored byte (default: data_dir of the config)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config", help="configuration file (default: SOFTRELAY_CONFIG or config/softrelay.toml)"
-    )
-    common.add_argument(
-        "--data-dir", help="directory of every stored byte (default: data_dir of the config)"
-    )
+    _global_options(common, argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="softrelay", description="A privacy-aware backend for softphones."
     )
+    parser.add_argument("--version", action="version", version=_version())
+    _global_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[common], help="run the server")
@@ -412,7 +456,8 @@ async def _billing(runtime: Runtime, args: argparse.Namespace) -> int:
 
 
 async def _crashes(runtime: Runtime, args: argparse.Namespace) -> int:
-    token = runtime.config.metrics_token
+    # Only `crashes stats --metrics-url` scrapes /metrics, with the token.
+    token = runtime.config.metrics_token if getattr(args, "metrics_url", None) else ""
     return await _with_store(runtime, lambda store: crashes_command(store, args, token))
 
 

@@ -4,14 +4,22 @@ Every key has a default fit for the embedded mode (SQLite under `var/`, loopback
 listeners, generated secrets), so the shipped file documents rather than requires.
 An unknown key or a bad value raises `ConfigError` naming the file and the key.
 Relative paths are taken from the current directory, as a command line user expects.
+
+The sections whose parsing reads secrets (`[push]` key files, `[sip]` PBX secrets and
+TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[http] metrics_token`) are
+checked to be tables at load and parsed when a command first uses them (`Deferred`):
+`policy render` needs none of them, `serve` reads them all at its start
+(`read_secrets`), and a missing one stops that command with the file and the key.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 from crashreports.settings import CrashSettings, parse_crashreports
 from dsr.service import DsrSettings, parse_dsr
@@ -21,11 +29,18 @@ from proxy.oauth.settings import OAuthSettings, parse_oauth
 from proxy.provisioning.settings import ProvisioningSettings, parse_provisioning
 from proxy.sip.settings import SipSettings, parse_sip
 from push.apps import PushSettings, parse_push
-from tomlsections.reader import ConfigError, Section, load_toml
+from tomlsections.reader import (
+    ConfigError,
+    Deferred,
+    Section,
+    load_toml,
+    shipped,
+)
 from usage.settings import UsageSettings, parse_usage
 from webapi.connections import HttpLimits
 
-DEFAULT_CONFIG = PROFILES_DIR.parent / "softrelay.toml"
+# The sample config/softrelay.toml, in the checkout or an install (package data).
+DEFAULT_CONFIG = shipped("softrelay.toml")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -37,6 +52,11 @@ class Listen:
     sip_port: int
     # A listener for /metrics alone; None: /metrics is on the HTTP port.
     metrics: tuple[str, int] | None = None
+
+
+# The sections parsed at first use, since parsing them reads secrets.
+SecretSection = Literal["push", "sip", "oauth", "usage", "metrics_token"]
+SECRET_SECTIONS: tuple[SecretSection, ...] = get_args(SecretSection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +71,50 @@ class Config:
     sweep_interval: int
     log_level: str
     log_console: bool
-    push: PushSettings
-    sip: SipSettings
     crashreports: CrashSettings
     dsr: DsrSettings
     provisioning: ProvisioningSettings
-    oauth: OAuthSettings
-    usage: UsageSettings
     http: HttpLimits
-    metrics_token: str  # the secret itself, read from its env:/file: source at start
+    # Parsed at first use, reading their secrets then (the module docstring says why).
+    deferred_push: Deferred[PushSettings] = field(repr=False, compare=False)
+    deferred_sip: Deferred[SipSettings] = field(repr=False, compare=False)
+    deferred_oauth: Deferred[OAuthSettings] = field(repr=False, compare=False)
+    deferred_usage: Deferred[UsageSettings] = field(repr=False, compare=False)
+    deferred_metrics_token: Deferred[str] = field(repr=False, compare=False)
+
+    @property
+    def push(self) -> PushSettings:
+        return self.deferred_push.get()
+
+    @property
+    def sip(self) -> SipSettings:
+        return self.deferred_sip.get()
+
+    @property
+    def oauth(self) -> OAuthSettings:
+        return self.deferred_oauth.get()
+
+    @property
+    def usage(self) -> UsageSettings:
+        return self.deferred_usage.get()
+
+    @property
+    def metrics_token(self) -> str:
+        """The secret itself, read from its env:/file: source; "" when none is set."""
+        return self.deferred_metrics_token.get()
+
+    def read_secrets(self, sections: Iterable[SecretSection] = SECRET_SECTIONS) -> None:
+        """Parse these sections now, so that a command stops at its start, before
+        anything runs, when a secret it uses is missing or bad."""
+        deferred: dict[SecretSection, Deferred[Any]] = {
+            "push": self.deferred_push,
+            "sip": self.deferred_sip,
+            "oauth": self.deferred_oauth,
+            "usage": self.deferred_usage,
+            "metrics_token": self.deferred_metrics_token,
+        }
+        for name in sections:
+            deferred[name].get()
 
 
 def config_path(cli_value: str | None) -> Path | None:
@@ -70,7 +125,10 @@ def config_path(cli_value: str | None) -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
-def load_config(path: Path | None) -> Config:
+def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
+    """The configuration at `path` (None: every default). With `read_secrets`, every
+    section is parsed now, secrets read; without, those that read secrets are parsed
+    when first used (`Config.read_secrets` names them)."""
     root = load_toml(path) if path is not None else Section({}, Path("<defaults>"), "")
     server = root.section("server", {})
     listen = Listen(
@@ -108,17 +166,19 @@ def load_config(path: Path | None) -> Config:
     log_level = logging_sec.choice("level", _LOG_LEVELS, "info")
     log_console = logging_sec.flag("console", True)
     logging_sec.finish()
-    push = parse_push(root.section("push", {}))
-    sip = parse_sip(root.section("sip", {}))
+    push = Deferred(root.section("push", {}), parse_push)
+    sip = Deferred(root.section("sip", {}), parse_sip)
     crashreports = parse_crashreports(root.section("crashreports", {}))
     dsr = parse_dsr(root.section("dsr", {}))
     provisioning = parse_provisioning(root.section("provisioning", {}))
-    oauth = parse_oauth(root.section("oauth", {}))
-    usage = parse_usage(root.section("usage", {}))
-    http, metrics_token = _parse_http(root.section("http", {}))
+    oauth = Deferred(root.section("oauth", {}), parse_oauth)
+    usage = Deferred(root.section("usage", {}), parse_usage)
+    http_section = root.section("http", {})
+    http = _parse_http(http_section)
+    metrics_token = Deferred(http_section, _metrics_token)
     root.finish()
 
-    return Config(
+    config = Config(
         source=path,
         data_dir=data_dir,
         listen=listen,
@@ -129,16 +189,19 @@ def load_config(path: Path | None) -> Config:
         sweep_interval=sweep_interval,
         log_level=log_level,
         log_console=log_console,
-        push=push,
-        sip=sip,
         crashreports=crashreports,
         dsr=dsr,
         provisioning=provisioning,
-        oauth=oauth,
-        usage=usage,
         http=http,
-        metrics_token=metrics_token,
+        deferred_push=push,
+        deferred_sip=sip,
+        deferred_oauth=oauth,
+        deferred_usage=usage,
+        deferred_metrics_token=metrics_token,
     )
+    if read_secrets:
+        config.read_secrets()
+    return config
 
 
 def with_overrides(
@@ -170,7 +233,7 @@ def _host(sec: Section, key: str) -> str:
     return host
 
 
-def _parse_http(sec: Section) -> tuple[HttpLimits, str]:
+def _parse_http(sec: Section) -> HttpLimits:
     default = HttpLimits()
     timeouts = {
         key: sec.duration(key, text)
@@ -191,11 +254,17 @@ def _parse_http(sec: Section) -> tuple[HttpLimits, str]:
         ),
         **timeouts,
     )
+    # Only the token's source now: the secret is read by the commands that use it.
+    sec.secret_source("metrics_token", "")
+    sec.finish()
+    return limits
+
+
+def _metrics_token(sec: Section) -> str:
     token = sec.secret("metrics_token", "")
     if token and len(token) < 16:
         raise sec.error("metrics_token", "the token must be at least 16 characters")
-    sec.finish()
-    return limits, token
+    return token
 
 
 def _listen(sec: Section, key: str) -> tuple[str, int] | None:

@@ -211,7 +211,8 @@ def test_bad_push_config_names_file_and_key(
     bad_json = tmp_path / "sa.json"
     bad_json.write_text("{not json")
     path = _config(tmp_path, body.replace("{sa}", str(bad_json)))
-    assert main(["sweep", "--config", str(path), "--data-dir", str(tmp_path / "var")]) == 2
+    # serve: [push] holds key files, so only the commands that push parse it.
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "var")]) == 2
     err = capsys.readouterr().err
     assert f"{path}: {key}: " in err
     assert message in err
@@ -233,5 +234,6 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_static_pbx_address_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _config(tmp_path, "[[sip.pbx]]\nserial = '0077'\nstatic = 'tcp:127.0.0.1:5070'\n")
-    assert main(["sweep", "--config", str(path), "--data-dir", str(tmp_path / "var")]) == 2
+    # serve: [sip] holds the PBX secrets, so only the commands that relay parse it.
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "var")]) == 2
     assert "sip.pbx[0].static: expected 'udp:HOST:PORT'" in capsys.readouterr().err

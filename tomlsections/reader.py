@@ -10,13 +10,27 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+T = TypeVar("T")
+# The repository's config/, installed as this package (pyproject.toml says why).
+SHIPPED_PACKAGE = "softrelay_config"
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _MISSING: Any = object()
+
+
+def shipped(name: str) -> Path:
+    """A file or folder of the shipped configuration (`softrelay.toml`, `policy`): in
+    the checkout's config/ under `pip install -e`, in site-packages from a wheel."""
+    found = files(SHIPPED_PACKAGE) / name
+    # pip installs a wheel's files as files; only a zip import would give another kind.
+    if not isinstance(found, Path):
+        raise TypeError(f"{SHIPPED_PACKAGE} is not installed as files: {found}")
+    return found
 
 
 def resolve_secret(source: str, file: Path | str, key: str) -> str:
@@ -77,6 +91,23 @@ def load_toml(path: Path) -> Section:
     return Section(data, path, "")
 
 
+class Deferred(Generic[T]):
+    """A section parsed when it is first asked for, then kept: for sections whose
+    parsing reads secrets (`env:`/`file:` sources, key files), so that a command which
+    never uses them needs none of them (`policy render` on a desk without the PBX
+    secrets). Its ConfigError, naming file and key, comes at that first use."""
+
+    def __init__(self, section: Section, parse: Callable[[Section], T]) -> None:
+        self._section = section
+        self._parse = parse
+        self._value: list[T] = []  # empty until parsed
+
+    def get(self) -> T:
+        if not self._value:
+            self._value.append(self._parse(self._section))
+        return self._value[0]
+
+
 class Section:
     """One TOML table, read key by key."""
 
@@ -99,6 +130,14 @@ class Section:
         configuration is no place for it), read now; "" when left empty."""
         source = self.text(name, default)
         return resolve_secret(source, self.file, self.key(name)) if source else ""
+
+    def secret_source(self, name: str, default: Any = _MISSING) -> str:
+        """Where a secret comes from, `env:NAME` or `file:PATH` ("" when left empty),
+        checked but not read: the command that uses the secret reads it."""
+        source = self.text(name, default)
+        if source and not source.startswith(("env:", "file:")):
+            raise self.error(name, "must be 'env:NAME' or 'file:PATH'")
+        return source
 
     def has(self, name: str) -> bool:
         return name in self._data
