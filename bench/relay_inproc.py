@@ -41,7 +41,8 @@ from privacy.keys import Keyring  # noqa: E402
 from privacy.policy import load_policy  # noqa: E402
 from privacy.store import Store  # noqa: E402
 from proxy.sip.flow import Flow, Transport  # noqa: E402
-from proxy.sip.message import Request, Response, parse  # noqa: E402
+from proxy.sip.message import Request, Response  # noqa: E402
+from proxy.sip.parser import parse  # noqa: E402
 from proxy.sip.relay import Relay  # noqa: E402
 from proxy.sip.settings import PbxSettings, SipSettings  # noqa: E402
 

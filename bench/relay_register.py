@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from bench.harness import HOST, Softrelay
 from bench.relay_sipp import DOMAIN, REGISTER, REGISTER_SERIAL, Sipp, Step, climb
 from proxy.sip.framing import PONG, Keepalive, StreamFramer
-from proxy.sip.message import Request, Response, SipParseError, make_response, parse
+from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
+from proxy.sip.responses import make_response
+from proxy.sip.syntax import SipParseError
 
 LABEL = "REGISTER: SIPp -> softrelay -> PBX"
 NOTE = (

@@ -70,8 +70,10 @@ from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from proxy.sip.flow import Flow, Transport
-from proxy.sip.message import Request, make_response, parse
+from proxy.sip.message import Request
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
+from proxy.sip.responses import make_response
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import DEFAULT_EMBEDDED_APP, PushSettings
 from push.fakes.script import Delivery

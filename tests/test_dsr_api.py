@@ -29,7 +29,8 @@ from proxy.oauth.settings import OAuthSettings
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.digest import DigestAuthority, DigestError, parse_authorization, response
 from proxy.sip.flow import Flow
-from proxy.sip.message import Request, parse
+from proxy.sip.message import Request
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings

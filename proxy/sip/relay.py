@@ -44,19 +44,16 @@ from privacy.store import Store, Subject
 from privacy.tasks import Tasks
 from proxy.sip.digest import DigestAuthority, DigestError, MalformedAuthorization, StaleNonce
 from proxy.sip.flow import Flow, FlowClosed, Transport
-from proxy.sip.message import (
-    NameAddr,
-    Params,
-    Request,
-    Response,
-    SipParseError,
-    SipUri,
-    make_response,
-    parse,
-)
+from proxy.sip.headers import NameAddr
+from proxy.sip.message import Request, Response
 from proxy.sip.overload import Overload
+from proxy.sip.params import Params
+from proxy.sip.parser import parse
+from proxy.sip.responses import make_response
 from proxy.sip.settings import PbxSettings, SipSettings
+from proxy.sip.syntax import SipParseError
 from proxy.sip.tokens import Dialog, End, Sealer
+from proxy.sip.uri import SipUri
 from proxy.sip.wake import Parking, PushIdentity
 from push.service import PushService
 

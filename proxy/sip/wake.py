@@ -47,7 +47,10 @@ from privacy.clock import Clock
 from privacy.store import Store, Subject
 from privacy.tasks import Tasks
 from proxy.sip.flow import Flow
-from proxy.sip.message import NameAddr, PushParams, Request, SipUri, parse
+from proxy.sip.headers import NameAddr, PushParams
+from proxy.sip.message import Request
+from proxy.sip.parser import parse
+from proxy.sip.uri import SipUri
 from push.service import OVERLOADED, PushService
 from push.wake import Delivered, PermanentFailure, Reason, Service, TokenDead, WakeRequest
 

@@ -27,9 +27,10 @@ from crashreports.service import INGEST
 from crashreports.settings import CrashSettings, Project
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from softrelay.app import SIP_TRANSPORTS, STORE, Services, build_app
-from proxy.sip.message import Response, parse
+from proxy.sip.message import Response
+from proxy.sip.parser import parse
 from push.apps import PushSettings
+from softrelay.app import SIP_TRANSPORTS, STORE, Services, build_app
 from tests.conftest import START
 
 KEY = "0123456789abcdef0123456789abcdef"

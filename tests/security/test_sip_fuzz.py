@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from privacy.clock import ManualClock
 from privacy.store import Store
 from proxy.sip.flow import Flow, Transport
-from proxy.sip.message import Response, parse
+from proxy.sip.message import Response
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from tests.sip.test_relay import (

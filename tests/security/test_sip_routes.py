@@ -22,9 +22,11 @@ from privacy.clock import ManualClock
 from privacy.store import Store
 from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Flow, Transport
-from proxy.sip.message import Request, Response, SipUri, parse
+from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
+from proxy.sip.uri import SipUri
 from tests.sip.test_relay import (
     DOMAIN,
     PBX_SECRET,

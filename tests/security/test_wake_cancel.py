@@ -26,12 +26,12 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.logs import setup_logging
 from privacy.policy import load_policy
-from softrelay.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
 from proxy.sip.flow import Flow
 from proxy.sip.message import Request
 from proxy.sip.settings import PbxSettings, SipSettings
 from proxy.sip.wake import WakeSettings
 from push.apps import PushSettings
+from softrelay.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
 from tests.security import wake_world as ww
 from tests.security.test_sip_routes import OTHER_SERIAL, _link_other_pbx
 from tests.security.wake_world import BOB_INSTANCE, TOKEN, Linked, contact, register, requests

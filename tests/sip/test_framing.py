@@ -16,7 +16,7 @@ from proxy.sip.framing import (
     StreamFramer,
     datagram_keepalive,
 )
-from proxy.sip.message import parse
+from proxy.sip.parser import parse
 
 PING = Keepalive.PING
 PONG = Keepalive.PONG

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.sip.message import (
-    MAX_HEADERS,
-    MAX_MESSAGE_SIZE,
-    MAX_URI,
-    AbsoluteUri,
-    CSeq,
-    NameAddr,
-    Params,
-    PushParams,
-    Request,
-    Response,
-    SipParseError,
-    SipUri,
-    ViaHeader,
-    make_response,
-    parse,
-    parse_name_addr,
-    parse_uri,
-    parse_via,
-    split_commas,
-)
+from proxy.sip.headers import CSeq, NameAddr, PushParams, ViaHeader, parse_name_addr, parse_via
+from proxy.sip.message import MAX_MESSAGE_SIZE, Request, Response
+from proxy.sip.params import Params
+from proxy.sip.parser import MAX_HEADERS, parse
+from proxy.sip.responses import make_response
+from proxy.sip.syntax import SipParseError, split_commas
+from proxy.sip.uri import MAX_URI, AbsoluteUri, SipUri, parse_uri
 
 
 def msg(*lines: str, body: bytes = b"", length: bool = True) -> bytes:
@@ -648,7 +634,7 @@ def test_max_forwards_absent_becomes_70_and_zero_is_too_many_hops() -> None:
 
 
 def test_build_a_request() -> None:
-    r = Request.build(
+    r = Request(
         "OPTIONS",
         SipUri("pbx.example", port=5060),
         [

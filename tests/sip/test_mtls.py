@@ -21,7 +21,8 @@ from privacy.clock import ManualClock
 from privacy.store import Store
 from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Transport, certificate_names
-from proxy.sip.message import Request, Response, parse
+from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxAuth, PbxSettings, SipSettings, transport_settings
 from proxy.sip.tls import server_tls_context

@@ -14,16 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sip.message import (
-    CSeq,
-    Request,
-    Response,
-    SipParseError,
-    SipUri,
-    ViaHeader,
-    make_response,
-    parse,
-)
+from proxy.sip.headers import CSeq, ViaHeader
+from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
+from proxy.sip.responses import make_response
+from proxy.sip.syntax import SipParseError
+from proxy.sip.uri import SipUri
 
 TORTURE = Path(__file__).parent / "torture"
 VALID = {p.stem: p.read_bytes() for p in sorted((TORTURE / "valid").glob("*.dat"))}

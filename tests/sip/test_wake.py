@@ -21,15 +21,16 @@ from privacy.logs import setup_logging
 from privacy.policy import load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store, Subject
-from softrelay.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
 from proxy.sip.flow import Flow, Transport
-from proxy.sip.message import Request, Response, parse
+from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from proxy.sip.wake import WakeSettings
 from push.apps import PushSettings
 from push.embedded import StandIns
 from push.fakes.script import Respond
+from softrelay.app import REGISTRY, RELAY, STAND_INS, STORE, Services, build_app
 from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _link_pbx, _reply, _request
 
 APP_ID = "com.example.softphone"
