@@ -23,30 +23,34 @@ awake mobile phones (`--sleep-rate`) and crashes (`--crash-rate`; a phone that o
 the others without). A woken phone takes its call and goes back to sleep. Each phone is
 "used" once at start and pings usage (`usage/client.py`). `--speed` runs that many
 simulated seconds per second. Ctrl-C ends the run early and still prints the summary.
+
+The events are drawn from their own random stream (`Simulation.events`), so a seed fixes
+them whatever the parties draw. A test injects a `SteppedPace`: the clock then moves only
+as the simulation waits, no wait costs real time, and the events run one after another,
+so a seeded run gives the same outcome every time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from mockphone.delays import Delay, Pace
+from mockphone.delays import Delay, Pace, SteppedPace
 from mockphone.pbx import CallResult, MockPbx, PbxRefused
 from mockphone.phone import WAKE_DELAY, Answer, Kind, MockPhone, PhoneSpec, State
 from mockphone.pushes import PushInbox
-from mockphone.sip import RelayAddress, Transport
+from mockphone.sip import TIMEOUT, RelayAddress, Transport
 from usage.client import UsageClient
 
 MAX_CONCURRENT_SETUP = 100  # phones registering at once at start
@@ -91,7 +95,9 @@ class Stats:
     elapsed: float = 0.0  # simulated seconds
     registered: int = 0
     register_failed: Counter[str] = field(default_factory=Counter)
+    events: Counter[str] = field(default_factory=Counter)  # events run, by kind
     calls_attempted: int = 0
+    calls_unplaced: int = 0  # a call event found no one to call (no phone free or awake)
     calls_connected: int = 0
     calls_failed: Counter[str] = field(default_factory=Counter)
     calls_in_progress: int = 0
@@ -117,11 +123,13 @@ class Stats:
             "wall_seconds": round(time.monotonic() - self.started, 3),
             "interrupted": self.interrupted,
             "registrations": {"ok": self.registered, "failed": dict(self.register_failed)},
+            "events": dict(sorted(self.events.items())),
             "calls": {
                 "attempted": self.calls_attempted,
                 "connected": self.calls_connected,
                 "failed": dict(sorted(self.calls_failed.items())),
                 "woken": self.woken_calls,
+                "unplaced": self.calls_unplaced,
             },
             "wake_latency": latency_summary(self.wake_latencies),
             "pushes": dict(sorted(self.pushes.items())),
@@ -187,30 +195,69 @@ class World:
 
 
 class Simulation:
-    def __init__(self, settings: SimSettings, world: World, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        settings: SimSettings,
+        world: World,
+        stop: asyncio.Event,
+        *,
+        pace: Pace | None = None,
+    ) -> None:
+        """`pace` None: real time at `settings.speed`, or a `SteppedPace` for speed `inf`.
+        An injected pace brings its clock; its random source is replaced by the run's."""
         self.settings = settings
         self.world = world
         self.stop = stop
         self.rng = random.Random(settings.seed)  # noqa: S311  (simulation draws, no secrets)
-        self.pace = Pace(settings.speed, self.rng)
+        # The events' own stream, drawn first: the parties' draws cannot shift them.
+        self._events_seed = self.rng.getrandbits(64)
+        if pace is None:
+            # Speed `inf`: as fast as the parties answer, the events one after another.
+            pace = SteppedPace() if math.isinf(settings.speed) else Pace(settings.speed)
+        self.pace = pace
+        self.pace.rng = self.rng
         self.stats = Stats()
         self.pbxs: list[MockPbx] = []
         self.phones: list[MockPhone] = []
         self.opted_in: set[str] = set()
         self._usage: dict[str, UsageClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._started_at = 0.0
+        self._started_at: float | None = None
 
     def elapsed(self) -> float:
         """Simulated seconds since the events began."""
-        if self._started_at == 0.0:
+        if self._started_at is None:
             return 0.0
-        real = time.monotonic() - self._started_at
-        return (
-            self.settings.duration
-            if math.isinf(self.settings.speed)
-            else real * self.settings.speed
-        )
+        if math.isinf(self.pace.speed) and not self.pace.sequential:
+            return self.settings.duration  # every event is due at once
+        return self.pace.now() - self._started_at
+
+    def _actions(self) -> list[tuple[str, float, Callable[[], Coroutine[Any, Any, None]]]]:
+        s = self.settings
+        return [
+            ("pbx_call", s.call_rate * (1 - s.outgoing_share), self._pbx_call),
+            ("phone_call", s.call_rate * s.outgoing_share, self._phone_call),
+            ("sleep", s.sleep_rate, self._sleep_one),
+            ("crash", s.crash_rate, self._crash_one),
+        ]
+
+    def events(self) -> Iterator[tuple[float, str]]:
+        """The run's events: (simulated seconds after the start, kind), in order; the
+        same for every run with the same seed (Poisson processes of the rates)."""
+        rng = random.Random(self._events_seed)  # noqa: S311  (simulation draws)
+        rates = [(name, rate) for name, rate, _ in self._actions()]
+        total = sum(rate for _, rate in rates)
+        due = 0.0
+        while total > 0:
+            due += rng.expovariate(total)
+            if due >= self.settings.duration:
+                return
+            pick = rng.uniform(0, total)
+            for name, rate in rates:
+                pick -= rate
+                if pick <= 0:
+                    yield due, name
+                    break
 
     async def run(self) -> Stats:
         try:
@@ -224,7 +271,10 @@ class Simulation:
 
     async def _set_up(self) -> None:
         s = self.settings
-        ring = self.pace.real(s.ring_timeout) or 0.05
+        # On an injected pace no wait costs real time, so the ring timeout cannot be
+        # paced: a bound on a transaction instead (parties that ignore calls ring that
+        # long, in real seconds).
+        ring = TIMEOUT if self.pace.sequential else self.pace.real(s.ring_timeout) or 0.05
         for serial, secret in self.world.pbx_secrets.items():
             try:
                 pbx = await MockPbx.connect(
@@ -258,7 +308,7 @@ class Simulation:
                 answers[i],
                 answer_delay=s.answer_delay,
                 wake_delay=s.wake_delay,
-                keepalive=0 if math.isinf(s.speed) else 30.0,
+                keepalive=0 if math.isinf(self.pace.speed) else 30.0,
                 local_host=self.world.local_host(i),
             )
             phone = MockPhone(
@@ -292,37 +342,22 @@ class Simulation:
 
     async def _events(self) -> None:
         s = self.settings
-        rates: list[tuple[float, Callable[[], Coroutine[Any, Any, None]]]] = [
-            (s.call_rate * (1 - s.outgoing_share), self._pbx_call),
-            (s.call_rate * s.outgoing_share, self._phone_call),
-            (s.sleep_rate, self._sleep_one),
-            (s.crash_rate, self._crash_one),
-        ]
-        total = sum(rate for rate, _ in rates)
-        self._started_at = time.monotonic()
-        due = 0.0
-        while not self.stop.is_set():
-            due += self.rng.expovariate(total) if total > 0 else s.duration
-            if due >= s.duration:
+        actions = {name: action for name, _, action in self._actions()}
+        self._started_at = start = self.pace.now()
+        for due, name in self.events():
+            if self.stop.is_set():
                 break
-            wait = self.pace.real(due - self.elapsed())
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), wait)
-                if self.stop.is_set():
-                    break
-            pick = self.rng.uniform(0, total)
-            for rate, action in rates:
-                pick -= rate
-                if pick <= 0:
-                    self._spawn(action())
-                    break
-            await asyncio.sleep(0)
+            await self.pace.wait_until(start + due, self.stop)
+            if self.stop.is_set():
+                break
+            self.stats.events[name] += 1
+            if self.pace.sequential:
+                await actions[name]()  # one after another: the outcome is the seed's
+            else:
+                self._spawn(actions[name]())
+                await asyncio.sleep(0)
         if not self.stop.is_set():
-            remaining = self.pace.real(s.duration - self.elapsed())
-            if remaining > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), remaining)
+            await self.pace.wait_until(start + s.duration, self.stop)
         # Calls under way finish (bounded by their own timeouts) unless stopped again.
         if self._tasks and not self.stop.is_set():
             finishing = asyncio.create_task(self._finish())
@@ -346,6 +381,7 @@ class Simulation:
     async def _pbx_call(self) -> None:
         registered = [p for p in self.phones if p.last_register == 200 and p.calls_in_progress == 0]
         if not registered:
+            self.stats.calls_unplaced += 1
             return
         phone = self.rng.choice(registered)
         pbx = next(p for p in self.pbxs if p.serial == phone.serial)
@@ -378,6 +414,7 @@ class Simulation:
     async def _phone_call(self) -> None:
         awake = [p for p in self.phones if p.state is State.AWAKE and p.calls_in_progress == 0]
         if not awake:
+            self.stats.calls_unplaced += 1
             return
         phone = self.rng.choice(awake)
         self.stats.calls_attempted += 1

@@ -4,6 +4,8 @@ The sample configuration (with its ports moved to free ones) is copied to a dire
 where `serve` runs as `make run` starts it, its demo PBX secret written as `make run`
 writes it; then the plain `softrelay simulate`, no --target, from the same directory,
 must find that server, play its demo PBX and get its pushes through the delivery feed.
+It runs at speed `inf` (a stepped pace: no wait costs real time, the events in order),
+so the summary is checked exactly against the events the seed drew.
 """
 
 from __future__ import annotations
@@ -82,15 +84,20 @@ async def test_plain_simulate_plays_against_the_server_make_run_started(tmp_path
             printed.append(line)
         assert f"softrelay: http://127.0.0.1:{http_port} (healthz, metrics)\n" in printed
 
+        # Users answer or decline: at speed inf a call left ringing would ring out only
+        # at its real-time bound.
+        (tmp_path / "answers.toml").write_text("[answers]\nanswer = 3\ndecline = 1\n")
         sim = await _softrelay(
             tmp_path,
             "simulate",
+            "--scenario",
+            "answers.toml",
             "--phones",
             "20",
             "--duration",
             "20",
             "--speed",
-            "4",
+            "inf",
             "--call-rate",
             "1.5",
             "--seed",
@@ -110,13 +117,14 @@ async def test_plain_simulate_plays_against_the_server_make_run_started(tmp_path
     assert b"starting one in this process" not in err, "it found the served relay"
     summary = orjson.loads((tmp_path / "summary.json").read_bytes())
     assert summary["registrations"] == {"ok": 20, "failed": {}}
-    calls = summary["calls"]
-    assert calls["connected"] >= 5, calls
-    # A simulated user declines some calls, and lets some ring out; nothing else fails.
-    assert set(calls["failed"]) <= {"603 Decline", "408 no answer: rang out"}, calls
-    assert calls["woken"] >= 1, "calls to sleeping phones were woken across processes"
+    calls, events = summary["calls"], summary["events"]
+    # Every call the seed drew was placed (or found no one free), and ended one way.
+    assert calls["attempted"] + calls["unplaced"] == events["pbx_call"] + events["phone_call"]
+    assert calls["connected"] + sum(calls["failed"].values()) == calls["attempted"]
+    assert set(calls["failed"]) <= {"603 Decline"}, calls
+    assert calls["woken"] > 0, "calls to sleeping phones were woken across processes"
     assert summary["wake_latency"]["count"] == calls["woken"]
-    assert summary["pushes"].get("delivered", 0) >= calls["woken"]
+    assert summary["pushes"] == {"delivered": calls["woken"]}, "one push per woken call"
     assert summary["skipped_events"] == 0
     assert summary["crash_reports"]["errors"] == 0
     assert b"calls" in out, "the summary table was printed"
