@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import re
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -17,6 +15,7 @@ from dataclasses import dataclass, field
 
 from bench.harness import HOST, Softrelay
 from bench.relay_sipp import DOMAIN, REGISTER, REGISTER_SERIAL, Sipp, Step, climb
+from mockphone.pbx import LinkRegistration
 from proxy.sip.framing import PONG, Keepalive, StreamFramer
 from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
@@ -113,46 +112,18 @@ class Pbx:
         return self.inbox.popleft()
 
     async def _register(self, secret: str) -> int:
-        call_id = f"bench-link-{secrets.token_hex(6)}"
+        """Link as REGISTER_SERIAL: the mock parties' PBX link (`LinkRegistration`)."""
+        registration = LinkRegistration(REGISTER_SERIAL, DOMAIN, self.contact, expires=3600)
 
-        def register(cseq: int, *extra: str) -> bytes:
-            lines = [
-                f"REGISTER sip:{DOMAIN} SIP/2.0",
-                f"Via: SIP/2.0/TCP {self.via_host};branch=z9hG4bK-{secrets.token_hex(6)}",
-                f"From: <sip:{REGISTER_SERIAL}@{DOMAIN}>;tag=link",
-                f"To: <sip:{REGISTER_SERIAL}@{DOMAIN}>",
-                f"Call-ID: {call_id}",
-                f"CSeq: {cseq} REGISTER",
-                "Max-Forwards: 70",
-                f"Contact: {self.contact}",
-                "Expires: 3600",
-                *extra,
-                "Content-Length: 0",
-                "",
-                "",
-            ]
-            return "\r\n".join(lines).encode()
+        def via() -> str:
+            return f"SIP/2.0/TCP {self.via_host};branch=z9hG4bK-{secrets.token_hex(6)}"
 
-        self.writer.write(register(1))
+        self.writer.write(registration.request(via()).serialize())
         challenge = parse(await self._next())
         assert isinstance(challenge, Response), challenge
         assert challenge.status == 401, challenge.status
-        header = challenge.get("WWW-Authenticate") or ""
-        params = dict(re.findall(r'(\w+)="?([^",]+)"?', header))
-        name = {"MD5": "md5", "SHA-256": "sha256"}[params["algorithm"].upper()]
-
-        def h(text: str) -> str:
-            return hashlib.new(name, text.encode()).hexdigest()
-
-        uri, nc, cnonce = f"sip:{DOMAIN}", "00000001", secrets.token_hex(8)
-        ha1 = h(f"{REGISTER_SERIAL}:{params['realm']}:{secret}")
-        answer = h(f"{ha1}:{params['nonce']}:{nc}:{cnonce}:auth:{h(f'REGISTER:{uri}')}")
-        authorization = (
-            f'Digest username="{REGISTER_SERIAL}", realm="{params["realm"]}", '
-            f'nonce="{params["nonce"]}", uri="{uri}", response="{answer}", '
-            f'algorithm={params["algorithm"]}, qop=auth, nc={nc}, cnonce="{cnonce}"'
-        )
-        self.writer.write(register(2, f"Authorization: {authorization}"))
+        answer = registration.answer(challenge.get("WWW-Authenticate") or "", secret)
+        self.writer.write(registration.request(via(), answer).serialize())
         final = parse(await self._next())
         assert isinstance(final, Response)
         return final.status

@@ -41,11 +41,9 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import hashlib
 import os
 import platform
 import pstats
-import re
 import secrets
 import statistics
 import sys
@@ -66,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import write_result
 from bench.profiling import Stats, own_time
+from mockphone.pbx import LinkRegistration
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
@@ -185,38 +184,18 @@ class Bench:
         return Flow(Transport.TCP, ("198.51.100.23", self._port), ("127.0.0.1", 5060), sender)
 
     async def link(self) -> None:
-        """The PBX registers as its serial, answering the relay's digest challenge."""
+        """The PBX registers as its serial, answering the relay's digest challenge: the
+        mock parties' PBX link (`LinkRegistration`)."""
+        contact = f"<sip:{SERIAL}@203.0.113.9:40000;transport=tcp>"
+        registration = LinkRegistration(SERIAL, DOMAIN, contact, call_id="bench-link")
 
-        def register(cseq: int, *extra: str) -> bytes:
-            return _message(
-                f"REGISTER sip:{DOMAIN} SIP/2.0",
-                f"Via: SIP/2.0/TCP 203.0.113.9:40000;branch=z9hG4bK-link-{cseq}",
-                f"From: <sip:{SERIAL}@{DOMAIN}>;tag=link",
-                f"To: <sip:{SERIAL}@{DOMAIN}>",
-                "Call-ID: bench-link",
-                f"CSeq: {cseq} REGISTER",
-                "Max-Forwards: 70",
-                f"Contact: <sip:{SERIAL}@203.0.113.9:40000;transport=tcp>",
-                *extra,
-            )
+        def via() -> str:
+            return f"SIP/2.0/TCP 203.0.113.9:40000;branch=z9hG4bK-link-{registration.cseq + 1}"
 
-        await self.relay.handle(register(1), self.pbx_flow)
+        await self.relay.handle(registration.request(via()).serialize(), self.pbx_flow)
         challenge = parse(self.pbx.last).get("WWW-Authenticate") or ""
-        params = dict(re.findall(r'(\w+)="?([^",]+)"?', challenge))
-        realm, nonce, algorithm = params["realm"], params["nonce"], params["algorithm"]
-        uri, nc, cnonce = f"sip:{DOMAIN}", "00000001", secrets.token_hex(8)
-        hash_name = {"MD5": "md5", "SHA-256": "sha256"}[algorithm.upper()]
-
-        def h(text: str) -> str:
-            return hashlib.new(hash_name, text.encode()).hexdigest()
-
-        ha1, ha2 = h(f"{SERIAL}:{realm}:{SECRET}"), h(f"REGISTER:{uri}")
-        digest = h(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
-        authorization = (
-            f'Digest username="{SERIAL}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
-            f'response="{digest}", algorithm={algorithm}, qop=auth, nc={nc}, cnonce="{cnonce}"'
-        )
-        await self.relay.handle(register(2, f"Authorization: {authorization}"), self.pbx_flow)
+        answer = registration.answer(challenge, SECRET)
+        await self.relay.handle(registration.request(via(), answer).serialize(), self.pbx_flow)
         assert self.pbx.last.startswith(b"SIP/2.0 200"), self.pbx.last
 
     @staticmethod

@@ -18,9 +18,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mockphone import digest
 from privacy.clock import ManualClock
 from privacy.store import Store
-from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
@@ -72,19 +72,14 @@ async def _link_other_pbx(relay: Relay) -> tuple[Flow, Wire]:
 
     await relay.handle(register(""), flow)
     challenge = wire.response().get("WWW-Authenticate") or ""
-    nonce = challenge.split('nonce="')[1].split('"')[0]
-    creds = Credentials(
-        OTHER_SERIAL, DOMAIN, nonce, f"sip:{DOMAIN}", "", "SHA-256", "auth", "00000001", "cd"
+    answer = digest.answer(
+        challenge,
+        username=OTHER_SERIAL,
+        password=PBX_SECRET,
+        method="REGISTER",
+        uri=f"sip:{DOMAIN}",
     )
-    answer = response(creds, PBX_SECRET, "REGISTER")
-    await relay.handle(
-        register(
-            f'Digest username="{OTHER_SERIAL}", realm="{DOMAIN}", nonce="{nonce}", '
-            f'uri="sip:{DOMAIN}", response="{answer}", algorithm=SHA-256, qop=auth, '
-            'nc=00000001, cnonce="cd"'
-        ),
-        flow,
-    )
+    await relay.handle(register(answer.header), flow)
     assert wire.response().status == 200
     return flow, wire
 

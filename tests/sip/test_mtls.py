@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mockphone import digest
 from privacy.audit import scan_for_canaries
 from privacy.clock import ManualClock
 from privacy.store import Store
-from proxy.sip.digest import Credentials, response
 from proxy.sip.flow import Transport, certificate_names
 from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
@@ -170,14 +170,14 @@ def pbx_register(cseq: int = 1, auth: str = "", serial: str = SERIAL) -> bytes:
 
 
 def digest_answer(challenge: Response, secret: str = SECRET) -> str:
-    nonce = (challenge.get("WWW-Authenticate") or "").split('nonce="')[1].split('"')[0]
-    uri = f"sip:{DOMAIN}"
-    creds = Credentials(SERIAL, DOMAIN, nonce, uri, "", "SHA-256", "auth", "00000001", "ab")
-    return (
-        f'Digest username="{SERIAL}", realm="{DOMAIN}", nonce="{nonce}", uri="{uri}", '
-        f'response="{response(creds, secret, "REGISTER")}", algorithm=SHA-256, qop=auth, '
-        'nc=00000001, cnonce="ab"'
-    )
+    """The PBX's answer, by the mock parties' digest (not the relay's)."""
+    return digest.answer(
+        challenge.get("WWW-Authenticate") or "",
+        username=SERIAL,
+        password=secret,
+        method="REGISTER",
+        uri=f"sip:{DOMAIN}",
+    ).header
 
 
 # Linking by certificate ----------------------------------------------------------
