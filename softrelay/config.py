@@ -6,8 +6,9 @@ An unknown key or a bad value raises `ConfigError` naming the file and the key.
 Relative paths are taken from the current directory, as a command line user expects.
 
 The sections whose parsing reads secrets (`[push]` key files, `[sip]` PBX secrets and
-TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[http] metrics_token`) are
-checked to be tables at load and parsed when a command first uses them (`Deferred`):
+TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[http] metrics_token`,
+`[dsr] admin_token`) are checked to be tables at load and parsed when a command first
+uses them (`Deferred`):
 `policy render` needs none of them, `serve` reads them all at its start
 (`read_secrets`), and a missing one stops that command with the file and the key.
 """
@@ -55,7 +56,7 @@ class Listen:
 
 
 # The sections parsed at first use, since parsing them reads secrets.
-SecretSection = Literal["push", "sip", "oauth", "usage", "metrics_token"]
+SecretSection = Literal["push", "sip", "oauth", "usage", "metrics_token", "dsr_admin_token"]
 SECRET_SECTIONS: tuple[SecretSection, ...] = get_args(SecretSection)
 
 
@@ -81,6 +82,8 @@ class Config:
     deferred_oauth: Deferred[OAuthSettings] = field(repr=False, compare=False)
     deferred_usage: Deferred[UsageSettings] = field(repr=False, compare=False)
     deferred_metrics_token: Deferred[str] = field(repr=False, compare=False)
+    # Checked here so that serve's start names file and key; the DSR API reads it itself.
+    deferred_dsr_admin_token: Deferred[str] = field(repr=False, compare=False)
 
     @property
     def push(self) -> PushSettings:
@@ -112,6 +115,7 @@ class Config:
             "oauth": self.deferred_oauth,
             "usage": self.deferred_usage,
             "metrics_token": self.deferred_metrics_token,
+            "dsr_admin_token": self.deferred_dsr_admin_token,
         }
         for name in sections:
             deferred[name].get()
@@ -169,7 +173,8 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     push = Deferred(root.section("push", {}), parse_push)
     sip = Deferred(root.section("sip", {}), parse_sip)
     crashreports = parse_crashreports(root.section("crashreports", {}))
-    dsr = parse_dsr(root.section("dsr", {}))
+    dsr_section = root.section("dsr", {})
+    dsr = parse_dsr(dsr_section)
     provisioning = parse_provisioning(root.section("provisioning", {}))
     oauth = Deferred(root.section("oauth", {}), parse_oauth)
     usage = Deferred(root.section("usage", {}), parse_usage)
@@ -198,6 +203,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         deferred_oauth=oauth,
         deferred_usage=usage,
         deferred_metrics_token=metrics_token,
+        deferred_dsr_admin_token=Deferred(dsr_section, _dsr_admin_token),
     )
     if read_secrets:
         config.read_secrets()
@@ -258,6 +264,13 @@ def _parse_http(sec: Section) -> HttpLimits:
     sec.secret_source("metrics_token", "")
     sec.finish()
     return limits
+
+
+def _dsr_admin_token(sec: Section) -> str:
+    token = sec.secret("admin_token", "")
+    if token and len(token) < 16:
+        raise sec.error("admin_token", "the admin token must be at least 16 characters")
+    return token
 
 
 def _metrics_token(sec: Section) -> str:

@@ -35,6 +35,7 @@ SECRETS: dict[str, tuple[str, str]] = {
         f'apns_key_id = "KEY1234567"\napns_key_file = "{MISSING}/apns.p8"\n',
     ),
     "metrics_token": ("http.metrics_token", f'[http]\nmetrics_token = "env:{UNSET}"\n'),
+    "dsr_admin_token": ("dsr.admin_token", f'[dsr]\nadmin_token = "file:{MISSING}/admin"\n'),
 }
 
 
