@@ -288,7 +288,12 @@ def describe(openapi: OpenApi) -> None:
     openapi.security_scheme("sentryKey", {"type": "apiKey", "in": "query", "name": "sentry_key"})
     detail = openapi.schema(
         "CrashRefusal",
-        {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
+        {
+            "type": "object",
+            "required": ["detail"],
+            "additionalProperties": False,
+            "properties": {"detail": {"type": "string"}},
+        },
     )
     accepted = json_response(
         "Accepted: stored scrubbed, or dropped unstored (no opt-in); `id` when there was an event",

@@ -3,7 +3,7 @@
 Each API module describes its own operations where it adds its routes:
 
     openapi = app[OPENAPI]
-    openapi.schema("Error", {...})
+    openapi.schema("UsagePing", {...})
     openapi.operation("/usage/v1/ping", "post", {...})
 
 `build_app` creates the registry before any module registers, and the document is
@@ -19,16 +19,12 @@ from aiohttp import web
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {"type": "string"}},
-}
-# The refusal of the usage, provisioning and SIP-over-WebSocket routes: a code to act
-# on and a sentence for people.
+# `webapi.errors.Refusal` as every API but crash ingest and OAuth answers it (those two
+# describe their variants' shapes themselves): a code to act on, a sentence for people.
 REFUSAL_SCHEMA = {
     "type": "object",
     "required": ["error", "detail"],
+    "additionalProperties": False,
     "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
 }
 
@@ -37,7 +33,7 @@ class OpenApi:
     def __init__(self, title: str, version: str) -> None:
         self._info = {"title": title, "version": version}
         self._paths: dict[str, dict[str, Any]] = {}
-        self._schemas: dict[str, Any] = {"Error": ERROR_SCHEMA, "Refusal": REFUSAL_SCHEMA}
+        self._schemas: dict[str, Any] = {"Refusal": REFUSAL_SCHEMA}
         self._security: dict[str, Any] = {}
         self._document: dict[str, Any] | None = None
 
@@ -83,10 +79,6 @@ def ref(name: str) -> dict[str, str]:
 
 def json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
-
-
-def error(description: str) -> dict[str, Any]:
-    return json_response(description, ref("Error"))
 
 
 def refusal(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from proxy.sip.link import Link
 from proxy.sip.transport_settings import STOP_GRACE
 from proxy.sip.transports import Refusal, SipTransports
 from webapi import openapi
+from webapi.errors import Refusal as HttpRefusal
 
 SIP_PATH = "/sip"
 SUBPROTOCOL = "sip"
@@ -55,10 +56,6 @@ def add_sip_websocket(
         )
 
 
-def _refusal(status: int, error: str, detail: str, **headers: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
-
-
 class _SipWebSocket:
     def __init__(self, transports: web.AppKey[SipTransports]) -> None:
         self._key = transports
@@ -76,30 +73,30 @@ class _SipWebSocket:
         )
         ready = ws.can_prepare(request)
         if not ready.ok:
-            return _refusal(
+            raise HttpRefusal(
                 426,
                 "websocket_required",
                 "SIP over WebSocket needs a WebSocket upgrade with subprotocol 'sip' (RFC 7118)",
-                Upgrade="websocket",
+                {"Upgrade": "websocket"},
             )
         if ready.protocol != SUBPROTOCOL:
-            return _refusal(
+            raise HttpRefusal(
                 400,
                 "subprotocol_required",
                 "offer the WebSocket subprotocol 'sip' (Sec-WebSocket-Protocol: sip, RFC 7118)",
             )
         if edge is None:  # an app built without SIP transports (`sip_listen` None)
-            return _refusal(503, "unavailable", "SIP is not served here")
+            raise HttpRefusal(503, "unavailable", "SIP is not served here")
         transport = request.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         if transport is None or peer is None:
-            return _refusal(400, "connection_gone", "the connection closed")
+            raise HttpRefusal(400, "connection_gone", "the connection closed")
         kind = Transport.WSS if request.secure else Transport.WS
         refusal = edge.admit(kind, str(peer[0]))
         if refusal is Refusal.PER_IP:
-            return _refusal(429, "too_many_connections", "too many connections from this address")
+            raise HttpRefusal(429, "too_many_connections", "too many connections from this address")
         if refusal is not None:
-            return _refusal(503, "unavailable", "not accepting connections now")
+            raise HttpRefusal(503, "unavailable", "not accepting connections now")
         local = transport.get_extra_info("sockname")
         link = _WsLink(edge, ws, transport, kind, (str(peer[0]), int(peer[1])), local)
         edge.attach(link)

@@ -27,6 +27,7 @@ from proxy.sip.transport_settings import TransportLimits, TransportSettings
 from proxy.sip.transports import SipTransports
 from proxy.sip.websocket import SIP_PATH, add_sip_websocket
 from push.fakes.certs import ThrowawayCa
+from webapi.errors import refusals
 
 TIMEOUT = 5.0  # a bound on waiting for the network, never a wait for time to pass
 IDLE = 300.0
@@ -512,7 +513,7 @@ async def ws_app(start: Start) -> AsyncIterator[Callable[..., Awaitable[TestClie
     clients: list[TestClient[Any, Any]] = []
 
     async def factory(tls: ssl.SSLContext | None = None, **limits: Any) -> TestClient[Any, Any]:
-        app = web.Application()
+        app = web.Application(middlewares=[refusals])  # renders the refusals, as in build_app
         app[TRANSPORTS] = await start(**limits)
         add_sip_websocket(app, TRANSPORTS)
         server = TestServer(app)
