@@ -25,6 +25,7 @@ from privacy.tasks import Tasks
 from push.embedded import StandIns
 from push.fakes.script import Delivery
 from webapi import openapi
+from webapi.errors import Refusal
 
 FEED_PATH = "/stand-ins/v1/deliveries"
 MAX_QUEUED = 10_000  # deliveries waiting for a slow reader; past it the feed closes
@@ -37,14 +38,14 @@ def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> 
 
     async def feed(request: web.Request) -> web.StreamResponse:
         if not _loopback(request.remote):
-            return _refusal(403, "loopback_only", "the delivery feed answers loopback only")
+            raise Refusal(403, "loopback_only", "the delivery feed answers loopback only")
         running = request.app.get(stand_ins)
         if running is None:
-            return _refusal(404, "no_stand_ins", "no push stand-ins run here")
+            raise Refusal(404, "no_stand_ins", "no push stand-ins run here")
         token = request.query.get("token")
         ws = web.WebSocketResponse(heartbeat=30, timeout=CLOSE_TIMEOUT)
         if not ws.can_prepare(request).ok:
-            return _refusal(426, "websocket_required", "the delivery feed is a WebSocket")
+            raise Refusal(426, "websocket_required", "the delivery feed is a WebSocket")
         await ws.prepare(request)
         # None: the reader fell MAX_QUEUED behind; the sender closes the feed.
         queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
@@ -87,10 +88,6 @@ def add_delivery_feed(app: web.Application, stand_ins: web.AppKey[StandIns]) -> 
             {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}
         ]
         app[openapi.OPENAPI].operation(FEED_PATH, "get", spec)
-
-
-def _refusal(status: int, error: str, detail: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
 
 
 async def _send(ws: web.WebSocketResponse, queue: asyncio.Queue[Delivery | None]) -> None:
