@@ -49,7 +49,7 @@ from proxy.sip.message import Request, Response
 from proxy.sip.overload import Overload
 from proxy.sip.params import Params
 from proxy.sip.parser import parse
-from proxy.sip.responses import make_response
+from proxy.sip.responses import error_response, make_response
 from proxy.sip.settings import PbxSettings, SipSettings
 from proxy.sip.syntax import SipParseError
 from proxy.sip.tokens import Dialog, End, Sealer
@@ -260,8 +260,8 @@ class Relay:
             message = parse(data)
         except SipParseError as exc:
             self.metrics.errors.labels("malformed").inc()
-            if exc.partial is not None and exc.can_respond:
-                await self._send(flow, make_response(exc.partial, exc.status, exc.reason))
+            if (answer := error_response(exc)) is not None:
+                await self._send(flow, answer)
             return "malformed"
         if isinstance(message, Response):
             kind = "response"

@@ -1,5 +1,6 @@
 """Answering a request: the response RFC 3261 8.2.6 builds (Via, From, To, Call-ID and
-CSeq copied in order, a To tag added), and the reason phrase each status is sent with.
+CSeq copied in order, a To tag added), the reason phrase each status is sent with, and
+the answer to a request that failed to parse (`error_response`).
 
 The copied fields keep their lines exactly as the request had them (a proxy's peer
 matches its own Via); the added `headers` are checked like any new field.
@@ -88,6 +89,15 @@ def make_response(
         copied.append((name, key, value, raw))
     phrase = REASON_PHRASES.get(status, "") if reason is None else reason
     return Response(status, phrase, (), body)._adopt([*copied, *new_fields(headers)])
+
+
+def error_response(exc: SipParseError) -> Response | None:
+    """The answer to the request `exc` was raised for, with its status and reason; None
+    when none may be sent (a response, an ACK, or no header a response must copy)."""
+    partial = exc.partial
+    if not isinstance(partial, Request) or not partial.answerable:
+        return None
+    return make_response(partial, exc.status, exc.reason)
 
 
 def _has_tag(request: Request, value: str) -> bool:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from proxy.sip.message import Request
+from typing import Final, Protocol
 
 MAX_HOST: Final = 255
 MAX_UINT32: Final = 2**32 - 1
@@ -27,6 +24,15 @@ _OCTET: Final = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4_RE: Final = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
+class PartialRequest(Protocol):
+    """What a parse error needs of the request it was raised for. It is a
+    `proxy.sip.message.Request`, which this module does not import: the messages are
+    built on it. `proxy.sip.responses.error_response` answers it."""
+
+    @property
+    def answerable(self) -> bool: ...
+
+
 class SipParseError(Exception):
     """A message, or one of its headers, is malformed (or exceeds a limit).
 
@@ -36,7 +42,9 @@ class SipParseError(Exception):
     still answer it; `can_respond` says whether it may (never to an ACK or a response).
     """
 
-    def __init__(self, reason: str, *, status: int = 400, partial: Request | None = None):
+    def __init__(
+        self, reason: str, *, status: int = 400, partial: PartialRequest | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status

@@ -7,7 +7,7 @@ import pytest
 
 from proxy.sip.message import Response
 from proxy.sip.parser import parse
-from proxy.sip.responses import make_response
+from proxy.sip.responses import error_response, make_response
 from proxy.sip.syntax import SipParseError
 from tests.sip.samples import BASE, invite, request
 
@@ -72,3 +72,28 @@ def test_the_reason_phrase_follows_the_status_and_a_bad_one_is_refused() -> None
         make_response(req, 400, "Bad\r\nVia: x")
     with pytest.raises(ValueError, match="invalid header"):
         make_response(req, 400, headers=[("Warning", "399 x\r\nVia: y")])
+
+
+def test_a_request_that_failed_to_parse_is_answered_with_the_errors_status() -> None:
+    unknown_version = invite().replace(b"SIP/2.0\r\nVia", b"SIP/3.0\r\nVia", 1)
+    with pytest.raises(SipParseError) as err:
+        parse(unknown_version)
+    answer = error_response(err.value)
+    assert answer is not None
+    assert answer.serialize().startswith(b"SIP/2.0 505 Version Not Supported\r\nVia: ")
+    assert answer.call_id == "a84b4c76e66710@pc33.example.com"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        invite().replace(b"INVITE", b"ACK").replace(b"SIP/2.0\r\nVia", b"SIP/3.0\r\nVia", 1),
+        invite().replace(b"Call-ID: a84b4c76e66710@pc33.example.com\r\n", b""),
+        invite().replace(b"INVITE sip:alice@s1234.relay.example.net SIP/2.0", b"SIP/2.0 99 Low"),
+    ],
+    ids=["ack", "no-call-id", "response"],
+)
+def test_an_ack_a_response_or_a_request_without_call_id_is_not_answered(data: bytes) -> None:
+    with pytest.raises(SipParseError) as err:
+        parse(data)
+    assert error_response(err.value) is None

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from proxy.sip.headers import CSeq, ViaHeader
 from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
-from proxy.sip.responses import make_response
+from proxy.sip.responses import error_response, make_response
 from proxy.sip.syntax import SipParseError
 from proxy.sip.uri import SipUri
 
@@ -217,9 +217,12 @@ def test_rejection_says_whether_and_how_to_answer(name: str) -> None:
     with pytest.raises(SipParseError) as err:
         load(INVALID[name])
     assert err.value.can_respond == (name in ANSWERABLE)
-    if err.value.partial is not None and err.value.can_respond:
+    answer = error_response(err.value)
+    assert (answer is not None) == err.value.can_respond
+    if answer is not None:
+        assert isinstance(err.value.partial, Request)
         assert err.value.status == ANSWERABLE[name]
-        out = make_response(err.value.partial, err.value.status, err.value.reason).serialize()
+        out = answer.serialize()
         assert out.startswith(f"SIP/2.0 {err.value.status} ".encode())
         # The response echoes the request's fields as they were, even a bad CSeq.
         assert f"\r\nCall-ID: {err.value.partial.call_id}\r\n".encode() in out
@@ -233,8 +236,9 @@ def exercise(data: bytes) -> None:
     try:
         message = parse(data)
     except SipParseError as exc:
-        if exc.partial is not None and exc.can_respond:
-            make_response(exc.partial, exc.status, exc.reason).serialize()
+        answer = error_response(exc)
+        if answer is not None:
+            answer.serialize()
         return
     try:
         message.validate()
@@ -243,8 +247,9 @@ def exercise(data: bytes) -> None:
             _ = contact.push, contact.instance, contact.reg_id, contact.expires
         _ = message.top_via.rport, message.top_via.received
     except SipParseError as exc:
-        if exc.partial is not None and exc.can_respond:
-            make_response(exc.partial, exc.status, exc.reason).serialize()
+        answer = error_response(exc)
+        if answer is not None:
+            answer.serialize()
         message.serialize()
         return
     # A message that passed validate() re-parses to the same thing, untouched or rebuilt.
