@@ -1,6 +1,6 @@
 """SIP messages as the mock parties write and read them: a small writer and reader.
 
-Written apart from the relay's parser (proxy/sip/message.py) on purpose: the mock
+Written apart from the relay's parser (proxy/sip/parser.py) on purpose: the mock
 phones and PBX test that relay, and a bug shared by both sides would pass every test.
 It reads what a well-behaved peer sends (RFC 3261 7, 20, 25): header names in full or
 compact form, comma-separated lists in Via, Contact, Route, Record-Route and Path,
