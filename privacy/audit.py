@@ -37,9 +37,9 @@ from typing import Literal
 import orjson
 
 from privacy.backend import TableStats
-from tomlsections.reader import format_duration
 from privacy.policy import Category, Policy, Storage
 from privacy.store import Opened, Store, stored_categories, table_name
+from tomlsections.reader import format_duration
 
 Verdict = Literal["ok", "violation", "memory only"]
 LOG_DIR = "log"

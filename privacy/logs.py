@@ -58,7 +58,6 @@ import orjson
 
 from privacy.anonymise import anonymise_ip
 from privacy.clock import Clock, iso
-from tomlsections.reader import ConfigError
 from privacy.policy import (
     LOG_ENVELOPE,
     Category,
@@ -68,6 +67,7 @@ from privacy.policy import (
     Protection,
     Storage,
 )
+from tomlsections.reader import ConfigError
 
 ROOT_LOGGER = "softrelay"
 CATEGORY_LOGGER = "softrelay.category"

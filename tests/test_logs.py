@@ -19,7 +19,6 @@ import orjson
 import pytest
 
 from privacy.clock import ManualClock, parse_instant
-from tomlsections.reader import ConfigError
 from privacy.logs import (
     LogSet,
     PolicyLogHandler,
@@ -30,6 +29,7 @@ from privacy.logs import (
     subsystem_logger,
 )
 from privacy.policy import Policy, Protection, load_policy
+from tomlsections.reader import ConfigError
 
 DAY = "2024-05-01"
 START_OF_DAY = parse_instant(f"{DAY}T00:00:00Z")

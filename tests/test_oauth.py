@@ -23,13 +23,13 @@ from privacy.keys import Keyring
 from privacy.logs import day_of, log_dir, setup_logging
 from privacy.policy import load_policy
 from privacy.retention import Sweeper
-from softrelay.app import STORE, Services, build_app
-from softrelay.config import ConfigError, load_config
 from proxy.oauth import OAUTH_STAND_IN
 from proxy.oauth.settings import ClientAuth, OAuthProvider, OAuthSettings
 from proxy.oauth.standin import OAuthStandIn
-from webapi.ratelimit import RateLimit
 from push.apps import PushSettings
+from softrelay.app import STORE, Services, build_app
+from softrelay.config import ConfigError, load_config
+from webapi.ratelimit import RateLimit
 
 PUSH = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.t")
 FORM = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Softphone/2.1 (iOS)"}

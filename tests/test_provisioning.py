@@ -25,13 +25,13 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.retention import Sweeper
-from softrelay.app import STORE, Services, build_app
-from softrelay.config import ConfigError, load_config
 from proxy.provisioning import TUNNELS
 from proxy.provisioning.settings import ProvisioningSettings
-from webapi.ratelimit import RateLimit, RateLimiter
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
+from softrelay.app import STORE, Services, build_app
+from softrelay.config import ConfigError, load_config
+from webapi.ratelimit import RateLimit, RateLimiter
 
 SERIAL = "0042137"
 SECRET = "tunnel-secret-5b1f"

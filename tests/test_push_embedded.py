@@ -16,10 +16,10 @@ from privacy.clock import SystemClock
 from privacy.keys import Keyring
 from privacy.logs import setup_logging
 from privacy.policy import load_policy
-from softrelay.app import PUSH, STAND_INS, STORE, Services, build_app
 from push.apps import PushSettings
 from push.fakes.script import Respond
 from push.wake import Delivered, Reason, Service, TokenDead, WakeRequest
+from softrelay.app import PUSH, STAND_INS, STORE, Services, build_app
 from tests.conftest import sample_fields
 
 APP_ID = "com.example.softphone"

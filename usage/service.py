@@ -15,14 +15,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from privacy.clock import Clock
-from tomlsections.reader import ConfigError
 from privacy.policy import Policy
 from privacy.store import Store
-from webapi.openapi import OPENAPI
+from tomlsections.reader import ConfigError
 from usage.closing import MonthCloser
 from usage.endpoint import PING_PATH, PingEndpoint, describe
 from usage.ledger import USAGE, Ledger
 from usage.settings import UsageSettings, check_retention
+from webapi.openapi import OPENAPI
 
 
 @dataclass(frozen=True, slots=True)

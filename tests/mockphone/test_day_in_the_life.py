@@ -22,11 +22,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from softrelay.embedded import TENANT, EmbeddedRelay
 from mockphone.pbx import CallResult, MockPbx
 from mockphone.phone import Kind, MockPhone, OutgoingCall, State
-from softrelay.pytest_plugin import SERIAL, PhoneFactory
 from mockphone.simulate import send_crash
+from softrelay.embedded import TENANT, EmbeddedRelay
+from softrelay.pytest_plugin import SERIAL, PhoneFactory
 from tests.peers import run_cli
 from usage.client import UsageClient
 from usage.period import period_of

@@ -5,10 +5,10 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from softrelay.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.pushes import PushInbox
+from softrelay.embedded import EmbeddedRelay
 
 
 @pytest.mark.parametrize("kind", [Kind.IOS, Kind.ANDROID])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from softrelay.embedded import EmbeddedRelay
 from mockphone.pbx import MockPbx, PbxRefused
-from softrelay.pytest_plugin import SERIAL, PhoneFactory
 from mockphone.sip import Transport
+from softrelay.embedded import EmbeddedRelay
+from softrelay.pytest_plugin import SERIAL, PhoneFactory
 
 
 async def test_a_pbx_with_a_wrong_secret_is_refused(softrelay: EmbeddedRelay) -> None:

@@ -20,9 +20,9 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store
+from push.apps import PushSettings
 from softrelay.app import STORE, SWEEPER, Services, build_app
 from softrelay.metrics import MetricsSettings
-from push.apps import PushSettings
 from tests.peers import STEP_TIMEOUT, http_base, spawn_serve
 
 TOKEN = "metrics-token-0123456789abcdef"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from webapi.connections import RESERVED_DESCRIPTORS, HttpLimits, fit_descriptors
 from tests.peers import STARTUP_TIMEOUT, STEP_TIMEOUT, _cli_env
+from webapi.connections import RESERVED_DESCRIPTORS, HttpLimits, fit_descriptors
 
 SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Slow: 1\r\n"  # never finished
 WS_UPGRADE = (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import privacy.keys
-from tomlsections.reader import ConfigError
 from privacy.keys import Keyring, embedded_keyring_path, load_keyring, parse_keyring, write_keyring
+from tomlsections.reader import ConfigError
 
 VICTIM_TEXT = b"the file a planted symlink points at\n"
 

@@ -20,15 +20,15 @@ import pytest
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from dsr.service import DsrSettings
 from privacy.clock import ManualClock
 from privacy.crypto import FieldCipher
-from dsr.service import DsrSettings
 from privacy.keys import Keyring, load_keyring
 from privacy.policy import load_policy
 from privacy.store import DATABASE_FILE, Store, Value
+from push.apps import PushSettings
 from softrelay.app import STORE, Services, build_app
 from softrelay.cli import main as cli_main
-from push.apps import PushSettings
 
 SERIAL = "0042137"
 ADMIN_TOKEN = "admin-token-row-binding-0123456789"

@@ -21,12 +21,12 @@ from mockphone.provisioning import PbxTunnel, TunnelRequest, TunnelResponse
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from softrelay.app import Services, build_app
 from proxy.provisioning.paths import BadPath, check_path
 from proxy.provisioning.settings import ProvisioningSettings
-from webapi.ratelimit import RateLimit
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
+from softrelay.app import Services, build_app
+from webapi.ratelimit import RateLimit
 
 TUNNEL_SERIAL = "0042137"
 URL_SERIAL = "0000777"
