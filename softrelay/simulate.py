@@ -166,7 +166,12 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sim.add_argument("--crash-rate", type=float, help="crashes per second, in all")
     sim.add_argument("--opt-in", type=float, help="share of users opted in to crash reports")
     sim.add_argument("--wake-delay", help="push to re-REGISTER, e.g. lognormal:1.5,0.4")
-    sim.add_argument("--speed", type=float, help="simulated seconds per second (default 1)")
+    sim.add_argument(
+        "--speed",
+        type=float,
+        help="simulated seconds per second (default 1); inf: a stepped pace, events one "
+        "after another, as fast as the parties answer",
+    )
     sim.add_argument("--seed", type=int)
     sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     sim.add_argument("--no-live", action="store_true", help="no live view, summary only")
