@@ -126,6 +126,19 @@ class Server:
     ports: dict[str, int]
     output: list[str] = field(default_factory=list)
     drains: list[asyncio.Task[None]] = field(default_factory=list)
+    grew: asyncio.Event = field(default_factory=asyncio.Event)  # set as a line arrives
+
+    async def line(self, pattern: str) -> str:
+        """The first line of output matching the regex `pattern`, once it has come."""
+        seen = 0
+        async with asyncio.timeout(STEP_TIMEOUT):
+            while True:
+                for line in self.output[seen:]:
+                    if re.search(pattern, line):
+                        return line
+                seen = len(self.output)
+                self.grew.clear()
+                await self.grew.wait()
 
     async def stop(self) -> int:
         """SIGTERM, then the exit status once the process and its output have ended."""
@@ -154,9 +167,13 @@ class Server:
         raise AssertionError(f"serve printed no HTTP address:\n{self.log()}")
 
 
-async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
+async def _drain(
+    stream: asyncio.StreamReader, into: list[str], grew: asyncio.Event | None = None
+) -> None:
     while line := await stream.readline():
         into.append(line.decode(errors="replace"))
+        if grew is not None:
+            grew.set()
 
 
 async def start_server(tmp_path: Path) -> Server:
@@ -175,7 +192,7 @@ async def start_server(tmp_path: Path) -> Server:
     assert proc.stdout is not None
     assert proc.stderr is not None
     srv = Server(proc, config, data_dir, secret, {})
-    srv.drains.append(asyncio.create_task(_drain(proc.stderr, srv.output)))
+    srv.drains.append(asyncio.create_task(_drain(proc.stderr, srv.output, srv.grew)))
     # The SIP lines come before the "profile" line that ends the start-up report.
     while True:
         line = (await asyncio.wait_for(proc.stdout.readline(), STEP_TIMEOUT)).decode()
@@ -186,7 +203,7 @@ async def start_server(tmp_path: Path) -> Server:
         if line.startswith("softrelay: profile"):
             break
     assert set(srv.ports) == {"udp", "tcp"}, srv.log()
-    srv.drains.append(asyncio.create_task(_drain(proc.stdout, srv.output)))
+    srv.drains.append(asyncio.create_task(_drain(proc.stdout, srv.output, srv.grew)))
     return srv
 
 

@@ -25,6 +25,7 @@ from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
+from proxy.sip.service import SIP_SERVICE, SipService
 from proxy.sip.settings import PbxSettings, SipSettings
 from proxy.sip.wake import WakeSettings
 from push.apps import PushSettings
@@ -89,6 +90,7 @@ class World:
     clock: ManualClock
     data_dir: Path
     registry: CollectorRegistry
+    sip: SipService | None = None  # the app's SIP lifecycle, where a test needs it
 
 
 @pytest.fixture
@@ -104,7 +106,9 @@ async def world(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     server = TestServer(app)
     await server.start_server()
     try:
-        yield World(app[RELAY], app[STORE], app[STAND_INS], clock, tmp_path, app[REGISTRY])
+        yield World(
+            app[RELAY], app[STORE], app[STAND_INS], clock, tmp_path, app[REGISTRY], app[SIP_SERVICE]
+        )
     finally:
         await server.close()
         logs.close()
@@ -289,6 +293,53 @@ async def test_shutdown_answers_every_parked_call(world: World) -> None:
     answers = [m for m in pbx_wire.messages if isinstance(m, Response) and m.status == 503]
     assert sorted(m.call_id for m in answers) == ["call-1", "call-2"]
     assert all(m.get("Retry-After") == "5" for m in answers)
+    assert len(world.relay.parking) == 0
+
+
+async def test_once_sip_stops_accepting_new_calls_get_503_and_calls_under_way_go_on(
+    world: World,
+) -> None:
+    """SipService.stop_accepting (aiohttp's on_shutdown): the parked call gets its 503
+    with the shutdown's reason; a new INVITE gets a bare 503 with Retry-After (no 100,
+    nothing parked, nobody pushed); a CANCEL, which finishes a call, is still routed."""
+    pbx, pbx_wire, register = await _asleep(world)
+    await world.relay.handle(_invite(register, "call-1"), pbx)
+    await pbx_wire.response(180)
+    assert world.sip is not None
+    await world.sip.stop_accepting()
+    (answered,) = [m for m in pbx_wire.messages if isinstance(m, Response) and m.status == 503]
+    assert answered.call_id == "call-1"
+    assert "relay shutting down" in (answered.get("Reason") or "")
+
+    await world.relay.handle(_invite(register, "call-2"), pbx)
+    new = [m for m in pbx_wire.messages if isinstance(m, Response) and m.call_id == "call-2"]
+    assert [m.status for m in new] == [503]
+    assert new[0].get("Retry-After") == "5"
+    assert len(world.relay.parking) == 0
+    assert (
+        world.registry.get_sample_value("softrelay_sip_errors_total", {"reason": "stopping"}) == 1
+    )
+    assert len(world.stand_ins.deliveries.for_token(TOKEN)) == 1, "call-2 woke nobody"
+
+    await world.relay.handle(_cancel(register, "call-3"), pbx)
+    # Routed along its Path, not refused: the phone's flow is gone, so 480 Flow Gone.
+    routed = [m for m in pbx_wire.messages if m.call_id == "call-3"]
+    assert [(m.status, m.reason) for m in routed if isinstance(m, Response)] == [(480, "Flow Gone")]
+    assert (
+        world.registry.get_sample_value("softrelay_sip_errors_total", {"reason": "stopping"}) == 1
+    )
+
+
+async def test_a_call_that_would_be_parked_after_close_gets_503_at_once(world: World) -> None:
+    """A handler in flight may reach `park` after the parked calls were answered: the
+    call is refused then and there, not parked for nobody to answer."""
+    pbx, pbx_wire, register = await _asleep(world)
+    assert await world.relay.parking.close() == 0
+    await world.relay.handle(_invite(register, "call-1"), pbx)
+    assert pbx_wire.statuses() == [503]
+    (refused,) = [m for m in pbx_wire.messages if isinstance(m, Response)]
+    assert "relay shutting down" in (refused.get("Reason") or "")
+    assert refused.get("Retry-After") == "5"
     assert len(world.relay.parking) == 0
 
 
