@@ -1,14 +1,20 @@
 """A link: what the SIP transports keep for one flow, whatever carries it (a UDP peer,
 a TCP or TLS connection, a WebSocket). Each transport subclasses it; the registry of
-flows (`proxy.sip.transports`) reaps, pauses and aborts links through this interface."""
+flows (`proxy.sip.transports`) reaps, pauses and aborts links through this interface,
+and a transport reaches the registry through `Edge`, so neither imports the other.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
-from proxy.sip.flow import Address, Flow
+from privacy.clock import Clock
+from proxy.sip.flow import Address, Flow, Transport
+from proxy.sip.transport_metrics import SipMetrics
+from proxy.sip.transport_settings import TransportLimits
 
 
 class Link:
@@ -36,6 +42,37 @@ class Link:
 
     def abort(self) -> None:
         """Drop the connection at once, discarding what is still queued for the peer."""
+
+
+class Refusal(StrEnum):
+    """Why a connection was turned away (the `reason` label of the metric)."""
+
+    PER_IP = "per_ip"
+    TOTAL = "total"
+    STOPPING = "stopping"
+
+
+class Edge(Protocol):
+    """What a transport's links call on the registry of flows (`SipTransports`)."""
+
+    limits: TransportLimits
+    metrics: SipMetrics
+    clock: Clock
+    stopping: bool  # messages are no longer handed on
+
+    def admit(self, kind: Transport, host: str) -> Refusal | None: ...
+
+    def attach(self, link: Link) -> None: ...
+
+    def ended(self, link: Link) -> None: ...
+
+    def touch(self, link: Link) -> None: ...
+
+    def close_link(self, link: Link, reason: str) -> None: ...
+
+    def framing_error(self, link: Link) -> None: ...
+
+    def deliver(self, link: Link, data: bytes) -> bool: ...
 
 
 def address_of(sockaddr: Any) -> Address:

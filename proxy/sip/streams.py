@@ -10,14 +10,11 @@ senders wait for the peer; a peer that leaves `write_buffer` bytes unread is clo
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from proxy.sip.flow import Flow, FlowClosed, Transport, certificate_names
 from proxy.sip.framing import PONG, FramingError, Item, Keepalive, StreamFramer
-from proxy.sip.link import Link, address_of
-
-if TYPE_CHECKING:
-    from proxy.sip.transports import SipTransports
+from proxy.sip.link import Edge, Link, address_of
 
 
 class StreamLink(Link, asyncio.Protocol):
@@ -25,7 +22,7 @@ class StreamLink(Link, asyncio.Protocol):
 
     __slots__ = ("_drained", "_edge", "_framer", "_kind", "_transport")
 
-    def __init__(self, edge: SipTransports, kind: Transport) -> None:
+    def __init__(self, edge: Edge, kind: Transport) -> None:
         super().__init__()
         self._edge = edge
         self._kind = kind

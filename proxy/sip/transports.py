@@ -28,7 +28,6 @@ import logging
 import ssl
 from collections import Counter, deque
 from collections.abc import Coroutine
-from enum import StrEnum
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -36,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from privacy.clock import Clock
 from privacy.tasks import Tasks
 from proxy.sip.flow import Address, Flow, MessageHandler, Transport
-from proxy.sip.link import Link, address_of
+from proxy.sip.link import Link, Refusal, address_of
 from proxy.sip.streams import StreamLink
 from proxy.sip.tls import TLS_HANDSHAKE_TIMEOUT, TLS_SHUTDOWN_TIMEOUT, server_tls_context
 from proxy.sip.transport_metrics import SipMetrics
@@ -45,14 +44,6 @@ from proxy.sip.udp import UdpEndpoint
 from webapi.ratelimit import client_key
 
 log = logging.getLogger("softrelay.sip")
-
-
-class Refusal(StrEnum):
-    """Why a connection was turned away (the `reason` label of the metric)."""
-
-    PER_IP = "per_ip"
-    TOTAL = "total"
-    STOPPING = "stopping"
 
 
 class SipTransports:

@@ -14,14 +14,11 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from proxy.sip.flow import Address, Flow, FlowClosed, Transport
 from proxy.sip.framing import datagram_keepalive
-from proxy.sip.link import Link, address_of
-
-if TYPE_CHECKING:
-    from proxy.sip.transports import SipTransports
+from proxy.sip.link import Edge, Link, address_of
 
 log = logging.getLogger("softrelay.sip")
 
@@ -29,7 +26,7 @@ log = logging.getLogger("softrelay.sip")
 class UdpEndpoint(asyncio.DatagramProtocol):
     """The one UDP socket; every remote address on it is a `UdpPeer` flow."""
 
-    def __init__(self, edge: SipTransports) -> None:
+    def __init__(self, edge: Edge) -> None:
         self._edge = edge
         self.transport: asyncio.DatagramTransport | None = None
         self.paused = False  # the socket's send buffer is full and asyncio queues sends
@@ -121,9 +118,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
 class UdpPeer(Link):
     __slots__ = ("_addr", "_edge", "_endpoint")
 
-    def __init__(
-        self, edge: SipTransports, endpoint: UdpEndpoint, addr: Any, remote: Address
-    ) -> None:
+    def __init__(self, edge: Edge, endpoint: UdpEndpoint, addr: Any, remote: Address) -> None:
         super().__init__()
         self._edge = edge
         self._endpoint = endpoint

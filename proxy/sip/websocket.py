@@ -22,9 +22,9 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from proxy.sip.flow import Flow, FlowClosed, Transport
 from proxy.sip.framing import PONG, Keepalive, datagram_keepalive
-from proxy.sip.link import Link
+from proxy.sip.link import Link, Refusal
 from proxy.sip.transport_settings import STOP_GRACE
-from proxy.sip.transports import Refusal, SipTransports
+from proxy.sip.transports import SipTransports
 from webapi import openapi
 from webapi.errors import Refusal as HttpRefusal
 
