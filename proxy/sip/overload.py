@@ -14,8 +14,6 @@ seconds; with a hysteresis, so that shedding does not flap from message to messa
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 PROBE = 0.05  # seconds between probes of the loop's lag
@@ -50,17 +48,3 @@ class Overload:
             asked = loop.time()
             await asyncio.sleep(PROBE)
             self.observe(max(0.0, loop.time() - asked - PROBE))
-
-    @contextlib.asynccontextmanager
-    async def probing(self) -> AsyncIterator[None]:
-        """Run the probe for the lifetime of the block (`softrelay serve`)."""
-        if self.settings.lag <= 0:
-            yield
-            return
-        task = asyncio.create_task(self.probe_forever())
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
