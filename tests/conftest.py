@@ -1,9 +1,11 @@
-"""Shared fixtures: an injected clock, a store on a temporary data directory, and
-`softrelay serve` with its peers (tests/peers.py) for the end-to-end tests."""
+"""Shared fixtures: an injected clock, a store on a temporary data directory, a real
+PostgreSQL server (tests/pgserver.py) with a fresh database per test, and `softrelay
+serve` with its peers (tests/peers.py) for the end-to-end tests."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,14 @@ from privacy.keys import Keyring
 from privacy.policy import Category, FieldType, Protection, load_policy
 from privacy.store import Store, Value
 from tests import peers
+from tests.limits import in_ci
+from tests.pgserver import PostgresServer, PostgresUnavailable
 
 START = parse_instant("2026-03-01T12:00:00Z")
 PROFILES = ("auerproxy", "cloudsoftphone")
 
 StoreFactory = Callable[[str], Awaitable[Store]]
+_DATABASES = itertools.count(1)
 
 
 def pytest_asyncio_loop_factories(
@@ -51,6 +56,34 @@ async def open_store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StoreF
 @pytest.fixture
 async def store(open_store: StoreFactory) -> Store:
     return await open_store("auerproxy")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL 15 server for the session, started on first use. Missing, it
+    skips the tests that need it, or fails them when `CI` is set (.ci/run installs it)."""
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI is set and {exc}")
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database for this test (the DSN of the test role), dropped after."""
+    name = f"test_{next(_DATABASES)}"
+    dsn = postgres_server.create_database(name)
+    yield dsn
+    # A test that stopped the server (the fault tests) leaves it running again.
+    postgres_server.start()
+    postgres_server.drop_database(name)
 
 
 def sample_fields(category: Category, marker: str = "x") -> dict[str, Value]:
