@@ -8,9 +8,9 @@ from prometheus_client import CollectorRegistry
 
 from privacy.clock import ManualClock
 from proxy.sip.flow import Flow, Transport
+from proxy.sip.link import Refusal as ConnectionRefusal
 from proxy.sip.transport_metrics import SipMetrics
 from proxy.sip.transport_settings import TransportLimits, TransportSettings
-from proxy.sip.transports import Refusal as ConnectionRefusal
 from proxy.sip.transports import SipTransports
 from webapi.ratelimit import RateLimit, RateLimiter, client_key
 
