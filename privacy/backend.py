@@ -5,6 +5,19 @@ indexed) and hands it here; a backend only moves rows. SQLite (`privacy.sqlite`)
 embedded default; a PostgreSQL backend implements the same protocol without touching a
 caller. Table and column names come from the compiled policy (checked to be plain
 identifiers), values always travel as bound parameters.
+
+Errors a backend raises for the store's callers, by what the caller does next:
+
+    StorageError
+    ├── StorageUnavailable  the database cannot be reached now (connection lost, server
+    │                       stopped, pool exhausted past its timeout): temporary; the
+    │                       write did not happen, answer "try later" (SIP 503, HTTP 503)
+    └── SchemaMismatch      the database's schema is not the one this softrelay needs:
+                            permanent until the operator acts; the message says what to
+                            run (`softrelay db migrate`, or upgrade softrelay)
+
+A backend translates its driver's exceptions into these in one place; nothing above it
+sees a driver's exception type.
 """
 
 from __future__ import annotations
@@ -22,10 +35,22 @@ ROW_ID = "rid"
 META_COLUMNS = ("id", "subject", "created_at", "last_used_at", ROW_ID)
 
 
+class StorageError(Exception):
+    """The store could not do what was asked; the message names no personal data."""
+
+
+class StorageUnavailable(StorageError):
+    """The database cannot be reached now; nothing was written. Retrying later may work."""
+
+
+class SchemaMismatch(StorageError):
+    """The schema is older or newer than this softrelay's; the message says what to run."""
+
+
 @dataclass(frozen=True, slots=True)
 class Column:
     name: str
-    sqltype: str  # TEXT, INTEGER, REAL, BLOB
+    sqltype: str  # TEXT, INTEGER, REAL, BLOB: SQLite's names; other backends map them
     indexed: bool = False
 
 

@@ -33,6 +33,7 @@ from privacy.anonymise import anonymise_ip
 from privacy.backend import ROW_ID, Backend, Column, Row, SqlValue, TableSpec, TableStats
 from privacy.clock import Clock
 from privacy.crypto import DecryptionError, FieldCipher
+from privacy.database import DATABASE_FILE, StoreSettings, open_backend
 from privacy.keys import Keyring
 from privacy.policy import (
     Category,
@@ -44,7 +45,6 @@ from privacy.policy import (
     Rule,
     Storage,
 )
-from privacy.sqlite import SQLiteBackend
 
 Value = str | int | float | list[Any] | dict[str, Any] | None
 
@@ -62,7 +62,6 @@ class JsonText:
 
 # What a write takes: a value, or JSON text for a `json` field.
 Writable = Value | JsonText
-DATABASE_FILE = "softrelay.db"
 RESTRICTIONS_FRESH = 2.0  # seconds a read of the restriction marks is trusted
 ACCOUNT = "account"  # the policy category whose retention applies to a whole subject
 _SQLTYPE = {
@@ -190,9 +189,17 @@ class Store:
         self._restricted_read = 0.0
 
     @classmethod
-    async def create(cls, policy: Policy, keyring: Keyring, data_dir: Path, clock: Clock) -> Store:
+    async def create(
+        cls,
+        policy: Policy,
+        keyring: Keyring,
+        data_dir: Path,
+        clock: Clock,
+        settings: StoreSettings | None = None,
+    ) -> Store:
+        """The store on the backend `settings` names (default: SQLite under data_dir)."""
         tables = [table_spec(c) for c in stored_categories(policy)]
-        backend = await SQLiteBackend.create(data_dir / DATABASE_FILE, tables)
+        backend = await open_backend(settings or StoreSettings(), data_dir, tables)
         return cls(policy, keyring, backend, clock)
 
     async def close(self) -> None:
@@ -678,10 +685,12 @@ def _anonymised(cat: Category, spec: FieldSpec, value: Writable) -> str:
 
 
 __all__ = [
+    "DATABASE_FILE",
     "JsonText",
     "Opened",
     "Record",
     "Store",
+    "StoreSettings",
     "Subject",
     "Value",
     "Writable",

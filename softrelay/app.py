@@ -46,6 +46,7 @@ from crashreports.settings import CrashSettings
 from dsr.api import add_dsr_routes
 from dsr.service import DsrSettings
 from privacy.clock import Clock
+from privacy.database import StoreSettings
 from privacy.keys import Keyring
 from privacy.policy import Policy
 from privacy.store import Store
@@ -102,6 +103,7 @@ class Services:
     usage: UsageSettings = field(default_factory=UsageSettings)
     http: HttpLimits = field(default_factory=HttpLimits)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)  # default: SQLite in data_dir
 
 
 SERVICES = web.AppKey("services", Services)
@@ -180,7 +182,9 @@ def build_app(services: Services) -> web.Application:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    store = await Store.create(services.policy, services.keyring, services.data_dir, services.clock)
+    store = await Store.create(
+        services.policy, services.keyring, services.data_dir, services.clock, services.store
+    )
     app[STORE] = store
     yield
     await store.close()

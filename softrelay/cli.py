@@ -85,6 +85,12 @@ class Runtime:
     def keyring(self) -> Keyring:
         return load_keyring(self.config.keyring, self.config.data_dir)
 
+    async def open_store(self) -> Store:
+        config = self.config
+        return await Store.create(
+            self.policy, self.keyring(), config.data_dir, self.clock, config.store
+        )
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -147,11 +153,19 @@ def _secrets_used(args: argparse.Namespace) -> tuple[SecretSection, ...]:
     `simulate --target` reads [sip] and [usage] once it knows it plays against a server."""
     if args.command == "serve":
         return SECRET_SECTIONS
+    # The store's DSN, for every command that opens the store.
+    store: tuple[SecretSection, ...] = () if _opens_no_store(args) else ("store",)
     if args.command == "billing":
-        return ("usage",)
+        return (*store, "usage")
     if args.command == "crashes" and getattr(args, "metrics_url", None):
-        return ("metrics_token",)  # `crashes stats --metrics-url` scrapes with it
-    return ()
+        return (*store, "metrics_token")  # `crashes stats --metrics-url` scrapes with it
+    return store
+
+
+def _opens_no_store(args: argparse.Namespace) -> bool:
+    return args.command in ("policy", "simulate") or (
+        args.command == "keys" and args.action == "rotate"
+    )
 
 
 def _version() -> str:
@@ -289,6 +303,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         dsr=config.dsr,
         http=config.http,
         metrics=MetricsSettings(config.metrics_token, config.listen.metrics),
+        store=config.store,
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()
@@ -371,9 +386,7 @@ def _print_push(app: web.Application) -> None:
 
 
 async def _sweep(runtime: Runtime, args: argparse.Namespace) -> int:
-    store = await Store.create(
-        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
-    )
+    store = await runtime.open_store()
     try:
         runs = await Sweeper(store, runtime.config.data_dir).run_once()
     finally:
@@ -400,7 +413,7 @@ async def _audit(runtime: Runtime, args: argparse.Namespace) -> int:
     if missing := [str(path) for path in also if not path.exists()]:
         print(f"softrelay: --also: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    store = await Store.create(runtime.policy, runtime.keyring(), data_dir, runtime.clock)
+    store = await runtime.open_store()
     try:
         verdicts = await audit(store, data_dir)
         sealed = await scan_sealed(store, canaries) if canaries else None
@@ -463,9 +476,7 @@ async def _crashes(runtime: Runtime, args: argparse.Namespace) -> int:
 
 async def _with_store(runtime: Runtime, command: Callable[[Store], Awaitable[int]]) -> int:
     """Run a command on the store, closed after it whatever happens."""
-    store = await Store.create(
-        runtime.policy, runtime.keyring(), runtime.config.data_dir, runtime.clock
-    )
+    store = await runtime.open_store()
     try:
         return await command(store)
     finally:

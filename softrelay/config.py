@@ -7,7 +7,7 @@ Relative paths are taken from the current directory, as a command line user expe
 
 The sections whose parsing reads secrets (`[push]` key files, `[sip]` PBX secrets and
 TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[http] metrics_token`,
-`[dsr] admin_token`) are checked to be tables at load and parsed when a command first
+`[dsr] admin_token`, `[store] dsn`) are checked to be tables at load and parsed when a command first
 uses them (`Deferred`):
 `policy render` needs none of them, `serve` reads them all at its start
 (`read_secrets`), and a missing one stops that command with the file and the key.
@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 
 from crashreports.settings import CrashSettings, parse_crashreports
 from dsr.service import DsrSettings, parse_dsr
+from privacy.database import StoreSettings, parse_store
 from privacy.notice import Controller, parse_controller
 from privacy.policy import PROFILES_DIR
 from proxy.oauth.settings import OAuthSettings, parse_oauth
@@ -56,7 +57,9 @@ class Listen:
 
 
 # The sections parsed at first use, since parsing them reads secrets.
-SecretSection = Literal["push", "sip", "oauth", "usage", "metrics_token", "dsr_admin_token"]
+SecretSection = Literal[
+    "push", "sip", "oauth", "usage", "metrics_token", "dsr_admin_token", "store"
+]
 SECRET_SECTIONS: tuple[SecretSection, ...] = get_args(SecretSection)
 
 
@@ -84,6 +87,12 @@ class Config:
     deferred_metrics_token: Deferred[str] = field(repr=False, compare=False)
     # Checked here so that serve's start names file and key; the DSR API reads it itself.
     deferred_dsr_admin_token: Deferred[str] = field(repr=False, compare=False)
+    # The database: parsed when a command opens the store, as its DSN is a secret.
+    deferred_store: Deferred[StoreSettings] = field(repr=False, compare=False)
+
+    @property
+    def store(self) -> StoreSettings:
+        return self.deferred_store.get()
 
     @property
     def push(self) -> PushSettings:
@@ -116,6 +125,7 @@ class Config:
             "usage": self.deferred_usage,
             "metrics_token": self.deferred_metrics_token,
             "dsr_admin_token": self.deferred_dsr_admin_token,
+            "store": self.deferred_store,
         }
         for name in sections:
             deferred[name].get()
@@ -181,6 +191,11 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     http_section = root.section("http", {})
     http = _parse_http(http_section)
     metrics_token = Deferred(http_section, _metrics_token)
+    store_section = root.section("store", {})
+    # Only the DSN's source now (a DSN written into the file is refused at once); it is
+    # read when a command opens the store.
+    store_section.secret_source("dsn", "")
+    store = Deferred(store_section, parse_store)
     root.finish()
 
     config = Config(
@@ -204,6 +219,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         deferred_usage=usage,
         deferred_metrics_token=metrics_token,
         deferred_dsr_admin_token=Deferred(dsr_section, _dsr_admin_token),
+        deferred_store=store,
     )
     if read_secrets:
         config.read_secrets()

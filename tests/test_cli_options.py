@@ -36,7 +36,10 @@ SECRETS: dict[str, tuple[str, str]] = {
     ),
     "metrics_token": ("http.metrics_token", f'[http]\nmetrics_token = "env:{UNSET}"\n'),
     "dsr_admin_token": ("dsr.admin_token", f'[dsr]\nadmin_token = "file:{MISSING}/admin"\n'),
+    "store": ("store.dsn", f'[store]\nbackend = "postgresql"\ndsn = "env:{UNSET}"\n'),
 }
+# The store's DSN is read by every command that opens the store.
+STORE_SECRET = "store"
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +55,10 @@ def _config(tmp_path: Path, body: str, name: str = "softrelay.toml") -> Path:
 
 
 def _all_secrets_missing(tmp_path: Path) -> Path:
-    return _config(tmp_path, "".join(body for _, body in SECRETS.values()))
+    """Every secret missing but the store's (SQLite, which has none)."""
+    return _config(
+        tmp_path, "".join(body for name, (_, body) in SECRETS.items() if name != STORE_SECRET)
+    )
 
 
 def test_the_table_covers_every_section_that_holds_secrets() -> None:
@@ -118,8 +124,9 @@ def test_an_option_after_the_command_wins_over_the_same_before_it(
 def test_commands_that_use_no_secret_need_none_of_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    """Every secret of the config is missing; these commands never read one (the
-    keyring, which the store needs, is generated under the data directory)."""
+    """Every secret of the config is missing; these commands never read one but the
+    store's, which SQLite has none of (the keyring, which the store needs, is generated
+    under the data directory)."""
     config = _all_secrets_missing(tmp_path)
     status = main(["--config", str(config), "--data-dir", str(tmp_path / "var"), *argv])
     captured = capsys.readouterr()
@@ -149,16 +156,19 @@ def test_serve_reads_every_secret_at_start_and_names_file_and_key(
     [
         (["billing", "--month", "2026-01"], "usage"),
         (["crashes", "stats", "--metrics-url", "http://127.0.0.1:9/metrics"], "metrics_token"),
+        (["sweep"], "store"),
+        (["dsr", "export", "--user", "alice", "--serial", "0042137"], "store"),
     ],
-    ids=["billing", "crashes stats"],
+    ids=["billing", "crashes stats", "sweep", "dsr"],
 )
 def test_a_command_reads_the_secrets_it_uses_and_only_those(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], section: str
 ) -> None:
     """Missing, the secret it uses stops it at the start, naming file and key; every
-    other secret may be missing."""
+    secret it does not use may be missing."""
     key, body = SECRETS[section]
-    others = "".join(b for name, (_, b) in SECRETS.items() if name != section)
+    # The store's too: every one of these opens it (SQLite, without a secret, here).
+    others = "".join(b for name, (_, b) in SECRETS.items() if name not in (section, STORE_SECRET))
     data = tmp_path / "var"
     config = _config(tmp_path, body + others)
     assert main(["--config", str(config), "--data-dir", str(data), *argv]) == 2
