@@ -7,23 +7,50 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import uvloop
 
 from privacy.clock import ManualClock, parse_instant
+from privacy.database import BackendName, StoreSettings
 from privacy.keys import Keyring
 from privacy.policy import Category, FieldType, Protection, load_policy
 from privacy.store import Store, Value
 from tests import peers
 from tests.limits import in_ci
 from tests.pgserver import PostgresServer, PostgresUnavailable
+from tests.rawdb import PostgresRaw, RawDatabase, SQLiteRaw
 
 START = parse_instant("2026-03-01T12:00:00Z")
 PROFILES = ("auerproxy", "cloudsoftphone")
 
 StoreFactory = Callable[[str], Awaitable[Store]]
 _DATABASES = itertools.count(1)
+# The backends a test marked `both_backends` runs on (the `store_backend` fixture).
+STORE_BACKENDS: tuple[BackendName, ...] = ("sqlite",)
+# Where a configuration file used by a test finds the PostgreSQL DSN (`dsn = "env:..."`).
+DSN_ENV = "SOFTRELAY_TEST_DSN"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "both_backends: the test's store (store_backend) runs on SQLite and on PostgreSQL",
+    )
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only(why): in a both_backends module, a test of SQLite's own files only",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A `both_backends` test that opens a store runs once per backend: `store_backend`
+    is the one parameter every store fixture below takes its backend from."""
+    marked = metafunc.definition.get_closest_marker("both_backends") is not None
+    marked = marked and metafunc.definition.get_closest_marker("sqlite_only") is None
+    if marked and "store_backend" in metafunc.fixturenames:
+        metafunc.parametrize("store_backend", STORE_BACKENDS, indirect=True)
 
 
 def pytest_asyncio_loop_factories(
@@ -39,12 +66,54 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def open_store(tmp_path: Path, clock: ManualClock) -> AsyncIterator[StoreFactory]:
-    """Opens stores of a profile on tmp_path; all are closed after the test."""
+def store_backend(request: pytest.FixtureRequest) -> BackendName:
+    """The store's backend: the parameter of a `both_backends` test, else SQLite."""
+    return cast(BackendName, getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store_settings(store_backend: BackendName, request: pytest.FixtureRequest) -> StoreSettings:
+    """`[store]` for the test's backend: SQLite under tmp_path, or a fresh PostgreSQL
+    database (the server starts only for a test that runs on it)."""
+    if store_backend == "postgresql":
+        return StoreSettings(backend="postgresql", dsn=request.getfixturevalue("postgres_dsn"))
+    return StoreSettings()
+
+
+@pytest.fixture
+def store_toml(store_settings: StoreSettings, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The `[store]` section of a configuration file for the test's backend (empty for
+    SQLite); the DSN is read from DSN_ENV, set here, as a deployment reads it."""
+    if store_settings.backend == "sqlite":
+        return ""
+    monkeypatch.setenv(DSN_ENV, store_settings.dsn)
+    return f'[store]\nbackend = "postgresql"\ndsn = "env:{DSN_ENV}"\n'
+
+
+@pytest.fixture
+def raw_db(
+    store_settings: StoreSettings, tmp_path: Path, request: pytest.FixtureRequest
+) -> RawDatabase:
+    """The database of the test's store (`store`, `open_store`), read and changed
+    through the database's own client."""
+    if store_settings.backend == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        return PostgresRaw(server, store_settings.dsn)
+    return SQLiteRaw(tmp_path)
+
+
+@pytest.fixture
+async def open_store(
+    tmp_path: Path, clock: ManualClock, store_settings: StoreSettings
+) -> AsyncIterator[StoreFactory]:
+    """Opens stores of a profile on the test's backend (SQLite: under tmp_path); all are
+    closed after the test."""
     opened: list[Store] = []
 
     async def factory(profile: str = "auerproxy") -> Store:
-        store = await Store.create(load_policy(profile), Keyring.generate(), tmp_path, clock)
+        store = await Store.create(
+            load_policy(profile), Keyring.generate(), tmp_path, clock, store_settings
+        )
         opened.append(store)
         return store
 
