@@ -1,6 +1,6 @@
-"""Each retention rule holds at its boundary, on an injected clock, for both profiles:
-a record is kept one second before its limit and gone one second after, from reads at
-once and from disk after the sweep."""
+"""Each retention rule holds at its boundary, on an injected clock, for both profiles
+and on both store backends: a record is kept one second before its limit and gone one
+second after, from reads at once and from the database after the sweep."""
 
 from __future__ import annotations
 
@@ -12,14 +12,29 @@ from privacy.clock import ManualClock, iso
 from privacy.logs import category_logger, setup_logging
 from privacy.policy import Rule, Storage
 from privacy.retention import Sweeper
-from privacy.store import Store, Subject, stored_categories
+from privacy.store import Record, Store, Subject, stored_categories
 from tests.conftest import PROFILES, StoreFactory, sample_fields
+
+pytestmark = pytest.mark.both_backends
 
 
 def _database_cases() -> list[tuple[str, str]]:
     from privacy.policy import load_policy
 
     return [(p, c.name) for p in PROFILES for c in stored_categories(load_policy(p))]
+
+
+def _timed_cases() -> list[tuple[str, str]]:
+    """(profile, category) of every stored category whose retention is a time limit."""
+    from privacy.policy import load_policy
+
+    timed = (Rule.AFTER_CREATED, Rule.AFTER_LAST_USE)
+    return [
+        (p, c.name)
+        for p in PROFILES
+        for c in stored_categories(load_policy(p))
+        if c.retention.rule in timed
+    ]
 
 
 @pytest.mark.parametrize(("profile", "category"), _database_cases())
@@ -42,6 +57,51 @@ async def test_database_category_kept_before_and_gone_after_its_limit(
 
     clock.advance(2)
     assert await store.find(category) == [], f"{category} still readable after {limit}s"
+    await sweeper.run_once()
+    assert (await store.stats())[category].rows == 0
+
+
+@pytest.mark.parametrize(("profile", "category"), _timed_cases())
+async def test_records_two_seconds_apart_straddle_the_cutoff_one_second_each_side(
+    open_store: StoreFactory, clock: ManualClock, tmp_path: Path, profile: str, category: str
+) -> None:
+    """The cutoff is taken per record, to the second, from the injected clock (never the
+    database's own time): at its limit + 1 s the older of two records is gone from reads
+    and from the table after a sweep, while the younger one, at its limit - 1 s, stays."""
+    store = await open_store(profile)
+    cat = store.policy.categories[category]
+    limit = cat.retention.seconds
+    if cat.subject:
+        # A subject's records also end with the account rule; the shorter limit holds.
+        limit = min(limit, store.policy.categories["account"].retention.seconds)
+    # Different markers: different record keys and, where there are any, subjects.
+    older, younger = sample_fields(cat, "older"), sample_fields(cat, "younger")
+    marker = next(name for name, value in older.items() if value != younger[name])
+    start = clock.now()
+    await store.put(category, older)
+    clock.advance(2)
+    await store.put(category, younger)
+    sweeper = Sweeper(store, tmp_path)
+
+    def markers(records: list[Record]) -> list[str]:
+        return sorted(str(r.fields[marker]) for r in records)
+
+    clock.set(start + limit - 1)
+    await sweeper.run_once()
+    assert markers(await store.find(category)) == sorted([str(older[marker]), str(younger[marker])])
+    assert (await store.stats())[category].rows == 2
+
+    clock.set(start + limit + 1)
+    assert markers(await store.find(category)) == [str(younger[marker])], "older one still read"
+    await sweeper.run_once()
+    assert (await store.stats())[category].rows == 1, "the sweep kept the older or took both"
+    assert markers(await store.find(category)) == [str(younger[marker])]
+
+    clock.set(start + 2 + limit - 1)
+    await sweeper.run_once()
+    assert (await store.stats())[category].rows == 1
+    clock.set(start + 2 + limit + 1)
+    assert await store.find(category) == []
     await sweeper.run_once()
     assert (await store.stats())[category].rows == 0
 
@@ -88,6 +148,7 @@ async def test_account_rule_removes_a_whole_subject_in_cloudsoftphone(
     assert stats["registration"].rows == stats["debug"].rows == stats["account"].rows == 0
 
 
+@pytest.mark.sqlite_only("log files under the data directory: the store's backend plays no part")
 @pytest.mark.parametrize("profile", PROFILES)
 async def test_log_files_deleted_at_their_limit(
     open_store: StoreFactory, clock: ManualClock, tmp_path: Path, profile: str
