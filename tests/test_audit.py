@@ -6,10 +6,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import sqlite3
 import urllib.parse
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from pathlib import Path
 
 import orjson
@@ -31,6 +29,11 @@ from privacy.policy import Storage, load_policy
 from privacy.retention import Sweeper
 from privacy.store import DATABASE_FILE, Store, Value, stored_categories
 from tests.conftest import sample_fields
+from tests.rawdb import RawDatabase
+
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+LOGS_ONLY = pytest.mark.sqlite_only("log files under the data directory: no backend in play")
 
 DAY = 86400
 NOON = parse_instant("2026-03-01T12:00:00Z")
@@ -70,14 +73,6 @@ def write_log(data_dir: Path, category: str, day: str, name: str | None = None) 
     path = directory / (name or f"{day}.jsonl")
     path.write_bytes(b'{"event":"push.sent","provider":"apns"}\n')
     return path
-
-
-def sql(data_dir: Path, *statements: str) -> None:
-    """Change the database behind the store's back, as a careless migration would."""
-    with closing(sqlite3.connect(data_dir / DATABASE_FILE)) as db:
-        for statement in statements:
-            db.execute(statement)
-        db.commit()
 
 
 # --- retention verdicts -------------------------------------------------------------
@@ -157,6 +152,7 @@ async def test_a_record_is_a_violation_from_the_instant_reads_treat_it_as_expire
     assert by_category(await audit(store, tmp_path))[cat.name].verdict == "violation"
 
 
+@LOGS_ONLY
 async def test_a_log_file_is_a_violation_once_its_day_start_plus_retention_has_passed(
     store: Store, tmp_path: Path
 ) -> None:
@@ -175,6 +171,7 @@ async def test_a_log_file_is_a_violation_once_its_day_start_plus_retention_has_p
     assert kept.exists()
 
 
+@LOGS_ONLY
 async def test_a_log_file_not_named_by_its_day_is_a_violation_as_no_sweep_removes_it(
     store: Store, tmp_path: Path, clock: ManualClock
 ) -> None:
@@ -191,11 +188,11 @@ async def test_a_log_file_not_named_by_its_day_is_a_violation_as_no_sweep_remove
 
 
 async def test_an_undeclared_column_with_values_is_a_violation_of_its_own(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, raw_db: RawDatabase
 ) -> None:
     await store.put("registration", REGISTRATION)
-    sql(
-        tmp_path,
+    # Behind the store's back, as a careless migration would.
+    raw_db.execute(
         "ALTER TABLE c_registration ADD COLUMN secret_note TEXT",
         "ALTER TABLE c_registration ADD COLUMN empty_note TEXT",  # only NULLs: holds nothing
         "UPDATE c_registration SET secret_note = 'met at the fair'",
@@ -215,10 +212,10 @@ async def test_an_undeclared_column_with_values_is_a_violation_of_its_own(
 
 
 async def test_a_table_or_a_file_of_a_memory_only_category_is_a_violation(
-    store: Store, tmp_path: Path, clock: ManualClock
+    store: Store, tmp_path: Path, clock: ManualClock, raw_db: RawDatabase
 ) -> None:
     assert by_category(await audit(store, tmp_path))["relay"].verdict == "memory only"
-    sql(tmp_path, "CREATE TABLE c_relay (id INTEGER PRIMARY KEY)")
+    raw_db.execute("CREATE TABLE c_relay (id INTEGER PRIMARY KEY)")
     write_log(tmp_path, "relay", day_of(clock.now()))
 
     relay = by_category(await audit(store, tmp_path))["relay"]
@@ -231,9 +228,9 @@ async def test_a_table_or_a_file_of_a_memory_only_category_is_a_violation(
 
 
 async def test_tables_and_logs_of_categories_the_policy_does_not_declare_are_violations(
-    store: Store, tmp_path: Path, clock: ManualClock
+    store: Store, tmp_path: Path, clock: ManualClock, raw_db: RawDatabase
 ) -> None:
-    sql(tmp_path, "CREATE TABLE c_shopping (id INTEGER PRIMARY KEY)")
+    raw_db.execute("CREATE TABLE c_shopping (id INTEGER PRIMARY KEY)")
     write_log(tmp_path, "registration", day_of(clock.now()))  # a database category
     (tmp_path / "log" / "stray.jsonl").write_bytes(b"{}\n")
     (tmp_path / "log" / "empty").mkdir()  # a directory without files holds nothing
@@ -254,6 +251,8 @@ async def test_tables_and_logs_of_categories_the_policy_does_not_declare_are_vio
 # --- canary scan --------------------------------------------------------------------
 
 
+# SQLite only (it opens no store_backend): the files of an embedded store, its WAL among
+# them, under the data directory; a PostgreSQL database keeps no file there.
 async def test_encrypted_fields_leave_no_plaintext_in_any_file_open_or_closed(
     tmp_path: Path, clock: ManualClock
 ) -> None:
