@@ -5,19 +5,22 @@ rule of both profiles on an injected clock."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from dsr.service import EXPORT_FORMAT, DataSubjectRights, DsrSettings, InvalidRequest
 from privacy.clock import ManualClock
+from privacy.database import StoreSettings
 from privacy.keys import load_keyring
 from privacy.policy import Storage, load_policy
 from privacy.retention import Sweeper
-from privacy.store import DATABASE_FILE, Store, Subject, Value
+from privacy.store import Store, Subject, Value
 from softrelay.cli import main
 from tests.conftest import PROFILES, StoreFactory
+from tests.rawdb import RawDatabase
+
+pytestmark = pytest.mark.both_backends
 
 ALICE = Subject("alice-7f3e9", "0042137")
 BOB = Subject("bob-11aa2", "0042137")
@@ -126,7 +129,7 @@ async def test_objection_does_not_apply_to_contract_processing(store: Store) -> 
     assert answers["debug"]["applies"]  # legitimate interests: objection is possible
 
 
-async def test_trail_holds_no_personal_data(store: Store, tmp_path: Path) -> None:
+async def test_trail_holds_no_personal_data(store: Store, raw_db: RawDatabase) -> None:
     await _populate(store)
     rights = DataSubjectRights(store)
     await rights.export(ALICE, "subject")
@@ -134,10 +137,9 @@ async def test_trail_holds_no_personal_data(store: Store, tmp_path: Path) -> Non
     await rights.refused("erase", "unproved", "refused")
     entries = await rights.trail()
     assert [e.type for e in entries] == ["erase", "erase", "export"] or len(entries) == 3
-    with sqlite3.connect(tmp_path / DATABASE_FILE) as db:
-        rows = db.execute("SELECT * FROM dsr_requests").fetchall()
-    text = repr(rows)
-    assert len(rows) == 3
+    text = raw_db.text("SELECT * FROM dsr_requests")
+    assert raw_db.count("dsr_requests") == 3
+    assert "erase" in text, "the text shows the trail's rows"
     for personal in (ALICE.sip_username, "tok-alice", "198.51.100"):
         assert personal not in text
 
@@ -170,18 +172,23 @@ async def test_lifecycle_removes_an_inactive_subject_entirely(
 
 
 def test_cli_erase_leaves_no_canary_and_other_subjects_intact(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    store_settings: StoreSettings,
+    store_toml: str,
 ) -> None:
     """`softrelay dsr erase`, then `softrelay audit --canary` with Alice's user name,
     token, IP and instance finds nothing, while Bob's record is still there."""
     data = tmp_path / "data"
-    common = ["--data-dir", str(data)]
+    config = tmp_path / "softrelay.toml"
+    config.write_text(store_toml, encoding="utf-8")  # [store] of the test's backend
+    common = ["--config", str(config), "--data-dir", str(data)]
     assert main(["sweep", *common]) == 0  # creates the keyring under the data directory
 
     async def with_store(check_bob: bool) -> int:
         clock = ManualClock(1_772_366_400.0)
         keyring = load_keyring("", data)
-        store = await Store.create(load_policy("auerproxy"), keyring, data, clock)
+        store = await Store.create(load_policy("auerproxy"), keyring, data, clock, store_settings)
         try:
             if not check_bob:
                 await _populate(store)
