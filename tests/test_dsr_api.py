@@ -23,6 +23,7 @@ from dsr.api import CLIENT_FAILURE_FACTOR
 from dsr.service import DsrSettings
 from mockphone import digest
 from privacy.clock import ManualClock
+from privacy.database import StoreSettings
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
@@ -50,6 +51,8 @@ URL_SERIAL = "pbx-by-url"  # a PBX whose provisioning server the relay reaches b
 UNLIMITED = RateLimit(per_minute=0)
 PBX_REALM = "pbx.example"
 ALICE = Subject("alice", SERIAL)
+# The whole app's store on SQLite and on PostgreSQL (the `world` fixture's store_settings).
+pytestmark = pytest.mark.both_backends
 
 
 class DigestPbx:
@@ -94,7 +97,9 @@ class World:
 
 
 @pytest.fixture
-async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_settings: StoreSettings
+) -> AsyncIterator[World]:
     """The whole app of `softrelay serve` (`build_app`, embedded push and OAuth
     stand-ins, no SIP listeners) on loopback, with one PBX linked over a fake flow.
 
@@ -128,6 +133,7 @@ async def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         oauth=OAuthSettings(rate=UNLIMITED),
         dsr=DsrSettings(admin_token="env:SOFTRELAY_TEST_ADMIN", max_failures=3, failure_window=600),
         usage=UsageSettings(tenants=(Tenant("acme", ADMIN_TOKEN),), ip_burst=100_000),
+        store=store_settings,
     )
     app = build_app(services)
     server = TestServer(app, host="127.0.0.1")
