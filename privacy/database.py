@@ -14,6 +14,7 @@ kept out of every repr, and no message ever quotes it, only the host and port it
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,4 +75,44 @@ async def open_backend(
     return await SQLiteBackend.create(data_dir / DATABASE_FILE, tables)
 
 
-__all__ = ["BACKENDS", "DATABASE_FILE", "StoreSettings", "open_backend", "parse_store"]
+async def migrate(
+    settings: StoreSettings, data_dir: Path, tables: Sequence[TableSpec]
+) -> list[str]:
+    """Bring the database to this softrelay's schema and the policy's tables (`softrelay
+    db migrate`); what was done, in order (nothing: it was up to date)."""
+    if settings.backend == "postgresql":
+        from privacy.postgres import PostgresBackend
+
+        return await PostgresBackend.migrate(settings, tables)
+    from privacy.sqlite import SQLiteBackend
+
+    # Opening a SQLite file migrates it (privacy/migrations.py says why).
+    backend = await SQLiteBackend.create(data_dir / DATABASE_FILE, tables)
+    await backend.close()
+    return backend.applied
+
+
+async def schema_status(
+    settings: StoreSettings, data_dir: Path, tables: Sequence[TableSpec]
+) -> tuple[int, list[str]]:
+    """The database's schema version and what the policy's tables lack there, read
+    without changing anything (`softrelay db status`)."""
+    if settings.backend == "postgresql":
+        from privacy.postgres import PostgresBackend
+
+        return await PostgresBackend.status(settings, tables)
+    from privacy.sqlite import schema_version
+
+    # The category tables of a SQLite file follow the policy at every open: not reported.
+    return await asyncio.to_thread(schema_version, data_dir / DATABASE_FILE), []
+
+
+__all__ = [
+    "BACKENDS",
+    "DATABASE_FILE",
+    "StoreSettings",
+    "migrate",
+    "open_backend",
+    "parse_store",
+    "schema_status",
+]

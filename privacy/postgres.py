@@ -1,18 +1,630 @@
-"""PostgreSQL backend (being written; issue 16): the store for several processes."""
+"""PostgreSQL backend: the store of a fleet, one database several softrelay processes share.
+
+The same tables as SQLite (privacy/sqlite.py), the same meta columns and the same
+semantics, statement for statement; column types mapped (`_PG_TYPE`). Driver: asyncpg
+(docs/design.md, "PostgreSQL", says why, with the measurements).
+
+Structure, for what later builds on it:
+- `_connection()` is the one place a connection is taken from the pool (optionally
+  inside a transaction), and the one place driver exceptions become the store's:
+  connection loss, a server shutting down or starting, a pool or statement timeout ->
+  `StorageUnavailable`. Nothing above this module sees an asyncpg type.
+- The schema is never changed by opening: `create` checks the version and the category
+  tables and refuses with the line that says what to run; `migrate` (`softrelay db
+  migrate`) changes it, in one transaction, under an advisory lock so two migrating
+  processes take turns. privacy/migrations.py says why.
+- `checkpoint()` has no WAL of ours to fold: it is where vacuuming after a sweep or an
+  erasure belongs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import asyncio
+import json
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import TypeAlias
 
-from privacy.backend import StorageError, TableSpec
+import asyncpg
+import asyncpg.pool
 
-if TYPE_CHECKING:
-    from privacy.backend import Backend
-    from privacy.database import StoreSettings
+from privacy.backend import (
+    META_COLUMNS,
+    ROW_ID,
+    RequestEntry,
+    RetentionRun,
+    Row,
+    SchemaMismatch,
+    SqlValue,
+    StorageUnavailable,
+    TableSpec,
+    TableStats,
+)
+from privacy.database import DSN_KEY, StoreSettings
+from privacy.migrations import MIGRATE_COMMAND, check_version, pending, statements
+from tomlsections.reader import ConfigError
+
+log = logging.getLogger("softrelay.privacy")
+
+_PG_TYPE = {"TEXT": "TEXT", "INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
+CONNECT_TIMEOUT = 10.0  # seconds to connect, at start and when the pool reconnects
+# Taken by `migrate` for its transaction: two `db migrate` at once take turns.
+MIGRATE_LOCK = 0x736F_6674_0001  # "soft" 1
+# The driver's and the network's ways of saying "the database is not there now". Class
+# 08 (connection exception), 57P01-57P03 (shutdown, starting up), 53300 (too many
+# connections), 57014 (statement timeout: the server is overloaded or locked).
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+)
+# What the first connection may fail with besides: the server refusing the role or the
+# database, a DSN the driver cannot read.
+_CONNECT_FAILED: tuple[type[BaseException], ...] = (
+    *_UNAVAILABLE,
+    asyncpg.PostgresError,
+    asyncpg.ClientConfigurationError,
+    ValueError,
+)
+_Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
 class PostgresBackend:
+    def __init__(self, pool: asyncpg.Pool, settings: StoreSettings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._target = _target(settings.dsn)
+
     @classmethod
-    async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> Backend:
-        raise StorageError("the PostgreSQL backend is not there yet")
+    async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> PostgresBackend:
+        """Connect, and check that the schema is this softrelay's and holds `tables`."""
+        backend = cls(await _pool(settings), settings)
+        try:
+            async with backend._connection() as conn:
+                check_version(await _version(conn))
+                missing = await _missing(conn, tables)
+        except BaseException:
+            await backend.close()
+            raise
+        if missing:
+            await backend.close()
+            raise SchemaMismatch(
+                f"{missing[0]} is missing (the policy declares it): run `{MIGRATE_COMMAND}`"
+            )
+        return backend
+
+    @classmethod
+    async def migrate(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> list[str]:
+        """Take the schema steps the database lacks and create the category tables,
+        columns and indexes the policy declares; what was done, in order."""
+        backend = cls(await _pool(settings), settings)
+        done: list[str] = []
+        try:
+            async with backend._connection(transaction=True) as conn:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                    " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                )
+                for version, step in pending(await _version(conn)):
+                    for statement in statements(step.postgresql):
+                        await conn.execute(statement)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        step.name,
+                    )
+                    done.append(f"schema version {version}: {step.name}")
+                for table in tables:
+                    done += await _ensure_table(conn, table)
+        finally:
+            await backend.close()
+        return done
+
+    @classmethod
+    async def status(
+        cls, settings: StoreSettings, tables: Sequence[TableSpec]
+    ) -> tuple[int, list[str]]:
+        """The schema version, and what the policy's tables lack (`db status`)."""
+        backend = cls(await _pool(settings), settings)
+        try:
+            async with backend._connection(transaction=False) as conn:
+                version = await _version(conn)
+                missing = await _missing(conn, tables) if version else []
+        finally:
+            await backend.close()
+        return version, missing
+
+    @asynccontextmanager
+    async def _connection(self, *, transaction: bool = True) -> AsyncIterator[_Conn]:
+        """A connection of the pool (in a transaction unless told not), driver errors
+        translated: the one place for both."""
+        try:
+            async with self._pool.acquire(timeout=self._settings.statement_timeout) as conn:
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+        except _UNAVAILABLE as exc:
+            # Connections that were idle in the pool died with the server too: drop them
+            # all now, so one failed call per outage, not one per pooled connection.
+            await self._pool.expire_connections()
+            raise StorageUnavailable(
+                f"database at {self._target} unavailable: {_reason(exc)}"
+            ) from exc
+
+    # --- records --------------------------------------------------------------------
+
+    async def put(
+        self, table: TableSpec, row: Callable[[], Row], *, subject: bytes | None, now: float
+    ) -> int:
+        # Sealed here, on the loop: a few µs of AES-GCM per field; a thread hop per write
+        # would cost more (SQLite seals on its own thread, which it has anyway).
+        values: Row = {**row(), "subject": subject, "created_at": now, "last_used_at": now}
+        sql = _put_sql(table, tuple(values), subject is not None)
+        params = list(values.values())
+        if subject is not None:
+            params.append(now)
+        # One statement (the subject's activity in the same one, a CTE): atomic without
+        # BEGIN/COMMIT round trips.
+        async with self._connection(transaction=False) as conn:
+            record_id: int = await conn.fetchval(sql, *params)
+        return record_id
+
+    async def put_many(
+        self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
+    ) -> None:
+        if not rows:
+            return
+        built = [{**row(), "subject": None, "created_at": now, "last_used_at": now} for row in rows]
+        sql = _upsert_sql(table, tuple(built[0]))
+        async with self._connection() as conn:
+            await conn.executemany(sql, [list(values.values()) for values in built])
+
+    async def select(
+        self,
+        table: TableSpec,
+        where: Mapping[str, SqlValue],
+        *,
+        cutoff: float,
+        subject_cutoff: float,
+    ) -> list[Row]:
+        clauses, params = _where(where, first=3)
+        sql = (
+            f"SELECT * FROM {table.name} AS t WHERE {table.basis} > $1 AND (t.subject IS NULL"
+            " OR EXISTS (SELECT 1 FROM subjects s WHERE s.subject = t.subject"
+            " AND s.last_used_at > $2))"
+        )
+        if clauses:
+            sql += " AND " + clauses
+        async with self._connection(transaction=False) as conn:
+            rows = await conn.fetch(sql + " ORDER BY id", cutoff, subject_cutoff, *params)
+        return [dict(row) for row in rows]
+
+    async def touch(self, table: TableSpec, record_id: int, *, now: float) -> bool:
+        return await self._update(table, record_id, None, now)
+
+    async def update(
+        self,
+        table: TableSpec,
+        record_id: int,
+        values: Callable[[Row], Row],
+        *,
+        now: float | None,
+    ) -> bool:
+        return await self._update(table, record_id, values, now)
+
+    async def _update(
+        self,
+        table: TableSpec,
+        record_id: int,
+        build: Callable[[Row], Row] | None,
+        now: float | None,
+    ) -> bool:
+        async with self._connection() as conn:
+            values: Row = {}
+            if build is not None:
+                # FOR UPDATE: the row cannot change between reading it and sealing against it.
+                current = await conn.fetchrow(
+                    f"SELECT * FROM {table.name} WHERE id = $1 FOR UPDATE", record_id
+                )
+                if current is None:
+                    return False
+                values = build(dict(current))
+            if now is not None:
+                values["last_used_at"] = now
+            if not values:
+                return True
+            assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, start=2))
+            found = await conn.fetch(
+                f"UPDATE {table.name} SET {assignments} WHERE id = $1 RETURNING subject",
+                record_id,
+                *values.values(),
+            )
+            if found and found[0][0] is not None and now is not None:
+                await conn.execute(_TOUCH_SUBJECT, found[0][0], now)
+        return bool(found)
+
+    async def scan(self, table: TableSpec, *, after: int, limit: int) -> list[Row]:
+        async with self._connection(transaction=False) as conn:
+            rows = await conn.fetch(
+                f"SELECT * FROM {table.name} WHERE id > $1 ORDER BY id LIMIT $2", after, limit
+            )
+        return [dict(row) for row in rows]
+
+    async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int:
+        clauses, params = _where(where, first=1)
+        async with self._connection(transaction=False) as conn:
+            status = await conn.execute(
+                f"DELETE FROM {table.name} WHERE {clauses or 'TRUE'}", *params
+            )
+        return _count(status)
+
+    async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]:
+        # Every table in one transaction: an erasure is whole or not at all.
+        async with self._connection() as conn:
+            return await _delete_subjects(conn, tables, [subject])
+
+    async def delete_before(self, table: TableSpec, cutoff: float) -> int:
+        async with self._connection(transaction=False) as conn:
+            status = await conn.execute(
+                f"DELETE FROM {table.name} WHERE {table.basis} <= $1", cutoff
+            )
+        return _count(status)
+
+    async def delete_inactive_subjects(self, tables: Sequence[TableSpec], cutoff: float) -> int:
+        async with self._connection() as conn:
+            # FOR UPDATE: a put of another process that marks one of these subjects active
+            # waits for this transaction, then records the subject anew with its record.
+            rows = await conn.fetch(
+                "SELECT subject FROM subjects WHERE last_used_at <= $1 FOR UPDATE", cutoff
+            )
+            subjects = [row[0] for row in rows]
+            await _delete_subjects(conn, tables, subjects)
+        return len(subjects)
+
+    # --- restriction (GDPR Art. 18) -------------------------------------------------
+
+    async def restricted_subjects(self) -> frozenset[bytes]:
+        async with self._connection(transaction=False) as conn:
+            rows = await conn.fetch("SELECT subject FROM restrictions")
+        return frozenset(row[0] for row in rows)
+
+    async def restrict(self, subject: bytes, on: bool, *, now: float) -> bool:
+        async with self._connection(transaction=False) as conn:
+            if on:
+                status = await conn.execute(
+                    "INSERT INTO restrictions VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING",
+                    subject,
+                    now,
+                )
+            else:
+                status = await conn.execute("DELETE FROM restrictions WHERE subject = $1", subject)
+        return _count(status) > 0
+
+    # --- the data-subject request trail --------------------------------------------
+
+    async def record_request(self, entry: RequestEntry) -> None:
+        async with self._connection(transaction=False) as conn:
+            await conn.execute(
+                "INSERT INTO dsr_requests (id, type, received_at, actor, outcome, counts)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                entry.id,
+                entry.type,
+                entry.received_at,
+                entry.actor,
+                entry.outcome,
+                json.dumps(entry.counts, sort_keys=True),
+            )
+
+    async def requests(self, limit: int) -> list[RequestEntry]:
+        async with self._connection(transaction=False) as conn:
+            rows = await conn.fetch(
+                "SELECT id, type, received_at, actor, outcome, counts FROM dsr_requests"
+                " ORDER BY received_at DESC, seq DESC LIMIT $1",
+                limit,
+            )
+        return [
+            RequestEntry(
+                r["id"],
+                r["type"],
+                r["received_at"],
+                r["actor"],
+                r["outcome"],
+                json.loads(r["counts"]),
+            )
+            for r in rows
+        ]
+
+    async def subject_last_used(self, subject: bytes) -> float | None:
+        async with self._connection(transaction=False) as conn:
+            found = await conn.fetchval(
+                "SELECT last_used_at FROM subjects WHERE subject = $1", subject
+            )
+        return None if found is None else float(found)
+
+    # --- audit and bookkeeping ------------------------------------------------------
+
+    async def stats(self, table: TableSpec) -> TableStats:
+        return await self._stats(table.name, table.basis)
+
+    async def subject_stats(self) -> TableStats:
+        return await self._stats("subjects", "last_used_at")
+
+    async def _stats(self, name: str, basis: str) -> TableStats:
+        async with self._connection(transaction=False) as conn:
+            row = await conn.fetchrow(f"SELECT count(*), min({basis}) FROM {name}")
+        assert row is not None
+        return TableStats(row[0], row[1])
+
+    async def tables(self) -> list[str]:
+        async with self._connection(transaction=False) as conn:
+            return sorted(await _category_tables(conn))
+
+    async def undeclared_columns(self, table: TableSpec) -> dict[str, int]:
+        declared = set(META_COLUMNS) | {c.name for c in table.columns}
+        async with self._connection(transaction=False) as conn:
+            extra = [name for name in await _columns(conn, table.name) if name not in declared]
+            return {
+                name: await conn.fetchval(f"SELECT count({name}) FROM {table.name}")
+                for name in extra
+            }
+
+    async def record_runs(self, runs: Sequence[RetentionRun]) -> None:
+        async with self._connection() as conn:
+            await conn.executemany(
+                "INSERT INTO retention_runs (category, cutoff, deleted, ran_at)"
+                " VALUES ($1, $2, $3, $4)",
+                [(r.category, r.cutoff, r.deleted, r.ran_at) for r in runs],
+            )
+
+    async def last_runs(self) -> list[RetentionRun]:
+        async with self._connection(transaction=False) as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT ON (category) category, cutoff, deleted, ran_at"
+                " FROM retention_runs ORDER BY category, ran_at DESC, id DESC"
+            )
+        return [RetentionRun(*row) for row in rows]
+
+    async def checkpoint(self) -> None:
+        """Nothing to fold: PostgreSQL's WAL is the server's. Vacuuming what a sweep or
+        an erasure deleted belongs here."""
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+# --- connecting ------------------------------------------------------------------------
+
+
+async def _pool(settings: StoreSettings) -> asyncpg.Pool:
+    """The pool, its first connection made: a DSN that cannot work stops here with a
+    ConfigError naming the file and `store.dsn`, and the host and port, never the DSN."""
+    target = _target(settings.dsn)
+    if not settings.dsn.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(settings.source, DSN_KEY, "expected a postgresql:// URL")
+    try:
+        pool = await asyncpg.create_pool(
+            settings.dsn,
+            min_size=1,
+            max_size=settings.pool_size,
+            timeout=CONNECT_TIMEOUT,
+            # Client side as well: a server that stopped answering mid-statement.
+            command_timeout=settings.statement_timeout + 5,
+            server_settings={
+                "application_name": "softrelay",
+                "statement_timeout": str(int(settings.statement_timeout * 1000)),
+            },
+        )
+    except _CONNECT_FAILED as exc:
+        raise ConfigError(
+            settings.source, DSN_KEY, f"cannot connect to {target}: {_reason(exc)}"
+        ) from None  # the driver's exception may quote the DSN: not chained
+    assert pool is not None
+    return pool
+
+
+def _target(dsn: str) -> str:
+    """host:port of a DSN, for messages: never its user, password or options."""
+    try:
+        parsed = urllib.parse.urlsplit(dsn)
+        host = parsed.hostname or "localhost"
+        port = parsed.port or 5432
+    except ValueError:
+        return "the configured server"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(exc: BaseException) -> str:
+    """Why, in a few words that cannot carry the DSN: the OS's reason, or the server's
+    SQLSTATE message (which names a role or a database, never a password)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{exc.args[0] if exc.args else type(exc).__name__} ({exc.sqlstate})"
+    if isinstance(exc, asyncpg.ClientConfigurationError | ValueError):
+        return "the DSN is not valid"
+    return type(exc).__name__
+
+
+# --- schema ----------------------------------------------------------------------------
+
+
+async def _version(conn: _Conn) -> int:
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return 0
+    version: int = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+    return version
+
+
+async def _category_tables(conn: _Conn) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        r" AND tablename LIKE 'c\_%'"
+    )
+    return [row[0] for row in rows]
+
+
+async def _columns(conn: _Conn, table: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+        table,
+    )
+    return [row[0] for row in rows]
+
+
+async def _indexes(conn: _Conn, table: str) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = $1",
+        table,
+    )
+    return {row[0] for row in rows}
+
+
+def _index_ddl(table: TableSpec) -> dict[str, str]:
+    """Every index the table needs, by name (the same names as SQLite's)."""
+    ddl = {
+        f"{table.name}__basis": f"CREATE INDEX {table.name}__basis ON {table.name}({table.basis})",
+        f"{table.name}__subject": f"CREATE INDEX {table.name}__subject ON {table.name}(subject)",
+    }
+    for column in table.columns:
+        if column.indexed:
+            name = f"{table.name}__{column.name}"
+            ddl[name] = f"CREATE INDEX {name} ON {table.name}({column.name})"
+    if table.unique:
+        ddl[f"{table.name}__key"] = (
+            f"CREATE UNIQUE INDEX {table.name}__key ON {table.name}({', '.join(table.unique)})"
+        )
+    return ddl
+
+
+async def _missing(conn: _Conn, tables: Sequence[TableSpec]) -> list[str]:
+    """What the policy's tables need and the database lacks, described."""
+    missing: list[str] = []
+    for table in tables:
+        existing = await _columns(conn, table.name)
+        if not existing:
+            missing.append(f"table {table.name}")
+            continue
+        missing += [
+            f"column {table.name}.{c}"
+            for c in (*META_COLUMNS, *(c.name for c in table.columns))
+            if c not in existing
+        ]
+        indexes = await _indexes(conn, table.name)
+        missing += [f"index {name}" for name in _index_ddl(table) if name not in indexes]
+    return missing
+
+
+async def _ensure_table(conn: _Conn, table: TableSpec) -> list[str]:
+    """Create the category's table, or add the columns and indexes the policy declares
+    since; what was done."""
+    done: list[str] = []
+    existing = await _columns(conn, table.name)
+    if not existing:
+        fields = "".join(f", {c.name} {_PG_TYPE[c.sqltype]}" for c in table.columns)
+        await conn.execute(
+            f"CREATE TABLE {table.name} (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,"
+            " subject BYTEA, created_at DOUBLE PRECISION NOT NULL,"
+            f" last_used_at DOUBLE PRECISION NOT NULL, {ROW_ID} BYTEA{fields})"
+        )
+        done.append(f"table {table.name}")
+    else:
+        for column in (c for c in table.columns if c.name not in existing):
+            await conn.execute(
+                f"ALTER TABLE {table.name} ADD COLUMN {column.name} {_PG_TYPE[column.sqltype]}"
+            )
+            done.append(f"column {table.name}.{column.name}")
+    indexes = await _indexes(conn, table.name)
+    for name, ddl in _index_ddl(table).items():
+        if name not in indexes:
+            await conn.execute(ddl)
+            done.append(f"index {name}")
+    return done
+
+
+# --- statements ------------------------------------------------------------------------
+
+_TOUCH_SUBJECT = (
+    "INSERT INTO subjects VALUES ($1, $2) ON CONFLICT (subject) DO UPDATE"
+    " SET last_used_at = greatest(subjects.last_used_at, excluded.last_used_at)"
+)
+
+
+@lru_cache(maxsize=256)
+def _upsert_sql(table: TableSpec, names: tuple[str, ...]) -> str:
+    values = ", ".join(f"${i}" for i in range(1, len(names) + 1))
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({values})"
+    if table.unique:
+        # Same key: replace the fields, keep the creation time (the record lives on).
+        updates = [
+            f"{n} = excluded.{n}" for n in names if n not in table.unique and n != "created_at"
+        ]
+        sql += f" ON CONFLICT ({', '.join(table.unique)}) DO UPDATE SET {', '.join(updates)}"
+    return sql
+
+
+@lru_cache(maxsize=256)
+def _put_sql(table: TableSpec, names: tuple[str, ...], with_subject: bool) -> str:
+    upsert = _upsert_sql(table, names) + " RETURNING id"
+    if not with_subject:
+        return upsert
+    subject = f"${names.index('subject') + 1}"
+    now = f"${len(names) + 1}"
+    return (
+        f"WITH put AS ({upsert}), active AS ("
+        f"INSERT INTO subjects VALUES ({subject}, {now}) ON CONFLICT (subject) DO UPDATE"
+        " SET last_used_at = greatest(subjects.last_used_at, excluded.last_used_at))"
+        " SELECT id FROM put"
+    )
+
+
+def _where(where: Mapping[str, SqlValue], *, first: int) -> tuple[str, list[SqlValue]]:
+    clauses: list[str] = []
+    params: list[SqlValue] = []
+    for name, value in where.items():
+        if value is None:
+            clauses.append(f"{name} IS NULL")
+        else:
+            params.append(value)
+            clauses.append(f"{name} = ${first + len(params) - 1}")
+    return " AND ".join(clauses), params
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag: 'DELETE 3', 'INSERT 0 1'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _delete_subjects(
+    conn: _Conn, tables: Sequence[TableSpec], subjects: list[bytes]
+) -> dict[str, int]:
+    """Inside the caller's transaction; rows deleted per table."""
+    counts = dict.fromkeys((t.name for t in tables), 0)
+    if not subjects:
+        return counts
+    for table in tables:
+        status = await conn.execute(
+            f"DELETE FROM {table.name} WHERE subject = ANY($1::bytea[])", subjects
+        )
+        counts[table.name] += _count(status)
+    await conn.execute("DELETE FROM subjects WHERE subject = ANY($1::bytea[])", subjects)
+    await conn.execute("DELETE FROM restrictions WHERE subject = ANY($1::bytea[])", subjects)
+    return counts
+
+
+__all__ = ["PostgresBackend"]

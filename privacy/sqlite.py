@@ -6,8 +6,9 @@ share a transaction (group commit). `secure_delete` overwrites
 deleted rows in place and a checkpoint after each sweep truncates the WAL, so data the
 sweeper removed does not linger in free pages or the log.
 
-Schema: versioned migrations for the fixed tables (`MIGRATIONS`); one table per
-database category, created and extended from the policy at start (`c_<category>`).
+Schema: the numbered steps of `privacy.migrations` for the fixed tables, taken on open
+(that module says why SQLite migrates itself and PostgreSQL does not); one table per
+database category, created and extended from the policy at open (`c_<category>`).
 """
 
 from __future__ import annotations
@@ -30,34 +31,9 @@ from privacy.backend import (
     TableStats,
 )
 from privacy.dbthread import DatabaseThread
+from privacy.migrations import pending, statements
 
 T = TypeVar("T")
-
-# Append only: a migration that has run is never edited. `subjects` has no index on
-# last_used_at: it cost ~20 µs per write (bench/store.py), while only the hourly sweep
-# and the audit read by it, and a scan of a small WITHOUT ROWID table serves them.
-MIGRATIONS: tuple[tuple[str, str], ...] = (
-    (
-        "subjects and retention runs",
-        """
-        CREATE TABLE subjects (subject BLOB PRIMARY KEY, last_used_at REAL NOT NULL) WITHOUT ROWID;
-        CREATE TABLE retention_runs (
-            id INTEGER PRIMARY KEY, category TEXT NOT NULL, cutoff REAL NOT NULL,
-            deleted INTEGER NOT NULL, ran_at REAL NOT NULL);
-        """,
-    ),
-    (
-        "restriction marks and the data-subject request trail",
-        # A restriction names its subject by the same blind index as `subjects`; the
-        # trail names no subject at all: request id, type, time, outcome, counts.
-        """
-        CREATE TABLE restrictions (subject BLOB PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
-        CREATE TABLE dsr_requests (
-            id TEXT PRIMARY KEY, type TEXT NOT NULL, received_at REAL NOT NULL,
-            actor TEXT NOT NULL, outcome TEXT NOT NULL, counts TEXT NOT NULL);
-        """,
-    ),
-)
 
 
 class SQLiteBackend:
@@ -65,6 +41,8 @@ class SQLiteBackend:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._thread: DatabaseThread | None = None
+        # What the open did to the schema: the steps taken, for `softrelay db migrate`.
+        self.applied: list[str] = []
 
     @classmethod
     async def create(cls, path: Path, tables: Sequence[TableSpec]) -> SQLiteBackend:
@@ -114,25 +92,28 @@ class SQLiteBackend:
                 self._ensure_table(table)
 
     def _migrate(self) -> None:
+        """Take the steps the file lacks; a file of a newer softrelay raises SchemaMismatch
+        (the open's transaction rolls back, the file stays as it was)."""
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations "
             "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
-        done = {row[0] for row in self.db.execute("SELECT version FROM schema_migrations")}
-        for version, (name, script) in enumerate(MIGRATIONS, start=1):
-            if version in done:
-                continue
-            for statement in filter(str.strip, script.split(";")):
+        done = self.db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        for version, step in pending(done.fetchone()[0]):
+            for statement in statements(step.sqlite):
                 self.db.execute(statement)
             self.db.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (version, name)
+                "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))",
+                (version, step.name),
             )
+            self.applied.append(f"schema version {version}: {step.name}")
 
     def _ensure_table(self, table: TableSpec) -> None:
         """Create the category's table, or add the columns the policy declares since."""
         existing = self._columns(table.name)
         if not existing:
             fields = ", ".join(f"{c.name} {c.sqltype}" for c in table.columns)
+            self.applied.append(f"table {table.name}")
             self.db.execute(
                 f"CREATE TABLE {table.name} (id INTEGER PRIMARY KEY, subject BLOB, "
                 f"created_at REAL NOT NULL, last_used_at REAL NOT NULL, {ROW_ID} BLOB, {fields})"
@@ -142,6 +123,7 @@ class SQLiteBackend:
                 self.db.execute(f"ALTER TABLE {table.name} ADD COLUMN {ROW_ID} BLOB")
             for column in table.columns:
                 if column.name not in existing:
+                    self.applied.append(f"column {table.name}.{column.name}")
                     self.db.execute(
                         f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.sqltype}"
                     )
@@ -473,6 +455,25 @@ class SQLiteBackend:
         self._checkpoint()
         self.db.close()
         self._db = None
+
+
+def schema_version(path: Path) -> int:
+    """The version of the file at `path` (0: none yet), read without changing it."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        found = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        ).fetchone()
+        if found is None:
+            return 0
+        version: int = db.execute(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations"
+        ).fetchone()[0]
+        return version
+    finally:
+        db.close()
 
 
 class _Transaction:

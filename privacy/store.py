@@ -33,7 +33,7 @@ from privacy.anonymise import anonymise_ip
 from privacy.backend import ROW_ID, Backend, Column, Row, SqlValue, TableSpec, TableStats
 from privacy.clock import Clock
 from privacy.crypto import DecryptionError, FieldCipher
-from privacy.database import DATABASE_FILE, StoreSettings, open_backend
+from privacy.database import DATABASE_FILE, StoreSettings, migrate, open_backend
 from privacy.keys import Keyring
 from privacy.policy import (
     Category,
@@ -201,6 +201,15 @@ class Store:
         tables = [table_spec(c) for c in stored_categories(policy)]
         backend = await open_backend(settings or StoreSettings(), data_dir, tables)
         return cls(policy, keyring, backend, clock)
+
+    @staticmethod
+    async def migrate(
+        policy: Policy, data_dir: Path, settings: StoreSettings | None = None
+    ) -> list[str]:
+        """Bring the database to this softrelay's schema and the policy's tables (`softrelay
+        db migrate`): what was done, in order; nothing when it was up to date."""
+        tables = [table_spec(c) for c in stored_categories(policy)]
+        return await migrate(settings or StoreSettings(), data_dir, tables)
 
     async def close(self) -> None:
         await self.backend.close()
