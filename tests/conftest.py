@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -78,6 +79,22 @@ def store_settings(store_backend: BackendName, request: pytest.FixtureRequest) -
     if store_backend == "postgresql":
         return StoreSettings(backend="postgresql", dsn=request.getfixturevalue("postgres_dsn"))
     return StoreSettings()
+
+
+@pytest.fixture
+def other_store_settings(
+    store_settings: StoreSettings, request: pytest.FixtureRequest
+) -> Iterator[StoreSettings]:
+    """A second, independent store on the test's backend: on SQLite the same settings
+    (open it on a data_dir of its own), on PostgreSQL another fresh database."""
+    if store_settings.backend == "sqlite":
+        yield store_settings
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"test_{next(_DATABASES)}"
+    yield replace(store_settings, dsn=server.create_database(name))
+    server.start()
+    server.drop_database(name)
 
 
 @pytest.fixture

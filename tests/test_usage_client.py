@@ -16,6 +16,9 @@ from tests.usage_fixtures import ACME_KEY, TENANTS, UsageHarness, start_usage
 from usage.client import UsageClient, UsageState, is_due, pseudonymous_id
 from usage.settings import UsageSettings
 
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 DAY = 86400.0
 
 

@@ -8,16 +8,17 @@ import asyncio
 import base64
 import hmac
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from privacy.clock import ManualClock, iso, parse_instant
+from privacy.database import StoreSettings
 from privacy.keys import Keyring
 from privacy.policy import load_policy
-from privacy.store import DATABASE_FILE, Store
+from privacy.store import Store
 from softrelay.cli import main
+from tests.rawdb import RawDatabase, SQLiteRaw
 from tests.usage_fixtures import GLOBEX_KEY, TENANTS, install_pid, start_usage
 from usage.closing import MonthCloser, NotClosable
 from usage.settings import UsageSettings
@@ -25,6 +26,8 @@ from usage.settings import UsageSettings
 SETTINGS = UsageSettings(TENANTS, ip_burst=0)  # grace 3d, dispute window 30d
 MARCH_CLOSES = "2026-04-04T00:00:00Z"  # end of March + 3d grace
 MARCH_IDS_GO = "2026-05-04T00:00:00Z"  # + 30d dispute window
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
 async def _ping_march(store: Store, clock: ManualClock) -> dict[str, int]:
@@ -110,7 +113,11 @@ async def test_closing_a_month_still_in_its_grace_window_is_refused(
 
 
 async def test_stored_ids_of_two_months_of_one_install_cannot_be_linked(
-    store: Store, clock: ManualClock, tmp_path: Path
+    store: Store,
+    clock: ManualClock,
+    tmp_path: Path,
+    raw_db: RawDatabase,
+    other_store_settings: StoreSettings,
 ) -> None:
     """The same install pings in March and in April. What is stored is keyed with a
     random secret per month, which the close destroys: neither the client's pids nor
@@ -136,13 +143,21 @@ async def test_stored_ids_of_two_months_of_one_install_cannot_be_linked(
         base64.b64decode(march_secret), b"acme\x1f" + bytes.fromhex(pids["2026-03"]), "sha256"
     )[:16].hex()
     assert stored["2026-03"] == expect
+    # Every file under the data directory (SQLite's database, its WAL), and every row.
     raw = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    dump = raw_db.dump()
+    assert stored["2026-04"] in dump, "the dump shows the stored ids"
     for needle in (*pids.values(), secret.hex(), march_secret):
         assert needle.encode() not in raw, "neither pid nor secret reaches the disk"
+        assert needle not in dump, "nor any row"
     # A second server (same keyring, fresh month secret) keys the same pid differently:
     # the stored value depends on the destroyed secret, not on anything kept.
     other = await Store.create(
-        load_policy("auerproxy"), Keyring.generate(), tmp_path / "other", clock
+        load_policy("auerproxy"),
+        Keyring.generate(),
+        tmp_path / "other",
+        clock,
+        other_store_settings,
     )
     try:
         async for again in start_usage(other, clock, SETTINGS):
@@ -157,22 +172,28 @@ async def test_stored_ids_of_two_months_of_one_install_cannot_be_linked(
 # --- the command ----------------------------------------------------------------------
 
 
-def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "") -> Path:
+def _config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "", store_toml: str = ""
+) -> Path:
     monkeypatch.setenv("ACME_USAGE_KEY", TENANTS[0].key)
     monkeypatch.setenv("GLOBEX_USAGE_KEY", GLOBEX_KEY)
     path = tmp_path / "softrelay.toml"
     path.write_text(
-        "[usage]\n" + extra + "[[usage.tenant]]\nid = 'acme'\nkey = 'env:ACME_USAGE_KEY'\n"
+        store_toml
+        + "[usage]\n"
+        + extra
+        + "[[usage.tenant]]\nid = 'acme'\nkey = 'env:ACME_USAGE_KEY'\n"
         "max_installs = 5\n[[usage.tenant]]\nid = 'globex'\nkey = 'env:GLOBEX_USAGE_KEY'\n"
     )
     return path
 
 
-async def _ping_march_into(data: Path) -> None:
+async def _ping_march_into(data: Path, settings: StoreSettings) -> None:
     from privacy.keys import load_keyring
 
     clock = ManualClock(0)
-    store = await Store.create(load_policy("auerproxy"), load_keyring("", data), data, clock)
+    keyring = load_keyring("", data)
+    store = await Store.create(load_policy("auerproxy"), keyring, data, clock, settings)
     try:
         await _ping_march(store, clock)
     finally:
@@ -180,11 +201,16 @@ async def _ping_march_into(data: Path) -> None:
 
 
 def test_billing_close_and_report_from_the_command_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    store_settings: StoreSettings,
+    store_toml: str,
+    raw_db: RawDatabase,
 ) -> None:
-    config, data = _config(tmp_path, monkeypatch), tmp_path / "var"
+    config, data = _config(tmp_path, monkeypatch, store_toml=store_toml), tmp_path / "var"
     data.mkdir()
-    asyncio.run(_ping_march_into(data))
+    asyncio.run(_ping_march_into(data, store_settings))
     args = ["--config", str(config), "--data-dir", str(data)]
     now = ["--now", "2026-04-10T00:00:00Z"]
     assert main(["billing", "--month", "2026-03", *now, *args]) == 0
@@ -237,9 +263,9 @@ def test_billing_close_and_report_from_the_command_line(
     out = capsys.readouterr().out
     assert "already closed" in out
     assert "deleted its 10 ids" in out
-    with sqlite3.connect(data / DATABASE_FILE) as db:
-        assert db.execute("SELECT count(*) FROM c_usage").fetchone() == (0,)
-        assert db.execute("SELECT count(*) FROM c_usage_count").fetchone() == (2,)
+    raw = SQLiteRaw(data) if store_settings.backend == "sqlite" else raw_db
+    assert raw.count("c_usage") == 0
+    assert raw.count("c_usage_count") == 2
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,13 @@ import base64
 import hashlib
 import hmac
 
+import pytest
+
 from privacy.store import Store
 from usage.ledger import Ledger, _Month
+
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
 async def test_ledger_commits_concurrent_new_ids_together_and_counts_each(store: Store) -> None:

@@ -22,6 +22,9 @@ from usage.endpoint import PING_PATH
 from usage.ledger import PeriodClosed
 from usage.settings import Tenant, UsageSettings
 
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 async def usage(store: Store, clock: ManualClock) -> AsyncIterator[UsageHarness]:
