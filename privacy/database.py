@@ -15,6 +15,7 @@ kept out of every repr, and no message ever quotes it, only the host and port it
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,27 @@ def parse_store(sec: Section) -> StoreSettings:
     if backend == "sqlite" and dsn:
         raise sec.error("dsn", "only for backend 'postgresql' (SQLite lives under data_dir)")
     return StoreSettings(backend, dsn, pool_size, float(timeout), str(sec.file))
+
+
+def describe(settings: StoreSettings, data_dir: Path) -> str:
+    """Where the store is, for messages: the SQLite file, or the PostgreSQL server and
+    database (never the DSN's user, password or options)."""
+    if settings.backend == "sqlite":
+        return str(data_dir / DATABASE_FILE)
+    return f"PostgreSQL at {dsn_target(settings.dsn)}"
+
+
+def dsn_target(dsn: str) -> str:
+    """host:port/database of a DSN, for messages."""
+    try:
+        parsed = urllib.parse.urlsplit(dsn)
+        host = parsed.hostname or "localhost"
+        port = parsed.port or 5432
+    except ValueError:
+        return "the configured server"
+    host = f"[{host}]" if ":" in host else host
+    database = parsed.path.lstrip("/")
+    return f"{host}:{port}/{database}" if database else f"{host}:{port}"
 
 
 async def open_backend(
@@ -111,6 +133,8 @@ __all__ = [
     "BACKENDS",
     "DATABASE_FILE",
     "StoreSettings",
+    "describe",
+    "dsn_target",
     "migrate",
     "open_backend",
     "parse_store",

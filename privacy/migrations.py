@@ -87,24 +87,25 @@ def statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def check_version(found: int) -> None:
-    """Refuse a database at another version than this softrelay's, saying what to do."""
+def check_version(found: int, where: str) -> None:
+    """Refuse a database at another version than this softrelay's, saying what to do;
+    `where` names the database (privacy.database.describe)."""
     if found < SCHEMA_VERSION:
         raise SchemaMismatch(
-            f"database schema is version {found}, this softrelay needs {SCHEMA_VERSION}:"
-            f" run `{MIGRATE_COMMAND}`"
+            f"{where}: database schema is version {found}, this softrelay needs"
+            f" {SCHEMA_VERSION}: run `{MIGRATE_COMMAND}`"
         )
     if found > SCHEMA_VERSION:
         raise SchemaMismatch(
-            f"database schema is version {found}, written by a newer softrelay (this one"
-            f" knows up to {SCHEMA_VERSION}): upgrade softrelay"
+            f"{where}: database schema is version {found}, written by a newer softrelay"
+            f" (this one knows up to {SCHEMA_VERSION}): upgrade softrelay"
         )
 
 
-def pending(done: int) -> list[tuple[int, Migration]]:
+def pending(done: int, where: str) -> list[tuple[int, Migration]]:
     """The steps after version `done`, numbered; refuses a newer database."""
     if done > SCHEMA_VERSION:
-        check_version(done)
+        check_version(done, where)
     return [(v, m) for v, m in enumerate(MIGRATIONS, start=1) if v > done]
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -43,7 +42,7 @@ from privacy.backend import (
     TableSpec,
     TableStats,
 )
-from privacy.database import DSN_KEY, StoreSettings
+from privacy.database import DSN_KEY, StoreSettings, dsn_target
 from privacy.migrations import MIGRATE_COMMAND, check_version, pending, statements
 from tomlsections.reader import ConfigError
 
@@ -83,7 +82,8 @@ class PostgresBackend:
     def __init__(self, pool: asyncpg.Pool, settings: StoreSettings) -> None:
         self._pool = pool
         self._settings = settings
-        self._target = _target(settings.dsn)
+        self._target = dsn_target(settings.dsn)
+        self._where = f"PostgreSQL at {self._target}"
 
     @classmethod
     async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> PostgresBackend:
@@ -91,7 +91,7 @@ class PostgresBackend:
         backend = cls(await _pool(settings), settings)
         try:
             async with backend._connection() as conn:
-                check_version(await _version(conn))
+                check_version(await _version(conn), backend._where)
                 missing = await _missing(conn, tables)
         except BaseException:
             await backend.close()
@@ -99,7 +99,8 @@ class PostgresBackend:
         if missing:
             await backend.close()
             raise SchemaMismatch(
-                f"{missing[0]} is missing (the policy declares it): run `{MIGRATE_COMMAND}`"
+                f"{backend._where}: {missing[0]} is missing (the policy declares it):"
+                f" run `{MIGRATE_COMMAND}`"
             )
         return backend
 
@@ -116,7 +117,7 @@ class PostgresBackend:
                     "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
                     " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
                 )
-                for version, step in pending(await _version(conn)):
+                for version, step in pending(await _version(conn), backend._where):
                     for statement in statements(step.postgresql):
                         await conn.execute(statement)
                     await conn.execute(
@@ -411,7 +412,7 @@ class PostgresBackend:
 async def _pool(settings: StoreSettings) -> asyncpg.Pool:
     """The pool, its first connection made: a DSN that cannot work stops here with a
     ConfigError naming the file and `store.dsn`, and the host and port, never the DSN."""
-    target = _target(settings.dsn)
+    target = dsn_target(settings.dsn)
     if not settings.dsn.startswith(("postgresql://", "postgres://")):
         raise ConfigError(settings.source, DSN_KEY, "expected a postgresql:// URL")
     try:
@@ -433,17 +434,6 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
         ) from None  # the driver's exception may quote the DSN: not chained
     assert pool is not None
     return pool
-
-
-def _target(dsn: str) -> str:
-    """host:port of a DSN, for messages: never its user, password or options."""
-    try:
-        parsed = urllib.parse.urlsplit(dsn)
-        host = parsed.hostname or "localhost"
-        port = parsed.port or 5432
-    except ValueError:
-        return "the configured server"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -99,7 +99,7 @@ class SQLiteBackend:
             "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
         done = self.db.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
-        for version, step in pending(done.fetchone()[0]):
+        for version, step in pending(done.fetchone()[0], str(self.path)):
             for statement in statements(step.sqlite):
                 self.db.execute(statement)
             self.db.execute(

@@ -33,7 +33,13 @@ from privacy.anonymise import anonymise_ip
 from privacy.backend import ROW_ID, Backend, Column, Row, SqlValue, TableSpec, TableStats
 from privacy.clock import Clock
 from privacy.crypto import DecryptionError, FieldCipher
-from privacy.database import DATABASE_FILE, StoreSettings, migrate, open_backend
+from privacy.database import (
+    DATABASE_FILE,
+    StoreSettings,
+    migrate,
+    open_backend,
+    schema_status,
+)
 from privacy.keys import Keyring
 from privacy.policy import (
     Category,
@@ -210,6 +216,15 @@ class Store:
         db migrate`): what was done, in order; nothing when it was up to date."""
         tables = [table_spec(c) for c in stored_categories(policy)]
         return await migrate(settings or StoreSettings(), data_dir, tables)
+
+    @staticmethod
+    async def schema_status(
+        policy: Policy, data_dir: Path, settings: StoreSettings | None = None
+    ) -> tuple[int, list[str]]:
+        """The database's schema version and what the policy's tables lack there, read
+        without changing anything (`softrelay db status`)."""
+        tables = [table_spec(c) for c in stored_categories(policy)]
+        return await schema_status(settings or StoreSettings(), data_dir, tables)
 
     async def close(self) -> None:
         await self.backend.close()

@@ -7,6 +7,7 @@
     softrelay policy show
     softrelay policy render --lang en|de [--format markdown|html] [--output FILE]
     softrelay keys rotate|reseal
+    softrelay db migrate|status
     softrelay crashes list|show EVENT_ID|export|stats [--project P] [--output FILE]
     softrelay dsr export|rectify|erase|restrict|unrestrict --user U --serial S
     softrelay billing --month YYYY-MM [--format table|csv|json] [--suppress-below N]
@@ -47,9 +48,12 @@ from privacy.audit import (
     scan_for_canaries,
     scan_sealed,
 )
+from privacy.backend import StorageError
 from privacy.clock import Clock, ManualClock, SystemClock, iso, parse_instant
+from privacy.database import describe
 from privacy.keys import Keyring, embedded_keyring_path, load_keyring, write_keyring
 from privacy.logs import LogSet, setup_logging
+from privacy.migrations import MIGRATE_COMMAND, SCHEMA_VERSION
 from privacy.notice import FORMATS, policy_table, render_notice
 from privacy.policy import Policy, load_policy
 from privacy.retention import Sweeper
@@ -132,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "crashes": _crashes,
             "dsr": _dsr,
             "billing": _billing,
+            "db": _db,
         }[args.command]
         # uvloop: 1,100 -> 1,500 relayed calls/s on 2 cores (bench/relay.py); the relay
         # spends most of its time in the loop's datagram and socket paths.
@@ -142,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a port in use, a data directory we may not write
         print(f"softrelay: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:  # a schema to migrate, a database gone: what to do next
+        print(f"softrelay: {exc}", file=sys.stderr)
         return 2
     finally:
         logs.close()
@@ -260,6 +268,18 @@ def _parser() -> argparse.ArgumentParser:
 
     add_crashes_parser(sub, common)
     add_simulate_parser(sub, common)
+
+    db = sub.add_parser("db", help="the database's schema")
+    db_sub = db.add_subparsers(dest="action", required=True)
+    db_sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="bring the database to this softrelay's schema and create the tables the"
+        " policy declares (PostgreSQL: before the first start and after each upgrade)",
+    )
+    db_sub.add_parser(
+        "status", parents=[common], help="the schema's version and what the database lacks"
+    )
 
     keys = sub.add_parser("keys", help="manage the keyring")
     keys_sub = keys.add_subparsers(dest="action", required=True)
@@ -457,6 +477,30 @@ async def _keys(runtime: Runtime, args: argparse.Namespace) -> int:
     # Not resealed here: an instance still running with the old keyring could not read
     # what the new key wrote. `keys reseal` once all run with this keyring.
     print("softrelay: restart every instance, then run `softrelay keys reseal`")
+    return 0
+
+
+async def _db(runtime: Runtime, args: argparse.Namespace) -> int:
+    config = runtime.config
+    where = describe(config.store, config.data_dir)
+    if args.action == "migrate":
+        done = await Store.migrate(runtime.policy, config.data_dir, config.store)
+        if not done:
+            print(f"softrelay: {where} is up to date (schema version {SCHEMA_VERSION})")
+        for step in done:
+            print(f"softrelay: {where}: {step}")
+        return 0
+    version, missing = await Store.schema_status(runtime.policy, config.data_dir, config.store)
+    print(f"softrelay: {where}: schema version {version}, this softrelay needs {SCHEMA_VERSION}")
+    for thing in missing:
+        print(f"softrelay: {where}: {thing} is missing (the policy declares it)")
+    if version > SCHEMA_VERSION:
+        print("softrelay: written by a newer softrelay: upgrade softrelay")
+        return 1
+    if version < SCHEMA_VERSION or missing:
+        print(f"softrelay: run `{MIGRATE_COMMAND}`")
+        return 1
+    print("softrelay: up to date")
     return 0
 
 
