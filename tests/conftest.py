@@ -4,6 +4,7 @@ serve` with its peers (tests/peers.py) for the end-to-end tests."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -29,7 +30,7 @@ PROFILES = ("auerproxy", "cloudsoftphone")
 StoreFactory = Callable[[str], Awaitable[Store]]
 _DATABASES = itertools.count(1)
 # The backends a test marked `both_backends` runs on (the `store_backend` fixture).
-STORE_BACKENDS: tuple[BackendName, ...] = ("sqlite",)
+STORE_BACKENDS: tuple[BackendName, ...] = ("sqlite", "postgresql")
 # Where a configuration file used by a test finds the PostgreSQL DSN (`dsn = "env:..."`).
 DSN_ENV = "SOFTRELAY_TEST_DSN"
 
@@ -74,10 +75,11 @@ def store_backend(request: pytest.FixtureRequest) -> BackendName:
 
 @pytest.fixture
 def store_settings(store_backend: BackendName, request: pytest.FixtureRequest) -> StoreSettings:
-    """`[store]` for the test's backend: SQLite under tmp_path, or a fresh PostgreSQL
-    database (the server starts only for a test that runs on it)."""
+    """`[store]` for the test's backend: SQLite under tmp_path, or a fresh, migrated
+    PostgreSQL database (the server starts only for a test that runs on it)."""
     if store_backend == "postgresql":
-        return StoreSettings(backend="postgresql", dsn=request.getfixturevalue("postgres_dsn"))
+        dsn = request.getfixturevalue("postgres_store_dsn")
+        return StoreSettings(backend="postgresql", dsn=dsn)
     return StoreSettings()
 
 
@@ -91,10 +93,9 @@ def other_store_settings(
         yield store_settings
         return
     server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = f"test_{next(_DATABASES)}"
-    yield replace(store_settings, dsn=server.create_database(name))
-    server.start()
-    server.drop_database(name)
+    template: str = request.getfixturevalue("postgres_migrated")
+    for dsn in _fresh_database(server, template):
+        yield replace(store_settings, dsn=dsn)
 
 
 @pytest.fixture
@@ -161,15 +162,41 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.close()
 
 
+def _fresh_database(server: PostgresServer, template: str | None = None) -> Iterator[str]:
+    name = f"test_{next(_DATABASES)}"
+    yield server.create_database(name, *([template] if template else []))
+    # A test that stopped the server (the fault tests) leaves it running again.
+    server.start()
+    server.drop_database(name)
+
+
 @pytest.fixture
 def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
     """A fresh, empty database for this test (the DSN of the test role), dropped after."""
-    name = f"test_{next(_DATABASES)}"
-    dsn = postgres_server.create_database(name)
-    yield dsn
-    # A test that stopped the server (the fault tests) leaves it running again.
-    postgres_server.start()
-    postgres_server.drop_database(name)
+    yield from _fresh_database(postgres_server)
+
+
+@pytest.fixture(scope="session")
+def postgres_migrated(postgres_server: PostgresServer) -> str:
+    """A database migrated once (`softrelay db migrate`: schema steps and the tables of
+    every profile) that each test's store database is copied from, so no test pays for
+    the migration; the name of that template database."""
+    name = "softrelay_migrated"
+    settings = StoreSettings(backend="postgresql", dsn=postgres_server.create_database(name))
+
+    async def migrate() -> None:
+        for profile in PROFILES:
+            await Store.migrate(load_policy(profile), Path("/nonexistent"), settings)
+
+    # A session fixture runs outside every test's event loop: a loop of its own.
+    asyncio.run(migrate())
+    return name
+
+
+@pytest.fixture
+def postgres_store_dsn(postgres_server: PostgresServer, postgres_migrated: str) -> Iterator[str]:
+    """A fresh database for this test with the store's schema (from postgres_migrated)."""
+    yield from _fresh_database(postgres_server, postgres_migrated)
 
 
 def sample_fields(category: Category, marker: str = "x") -> dict[str, Value]:

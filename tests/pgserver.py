@@ -12,10 +12,11 @@ server's directory (mode 0700); it has trust there and is used for administratio
 role needs its password (scram-sha-256); the test role owns the databases it is given
 and is not a superuser, as a deployment's role would not be.
 
-Each test gets a database of its own: `create_database` copies an empty template (a few
-milliseconds with fsync off) and `drop_database` removes it with the connections a
-test left open. `stop()` then `start()` keeps the data and the port, for the tests that
-stop the database under a running softrelay.
+Each test gets a database of its own: `create_database` copies a template (an empty one,
+or one migrated once per session) and `drop_database` removes it with the connections a
+test left open. The server lives on /dev/shm when that has room: the copy is then ~10 ms
+instead of ~150 ms on disk. `stop()` then `start()` keeps the data and the port, for the
+tests that stop the database under a running softrelay.
 
 Plain library code (no pytest): `bench/` imports it too.
 """
@@ -47,6 +48,10 @@ ADMIN = "postgres"  # the server's superuser (unix socket only)
 ROLE = "softrelay"  # the role the code under test connects as (TCP, password)
 TEMPLATE = "softrelay_template"
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# Memory-backed: CREATE DATABASE copies its template's files, 180 ms on this disk and
+# 9 ms on tmpfs. Used when it has room for the server and some hundred databases.
+SHM_DIR = Path("/dev/shm")
+SHM_MIN_FREE = 512 << 20
 _START_ATTEMPTS = 3  # a free port can be taken by someone else before the server binds it
 # What a test server need not do: survive a crash (fsync, full pages) or keep much memory.
 _SETTINGS = {
@@ -54,6 +59,9 @@ _SETTINGS = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
     "shared_buffers": "32MB",
+    # Bounds the WAL kept between checkpoints, on a tmpfs of a few hundred MiB.
+    "min_wal_size": "32MB",
+    "max_wal_size": "96MB",
     "max_connections": "200",
     "log_min_messages": "warning",
     "log_connections": "off",
@@ -91,6 +99,16 @@ def free_port() -> int:
         return port
 
 
+def fast_temp_dir() -> Path | None:
+    """/dev/shm when it is a writable tmpfs with room; None: the system's temp dir."""
+    try:
+        stats = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    roomy = stats.f_bavail * stats.f_frsize >= SHM_MIN_FREE
+    return SHM_DIR if roomy and os.access(SHM_DIR, os.W_OK | os.X_OK) else None
+
+
 def _run_as() -> _RunAs | None:
     """Whom to run the server as: None for ourselves, the `postgres` user when root."""
     if os.geteuid() != 0:
@@ -117,7 +135,7 @@ class PostgresServer:
             )
         self.bindir = bindir
         self.wait = wait
-        self._base_dir = base_dir
+        self._base_dir = base_dir or fast_temp_dir()
         self._run_as = _run_as()
         self.password = secrets.token_urlsafe(18)
         self.root: Path | None = None
@@ -260,15 +278,18 @@ class PostgresServer:
 
     # --- databases --------------------------------------------------------------------
 
-    def create_database(self, name: str | None = None) -> str:
-        """A fresh, empty database owned by the test role; its DSN."""
+    def create_database(self, name: str | None = None, template: str = TEMPLATE) -> str:
+        """A fresh database owned by the test role, a copy of `template`: by default an
+        empty one; any database nobody is connected to (one a test session migrated once,
+        say) copies with its schema in the same time. Its DSN."""
         if name is None:
             self._databases += 1
             name = f"test_{os.getpid()}_{self._databases}"
         self._check_name(name)
+        self._check_name(template)
         # FILE_COPY copies the template's few files; WAL_LOG (15's default) writes every
         # block of it to the WAL, slower for a database this small.
-        self._admin(f"CREATE DATABASE {name} OWNER {ROLE} TEMPLATE {TEMPLATE} STRATEGY FILE_COPY")
+        self._admin(f"CREATE DATABASE {name} OWNER {ROLE} TEMPLATE {template} STRATEGY FILE_COPY")
         return self.dsn(name)
 
     def drop_database(self, name: str) -> None:
