@@ -47,6 +47,10 @@ class RawDatabase(Protocol):
         """Every table's definition and rows as text (SQLite's iterdump, pg_dump)."""
         ...
 
+    def blob(self, data: bytes) -> str:
+        """Bytes as an SQL literal of the database's binary type, to write a BLOB/bytea."""
+        ...
+
 
 class SQLiteRaw:
     def __init__(self, data_dir: Path) -> None:
@@ -79,6 +83,9 @@ class SQLiteRaw:
     def dump(self) -> str:
         with closing(self._connect()) as db:
             return "\n".join(db.iterdump())
+
+    def blob(self, data: bytes) -> str:
+        return f"X'{data.hex()}'"
 
 
 class PostgresRaw:
@@ -123,3 +130,6 @@ class PostgresRaw:
 
     def dump(self) -> str:
         return self._run("pg_dump", "--no-owner", self.dsn)
+
+    def blob(self, data: bytes) -> str:
+        return f"'\\x{data.hex()}'::bytea"

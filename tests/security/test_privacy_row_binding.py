@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import struct
 from collections.abc import AsyncIterator
-from contextlib import closing
 from pathlib import Path
 
 import aiohttp
@@ -23,17 +21,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dsr.service import DsrSettings
 from privacy.clock import ManualClock
 from privacy.crypto import FieldCipher
+from privacy.database import StoreSettings
 from privacy.keys import Keyring, load_keyring
 from privacy.policy import load_policy
-from privacy.store import DATABASE_FILE, Store, Value
+from privacy.store import Store, Value
 from push.apps import PushSettings
 from softrelay.app import STORE, Services, build_app
 from softrelay.cli import main as cli_main
+from tests.rawdb import RawDatabase
 
 SERIAL = "0042137"
 ADMIN_TOKEN = "admin-token-row-binding-0123456789"
 ENCRYPTED = ("sip_username", "instance", "phone_ip", "pbx_ip", "push_token")
 PUSH = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.t")
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
 def registration(user: str, token: str) -> dict[str, Value]:
@@ -52,31 +54,31 @@ def registration(user: str, token: str) -> dict[str, Value]:
     }
 
 
-def copy_columns(data_dir: Path, table: str, columns: tuple[str, ...], src: int, dst: int) -> None:
-    """What an attacker with write access to the database file does."""
-    with closing(sqlite3.connect(data_dir / DATABASE_FILE)) as db:
-        for column in columns:
-            db.execute(
-                f"UPDATE {table} SET {column} = (SELECT {column} FROM {table} WHERE id = ?) "
-                "WHERE id = ?",
-                (src, dst),
-            )
-        db.commit()
+def copy_columns(
+    raw: RawDatabase, table: str, columns: tuple[str, ...], src: int, dst: int
+) -> None:
+    """What an attacker with write access to the database does."""
+    raw.execute(
+        *(
+            f"UPDATE {table} SET {column} = (SELECT {column} FROM {table} WHERE id = {src}) "
+            f"WHERE id = {dst}"
+            for column in columns
+        )
+    )
 
 
-def column(data_dir: Path, table: str, name: str) -> list[bytes | None]:
-    with closing(sqlite3.connect(data_dir / DATABASE_FILE)) as db:
-        return [row[0] for row in db.execute(f"SELECT {name} FROM {table} ORDER BY id")]
+def column(raw: RawDatabase, table: str, name: str) -> list[bytes]:
+    return raw.blobs(f"SELECT {name} FROM {table} ORDER BY id")
 
 
 async def test_a_token_copied_into_another_registration_does_not_open_there(
-    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: Store, raw_db: RawDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
     alice = await store.put("registration", registration("alice", "alice-token-1111"))
     bob = await store.put("registration", registration("bob", "bob-token-2222"))
     # Bob's token, with its blind index, moved into Alice's row: a wake for Alice would
     # push Bob's phone, were the value believed.
-    copy_columns(tmp_path, "c_registration", ("push_token", "push_token__bidx"), bob, alice)
+    copy_columns(raw_db, "c_registration", ("push_token", "push_token__bidx"), bob, alice)
 
     with caplog.at_level(logging.WARNING, logger="softrelay.privacy"):
         found = await store.find("registration", pbx_serial=SERIAL)
@@ -93,26 +95,29 @@ async def test_a_token_copied_into_another_registration_does_not_open_there(
 
 
 async def test_a_crash_report_moved_with_its_row_id_into_another_row_does_not_open(
-    store: Store, tmp_path: Path
+    store: Store, raw_db: RawDatabase
 ) -> None:
     """A category without a record key binds to a random row id and the subject: copying
     the row id along does not help across subjects, and without it nothing opens."""
     first = await store.put("crash_report", {"project": "1", "event_id": "e1", "event": {"a": 1}})
     second = await store.put("crash_report", {"project": "1", "event_id": "e2", "event": {"b": 2}})
-    copy_columns(tmp_path, "c_crash_report", ("event",), first, second)
+    copy_columns(raw_db, "c_crash_report", ("event",), first, second)
     assert [r.fields["event_id"] for r in await store.find("crash_report")] == ["e1"]
 
     debug = {"pbx_serial": SERIAL, "destination_name": "Carol Canary"}
     mine = await store.put("debug", {**debug, "sip_username": "alice"})
     theirs = await store.put("debug", {**debug, "sip_username": "bob"})
-    copy_columns(tmp_path, "c_debug", ("destination_name", "rid"), mine, theirs)
+    copy_columns(raw_db, "c_debug", ("destination_name", "rid"), mine, theirs)
     found = await store.find("debug", pbx_serial=SERIAL)
     assert [r.fields["sip_username"] for r in found] == ["alice"]
 
 
 @pytest.fixture
 async def relay(
-    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    store_settings: StoreSettings,
 ) -> AsyncIterator[tuple[str, Store]]:
     """The app `serve` builds, with the operator's admin token for the DSR API."""
     monkeypatch.setenv("SOFTRELAY_TEST_ADMIN", ADMIN_TOKEN)
@@ -124,6 +129,7 @@ async def relay(
         sweep_interval=3600,
         push=PUSH,
         dsr=DsrSettings(admin_token="env:SOFTRELAY_TEST_ADMIN"),
+        store=store_settings,
     )
     app = build_app(services)
     async with TestServer(app, host="127.0.0.1") as server:
@@ -131,12 +137,12 @@ async def relay(
 
 
 async def test_an_export_of_a_tampered_record_answers_without_it_not_500(
-    relay: tuple[str, Store], tmp_path: Path
+    relay: tuple[str, Store], raw_db: RawDatabase
 ) -> None:
     base, store = relay
     alice = await store.put("registration", registration("alice", "alice-token-1111"))
     bob = await store.put("registration", registration("bob", "bob-token-2222"))
-    copy_columns(tmp_path, "c_registration", ("push_token",), bob, alice)
+    copy_columns(raw_db, "c_registration", ("push_token",), bob, alice)
 
     async with (
         aiohttp.ClientSession() as session,
@@ -163,28 +169,27 @@ def v1_ciphertext(keyring: Keyring, plaintext: bytes, context: bytes) -> bytes:
 
 
 async def test_version_1_ciphertexts_still_read_and_reseal_binds_them_to_their_rows(
-    tmp_path: Path, clock: ManualClock
+    tmp_path: Path, clock: ManualClock, store_settings: StoreSettings, raw_db: RawDatabase
 ) -> None:
     keyring = Keyring.generate()
     policy = load_policy("auerproxy")
-    store = await Store.create(policy, keyring, tmp_path, clock)
+    store = await Store.create(policy, keyring, tmp_path, clock, store_settings)
     try:
         alice = await store.put("registration", registration("alice", "alice-token-1111"))
         crash = await store.put("crash_report", {"project": "1", "event_id": "e1", "event": {}})
     finally:
         await store.close()
     # Rewrite both rows as a database from before the change holds them.
-    with closing(sqlite3.connect(tmp_path / DATABASE_FILE)) as db:
-        old_token = v1_ciphertext(keyring, b"alice-token-1111", b"registration.push_token")
-        db.execute("UPDATE c_registration SET push_token = ? WHERE id = ?", (old_token, alice))
-        old_event = v1_ciphertext(keyring, b'{"old":true}', b"crash_report.event")
-        db.execute(
-            "UPDATE c_crash_report SET event = ?, rid = NULL WHERE id = ?", (old_event, crash)
-        )
-        db.commit()
+    old_token = v1_ciphertext(keyring, b"alice-token-1111", b"registration.push_token")
+    old_event = v1_ciphertext(keyring, b'{"old":true}', b"crash_report.event")
+    raw_db.execute(
+        f"UPDATE c_registration SET push_token = {raw_db.blob(old_token)} WHERE id = {alice}",
+        f"UPDATE c_crash_report SET event = {raw_db.blob(old_event)}, rid = NULL "
+        f"WHERE id = {crash}",
+    )
 
     rotated = keyring.rotated()
-    store = await Store.create(policy, rotated, tmp_path, clock)
+    store = await Store.create(policy, rotated, tmp_path, clock, store_settings)
     try:
         (record,) = await store.find("registration", sip_username="alice", pbx_serial=SERIAL)
         assert record.fields["push_token"] == "alice-token-1111"
@@ -201,38 +206,44 @@ async def test_version_1_ciphertexts_still_read_and_reseal_binds_them_to_their_r
     finally:
         await store.close()
     for table, name in (("c_registration", "push_token"), ("c_crash_report", "event")):
-        (blob,) = column(tmp_path, table, name)
-        assert blob is not None
+        (blob,) = column(raw_db, table, name)
         assert (FieldCipher.version(blob), FieldCipher.key_id(blob)) == (2, rotated.active)
-    (rid,) = column(tmp_path, "c_crash_report", "rid")
-    assert rid is not None
+    (rid,) = column(raw_db, "c_crash_report", "rid")
     assert len(rid) == 16
 
 
 async def test_keys_rotate_then_reseal_leaves_every_ciphertext_row_bound_under_the_new_key(
-    tmp_path: Path, clock: ManualClock, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    clock: ManualClock,
+    capsys: pytest.CaptureFixture[str],
+    store_settings: StoreSettings,
+    store_toml: str,
+    raw_db: RawDatabase,
 ) -> None:
     keyring = load_keyring("", tmp_path)
-    store = await Store.create(load_policy("auerproxy"), keyring, tmp_path, clock)
+    store = await Store.create(load_policy("auerproxy"), keyring, tmp_path, clock, store_settings)
     try:
         alice = await store.put("registration", registration("alice", "alice-token-1111"))
     finally:
         await store.close()
-    with closing(sqlite3.connect(tmp_path / DATABASE_FILE)) as db:
-        old_token = v1_ciphertext(keyring, b"alice-token-1111", b"registration.push_token")
-        db.execute("UPDATE c_registration SET push_token = ? WHERE id = ?", (old_token, alice))
-        db.commit()
+    old_token = v1_ciphertext(keyring, b"alice-token-1111", b"registration.push_token")
+    raw_db.execute(
+        f"UPDATE c_registration SET push_token = {raw_db.blob(old_token)} WHERE id = {alice}"
+    )
+    config = tmp_path / "softrelay.toml"
+    config.write_text(store_toml, encoding="utf-8")  # [store] of the test's backend
+    common = ["--config", str(config), "--data-dir", str(tmp_path)]
 
-    assert await asyncio.to_thread(cli_main, ["keys", "rotate", "--data-dir", str(tmp_path)]) == 0
+    assert await asyncio.to_thread(cli_main, ["keys", "rotate", *common]) == 0
     assert "keys reseal" in capsys.readouterr().out
-    assert await asyncio.to_thread(cli_main, ["keys", "reseal", "--data-dir", str(tmp_path)]) == 0
+    assert await asyncio.to_thread(cli_main, ["keys", "reseal", *common]) == 0
     assert "1 records rewritten" in capsys.readouterr().out
 
-    blobs = [b for name in ENCRYPTED for b in column(tmp_path, "c_registration", name)]
+    blobs = [b for name in ENCRYPTED for b in column(raw_db, "c_registration", name)]
     assert blobs
     assert {(FieldCipher.version(b), FieldCipher.key_id(b)) for b in blobs if b} == {(2, 2)}
     store = await Store.create(
-        load_policy("auerproxy"), load_keyring("", tmp_path), tmp_path, clock
+        load_policy("auerproxy"), load_keyring("", tmp_path), tmp_path, clock, store_settings
     )
     try:
         (record,) = await store.find("registration", pbx_serial=SERIAL)
