@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import closing
 from pathlib import Path
 
 import aiohttp
@@ -23,11 +21,13 @@ import pytest
 
 from privacy.audit import format_hits, scan_sealed
 from privacy.clock import ManualClock, SystemClock
+from privacy.database import StoreSettings
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
-from privacy.store import DATABASE_FILE, Store, Value
+from privacy.store import Store, Value
 from softrelay.cli import main as cli_main
 from tests.peers import STEP_TIMEOUT, Server, _drain, run_cli, spawn_serve
+from tests.rawdb import RawDatabase
 
 SERIAL = "0042137"
 CRASH_KEY = "0123456789abcdef0123456789abcdef"
@@ -37,15 +37,19 @@ CRASH_CANARY = "QuokkaCanaryZebraError"
 CONTEXT = "surrounding-plaintext-words"  # stored beside the canary; never printed
 TOKEN_CANARY = "canary-push-token-7e11c0de"
 INSTANCE_CANARY = "urn:uuid:canary-instance-5a5a"
+# Each test with a store runs on SQLite and on PostgreSQL (tests/conftest.py): the
+# decrypting scan reads the store, wherever it keeps its rows.
+pytestmark = pytest.mark.both_backends
 
 
 @contextlib.asynccontextmanager
-async def serve(tmp_path: Path) -> AsyncIterator[tuple[Server, str]]:
-    """`softrelay serve` with a crash project; its HTTP base. Stopped (SIGTERM) at the end."""
+async def serve(tmp_path: Path, store_toml: str) -> AsyncIterator[tuple[Server, str]]:
+    """`softrelay serve` with a crash project, its store as `store_toml` says; its HTTP
+    base. Stopped (SIGTERM) at the end."""
     (tmp_path / "pbx.secret").write_text(secrets.token_hex(8) + "\n", encoding="utf-8")
     config = tmp_path / "softrelay.toml"
     config.write_text(
-        '[sip]\ndomain = "relay.test"\n\n'
+        store_toml + '[sip]\ndomain = "relay.test"\n\n'
         f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{tmp_path / "pbx.secret"}"\n\n'
         f'[[crashreports.project]]\nid = "1"\nkey = "{CRASH_KEY}"\n',
         encoding="utf-8",
@@ -91,7 +95,7 @@ async def send_crash_report(base: str) -> None:
         assert answer.status == 200, await answer.text()
 
 
-async def register_alice(data_dir: Path) -> None:
+async def register_alice(data_dir: Path, settings: StoreSettings) -> None:
     """Alice's binding, as the relay stores it when her phone registers."""
     fields: dict[str, Value] = {
         "pbx_serial": SERIAL,
@@ -107,7 +111,8 @@ async def register_alice(data_dir: Path) -> None:
         "expires_at": 1_795_000_000,
     }
     policy = load_policy("auerproxy")
-    store = await Store.create(policy, load_keyring("", data_dir), data_dir, SystemClock())
+    keyring = load_keyring("", data_dir)
+    store = await Store.create(policy, keyring, data_dir, SystemClock(), settings)
     try:
         await store.put("registration", fields)
     finally:
@@ -121,11 +126,11 @@ async def audit(server: Server, *args: str) -> tuple[int, str]:
 
 
 async def test_canaries_inside_encrypted_fields_are_found_and_gone_after_erasure(
-    tmp_path: Path,
+    tmp_path: Path, store_settings: StoreSettings, store_toml: str
 ) -> None:
-    async with serve(tmp_path) as (server, base):
+    async with serve(tmp_path, store_toml) as (server, base):
         await send_crash_report(base)
-    await register_alice(server.data_dir)
+    await register_alice(server.data_dir, store_settings)
     canaries = ("--canary", CRASH_CANARY, "--canary", TOKEN_CANARY, "--canary", INSTANCE_CANARY)
 
     status, out = await audit(server, *canaries)
@@ -153,17 +158,14 @@ async def test_canaries_inside_encrypted_fields_are_found_and_gone_after_erasure
 
 
 async def test_a_value_that_does_not_open_fails_the_scan_and_is_named(
-    store: Store, tmp_path: Path
+    store: Store, raw_db: RawDatabase
 ) -> None:
     first = await store.put("crash_report", {"project": "1", "event_id": "a", "event": {}})
     second = await store.put("crash_report", {"project": "1", "event_id": "b", "event": {}})
-    with closing(sqlite3.connect(tmp_path / DATABASE_FILE)) as db:
-        db.execute(
-            "UPDATE c_crash_report SET event = (SELECT event FROM c_crash_report WHERE id = ?) "
-            "WHERE id = ?",
-            (first, second),
-        )
-        db.commit()
+    raw_db.execute(
+        "UPDATE c_crash_report SET event = "
+        f"(SELECT event FROM c_crash_report WHERE id = {first}) WHERE id = {second}"
+    )
 
     sealed = await scan_sealed(store, ["anything"])
 
@@ -222,13 +224,18 @@ def test_also_without_canaries_or_with_a_missing_file_is_a_usage_error(
 
 
 async def test_a_clear_canary_is_looked_for_in_files_only(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    store_settings: StoreSettings,
+    store_toml: str,
 ) -> None:
     """For a value the policy keeps, encrypted: absent in the clear passes, while the same
     value as a --canary is found by decryption."""
     data_dir = tmp_path / "var"
-    await register_alice(data_dir)
-    args = ["audit", "--data-dir", str(data_dir)]
+    await register_alice(data_dir, store_settings)
+    config = tmp_path / "softrelay.toml"
+    config.write_text(store_toml, encoding="utf-8")  # [store] of the test's backend
+    args = ["audit", "--config", str(config), "--data-dir", str(data_dir)]
 
     assert await asyncio.to_thread(cli_main, [*args, "--clear-canary", TOKEN_CANARY]) == 0
     out = capsys.readouterr().out
