@@ -10,20 +10,28 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from privacy.audit import scan_for_canaries
+from privacy.database import DATABASE_FILE, StoreSettings
 from tests.peers import STARTUP_TIMEOUT, http_base, spawn_serve
+from tests.rawdb import RawDatabase
 from usage.client import UsageClient
 from usage.endpoint import PING_PATH
 
 CANARY_IP = "127.83.41.29"  # loopback, and unlike any address the server has of its own
 KEY = "canary-tenant-key-0123456789"
+# Runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.both_backends
 
 
-async def test_no_ip_of_a_ping_reaches_the_data_dir_or_stderr(tmp_path: Path) -> None:
+async def test_no_ip_of_a_ping_reaches_the_data_dir_or_stderr(
+    tmp_path: Path, store_settings: StoreSettings, store_toml: str, raw_db: RawDatabase
+) -> None:
     config = tmp_path / "softrelay.toml"
     config.write_text(
-        "[usage]\nip_burst = 6\n[[usage.tenant]]\nid = 'acme'\nkey = 'env:CANARY_USAGE_KEY'\n"
+        store_toml
+        + "[usage]\nip_burst = 6\n[[usage.tenant]]\nid = 'acme'\nkey = 'env:CANARY_USAGE_KEY'\n"
     )
     data = tmp_path / "var"
     env = {"SOFTRELAY_CONFIG": str(config), "CANARY_USAGE_KEY": KEY}
@@ -62,9 +70,13 @@ async def test_no_ip_of_a_ping_reaches_the_data_dir_or_stderr(tmp_path: Path) ->
             _, stderr = await asyncio.wait_for(proc.communicate(), STARTUP_TIMEOUT)
     assert proc.returncode == 0
     assert CANARY_IP.encode() not in stderr
+    if store_settings.backend == "postgresql":
+        # The rows live in the database, not under data_dir: its dump is scanned with it.
+        (data / "database.dump").write_text(raw_db.dump(), encoding="utf-8")
     assert scan_for_canaries(data, [CANARY_IP, "127.83.41.0"]) == []
     # The scan does see the database: the tenant's name is stored plain.
-    assert scan_for_canaries(data, ["acme"]) != []
+    seen = {hit.path.name for hit in scan_for_canaries(data, ["acme"])}
+    assert seen & {DATABASE_FILE, f"{DATABASE_FILE}-wal", "database.dump"}, seen
     # Neither the app's pid nor its install secret reached the server's disk.
     pid = app.ping_body(time.time())["pid"]
     assert scan_for_canaries(data, [pid, app.state.install_secret.hex()]) == []
