@@ -297,6 +297,24 @@ class PostgresServer:
         self._check_name(name)
         self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    # --- files, for tests that look at what reached the disk ------------------------
+
+    def checkpoint(self) -> None:
+        """Write every changed page to the data files (and start a new WAL record)."""
+        self._admin("CHECKPOINT")
+
+    def database_files(self, name: str) -> list[Path]:
+        """The files of one database's tables and indexes (base/<oid>/)."""
+        self._check_name(name)
+        oid = self._admin(f"SELECT oid FROM pg_database WHERE datname = '{name}'").strip()
+        if not oid.isdigit():
+            raise PostgresError(f"no database {name!r}")
+        return sorted(p for p in (self.data_dir / "base" / oid).iterdir() if p.is_file())
+
+    def wal_files(self) -> list[Path]:
+        """The server's write-ahead log segments (all databases: it is one log)."""
+        return sorted(p for p in (self.data_dir / "pg_wal").iterdir() if p.is_file())
+
     @staticmethod
     def _check_name(name: str) -> None:
         if not _NAME.fullmatch(name):
@@ -309,7 +327,7 @@ class PostgresServer:
             raise PostgresError("the server is not running")
         commands = [arg for sql in statements for arg in ("-c", sql)]
         return self._tool(
-            "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
+            "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
             "-p", str(self.port), "-U", ADMIN, "-d", "postgres", *commands,
             as_server=False,
         )  # fmt: skip

@@ -13,6 +13,7 @@ from privacy.keys import Keyring
 from privacy.policy import PolicyViolation, load_policy
 from privacy.store import DATABASE_FILE, JsonText, Store, Subject, Value
 from tests.conftest import StoreFactory, sample_fields
+from tests.pgserver import PostgresServer
 from tests.rawdb import RawDatabase
 
 pytestmark = pytest.mark.both_backends
@@ -30,6 +31,8 @@ REGISTRATION: dict[str, Value] = {
     "push_app_id": "com.example.phone.voip",
     "expires_at": 1_795_000_000,
 }
+# The encrypted values of REGISTRATION: in no file of any backend.
+SECRETS = ("alice-7f3e9", "tok-c0ffee-deadbeef-4242", "198.51.100.23", "203.0.113.99", "canary")
 
 
 @pytest.mark.parametrize("field", ["password", "authorization", "digest_response", "sip_body"])
@@ -109,15 +112,32 @@ async def test_no_plaintext_username_token_or_ip_in_database_or_wal(
     files = [p for p in tmp_path.iterdir() if p.name.startswith(DATABASE_FILE)]
     assert any(p.name.endswith("-wal") for p in files), "the WAL must be scanned too"
     blob = b"".join(p.read_bytes() for p in files)
-    for secret in (
-        "alice-7f3e9",
-        "tok-c0ffee-deadbeef-4242",
-        "198.51.100.23",
-        "203.0.113.99",
-        "canary",
-    ):
+    for secret in SECRETS:
         assert secret.encode() not in blob, secret
     assert b"0042137" in blob  # the plain serial is stored, proving the scan sees the rows
+
+
+async def test_no_plaintext_username_token_or_ip_in_postgresql_files_or_wal(
+    postgres_server: PostgresServer, postgres_store_dsn: str, clock: ManualClock, tmp_path: Path
+) -> None:
+    """PostgreSQL's side of the test above: the database's table and index files, after a
+    checkpoint wrote every page, and the server's WAL hold no encrypted value."""
+    settings = StoreSettings(backend="postgresql", dsn=postgres_store_dsn)
+    store = await Store.create(
+        load_policy("auerproxy"), Keyring.generate(), tmp_path, clock, settings
+    )
+    try:
+        for i in range(20):
+            await store.put("registration", {**REGISTRATION, "instance": f"urn:uuid:{i}"})
+    finally:
+        await store.close()
+    postgres_server.checkpoint()
+    name = postgres_store_dsn.rsplit("/", 1)[1]
+    for files in (postgres_server.database_files(name), postgres_server.wal_files()):
+        blob = b"".join(p.read_bytes() for p in files)
+        for secret in SECRETS:
+            assert secret.encode() not in blob, secret
+        assert b"0042137" in blob  # the plain serial is stored: the scan sees the rows
 
 
 async def test_anonymised_field_never_reaches_storage_in_full(
