@@ -42,7 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "sqlite_only(why): in a both_backends module, a test of SQLite's own files only",
+        "sqlite_only(why): in a both_backends module, a test run on SQLite alone (it looks"
+        " at SQLite's own files, or no backend plays a part)",
     )
 
 
