@@ -13,6 +13,8 @@ A request is answered in this order, so nothing is decoded for a caller without 
        without opt-in, or over the CPU budget of scrubbing, is dropped unstored and
        counted                                                                   200
        (a scrubbing worker that died: 503, nothing stored)                      503
+       (the store unreachable: StorageUnavailable, answered by the middleware as
+       every API's, in Sentry's shape with Retry-After; nothing stored)         503
 
 Every refusal is a `SentryRefusal` (webapi/errors.py), JSON `{"detail": reason}` as
 Relay answers; the reason never quotes the body. Its `error` code is the outcome that
@@ -41,6 +43,7 @@ from crashreports.envelope import EnvelopeError, Item, parse_envelope
 from crashreports.forward import Forwarder
 from crashreports.settings import CrashSettings, Project
 from crashreports.workers import MalformedEvent, Scrubbers, ScrubberUnavailable
+from privacy.backend import StorageUnavailable
 from privacy.batches import Batches
 from privacy.clock import Clock
 from privacy.store import JsonText, Store, Writable
@@ -131,6 +134,11 @@ class Ingest:
                     self.in_flight -= 1
             except SentryRefusal as exc:
                 self.metrics.requests.labels(exc.error).inc()
+                raise
+            except StorageUnavailable:
+                # The batch's transaction wrote nothing: refused, 503 in Sentry's shape
+                # with Retry-After (the middleware's mapping).
+                self.metrics.requests.labels("storage_unavailable").inc()
                 raise
             self.metrics.requests.labels("accepted").inc()
             return web.json_response({"id": event_id} if event_id else {})
@@ -307,7 +315,10 @@ def describe(openapi: OpenApi) -> None:
         "403": json_response("Unknown project or key", detail),
         "413": json_response("Body over the limit once decoded", detail),
         "415": json_response("Content-Encoding not supported", detail),
-        "503": json_response("The scrubbing worker died; nothing was stored", detail),
+        "503": json_response(
+            "The scrubbing worker died, or the store is unreachable; nothing was stored",
+            detail,
+        ),
         "429": json_response("The project's rate limit", detail) | {"headers": rate_headers},
     }
     project = {

@@ -39,8 +39,19 @@ class StorageError(Exception):
     """The store could not do what was asked; the message names no personal data."""
 
 
+# Seconds a caller is told to wait (SIP and HTTP Retry-After) when the store is
+# unavailable: long enough not to hammer a database that is restarting, short enough
+# that a phone re-registers soon after it is back.
+RETRY_AFTER = 5.0
+
+
 class StorageUnavailable(StorageError):
-    """The database cannot be reached now; nothing was written. Retrying later may work."""
+    """The database cannot be reached now; nothing was written. Retrying later may work:
+    `retry_after` seconds is the hint the callers pass on (Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after: float = RETRY_AFTER) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SchemaMismatch(StorageError):
@@ -185,6 +196,18 @@ class Backend(Protocol):
 
     async def checkpoint(self) -> None:
         """Move committed pages out of any write-ahead log, so deleted data leaves it."""
+        ...
+
+    @property
+    def outage(self) -> StorageUnavailable | None:
+        """Why the database could not be reached, from the last operation that failed
+        so, until one succeeds; None while it answers. Callers that may act on cached
+        data (the restriction marks) re-read instead while this is set."""
+        ...
+
+    async def ping(self) -> None:
+        """Return once the database answers a trivial query, within a few seconds, or
+        raise StorageUnavailable (`/healthz`)."""
         ...
 
     async def close(self) -> None: ...

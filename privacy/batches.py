@@ -15,7 +15,9 @@ A caller returns only after the commit that holds its row, so "on disk before th
 answer" holds.
 
 If a batch is refused (`put_many` refuses every row when one is refused), its rows are
-written again one at a time, so only the caller of the refused row sees the error. A
+written again one at a time, so only the caller of the refused row sees the error. If
+the database is unavailable, the batch's one transaction wrote nothing, and every caller
+in it gets the `StorageUnavailable`. A
 caller that goes away (its task cancelled) leaves the others' commit alone; its row may
 still be written. The writer tasks belong to the `Batches`: `drain` awaits them.
 """
@@ -26,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
+from privacy.backend import StorageUnavailable
 from privacy.store import Store, Writable
 from privacy.tasks import Tasks
 
@@ -64,6 +67,13 @@ class Batches:
         batch, self._pending = self._pending, []
         try:
             await self._store.put_many(self._category, [row for row, _ in batch])
+        except StorageUnavailable as exc:
+            # No row was refused: the database is not there. Every caller is told so (their
+            # 503), none is answered as stored, and the dead database is not asked again
+            # row by row.
+            for _, done in batch:
+                # One exception each: they are raised in as many tasks, with tracebacks.
+                _settle(done, StorageUnavailable(str(exc), retry_after=exc.retry_after))
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], exc)

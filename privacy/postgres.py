@@ -50,12 +50,17 @@ log = logging.getLogger("softrelay.privacy")
 
 _PG_TYPE = {"TEXT": "TEXT", "INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
 CONNECT_TIMEOUT = 10.0  # seconds to connect, at start and when the pool reconnects
+# Seconds to get a connection of the pool while serving, a new connection's connect
+# included: a server gone away (host down, route lost) is StorageUnavailable within
+# this, not a caller (a phone's REGISTER) stalled for a TCP connect timeout.
+ACQUIRE_TIMEOUT = 5.0
+PING_TIMEOUT = 2.0  # seconds for the server to answer the health check's `SELECT 1`
 # Taken by `migrate` for its transaction: two `db migrate` at once take turns.
 MIGRATE_LOCK = 0x736F_6674_0001  # "soft" 1
-# The driver's and the network's ways of saying "the database is not there now". Class
-# 08 (connection exception), 57P01-57P03 (shutdown, starting up), 53300 (too many
-# connections), 57014 (statement timeout: the server is overloaded or locked).
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
+# The driver's and the network's ways of saying "the database is not there now": class
+# 08 (connection exception), 57P01-57P03 (shutdown, crash, starting up), a connection
+# refused or reset, no answer in time. An outage: the pool's connections are dropped.
+_LOST: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -63,9 +68,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+)
+# The server answered, too busy to do it: 53300 (too many connections), 57014 (statement
+# timeout: overloaded or locked). This call fails; the pool's connections are sound, and
+# dropping them would only add connects to a server short of them.
+_BUSY: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.QueryCanceledError,
 )
+_UNAVAILABLE = (*_LOST, *_BUSY)
 # What the first connection may fail with besides: the server refusing the role or the
 # database, a DSN the driver cannot read.
 _CONNECT_FAILED: tuple[type[BaseException], ...] = (
@@ -83,6 +94,8 @@ class PostgresBackend:
         self._settings = settings
         self._target = dsn_target(settings.dsn)
         self._where = f"PostgreSQL at {self._target}"
+        # Set by a call that found the server gone, cleared by the next that reached it.
+        self.outage: StorageUnavailable | None = None
 
     @classmethod
     async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> PostgresBackend:
@@ -148,21 +161,41 @@ class PostgresBackend:
     @asynccontextmanager
     async def _connection(self, *, transaction: bool = True) -> AsyncIterator[_Conn]:
         """A connection of the pool (in a transaction unless told not), driver errors
-        translated: the one place for both."""
+        translated: the one place for both, and where an outage begins and ends.
+
+        No circuit breaker: every call tries the server (a refused connect fails in
+        microseconds, a silent one within ACQUIRE_TIMEOUT), so the first call after the
+        server is back succeeds, and the pool reconnects on its own."""
         try:
-            async with self._pool.acquire(timeout=self._settings.statement_timeout) as conn:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 if transaction:
                     async with conn.transaction():
                         yield conn
                 else:
                     yield conn
-        except _UNAVAILABLE as exc:
+        except _BUSY as exc:
+            raise self._unavailable(exc) from exc
+        except _LOST as exc:
             # Connections that were idle in the pool died with the server too: drop them
             # all now, so one failed call per outage, not one per pooled connection.
             await self._pool.expire_connections()
-            raise StorageUnavailable(
-                f"database at {self._target} unavailable: {_reason(exc)}"
-            ) from exc
+            if self.outage is None:
+                log.warning(
+                    "store.unavailable",
+                    extra={"fields": {"backend": "postgresql", "reason": _reason(exc)}},
+                )
+            self.outage = self._unavailable(exc)
+            raise self._unavailable(exc) from exc
+        if self.outage is not None:
+            self.outage = None
+            log.warning("store.available", extra={"fields": {"backend": "postgresql"}})
+
+    def _unavailable(self, exc: BaseException) -> StorageUnavailable:
+        return StorageUnavailable(f"database at {self._target} unavailable: {_reason(exc)}")
+
+    async def ping(self) -> None:
+        async with self._connection(transaction=False) as conn:
+            await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
 
     # --- records --------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from privacy.backend import (
     RetentionRun,
     Row,
     SqlValue,
+    StorageUnavailable,
     TableSpec,
     TableStats,
 )
@@ -442,6 +443,14 @@ class SQLiteBackend:
 
     def _checkpoint(self) -> None:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    @property
+    def outage(self) -> StorageUnavailable | None:
+        # A file of this process: nothing to lose the way to (a disk error is an error).
+        return None
+
+    async def ping(self) -> None:
+        """Nothing to reach: the file is this process's own."""
 
     async def close(self) -> None:
         if self._thread is None:

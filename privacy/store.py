@@ -30,7 +30,16 @@ from typing import Any
 import orjson
 
 from privacy.anonymise import anonymise_ip
-from privacy.backend import ROW_ID, Backend, Column, Row, SqlValue, TableSpec, TableStats
+from privacy.backend import (
+    ROW_ID,
+    Backend,
+    Column,
+    Row,
+    SqlValue,
+    StorageUnavailable,
+    TableSpec,
+    TableStats,
+)
 from privacy.clock import Clock
 from privacy.crypto import DecryptionError, FieldCipher
 from privacy.database import (
@@ -229,6 +238,15 @@ class Store:
     async def close(self) -> None:
         await self.backend.close()
 
+    @property
+    def outage(self) -> StorageUnavailable | None:
+        """Why the database cannot be reached, while that is so (None: it answers)."""
+        return self.backend.outage
+
+    async def ping(self) -> None:
+        """Return once the database answers, or raise StorageUnavailable (`/healthz`)."""
+        await self.backend.ping()
+
     # --- writes ---------------------------------------------------------------------
 
     async def put(self, category: str, fields: Mapping[str, Writable]) -> int:
@@ -317,8 +335,14 @@ class Store:
         marks = self._restricted
         # The injected clock, as everywhere: a test moves it. A clock set back makes
         # the read count as stale, so a cache is never trusted for longer than meant.
+        # Nor while the database is unreachable (fail closed): another process may have
+        # set a mark we cannot see, so the read is tried and StorageUnavailable raised.
         now = self.clock.now()
-        if marks is None or not 0 <= now - self._restricted_read < RESTRICTIONS_FRESH:
+        if (
+            marks is None
+            or self.backend.outage is not None
+            or not 0 <= now - self._restricted_read < RESTRICTIONS_FRESH
+        ):
             self._restricted_read = now
             marks = self._restricted = await self.backend.restricted_subjects()
         return self.subject_index(subject) in marks

@@ -45,6 +45,7 @@ from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings
 from dsr.api import add_dsr_routes
 from dsr.service import DsrSettings
+from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from privacy.database import StoreSettings
 from privacy.keys import Keyring
@@ -241,4 +242,25 @@ async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Whether this process can do its work, and which dependency it cannot reach:
+
+        200 {"status": "ok", "dependencies": {"store": {"status": "ok", "backend": ...}}}
+        503 {"status": "degraded", "dependencies": {"store": {"status": "unavailable", ...}}}
+
+    The store is asked each time (a `SELECT 1`, bounded: privacy/postgres.py), so the
+    answer is now's, not the last failed call's. Degraded is a readiness answer (send
+    new work elsewhere), not a liveness one: relaying over linked flows goes on, and the
+    process resumes by itself once the database is back. The backend is named, never
+    its host, database or DSN."""
+    services = request.app[SERVICES]
+    try:
+        await request.app[STORE].ping()
+        store = "ok"
+    except StorageUnavailable:
+        store = "unavailable"
+    healthy = store == "ok"
+    body = {
+        "status": "ok" if healthy else "degraded",
+        "dependencies": {"store": {"status": store, "backend": services.store.backend}},
+    }
+    return web.json_response(body, status=200 if healthy else 503)

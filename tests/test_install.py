@@ -179,7 +179,10 @@ async def test_serve_starts_answers_healthz_and_stops_on_sigterm(installed: Inst
         base = await http_base(proc)
         async with aiohttp.ClientSession() as session, session.get(f"{base}/healthz") as resp:
             assert resp.status == 200
-            assert await resp.json() == {"status": "ok"}
+            assert await resp.json() == {
+                "status": "ok",
+                "dependencies": {"store": {"status": "ok", "backend": "sqlite"}},
+            }
         proc.send_signal(signal.SIGTERM)
         status = await asyncio.wait_for(proc.wait(), STEP_TIMEOUT)
         assert status == 0, (installed.work / "serve.err").read_text(errors="replace")

@@ -39,7 +39,10 @@ async def test_serve_answers_health_and_metrics_then_stops_on_sigterm(
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base}/healthz") as resp:
             assert resp.status == 200
-            assert await resp.json() == {"status": "ok"}
+            assert await resp.json() == {
+                "status": "ok",
+                "dependencies": {"store": {"status": "ok", "backend": "sqlite"}},
+            }
         async with session.get(f"{base}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()

@@ -19,6 +19,8 @@ with its status, decided in `_accept` by what the caller must do next, and count
     415 unsupported_media_type
     429 rate_limited              (Retry-After)
     500 internal                  (not counted; retry later)
+    503 storage_unavailable       (the store's StorageUnavailable, answered by the
+                                   middleware: not counted; retry after Retry-After)
 
 The route logs no IP address: the server runs without aiohttp's access log, and the
 handler never lets an exception reach aiohttp, whose error log names the client's
@@ -36,6 +38,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
+from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from usage.ledger import Ledger, PeriodClosed
 from usage.limits import CapWatch
@@ -97,6 +100,10 @@ class PingEndpoint:
                 raise Refusal(409, "period_closed", "this month is closed and counted") from None
         except Refusal as refusal:
             self._pings.labels(refusal.error).inc()
+            raise
+        except StorageUnavailable:
+            # Not counted as stored: the middleware answers 503 with Retry-After.
+            self._pings.labels("storage_unavailable").inc()
             raise
         except Exception:
             # Answered by the middleware as a Refusal, never raised to aiohttp: its error
@@ -243,6 +250,9 @@ def describe(openapi: OpenApi) -> None:
                 "415": refusal("unsupported_media_type"),
                 "429": refusal("rate_limited", RETRY_AFTER),
                 "500": refusal("internal: not counted; retry later"),
+                "503": refusal(
+                    "storage_unavailable: the store is unreachable; not counted", RETRY_AFTER
+                ),
             },
         },
     )

@@ -27,7 +27,12 @@ The middleware also answers what no handler raised, in the variant of the route
 
     a header that is not UTF-8      -> 400 bad_header (lone surrogates included)
     aiohttp's own text 4xx          -> the same status (404, 405, 413 ...)
+    StorageUnavailable (privacy)    -> 503 storage_unavailable with Retry-After: the
+                                       database is unreachable; nothing was stored
     any other exception             -> 500 internal, logged by class name only
+
+The store's `StorageUnavailable` is mapped here, once, for every API: a handler lets it
+pass (an API that counts outcomes counts it on the way), whatever store call raised it.
 
 aiohttp's own handling of a failing handler logs "Error handling request from <IP>"
 with the traceback; nothing reaches it from here. What no middleware sees: aiohttp's
@@ -45,6 +50,8 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from privacy.backend import StorageUnavailable
 
 log = logging.getLogger("softrelay.http")
 
@@ -139,6 +146,17 @@ def _oauth_code(status: int, error: str) -> str:
     return "server_error" if status >= 500 else "invalid_request"
 
 
+def storage_refusal(exc: StorageUnavailable) -> Refusal:
+    """The answer to a request the store could not serve now: nothing was stored, retry.
+    The detail never names the database (its message does: host and port)."""
+    return Refusal(
+        503,
+        "storage_unavailable",
+        "the data store is unavailable; nothing was stored; retry later",
+        retry_after=exc.retry_after,
+    )
+
+
 # Path prefix -> the variant its routes answer in; set while the routes are added.
 VARIANTS = web.AppKey("refusal_variants", dict[str, type[Refusal]])
 
@@ -198,6 +216,12 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
         return _shaped(request, rendered)
     except (asyncio.CancelledError, ConnectionError):
         raise  # the client went away: there is nobody to answer
+    except StorageUnavailable as exc:
+        if request.writer.output_size > 0:
+            raise
+        # Its message names the database's host: the log keeps the event only.
+        log.warning("http.storage_unavailable")
+        return _shaped(request, storage_refusal(exc))
     except Exception:
         if request.writer.output_size > 0:
             raise  # an answer is half sent: aiohttp can only drop the connection
@@ -206,4 +230,12 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
         return _shaped(request, Refusal(500, "internal", "the request failed; retry later"))
 
 
-__all__ = ["VARIANTS", "OAuthRefusal", "Refusal", "SentryRefusal", "refusals", "speaks"]
+__all__ = [
+    "VARIANTS",
+    "OAuthRefusal",
+    "Refusal",
+    "SentryRefusal",
+    "refusals",
+    "speaks",
+    "storage_refusal",
+]

@@ -30,6 +30,7 @@ import base64
 import hmac
 import ipaddress
 import logging
+import math
 import secrets
 import struct
 import time
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from privacy.store import Store, Subject
 from privacy.tasks import Tasks
@@ -105,6 +107,7 @@ class RelayMetrics:
         self.message_of = {kind: self.messages.labels(kind) for kind in kinds}
         self.latency_of = {kind: self.latency.labels(kind) for kind in kinds}
         self.errors_store = self.errors.labels("store")
+        self.errors_store_unavailable = self.errors.labels("store_unavailable")
 
 
 class Relay:
@@ -373,21 +376,34 @@ class Relay:
                 del self._pbx_flows[serial]
                 del self._linked[flow.id]
         else:
+            # Stored before it is linked: a new link the store cannot record is refused
+            # (503) and changes nothing. A refresh of the link this flow holds is answered
+            # 200 all the same: its record is stored already, only this use of it is not
+            # (the retention then counts from an earlier use: sooner, never later), and
+            # the calls over it go on.
+            try:
+                await self.store.put(
+                    "pbx_link",
+                    {
+                        "pbx_serial": serial,
+                        "pbx_ip": flow.remote[0],
+                        "pbx_port": flow.remote[1],
+                        "transport": flow.transport.value,
+                    },
+                )
+            except StorageUnavailable as exc:
+                if self._pbx_flows.get(serial) is not flow:
+                    await self._store_unavailable(request, flow, exc)
+                    return
+                self.metrics.errors_store.inc()
+            if flow.closed:
+                return  # it ended while the record was written: nothing to link or answer
             self._token(flow)  # watch the flow: its end unlinks the PBX
             previous = self._pbx_flows.get(serial)
             if previous is not None:
                 self._linked.pop(previous.id, None)
             self._pbx_flows[serial] = flow
             self._linked[flow.id] = serial
-            await self.store.put(
-                "pbx_link",
-                {
-                    "pbx_serial": serial,
-                    "pbx_ip": flow.remote[0],
-                    "pbx_port": flow.remote[1],
-                    "transport": flow.transport.value,
-                },
-            )
             log.info("pbx linked", extra={"fields": {"pbx_serial": serial}})
         self.metrics.pbx_links.set(len(self._pbx_flows))
         contacts = [str(c.with_param("expires", str(expires))) for c in request.contacts]
@@ -458,12 +474,18 @@ class Relay:
         contact = contacts[0] if contacts else None
         # Restricted (GDPR Art. 18): no binding is made or changed. A fetch (no Contact)
         # changes nothing and is how a subject proves identity to lift the mark.
-        if (contact is not None or request.contact_star) and await self.store.is_restricted(
-            Subject(username, serial)
-        ):
-            self.metrics.errors.labels("restricted").inc()
-            await self.reply(request, flow, 403, "Restricted by Data Subject Request")
-            return
+        if contact is not None or request.contact_star:
+            try:
+                restricted = await self.store.is_restricted(Subject(username, serial))
+            except StorageUnavailable as exc:
+                # The binding could not be stored, nor the mark ruled out: 503 before the
+                # PBX sees it, so phone and PBX agree that nothing changed.
+                await self._store_unavailable(request, flow, exc)
+                return
+            if restricted:
+                self.metrics.errors.labels("restricted").inc()
+                await self.reply(request, flow, 403, "Restricted by Data Subject Request")
+                return
         expires = request.expires if request.expires is not None else 3600
         if contact is not None and contact.expires is not None:
             expires = contact.expires
@@ -501,6 +523,14 @@ class Relay:
             ),
         )
         await self._send(pbx, request)
+
+    async def _store_unavailable(
+        self, request: Request, flow: Flow, exc: StorageUnavailable
+    ) -> None:
+        """503 with Retry-After to a REGISTER whose binding the store cannot take now."""
+        self.metrics.errors_store_unavailable.inc()
+        retry = ("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+        await self.reply(request, flow, 503, "Store Unavailable", (retry,))
 
     def _remember(self, branch: str, pending: _PendingRegister) -> None:
         now = self.clock.now()

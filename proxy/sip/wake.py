@@ -11,6 +11,8 @@ the phone is woken by a push, as Flexisip (`fork-late`) and Acrobits SIPIS do:
                  ├─ the PBX's 200 to a REGISTER of the same binding: forward on it
                  ├─ caller's CANCEL: 200, 487, and the "call cancelled" push iOS requires
                  ├─ wake timeout: 480 with a Reason
+                 ├─ the store unreachable (restriction marks unknown): 503 with
+                 │  Retry-After at once, nobody pushed (fail closed)
                  └─ softrelay stops (`close`): 503 with Retry-After; a call that
                     would be parked after that gets the same at once
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -43,6 +46,7 @@ from typing import NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from privacy.store import Store, Subject
 from privacy.tasks import Tasks
@@ -258,12 +262,22 @@ class Parking:
             retry = (("Retry-After", str(self.settings.retry_after)),)
             await self._courier.reply(request, caller, 503, "Too Many Parked Calls", retry)
             return
-        if self._push is None or await self._store.is_restricted(subject):
-            # Restricted (GDPR Art. 18): stored, but not processed; nobody is woken.
-            self.metrics.ends.labels("not_woken").inc()
-            await self._courier.reply(request, caller, 480, None, _reason("not reachable"))
+        try:
+            if self._push is None or await self._store.is_restricted(subject):
+                # Restricted (GDPR Art. 18): stored, but not processed; nobody is woken.
+                self.metrics.ends.labels("not_woken").inc()
+                await self._courier.reply(request, caller, 480, None, _reason("not reachable"))
+                return
+            instances = await self._instances(identity, subject)
+        except StorageUnavailable as exc:
+            # Fail closed: without the marks nobody can tell that the subject is not
+            # restricted, so nobody is woken; the caller may try again (or elsewhere).
+            self.metrics.ends.labels("store_unavailable").inc()
+            retry = (("Retry-After", str(max(1, math.ceil(exc.retry_after)))),)
+            await self._courier.reply(
+                request, caller, 503, None, _reason("store unavailable") + retry
+            )
             return
-        instances = await self._instances(identity, subject)
         if key in self._parked:
             return  # its retransmission was parked while we read the store
         if self._closed:  # closed while we read the store: nobody would answer it later
@@ -602,10 +616,14 @@ class Parking:
         user = getattr(to.uri, "user", None)
         if not user:
             return
-        await self._store.put(
-            "debug",
-            {"pbx_serial": serial, "sip_username": user, "destination_name": to.display or ""},
-        )
+        try:
+            await self._store.put(
+                "debug",
+                {"pbx_serial": serial, "sip_username": user, "destination_name": to.display or ""},
+            )
+        except StorageUnavailable:
+            # A diagnostic record the call does not need: the call goes on unrecorded.
+            log.warning("wake.debug_not_stored", extra={"fields": {"pbx_serial": serial}})
 
 
 def _key(request: Request, caller: Flow) -> _CallKey:
