@@ -176,15 +176,17 @@ async def _drain(
             grew.set()
 
 
-async def start_server(tmp_path: Path) -> Server:
+async def start_server(tmp_path: Path, more_config: str = "") -> Server:
     """`softrelay serve` on tmp_path with one PBX (SERIAL, a fresh secret) in DOMAIN,
-    once it has reported its UDP and TCP SIP ports."""
+    and the TOML tables of `more_config` ([store], [usage] ...), once it has reported
+    its UDP and TCP SIP ports."""
     secret = f"pbx-secret-{secrets.token_hex(8)}"
     (tmp_path / "pbx.secret").write_text(secret + "\n", encoding="utf-8")
     config = tmp_path / "softrelay.toml"
     config.write_text(
         f'[sip]\ndomain = "{DOMAIN}"\n\n'
-        f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{tmp_path / "pbx.secret"}"\n',
+        f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{tmp_path / "pbx.secret"}"\n\n'
+        + more_config,
         encoding="utf-8",
     )
     data_dir = tmp_path / "var"
