@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +42,7 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 30.0  # s for a server to come up
 STOP_TIMEOUT = 15.0  # s for a server to end after SIGTERM, before SIGKILL
 SERVE = (sys.executable, "-m", "softrelay.cli")  # `softrelay` of this tree
+NO_CONFIG = {"SOFTRELAY_CONFIG": ""}  # only the --config a bench gives counts
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -261,17 +262,24 @@ def metric_values(text: str, name: str) -> dict[str, float]:
 
 
 async def start_softrelay(
-    procs: Processes, work: Path, config: Path, *, command: Sequence[str] = SERVE
+    procs: Processes,
+    work: Path,
+    config: Path,
+    *,
+    command: Sequence[str] = SERVE,
+    env: Mapping[str, str] | None = None,
 ) -> Softrelay:
     """`command serve --config CONFIG` with its data in `work`/data, its log in
     `work`/serve.log, on ports 0, once its start-up report has named every port.
-    `command` runs the CLI (a profiling wrapper may stand in for it)."""
+    `command` runs the CLI (a profiling wrapper may stand in for it); `env` adds to
+    its environment (a secret the config names as `env:NAME`)."""
     log = write_file(work / "serve.log", "")
     data_dir = work / "data"
     argv = [*command, "serve", "--config", str(config)]
     argv += ["--data-dir", str(data_dir), "--http-port", "0", "--sip-port", "0"]
-    env = {**os.environ, "SOFTRELAY_CONFIG": ""}
-    proc = await procs.start(argv, log, cwd=ROOT, stdout_pipe=True, env=env)
+    proc = await procs.start(
+        argv, log, cwd=ROOT, stdout_pipe=True, env={**os.environ, **(env or {}), **NO_CONFIG}
+    )
     assert proc.stdout is not None
     server = Softrelay(proc, {}, log, data_dir)
     out = log.open("a", encoding="utf-8")

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/relay.py [--rates 250,500,1000,2000,4000] [--seconds 8]
         [--refine 2] [--idle-flows 5000] [--idle-kinds tcp,ws] [--only PARTS] [--profile]
-        [--out bench/results/relay.json]
+        [--store sqlite,postgresql] [--rounds N] [--out bench/results/relay.json]
 
 One run, on 127.0.0.1 over UDP, with SIPp (Debian sip-tester) on both ends. This module
 is the command line, the order of the parts and the report; each part is a module:
@@ -10,7 +10,8 @@ is the command line, the order of the parts and the report; each part is a modul
 - `bench/relay_calls.py`: (1) direct, (2) kamailio, (3) softrelay: calls climbing
   rising rates on each path (the goal: softrelay at least half of Kamailio's rate).
 - `bench/relay_register.py`: (4) REGISTER/s through softrelay, with a PBX client that
-  links by digest and answers every REGISTER.
+  links by digest and answers every REGISTER; `--rounds` climbs per store in `--store`
+  (SQLite, PostgreSQL), interleaved, each on a fresh softrelay and a fresh store.
 - `bench/relay_idle.py`: (5) idle TCP and WebSocket flows held by one fresh server,
   memory per flow (the goal: 50,000 at under 10 KiB each).
 - `bench/relay_profile.py`: softrelay under cProfile for one step, with --profile and
@@ -55,6 +56,7 @@ from bench.harness import (
     free_port,
     metric_values,
     raise_nofile,
+    spread,
     start_softrelay,
     write_result,
 )
@@ -62,6 +64,7 @@ from bench.profiling import positive_ints
 from bench.relay_calls import LABELS, PATHS, TARGET_RATIO, ratio
 from bench.relay_idle import IDLE_GOAL, IDLE_GOAL_BYTES, IDLE_KINDS, NOFILE_RESERVE, Idle
 from bench.relay_profile import print_profile, profile
+from bench.relay_register import DSN_ENV, STORES, Stores
 from bench.relay_sipp import (
     PACE,
     QUIET_LIMIT,
@@ -85,6 +88,33 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "relay.json"
 PARTS = (*PATHS, "register", "idle")
 
 
+@dataclass(frozen=True, slots=True)
+class RegisterRound:
+    """One REGISTER climb on a fresh softrelay with its store on `store`."""
+
+    store: str
+    registered: relay_register.Registers
+    counters: dict[str, dict[str, float]]
+    status: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **path_json(self.registered.steps),
+            "note": self.registered.note,
+            "pbx_answered": self.registered.pbx_answered,
+            "softrelay_counters": self.counters,
+            "server_exit_status": self.status,
+        }
+
+
+COUNTERS = (
+    "softrelay_sip_errors_total",
+    "softrelay_sip_messages_dropped_total",
+    "softrelay_sip_handler_errors_total",
+    "softrelay_sip_messages_total",
+)
+
+
 @dataclass(slots=True)
 class Bench:
     """What the parts measured, as the report gives it."""
@@ -93,6 +123,8 @@ class Bench:
     register: list[Step] = field(default_factory=list)
     register_note: str = ""
     pbx_answered: int = 0
+    register_rounds: list[RegisterRound] = field(default_factory=list)
+    postgresql: str = ""  # the version of the server the PostgreSQL rounds ran on
     idle: list[Idle] = field(default_factory=list)
     softrelay_counters: dict[str, dict[str, float]] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
@@ -101,7 +133,7 @@ class Bench:
 
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
     """The parts in `args.only`, always in this order: the call paths (one SIPp UAS for
-    all), REGISTERs through the same softrelay as the calls, the profile, the idle flows."""
+    all), the REGISTER rounds (a fresh softrelay each), the profile, the idle flows."""
     done = Bench()
     sipp = Sipp(procs, args.sipp, args.seconds, tmp / "sipp")
     sipp.work.mkdir()
@@ -119,29 +151,19 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
             done.paths["kamailio"], done.statuses["kamailio"] = await relay_calls.through_kamailio(
                 procs, sipp, args.kamailio_cfg, tmp / "kamailio", uas_port, rates, refine
             )
-        if "softrelay" in parts or "register" in parts:
+        if "softrelay" in parts:
             work = tmp / "softrelay"
             server = await start_softrelay(procs, work, relay_config(tmp, uas_port, secret_file))
             try:
-                if "softrelay" in parts:
-                    done.paths["softrelay"] = await relay_calls.through_softrelay(
-                        sipp, server, rates, refine
-                    )
-                if "register" in parts:
-                    registered = await relay_register.registers(sipp, server, secret, rates, refine)
-                    done.register = registered.steps
-                    done.register_note = registered.note
-                    done.pbx_answered = registered.pbx_answered
+                done.paths["softrelay"] = await relay_calls.through_softrelay(
+                    sipp, server, rates, refine
+                )
                 text = await server.metrics()
-                for name in (
-                    "softrelay_sip_errors_total",
-                    "softrelay_sip_messages_dropped_total",
-                    "softrelay_sip_handler_errors_total",
-                    "softrelay_sip_messages_total",
-                ):
-                    done.softrelay_counters[name] = metric_values(text, name)
+                done.softrelay_counters = {name: metric_values(text, name) for name in COUNTERS}
             finally:
                 done.statuses["softrelay"] = await server.stop(procs)
+        if "register" in parts:
+            await register_rounds(args, procs, sipp, tmp, secret, secret_file, done)
         relay_steps = done.paths.get("softrelay", [])
         below = (value := ratio(done.paths)) is not None and value < TARGET_RATIO
         if relay_steps and (args.profile or below):
@@ -163,6 +185,80 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
                 done.idle.append(found)
                 print(f"  idle      {relay_idle.idle_line(found)}", flush=True)
     return done
+
+
+async def register_rounds(
+    args: argparse.Namespace,
+    procs: Processes,
+    sipp: Sipp,
+    tmp: Path,
+    secret: str,
+    secret_file: Path,
+    done: Bench,
+) -> None:
+    """`--rounds` REGISTER climbs per store, interleaved (sqlite, postgresql, sqlite, ...),
+    each on a fresh softrelay with a fresh store; the first one fills the report's
+    `register` as before."""
+    async with Stores.started(args.store) as stores:
+        done.postgresql = stores.version
+        for turn in range(args.rounds):
+            for store in args.store:
+                work = tmp / f"register-{store}-{turn}"
+                dsn_env = DSN_ENV if store == "postgresql" else None
+                config = relay_config(work, None, secret_file, store_dsn_env=dsn_env)
+                env = await stores.environment(store, procs, config, work)
+                print(f"  REGISTER round {turn + 1}/{args.rounds} on {store}", flush=True)
+                server = await start_softrelay(procs, work, config, env=env)
+                try:
+                    registered = await relay_register.registers(
+                        sipp, server, secret, args.rates, args.refine
+                    )
+                    text = await server.metrics()
+                    counters = {name: metric_values(text, name) for name in COUNTERS}
+                finally:
+                    status = await server.stop(procs)
+                done.register_rounds.append(RegisterRound(store, registered, counters, status))
+    first = done.register_rounds[0]
+    done.register = first.registered.steps
+    done.register_note = first.registered.note
+    done.pbx_answered = first.registered.pbx_answered
+    if "softrelay" not in args.only:
+        done.softrelay_counters = first.counters
+        done.statuses["softrelay"] = first.status
+
+
+def register_by_store(done: Bench) -> dict[str, Any]:
+    """Per store: the best REGISTER rate of every round, its median and spread; with
+    both stores, PostgreSQL's over SQLite's round by round."""
+    found: dict[str, Any] = {}
+    best_rates: dict[str, list[float]] = {}
+    for one in done.register_rounds:
+        best_rates.setdefault(one.store, []).append(path_json(one.registered.steps)["best_per_s"])
+    for store, rates in best_rates.items():
+        found[store] = {
+            "best_per_s_rounds": rates,
+            "best_per_s": spread(rates, 1),
+            "rounds": [one.to_json() for one in done.register_rounds if one.store == store],
+        }
+    if len(best_rates) == 2:
+        pairs = zip(best_rates["postgresql"], best_rates["sqlite"], strict=True)
+        per_round = [pg / lite if lite else 0.0 for pg, lite in pairs]
+        found["ratio_postgresql_over_sqlite_rounds"] = [round(r, 3) for r in per_round]
+        found["ratio_postgresql_over_sqlite"] = spread(per_round, 3)
+    if done.postgresql:
+        found["postgresql_version"] = done.postgresql
+        found["postgresql_server"] = (
+            "tests/pgserver.py on this machine's cores (loopback TCP, fsync off, "
+            "synchronous_commit off); serve's default pool; the steps' CPU is the relay's only"
+        )
+    return found
+
+
+def parse_stores(text: str) -> list[str]:
+    stores = [part.strip() for part in text.split(",") if part.strip()]
+    if not stores or set(stores) - set(STORES) or len(set(stores)) < len(stores):
+        raise argparse.ArgumentTypeError(f"stores are {', '.join(STORES)}; got {text!r}")
+    return stores
 
 
 def parse_parts(text: str) -> list[str]:
@@ -203,6 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="cProfile softrelay (also when it misses the goal)"
     )
+    parser.add_argument(
+        "--store",
+        type=parse_stores,
+        default=["sqlite"],
+        help="REGISTER: the stores to run on, interleaved (sqlite; sqlite,postgresql)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="REGISTER climbs per store (1)")
     parser.add_argument("--sipp", default=shutil.which("sipp") or "sipp", help="SIPp binary")
     parser.add_argument(
         "--kamailio-cfg", type=Path, default=DEFAULT_KAMAILIO_CFG, help="the peer's config"
@@ -210,8 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.refine < 0:
-        parser.error("--seconds must be positive, --refine 0 or more")
+    if args.seconds <= 0 or args.refine < 0 or args.rounds < 1:
+        parser.error("--seconds must be positive, --refine 0 or more, --rounds at least 1")
     if any(later <= earlier for earlier, later in zip(args.rates, args.rates[1:], strict=False)):
         parser.error("--rates must rise")
     if shutil.which(args.sipp) is None:
@@ -230,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.idle_flows = sorted({min(count, most) for count in args.idle_flows})
 
     # A safety net only: every step and every wait is bounded on its own.
-    climbs = sum(part in args.only for part in (*PATHS, "register")) + 1
+    climbs = sum(part in args.only for part in PATHS) + 1
+    climbs += args.rounds * len(args.store) if "register" in args.only else 0
     per_step = args.seconds + RECV_TIMEOUT_MS / 1000 + STEP_MARGIN + SETTLE + QUIET_LIMIT
     hard_limit = climbs * (len(args.rates) + args.refine) * per_step
     idle_s = sum(max(60.0, n / 250) for n in args.idle_flows)
@@ -299,6 +403,7 @@ def report(args: argparse.Namespace, done: Bench, wall: float, nofile: int, tmp:
             "note": done.register_note or relay_register.NOTE,
             "pbx_answered": done.pbx_answered,
         },
+        "register_by_store": register_by_store(done),
         "idle_flows": {
             "results": [idle.to_json() for idle in done.idle],
             "rlimit_nofile": nofile,
@@ -316,6 +421,7 @@ def report(args: argparse.Namespace, done: Bench, wall: float, nofile: int, tmp:
 
     if done.paths or done.register or done.register_note:
         print_calls(done)
+    print_register_rounds(done)
     if value is not None:
         kamailio, mine = best(done.paths["kamailio"]), best(done.paths["softrelay"])
         assert kamailio is not None
@@ -373,6 +479,28 @@ def print_calls(done: Bench) -> None:
         "best/s: highest offered rate with >= 99.9% of calls complete and 200s at >= 95% of it "
         "(+: no rate failed); latency p50/p99 of that step; CPU: the relay's processes"
     )
+
+
+def print_register_rounds(done: Bench) -> None:
+    if len(done.register_rounds) < 2:
+        return
+    print("\nREGISTER rounds, interleaved, a fresh softrelay and store each:")
+    for n, one in enumerate(done.register_rounds, start=1):
+        label = f"{n}. {one.store}"
+        print(table_row(label, REGISTER.name, one.registered.steps))
+        if one.registered.note:
+            print(f"  {one.registered.note}")
+    found = register_by_store(done)
+    for store in STORES:
+        if store in found:
+            best_per_s = found[store]["best_per_s"]
+            print(
+                f"{store}: best REGISTER/s median {best_per_s['median']:,.0f} "
+                f"({best_per_s['min']:,.0f}-{best_per_s['max']:,.0f})"
+            )
+    if "ratio_postgresql_over_sqlite" in found:
+        r = found["ratio_postgresql_over_sqlite"]
+        print(f"postgresql/sqlite median {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})")
 
 
 if __name__ == "__main__":

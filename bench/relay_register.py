@@ -2,18 +2,25 @@
 0078 over TCP with its SHA-256 digest secret and answers each forwarded REGISTER with
 200. SIPp (`bench/sipp/register.xml`) registers a new user for every REGISTER, so each
 one stores a binding. The climb is the calls' (`bench/relay_sipp.py`).
+
+`Stores` gives each REGISTER round's softrelay its store: SQLite under its data dir, or
+a fresh database on one PostgreSQL 15 started for the run by `tests/pgserver.py` (the
+tests' own server, on this machine's cores), migrated by `softrelay db migrate` as an
+operator would, its DSN handed to `serve` in an environment variable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from bench.harness import HOST, Softrelay
+from bench.harness import HOST, NO_CONFIG, ROOT, SERVE, Processes, Softrelay, write_file
 from bench.relay_sipp import DOMAIN, REGISTER, REGISTER_SERIAL, Sipp, Step, climb
 from mockphone.pbx import LinkRegistration
 from proxy.sip.framing import PONG, Keepalive, StreamFramer
@@ -21,6 +28,11 @@ from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
 from proxy.sip.responses import make_response
 from proxy.sip.syntax import SipParseError
+from tests.pgserver import PostgresServer
+
+STORES = ("sqlite", "postgresql")
+DSN_ENV = "SOFTRELAY_BENCH_DSN"  # the config says dsn = "env:SOFTRELAY_BENCH_DSN"
+MIGRATE_TIMEOUT = 60.0  # s for `softrelay db migrate`
 
 LABEL = "REGISTER: SIPp -> softrelay -> PBX"
 NOTE = (
@@ -63,6 +75,48 @@ async def registers(
             done.note = f"the PBX stopped answering: {pbx.error}"
         await pbx.close()
     return done
+
+
+# --- where the store is ------------------------------------------------------------------
+
+
+class Stores:
+    """The PostgreSQL server of the run, if a round needs one; a store per round."""
+
+    def __init__(self, server: PostgresServer | None) -> None:
+        self.server = server
+        self.version = ""
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def started(cls, stores: Sequence[str]) -> AsyncIterator[Stores]:
+        server = PostgresServer() if "postgresql" in stores else None
+        try:
+            if server is not None:
+                await asyncio.to_thread(server.start)
+            found = cls(server)
+            if server is not None:
+                found.version = (server.data_dir / "PG_VERSION").read_text().strip()
+            yield found
+        finally:
+            if server is not None:
+                await asyncio.to_thread(server.close)
+
+    async def environment(
+        self, store: str, procs: Processes, config: Path, work: Path
+    ) -> dict[str, str]:
+        """What `serve --config config` needs in its environment to run on `store`: for
+        PostgreSQL, a fresh database, migrated, its DSN in DSN_ENV."""
+        if store == "sqlite":
+            return {}
+        assert self.server is not None
+        env = {DSN_ENV: await asyncio.to_thread(self.server.create_database)}
+        argv = [*SERVE, "db", "migrate", "--config", str(config), "--data-dir", str(work)]
+        log = write_file(work / "migrate.log", "")
+        proc = await procs.start(argv, log, cwd=ROOT, env={**os.environ, **env, **NO_CONFIG})
+        if await procs.wait(proc, MIGRATE_TIMEOUT) != 0:
+            raise RuntimeError(f"softrelay db migrate failed; see {log}")
+        return env
 
 
 # --- the PBX client: links by digest, answers REGISTERs -----------------------------------

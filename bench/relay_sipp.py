@@ -53,12 +53,16 @@ def relay_config(
     *,
     http_connections: int | None = None,
     sip_connections: int | None = None,
+    store_dsn_env: str | None = None,
 ) -> Path:
     """softrelay's config: the SIPp UAS on `uas_port` as the static PBX (if any), the
     digest PBX with its secret, no per-IP connection limit on SIP, no console log.
     With `http_connections`, the HTTP port's cap and no per-IP cap there either; with
-    `sip_connections`, SIP's cap on connections."""
+    `sip_connections`, SIP's cap on connections; with `store_dsn_env`, the store on
+    PostgreSQL, its DSN in that environment variable (else SQLite under the data dir)."""
     lines = [f'[sip]\ndomain = "{DOMAIN}"\n']
+    if store_dsn_env is not None:
+        lines.append(f'[store]\nbackend = "postgresql"\ndsn = "env:{store_dsn_env}"\n')
     if uas_port is not None:
         lines.append(f'[[sip.pbx]]\nserial = "{CALL_SERIAL}"\nstatic = "udp:{HOST}:{uas_port}"\n')
     lines.append(f'[[sip.pbx]]\nserial = "{REGISTER_SERIAL}"\nsecret = "file:{secret_file}"\n')

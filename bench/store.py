@@ -1,8 +1,11 @@
-"""Write throughput of the policy-enforcing store against raw SQLite, on this machine.
+"""Write throughput of the policy-enforcing store against raw writes, on SQLite and on
+PostgreSQL, on this machine.
 
-    .venv/bin/python bench/store.py [--rows N] [--concurrency C] [--out FILE]
+    .venv/bin/python bench/store.py [--rows N] [--concurrency C] [--repeat R]
+        [--backends sqlite,postgresql] [--pool P] [--processes 1,2] [--profile] [--out FILE]
 
-Three measurements on the same registration rows, each in a fresh temporary directory:
+On SQLite, three measurements on the same registration rows, each in a fresh temporary
+directory:
 
 (a) raw sqlite3: the rows in plaintext, into the table the store's own backend creates
     (same columns, blind-index columns holding the plaintext, same indexes including the
@@ -13,19 +16,27 @@ Three measurements on the same registration rows, each in a fresh temporary dire
 (c) the CPU cost of the store's encode path alone (`_check_fields`, `_encode` and the
     subject's blind index), no I/O.
 
-Each is run `--repeat` times (interleaved, so drift hits all alike) and the best run is
-reported. The issue's target: policy check and encryption cost at most 25% of write
-throughput, that is 1 - b/a <= 0.25. Timing uses `time.perf_counter` only.
+On PostgreSQL (bench/store_pg.py, a server started for the run by tests/pgserver.py):
+raw asyncpg INSERTs against `Store.put` on the same rows through the same pool, the
+backend's put of pre-sealed rows between them, and the writes/s of 1 and 2 processes,
+each with its own `Store`, on one database.
+
+Each is run `--repeat` times, interleaved, so drift hits all alike. The issue's target,
+per backend: policy check and encryption cost at most 25% of write throughput, that is
+1 - store/raw <= 0.25, judged on the median of the per-round ratios (min-max given too).
+Durations use `time.perf_counter`; the worker processes stamp `time.monotonic`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import random
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -38,15 +49,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.*
 
-from bench.harness import write_result
+from bench.harness import spread, write_result
+from bench.profiling import positive_ints
+from bench.store_pg import CATEGORY as CATEGORY  # one definition; bench/pg_drivers.py
+from bench.store_pg import PROFILE as PROFILE  # imports both from here
+from bench.store_pg import Postgres
 from privacy.clock import SystemClock
+from privacy.database import BACKENDS, StoreSettings
 from privacy.keys import Keyring
 from privacy.policy import Policy, load_policy
 from privacy.sqlite import SQLiteBackend
 from privacy.store import DATABASE_FILE, Store, Value, table_spec
 
-CATEGORY = "registration"
-PROFILE = "auerproxy"
 TARGET_COST = 0.25
 ENCODE_ROWS = 5000  # (c) is CPU only and steady per row: a sample keeps the run short
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "store.json"
@@ -255,54 +269,35 @@ def _check_written(written: int, expected: int, what: str) -> None:
 # --- report ----------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=20000, help="rows per run (default 20000)")
-    parser.add_argument("--concurrency", type=int, default=32, help="store writer tasks (32)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept (3)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
-    parser.add_argument("--tmpdir", type=Path, default=None, help="parent of the temp dirs")
-    args = parser.parse_args(argv)
-    if args.rows < 1 or args.concurrency < 1 or args.repeat < 1:
-        parser.error("--rows, --concurrency and --repeat must be at least 1")
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """Per round: rate of the first over rate of the second, from their seconds."""
+    return [den / num for num, den in zip(numerators, denominators, strict=True)]
 
-    policy = load_policy(PROFILE)
-    rows = registration_rows(args.rows)
-    raw_s: list[float] = []
-    batched_s: list[float] = []
-    pragmas: dict[str, Any] = {}
-    store_s: list[float] = []
-    encode_s: list[dict[str, float]] = []
-    for _ in range(args.repeat):  # interleaved: a slow patch of the machine hits all three
-        elapsed, pragmas = run_raw(rows, policy, args.tmpdir)
-        raw_s.append(elapsed)
-        batched_s.append(run_raw(rows, policy, args.tmpdir, batch=args.concurrency)[0])
-        store_s.append(run_store(rows, policy, args.concurrency, args.tmpdir))
-        encode_s.append(run_encode(rows[:ENCODE_ROWS], policy))
 
-    raw = Result(raw_s, args.rows)
-    batched = Result(batched_s, args.rows)
-    store = Result(store_s, args.rows)
+def verdict(cost: float) -> str:
+    return "PASS" if cost <= TARGET_COST else "FAIL"
+
+
+def sqlite_json(
+    args: argparse.Namespace,
+    raw_s: list[float],
+    batched_s: list[float],
+    store_s: list[float],
+    encode_s: list[dict[str, float]],
+    pragmas: dict[str, Any],
+) -> dict[str, Any]:
+    raw, batched, store = (
+        Result(raw_s, args.rows),
+        Result(batched_s, args.rows),
+        Result(store_s, args.rows),
+    )
     sample = min(args.rows, ENCODE_ROWS)
     steps = {name: Result([run[name] for run in encode_s], sample) for name in encode_s[0]}
     encode_us = sum(step.us_per_row for step in steps.values())
-    ratio = store.per_s / raw.per_s
-    cost = 1 - ratio
-    passed = cost <= TARGET_COST
-
-    result = {
-        "benchmark": "store write throughput",
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "python": platform.python_version(),
+    per_round = ratios(store_s, raw_s)
+    cost = 1 - statistics.median(per_round)
+    return {
         "sqlite": sqlite3.sqlite_version,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "category": CATEGORY,
-        "profile": PROFILE,
-        "rows": args.rows,
-        "concurrency": args.concurrency,
-        "repeat": args.repeat,
-        "statistic": f"best of {args.repeat} runs",
         "pragmas": pragmas,
         "raw_sqlite": raw.to_json(),
         "raw_sqlite_batched": {
@@ -318,39 +313,228 @@ def main(argv: Sequence[str] | None = None) -> int:
             "steps_us_per_row": {name: round(step.us_per_row, 2) for name, step in steps.items()},
             "share_of_store_write": round(encode_us / store.us_per_row, 3),
         },
-        "ratio_b_over_a": round(ratio, 4),
+        "ratio_b_over_a_rounds": [round(r, 4) for r in per_round],
+        "ratio_b_over_a": spread(per_round, 4),
+        "ratio_b_over_a_best_runs": round(store.per_s / raw.per_s, 4),
         "cost": round(cost, 4),
         "target_cost": TARGET_COST,
-        "pass": passed,
+        "pass": cost <= TARGET_COST,
     }
-    write_result(args.out, result)
 
-    print(
-        f"{args.rows} {CATEGORY} rows, best of {args.repeat} runs, fresh temp dir each; "
-        f"Python {result['python']}, SQLite {result['sqlite']}, {result['cpus']} CPUs"
+
+def postgres_json(args: argparse.Namespace, pg: Postgres) -> dict[str, Any]:
+    rows = args.rows
+    seconds = {what: [run.seconds for run in runs] for what, runs in pg.runs.items()}
+    per_round = ratios(seconds["store"], seconds["raw"])
+    cost = 1 - statistics.median(per_round)
+    measured: dict[str, Any] = {}
+    for what, runs in pg.runs.items():
+        measured[what] = {
+            "writes_per_s": spread([rows / run.seconds for run in runs], 1),
+            "client_cpu_us_per_row": spread([run.client_cpu / rows * 1e6 for run in runs], 1),
+            "server_cpu_us_per_row": spread([run.server_cpu / rows * 1e6 for run in runs], 1),
+            "runs_s": [round(run.seconds, 4) for run in runs],
+        }
+    return {
+        "postgresql": pg.version,
+        "server": "tests/pgserver.py: loopback TCP, fsync off, synchronous_commit off "
+        "(SQLite's synchronous=NORMAL in WAL mode does not flush at commit either)",
+        "pool": args.pool,
+        "loop": "uvloop",
+        "raw_asyncpg": {
+            **measured["raw"],
+            "what": "plaintext INSERT per row, autocommit, through the store backend's own pool",
+        },
+        "sealed_backend_put": {
+            **measured["sealed"],
+            "what": "PostgresBackend.put of rows "
+            "sealed before the clock: the store's SQL without its CPU",
+        },
+        "store": {**measured["store"], "what": "Store.put: policy, sealing, blind indexes, SQL"},
+        "ratio_store_over_raw_rounds": [round(r, 4) for r in per_round],
+        "ratio_store_over_raw": spread(per_round, 4),
+        "ratio_sealed_over_raw": spread(ratios(seconds["sealed"], seconds["raw"]), 4),
+        "ratio_store_over_sealed": spread(ratios(seconds["store"], seconds["sealed"]), 4),
+        "cost": round(cost, 4),
+        "target_cost": TARGET_COST,
+        "pass": cost <= TARGET_COST,
+        "processes": {
+            str(count): {
+                "rows_per_process": rows // count,
+                "total_writes_per_s": spread([w.total_per_s for w in found], 1),
+                "rounds": [w.to_json() for w in found],
+            }
+            for count, found in pg.workers.items()
+        },
+    }
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.2f} (5 min {five:.2f})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20000, help="rows per run (default 20000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="store writer tasks (32)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds, interleaved (5)")
+    parser.add_argument(
+        "--backends", type=parse_backends, default=list(BACKENDS), help="sqlite,postgresql"
     )
-    print(f"{'':44}{'writes/s':>12}{'µs/write':>11}")
-    print(
-        f"{'(a) raw sqlite3, 1 thread, 1 tx per row':44}{raw.per_s:>12,.0f}{raw.us_per_row:>11.1f}"
+    parser.add_argument(
+        "--pool", type=int, default=StoreSettings().pool_size, help="PostgreSQL pool size (10)"
     )
-    label = f"(a2) raw sqlite3, {args.concurrency} rows per tx"
-    print(f"{label:44}{batched.per_s:>12,.0f}{batched.us_per_row:>11.1f}")
-    label = f"(b) Store.put, {args.concurrency} asyncio tasks"
-    print(f"{label:44}{store.per_s:>12,.0f}{store.us_per_row:>11.1f}")
-    print(f"{'(c) check + encode + subject, CPU only':44}{'':>12}{encode_us:>11.1f}")
-    for name, step in steps.items():
-        print(f"{'      ' + name:44}{'':>12}{step.us_per_row:>11.1f}")
-    verdict = "PASS" if passed else "FAIL"
-    print(
-        f"b/a = {ratio:.3f}   cost = 1 - b/a = {cost:.1%}   "
-        f"target cost <= {TARGET_COST:.0%}: {verdict}"
+    parser.add_argument(
+        "--processes",
+        type=positive_ints,
+        default=[1, 2],
+        help="PostgreSQL: store processes at once on one database, --rows split among them (1,2)",
     )
-    print(
-        f"for reference, against (a2), raw batches as large as group commit can reach: "
-        f"cost = {1 - store.per_s / batched.per_s:.1%}"
+    parser.add_argument("--profile", action="store_true", help="cProfile a PostgreSQL store run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
+    parser.add_argument("--tmpdir", type=Path, default=None, help="parent of the temp dirs")
+    args = parser.parse_args(argv)
+    if min(args.rows, args.concurrency, args.repeat, args.pool) < 1:
+        parser.error("--rows, --concurrency, --repeat and --pool must be at least 1")
+
+    policy = load_policy(PROFILE)
+    rows = registration_rows(args.rows)
+    raw_s: list[float] = []
+    batched_s: list[float] = []
+    pragmas: dict[str, Any] = {}
+    store_s: list[float] = []
+    encode_s: list[dict[str, float]] = []
+    loads = [load()]
+    result: dict[str, Any] = {
+        "benchmark": "store write throughput",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "category": CATEGORY,
+        "profile": PROFILE,
+        "rows": args.rows,
+        "concurrency": args.concurrency,
+        "repeat": args.repeat,
+        "statistic": f"{args.repeat} interleaved rounds: the verdict on the median of the "
+        "per-round ratios; best run and min-max given too",
+    }
+    with contextlib.ExitStack() as stack:
+        pg = None
+        if "postgresql" in args.backends:
+            pg = stack.enter_context(Postgres.started(policy, args.pool, args.concurrency))
+            keyring = Keyring.generate()
+            # The worker processes share the keyring, as a fleet's processes do.
+            keyring_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.tmpdir)))
+            keyring_file = keyring_dir / "keyring.json"
+            keyring_file.write_bytes(keyring.to_json())
+        for turn in range(args.repeat):  # interleaved: a slow patch hits every measurement
+            if "sqlite" in args.backends:
+                elapsed, pragmas = run_raw(rows, policy, args.tmpdir)
+                raw_s.append(elapsed)
+                batched_s.append(run_raw(rows, policy, args.tmpdir, batch=args.concurrency)[0])
+                store_s.append(run_store(rows, policy, args.concurrency, args.tmpdir))
+                encode_s.append(run_encode(rows[:ENCODE_ROWS], policy))
+            if pg is not None:
+                pg.round(rows, keyring, turn)
+                for count in args.processes:
+                    pg.processes(count, args.rows // count, keyring_file, seed=turn * 100)
+            loads.append(load())
+            print(f"round {turn + 1}/{args.repeat} done, load {loads[-1]}", flush=True)
+        result["load_average"] = loads
+        if "sqlite" in args.backends:
+            result |= sqlite_json(args, raw_s, batched_s, store_s, encode_s, pragmas)
+        if pg is not None:
+            result["postgresql"] = postgres_json(args, pg)
+            if args.profile or not result["postgresql"]["pass"]:
+                result["postgresql"]["profile"] = pg.profile(rows, keyring)
+    result["pass"] = all(
+        part["pass"] for part in (result, result.get("postgresql")) if part and "cost" in part
     )
-    print(f"wrote {args.out}")
-    return 0 if passed else 1
+    write_result(args.out, result)
+    report(args, result)
+    return 0 if result["pass"] else 1
+
+
+def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    print(
+        f"{args.rows} {CATEGORY} rows, {args.repeat} rounds interleaved, fresh temp dir or "
+        f"database each; Python {result['python']}, {result['cpus']} CPUs; "
+        f"load {', '.join(result['load_average'])}"
+    )
+    if "cost" in result:
+        print(f"\nSQLite {result['sqlite']}{'':29}{'best w/s':>12}{'µs/write':>11}")
+        rows = [
+            ("(a) raw sqlite3, 1 thread, 1 tx per row", result["raw_sqlite"]),
+            (f"(a2) raw sqlite3, {args.concurrency} rows per tx", result["raw_sqlite_batched"]),
+            (f"(b) Store.put, {args.concurrency} asyncio tasks", result["store"]),
+        ]
+        for label, part in rows:
+            print(f"{label:44}{part['writes_per_s']:>12,.0f}{part['us_per_row']:>11.1f}")
+        encode = result["encode_only"]
+        print(f"{'(c) check + encode + subject, CPU only':44}{'':>12}{encode['us_per_row']:>11.1f}")
+        for name, us in encode["steps_us_per_row"].items():
+            print(f"{'      ' + name:44}{'':>12}{us:>11.1f}")
+        ratio = result["ratio_b_over_a"]
+        print(
+            f"b/a median {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})   "
+            f"cost {result['cost']:.1%}   target <= {TARGET_COST:.0%}: {verdict(result['cost'])}"
+            f"   (against (a2): {result['cost_vs_batched']:.1%})"
+        )
+    pg = result.get("postgresql")
+    if pg:
+        print(
+            f"\nPostgreSQL {pg['postgresql']}, asyncpg, pool {pg['pool']}, "
+            f"{args.concurrency} tasks, uvloop"
+        )
+        print(f"{'':40}{'median w/s':>11}{'min-max':>16}{'client µs':>11}{'server µs':>11}")
+        for key, label in (
+            ("raw_asyncpg", "(p) raw INSERT, plaintext"),
+            ("sealed_backend_put", "(q) backend put, pre-sealed rows"),
+            ("store", "(r) Store.put"),
+        ):
+            part = pg[key]
+            rate = part["writes_per_s"]
+            span = f"{rate['min']:,.0f}-{rate['max']:,.0f}"
+            print(
+                f"{label:40}{rate['median']:>11,.0f}{span:>16}"
+                f"{part['client_cpu_us_per_row']['median']:>11.1f}"
+                f"{part['server_cpu_us_per_row']['median']:>11.1f}"
+            )
+        for key, label in (
+            ("ratio_store_over_raw", "r/p"),
+            ("ratio_sealed_over_raw", "q/p"),
+            ("ratio_store_over_sealed", "r/q"),
+        ):
+            r = pg[key]
+            print(f"{label} median {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
+        print(
+            f"cost = 1 - r/p = {pg['cost']:.1%}   target <= {TARGET_COST:.0%}: "
+            f"{verdict(pg['cost'])}"
+        )
+        for count, part in pg["processes"].items():
+            total = part["total_writes_per_s"]
+            each = "; ".join(
+                "/".join(f"{x:,.0f}" for x in r["per_process_writes_per_s"]) for r in part["rounds"]
+            )
+            print(
+                f"{count} process(es), {part['rows_per_process']} rows each: total "
+                f"{total['median']:,.0f}/s ({total['min']:,.0f}-{total['max']:,.0f}); "
+                f"per process by round: {each}"
+            )
+        if "profile" in pg:
+            print("profile of one Store.put run (bench process, own time, µs per row):")
+            for layer, us in pg["profile"]["layers_us_per_row"].items():
+                print(f"  {layer:48}{us:>8.1f}")
+    print(f"\nwrote {args.out}")
+
+
+def parse_backends(text: str) -> list[str]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    if not chosen or set(chosen) - set(BACKENDS):
+        raise argparse.ArgumentTypeError(f"backends are {', '.join(BACKENDS)}; got {text!r}")
+    return chosen
 
 
 if __name__ == "__main__":
