@@ -12,9 +12,11 @@ Errors a backend raises for the store's callers, by what the caller does next:
     ├── StorageUnavailable  the database cannot be reached now (connection lost, server
     │                       stopped, pool exhausted past its timeout): temporary; the
     │                       write did not happen, answer "try later" (SIP 503, HTTP 503)
-    └── SchemaMismatch      the database's schema is not the one this softrelay needs:
-                            permanent until the operator acts; the message says what to
-                            run (`softrelay db migrate`, or upgrade softrelay)
+    ├── SchemaMismatch      the database's schema is not the one this softrelay needs:
+    │                       permanent until the operator acts; the message says what to
+    │                       run (`softrelay db migrate`, or upgrade softrelay)
+    └── JobHeld             another process runs the same one-at-a-time job (a reseal):
+                            nothing was done here; run it again once that one ended
 
 A backend translates its driver's exceptions into these in one place; nothing above it
 sees a driver's exception type.
@@ -23,6 +25,7 @@ sees a driver's exception type.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +59,10 @@ class StorageUnavailable(StorageError):
 
 class SchemaMismatch(StorageError):
     """The schema is older or newer than this softrelay's; the message says what to run."""
+
+
+class JobHeld(StorageError):
+    """Another process holds the job's lock (`Backend.exclusive`); nothing was done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,26 @@ class RequestEntry:
     counts: dict[str, int]  # records per category the request returned or changed
 
 
+# The jobs that run on one process of a fleet at a time (`Backend.exclusive`): the
+# retention sweep, the usage month close, and the reseal after a key rotation.
+JOBS = ("sweep", "usage-close", "reseal")
+
+
+class ChangeFeed(Protocol):
+    """Changes of the restriction marks made by any process, as they are committed.
+
+    `generation` moves on every change notified, and whenever the feed is lost or
+    regained (a change may have gone unnoticed meanwhile): a read of the marks taken
+    at one generation holds until it moves, while `live`. Not live (never connected,
+    the connection lost or not answering): a reader falls back to re-reading."""
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def live(self) -> bool: ...
+
+
 class Backend(Protocol):
     async def put(
         self, table: TableSpec, row: Callable[[], Row], *, subject: bytes | None, now: float
@@ -107,6 +134,12 @@ class Backend(Protocol):
 
         `row` builds the row (it encrypts) and is called on the backend's writer, so the
         cryptography runs beside the write and off the event loop that carries SIP."""
+        ...
+
+    async def put_new(self, table: TableSpec, row: Callable[[], Row], *, now: float) -> bool:
+        """Insert a row of a category without subjects unless one with the same key is
+        stored (then it is kept as it is); whether it inserted. Two processes putting
+        the same key at once: exactly one inserts, both then read the same row."""
         ...
 
     async def put_many(
@@ -168,6 +201,17 @@ class Backend(Protocol):
     async def restrict(self, subject: bytes, on: bool, *, now: float) -> bool:
         """Set (`on`) or lift the subject's restriction mark; whether it changed.
         Erasing the subject (or the account rule) removes the mark with its data."""
+        ...
+
+    def restriction_changes(self) -> ChangeFeed | None:
+        """The feed of changes to the restriction marks, started on the first call; None
+        where the backend has none (SQLite: the store re-reads the marks instead)."""
+        ...
+
+    def exclusive(self, job: str) -> AbstractAsyncContextManager[bool]:
+        """`async with backend.exclusive("sweep") as got:` whether this process holds the
+        job's lock for the block; False: another process (or store) holds it, skip the
+        job. Never waits for the lock. `job` is one of JOBS."""
         ...
 
     async def record_request(self, entry: RequestEntry) -> None: ...

@@ -76,15 +76,49 @@ MIGRATIONS: tuple[Migration, ...] = (
             seq BIGINT GENERATED ALWAYS AS IDENTITY);
         """,
     ),
+    Migration(
+        "restriction changes notified to every process",
+        # Every change of a mark, by any statement (a restriction, an erasure, the
+        # account rule, an operator's SQL), notifies the processes that LISTEN, at its
+        # commit: they drop their copy of the marks at once (privacy/postgres.py). No
+        # payload: which subject changed is nobody's business on that channel. SQLite
+        # has no such channel; its readers re-read within RESTRICTIONS_FRESH.
+        sqlite="",
+        postgresql="""
+        CREATE FUNCTION softrelay_restrictions_changed() RETURNS trigger LANGUAGE plpgsql
+            AS $$BEGIN PERFORM pg_notify('softrelay_restrictions', ''); RETURN NULL; END$$;
+        CREATE TRIGGER restrictions_changed AFTER INSERT OR UPDATE OR DELETE ON restrictions
+            FOR EACH ROW EXECUTE FUNCTION softrelay_restrictions_changed();
+        CREATE TRIGGER restrictions_truncated AFTER TRUNCATE ON restrictions
+            FOR EACH STATEMENT EXECUTE FUNCTION softrelay_restrictions_changed();
+        """,
+    ),
 )
+# The channel the step above notifies on.
+RESTRICTIONS_CHANNEL = "softrelay_restrictions"
 # The version this softrelay reads and writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATE_COMMAND = "softrelay db migrate"
 
 
 def statements(script: str) -> list[str]:
-    """A step's script as single statements (no step has a `;` inside a literal)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """A step's script as single statements, split at each `;` outside a `$$` body (no
+    step has a `;` inside a literal)."""
+    found: list[str] = []
+    current = ""
+    for i, chunk in enumerate(script.split("$$")):
+        if i % 2:  # inside $$ ... $$: a function body, kept whole
+            current += f"$${chunk}$$"
+            continue
+        first, *rest = chunk.split(";")
+        if rest:
+            found.append(current + first)
+            *ended, current = rest
+            found += ended
+        else:
+            current += first
+    found.append(current)
+    return [s.strip() for s in found if s.strip()]
 
 
 def check_version(found: int, where: str) -> None:
@@ -112,6 +146,7 @@ def pending(done: int, where: str) -> list[tuple[int, Migration]]:
 __all__ = [
     "MIGRATE_COMMAND",
     "MIGRATIONS",
+    "RESTRICTIONS_CHANNEL",
     "SCHEMA_VERSION",
     "Migration",
     "check_version",

@@ -20,8 +20,10 @@ Structure, for what later builds on it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -31,8 +33,10 @@ import asyncpg
 import asyncpg.pool
 
 from privacy.backend import (
+    JOBS,
     META_COLUMNS,
     ROW_ID,
+    ChangeFeed,
     RequestEntry,
     RetentionRun,
     Row,
@@ -43,7 +47,14 @@ from privacy.backend import (
     TableStats,
 )
 from privacy.database import DSN_KEY, StoreSettings, dsn_target
-from privacy.migrations import MIGRATE_COMMAND, check_version, pending, statements
+from privacy.migrations import (
+    MIGRATE_COMMAND,
+    RESTRICTIONS_CHANNEL,
+    check_version,
+    pending,
+    statements,
+)
+from privacy.tasks import Tasks
 from tomlsections.reader import ConfigError
 
 log = logging.getLogger("softrelay.privacy")
@@ -57,6 +68,15 @@ ACQUIRE_TIMEOUT = 5.0
 PING_TIMEOUT = 2.0  # seconds for the server to answer the health check's `SELECT 1`
 # Taken by `migrate` for its transaction: two `db migrate` at once take turns.
 MIGRATE_LOCK = 0x736F_6674_0001  # "soft" 1
+# The session locks of the jobs that run on one process at a time (`exclusive`).
+JOB_LOCKS = {job: MIGRATE_LOCK + 1 + i for i, job in enumerate(JOBS)}
+# The restriction feed (`restriction_changes`): how often its connection must answer,
+# and for how long an answer is trusted (the SQLite store's re-read bound); then how
+# long it waits before connecting again, doubled per failure up to the cap, jittered.
+FEED_HEARTBEAT = 1.0
+FEED_TRUSTED = 2.0
+FEED_RETRY = 0.5
+FEED_RETRY_MAX = 10.0
 # The driver's and the network's ways of saying "the database is not there now": class
 # 08 (connection exception), 57P01-57P03 (shutdown, crash, starting up), a connection
 # refused or reset, no answer in time. An outage: the pool's connections are dropped.
@@ -96,6 +116,7 @@ class PostgresBackend:
         self._where = f"PostgreSQL at {self._target}"
         # Set by a call that found the server gone, cleared by the next that reached it.
         self.outage: StorageUnavailable | None = None
+        self._feed: _RestrictionFeed | None = None
 
     @classmethod
     async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> PostgresBackend:
@@ -214,6 +235,20 @@ class PostgresBackend:
         async with self._connection(transaction=False) as conn:
             record_id: int = await conn.fetchval(sql, *params)
         return record_id
+
+    async def put_new(self, table: TableSpec, row: Callable[[], Row], *, now: float) -> bool:
+        values: Row = {**row(), "subject": None, "created_at": now, "last_used_at": now}
+        names = ", ".join(values)
+        placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+        # The key's unique index decides between two processes inserting at once: the
+        # second waits for the first's commit, then inserts nothing.
+        async with self._connection(transaction=False) as conn:
+            status = await conn.execute(
+                f"INSERT INTO {table.name} ({names}) VALUES ({placeholders})"
+                " ON CONFLICT DO NOTHING",
+                *values.values(),
+            )
+        return _count(status) > 0
 
     async def put_many(
         self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
@@ -346,6 +381,35 @@ class PostgresBackend:
                 status = await conn.execute("DELETE FROM restrictions WHERE subject = $1", subject)
         return _count(status) > 0
 
+    def restriction_changes(self) -> ChangeFeed | None:
+        if self._feed is None:
+            # Started by the first reader (serve's relay): a CLI command opens no LISTEN.
+            self._feed = _RestrictionFeed(self._settings)
+            self._feed.start()
+        return self._feed
+
+    # --- jobs of one process at a time ----------------------------------------------
+
+    @asynccontextmanager
+    async def exclusive(self, job: str) -> AsyncIterator[bool]:
+        """A session-level advisory lock, tried without waiting, on a connection of its
+        own held for the job: no transaction stays open through a sweep, and a process
+        that dies (or loses the connection) releases the lock with its session."""
+        key = JOB_LOCKS.get(job)
+        if key is None:
+            raise ValueError(f"unknown job {job!r}")
+        conn = await _connect(self._settings)
+        try:
+            try:
+                got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            except _UNAVAILABLE as exc:
+                raise StorageUnavailable(
+                    f"database at {self._target} unavailable: {_reason(exc)}"
+                ) from exc
+            yield got
+        finally:
+            await _close(conn)  # ends the session, and its lock with it
+
     # --- the data-subject request trail --------------------------------------------
 
     async def record_request(self, entry: RequestEntry) -> None:
@@ -435,7 +499,85 @@ class PostgresBackend:
         an erasure deleted belongs here."""
 
     async def close(self) -> None:
+        if self._feed is not None:
+            await self._feed.close()
         await self._pool.close()
+
+
+class _RestrictionFeed:
+    """LISTEN for changes of the restriction marks on a connection of its own (the
+    trigger of migration 3 notifies at each change's commit); see ChangeFeed.
+
+    Live only while the connection has answered within FEED_TRUSTED seconds: a
+    connection that died without a word (a network cut) stops being trusted as a
+    closed one does, so no reader keeps a stale "not restricted" for longer than the
+    re-read bound. Lost, it connects again (capped backoff with jitter); `generation`
+    moves at the loss and at the new LISTEN, as changes in between went unheard."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self._settings = settings
+        self._generation = 0
+        self._answered: float | None = None  # loop time the connection last answered
+        self._tasks = Tasks(log, "store.restriction_feed_failed")
+
+    def start(self) -> None:
+        self._tasks.spawn(self._run(), name="restriction-feed")
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def live(self) -> bool:
+        answered = self._answered
+        return answered is not None and asyncio.get_running_loop().time() - answered < FEED_TRUSTED
+
+    async def close(self) -> None:
+        await self._tasks.close()
+
+    def _notified(self, *_: object) -> None:
+        self._generation += 1
+        log.info("store.restrictions_changed", extra={"fields": {}})
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                conn = await _connect(self._settings)
+            except StorageUnavailable:
+                failures += 1
+            else:
+                failures = 0
+                try:
+                    await self._listen(conn)
+                except Exception as exc:  # any end of the session: heard nothing since
+                    log.warning(
+                        "store.restrictions_unwatched",
+                        extra={"fields": {"error": type(exc).__name__}},
+                    )
+                finally:
+                    self._answered = None
+                    self._generation += 1
+                    await _close(conn)
+            delay = min(FEED_RETRY_MAX, FEED_RETRY * 2**failures)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
+
+    async def _listen(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        loop = asyncio.get_running_loop()
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        await conn.add_listener(RESTRICTIONS_CHANNEL, self._notified)
+        # Heard from here on: a read of the marks taken before may be stale.
+        self._generation += 1
+        self._answered = loop.time()
+        log.info("store.restrictions_watched", extra={"fields": {}})
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), FEED_HEARTBEAT)
+            if lost.is_set():
+                raise StorageUnavailable("the connection closed")
+            await conn.fetchval("SELECT 1", timeout=FEED_HEARTBEAT)
+            self._answered = loop.time()
 
 
 # --- connecting ------------------------------------------------------------------------
@@ -466,6 +608,36 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
         ) from None  # the driver's exception may quote the DSN: not chained
     assert pool is not None
     return pool
+
+
+async def _connect(settings: StoreSettings) -> asyncpg.Connection[asyncpg.Record]:
+    """A connection outside the pool: for a job's lock, and for LISTEN, which hold
+    theirs for long and must not take one from the statements' pool."""
+    try:
+        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
+            settings.dsn,
+            timeout=CONNECT_TIMEOUT,
+            # As the pool's connections (`_pool`).
+            command_timeout=settings.statement_timeout + 5,
+            server_settings={
+                "application_name": "softrelay",
+                "statement_timeout": str(int(settings.statement_timeout * 1000)),
+            },
+        )
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable(
+            f"database at {dsn_target(settings.dsn)} unavailable: {_reason(exc)}"
+        ) from None  # the driver's exception may quote the DSN: not chained
+    return conn
+
+
+async def _close(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """End a connection of its own: politely (its session's locks released before
+    this returns), or at once if it is broken."""
+    try:
+        await conn.close(timeout=CONNECT_TIMEOUT)
+    except Exception:  # already broken: the server ends the session on its own
+        conn.terminate()
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,16 +13,21 @@ database category, created and extended from the policy at open (`c_<category>`)
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import TypeVar
 
 from privacy.backend import (
+    JOBS,
     META_COLUMNS,
     ROW_ID,
+    ChangeFeed,
     RequestEntry,
     RetentionRun,
     Row,
@@ -170,6 +175,20 @@ class SQLiteBackend:
         if subject is not None:
             self._touch_subject(subject, now)
         return record_id
+
+    async def put_new(self, table: TableSpec, row: Callable[[], Row], *, now: float) -> bool:
+        return await self._run(self._put_new, table, row, now)
+
+    def _put_new(self, table: TableSpec, row: Callable[[], Row], now: float) -> bool:
+        values: Row = {**row(), "subject": None, "created_at": now, "last_used_at": now}
+        names = ", ".join(values)
+        sql = (
+            f"INSERT INTO {table.name} ({names}) VALUES ({', '.join('?' * len(values))})"
+            " ON CONFLICT DO NOTHING"
+        )
+        with self._transaction():
+            inserted: bool = self.db.execute(sql, list(values.values())).rowcount > 0
+        return inserted
 
     async def put_many(
         self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
@@ -339,6 +358,33 @@ class SQLiteBackend:
                 return self.db.execute(sql, (subject, now)).rowcount > 0
             sql = "DELETE FROM restrictions WHERE subject = ?"
             return self.db.execute(sql, (subject,)).rowcount > 0
+
+    def restriction_changes(self) -> ChangeFeed | None:
+        # No feed: a SQLite file has no way to tell another process of a change. The
+        # store re-reads the marks instead, at most RESTRICTIONS_FRESH seconds apart.
+        return None
+
+    # --- jobs of one process at a time ----------------------------------------------
+
+    @asynccontextmanager
+    async def exclusive(self, job: str) -> AsyncIterator[bool]:
+        """A lock file beside the database, `flock`ed without waiting. One `serve` owns a
+        SQLite file, but the CLI (`sweep`, `billing close`, `keys reseal`) opens it from
+        other processes: the lock keeps their jobs apart from serve's. A process that
+        dies releases it with its descriptors."""
+        if job not in JOBS:
+            raise ValueError(f"unknown job {job!r}")
+        path = self.path.with_name(f"{self.path.name}.{job}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                got = True
+            except BlockingIOError:
+                got = False
+            yield got
+        finally:
+            os.close(fd)  # releases the lock
 
     # --- the data-subject request trail --------------------------------------------
 

@@ -33,7 +33,9 @@ from privacy.anonymise import anonymise_ip
 from privacy.backend import (
     ROW_ID,
     Backend,
+    ChangeFeed,
     Column,
+    JobHeld,
     Row,
     SqlValue,
     StorageUnavailable,
@@ -79,6 +81,7 @@ class JsonText:
 Writable = Value | JsonText
 RESTRICTIONS_FRESH = 2.0  # seconds a read of the restriction marks is trusted
 ACCOUNT = "account"  # the policy category whose retention applies to a whole subject
+RESEAL_JOB = "reseal"  # the lock of `reseal` (privacy.backend.JOBS)
 _SQLTYPE = {
     FieldType.TEXT: "TEXT",
     FieldType.INT: "INTEGER",
@@ -198,10 +201,13 @@ class Store:
             self._tables[c.name] for c in stored_categories(policy) if c.subject
         ]
         # The restriction marks, asked for on every phone REGISTER and wake: read as a
-        # whole, at most every RESTRICTIONS_FRESH seconds (another process, the `dsr`
-        # CLI, may change them) and at once after a change made here.
+        # whole, again at once after a change made here, and after one made by another
+        # process (serve, the `dsr` CLI): as its notification arrives where the backend
+        # has a feed of changes (PostgreSQL), else at most every RESTRICTIONS_FRESH
+        # seconds (SQLite, or PostgreSQL while the feed is down).
         self._restricted: frozenset[bytes] | None = None
         self._restricted_read = 0.0
+        self._restricted_generation = 0  # of the feed, when the marks were read
 
     @classmethod
     async def create(
@@ -263,6 +269,20 @@ class Store:
         return await self.backend.put(
             self._tables[category], row, subject=subject, now=self.clock.now()
         )
+
+    async def put_new(self, category: str, fields: Mapping[str, Writable]) -> bool:
+        """Store a record of a category without subjects unless one with its key is
+        stored already (that one is kept, unchanged); whether it was stored. Of several
+        processes putting the same key at once exactly one stores it."""
+        cat = self._stored(category)
+        if cat.subject or not cat.key:
+            raise PolicyViolation(f"{category}: put_new is for keyed categories without subjects")
+        self._check_fields(cat, fields)
+        missing = [name for name in cat.key if fields.get(name) is None]
+        if missing:
+            raise PolicyViolation(f"{category}: field {missing[0]!r} is required (record key)")
+        row = self._encode(cat, fields, None)
+        return await self.backend.put_new(self._tables[category], row, now=self.clock.now())
 
     async def put_many(self, category: str, records: Sequence[Mapping[str, Writable]]) -> None:
         """`put` of many records of a category without subjects, committed together.
@@ -333,19 +353,29 @@ class Store:
 
     async def is_restricted(self, subject: Subject) -> bool:
         marks = self._restricted
-        # The injected clock, as everywhere: a test moves it. A clock set back makes
-        # the read count as stale, so a cache is never trusted for longer than meant.
-        # Nor while the database is unreachable (fail closed): another process may have
+        # Not trusted while the database is unreachable (fail closed): another process may have
         # set a mark we cannot see, so the read is tried and StorageUnavailable raised.
         now = self.clock.now()
-        if (
-            marks is None
-            or self.backend.outage is not None
-            or not 0 <= now - self._restricted_read < RESTRICTIONS_FRESH
-        ):
+        feed = self.backend.restriction_changes()
+        if marks is None or self.backend.outage is not None or not self._marks_hold(feed, now):
+            # The generation before the read: a change notified during it makes the
+            # next call read again.
+            generation = feed.generation if feed is not None else 0
             self._restricted_read = now
             marks = self._restricted = await self.backend.restricted_subjects()
+            self._restricted_generation = generation
         return self.subject_index(subject) in marks
+
+    def _marks_hold(self, feed: ChangeFeed | None, now: float) -> bool:
+        """Whether the marks read last are still the database's."""
+        if feed is not None:
+            if feed.generation != self._restricted_generation:
+                return False  # a change notified since, or the feed lost or regained
+            if feed.live:
+                return True  # any change since would have moved the generation
+        # No feed, or it is down: trusted for RESTRICTIONS_FRESH seconds of the injected
+        # clock (a test moves it); a clock set back makes the read count as stale.
+        return 0 <= now - self._restricted_read < RESTRICTIONS_FRESH
 
     # --- reads ----------------------------------------------------------------------
 
@@ -448,7 +478,14 @@ class Store:
         """Rewrite every ciphertext that is not row-bound or not under the active key
         (after a key rotation, or once for a database written before the row binding);
         the number of records rewritten. Not a use. A value that does not open is left
-        as it is (the audit reports it)."""
+        as it is (the audit reports it). On one process at a time: JobHeld while
+        another reseals."""
+        async with self.backend.exclusive(RESEAL_JOB) as got:
+            if not got:
+                raise JobHeld("another process is resealing now; run it again once it ends")
+            return await self._reseal()
+
+    async def _reseal(self) -> int:
         rewritten = 0
         for cat in stored_categories(self.policy):
             sealed = _encrypted(cat)

@@ -408,9 +408,13 @@ def _print_push(app: web.Application) -> None:
 async def _sweep(runtime: Runtime, args: argparse.Namespace) -> int:
     store = await runtime.open_store()
     try:
-        runs = await Sweeper(store, runtime.config.data_dir).run_once()
+        # Whenever asked (no interval), but not beside another process's sweep.
+        runs = await Sweeper(store, runtime.config.data_dir).run_if_due(None)
     finally:
         await store.close()
+    if runs is None:
+        print("softrelay: sweep skipped: another process is sweeping now", file=sys.stderr)
+        return 1
     print(f"swept at {iso(runtime.clock.now())}")
     for run in runs:
         print(f"  {run.category:<20} cutoff {iso(run.cutoff)}  deleted {run.deleted}")

@@ -63,15 +63,16 @@ class AuditSnapshot:
 
 
 class AuditedSweeper(Sweeper):
-    """The retention sweeper that refreshes the audit snapshot after each run."""
+    """The retention sweeper that refreshes the audit snapshot after each turn, its
+    own sweep or one another process of the fleet took."""
 
     def __init__(self, store: Store, data_dir: Path, snapshot: AuditSnapshot) -> None:
         super().__init__(store, data_dir)
         self.snapshot = snapshot
 
-    async def run_once(self) -> list[RetentionRun]:
+    async def run_if_due(self, interval: float | None) -> list[RetentionRun] | None:
         try:
-            return await super().run_once()
+            return await super().run_if_due(interval)
         finally:
             # After a failed sweep too: that is when the audit shows data past retention.
             await self.snapshot.refresh()
@@ -144,6 +145,11 @@ class _RetentionCollector(Collector):
         failures = CounterMetricFamily(
             "softrelay_sweeper_failures", "Retention sweeps that failed", value=counters.failures
         )
+        skipped = CounterMetricFamily(
+            "softrelay_sweeper_skipped",
+            "Retention sweeps skipped: another process held the job or swept within the interval",
+            value=counters.skipped,
+        )
         deleted = CounterMetricFamily(
             "softrelay_sweeper_deleted",
             "Records, subjects or log files deleted by the sweeper",
@@ -156,7 +162,7 @@ class _RetentionCollector(Collector):
             "When the last sweep ran",
             value=counters.last_run_at or 0.0,
         )
-        return [oldest, limit, violation, taken, runs, failures, deleted, last]
+        return [oldest, limit, violation, taken, runs, failures, skipped, deleted, last]
 
 
 METRICS = web.AppKey("metrics", MetricsEndpoint)

@@ -13,6 +13,12 @@ checks every sweep interval; `softrelay billing close --month P` does it by hand
 Once P's end plus grace plus the dispute window has passed, the month's ids are deleted
 and the audit row records when and how many. Every step is idempotent: a run that died
 half-way is finished by the next one, and a closed month's counts are never rewritten.
+
+Processes sharing a database close on one of them at a time: the job holds the store's
+`usage-close` lock (`Backend.exclusive`: an advisory lock on PostgreSQL), and a process
+that finds it held skips the run and says so in its log. Every process still drops the
+months another one closed from its memory (their secrets with them) and reads the ids
+the others stored (`Ledger.refresh`), at every run.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from privacy.clock import iso
@@ -31,6 +37,8 @@ from usage.period import end_of
 from usage.settings import UsageSettings
 
 log = logging.getLogger("softrelay.usage")
+CLOSE_JOB = "usage-close"  # the lock of the job (privacy.backend.JOBS)
+SKIPPED = "skipped: another process holds the month close"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,8 @@ class Tally:
 
 
 class NotClosable(Exception):
-    """The month is still taking pings (or has not begun)."""
+    """The month is still taking pings (or has not begun), or another process is
+    closing months at this moment."""
 
 
 class MonthCloser:
@@ -60,10 +69,13 @@ class MonthCloser:
         store: Store,
         settings: UsageSettings,
         forget: Sequence[Callable[[str], None]] = (),
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._forget = forget  # what holds a month in memory (the ledger, the cap flags)
+        self._refresh = refresh  # reads the ids other processes stored (the ledger's)
+        self.skipped = 0  # runs skipped: another process held the job
         # Set after every run of the job, so a caller can wait for the start-up run.
         self.ran = asyncio.Event()
 
@@ -74,14 +86,29 @@ class MonthCloser:
         return self.closes_at(period) + self._settings.dispute_window
 
     async def run_once(self) -> list[str]:
-        """Close what is due and delete the ids whose dispute window ended; what was done."""
+        """Close what is due and delete the ids whose dispute window ended; what was done
+        (or [SKIPPED], when another process holds the job)."""
+        closed = [str(r.fields["period"]) for r in await self._store.find(USAGE_CLOSE)]
+        for period in closed:  # closed here or by another process: out of memory
+            for forget in self._forget:
+                forget(period)
+        if self._refresh is not None:
+            await self._refresh()
+        async with self._store.backend.exclusive(CLOSE_JOB) as got:
+            if not got:
+                self.skipped += 1
+                log.info(f"usage month close {SKIPPED}")
+                return [SKIPPED]
+            return await self._run_once()
+
+    async def _run_once(self) -> list[str]:
         now = self._store.clock.now()
         done: list[str] = []
         # A month with pings has a secret until it is closed: the secrets list the months.
         open_periods = sorted(str(r.fields["period"]) for r in await self._store.find(USAGE_KEY))
         for period in open_periods:
             if self.closes_at(period) <= now:
-                closed = await self.close(period, by="job")
+                closed = await self._close(period, by="job")
                 if not closed.already:
                     done.append(f"closed {period}")
         for audit in await self._store.find(USAGE_CLOSE):
@@ -93,15 +120,31 @@ class MonthCloser:
     async def delete_ids_if_due(self, period: str) -> int | None:
         """Delete a closed month's ids once its dispute window has ended; how many, or
         None if it is not time (or they are gone already)."""
-        audit = await self._audit(period)
-        return None if audit is None else await self._delete_ids_if_due(audit)
+        async with self._store.backend.exclusive(CLOSE_JOB) as got:
+            if not got:
+                raise NotClosable("another process is closing months now; try again")
+            audit = await self._audit(period)
+            return None if audit is None else await self._delete_ids_if_due(audit)
 
     async def close(self, period: str, *, by: str) -> Closed:
-        now = self._store.clock.now()
-        if self.closes_at(period) > now:
+        """Close `period` now (`softrelay billing close`); NotClosable while it takes
+        pings, or while another process runs the close job."""
+        self._check_closable(period)
+        async with self._store.backend.exclusive(CLOSE_JOB) as got:
+            if not got:
+                raise NotClosable("another process is closing months now; try again")
+            return await self._close(period, by=by)
+
+    def _check_closable(self, period: str) -> None:
+        if self.closes_at(period) > self._store.clock.now():
             raise NotClosable(
                 f"{period} takes pings until {iso(self.closes_at(period))} (grace window)"
             )
+
+    async def _close(self, period: str, *, by: str) -> Closed:
+        """Inside the job's lock."""
+        self._check_closable(period)
+        now = self._store.clock.now()
         audit = await self._audit(period)
         if audit is not None:
             counts = {

@@ -8,9 +8,16 @@ gone, nobody — not the operator, not someone who later learns an app's install
 — can compute which stored id belongs to which install.
 
 The ids seen this month are also held in memory per tenant, so a repeated ping writes
-nothing and the per-tenant cap reads an exact distinct count without a query. The
-store stays the source of truth: the sets are rebuilt from it when a month is first
-used after a start.
+nothing and the per-tenant cap reads a distinct count without a query. The store stays
+the source of truth: the sets are rebuilt from it when a month is first used after a
+start, and every close-job interval (`refresh`).
+
+Several processes on one database (PostgreSQL) count as one: the month's secret is
+created with an insert that keeps a secret already stored (`Store.put_new`), so every
+process keys a pid alike, and an id is a row unique on (tenant, period, keyed pid), so
+an install seen by two processes is one row. A process's own sets see the ids it took
+and those it read: its cap check may flag late, never falsely; the close counts the
+database's rows (`usage.closing`).
 """
 
 from __future__ import annotations
@@ -96,20 +103,30 @@ class Ledger:
             if await self._store.find(USAGE_CLOSE, period=period):
                 raise PeriodClosed(period)
             found = await self._store.find(USAGE_KEY, period=period)
-            if found:
-                secret_text = found[0].fields["secret"]
-                assert isinstance(secret_text, str)
-                secret = base64.b64decode(secret_text)
-            else:
-                secret = secrets.token_bytes(SECRET_BYTES)
-                await self._store.put(
-                    USAGE_KEY, {"period": period, "secret": base64.b64encode(secret).decode()}
-                )
-            month = _Month(secret)
-            for record in await self._store.find(USAGE, period=period):
-                tenant, pid = record.fields["tenant"], record.fields["pid"]
-                assert isinstance(tenant, str)
-                assert isinstance(pid, str)
-                month.seen.setdefault(tenant, set()).add(bytes.fromhex(pid))
+            if not found:
+                # Another process may be creating the month's secret at this moment: only
+                # one insert wins, and every process reads that one back.
+                fresh = base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+                await self._store.put_new(USAGE_KEY, {"period": period, "secret": fresh})
+                found = await self._store.find(USAGE_KEY, period=period)
+                if not found:  # closed by another process in between: its secret is gone
+                    raise PeriodClosed(period)
+            secret_text = found[0].fields["secret"]
+            assert isinstance(secret_text, str)
+            month = _Month(base64.b64decode(secret_text))
+            await self._read_ids(period, month)
             self._months[period] = month
             return month
+
+    async def refresh(self) -> None:
+        """Add the ids other processes stored to the open months' sets (the close job
+        calls it every interval): a fleet's cap check lags by at most that."""
+        for period, month in list(self._months.items()):
+            await self._read_ids(period, month)
+
+    async def _read_ids(self, period: str, month: _Month) -> None:
+        for record in await self._store.find(USAGE, period=period):
+            tenant, pid = record.fields["tenant"], record.fields["pid"]
+            assert isinstance(tenant, str)
+            assert isinstance(pid, str)
+            month.seen.setdefault(tenant, set()).add(bytes.fromhex(pid))

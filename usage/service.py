@@ -54,7 +54,9 @@ def add_usage(
     async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
         ledger = Ledger(app[store])
         endpoint = PingEndpoint(settings, ledger, clock, app[registry])
-        closer = MonthCloser(app[store], settings, (ledger.forget, endpoint.caps.forget))
+        closer = MonthCloser(
+            app[store], settings, (ledger.forget, endpoint.caps.forget), ledger.refresh
+        )
         app[USAGE_SERVICE] = UsageService(ledger, closer, endpoint)
         task = asyncio.create_task(closer.run_forever(close_interval), name="usage-month-close")
         yield
