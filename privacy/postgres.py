@@ -77,6 +77,7 @@ FEED_HEARTBEAT = 1.0
 FEED_TRUSTED = 2.0
 FEED_RETRY = 0.5
 FEED_RETRY_MAX = 10.0
+FEED_APPLICATION = "softrelay-listen"  # its connection's name in pg_stat_activity
 # The driver's and the network's ways of saying "the database is not there now": class
 # 08 (connection exception), 57P01-57P03 (shutdown, crash, starting up), a connection
 # refused or reset, no answer in time. An outage: the pool's connections are dropped.
@@ -116,7 +117,7 @@ class PostgresBackend:
         self._where = f"PostgreSQL at {self._target}"
         # Set by a call that found the server gone, cleared by the next that reached it.
         self.outage: StorageUnavailable | None = None
-        self._feed: _RestrictionFeed | None = None
+        self._feed: RestrictionFeed | None = None
 
     @classmethod
     async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> PostgresBackend:
@@ -197,22 +198,43 @@ class PostgresBackend:
         except _BUSY as exc:
             raise self._unavailable(exc) from exc
         except _LOST as exc:
-            # Connections that were idle in the pool died with the server too: drop them
-            # all now, so one failed call per outage, not one per pooled connection.
-            await self._pool.expire_connections()
-            if self.outage is None:
-                log.warning(
-                    "store.unavailable",
-                    extra={"fields": {"backend": "postgresql", "reason": _reason(exc)}},
-                )
-            self.outage = self._unavailable(exc)
-            raise self._unavailable(exc) from exc
+            raise await self._lost(exc) from exc
+        except asyncpg.InternalClientError as exc:
+            # The driver's own state broken ("cannot switch to state ..."): what a server
+            # going away in the middle of a statement can leave. An outage if the server
+            # does not answer now; else a fault to report as such.
+            if await self._answers():
+                raise
+            raise await self._lost(exc) from exc
         if self.outage is not None:
             self.outage = None
             log.warning("store.available", extra={"fields": {"backend": "postgresql"}})
 
     def _unavailable(self, exc: BaseException) -> StorageUnavailable:
         return StorageUnavailable(f"database at {self._target} unavailable: {_reason(exc)}")
+
+    async def _lost(self, exc: BaseException) -> StorageUnavailable:
+        """An outage begins (or goes on): noted, logged once; what to raise."""
+        # Connections that were idle in the pool died with the server too: drop them all
+        # now, so one failed call per outage, not one per pooled connection.
+        await self._pool.expire_connections()
+        if self.outage is None:
+            log.warning(
+                "store.unavailable",
+                extra={"fields": {"backend": "postgresql", "reason": _reason(exc)}},
+            )
+        self.outage = self._unavailable(exc)
+        return self._unavailable(exc)
+
+    async def _answers(self) -> bool:
+        """Whether the server answers `SELECT 1` now, on a fresh connection of the pool."""
+        await self._pool.expire_connections()
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                await conn.fetchval("SELECT 1", timeout=PING_TIMEOUT)
+        except _UNAVAILABLE:
+            return False
+        return True
 
     async def ping(self) -> None:
         async with self._connection(transaction=False) as conn:
@@ -384,7 +406,7 @@ class PostgresBackend:
     def restriction_changes(self) -> ChangeFeed | None:
         if self._feed is None:
             # Started by the first reader (serve's relay): a CLI command opens no LISTEN.
-            self._feed = _RestrictionFeed(self._settings)
+            self._feed = RestrictionFeed(self._settings)
             self._feed.start()
         return self._feed
 
@@ -504,7 +526,7 @@ class PostgresBackend:
         await self._pool.close()
 
 
-class _RestrictionFeed:
+class RestrictionFeed:
     """LISTEN for changes of the restriction marks on a connection of its own (the
     trigger of migration 3 notifies at each change's commit); see ChangeFeed.
 
@@ -518,6 +540,10 @@ class _RestrictionFeed:
         self._settings = settings
         self._generation = 0
         self._answered: float | None = None  # loop time the connection last answered
+        # For a caller that waits (a test): set while LISTEN is on, and at every move
+        # of the generation (the waiter clears it).
+        self.listening = asyncio.Event()
+        self.moved = asyncio.Event()
         self._tasks = Tasks(log, "store.restriction_feed_failed")
 
     def start(self) -> None:
@@ -535,15 +561,19 @@ class _RestrictionFeed:
     async def close(self) -> None:
         await self._tasks.close()
 
-    def _notified(self, *_: object) -> None:
+    def _move(self) -> None:
         self._generation += 1
+        self.moved.set()
+
+    def _notified(self, *_: object) -> None:
+        self._move()
         log.info("store.restrictions_changed", extra={"fields": {}})
 
     async def _run(self) -> None:
         failures = 0
         while True:
             try:
-                conn = await _connect(self._settings)
+                conn = await _connect(self._settings, FEED_APPLICATION)
             except StorageUnavailable:
                 failures += 1
             else:
@@ -557,7 +587,8 @@ class _RestrictionFeed:
                     )
                 finally:
                     self._answered = None
-                    self._generation += 1
+                    self.listening.clear()
+                    self._move()
                     await _close(conn)
             delay = min(FEED_RETRY_MAX, FEED_RETRY * 2**failures)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
@@ -568,8 +599,9 @@ class _RestrictionFeed:
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(RESTRICTIONS_CHANNEL, self._notified)
         # Heard from here on: a read of the marks taken before may be stale.
-        self._generation += 1
         self._answered = loop.time()
+        self._move()
+        self.listening.set()
         log.info("store.restrictions_watched", extra={"fields": {}})
         while True:
             with contextlib.suppress(TimeoutError):
@@ -610,7 +642,9 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
     return pool
 
 
-async def _connect(settings: StoreSettings) -> asyncpg.Connection[asyncpg.Record]:
+async def _connect(
+    settings: StoreSettings, application: str = "softrelay"
+) -> asyncpg.Connection[asyncpg.Record]:
     """A connection outside the pool: for a job's lock, and for LISTEN, which hold
     theirs for long and must not take one from the statements' pool."""
     try:
@@ -620,7 +654,7 @@ async def _connect(settings: StoreSettings) -> asyncpg.Connection[asyncpg.Record
             # As the pool's connections (`_pool`).
             command_timeout=settings.statement_timeout + 5,
             server_settings={
-                "application_name": "softrelay",
+                "application_name": application,
                 "statement_timeout": str(int(settings.statement_timeout * 1000)),
             },
         )
@@ -821,4 +855,4 @@ async def _delete_subjects(
     return counts
 
 
-__all__ = ["PostgresBackend"]
+__all__ = ["PostgresBackend", "RestrictionFeed"]
