@@ -219,8 +219,7 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
     except StorageUnavailable as exc:
         if request.writer.output_size > 0:
             raise
-        # Its message names the database's host: the log keeps the event only.
-        log.warning("http.storage_unavailable")
+        # Not logged per request: the store logs the outage once, as it begins and ends.
         return _shaped(request, storage_refusal(exc))
     except Exception:
         if request.writer.output_size > 0:
