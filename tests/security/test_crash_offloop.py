@@ -148,7 +148,7 @@ async def test_health_and_sip_are_answered_while_an_envelope_is_held_in_scrubbin
                     await gate.entered.wait()
                     async with session.get(f"{base}/healthz") as health:
                         assert health.status == 200
-                        assert await health.json() == {"status": "ok"}
+                        assert (await health.json())["status"] == "ok"
                     transport.sendto(_options("offloop-1"), ("127.0.0.1", sip_port))
                     answer = parse(await udp.answers.get())
                 assert isinstance(answer, Response)
