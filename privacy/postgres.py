@@ -89,6 +89,9 @@ _LOST: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # Seen when a connection that died in the middle of a statement is used again: one
+    # connection is never shared between calls here, so it means that connection is gone.
+    asyncpg.InternalClientError,
 )
 # The server answered, too busy to do it: 53300 (too many connections), 57014 (statement
 # timeout: overloaded or locked). This call fails; the pool's connections are sound, and
@@ -624,7 +627,9 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
             settings.dsn,
-            min_size=1,
+            # No floor: asyncpg keeps one up from a task that logs a traceback every
+            # retry while the server is down. Connections are made as calls need them.
+            min_size=0,
             max_size=settings.pool_size,
             timeout=CONNECT_TIMEOUT,
             # Client side as well: a server that stopped answering mid-statement.
@@ -634,11 +639,17 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
                 "statement_timeout": str(int(settings.statement_timeout * 1000)),
             },
         )
+        # The first connection, made now: a DSN that cannot work stops the start.
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT):
+                pass
+        except BaseException:
+            pool.terminate()
+            raise
     except _CONNECT_FAILED as exc:
         raise ConfigError(
             settings.source, DSN_KEY, f"cannot connect to {target}: {_reason(exc)}"
         ) from None  # the driver's exception may quote the DSN: not chained
-    assert pool is not None
     return pool
 
 
