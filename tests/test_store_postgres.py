@@ -273,11 +273,11 @@ def test_the_store_section_parses_into_settings_that_never_show_the_dsn(
         },
     )
     assert parsed == StoreSettings(
-        "postgresql",
-        "postgresql://softrelay:hunter2@db.internal/softrelay",
-        4,
-        5.0,
-        str(tmp_path / "softrelay.toml"),
+        backend="postgresql",
+        dsn="postgresql://softrelay:hunter2@db.internal/softrelay",
+        pool_size=4,
+        statement_timeout=5.0,
+        source=str(tmp_path / "softrelay.toml"),
     )
     assert "hunter2" not in repr(parsed)
     config = _pg_config(tmp_path, monkeypatch, "postgresql://softrelay:hunter2@db/x")
