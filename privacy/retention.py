@@ -61,6 +61,7 @@ class Sweeper:
                 RetentionRun(cat.name, now - cat.retention.seconds, logs.get(cat.name, 0), now)
             )
         await self.store.backend.record_runs(runs)
+        log.info("retention sweep ran", extra={"fields": {"count": len(runs)}})
         self.counters.runs += 1
         self.counters.last_run_at = now
         self.swept.set()

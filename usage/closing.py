@@ -192,7 +192,9 @@ class MonthCloser:
         """Run now and then every `interval` seconds until cancelled."""
         while True:
             try:
-                await self.run_once()
+                done = await self.run_once()
+                if done != [SKIPPED]:  # a skip has its own line
+                    log.info("usage month close ran", extra={"fields": {"count": len(done)}})
             except Exception:
                 # Retried at the next interval; the log keeps the exception's class only.
                 log.exception("usage month close failed")
@@ -207,8 +209,8 @@ class MonthCloser:
         for forget in self._forget:
             forget(period)
         if await self._store.delete(USAGE_KEY, period=period):
-            # secure_delete overwrote the row; the checkpoint takes it out of the WAL too.
-            await self._store.backend.checkpoint()
+            # Out of the database's files and log now, not at the next sweep.
+            await self._store.purge_deleted(USAGE_KEY)
 
     async def _delete_ids_if_due(self, audit: Record) -> int | None:
         period = str(audit.fields["period"])
@@ -221,7 +223,7 @@ class MonthCloser:
         await self._store.update(
             USAGE_CLOSE, audit.id, {"ids_deleted_at": now, "ids_deleted": deleted}, use=False
         )
-        await self._store.backend.checkpoint()
+        await self._store.purge_deleted(USAGE)
         log.info("usage ids deleted", extra={"fields": {"period": period, "count": deleted}})
         return deleted
 
