@@ -7,6 +7,10 @@ Two independent checks, both read-only:
   the subjects behind the account rule, the daily log files, and any table or file of a
   memory-only category. Data the policy does not declare (an extra column with values,
   a `c_*` table or log directory of no such category) is a violation of its own.
+- Deleted rows must leave the live files too: one verdict per table of the store says
+  how (SQLite overwrites as it deletes; PostgreSQL rewrites a table after deletions,
+  which the audit bounds by `[store] vacuum_within`) and how long deleted rows have
+  waited for it (`Backend.purge_states`).
 - `scan_for_canaries` searches every file under the data directory (and any captured
   service output the operator names), byte by byte, for marker values in the encodings
   data commonly leaks in: a marker found means some path stored what it must not, in the
@@ -36,7 +40,7 @@ from typing import Literal
 
 import orjson
 
-from privacy.backend import TableStats
+from privacy.backend import PurgeState, TableStats
 from privacy.policy import Category, Policy, Storage
 from privacy.store import Opened, Store, stored_categories, table_name
 from tomlsections.reader import format_duration
@@ -47,6 +51,8 @@ MIN_CANARY_CHARS = 4
 # Base64 of a value shorter than this leaves too few stable characters to search for.
 MIN_BASE64_BYTES = 6
 CHUNK_BYTES = 1 << 20
+# The audit's rows about deleted rows leaving a table's files: "deleted:c_registration".
+PURGE_PREFIX = "deleted:"
 _UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
 
@@ -116,6 +122,7 @@ async def audit(store: Store, data_dir: Path) -> list[CategoryVerdict]:
         else:
             verdicts.append(_memory_verdict(cat, disk))
     verdicts.extend(_undeclared_places(store.policy, disk))
+    verdicts.extend(_purge_verdict(state) for state in await store.backend.purge_states())
     return verdicts
 
 
@@ -201,6 +208,43 @@ def _undeclared_places(policy: Policy, disk: _Disk) -> Iterator[CategoryVerdict]
     for path in disk.log_strays:
         detail = f"{LOG_DIR}/{path.name} lies outside every category's directory"
         yield CategoryVerdict(path.name, Storage.LOG, None, None, 0, "violation", detail)
+
+
+def _purge_verdict(state: PurgeState) -> CategoryVerdict:
+    """Whether deleted rows left the table's files within the bound: "deleted:<table>"."""
+    name = f"{PURGE_PREFIX}{state.table}"
+    limit = 0 if state.within is None else int(state.within)
+    facts: list[str] = []
+    late = False
+    if state.within is not None:
+        if state.pending_age is None:
+            facts.append("none waiting")
+        else:
+            late = state.pending_age >= state.within
+            bound = "longer than" if late else "within"
+            facts.append(
+                f"deleted rows waiting {human_duration(state.pending_age)}"
+                f" ({bound} {format_duration(limit)})"
+            )
+        if state.purged_age is not None:
+            facts.append(f"last rewrite {human_duration(state.purged_age)} ago")
+    if state.dead_rows is not None:
+        # The server's own figures: a plain vacuum empties these counts, not the files.
+        vacuumed = "never" if state.vacuum_age is None else human_duration(state.vacuum_age)
+        facts.append(
+            f"{_plural(state.dead_rows, 'dead row version')}, plain vacuum {vacuumed}"
+            + ("" if state.vacuum_age is None else " ago")
+        )
+    detail = "; ".join([state.method, *facts])
+    return CategoryVerdict(
+        name,
+        Storage.DATABASE,
+        None,
+        state.pending_age,
+        limit,
+        "violation" if late else "ok",
+        detail,
+    )
 
 
 def _plural(count: int, noun: str) -> str:
@@ -497,6 +541,7 @@ def format_hits(hits: Sequence[CanaryHit], sealed: SealedScan | None = None) -> 
 
 
 __all__ = [
+    "PURGE_PREFIX",
     "CanaryHit",
     "CategoryVerdict",
     "SealedHit",

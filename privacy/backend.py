@@ -126,6 +126,20 @@ class ChangeFeed(Protocol):
     def live(self) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PurgeState:
+    """Deleted rows of one table (or of the whole store) on their way out of the live
+    files. Ages are by the database's clock, as the deletions were stamped."""
+
+    table: str
+    method: str  # how deleted rows leave the files, for the audit's report
+    within: float | None  # seconds a deleted row may stay in the files ([store] vacuum_within)
+    pending_age: float | None  # since the oldest deletion not purged yet; None: none pending
+    purged_age: float | None = None  # since the last purge; None: never, or no such step
+    dead_rows: int | None = None  # the server's estimate of dead row versions (PostgreSQL)
+    vacuum_age: float | None = None  # since the last plain (auto)vacuum (PostgreSQL)
+
+
 class Backend(Protocol):
     async def put(
         self, table: TableSpec, row: Callable[[], Row], *, subject: bytes | None, now: float
@@ -238,8 +252,20 @@ class Backend(Protocol):
 
     async def last_runs(self) -> list[RetentionRun]: ...
 
-    async def checkpoint(self) -> None:
-        """Move committed pages out of any write-ahead log, so deleted data leaves it."""
+    async def purge_deleted(self, tables: Sequence[TableSpec] | None = None) -> list[str]:
+        """Make rows deleted from `tables` (None: from any table), and the subjects' marks
+        an erasure removed with them, leave the database's live files and its own
+        write-ahead log; the tables purged. Called after a sweep and an erasure.
+
+        SQLite overwrote them as it deleted them (secure_delete): this truncates the WAL.
+        PostgreSQL rewrites each table a DELETE marked since its last purge (VACUUM FULL:
+        a plain vacuum frees the space but leaves the bytes). A table that cannot be
+        rewritten now (locked, too slow, not owned) stays marked for the next call and
+        the audit reports how long (`purge_states`); that is logged, not raised."""
+        ...
+
+    async def purge_states(self) -> list[PurgeState]:
+        """How far deleted rows have left the live files, per table (the audit)."""
         ...
 
     @property

@@ -7,6 +7,8 @@
     #                                # DSN itself (it holds the password)
     # pool_size = 10                 # connections per process
     # statement_timeout = "30s"      # a statement running longer is cancelled
+    # vacuum_within = "2h"           # postgresql: deleted rows rewritten out of the
+    #                                # table files within this (the audit's bound)
 
 The DSN is a secret: it is read when a command opens the store (config.py's `Deferred`),
 kept out of every repr, and no message ever quotes it, only the host and port it names.
@@ -40,6 +42,10 @@ class StoreSettings:
     statement_timeout: float = 30.0  # seconds
     # The configuration file the settings came from: errors name it and `store.dsn`.
     source: str = "<defaults>"
+    # Seconds a deleted row may stay in PostgreSQL's table files before the audit calls
+    # it a violation: the sweep purges what was deleted since the last one, so at least
+    # the sweep interval; an erasure is purged at once.
+    vacuum_within: float = 7200.0
 
 
 def parse_store(sec: Section) -> StoreSettings:
@@ -55,12 +61,17 @@ def parse_store(sec: Section) -> StoreSettings:
     timeout = sec.duration("statement_timeout", "30s")
     if timeout < 1:
         raise sec.error("statement_timeout", "must be at least 1s")
+    vacuum_within = sec.duration("vacuum_within", "2h")
+    if vacuum_within < 60:
+        raise sec.error("vacuum_within", "must be at least 1m")
     sec.finish()
     if backend == "postgresql" and not dsn:
         raise sec.error("dsn", "backend 'postgresql' needs a dsn ('env:NAME' or 'file:PATH')")
     if backend == "sqlite" and dsn:
         raise sec.error("dsn", "only for backend 'postgresql' (SQLite lives under data_dir)")
-    return StoreSettings(backend, dsn, pool_size, float(timeout), str(sec.file))
+    return StoreSettings(
+        backend, dsn, pool_size, float(timeout), str(sec.file), float(vacuum_within)
+    )
 
 
 def describe(settings: StoreSettings, data_dir: Path) -> str:

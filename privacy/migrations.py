@@ -93,6 +93,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION softrelay_restrictions_changed();
         """,
     ),
+    Migration(
+        "deleted rows awaiting their purge from the live files",
+        # PostgreSQL keeps a deleted row's bytes in its table's files until the table is
+        # rewritten (VACUUM FULL): a plain or auto vacuum frees the space without
+        # overwriting it. Each DELETE marks its table here in the same statement, so a
+        # purge cannot miss one even across processes and crashes; `generation` moves
+        # on every mark, so a purge clears only the marks it covered (privacy/postgres.py).
+        # Table names only, no personal data. SQLite overwrites a row as it deletes it
+        # (secure_delete): nothing to mark, the table stays empty there.
+        sqlite="""
+        CREATE TABLE purges (
+            table_name TEXT PRIMARY KEY, pending_since REAL, purged_at REAL,
+            generation INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+        """,
+        postgresql="""
+        CREATE TABLE purges (
+            table_name TEXT PRIMARY KEY, pending_since TIMESTAMPTZ, purged_at TIMESTAMPTZ,
+            generation BIGINT NOT NULL DEFAULT 0);
+        """,
+    ),
 )
 # The channel the step above notifies on.
 RESTRICTIONS_CHANNEL = "softrelay_restrictions"

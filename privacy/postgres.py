@@ -13,8 +13,10 @@ Structure, for what later builds on it:
   tables and refuses with the line that says what to run; `migrate` (`softrelay db
   migrate`) changes it, in one transaction, under an advisory lock so two migrating
   processes take turns. privacy/migrations.py says why.
-- `checkpoint()` has no WAL of ours to fold: it is where vacuuming after a sweep or an
-  erasure belongs.
+- Deletion that deletes: every DELETE marks its table in `purges` in the same
+  statement; `purge_deleted()` (after a sweep and an erasure) rewrites each marked table
+  with VACUUM FULL, because a plain or auto vacuum only frees a dead row's space and
+  leaves its bytes in the table's and its indexes' files until reused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -37,6 +40,7 @@ from privacy.backend import (
     META_COLUMNS,
     ROW_ID,
     ChangeFeed,
+    PurgeState,
     RequestEntry,
     RetentionRun,
     Row,
@@ -109,6 +113,15 @@ _CONNECT_FAILED: tuple[type[BaseException], ...] = (
     asyncpg.ClientConfigurationError,
     ValueError,
 )
+# Tables an erasure and the account rule delete from besides the category tables.
+SUBJECT_TABLES = ("subjects", "restrictions")
+# Seconds a purge waits for a table's lock: VACUUM FULL queued behind a long reader
+# would hold up every statement on the table queued behind it. Not free: next purge.
+PURGE_LOCK_WAIT = 2.0
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# VACUUM VERBOSE's count of deleted rows it had to copy (PostgreSQL's English message;
+# a server with other lc_messages reports none, and a purge is trusted as done).
+_KEPT = re.compile(r"(\d+) dead row versions cannot be removed yet")
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 
 
@@ -359,10 +372,10 @@ class PostgresBackend:
     async def delete(self, table: TableSpec, where: Mapping[str, SqlValue]) -> int:
         clauses, params = _where(where, first=1)
         async with self._connection(transaction=False) as conn:
-            status = await conn.execute(
-                f"DELETE FROM {table.name} WHERE {clauses or 'TRUE'}", *params
+            deleted: int = await conn.fetchval(
+                _deleting(table.name, clauses or "TRUE", len(params)), *params, table.name
             )
-        return _count(status)
+        return deleted
 
     async def delete_subject(self, tables: Sequence[TableSpec], subject: bytes) -> dict[str, int]:
         # Every table in one transaction: an erasure is whole or not at all.
@@ -371,10 +384,10 @@ class PostgresBackend:
 
     async def delete_before(self, table: TableSpec, cutoff: float) -> int:
         async with self._connection(transaction=False) as conn:
-            status = await conn.execute(
-                f"DELETE FROM {table.name} WHERE {table.basis} <= $1", cutoff
+            deleted: int = await conn.fetchval(
+                _deleting(table.name, f"{table.basis} <= $1", 1), cutoff, table.name
             )
-        return _count(status)
+        return deleted
 
     async def delete_inactive_subjects(self, tables: Sequence[TableSpec], cutoff: float) -> int:
         async with self._connection() as conn:
@@ -519,9 +532,60 @@ class PostgresBackend:
             )
         return [RetentionRun(*row) for row in rows]
 
-    async def checkpoint(self) -> None:
-        """Nothing to fold: PostgreSQL's WAL is the server's. Vacuuming what a sweep or
-        an erasure deleted belongs here."""
+    async def purge_deleted(self, tables: Sequence[TableSpec] | None = None) -> list[str]:
+        names = None if tables is None else [*(t.name for t in tables), *SUBJECT_TABLES]
+        purged: list[str] = []
+        # VACUUM cannot run in a transaction block: a connection of its own, autocommit.
+        async with self._connection(transaction=False) as conn:
+            marked = await conn.fetch(
+                "SELECT table_name, generation FROM purges WHERE pending_since IS NOT NULL"
+                " AND ($1::text[] IS NULL OR table_name = ANY($1)) ORDER BY table_name",
+                names,
+            )
+            for name, generation in marked:
+                started = await conn.fetchval("SELECT clock_timestamp()")
+                why = await _rewrite(conn, name)
+                if why is not None:
+                    fields = {"table": name, "reason": why}
+                    log.warning("store.purge_deferred", extra={"fields": fields})
+                    continue
+                # Deleted since the rewrite began (it waited for their locks, or they
+                # came after): still marked, from then.
+                await conn.execute(
+                    "UPDATE purges SET purged_at = clock_timestamp(), pending_since ="
+                    " CASE WHEN generation = $2 THEN NULL ELSE $3::timestamptz END WHERE table_name = $1",
+                    name,
+                    generation,
+                    started,
+                )
+                purged.append(name)
+        return purged
+
+    async def purge_states(self) -> list[PurgeState]:
+        """Every category table and the subjects' tables: the purge marks, with the
+        server's own vacuum statistics beside them (a plain vacuum is not a purge)."""
+        async with self._connection(transaction=False) as conn:
+            rows = await conn.fetch(
+                "SELECT t.relname, extract(epoch FROM now() - p.pending_since),"
+                " extract(epoch FROM now() - p.purged_at), t.n_dead_tup,"
+                " extract(epoch FROM now() - greatest(t.last_vacuum, t.last_autovacuum))"
+                " FROM pg_stat_user_tables t LEFT JOIN purges p ON p.table_name = t.relname"
+                r" WHERE t.schemaname = current_schema() AND (t.relname LIKE 'c\_%'"
+                " OR t.relname = ANY($1)) ORDER BY t.relname",
+                list(SUBJECT_TABLES),
+            )
+        return [
+            PurgeState(
+                name,
+                "rewritten (VACUUM FULL) after the deletion",
+                self._settings.vacuum_within,
+                None if pending is None else float(pending),
+                None if purged is None else float(purged),
+                dead,
+                None if vacuumed is None else float(vacuumed),
+            )
+            for name, pending, purged, dead, vacuumed in rows
+        ]
 
     async def close(self) -> None:
         if self._feed is not None:
@@ -856,14 +920,72 @@ async def _delete_subjects(
     counts = dict.fromkeys((t.name for t in tables), 0)
     if not subjects:
         return counts
-    for table in tables:
-        status = await conn.execute(
-            f"DELETE FROM {table.name} WHERE subject = ANY($1::bytea[])", subjects
+    names = [*(t.name for t in tables), *SUBJECT_TABLES]
+    for name in names:
+        deleted = await conn.fetchval(
+            _deleting(name, "subject = ANY($1::bytea[])", 1), subjects, name
         )
-        counts[table.name] += _count(status)
-    await conn.execute("DELETE FROM subjects WHERE subject = ANY($1::bytea[])", subjects)
-    await conn.execute("DELETE FROM restrictions WHERE subject = ANY($1::bytea[])", subjects)
+        if name in counts:
+            counts[name] += deleted
     return counts
+
+
+def _deleting(table: str, where: str, params: int) -> str:
+    """DELETE FROM `table` WHERE `where` (which uses $1..$params), in one statement with
+    the mark that its table holds deleted rows (when any went) and their count: the
+    mark commits with the deletion, so no purge can miss it. The table's name is the
+    last parameter."""
+    name = f"${params + 1}::text"
+    return (
+        f"WITH gone AS (DELETE FROM {table} WHERE {where} RETURNING 1), marked AS ("
+        f"INSERT INTO purges AS p (table_name, pending_since, generation) SELECT {name},"
+        " clock_timestamp(), 1 WHERE EXISTS (SELECT FROM gone) ON CONFLICT (table_name)"
+        " DO UPDATE SET generation = p.generation + 1,"
+        " pending_since = coalesce(p.pending_since, excluded.pending_since))"
+        " SELECT count(*) FROM gone"
+    )
+
+
+async def _rewrite(conn: _Conn, name: str) -> str | None:
+    """VACUUM FULL one table: None when done, else why not (the caller leaves it marked).
+
+    The rewrite copies the live rows into new files and truncates the old ones at
+    commit, indexes and TOAST included. Rows an open transaction may still see (a
+    snapshot older than the deletion, a replication slot's) are copied too: VERBOSE
+    says how many, and then the purge did not happen."""
+    if not _PLAIN_NAME.fullmatch(name):
+        return "not a table of softrelay's"
+    allowed = await conn.fetchval(
+        "SELECT pg_has_role(c.relowner, 'USAGE') OR pg_has_role(d.datdba, 'USAGE')"
+        " FROM pg_class c, pg_database d"
+        " WHERE c.oid = to_regclass($1) AND d.datname = current_database()",
+        name,
+    )
+    if allowed is None:
+        return "no such table"
+    if not allowed:
+        # VACUUM would only warn and skip it: the role must own the tables (db migrate).
+        return "the role softrelay connects as does not own it"
+    details: list[str] = []
+
+    def heard(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+        details.append(message.detail or "")
+
+    await conn.execute(f"SET lock_timeout = {int(PURGE_LOCK_WAIT * 1000)}")
+    conn.add_log_listener(heard)
+    try:
+        await conn.execute(f"VACUUM (FULL, ANALYZE, VERBOSE) {name}")
+    except asyncpg.LockNotAvailableError:
+        return f"its lock was not free within {PURGE_LOCK_WAIT:g} s"
+    except asyncpg.QueryCanceledError:
+        return "the rewrite took longer than statement_timeout"
+    finally:
+        conn.remove_log_listener(heard)
+        await conn.execute("RESET lock_timeout")
+    kept = sum(int(m.group(1)) for d in details if (m := _KEPT.match(d)))
+    if kept:
+        return f"{kept} deleted row versions still visible to an open transaction"
+    return None
 
 
 __all__ = ["PostgresBackend", "RestrictionFeed"]

@@ -28,6 +28,7 @@ from privacy.backend import (
     META_COLUMNS,
     ROW_ID,
     ChangeFeed,
+    PurgeState,
     RequestEntry,
     RetentionRun,
     Row,
@@ -484,8 +485,22 @@ class SQLiteBackend:
         )
         return [RetentionRun(*row) for row in rows]
 
-    async def checkpoint(self) -> None:
+    async def purge_deleted(self, tables: Sequence[TableSpec] | None = None) -> list[str]:
+        # secure_delete overwrote every deleted row in its page as it went; the pages
+        # with the rows still whole sit in the WAL until this folds and truncates it.
         await self._run(self._checkpoint)
+        return [self.path.name]
+
+    async def purge_states(self) -> list[PurgeState]:
+        return [
+            PurgeState(
+                self.path.name,
+                "overwritten as deleted (secure_delete), the WAL truncated after each"
+                " deletion and sweep",
+                within=None,
+                pending_age=None,
+            )
+        ]
 
     def _checkpoint(self) -> None:
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()

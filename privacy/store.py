@@ -335,6 +335,7 @@ class Store:
         tables = [t for t in self._subject_tables if t.name.removeprefix("c_") not in keep]
         counts = await self.backend.delete_subject(tables, self.subject_index(subject))
         self._restricted = None  # an erasure lifts the mark too
+        await self._purge(tables)  # only what the erasure marked is rewritten
         return {name.removeprefix("c_"): count for name, count in counts.items()}
 
     async def subject_last_used(self, subject: Subject) -> float | None:
@@ -432,8 +433,23 @@ class Store:
             removed = await self.backend.delete_inactive_subjects(self._subject_tables, cutoff)
             self._restricted = None  # their marks went with them
             result[ACCOUNT] = (cutoff, removed)
-        await self.backend.checkpoint()
+        # Every table a deletion marked, this sweep's and any since the last purge.
+        await self._purge(None)
         return result
+
+    async def purge_deleted(self, *categories: str) -> None:
+        """Rows deleted from these categories out of the live files now, rather than at
+        the next sweep: for a deletion that must not wait (a destroyed month secret)."""
+        await self._purge([self._table(name) for name in categories])
+
+    async def _purge(self, tables: Sequence[TableSpec] | None) -> None:
+        """Deleted rows out of the live files now (Backend.purge_deleted). The deletion
+        stands when the database goes away before this: the tables stay marked, the
+        next sweep purges them, and the audit shows the wait."""
+        try:
+            await self.backend.purge_deleted(tables)
+        except StorageUnavailable as exc:
+            log.warning("store.purge_deferred", extra={"fields": {"error": str(exc)}})
 
     async def stats(self) -> dict[str, TableStats]:
         """Rows and oldest basis time per category, expired rows included (for the audit)."""
