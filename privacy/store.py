@@ -42,15 +42,10 @@ from privacy.backend import (
     TableSpec,
     TableStats,
 )
+from privacy.backends import migrate, open_backend, schema_status
 from privacy.clock import Clock
 from privacy.crypto import DecryptionError, FieldCipher
-from privacy.database import (
-    DATABASE_FILE,
-    StoreSettings,
-    migrate,
-    open_backend,
-    schema_status,
-)
+from privacy.database import DATABASE_FILE, StoreSettings
 from privacy.keys import Keyring
 from privacy.policy import (
     Category,
