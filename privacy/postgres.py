@@ -552,8 +552,9 @@ class PostgresBackend:
                 # Deleted since the rewrite began (it waited for their locks, or they
                 # came after): still marked, from then.
                 await conn.execute(
-                    "UPDATE purges SET purged_at = clock_timestamp(), pending_since ="
-                    " CASE WHEN generation = $2 THEN NULL ELSE $3::timestamptz END WHERE table_name = $1",
+                    "UPDATE purges SET purged_at = clock_timestamp(), pending_since = CASE"
+                    " WHEN generation = $2 THEN NULL ELSE $3::timestamptz END"
+                    " WHERE table_name = $1",
                     name,
                     generation,
                     started,
