@@ -375,6 +375,26 @@ def test_db_status_then_migrate_then_serve_is_allowed(
     assert run("sweep") == 0
 
 
+def test_serve_on_an_unmigrated_database_stops_with_one_line_saying_what_to_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    postgres_dsn: str,
+) -> None:
+    config = _pg_config(tmp_path, monkeypatch, postgres_dsn)
+    argv = ["serve", "--http-port", "0", "--sip-port", "0", "--config", str(config)]
+    assert main([*argv, "--data-dir", str(tmp_path / "var")]) == 2
+    captured = capsys.readouterr()
+    # Its last line (warnings of the start before it: a generated keyring, the file limit).
+    assert captured.err.splitlines()[-1] == (
+        f"softrelay: PostgreSQL at {urlsplit(postgres_dsn).hostname}:"
+        f"{urlsplit(postgres_dsn).port}{urlsplit(postgres_dsn).path}: database schema is"
+        f" version 0, this softrelay needs {SCHEMA_VERSION}: {MIGRATE_LINE}"
+    )
+    assert "Traceback" not in captured.err
+    assert "softrelay: http://" not in captured.out  # stopped before listening
+
+
 def test_db_migrate_on_sqlite_reports_the_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
