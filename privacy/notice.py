@@ -87,6 +87,9 @@ class Controller:
     dpo_email: str
     # None: the notice states the right to complain without naming an authority.
     supervisory_authority: SupervisoryAuthority | None = None
+    # Days deleted data may live on in backups and the archived database log (WAL);
+    # None: the notice says nothing of backups (the operator keeps none).
+    backup_retention_days: int | None = None
 
 
 def parse_controller(sec: Section) -> Controller:
@@ -102,9 +105,19 @@ def parse_controller(sec: Section) -> Controller:
             if sec.has("supervisory_authority")
             else None
         ),
+        backup_retention_days=_backup_days(sec) if sec.has("backup_retention") else None,
     )
     sec.finish()
     return controller
+
+
+def _backup_days(sec: Section) -> int:
+    """`backup_retention`, a duration, in whole days (rounded up: the notice may say
+    more than is kept, never less)."""
+    seconds = sec.duration("backup_retention")
+    if seconds < 86400:
+        raise sec.error("backup_retention", "must be at least 1d")
+    return -(-seconds // 86400)
 
 
 def _parse_authority(sec: Section) -> SupervisoryAuthority:
@@ -191,6 +204,13 @@ def notice_blocks(policy: Policy, controller: Controller, lang: str) -> list[Blo
     ]
     for category in policy.categories.values():
         blocks += _category_section(policy, category, lang)
+    if controller.backup_retention_days is not None:
+        days = controller.backup_retention_days
+        duration = t["unit.day.one" if days == 1 else "unit.day.many"].format(n=days)
+        blocks += [
+            Heading(2, t["backups.heading"]),
+            Paragraph(fill(t["backups.text"], duration=duration)),
+        ]
     blocks += _places_section(policy, lang)
     blocks += _rights_section(policy, controller, lang)
     return blocks

@@ -161,6 +161,14 @@ EN: dict[str, str] = {
         "of your habitual residence, your place of work or the place of the alleged "
         "infringement."
     ),
+    "backups.heading": "Deleted data and backups",
+    "backups.text": (
+        "Deleted data (at the end of its retention or on your request) is removed from our "
+        "live database. Copies of it can remain in our backups and in the database's "
+        "archived change log for up to {duration}; then they are deleted too. Should a "
+        "backup ever be restored, the deletions made since it was taken are applied again "
+        "before the service uses it."
+    ),
     "authority.intro": "The supervisory authority responsible for us is:",
     "authority.name": "Authority",
     "authority.address": "Address",
@@ -333,6 +341,15 @@ DE: dict[str, str] = {
         "Sie können sich bei einer Aufsichtsbehörde beschweren, insbesondere in dem "
         "EU-Mitgliedstaat Ihres gewöhnlichen Aufenthaltsorts, Ihres Arbeitsplatzes oder des "
         "Orts des mutmaßlichen Verstoßes."
+    ),
+    "backups.heading": "Gelöschte Daten und Sicherungen",
+    "backups.text": (
+        "Gelöschte Daten (am Ende ihrer Speicherdauer oder auf Ihren Antrag) werden aus "
+        "unserer laufenden Datenbank entfernt. Kopien davon können bis zu {duration} in "
+        "unseren Sicherungen und im archivierten Änderungsprotokoll der Datenbank "
+        "verbleiben; danach werden auch sie gelöscht. Muss je eine Sicherung zurückgespielt "
+        "werden, werden die seit ihrer Erstellung vorgenommenen Löschungen erneut "
+        "ausgeführt, bevor der Dienst sie nutzt."
     ),
     "authority.intro": "Die für uns zuständige Aufsichtsbehörde ist:",
     "authority.name": "Behörde",

@@ -19,6 +19,7 @@ from privacy.audit import PURGE_PREFIX, CategoryVerdict, audit, format_report
 from privacy.clock import ManualClock
 from privacy.database import StoreSettings, parse_store
 from privacy.keys import Keyring
+from privacy.notice import Controller, parse_controller, render_notice
 from privacy.policy import load_policy
 from privacy.store import Store, Subject
 from tests.pgserver import PostgresServer
@@ -277,3 +278,39 @@ def test_vacuum_within_is_read_from_the_store_section_and_bounded(tmp_path: Path
     with pytest.raises(ConfigError) as refused:
         parsed({"vacuum_within": "30s"})
     assert str(refused.value) == f"{source}: store.vacuum_within: must be at least 1m"
+
+
+# --- the notice: the backup and WAL window --------------------------------------------
+
+
+def controller_with(tmp_path: Path, values: dict[str, object]) -> Controller:
+    return parse_controller(Section(values, tmp_path / "softrelay.toml", "controller"))
+
+
+@pytest.mark.parametrize(
+    ("lang", "heading", "window"),
+    [
+        ("en", "## Deleted data and backups", "for up to 14 days; then they are deleted too"),
+        ("de", "## Gelöschte Daten und Sicherungen", "bis zu 14 Tage in"),
+    ],
+)
+def test_the_notice_states_the_backup_window_the_operator_configured(
+    tmp_path: Path, lang: str, heading: str, window: str
+) -> None:
+    controller = controller_with(tmp_path, {"backup_retention": "14d"})
+    text = " ".join(render_notice(load_policy("auerproxy"), controller, lang).split())
+    assert heading in text
+    assert window in text
+
+
+def test_the_backup_window_is_said_in_whole_days_rounded_up_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    assert controller_with(tmp_path, {"backup_retention": "36h"}).backup_retention_days == 2
+    unset = controller_with(tmp_path, {})
+    assert unset.backup_retention_days is None
+    assert "backups" not in render_notice(load_policy("auerproxy"), unset, "en")
+    with pytest.raises(ConfigError) as refused:
+        controller_with(tmp_path, {"backup_retention": "12h"})
+    expected = f"{tmp_path / 'softrelay.toml'}: controller.backup_retention: must be at least 1d"
+    assert str(refused.value) == expected
