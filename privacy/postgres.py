@@ -294,9 +294,15 @@ class PostgresBackend:
         if not rows:
             return
         built = [{**row(), "subject": None, "created_at": now, "last_used_at": now} for row in rows]
-        sql = _upsert_sql(table, tuple(built[0]))
+        # One prepared statement per set of columns (a batch usually has one), all in one
+        # transaction: rows whose callers gave different fields keep each value in its
+        # own column.
+        groups: dict[tuple[str, ...], list[list[SqlValue]]] = {}
+        for values in built:
+            groups.setdefault(tuple(values), []).append(list(values.values()))
         async with self._connection() as conn:
-            await conn.executemany(sql, [list(values.values()) for values in built])
+            for names, params in groups.items():
+                await conn.executemany(_upsert_sql(table, names), params)
 
     async def select(
         self,

@@ -200,9 +200,14 @@ class SQLiteBackend:
 
     def _put_many(self, table: TableSpec, rows: Sequence[Callable[[], Row]], now: float) -> None:
         built = [{**row(), "subject": None, "created_at": now, "last_used_at": now} for row in rows]
-        # One statement for the whole batch; without RETURNING, which executemany refuses.
-        sql = _upsert_sql(table, tuple(built[0])).removesuffix(" RETURNING id")
-        self.db.executemany(sql, [list(values.values()) for values in built])
+        # One statement per set of columns (a batch usually has one), so rows whose callers
+        # gave different fields keep each value in its own column; without RETURNING,
+        # which executemany refuses.
+        groups: dict[tuple[str, ...], list[list[SqlValue]]] = {}
+        for values in built:
+            groups.setdefault(tuple(values), []).append(list(values.values()))
+        for names, params in groups.items():
+            self.db.executemany(_upsert_sql(table, names).removesuffix(" RETURNING id"), params)
 
     def _touch_subject(self, subject: bytes, now: float) -> None:
         self.db.execute(

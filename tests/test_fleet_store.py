@@ -104,6 +104,27 @@ async def test_every_install_pinging_both_processes_is_counted_once(
         await ledger.drain()
 
 
+async def test_a_batch_of_records_with_different_fields_stores_each_as_given(
+    fleet: tuple[Store, Store],
+) -> None:
+    """Batches (crash ingest, the usage ledger) join their callers' rows in one commit;
+    a row that leaves a field out must not shift another row's values."""
+    a, b = fleet
+    await a.put_many(
+        "usage_close",
+        [
+            {"period": "2026-01", "closed_at": 1, "closed_by": "job", "digest": "d1"},
+            {"period": "2026-02", "closed_by": "cli", "total": 5, "tenants": 1},
+        ],
+    )
+    [january] = await b.find("usage_close", period="2026-01")
+    [february] = await b.find("usage_close", period="2026-02")
+    assert (january.fields["closed_at"], january.fields["digest"]) == (1, "d1")
+    assert january.fields["total"] is None
+    assert (february.fields["closed_by"], february.fields["total"]) == ("cli", 5)
+    assert february.fields["digest"] is None
+
+
 # --- one process at a time --------------------------------------------------------------
 
 
