@@ -21,7 +21,7 @@ from privacy.database import StoreSettings, parse_store
 from privacy.keys import Keyring
 from privacy.notice import Controller, parse_controller, render_notice
 from privacy.policy import load_policy
-from privacy.store import Store, Subject
+from privacy.store import Store, Subject, table_spec
 from tests.pgserver import PostgresServer
 from tomlsections.reader import ConfigError, Section
 
@@ -96,7 +96,7 @@ async def test_a_plain_vacuum_leaves_a_deleted_row_in_the_files_and_the_sweep_pu
 
     # A deletion without its purge (as store.delete leaves it for the next sweep), then
     # the vacuum PostgreSQL's autovacuum would run: the bytes stay in heap and index.
-    tables = [pg_store._tables["registration"]]
+    tables = [table_spec(pg_store.policy.category("registration"))]
     deleted = await pg_store.backend.delete_subject(tables, pg_store.subject_index(ALICE))
     assert deleted == {REGISTRATION: 1}
     conn = await asyncpg.connect(raw_dsn)
