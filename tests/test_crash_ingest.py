@@ -28,12 +28,16 @@ from prometheus_client import CollectorRegistry
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings, parse_crashreports
 from privacy.clock import ManualClock
+from privacy.database import StoreSettings
 from privacy.keys import load_keyring
 from privacy.policy import load_policy
 from privacy.store import Record, Store
 from softrelay.cli import main as cli_main
 from tomlsections.reader import Section
 from webapi.errors import refusals
+
+# Ingest, its group commits and the canary audits run on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.both_backends
 
 KEY = "0123456789abcdef0123456789abcdef"
 OPT_IN = {"softrelay.opt_in": "yes"}
@@ -119,8 +123,11 @@ Start = Callable[..., Awaitable[Running]]
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
-    """Starts crash ingests (each with a real store) on 127.0.0.1; stops them at the end."""
+async def serving(
+    tmp_path: Path, clock: ManualClock, store: StoreSettings | None = None
+) -> AsyncIterator[Start]:
+    """Starts crash ingests (each with a real store, on `store`'s backend: SQLite by
+    default) on 127.0.0.1; stops them at the end."""
     servers: list[TestServer] = []
 
     async def factory(crash: CrashSettings | None = None) -> Running:
@@ -131,7 +138,9 @@ async def serving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
 
         async def store_ctx(app: web.Application) -> AsyncIterator[None]:
             keyring = load_keyring("", data_dir)
-            app[STORE_KEY] = await Store.create(load_policy("auerproxy"), keyring, data_dir, clock)
+            app[STORE_KEY] = await Store.create(
+                load_policy("auerproxy"), keyring, data_dir, clock, store or StoreSettings()
+            )
             yield
             await app[STORE_KEY].close()
 
@@ -149,9 +158,12 @@ async def serving(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
 
 
 @pytest.fixture
-async def start(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Start]:
-    """Starts the crash ingest (with a real store) on 127.0.0.1; stops it after the test."""
-    async with serving(tmp_path, clock) as factory:
+async def start(
+    tmp_path: Path, clock: ManualClock, store_settings: StoreSettings
+) -> AsyncIterator[Start]:
+    """Starts the crash ingest (with a real store on the test's backend) on 127.0.0.1;
+    stops it after the test."""
+    async with serving(tmp_path, clock, store_settings) as factory:
         yield factory
 
 
@@ -248,7 +260,11 @@ def _plant_everything() -> None:
 
 
 async def test_planted_personal_data_is_absent_from_everything_stored_and_kept_fields_stay(
-    start: Start, sdk: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start: Start,
+    sdk: Callable[..., None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store_toml: str,
 ) -> None:
     server = await start()
     sdk(server.dsn)
@@ -303,7 +319,7 @@ async def test_planted_personal_data_is_absent_from_everything_stored_and_kept_f
     await server.app.shutdown()
     await server.app.cleanup()
     config = tmp_path / "empty.toml"
-    config.write_text("")
+    config.write_text(store_toml)
     monkeypatch.setenv("SOFTRELAY_CONFIG", str(config))
     args = ["audit", "--now", "2026-03-01T13:00:00Z", "--data-dir", str(server.data_dir)]
     for canary in CANARIES:
@@ -551,7 +567,11 @@ def _fail_registering() -> None:
 
 
 async def test_credentials_digests_display_names_and_person_keys_are_absent_from_the_store(
-    start: Start, sdk: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start: Start,
+    sdk: Callable[..., None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    store_toml: str,
 ) -> None:
     server = await start()
     sdk(server.dsn)
@@ -606,7 +626,7 @@ async def test_credentials_digests_display_names_and_person_keys_are_absent_from
     await server.app.shutdown()
     await server.app.cleanup()
     config = tmp_path / "empty.toml"
-    config.write_text("")
+    config.write_text(store_toml)
     monkeypatch.setenv("SOFTRELAY_CONFIG", str(config))
     args = ["audit", "--now", "2026-03-01T13:00:00Z", "--data-dir", str(server.data_dir)]
     for leak in LEAKS:
