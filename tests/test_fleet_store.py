@@ -287,7 +287,7 @@ async def test_a_mark_set_by_one_process_holds_at_the_other_without_time_passing
     await changed_by_a(a.delete_subject(ALICE))  # the erasure takes the mark with it
     assert not await b.is_restricted(ALICE)
     # An operator's own SQL notifies too (the trigger is the database's).
-    await a.restrict(CAROL, True)
+    await changed_by_a(a.restrict(CAROL, True))
     assert await b.is_restricted(CAROL)
     feed.moved.clear()
     raw_db.execute("DELETE FROM restrictions")
