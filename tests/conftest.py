@@ -45,6 +45,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "sqlite_only(why): in a both_backends module, a test run on SQLite alone (it looks"
         " at SQLite's own files, or no backend plays a part)",
     )
+    config.addinivalue_line(
+        "markers",
+        "postgresql_only(why): in a both_backends module, a test of what only PostgreSQL"
+        " has (its change feed)",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -53,7 +58,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marked = metafunc.definition.get_closest_marker("both_backends") is not None
     marked = marked and metafunc.definition.get_closest_marker("sqlite_only") is None
     if marked and "store_backend" in metafunc.fixturenames:
-        metafunc.parametrize("store_backend", STORE_BACKENDS, indirect=True)
+        only_pg = metafunc.definition.get_closest_marker("postgresql_only") is not None
+        backends = ("postgresql",) if only_pg else STORE_BACKENDS
+        metafunc.parametrize("store_backend", backends, indirect=True)
 
 
 def pytest_asyncio_loop_factories(

@@ -259,14 +259,13 @@ async def test_an_erasure_that_fails_midway_erases_nothing(
 # --- restriction marks ------------------------------------------------------------------
 
 
+@pytest.mark.postgresql_only("SQLite has no change feed; its re-read bound: test_restriction")
 async def test_a_mark_set_by_one_process_holds_at_the_other_without_time_passing(
     fleet: tuple[Store, Store], store_settings: StoreSettings, raw_db: RawDatabase
 ) -> None:
     """PostgreSQL: the other store drops its copy of the marks as the notification
     arrives; the clock never moves. SQLite has no feed: its copy holds for
     RESTRICTIONS_FRESH seconds of the clock (test_restriction.py)."""
-    if store_settings.backend == "sqlite":
-        pytest.skip("SQLite has no change feed; its re-read bound is tested in test_restriction")
     a, b = fleet
     feed = b.backend.restriction_changes()
     assert isinstance(feed, RestrictionFeed)
@@ -296,14 +295,13 @@ async def test_a_mark_set_by_one_process_holds_at_the_other_without_time_passing
     assert not await b.is_restricted(CAROL)
 
 
+@pytest.mark.postgresql_only("SQLite has no change feed")
 async def test_a_lost_listen_connection_is_not_trusted_and_comes_back(
     fleet: tuple[Store, Store], store_settings: StoreSettings, raw_db: RawDatabase
 ) -> None:
     """The LISTEN connection killed by the server: the generation moves at once (a
     read before the loss is not trusted again), and the feed listens again by itself;
     a mark set after that holds at the other store at once."""
-    if store_settings.backend == "sqlite":
-        pytest.skip("SQLite has no change feed")
     a, b = fleet
     feed = b.backend.restriction_changes()
     assert isinstance(feed, RestrictionFeed)
