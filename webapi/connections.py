@@ -383,13 +383,24 @@ class _Connection(asyncio.Protocol):
 class GuardedSite(web.BaseSite):
     """`web.TCPSite` with every connection going through an `HttpGuard`."""
 
-    __slots__ = ("_guard", "_host", "_port")
+    __slots__ = ("_guard", "_host", "_port", "_reuse_port")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: HttpGuard) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        guard: HttpGuard,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
+        """`reuse_port`: SO_REUSEPORT, for the workers of `serve --workers N` that share
+        the port (the kernel spreads connections over them; each guard caps its own)."""
         super().__init__(runner)
         self._host = host
         self._port = port
         self._guard = guard
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -402,7 +413,11 @@ class GuardedSite(web.BaseSite):
         guard = self._guard
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: guard.protocol(server), self._host, self._port, backlog=self._backlog
+            lambda: guard.protocol(server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port,
         )
 
 

@@ -60,6 +60,8 @@ class SipSettings:
     limits: TransportLimits = field(default_factory=TransportLimits)
     overload: OverloadSettings = field(default_factory=OverloadSettings)
     wake: WakeSettings = field(default_factory=WakeSettings)
+    # Not a key: set by `serve --workers N`, whose workers share the listeners' ports.
+    reuse_port: bool = False
 
 
 def parse_sip(sec: Section) -> SipSettings:
@@ -164,6 +166,7 @@ def transport_settings(sip: SipSettings, host: str, port: int) -> TransportSetti
         tls_key=sip.tls_key,
         tls_client_ca=sip.tls_client_ca,
         limits=sip.limits,
+        reuse_port=sip.reuse_port,
     )
 
 

@@ -57,6 +57,9 @@ class TransportSettings:
     # for PBXs); None: no client certificate is asked for.
     tls_client_ca: Path | None = None
     limits: TransportLimits = field(default_factory=TransportLimits)
+    # SO_REUSEPORT on every listener: the workers of `serve --workers N` bind the same
+    # ports and the kernel spreads connections and datagrams over them.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.tls_port is not None and self.tls_cert is None:

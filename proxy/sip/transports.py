@@ -91,7 +91,9 @@ class SipTransports:
             if settings.udp_port is not None:
                 self._udp = endpoint = UdpEndpoint(self)
                 udp, _ = await loop.create_datagram_endpoint(
-                    lambda: endpoint, local_addr=(host, settings.udp_port)
+                    lambda: endpoint,
+                    local_addr=(host, settings.udp_port),
+                    reuse_port=settings.reuse_port,
                 )
                 self.addresses.append((Transport.UDP, address_of(udp.get_extra_info("sockname"))))
             if settings.tcp_port is not None:
@@ -114,13 +116,17 @@ class SipTransports:
     async def _listen(self, kind: Transport, port: int, context: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
         host = self.settings.host
+        reuse_port = self.settings.reuse_port
         if context is None:
-            server = await loop.create_server(lambda: StreamLink(self, kind), host, port)
+            server = await loop.create_server(
+                lambda: StreamLink(self, kind), host, port, reuse_port=reuse_port
+            )
         else:
             server = await loop.create_server(
                 lambda: StreamLink(self, kind),
                 host,
                 port,
+                reuse_port=reuse_port,
                 ssl=context,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
                 ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
