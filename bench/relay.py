@@ -82,6 +82,7 @@ from bench.relay_sipp import (
     relay_config,
     table_row,
 )
+from tests.pgserver import find_bindir
 
 DEFAULT_KAMAILIO_CFG = ROOT.parent / "shared" / "peers" / "kamailio-relay.cfg"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "relay.json"
@@ -319,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rates must rise")
     if shutil.which(args.sipp) is None:
         parser.error(f"SIPp not found ({args.sipp}): apt-get install sip-tester")
+    if "register" in args.only and "postgresql" in args.store and find_bindir() is None:
+        parser.error("PostgreSQL 15 not found (apt-get install postgresql-15): --store sqlite")
     if "kamailio" in args.only and shutil.which("kamailio") is None:
         parser.error("kamailio not found: apt-get install kamailio (or leave it out of --only)")
 

@@ -61,6 +61,7 @@ from privacy.keys import Keyring
 from privacy.policy import Policy, load_policy
 from privacy.sqlite import SQLiteBackend
 from privacy.store import DATABASE_FILE, Store, Value, table_spec
+from tests.pgserver import find_bindir
 
 TARGET_COST = 0.25
 ENCODE_ROWS = 5000  # (c) is CPU only and steady per row: a sample keeps the run short
@@ -405,6 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.rows, args.concurrency, args.repeat, args.pool) < 1:
         parser.error("--rows, --concurrency, --repeat and --pool must be at least 1")
 
+    if "postgresql" in args.backends and find_bindir() is None:
+        parser.error(
+            "PostgreSQL 15 not found (apt-get install postgresql-15, or SOFTRELAY_PG_BINDIR);"
+            " --backends sqlite measures SQLite alone"
+        )
     policy = load_policy(PROFILE)
     rows = registration_rows(args.rows)
     raw_s: list[float] = []
