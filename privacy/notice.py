@@ -341,6 +341,8 @@ def _retention_phrase(category: Category, lang: str) -> str:
     t = TEXTS[lang]
     period = category.retention.period
     template = t[f"retention.{category.retention.rule.value}"]
+    if category.retention.until:
+        return category.retention.until[lang]
     if period is None:
         return template
     return template.format(

@@ -118,6 +118,9 @@ class Period:
 class Retention:
     rule: Rule
     period: Period | None  # None for memory-only
+    # Memory-only data that outlives one forwarding says until when, per language
+    # ("with the connection it describes"); {}: deleted right after forwarding.
+    until: dict[str, str] = field(default_factory=dict)
 
     @property
     def seconds(self) -> int:
@@ -325,8 +328,14 @@ def _parse_category(
     fields_sec = sec.section("fields", {})
     fields = {f: _parse_field(fields_sec.section(f), f, never) for f in fields_sec.names()}
     fields_sec.finish()
-    if storage is Storage.MEMORY and fields:
-        raise sec.error("fields", "a memory-only category declares no stored field")
+    if storage is Storage.MEMORY:
+        # Memory that several processes share (the cluster's Redis) holds declared
+        # fields; none is encrypted or looked up there: the store never sees them.
+        for spec in fields.values():
+            if spec.protection is not Protection.PLAIN or spec.lookup:
+                raise fields_sec.error(
+                    spec.name, "a memory-only field is plain and never looked up"
+                )
     if storage is Storage.LOG:
         for spec in fields.values():
             if spec.name in LOG_ENVELOPE:
@@ -400,8 +409,13 @@ def _parse_retention(sec: Section, storage: Storage) -> Retention:
     if rule not in allowed:
         raise sec.error("rule", f"{rule.value!r} does not fit storage {storage.value!r}")
     period = None if rule is Rule.MEMORY_ONLY else _parse_period(sec, "duration")
+    until: dict[str, str] = {}
+    if sec.has("until"):
+        if rule is not Rule.MEMORY_ONLY:
+            raise sec.error("until", "only for rule 'memory_only' (the others have a duration)")
+        until = sec.localised("until", LANGUAGES)
     sec.finish()
-    return Retention(rule, period)
+    return Retention(rule, period, until)
 
 
 def _parse_period(sec: Section, key: str) -> Period:

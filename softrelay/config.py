@@ -7,8 +7,8 @@ Relative paths are taken from the current directory, as a command line user expe
 
 The sections whose parsing reads secrets (`[push]` key files, `[sip]` PBX secrets and
 TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[http] metrics_token`,
-`[dsr] admin_token`, `[store] dsn`) are checked to be tables at load and parsed when a command first
-uses them (`Deferred`):
+`[dsr] admin_token`, `[store] dsn`, `[cluster] redis` and `secret`) are checked to be
+tables at load and parsed when a command first uses them (`Deferred`):
 `policy render` needs none of them, `serve` reads them all at its start
 (`read_secrets`), and a missing one stops that command with the file and the key.
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from cluster.settings import ClusterSettings, check_cluster_sources, parse_cluster
 from crashreports.settings import CrashSettings, parse_crashreports
 from dsr.service import DsrSettings, parse_dsr
 from privacy.database import StoreSettings, parse_store
@@ -58,7 +59,7 @@ class Listen:
 
 # The sections parsed at first use, since parsing them reads secrets.
 SecretSection = Literal[
-    "push", "sip", "oauth", "usage", "metrics_token", "dsr_admin_token", "store"
+    "push", "sip", "oauth", "usage", "metrics_token", "dsr_admin_token", "store", "cluster"
 ]
 SECRET_SECTIONS: tuple[SecretSection, ...] = get_args(SecretSection)
 
@@ -89,6 +90,13 @@ class Config:
     deferred_dsr_admin_token: Deferred[str] = field(repr=False, compare=False)
     # The database: parsed when a command opens the store, as its DSN is a secret.
     deferred_store: Deferred[StoreSettings] = field(repr=False, compare=False)
+    # `[cluster]`: None without the section (one process, nothing shared); its Redis URL
+    # and secret are read when a command opens the cluster.
+    deferred_cluster: Deferred[ClusterSettings | None] = field(repr=False, compare=False)
+
+    @property
+    def cluster(self) -> ClusterSettings | None:
+        return self.deferred_cluster.get()
 
     @property
     def store(self) -> StoreSettings:
@@ -126,6 +134,7 @@ class Config:
             "metrics_token": self.deferred_metrics_token,
             "dsr_admin_token": self.deferred_dsr_admin_token,
             "store": self.deferred_store,
+            "cluster": self.deferred_cluster,
         }
         for name in sections:
             deferred[name].get()
@@ -196,6 +205,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     # read when a command opens the store.
     store_section.secret_source("dsn", "")
     store = Deferred(store_section, parse_store)
+    cluster = _cluster(root)
     root.finish()
 
     config = Config(
@@ -220,6 +230,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         deferred_metrics_token=metrics_token,
         deferred_dsr_admin_token=Deferred(dsr_section, _dsr_admin_token),
         deferred_store=store,
+        deferred_cluster=cluster,
     )
     if read_secrets:
         config.read_secrets()
@@ -240,6 +251,16 @@ def with_overrides(
     if sip_port is not None:
         listen = replace(listen, sip_port=sip_port)
     return replace(config, listen=listen, data_dir=Path(data_dir) if data_dir else config.data_dir)
+
+
+def _cluster(root: Section) -> Deferred[ClusterSettings | None]:
+    """`[cluster]`, when present: its secrets' sources checked now, read at first use."""
+    if not root.has("cluster"):
+        root.section("cluster", {})  # marks the key read: absent is no error
+        return Deferred(root, lambda _: None)
+    section = root.section("cluster")
+    check_cluster_sources(section)
+    return Deferred(section, parse_cluster)
 
 
 def _profiles() -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from tests import peers
 from tests.limits import in_ci
 from tests.pgserver import PostgresServer, PostgresUnavailable
 from tests.rawdb import PostgresRaw, RawDatabase, SQLiteRaw
+from tests.redisserver import RedisServer, RedisUnavailable
 
 START = parse_instant("2026-03-01T12:00:00Z")
 PROFILES = ("auerproxy", "cloudsoftphone")
@@ -176,6 +177,34 @@ def _fresh_database(server: PostgresServer, template: str | None = None) -> Iter
     # A test that stopped the server (the fault tests) leaves it running again.
     server.start()
     server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis server for the session, started on first use (tests/redisserver.py).
+    Missing, it skips the tests that need it, or fails them when `CI` is set (.ci/run
+    installs it)."""
+    try:
+        server = RedisServer()
+    except RedisUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI is set and {exc}")
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test (FLUSHALL; running again if a test
+    before stopped it); its URL, password inside. Pub/sub channels are server-wide, so
+    tests of one session share them one after the other, never at once."""
+    redis_server.start()
+    redis_server.flushall()
+    return redis_server.url()
 
 
 @pytest.fixture

@@ -37,6 +37,10 @@ SECRETS: dict[str, tuple[str, str]] = {
     "metrics_token": ("http.metrics_token", f'[http]\nmetrics_token = "env:{UNSET}"\n'),
     "dsr_admin_token": ("dsr.admin_token", f'[dsr]\nadmin_token = "file:{MISSING}/admin"\n'),
     "store": ("store.dsn", f'[store]\nbackend = "postgresql"\ndsn = "env:{UNSET}"\n'),
+    "cluster": (
+        "cluster.redis",
+        f'[cluster]\nredis = "env:{UNSET}"\nsecret = "file:{MISSING}/cluster.secret"\n',
+    ),
 }
 # The store's DSN is read by every command that opens the store.
 STORE_SECRET = "store"

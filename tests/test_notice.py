@@ -75,6 +75,8 @@ DATIVE_PLURAL = {"Jahre": "Jahren", "Monate": "Monaten", "Tage": "Tagen"}
 
 def expected_retention(category: Category, lang: str) -> str:
     retention = category.retention
+    if retention.until:  # memory-only data that says until when (the cluster's Redis)
+        return retention.until[lang]
     if retention.rule is Rule.MEMORY_ONLY:
         return {
             "en": "memory only, deleted right after forwarding",
@@ -351,7 +353,11 @@ PLACES = {"en": "Where the data is processed", "de": "Wo die Daten verarbeitet w
         (
             "en",
             [
-                "### Our servers\n\n- **Relay server:** Germany\n  - Data: every category above\n",
+                "### Our servers\n\n- **Relay server:** Germany\n  - Data: Registrations of phones",
+                # What a cluster's nodes share: in Redis's memory alone.
+                "- **Shared memory of the relay servers (Redis), when the relay runs as a "
+                "cluster:** Germany\n  - Data: Location of connections in a cluster; Shared "
+                "limits in a cluster\n",
                 "- **Sentry server of the app vendor, for crash reports (only when the operator "
                 "forwards them):** Germany\n  - Data: Crash reports (only if you opted in)\n",
                 "- **Apple Push Notification service (Apple Inc.):** United States, outside the "
@@ -365,7 +371,10 @@ PLACES = {"en": "Where the data is processed", "de": "Wo die Daten verarbeitet w
             "de",
             [
                 "### Unsere Server\n\n- **Relay-Server:** Deutschland\n"
-                "  - Daten: alle oben genannten Kategorien\n",
+                "  - Daten: Registrierungen von Telefonen",
+                "- **Gemeinsamer Arbeitsspeicher der Relay-Server (Redis), wenn das Relay als "
+                "Verbund läuft:** Deutschland\n  - Daten: Aufenthaltsort von Verbindungen im "
+                "Verbund; Gemeinsame Grenzen im Verbund\n",
                 "- **Apple Push Notification Service (Apple Inc.):** Vereinigte Staaten, außerhalb "
                 "der EU/des EWR\n  - Daten: Registrierungen von Telefonen und TK-Anlagen\n"
                 "  - Grundlage der Übermittlung: Angemessenheitsbeschluss der Europäischen "
@@ -415,7 +424,9 @@ def test_cloudsoftphone_notice_names_eu_and_us_servers_and_the_framework(
 ) -> None:
     policy = load_policy("cloudsoftphone")
     notice = render_notice(policy, CONTROLLER, lang)
-    for name in policy.categories:
+    for name, category in policy.categories.items():
+        if category.stored_at == ("redis",):  # a cluster's shared memory (test_policy)
+            continue
         assert servers in category_section(policy, notice, name, lang), name
     assert basis in sections(notice)[{"en": "Our servers", "de": "Unsere Server"}[lang]]
     recipients = sections(notice)[{"en": "Other recipients", "de": "Weitere Empfänger"}[lang]]
@@ -535,7 +546,7 @@ def test_the_sample_configuration_names_an_authority() -> None:
         (
             "auerproxy",
             [
-                "Locations: relay (DE)",
+                "Locations: relay (DE), redis (DE)",
                 "Recipients: sentry (DE), apns (US, adequacy_decision), "
                 "fcm (US, adequacy_decision)",
             ],
@@ -543,7 +554,7 @@ def test_the_sample_configuration_names_an_authority() -> None:
         (
             "cloudsoftphone",
             [
-                "Locations: eu (DE), us (US, standard_contractual_clauses)",
+                "Locations: eu (DE), us (US, standard_contractual_clauses), redis (DE)",
                 "Recipients: apns (US, adequacy_decision), fcm (US, adequacy_decision)",
             ],
         ),

@@ -258,7 +258,9 @@ def test_malformed_locations_transfers_and_periods_name_file_and_key(
 def test_a_profile_without_locations_does_not_load(tmp_path: Path) -> None:
     text = (PROFILES_DIR / "auerproxy.toml").read_text()
     path = tmp_path / "no-locations.toml"
-    path.write_text(text.replace("[locations.relay]", "[elsewhere.relay]", 1))
+    for name in ("relay", "redis"):
+        text = text.replace(f"[locations.{name}]", f"[elsewhere.{name}]", 1)
+    path.write_text(text)
     with pytest.raises(ConfigError) as caught:
         load_policy(str(path))
     assert (caught.value.file, caught.value.key) == (str(path), "locations")
@@ -267,10 +269,11 @@ def test_a_profile_without_locations_does_not_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("profile", "locations", "recipients"),
     [
-        # Auerswald: relay (and its Sentry) in Germany, Apple's and Google's push in the USA.
-        ("auerproxy", {"relay": "DE"}, {"sentry": "DE", "apns": "US", "fcm": "US"}),
-        # Acrobits: servers in the EU and in the USA.
-        ("cloudsoftphone", {"eu": "DE", "us": "US"}, {"apns": "US", "fcm": "US"}),
+        # Auerswald: relay (and its Sentry) in Germany, Apple's and Google's push in the USA;
+        # a cluster's shared memory (Redis) beside the relay.
+        ("auerproxy", {"relay": "DE", "redis": "DE"}, {"sentry": "DE", "apns": "US", "fcm": "US"}),
+        # Acrobits: servers in the EU and in the USA; a cluster's Redis in the EU.
+        ("cloudsoftphone", {"eu": "DE", "us": "US", "redis": "DE"}, {"apns": "US", "fcm": "US"}),
     ],
 )
 def test_profiles_name_their_countries_and_every_transfer_has_a_basis(
@@ -289,7 +292,11 @@ def test_profiles_name_their_countries_and_every_transfer_has_a_basis(
         assert "EU-US Data Privacy Framework" in transfer.detail["de"]
     registration = policy.categories["registration"]
     assert registration.sent_to == ("apns", "fcm")
-    assert registration.stored_at == tuple(locations)
+    assert registration.stored_at == tuple(name for name in locations if name != "redis")
+    # What the cluster's nodes share lives in Redis's memory alone.
+    for shared in ("location", "cluster_limits"):
+        assert policy.categories[shared].stored_at == ("redis",)
+        assert policy.categories[shared].retention.period is None
     if profile == "cloudsoftphone":
         us = policy.locations["us"].transfer
         assert us is not None
