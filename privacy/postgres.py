@@ -29,8 +29,9 @@ import random
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 import asyncpg.pool
@@ -50,6 +51,7 @@ from privacy.backend import (
     TableSpec,
     TableStats,
 )
+from privacy.batches import GroupCommit
 from privacy.database import DSN_KEY, StoreSettings, dsn_target
 from privacy.migrations import (
     MIGRATE_COMMAND,
@@ -123,6 +125,19 @@ _PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # a server with other lc_messages reports none, and a purge is trusted as done).
 _KEPT = re.compile(r"(\d+) dead row versions cannot be removed yet")
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+# The puts of one loop turn committed together hold at most this many: a batch is one
+# transaction, its row locks held until its commit.
+PUT_BATCH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    """One caller's put, its row built, waiting for its batch."""
+
+    table: TableSpec
+    values: Row
+    subject: bytes | None
+    now: float
 
 
 class PostgresBackend:
@@ -134,6 +149,9 @@ class PostgresBackend:
         # Set by a call that found the server gone, cleared by the next that reached it.
         self.outage: StorageUnavailable | None = None
         self._feed: RestrictionFeed | None = None
+        self._puts: GroupCommit[_Put, int] = GroupCommit(
+            self._write_puts, limit=PUT_BATCH, failed="store.put_writer_failed"
+        )
 
     @classmethod
     async def create(cls, settings: StoreSettings, tables: Sequence[TableSpec]) -> PostgresBackend:
@@ -264,15 +282,56 @@ class PostgresBackend:
         # Sealed here, on the loop: a few µs of AES-GCM per field; a thread hop per write
         # would cost more (SQLite seals on its own thread, which it has anyway).
         values: Row = {**row(), "subject": subject, "created_at": now, "last_used_at": now}
-        sql = _put_sql(table, tuple(values), subject is not None)
-        params = list(values.values())
-        if subject is not None:
-            params.append(now)
-        # One statement (the subject's activity in the same one, a CTE): atomic without
-        # BEGIN/COMMIT round trips.
-        async with self._connection(transaction=False) as conn:
-            record_id: int = await conn.fetchval(sql, *params)
-        return record_id
+        return await self._puts.submit(_Put(table, values, subject, now))
+
+    async def _write_puts(self, batch: Sequence[_Put]) -> list[int]:
+        """The puts of one loop turn, committed together (privacy/batches.py, group
+        commit): their record ids, in order.
+
+        Lock order, so that batches on other connections and processes sharing a record
+        or a subject queue instead of deadlocking: the records first, sorted by table and
+        record key, then the subjects, sorted; the order of the one-put statement below
+        and of `update` (record, then subject). Two puts of one key in a batch are made
+        in the order they came, the later one's fields stored, as one after the other."""
+        if len(batch) == 1:
+            # One statement (the subject's activity in the same one, a CTE): atomic
+            # without BEGIN/COMMIT round trips.
+            put = batch[0]
+            params = list(put.values.values())
+            if put.subject is not None:
+                params.append(put.now)
+            sql = _put_sql(put.table, tuple(put.values), put.subject is not None)
+            async with self._connection(transaction=False) as conn:
+                record_id: int = await conn.fetchval(sql, *params)
+            return [record_id]
+        order = sorted(range(len(batch)), key=lambda i: _lock_order(batch[i]))
+        ids = [0] * len(batch)
+        active: dict[bytes, float] = {}  # each subject's latest use in the batch
+        for put in batch:
+            if put.subject is not None:
+                active[put.subject] = max(put.now, active.get(put.subject, put.now))
+        subjects = sorted(active)
+        async with self._connection() as conn:
+            # One prepared statement per run of the same table and columns, each row's
+            # upsert pipelined (`fetchmany`): one round trip per run, not per row.
+            start = 0
+            while start < len(order):
+                first = batch[order[start]]
+                names = tuple(first.values)
+                end = start + 1
+                while end < len(order) and _same_statement(batch[order[end]], first, names):
+                    end += 1
+                run = order[start:end]
+                found = await conn.fetchmany(
+                    _upsert_sql(first.table, names) + " RETURNING id",
+                    [list(batch[i].values.values()) for i in run],
+                )
+                for i, record in zip(run, found, strict=True):
+                    ids[i] = record[0]
+                start = end
+            if subjects:
+                await conn.execute(_TOUCH_SUBJECTS, subjects, [active[s] for s in subjects])
+        return ids
 
     async def put_new(self, table: TableSpec, row: Callable[[], Row], *, now: float) -> bool:
         values: Row = {**row(), "subject": None, "created_at": now, "last_used_at": now}
@@ -595,6 +654,7 @@ class PostgresBackend:
         ]
 
     async def close(self) -> None:
+        await self._puts.close()  # the puts under way committed (or failed) first
         if self._feed is not None:
             await self._feed.close()
         await self._pool.close()
@@ -709,6 +769,7 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
                 "application_name": "softrelay",
                 "statement_timeout": str(int(settings.statement_timeout * 1000)),
             },
+            reset=_keep_session,
         )
         # The first connection, made now: a DSN that cannot work stops the start.
         try:
@@ -722,6 +783,19 @@ async def _pool(settings: StoreSettings) -> asyncpg.Pool:
             settings.source, DSN_KEY, f"cannot connect to {target}: {_reason(exc)}"
         ) from None  # the driver's exception may quote the DSN: not chained
     return pool
+
+
+async def _keep_session(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's reset of a connection given back: nothing beyond what asyncpg always
+    does first (roll back a transaction left open, drop the connection's listeners).
+
+    Its default reset query (advisory unlock, CLOSE ALL, UNLISTEN *, RESET ALL) is a
+    second round trip per statement (bench/README.md: +21% writes/s without it) and
+    would reset nothing here: no pooled connection is given session state. The
+    advisory locks are transaction-level (`migrate`) or held on connections of their
+    own (`exclusive`), LISTEN has its own connection (`RestrictionFeed`), no cursor
+    outlives its transaction, and the one SET (`_rewrite`'s lock_timeout) is RESET
+    before the connection goes back."""
 
 
 async def _connect(
@@ -873,6 +947,26 @@ _TOUCH_SUBJECT = (
     "INSERT INTO subjects VALUES ($1, $2) ON CONFLICT (subject) DO UPDATE"
     " SET last_used_at = greatest(subjects.last_used_at, excluded.last_used_at)"
 )
+# Many subjects' activity in one statement, locked in the order given (sorted, distinct:
+# ON CONFLICT cannot update one row twice in a statement).
+_TOUCH_SUBJECTS = (
+    "INSERT INTO subjects SELECT * FROM unnest($1::bytea[], $2::float8[])"
+    " ON CONFLICT (subject) DO UPDATE"
+    " SET last_used_at = greatest(subjects.last_used_at, excluded.last_used_at)"
+)
+
+
+def _lock_order(put: _Put) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """Where a put's record lock falls in the one order every batch takes its locks in:
+    by table, then record key (each value after its type's name, so values of any
+    type compare; a table without a key inserts rows no other put can hold)."""
+    return put.table.name, tuple(
+        (type(v).__name__, v) for v in map(put.values.get, put.table.unique)
+    )
+
+
+def _same_statement(put: _Put, first: _Put, names: tuple[str, ...]) -> bool:
+    return put.table.name == first.table.name and tuple(put.values) == names
 
 
 @lru_cache(maxsize=256)

@@ -37,7 +37,7 @@ async def test_concurrent_rows_are_committed_together_and_on_disk_when_each_retu
     store: Store,
 ) -> None:
     recording = _RecordingStore(store)
-    batches = Batches(recording, "crash_report")  # type: ignore[arg-type]  # a recording seam
+    batches = Batches(recording, "crash_report")  # a recording seam (batches.Writer)
 
     async def write(i: int) -> int:
         await batches.write(_row(i))
