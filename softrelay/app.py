@@ -41,6 +41,8 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from cluster.redis import SharedRedis
+from cluster.settings import ClusterSettings
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings
 from dsr.api import add_dsr_routes
@@ -105,6 +107,7 @@ class Services:
     http: HttpLimits = field(default_factory=HttpLimits)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     store: StoreSettings = field(default_factory=StoreSettings)  # default: SQLite in data_dir
+    cluster: ClusterSettings | None = None  # a node of a cluster (Redis), or alone
 
 
 SERVICES = web.AppKey("services", Services)
@@ -115,6 +118,7 @@ PUSH = web.AppKey("push", PushService)
 STAND_INS = web.AppKey("stand_ins", StandIns)
 RELAY = web.AppKey("relay", Relay)
 SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
+CLUSTER = web.AppKey("cluster", SharedRedis)
 
 
 def build_app(services: Services) -> web.Application:
@@ -152,6 +156,8 @@ def build_app(services: Services) -> web.Application:
         registry=REGISTRY,
     )
     app.cleanup_ctx.append(_push_ctx)
+    if services.cluster is not None:
+        app.cleanup_ctx.append(_cluster_ctx)  # opened before SIP, closed after it
     # After the store and push, so SIP ends before they do; and the first on_shutdown
     # hook: SIP stops accepting before anything else waits (see the docstring).
     add_sip(
@@ -164,6 +170,7 @@ def build_app(services: Services) -> web.Application:
         push=PUSH,
         relay=RELAY,
         transports=SIP_TRANSPORTS,
+        cluster=(services.cluster, CLUSTER) if services.cluster is not None else None,
     )
     add_provisioning(app, services.provisioning, services.sip.pbxs, services.clock, STORE)
     add_oauth(app, services.oauth, services.clock)
@@ -179,6 +186,16 @@ def build_app(services: Services) -> web.Application:
     if services.metrics.listen is None:  # else on a listener of its own (`serve`)
         app.router.add_get(METRICS_PATH, endpoint.handle)
     return app
+
+
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The node's Redis connections (cluster/redis.py); SIP starts its heartbeat once the
+    internal link listens (proxy/sip/service.py)."""
+    settings = app[SERVICES].cluster
+    assert settings is not None
+    app[CLUSTER] = shared = await SharedRedis.create(settings)
+    yield
+    await shared.close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

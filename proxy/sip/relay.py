@@ -37,6 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -46,7 +47,7 @@ from privacy.store import Store, Subject
 from privacy.tasks import Tasks
 from proxy.sip.digest import DigestAuthority, DigestError, MalformedAuthorization, StaleNonce
 from proxy.sip.flow import Flow, FlowClosed, Transport
-from proxy.sip.headers import NameAddr
+from proxy.sip.headers import NameAddr, parse_name_addr
 from proxy.sip.message import Request, Response
 from proxy.sip.overload import Overload
 from proxy.sip.params import Params
@@ -54,7 +55,7 @@ from proxy.sip.parser import parse
 from proxy.sip.responses import error_response, make_response
 from proxy.sip.settings import PbxSettings, SipSettings
 from proxy.sip.syntax import SipParseError
-from proxy.sip.tokens import Dialog, End, Sealer
+from proxy.sip.tokens import Dialog, End, Sealer, node_of
 from proxy.sip.uri import SipUri
 from proxy.sip.wake import Parking, PushIdentity
 from push.service import PushService
@@ -79,6 +80,29 @@ class _PendingRegister:
     expires: int
     created: float
     remove_all: bool = False  # `Contact: *`: every binding of the user at this PBX
+
+
+class Cluster(Protocol):
+    """What the relay asks of the other nodes of a cluster (proxy/sip/nodes.py): where a
+    PBX linked on another node is, and the internal link for what another node holds."""
+
+    async def pbx_flow(self, serial: str) -> Flow | None:
+        """The PBX of `serial` linked on another node, as a flow to it; None: nowhere."""
+
+    async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
+        """A response that arrived on `flow` and whose Via names `node`."""
+
+    async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> None:
+        """A request that arrived on `flow`, to follow `route` (a token of `node`)."""
+
+    async def pbx_linked(self, serial: str, flow: Flow, expires: int) -> None: ...
+
+    def pbx_unlinked(self, serial: str, flow: Flow) -> None: ...
+
+    def registered(
+        self, identity: PushIdentity, subject: Subject, instance: str, flow: Flow, expires: int
+    ) -> None:
+        """The PBX accepted a REGISTER of a binding with push parameters on `flow`."""
 
 
 class RelayMetrics:
@@ -126,6 +150,7 @@ class Relay:
         self._flow_key = secrets.token_bytes(32)
         self._tokens: dict[int, str] = {}  # flow id -> token
         self._flows: dict[int, Flow] = {}  # flow id -> flow, for those with a token
+        self.node = ""  # our node id in a cluster (`join`): every token names it
         # Dialog tokens made or opened: both ways, so a call's requests seal or open
         # each once. Emptied when full: a miss only costs the seal again.
         self._dialog_tokens: dict[tuple[bytes, bytes, str], str] = {}
@@ -155,6 +180,32 @@ class Relay:
         )
         self._accepting = True
         self.parking = Parking(settings.wake, self, push, store, clock, registry)
+        self.cluster: Cluster | None = None  # set by `join` in a cluster
+        self._remote: set[int] = set()  # flows to another node's flows (`remote_flow`)
+
+    def join(self, node: str, cluster: Cluster) -> None:
+        """Be node `node` of a cluster: every token names it (the tokens made before
+        do not, and stop working), and what another node holds goes there."""
+        self.node = node
+        self._sealer.node = node
+        self._tokens.clear()
+        self._by_token.clear()
+        self._dialog_tokens.clear()
+        self._dialogs.clear()
+        self.cluster = cluster
+
+    def remote_flow(self, flow: Flow, serial: str | None) -> None:
+        """`flow` stands for a flow of another node (its PBX's link when `serial`):
+        requests and responses from it are that node's, who checked them."""
+        self._token(flow)
+        self._remote.add(flow.id)
+        if serial is not None:
+            self._linked[flow.id] = serial
+
+    def local_flow(self, flow_id: int) -> Flow | None:
+        """One of our own flows that a token was made for (not another node's)."""
+        flow = self._live(flow_id)
+        return None if flow is None or flow_id in self._remote else flow
 
     # --- flows ----------------------------------------------------------------------
 
@@ -164,8 +215,10 @@ class Relay:
         token = self._tokens.get(flow.id)
         if token is None:
             raw = struct.pack(">Q", flow.id)
-            mac = hmac.digest(self._flow_key, raw, "sha256")[:8]
+            mac = hmac.digest(self._flow_key, raw + self.node.encode(), "sha256")[:8]
             token = base64.b32encode(raw + mac).decode().rstrip("=").lower()
+            if self.node:
+                token += "." + self.node  # sealed with the rest: see proxy/sip/tokens.py
             self._tokens[flow.id] = token
             self._by_token[token] = flow
             self._flows[flow.id] = flow
@@ -181,7 +234,7 @@ class Relay:
         """The key of every token and seal (bench/relay_inproc.py fixes it, so that the
         octets forwarded can be compared between runs)."""
         self._key = key
-        self._sealer = Sealer(key)
+        self._sealer = Sealer(key, getattr(self, "node", ""))
 
     def _flow(self, token: str | None) -> Flow | None:
         flow = self._by_token.get(token.lower()) if token else None
@@ -194,11 +247,21 @@ class Relay:
     def _forget_flow(self, flow: Flow) -> None:
         self._by_token.pop(self._tokens.pop(flow.id, ""), None)
         self._flows.pop(flow.id, None)
+        self._remote.discard(flow.id)
         serial = self._linked.pop(flow.id, None)
         if serial is not None and self._pbx_flows.get(serial) is flow:
             del self._pbx_flows[serial]
             self.metrics.pbx_links.set(len(self._pbx_flows))
             log.info("pbx link closed", extra={"fields": {"pbx_serial": serial}})
+            if self.cluster is not None:
+                self.cluster.pbx_unlinked(serial, flow)
+
+    async def _pbx_anywhere(self, serial: str) -> Flow | None:
+        """The PBX's flow here, or else a flow to the node of the cluster it linked on."""
+        flow = self.pbx_flow(serial)
+        if flow is None and self.cluster is not None:
+            flow = await self.cluster.pbx_flow(serial)
+        return flow
 
     def pbx_flow(self, serial: str) -> Flow | None:
         flow = self._pbx_flows.get(serial)
@@ -375,6 +438,8 @@ class Relay:
             if self._pbx_flows.get(serial) is flow:
                 del self._pbx_flows[serial]
                 del self._linked[flow.id]
+                if self.cluster is not None:
+                    self.cluster.pbx_unlinked(serial, flow)
         else:
             # Stored before it is linked: a new link the store cannot record is refused
             # (503) and changes nothing. A refresh of the link this flow holds is answered
@@ -405,6 +470,8 @@ class Relay:
             self._pbx_flows[serial] = flow
             self._linked[flow.id] = serial
             log.info("pbx linked", extra={"fields": {"pbx_serial": serial}})
+            if self.cluster is not None:
+                await self.cluster.pbx_linked(serial, flow, expires)
         self.metrics.pbx_links.set(len(self._pbx_flows))
         contacts = [str(c.with_param("expires", str(expires))) for c in request.contacts]
         headers = (*(("Contact", c) for c in contacts), ("Expires", str(expires)))
@@ -466,7 +533,7 @@ class Relay:
     async def _register_phone(
         self, request: Request, flow: Flow, serial: str, username: str
     ) -> None:
-        pbx = self.pbx_flow(serial)
+        pbx = await self._pbx_anywhere(serial)
         if pbx is None:
             await self.reply(request, flow, 480, "PBX Not Connected")
             return
@@ -654,7 +721,7 @@ class Relay:
             await self.reply(request, flow, 404, "Not Served Here")
             return
         serial = uri.host.lower()[: -len(self.settings.domain) - 1]
-        pbx = self.pbx_flow(serial)
+        pbx = await self._pbx_anywhere(serial)
         if pbx is None:
             await self.reply(request, flow, 480, "PBX Not Connected")
             return
@@ -712,10 +779,39 @@ class Relay:
             request.uri = last
         return NameAddr(uri)
 
+    async def node_route(self, data: bytes, flow: Flow, route: str) -> None:
+        """A request another node took in and forwarded (`Cluster.forward_route`), as if
+        it had come on `flow` (a `remote_flow`), to follow `route`, a token of ours."""
+        request = parse(data)
+        if not isinstance(request, Request):
+            return
+        try:
+            await self._follow_route(request, flow, parse_name_addr(route))
+        except SipParseError as exc:
+            self.metrics.errors.labels("malformed").inc()
+            if request.method != "ACK":
+                await self._send(flow, make_response(request, exc.status, exc.reason))
+
+    async def _elsewhere(self, request: Request, flow: Flow, route: NameAddr, token: str) -> bool:
+        """Whether `token` is another node's: the request went there (or, from another
+        node already, was refused: a node forwards only what it took in itself)."""
+        node = node_of(token)
+        if node == self.node:
+            return False
+        if self.cluster is None or not node or flow.id in self._remote:
+            await self._refuse_route(request, flow)
+            return True
+        await self.cluster.forward_route(node, request, flow, str(route))
+        return True
+
     async def _follow_route(self, request: Request, flow: Flow, route: NameAddr) -> None:
         uri = route.uri
         assert isinstance(uri, SipUri)
         path = uri.params.get("ft")
+        if self.node and await self._elsewhere(
+            request, flow, route, path or uri.params.get("dt") or ""
+        ):
+            return
         if path is not None:
             # A Path we gave a phone's REGISTER: the PBX sends a new request to the phone.
             # Only the PBX of the serial it was made for: for anyone else, no route. A
@@ -835,6 +931,9 @@ class Relay:
             return None
         return identity, Subject(user, serial)
 
+    def serial_of(self, flow: Flow) -> str | None:
+        return self._serial_of(flow)
+
     def _serial_of(self, flow: Flow) -> str | None:
         """The serial of the PBX on `flow`, if a PBX is on it."""
         serial = self._linked.get(flow.id)
@@ -869,9 +968,23 @@ class Relay:
 
     # --- responses ------------------------------------------------------------------
 
+    async def node_response(self, data: bytes, flow: Flow) -> None:
+        """A response another node took in and forwarded (`Cluster.forward_response`),
+        as if it had come on `flow` (a `remote_flow`)."""
+        response = parse(data)
+        if isinstance(response, Response):
+            await self._response(response, flow)
+
     async def _response(self, response: Response, flow: Flow) -> None:
         top = response.top_via
-        came_from = self._flow(top.params.get("ft"))
+        token = top.params.get("ft")
+        if self.node and token and (node := node_of(token)) != self.node:
+            if self.cluster is not None and node and flow.id not in self._remote:
+                await self.cluster.forward_response(node, response.serialize(), flow)
+            else:
+                self.metrics.errors.labels("response_unroutable").inc()
+            return
+        came_from = self._flow(token)
         if came_from is None:
             self.metrics.errors.labels("response_unroutable").inc()
             return
@@ -906,6 +1019,10 @@ class Relay:
                 # The phone is back: what was parked for it goes out on its new flow.
                 subject = Subject(pending.username, pending.serial)
                 await self.parking.deliver(identity, subject, pending.instance, pending.flow)
+                if self.cluster is not None:  # calls parked on other nodes come too
+                    self.cluster.registered(
+                        identity, subject, pending.instance, pending.flow, pending.expires
+                    )
             await self._write_binding(pending)
 
 

@@ -24,6 +24,11 @@ handlers have returned, so a SIGTERM runs:
    writes under way land, before the store closes (its context is older, so it ends
    later); then the overload probe stops.
 
+In a cluster (`[cluster]`), the node's internal SIP link (proxy/sip/nodes.py) starts
+after the transports, when the relay joins the cluster, and then the node's heartbeat
+(cluster/redis.py), which tells the others where that link listens; at `close` it ends
+after the transports (the flows it forwarded for are closed by then).
+
 Every task of this part is owned (privacy/tasks.py): the wake timers and the probe
 here, the flows' workers in the transports, binding writes in the relay, pushes in the
 parking.
@@ -37,9 +42,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from cluster.location import Location
+from cluster.redis import SharedRedis
+from cluster.settings import ClusterSettings
 from privacy.clock import Clock
 from privacy.store import Store
 from privacy.tasks import Tasks
+from proxy.sip.nodes import Nodes
 from proxy.sip.relay import Relay
 from proxy.sip.settings import SipSettings, transport_settings
 from proxy.sip.transports import SipTransports
@@ -58,6 +67,7 @@ class SipService:
         self._timers = Tasks(log, "sip.timer_failed")
         self._accepting = True
         self._closed = False
+        self.nodes: Nodes | None = None  # the internal link, in a cluster
 
     @classmethod
     async def start(
@@ -68,8 +78,10 @@ class SipService:
         clock: Clock,
         registry: CollectorRegistry,
         push: PushService | None,
+        cluster: tuple[ClusterSettings, SharedRedis] | None = None,
     ) -> SipService:
-        """The relay, and with `listen` (host, port) its transports and timers."""
+        """The relay, and with `listen` (host, port) its transports and timers; with
+        `cluster`, the node's internal link and heartbeat."""
         relay = Relay(settings, store, clock, registry, push)
         if listen is None:
             return cls(relay, None)
@@ -80,6 +92,22 @@ class SipService:
         relay.udp_flow = transports.udp_flow
         relay.listening(transports.addresses)  # a Route naming one of these names us
         self = cls(relay, transports)
+        if cluster is not None:
+            settings_, shared = cluster
+            try:
+                self.nodes = await Nodes.start(
+                    relay,
+                    Location(shared, settings_.secret),
+                    settings_.secret,
+                    settings_.internal_listen,
+                    clock,
+                    registry,
+                )
+            except BaseException:
+                await transports.stop()
+                raise
+            internal_host, internal_port = self.nodes.address
+            shared.start(heartbeat={"internal": f"{internal_host}:{internal_port}"})
         self._timers.spawn(relay.parking.run_forever(), name="sip-wake-timers")
         if relay.overload.settings.lag > 0:
             self._timers.spawn(relay.overload.probe_forever(), name="sip-overload-probe")
@@ -114,6 +142,8 @@ class SipService:
         await self.stop_accepting()
         if self.transports is not None:
             await self.transports.stop()
+        if self.nodes is not None:
+            await self.nodes.close()
         await self.relay.close()
         log.info("sip.stopped")
 
@@ -132,13 +162,15 @@ def add_sip(
     push: web.AppKey[PushService],
     relay: web.AppKey[Relay],
     transports: web.AppKey[SipTransports],
+    cluster: tuple[ClusterSettings, web.AppKey[SharedRedis]] | None = None,
 ) -> None:
     """SIP on `app`: the context (after the store's and push's), the shutdown hook and
     the WebSocket route; sets `app[relay]`, and `app[transports]` when `listen` is set."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
+        node = None if cluster is None else (cluster[0], app[cluster[1]])
         sip = await SipService.start(
-            settings, listen, app[store], clock, app[registry], app.get(push)
+            settings, listen, app[store], clock, app[registry], app.get(push), node
         )
         app[SIP_SERVICE] = sip
         app[relay] = sip.relay

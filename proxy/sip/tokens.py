@@ -10,6 +10,10 @@ process, so that a peer can use a value only from where it was meant to be used.
 - Dialog token (`dt` in our Record-Route): both ends of a dialog and the PBX's serial;
   only those ends, or the PBX of that serial on a new flow, can use it.
 
+In a cluster every token names the node that made it (`.<node id>` at its end, sealed
+with the rest): a node opens only its own; one naming another node is that node's to
+open (the relay forwards it there, `node_of`), and one naming none is nobody's.
+
 A flow is named in a seal by `Flow.key`: its connection for a stream, its (socket,
 remote address) pair for UDP. The seals are keyed BLAKE2s (a keyed hash made to be a
 MAC; with its keyed state made once and copied, a third of HMAC-SHA-256's time for
@@ -61,8 +65,24 @@ class Dialog(NamedTuple):
 
 
 class Sealer:
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, node: str = "") -> None:
         self._keyed = hashlib.blake2s(key=key, digest_size=_MAC)  # at most 32 bytes
+        self.node = node  # "" outside a cluster: tokens then are as they always were
+
+    @property
+    def _suffix(self) -> str:
+        return "." + self.node if self.node else ""
+
+    @property
+    def _sealed_node(self) -> bytes:
+        return b"\0" + self.node.encode() if self.node else b""
+
+    def _own(self, token: str) -> str | None:
+        """The token without its node, if it names this node (no node outside a cluster)."""
+        body, dot, node = token.rpartition(".")
+        if not dot:
+            return None if self.node else token
+        return body if node == self.node and self.node else None
 
     def _hash(self, data: bytes) -> hashlib.blake2s:
         keyed = self._keyed.copy()
@@ -97,15 +117,18 @@ class Sealer:
 
     def path_token(self, phone: Flow, serial: str) -> str:
         raw = _ID.pack(phone.id)
-        return _encode(raw + self._mac(b"P" + raw + serial.encode()))
+        mac = self._mac(b"P" + raw + serial.encode() + self._sealed_node)
+        return _encode(raw + mac) + self._suffix
 
     def open_path(self, token: str, serial: str) -> int | None:
-        """The phone flow's id in a Path token, if it was made for `serial`."""
-        raw = _decode(token)
+        """The phone flow's id in a Path token, if it was made for `serial` (here)."""
+        own = self._own(token)
+        raw = None if own is None else _decode(own)
         if raw is None or len(raw) != _ID.size + _MAC:
             return None
         body, mac = raw[: _ID.size], raw[_ID.size :]
-        if not hmac.compare_digest(mac, self._mac(b"P" + body + serial.encode())):
+        expected = self._mac(b"P" + body + serial.encode() + self._sealed_node)
+        if not hmac.compare_digest(mac, expected):
             return None
         flow_id: int = _ID.unpack(body)[0]
         return flow_id
@@ -114,19 +137,25 @@ class Sealer:
 
     def dialog_token(self, pbx: Flow, phone: Flow, serial: str) -> str:
         body = _end(pbx) + _end(phone) + serial.encode()
-        return _encode(self._mac(b"D" + body) + body)
+        return _encode(self._mac(b"D" + body + self._sealed_node) + body) + self._suffix
 
     def open_dialog(self, token: str) -> Dialog | None:
-        raw = _decode(token)
+        own = self._own(token)
+        raw = None if own is None else _decode(own)
         if raw is None or len(raw) <= _MAC:
             return None
         mac, body = raw[:_MAC], raw[_MAC:]
-        if not hmac.compare_digest(mac, self._mac(b"D" + body)):
+        if not hmac.compare_digest(mac, self._mac(b"D" + body + self._sealed_node)):
             return None
         # Ours, so well formed: what we wrote is read back.
         pbx, rest = _read_end(body)
         phone, rest = _read_end(rest)
         return Dialog(pbx, phone, rest.decode())
+
+
+def node_of(token: str) -> str:
+    """The node a token names ("" for none): the text after its last dot."""
+    return token.rpartition(".")[2] if "." in token else ""
 
 
 def _end(flow: Flow) -> bytes:

@@ -41,6 +41,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -119,6 +120,11 @@ class PushIdentity(NamedTuple):
         if not provider:
             return None
         return cls.of(PushParams(provider, uri.params.get("pn-prid"), uri.params.get("pn-param")))
+
+
+# Whether a parked call (its push identity, callee, instances and when it was parked,
+# clock time) is for the phone of a registration another node saw accepted.
+Release = Callable[[PushIdentity, Subject, frozenset[str], float], bool]
 
 
 class Courier(Protocol):
@@ -407,6 +413,30 @@ class Parking:
             for parked in self._by_token.get(identity.token, ())
             if parked.released_by(identity, subject, instance)
         ]
+        return await self._release(waiting, flow)
+
+    async def deliver_where(self, released: Release, flow: Flow) -> int:
+        """Another node of the cluster saw the PBX accept a REGISTER, whose new flow is
+        `flow` (to that node): forward the calls parked here that `released` says it
+        is the phone of (the same checks as `deliver`, made on fingerprints); how many."""
+        waiting = [
+            parked
+            for parked in self._parked.values()
+            if released(
+                parked.identity,
+                parked.subject,
+                parked.instances,
+                parked.deadline - self.settings.timeout,
+            )
+        ]
+        return await self._release(waiting, flow)
+
+    def parked_calls(self) -> list[tuple[PushIdentity, Subject]]:
+        """Whom the calls parked now are for (a node re-reads their registrations
+        after it resubscribed to the registration events)."""
+        return [(parked.identity, parked.subject) for parked in self._parked.values()]
+
+    async def _release(self, waiting: list[_Parked], flow: Flow) -> int:
         delivered = 0
         for parked in waiting:
             if not self._unpark(parked):

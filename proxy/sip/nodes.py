@@ -1,0 +1,490 @@
+"""The internal SIP link between the nodes of a cluster.
+
+Each node holds its own connections (PBX links, phone flows) and makes its own tokens,
+which name it (proxy/sip/tokens.py). What arrives on one node for a flow held by
+another goes there over this link, as SIP with a small header:
+
+    phone ──► B ──REGISTER, deliver to flow F──► A ──► PBX (linked on A, `pbx:` in Redis)
+    PBX   ──► A ──INVITE, route "Path of B" from flow F──► B ──► phone
+    phone ──► B ──200, response that came on flow P──► ... (Via names the node that sent)
+
+On the receiving node the other node's flow is a `Flow` whose sender writes back over
+the link (`remote_flow`): the relay routes, seals and checks as on one node, and the
+flow's end on its node (a `closed` notice) ends it here too.
+
+Frames: `deliver` (write these bytes on your flow f), `route` (a request that came on
+my flow f, to follow this Route of yours), `response` (a response that came on my flow
+f, whose Via is yours), `closed` (my flow f ended). A node forwards only what arrived
+on its own flows: a message that came over the link is never sent on to a third node.
+
+Authentication, by the cluster secret (no TLS: the link is meant for a private network,
+or a tunnel; see README "Running a cluster"): on connect, the listening node sends a
+nonce; the dialling node answers with its node id, a nonce of its own and an HMAC of
+both under the secret; the listener proves the secret back. Every frame then carries an
+HMAC under a key of that connection (both nonces) over its sequence number and bytes,
+so a frame cannot be forged, replayed on another connection, reordered or dropped
+unnoticed. A connection that fails any of these is closed at once. Frames flow one way:
+each node dials the others to send, and reads what the others' connections bring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter
+
+from cluster.location import Location, Registration
+from cluster.redis import ClusterUnavailable
+from privacy.clock import Clock
+from privacy.store import Subject
+from privacy.tasks import Tasks
+from proxy.sip.flow import Address, Flow, FlowClosed, Transport
+from proxy.sip.message import Request
+from proxy.sip.relay import Relay
+from proxy.sip.wake import PushIdentity
+
+log = logging.getLogger("softrelay.sip.nodes")
+
+MAGIC = b"SRN1"
+NONCE = 16
+MAC = 16  # bytes of HMAC-SHA-256 kept in each frame
+MAX_FRAME = 256 * 1024  # a SIP message (the transports' limit is lower) and its header
+HANDSHAKE_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 5.0
+MAX_REMOTE_FLOWS = 100_000  # other nodes' flows known here, at most
+# A registration another node stored is the phone of a parked call only if it was
+# accepted after the call was parked (less this much for the nodes' clocks).
+CLOCK_SKEW = 2.0
+_LENGTH = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+
+
+class LinkRefused(Exception):
+    """The other end does not prove the cluster secret, or breaks the framing."""
+
+
+class NodeUnreachable(Exception):
+    """No live node of that id, or its link cannot be dialled now."""
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    key: bytes
+    seq: int = 0
+
+    def seal(self, body: bytes) -> bytes:
+        mac = hmac.digest(self.key, _SEQ.pack(self.seq) + body, "sha256")[:MAC]
+        self.seq += 1
+        return _LENGTH.pack(MAC + len(body)) + mac + body
+
+    def open(self, frame: bytes) -> bytes:
+        mac, body = frame[:MAC], frame[MAC:]
+        expected = hmac.digest(self.key, _SEQ.pack(self.seq) + body, "sha256")[:MAC]
+        if not hmac.compare_digest(mac, expected):
+            raise LinkRefused("frame not sealed with this connection's key")
+        self.seq += 1
+        return body
+
+
+@dataclass(eq=False, slots=True)
+class _Out:
+    """This node's connection to another, to send on."""
+
+    writer: asyncio.StreamWriter
+    session: _Session
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _NodeSender:
+    """A flow of another node, as the relay sends on it."""
+
+    def __init__(self, nodes: Nodes, node: str, flow_id: int) -> None:
+        self._nodes = nodes
+        self.node = node
+        self.flow_id = flow_id
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._nodes.send(self.node, {"k": "deliver", "f": self.flow_id}, data)
+        except NodeUnreachable as exc:
+            raise FlowClosed(self.flow_id) from exc
+
+    def close(self) -> None:
+        pass  # the flow is the other node's: it closes there
+
+
+class NodeMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.frames = Counter(
+            "softrelay_node_frames",
+            "Frames on the internal link",
+            ["way", "kind"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "softrelay_node_links_refused",
+            "Internal link connections closed for failing the cluster secret or framing",
+            registry=registry,
+        )
+
+
+class Nodes:
+    """This node's side of the internal link, and the relay's `Cluster`."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        location: Location,
+        secret: str,
+        clock: Clock,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.relay = relay
+        self.location = location
+        self.node_id = location.node_id
+        self._secret = hashlib.sha256(b"softrelay node link\0" + secret.encode()).digest()
+        self._clock = clock
+        self._server: asyncio.Server | None = None
+        self.address: Address = ("127.0.0.1", 0)
+        self._out: dict[str, _Out] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}
+        self._remote: dict[tuple[str, int], Flow] = {}
+        # Our flows another node knows of: they hear of its end (`closed`).
+        self._told: dict[int, set[str]] = {}
+        self._readers: set[asyncio.StreamWriter] = set()
+        self._tasks = Tasks(log, "nodes.task_failed")
+        self.metrics = NodeMetrics(registry)
+
+    @classmethod
+    async def start(
+        cls,
+        relay: Relay,
+        location: Location,
+        secret: str,
+        listen: Address,
+        clock: Clock,
+        registry: CollectorRegistry,
+    ) -> Nodes:
+        """Listen on `listen`, join the relay to the cluster, take registration events."""
+        self = cls(relay, location, secret, clock, registry)
+        self._server = await asyncio.start_server(self._serve, *listen)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = (host, port)
+        relay.join(self.node_id, self)
+        relay.listening(((Transport.TCP, self.address),))
+        await location.listen(self._registration, self._reread)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in [*self._readers, *(out.writer for out in self._out.values())]:
+            writer.close()
+        self._out.clear()
+        await self._tasks.close()
+        for flow in list(self._remote.values()):
+            flow.close()
+
+    # --- the relay's Cluster -----------------------------------------------------------
+
+    async def pbx_flow(self, serial: str) -> Flow | None:
+        try:
+            found = await self.location.pbx(serial)
+        except ClusterUnavailable as exc:
+            log.warning("nodes.lookup_failed", extra={"fields": {"error": type(exc).__name__}})
+            return None
+        if found is None or found[0] == self.node_id:
+            return None  # ours but gone (its entry outlived it): not linked
+        return self.remote_flow(found[0], found[1], serial)
+
+    async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
+        await self._forward(node, {"k": "response"}, data, flow)
+
+    async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> None:
+        if not await self._forward(node, {"k": "route", "route": route}, request.serialize(), flow):
+            await self.relay.reply(request, flow, 480, "Node Unreachable")
+
+    async def pbx_linked(self, serial: str, flow: Flow, expires: int) -> None:
+        # Awaited before the PBX's 200: once linked, every node finds it.
+        await self._location("pbx link", self.location.link_pbx(serial, flow.id, expires))
+
+    def pbx_unlinked(self, serial: str, flow: Flow) -> None:
+        self._tasks.spawn(self._location("pbx unlink", self.location.unlink_pbx(serial, flow.id)))
+
+    def registered(
+        self, identity: PushIdentity, subject: Subject, instance: str, flow: Flow, expires: int
+    ) -> None:
+        fingerprints = self.location.fingerprints
+        binding = self._binding(identity, subject)
+        write = self.location.registered(
+            binding, fingerprints.instance(instance), flow.id, expires, self._clock.now()
+        )
+        self._tasks.spawn(self._location("registration", write))
+
+    async def _location(self, what: str, write: Any) -> None:
+        try:
+            await write
+        except ClusterUnavailable as exc:
+            # The entry lapses or stays stale until the next REGISTER; calls that need it
+            # get 480 meanwhile (nothing is routed to a flow not known to be there).
+            log.warning(
+                "nodes.location_failed", extra={"fields": {"what": what, "error": str(exc)}}
+            )
+
+    def _binding(self, identity: PushIdentity, subject: Subject) -> str:
+        return self.location.fingerprints.binding(
+            identity.service.value, identity.token, subject.sip_username, subject.pbx_serial
+        )
+
+    # --- wake across nodes -------------------------------------------------------------
+
+    async def _registration(self, event: Registration) -> None:
+        if event.node != self.node_id:
+            await self._release(event, parked_before=None)
+
+    async def _reread(self) -> None:
+        """After (re)subscribing: registrations we may have missed, for the calls parked
+        here (only those accepted after the call was parked release it)."""
+        seen: set[str] = set()
+        for identity, subject in self.relay.parking.parked_calls():
+            binding = self._binding(identity, subject)
+            if binding in seen:
+                continue
+            seen.add(binding)
+            try:
+                event = await self.location.registration(binding)
+            except ClusterUnavailable:
+                return  # the next resubscribe reads again
+            if event is not None and event.node != self.node_id:
+                await self._release(event, parked_before=event.at + CLOCK_SKEW)
+
+    async def _release(self, event: Registration, parked_before: float | None) -> None:
+        fingerprints = self.location.fingerprints
+
+        def released(
+            identity: PushIdentity, subject: Subject, instances: frozenset[str], parked_at: float
+        ) -> bool:
+            if self._binding(identity, subject) != event.binding:
+                return False
+            if parked_before is not None and parked_at > parked_before:
+                return False
+            return (
+                not instances
+                or "" in instances
+                or event.instance in {fingerprints.instance(i) for i in instances}
+            )
+
+        flow = self.remote_flow(event.node, event.flow_id, None)
+        if flow is not None:
+            await self.relay.parking.deliver_where(released, flow)
+
+    # --- other nodes' flows ------------------------------------------------------------
+
+    def remote_flow(
+        self, node: str, flow_id: int, serial: str | None, remote: Address | None = None
+    ) -> Flow | None:
+        """The flow standing here for flow `flow_id` of `node` (made on first use)."""
+        flow = self._remote.get((node, flow_id))
+        if flow is None:
+            if len(self._remote) >= MAX_REMOTE_FLOWS:
+                return None
+            flow = Flow(
+                Transport.TCP, remote or (node, 0), self.address, _NodeSender(self, node, flow_id)
+            )
+            self._remote[(node, flow_id)] = flow
+            flow.on_close.append(lambda gone: self._forget_remote(node, flow_id))
+        elif remote is not None:
+            flow.remote = remote
+        self.relay.remote_flow(flow, serial)
+        return flow
+
+    def _forget_remote(self, node: str, flow_id: int) -> None:
+        self._remote.pop((node, flow_id), None)
+
+    async def _forward(self, node: str, header: dict[str, Any], data: bytes, flow: Flow) -> bool:
+        header = {**header, "f": flow.id, "r": list(flow.remote)}
+        serial = self.relay.serial_of(flow)
+        if serial is not None:
+            header["s"] = serial
+        self._note(flow, node)
+        try:
+            await self.send(node, header, data)
+        except NodeUnreachable:
+            return False
+        return True
+
+    def _note(self, flow: Flow, node: str) -> None:
+        """`node` knows of our `flow`: it hears when the flow ends."""
+        told = self._told.get(flow.id)
+        if told is None or not told:
+            if told is None:
+                told = self._told[flow.id] = set()
+            flow.on_close.append(self._flow_closed)
+        told.add(node)
+
+    def _flow_closed(self, flow: Flow) -> None:
+        for node in self._told.pop(flow.id, ()):
+            self._tasks.spawn(self._tell_closed(node, flow.id))
+
+    async def _tell_closed(self, node: str, flow_id: int) -> None:
+        # Unreachable: it is gone, or learns on its next `deliver` (answered `closed`).
+        with contextlib.suppress(NodeUnreachable):
+            await self.send(node, {"k": "closed", "f": flow_id}, b"")
+
+    # --- sending -----------------------------------------------------------------------
+
+    async def send(self, node: str, header: dict[str, Any], data: bytes) -> None:
+        body = orjson.dumps(header) + b"\n" + data
+        for attempt in (1, 2):  # a connection the other node closed is dialled again once
+            out = await self._connection(node)
+            async with out.lock:
+                try:
+                    out.writer.write(out.session.seal(body))
+                    await out.writer.drain()
+                except (ConnectionError, OSError) as exc:
+                    if self._out.get(node) is out:
+                        del self._out[node]
+                    out.writer.close()
+                    if attempt == 2:
+                        raise NodeUnreachable(node) from exc
+                    continue
+            self.metrics.frames.labels("out", str(header["k"])).inc()
+            return
+
+    async def _connection(self, node: str) -> _Out:
+        out = self._out.get(node)
+        if out is not None and not out.writer.is_closing():
+            return out
+        lock = self._dialing.setdefault(node, asyncio.Lock())
+        async with lock:
+            out = self._out.get(node)
+            if out is not None and not out.writer.is_closing():
+                return out
+            try:
+                address = await self.location.address(node)
+            except ClusterUnavailable as exc:
+                raise NodeUnreachable(node) from exc
+            if address is None:
+                raise NodeUnreachable(node)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    reader, writer = await asyncio.open_connection(*address)
+                    session = await self._hello(reader, writer, node)
+            except (OSError, TimeoutError, LinkRefused, asyncio.IncompleteReadError) as exc:
+                log.warning(
+                    "nodes.dial_failed",
+                    extra={"fields": {"node": node, "error": type(exc).__name__}},
+                )
+                raise NodeUnreachable(node) from exc
+            out = self._out[node] = _Out(writer, session)
+            # The other end never sends after the handshake: its close is all we read.
+            self._tasks.spawn(self._watch(node, out, reader))
+            return out
+
+    async def _watch(self, node: str, out: _Out, reader: asyncio.StreamReader) -> None:
+        await reader.read()
+        if self._out.get(node) is out:
+            del self._out[node]
+        out.writer.close()
+
+    async def _hello(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, node: str
+    ) -> _Session:
+        """The dialling side of the handshake (module docstring)."""
+        greeting = await reader.readexactly(len(MAGIC) + NONCE)
+        if greeting[: len(MAGIC)] != MAGIC:
+            raise LinkRefused("not a softrelay node")
+        theirs, ours = greeting[len(MAGIC) :], os.urandom(NONCE)
+        me = self.node_id.encode()
+        proof = self._mac(b"hello", theirs, ours, me)
+        writer.write(bytes((len(me),)) + me + ours + proof)
+        await writer.drain()
+        answer = await reader.readexactly(32)
+        if not hmac.compare_digest(answer, self._mac(b"welcome", ours, theirs, me)):
+            raise LinkRefused("the other node does not know the cluster secret")
+        return _Session(self._mac(b"session", theirs, ours, me))
+
+    def _mac(self, *parts: bytes) -> bytes:
+        return hmac.digest(self._secret, b"\0".join(parts), "sha256")
+
+    # --- receiving ---------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._readers.add(writer)
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+                node, session = await self._welcome(reader, writer)
+            while True:
+                body = session.open(await _frame(reader))
+                header_end = body.index(b"\n")
+                header = orjson.loads(body[:header_end])
+                await self._dispatch(node, header, body[header_end + 1 :])
+        except (LinkRefused, ValueError, TimeoutError, orjson.JSONDecodeError, KeyError) as exc:
+            self.metrics.refused.inc()
+            log.warning("nodes.link_refused", extra={"fields": {"error": type(exc).__name__}})
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass  # the other node went, or closed its connection
+        finally:
+            self._readers.discard(writer)
+            writer.close()
+
+    async def _welcome(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[str, _Session]:
+        ours = os.urandom(NONCE)
+        writer.write(MAGIC + ours)
+        await writer.drain()
+        size = (await reader.readexactly(1))[0]
+        node = await reader.readexactly(size)
+        theirs = await reader.readexactly(NONCE)
+        proof = await reader.readexactly(32)
+        if not hmac.compare_digest(proof, self._mac(b"hello", ours, theirs, node)):
+            raise LinkRefused("the dialling node does not know the cluster secret")
+        writer.write(self._mac(b"welcome", theirs, ours, node))
+        await writer.drain()
+        return node.decode(), _Session(self._mac(b"session", ours, theirs, node))
+
+    async def _dispatch(self, node: str, header: dict[str, Any], data: bytes) -> None:
+        """One frame from `node` (authenticated), in the order it sent them."""
+        kind, flow_id = str(header["k"]), int(header["f"])
+        self.metrics.frames.labels("in", kind).inc()
+        if kind == "deliver":
+            flow = self.relay.local_flow(flow_id)
+            if flow is None:
+                self._tasks.spawn(self._tell_closed(node, flow_id))
+                return
+            self._note(flow, node)
+            with contextlib.suppress(FlowClosed, OSError):  # its close tells the node
+                await flow.send(data)
+        elif kind == "closed":
+            gone = self._remote.get((node, flow_id))
+            if gone is not None:
+                gone.close()
+        elif kind in ("route", "response"):
+            remote = header.get("r")
+            address = (str(remote[0]), int(remote[1])) if isinstance(remote, list) else None
+            serial = header.get("s")
+            flow = self.remote_flow(node, flow_id, None if serial is None else str(serial), address)
+            if flow is None:
+                return
+            if kind == "route":
+                await self.relay.node_route(data, flow, str(header["route"]))
+            else:
+                await self.relay.node_response(data, flow)
+
+
+async def _frame(reader: asyncio.StreamReader) -> bytes:
+    """The next frame's MAC and body, its size bounded."""
+    size: int = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))[0]
+    if not MAC < size <= MAX_FRAME:
+        raise LinkRefused("frame size")
+    return await reader.readexactly(size)

@@ -1,0 +1,182 @@
+"""Two nodes of a cluster (tests/cluster/world.py): a PBX linked on node A, a phone
+connected to node B. The phone's REGISTER reaches the PBX over the internal link, the
+Path names B, and calls go both ways through both nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+
+from mockphone.sipwire import NameAddr, Response
+from tests.cluster.world import PBX_SECRET, Node, StartNode, cluster_secret, start_node
+from tests.peers import (
+    PHONE_DOMAIN,
+    PHONE_IP,
+    PHONE_SDP,
+    SDP,
+    SERIAL,
+    STEP_TIMEOUT,
+    StreamPeer,
+    sip_message,
+)
+from tests.sip.test_wake_e2e import SDP as PBX_SDP
+from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
+
+__all__ = ["cluster_secret", "start_node"]  # fixtures
+
+
+async def linked_pbx(node: Node) -> CallingPbx:
+    pbx = await CallingPbx.connect(node.sip_port)
+    assert await pbx.link(PBX_SECRET) == 200, pbx.last()
+    return pbx
+
+
+async def registered(
+    node: Node, pbx: CallingPbx, password: str
+) -> tuple[TcpPhone, NameAddr, NameAddr]:
+    """A phone on `node` registered through the PBX: the phone, its Contact and Path."""
+    phone = await TcpPhone.connect(node.sip_port)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(phone.register(password))
+        accepted = group.create_task(pbx.accept_register(password))
+    _, contact, path = accepted.result()
+    return phone, contact, path
+
+
+async def pbx_calls(pbx: CallingPbx, phone: TcpPhone, contact: NameAddr, path: NameAddr) -> None:
+    """The PBX INVITEs the phone along its Path; 180, 200, ACK, BYE."""
+
+    async def caller() -> None:
+        dialog = await pbx.invite(contact, path, f"in-{secrets.token_hex(4)}")
+        assert (await pbx.provisional()).status == 180, pbx.last()
+        answer = await pbx.response("INVITE", 200)
+        assert answer.body == PHONE_SDP.encode()
+        assert (await pbx.hang_up(answer, dialog)).status == 200, pbx.last()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(caller())
+        invite = group.create_task(phone.take_call())
+    assert invite.result().body == PBX_SDP.encode()  # the body passes through untouched
+
+
+async def phone_calls(phone: StreamPeer, pbx: CallingPbx, phone_port: int) -> Response:
+    """The phone INVITEs carol at its PBX: 180, 200 (with the Record-Route of the
+    relay), then its ACK and BYE along the route set; the answer to the BYE."""
+    call_id = f"out-{secrets.token_hex(4)}"
+    dialog = [f"From: <sip:alice@{PHONE_DOMAIN}>;tag=ph-out", f"Call-ID: {call_id}"]
+    contact = f"<sip:alice@{PHONE_IP}:{phone_port};transport=tcp>"
+    await phone.send(
+        sip_message(
+            f"INVITE sip:carol@{PHONE_DOMAIN} SIP/2.0",
+            phone.via(),
+            "Max-Forwards: 70",
+            *dialog,
+            f"To: <sip:carol@{PHONE_DOMAIN}>",
+            "CSeq: 1 INVITE",
+            f"Contact: {contact}",
+            "Content-Type: application/sdp",
+            body=PHONE_SDP,
+        )
+    )
+
+    async def callee() -> None:
+        invite = await pbx.request("INVITE")
+        assert invite.record_routes, "the relay Record-Routes the dialog"
+        await pbx.answer(invite, contact=pbx.contact, tag="pbx-out", sdp=SDP)
+
+    async def caller() -> Response:
+        ringing = await phone.receive()
+        assert isinstance(ringing, Response), phone.last()
+        assert ringing.status == 180, phone.last()
+        answer = await phone.final("INVITE")
+        assert answer.status == 200, phone.last()
+        # UAC route set: the Record-Route of the answer, reversed (RFC 3261 12.1.2).
+        routes = [f"Route: {rr}" for rr in reversed(answer.record_routes)]
+        (target,) = answer.contacts
+        in_dialog = [*routes, "Max-Forwards: 70", *dialog, f"To: {answer.get('To')}"]
+        await phone.send(
+            sip_message(f"ACK {target.uri} SIP/2.0", phone.via(), *in_dialog, "CSeq: 1 ACK")
+        )
+        await phone.send(
+            sip_message(f"BYE {target.uri} SIP/2.0", phone.via(), *in_dialog, "CSeq: 2 BYE")
+        )
+        return await phone.final("BYE")
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(callee())
+        bye = group.create_task(caller())
+    return bye.result()
+
+
+async def test_a_phone_on_node_b_registers_with_the_pbx_linked_on_node_a_and_calls_go_both_ways(
+    start_node: StartNode,
+) -> None:
+    a, b = await start_node("a"), await start_node("b")
+    pbx = await linked_pbx(a)
+    phone, contact, path = await registered(b, pbx, "pw-alice")
+    try:
+        # The Path names the node holding the phone's connection, in its sealed token.
+        assert re.search(r";ft=[a-z2-7]+\.node-b[;>]", str(path)), str(path)
+        await pbx_calls(pbx, phone, contact, path)
+        assert (await phone_calls(phone, pbx, phone.port)).status == 200, phone.last()
+    except BaseException:
+        print("\n".join(pbx.transcript[-12:]))
+        print("\n".join(phone.transcript[-12:]))
+        raise
+    finally:
+        await phone.close()
+        await pbx.close()
+    # Linked on A only: B reached it over the internal link.
+    assert a.relay.pbx_flow(SERIAL) is not None
+    assert b.relay.pbx_flow(SERIAL) is None
+
+
+async def test_a_call_parked_on_node_b_is_released_to_the_phone_back_on_node_c(
+    start_node: StartNode,
+) -> None:
+    """The phone registered through B and slept; the PBX (on A) calls it: B parks the
+    call and pushes. The phone wakes, connects to C and registers again; once the PBX
+    accepts that REGISTER, C publishes it and B sends the call over C to the phone."""
+    a, b, c = await start_node("a"), await start_node("b"), await start_node("c")
+    pbx = await linked_pbx(a)
+    phone, contact, path = await registered(b, pbx, "pw-alice")
+    await phone.sleep()
+    push_arrived = asyncio.Event()
+    woken: list[TcpPhone] = []
+    try:
+
+        async def caller() -> None:
+            dialog = await pbx.invite(contact, path, "wake-across-1")
+            assert (await pbx.provisional()).status == 100, pbx.last()
+            ringing = await pbx.provisional()
+            assert ringing.get("Push-Status") == "delivered", pbx.last()
+            push_arrived.set()
+            await pbx.accept_register("pw-alice")  # the woken phone's, through C
+            ringing = await pbx.provisional()
+            assert ringing.status == 180, pbx.last()
+            assert ringing.get("Push-Status") is None, "the phone's own 180 this time"
+            answer = await pbx.response("INVITE", 200)
+            assert (await pbx.hang_up(answer, dialog)).status == 200, pbx.last()
+
+        async def callee() -> None:
+            await asyncio.wait_for(push_arrived.wait(), STEP_TIMEOUT)
+            again = await TcpPhone.connect(c.sip_port)
+            woken.append(again)
+            await again.register("pw-alice")
+            invite = await again.take_call()
+            assert str(invite.uri) == str(contact.uri)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(caller())
+            group.create_task(callee())
+    except BaseException:
+        print("\n".join(pbx.transcript[-12:]))
+        for again in woken:
+            print("\n".join(again.transcript[-12:]))
+        raise
+    finally:
+        for again in woken:
+            await again.close()
+        await pbx.close()
+    assert len(b.relay.parking) == 0
