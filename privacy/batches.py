@@ -59,7 +59,7 @@ class GroupCommit(Generic[I, R]):
         self._limit = limit
         self._open: list[tuple[I, asyncio.Future[R]]] | None = None  # this turn's batch
         # A writer settles its callers' futures itself; one that fails past that is a bug,
-        # logged here (its callers' futures stay with them, cancelled at their shutdown).
+        # raised to its callers and logged here.
         self._writers = Tasks(log, failed)
 
     async def submit(self, item: I) -> R:
@@ -68,9 +68,11 @@ class GroupCommit(Generic[I, R]):
         # One future per caller: a caller cancelled cancels its own wait only.
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         if self._open is None or len(self._open) >= self._limit:
-            self._open = []
-            # Starts at the loop's next turn, with what was submitted until then.
-            self._writers.spawn(self._run(self._open))
+            batch: list[tuple[I, asyncio.Future[R]]] = []
+            # Starts at the loop's next turn, with what was submitted until then. Spawned
+            # before it is opened: after `close` this raises, and no batch is left open.
+            self._writers.spawn(self._run(batch))
+            self._open = batch
         self._open.append((item, done))
         return await done
 
@@ -86,6 +88,21 @@ class GroupCommit(Generic[I, R]):
     async def _run(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         if self._open is batch:
             self._open = None  # closed: what comes now goes in the next batch
+        try:
+            await self._commit(batch)
+        except BaseException as exc:
+            # Cancelled (its owner's close was), or a bug past the settling: no caller is
+            # left waiting for ever.
+            for _, done in batch:
+                if done.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    done.cancel()
+                else:
+                    done.set_exception(exc)
+            raise
+
+    async def _commit(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         try:
             results = await self._write([item for item, _ in batch])
         except StorageUnavailable as exc:

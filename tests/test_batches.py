@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from privacy.batches import Batches
+from privacy.batches import Batches, GroupCommit
 from privacy.policy import PolicyViolation
 from privacy.store import Store, Value
+from privacy.tasks import TasksClosed
 
 
 class _RecordingStore:
@@ -87,3 +88,22 @@ async def test_a_caller_that_goes_away_leaves_the_others_commit_alone(store: Sto
         f"{0:032x}",
         f"{2:032x}",
     }
+
+
+async def test_a_writer_cancelled_at_close_leaves_no_caller_waiting() -> None:
+    entered = asyncio.Event()
+
+    async def write(items: Sequence[int]) -> list[int]:
+        entered.set()
+        await asyncio.Event().wait()  # a commit that never ends
+        return list(items)
+
+    commits: GroupCommit[int, int] = GroupCommit(write)
+    caller = asyncio.ensure_future(commits.submit(1))
+    await asyncio.wait_for(entered.wait(), 5)
+    await commits._writers.close()  # what an owner's close does to a writer still running
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, 5)
+    with pytest.raises(TasksClosed):
+        await commits.submit(2)
+    assert commits._open is None, "no batch left open that nothing would write"
