@@ -315,6 +315,7 @@ class Nodes:
         serial = self.relay.serial_of(flow)
         if serial is not None:
             header["s"] = serial
+        self.relay.watch(flow)  # its answers come back by its id
         self._note(flow, node)
         try:
             await self.send(node, header, data)

@@ -202,6 +202,11 @@ class Relay:
         if serial is not None:
             self._linked[flow.id] = serial
 
+    def watch(self, flow: Flow) -> None:
+        """Know our `flow` by its id from now until it ends (another node was told of it:
+        what it sends back names the flow by id)."""
+        self._token(flow)
+
     def local_flow(self, flow_id: int) -> Flow | None:
         """One of our own flows that a token was made for (not another node's)."""
         flow = self._live(flow_id)
