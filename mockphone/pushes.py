@@ -58,7 +58,7 @@ class PushInbox:
         self._queues: dict[str, asyncio.Queue[Push]] = {}
         self.received = 0
         self._stop: Callable[[], None] | None = None
-        self._feed: asyncio.Task[None] | None = None
+        self._feeds: list[asyncio.Task[None]] = []
 
     def watch(self, token: str) -> asyncio.Queue[Push]:
         return self._queues.setdefault(token, asyncio.Queue())
@@ -85,9 +85,15 @@ class PushInbox:
     @classmethod
     async def from_feed(cls, http_url: str, session: aiohttp.ClientSession) -> PushInbox:
         """Follow the delivery feed of a softrelay in another process (loopback only)."""
+        inbox = cls()
+        await inbox.follow(http_url, session)
+        return inbox
+
+    async def follow(self, http_url: str, session: aiohttp.ClientSession) -> None:
+        """Follow one more relay's feed too: the nodes of a cluster push each on its own."""
         url = http_url.replace("http", "ws", 1).rstrip("/") + FEED_PATH
         ws = await asyncio.wait_for(session.ws_connect(url, autoping=True), 10)
-        inbox = cls()
+        inbox = self
 
         async def follow() -> None:
             try:
@@ -101,14 +107,14 @@ class PushInbox:
             finally:
                 await ws.close()
 
-        inbox._feed = asyncio.create_task(follow(), name="push-feed")
-        return inbox
+        self._feeds.append(asyncio.create_task(follow(), name="push-feed"))
 
     async def close(self) -> None:
         if self._stop is not None:
             self._stop()
             self._stop = None
-        if self._feed is not None:
-            self._feed.cancel()
+        for feed in self._feeds:
+            feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._feed
+                await feed
+        self._feeds.clear()

@@ -14,6 +14,15 @@ port, a usage tenant for pings and a crash project for reports, and the push sta
 delivery feed, which `serve` offers only with no push credentials configured. Against a
 served relay on loopback each phone connects from its own 127.1.x.y address.
 
+Several targets (`--target http://A:8081?sip=5061,http://B:8082?sip=5062`, or the option
+repeated) are the nodes of a cluster: the PBXs are dealt out over them in turn, and each
+phone goes to its PBX's node (`--placement pbx`, the default: every call stays on one
+node, which two relays that know nothing of each other can carry too) or to the next
+node in turn (`--placement spread`: calls cross nodes, which needs a cluster that
+forwards between its nodes). The push inbox follows every node's delivery feed, and the
+summary adds `nodes`: per node its phones and PBXs, registrations, the calls to or from
+its phones, their wakes, and the pushes its own counters show.
+
 What happens: every PBX links; every phone registers through its PBX; a share of the
 mobile phones (`asleep`) go to sleep at once. Then, until `--duration` simulated seconds
 have passed, events arrive as Poisson processes: calls (`--call-rate` per second in all;
@@ -87,6 +96,44 @@ class SimSettings:
     ring_timeout: float = 20.0  # simulated seconds a PBX lets a call ring
     speed: float = 1.0
     seed: int | None = None
+    # Several relays (`--target A,B`): "pbx" puts each phone on the node of its PBX, so
+    # every call stays on one node; "spread" deals phones out over the nodes in turn,
+    # so calls cross nodes (a cluster forwards them between its nodes).
+    placement: str = "pbx"
+
+
+PLACEMENTS = ("pbx", "spread")
+
+
+@dataclass
+class NodeStats:
+    """The figures of one node: its parties, and the calls to or from its phones."""
+
+    phones: int = 0
+    pbxs: int = 0
+    registered: int = 0
+    register_failed: Counter[str] = field(default_factory=Counter)
+    calls_attempted: int = 0
+    calls_connected: int = 0
+    calls_failed: Counter[str] = field(default_factory=Counter)
+    woken_calls: int = 0
+    wake_latencies: list[float] = field(default_factory=list)
+    pushes: dict[str, float] = field(default_factory=dict)  # from the node's own counters
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "phones": self.phones,
+            "pbxs": self.pbxs,
+            "registrations": {"ok": self.registered, "failed": dict(self.register_failed)},
+            "calls": {
+                "attempted": self.calls_attempted,
+                "connected": self.calls_connected,
+                "failed": dict(sorted(self.calls_failed.items())),
+                "woken": self.woken_calls,
+            },
+            "wake_latency": latency_summary(self.wake_latencies),
+            "pushes": dict(sorted(self.pushes.items())),
+        }
 
 
 @dataclass
@@ -110,9 +157,12 @@ class Stats:
     skipped_events: int = 0
     pushes: dict[str, float] = field(default_factory=dict)  # outcome -> count, at the end
     interrupted: bool = False
+    nodes: dict[str, NodeStats] = field(default_factory=dict)  # by node name, in order
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, node: NodeStats | None = None) -> None:
         self.calls_failed[reason] += 1
+        if node is not None:
+            node.calls_failed[reason] += 1
 
     def summary(self, settings: SimSettings) -> dict[str, Any]:
         return {
@@ -142,7 +192,13 @@ class Stats:
                 "errors": self.crash_errors,
             },
             "skipped_events": self.skipped_events,
-        }
+        } | self._by_node()
+
+    def _by_node(self) -> dict[str, Any]:
+        """The figures per node, with several (with one, they are the totals above)."""
+        if len(self.nodes) < 2:
+            return {}
+        return {"nodes": {name: node.summary() for name, node in self.nodes.items()}}
 
 
 def latency_summary(values: list[float]) -> dict[str, float | int | None]:
@@ -158,6 +214,15 @@ def latency_summary(values: list[float]) -> dict[str, float | int | None]:
 
 
 # --- the world the parties play in ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One relay the parties play against: a node of a cluster, or the only one."""
+
+    name: str  # as the summary shows it: host:port of its HTTP address
+    address: RelayAddress
+    metrics_url: str
 
 
 @dataclass
@@ -178,6 +243,15 @@ class World:
     # Each phone connects from its own loopback address (127.1.x.y), as real phones
     # come from addresses of their own: a served relay limits connections per address.
     own_addresses: bool = False
+    # Every node played against (`--target A,B`); empty: the one of `address`. The
+    # inbox follows the pushes of all of them.
+    nodes: list[Node] = field(default_factory=list)
+
+    def all_nodes(self) -> list[Node]:
+        if self.nodes:
+            return self.nodes
+        name = self.address.http_url.removeprefix("http://") or self.address.host
+        return [Node(name, self.address, self.metrics_url)]
 
     def local_host(self, i: int) -> str:
         """The address phone `i` connects from."""
@@ -223,6 +297,10 @@ class Simulation:
         self._usage: dict[str, UsageClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at: float | None = None
+        self._node_of: dict[str, Node] = {}  # PBX serial or phone user -> its node
+
+    def _stats_of(self, phone: MockPhone) -> NodeStats:
+        return self.stats.nodes[self._node_of[phone.spec.user].name]
 
     def elapsed(self) -> float:
         """Simulated seconds since the events began."""
@@ -275,10 +353,15 @@ class Simulation:
         # paced: a bound on a transaction instead (parties that ignore calls ring that
         # long, in real seconds).
         ring = TIMEOUT if self.pace.sequential else self.pace.real(s.ring_timeout) or 0.05
-        for serial, secret in self.world.pbx_secrets.items():
+        nodes = self.world.all_nodes()
+        self.stats.nodes = {node.name: NodeStats() for node in nodes}
+        for j, (serial, secret) in enumerate(self.world.pbx_secrets.items()):
+            node = nodes[j % len(nodes)]  # PBXs dealt out over the nodes in turn
+            self._node_of[serial] = node
+            self.stats.nodes[node.name].pbxs += 1
             try:
                 pbx = await MockPbx.connect(
-                    self.world.address,
+                    node.address,
                     serial=serial,
                     secret=secret,
                     domain=self.world.domain,
@@ -293,6 +376,7 @@ class Simulation:
         answers = _spread(s.answers, s.phones, self.rng)
         for i in range(s.phones):
             pbx = self.pbxs[i % len(self.pbxs)]
+            node = self._node_of[pbx.serial] if s.placement == "pbx" else nodes[i % len(nodes)]
             kind = kinds[i]
             transport = transports[i]
             if kind is not Kind.DESKTOP and transport is Transport.UDP:
@@ -311,9 +395,11 @@ class Simulation:
                 keepalive=0 if math.isinf(self.pace.speed) else 30.0,
                 local_host=self.world.local_host(i),
             )
+            self._node_of[user] = node
+            self.stats.nodes[node.name].phones += 1
             phone = MockPhone(
                 spec,
-                self.world.address,
+                node.address,
                 serial=pbx.serial,
                 domain=self.world.domain,
                 inbox=self.world.inbox,
@@ -329,10 +415,13 @@ class Simulation:
                 if self.stop.is_set():
                     return
                 status = await phone.start()
+                node = self._stats_of(phone)
                 if status != 200:
                     self.stats.register_failed[str(status or "no answer")] += 1
+                    node.register_failed[str(status or "no answer")] += 1
                     return
                 self.stats.registered += 1
+                node.registered += 1
                 await self._ping(phone)
                 if phone.spec.kind.pushes and self.rng.random() < s.asleep:
                     await phone.sleep()
@@ -385,31 +474,36 @@ class Simulation:
             return
         phone = self.rng.choice(registered)
         pbx = next(p for p in self.pbxs if p.serial == phone.serial)
+        node = self._stats_of(phone)
         self.stats.calls_attempted += 1
+        node.calls_attempted += 1
         self.stats.calls_in_progress += 1
         try:
             result = await pbx.call(
                 phone.spec.user, hold=self.pace.real(self.settings.hold.draw(self.rng))
             )
         except Exception as exc:  # a party's link went away mid-call: still an outcome
-            self.stats.failed(f"error: {type(exc).__name__}")
+            self.stats.failed(f"error: {type(exc).__name__}", node)
             return
         finally:
             self.stats.calls_in_progress -= 1
-        self._count(result)
+        self._count(result, node)
         if result.woken and phone.state is State.AWAKE and phone.calls_in_progress == 0:
             await phone.sleep()  # the app goes back to the background after the call
             self.stats.sleeps += 1
 
-    def _count(self, result: CallResult) -> None:
+    def _count(self, result: CallResult, node: NodeStats) -> None:
         if result.woken:
             self.stats.woken_calls += 1
+            node.woken_calls += 1
             if result.wake_seconds is not None:
                 self.stats.wake_latencies.append(result.wake_seconds)
+                node.wake_latencies.append(result.wake_seconds)
         if result.connected:
             self.stats.calls_connected += 1
+            node.calls_connected += 1
         else:
-            self.stats.failed(_reason(result.status, result.reason))
+            self.stats.failed(_reason(result.status, result.reason), node)
 
     async def _phone_call(self) -> None:
         awake = [p for p in self.phones if p.state is State.AWAKE and p.calls_in_progress == 0]
@@ -417,19 +511,22 @@ class Simulation:
             self.stats.calls_unplaced += 1
             return
         phone = self.rng.choice(awake)
+        node = self._stats_of(phone)
         self.stats.calls_attempted += 1
+        node.calls_attempted += 1
         self.stats.calls_in_progress += 1
         try:
             call = await phone.call("echo", hold=self.pace.real(self.settings.hold.draw(self.rng)))
         except Exception as exc:  # a party's link went away mid-call: still an outcome
-            self.stats.failed(f"error: {type(exc).__name__}")
+            self.stats.failed(f"error: {type(exc).__name__}", node)
             return
         finally:
             self.stats.calls_in_progress -= 1
         if call.connected:
             self.stats.calls_connected += 1
+            node.calls_connected += 1
         else:
-            self.stats.failed(_reason(call.status, call.reason))
+            self.stats.failed(_reason(call.status, call.reason), node)
 
     async def _sleep_one(self) -> None:
         awake = [
@@ -458,7 +555,8 @@ class Simulation:
             )
             self._usage[phone.spec.user] = client
         try:
-            status = await client.used(self.world.session, self.world.address.http_url, time.time())
+            node = self._node_of[phone.spec.user]  # the phone's own node takes its pings
+            status = await client.used(self.world.session, node.address.http_url, time.time())
         except (aiohttp.ClientError, OSError) as exc:
             self.stats.pings[type(exc).__name__] += 1
             return
@@ -481,7 +579,12 @@ class Simulation:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(p.stop() for p in self.phones), return_exceptions=True)
-        self.stats.pushes = await push_outcomes(self.world)
+        self.stats.pushes = {}
+        for node in self.world.all_nodes():
+            pushes = await push_outcomes(self.world.session, node.metrics_url)
+            self.stats.nodes[node.name].pushes = pushes
+            for outcome, count in pushes.items():
+                self.stats.pushes[outcome] = self.stats.pushes.get(outcome, 0) + count
         await asyncio.gather(*(p.close() for p in self.pbxs), return_exceptions=True)
 
 
@@ -523,10 +626,10 @@ def send_crash(
     return event_id
 
 
-async def push_outcomes(world: World) -> dict[str, float]:
-    """Pushes by outcome, from the relay's `softrelay_push_total` counters."""
+async def push_outcomes(session: aiohttp.ClientSession, metrics_url: str) -> dict[str, float]:
+    """Pushes by outcome, from a relay's `softrelay_push_total` counters."""
     try:
-        async with world.session.get(world.metrics_url) as response:
+        async with session.get(metrics_url) as response:
             text = await response.text()
     except (aiohttp.ClientError, OSError):
         return {}
@@ -591,6 +694,8 @@ def check(settings: SimSettings, where: str) -> SimSettings:
         problems.append("opt-in must be between 0 and 1")
     if not settings.speed > 0:
         problems.append("speed must be positive")
+    if settings.placement not in PLACEMENTS:
+        problems.append(f"placement must be one of {', '.join(PLACEMENTS)}")
     if problems:
         raise SimulationError(f"{where}: {'; '.join(problems)}")
     return settings

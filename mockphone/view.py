@@ -144,3 +144,23 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     for outcome, count in summary["pushes"].items():
         pushes.add_row(outcome, f"{count:g}")
     console.print(pushes)
+    nodes = summary.get("nodes", {})
+    if len(nodes) > 1:
+        # Narrow headers: the table fits 80 columns with a host:port per row.
+        per_node = Table(title="per node (the calls to or from its phones)", show_edge=False)
+        per_node.add_column("node", no_wrap=True)
+        for column in ("phones/PBXs", "reg", "calls", "conn", "woken", "wake p50", "pushes"):
+            per_node.add_column(column, justify="right")
+        for name, node in nodes.items():
+            calls = node["calls"]
+            per_node.add_row(
+                name,
+                f"{node['phones']}/{node['pbxs']}",
+                str(node["registrations"]["ok"]),
+                str(calls["attempted"]),
+                str(calls["connected"]),
+                str(calls["woken"]),
+                _s(node["wake_latency"]["p50"]),
+                f"{sum(node['pushes'].values()):g}",
+            )
+        console.print(per_node)

@@ -3,6 +3,7 @@
     softrelay simulate --phones 200 --duration 60     # against `make run`'s server
     softrelay simulate --embedded --phones 200 --duration 60
     softrelay simulate --target http://127.0.0.1:8080 --phones 200 --duration 60
+    softrelay simulate --target http://127.0.0.1:8081?sip=5061,http://127.0.0.1:8082?sip=5062
 
 The simulation itself (mock parties, events, statistics) is `mockphone/simulate.py`;
 this module composes it with a relay: an embedded one started in this process, or a
@@ -30,6 +31,8 @@ from mockphone.delays import Delay
 from mockphone.phone import Kind
 from mockphone.pushes import PushInbox
 from mockphone.simulate import (
+    PLACEMENTS,
+    Node,
     SimSettings,
     Simulation,
     SimulationError,
@@ -66,7 +69,32 @@ async def embedded_world(settings: SimSettings, data_dir: Path | None) -> World:
     )
 
 
-async def target_world(settings: SimSettings, url: str, config: Config) -> World:
+def parse_targets(values: list[str], default_sip_port: int) -> list[Node]:
+    """`--target` values (repeated, or comma-separated in one) as nodes: each
+    `http://HOST[:PORT][/][?sip=PORT]`, its SIP port this configuration's when not given
+    (nodes on one host each have their own)."""
+    nodes: list[Node] = []
+    for value in values:
+        for url in (part.strip() for part in value.split(",")):
+            match = re.fullmatch(r"http://([^/:?]+)(?::(\d+))?/?(?:\?sip=(\d+))?", url)
+            if match is None:
+                raise SimulationError(f"--target {url}: expected http://HOST[:PORT][?sip=PORT]")
+            host, port = match.group(1), int(match.group(2) or 80)
+            sip_port = int(match.group(3)) if match.group(3) else default_sip_port
+            if not (0 < port < 65536 and 0 < sip_port < 65536):
+                raise SimulationError(f"--target {url}: a port must be 1 to 65535")
+            http_url = f"http://{host}:{port}"
+            name = f"{host}:{port}"
+            if any(node.name == name for node in nodes):
+                raise SimulationError(f"--target {url}: {name} is given twice")
+            nodes.append(Node(name, RelayAddress(host, sip_port, http_url), http_url + "/metrics"))
+    return nodes
+
+
+async def target_world(settings: SimSettings, targets: list[str], config: Config) -> World:
+    """Against running serves: one, or the nodes of a cluster (mockphone/simulate.py
+    says how the parties are placed over them)."""
+    nodes = parse_targets(targets, config.listen.sip_port)
     source = str(config.source or "<defaults>")
     pbxs = [p for p in config.sip.pbxs if p.secret and p.static is None]
     if not pbxs:
@@ -78,36 +106,38 @@ async def target_world(settings: SimSettings, url: str, config: Config) -> World
         raise SimulationError(
             f"{source}: sip.pbx: --pbxs {settings.pbxs} but only {len(pbxs)} PBX(s) configured"
         )
-    match = re.fullmatch(r"http://([^/:]+)(?::(\d+))?/?", url)
-    if match is None:
-        raise SimulationError(f"--target {url}: expected http://HOST[:PORT]")
-    host = match.group(1)
-    http_url = url.rstrip("/")
     tenant = config.usage.tenants[0] if config.usage.tenants else None
     project = config.crashreports.projects[0] if config.crashreports.projects else None
-    port = match.group(2) or "80"
+    first = nodes[0]
     session = aiohttp.ClientSession()
-    try:
-        inbox = await PushInbox.from_feed(http_url, session)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        await session.close()
-        raise SimulationError(
-            f"--target {url}: no push stand-ins' delivery feed there ({exc}); it runs "
-            "only when serve has no push credentials"
-        ) from None
+    # One inbox follows every node's feed: the node that parks a call pushes.
+    inbox = PushInbox()
+    for node in nodes:
+        try:
+            await inbox.follow(node.address.http_url, session)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await inbox.close()
+            await session.close()
+            raise SimulationError(
+                f"--target {node.address.http_url}: no push stand-ins' delivery feed there"
+                f" ({exc}); it runs only when serve has no push credentials"
+            ) from None
     world = World(
-        RelayAddress(host, config.listen.sip_port, http_url),
+        first.address,
         config.sip.domain,
         {p.serial: p.secret for p in pbxs[: settings.pbxs]},
         inbox,
         (tenant.id, tenant.key) if tenant else None,
-        f"http://{project.key}@{host}:{port}/{project.id}" if project else None,
-        http_url + "/metrics",
+        f"http://{project.key}@{first.name}/{project.id}" if project else None,
+        first.metrics_url,
         session,
         Path(tempfile.gettempdir()),
+        nodes=nodes,
     )
     # Every 127/8 address is the loopback interface on Linux, not elsewhere.
-    world.own_addresses = sys.platform == "linux" and _is_loopback(host)
+    world.own_addresses = sys.platform == "linux" and all(
+        _is_loopback(node.address.host) for node in nodes
+    )
     return world
 
 
@@ -152,8 +182,11 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     where.add_argument("--embedded", action="store_true", help="start softrelay in-process")
     where.add_argument(
         "--target",
+        action="append",
         metavar="URL",
-        help="a running serve (default: this config's HTTP address if it answers, else --embedded)",
+        help="a running serve, http://HOST:PORT[?sip=PORT] (default: this config's HTTP address"
+        " if it answers, else --embedded); several (repeated or comma-separated): the nodes"
+        " of a cluster, phones and PBXs spread over them, figures per node",
     )
     sim.add_argument("--scenario", metavar="FILE", help="a TOML scenario (options override it)")
     sim.add_argument("--phones", type=int)
@@ -173,6 +206,12 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "after another, as fast as the parties answer",
     )
     sim.add_argument("--seed", type=int)
+    sim.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        help="with several targets: pbx (default) puts each phone on its PBX's node, spread"
+        " deals phones out in turn (calls cross nodes: a cluster forwards them)",
+    )
     sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     sim.add_argument("--no-live", action="store_true", help="no live view, summary only")
 
@@ -190,6 +229,7 @@ def settings_from_args(args: argparse.Namespace, base: SimSettings) -> SimSettin
         "opt_in",
         "speed",
         "seed",
+        "placement",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -226,19 +266,20 @@ def simulate_command(args: argparse.Namespace, config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        target = args.target
-        if target is None and not args.embedded:
+        targets: list[str] | None = args.target
+        if targets is None and not args.embedded:
             # The plain command plays against `make run`'s server when one answers.
             target = default_target(config)
-            if not await reachable(target):
+            if await reachable(target):
+                targets = [target]
+            else:
                 print(
                     f"softrelay: simulate: no softrelay answers at {target}; starting one "
                     "in this process (--embedded)",
                     file=sys.stderr,
                 )
-                target = None
-        if target:
-            world = await target_world(settings, target, config)
+        if targets:
+            world = await target_world(settings, targets, config)
         else:
             data_dir = Path(args.data_dir) if args.data_dir else None
             world = await embedded_world(settings, data_dir)
