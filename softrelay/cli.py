@@ -70,6 +70,18 @@ from softrelay.config import (
 )
 from softrelay.metrics import METRICS, MetricsSettings, metrics_app
 from softrelay.simulate import add_simulate_parser, simulate_command
+from softrelay.workers import (
+    Lifeline,
+    Supervisor,
+    WorkerSpec,
+    check_workers,
+    child_environment,
+    for_worker,
+    for_worker_cluster,
+    reserve_ports,
+    whole_lines,
+    worker_command,
+)
 from tomlsections.reader import ConfigError
 from usage.cli import add_billing_parser, billing
 from webapi.connections import HTTP_GUARD, GuardedSite, HttpGuard, HttpLimits
@@ -128,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     runtime = Runtime(config, policy, clock, logs)
     try:
+        serve = _supervise if args.command == "serve" and args.workers > 1 else _serve
         handler = {
-            "serve": _serve,
+            "serve": serve,
             "sweep": _sweep,
             "audit": _audit,
             "keys": _keys,
@@ -176,6 +189,16 @@ def _opens_no_store(args: argparse.Namespace) -> bool:
     )
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _version() -> str:
     try:
         return f"softrelay {version('softrelay')}"
@@ -212,6 +235,16 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the server")
     serve.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one)")
     serve.add_argument("--sip-port", type=int, help="SIP port (0 picks a free one)")
+    serve.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="N processes sharing the ports, each a node of the cluster (needs [cluster];"
+        " softrelay/workers.py)",
+    )
+    # What the supervisor of --workers tells each worker (softrelay.workers.WorkerSpec).
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
 
     sweep = sub.add_parser(
         "sweep", parents=[common], help="delete what the policy says has expired"
@@ -307,6 +340,15 @@ def _policy(args: argparse.Namespace, config: Config, policy: Policy) -> int:
 
 async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
     config = runtime.config
+    # A worker of `serve --workers N`: the shared ports, its own metrics port, its name.
+    worker = WorkerSpec.decode(args.worker) if args.worker else None
+    name = "softrelay" if worker is None else f"softrelay worker {worker.index}"
+    listen, sip, cluster = config.listen, config.sip, config.cluster
+    if worker is not None:
+        whole_lines()
+        listen, sip = for_worker(listen, sip, worker)
+        if cluster is not None:
+            cluster = for_worker_cluster(cluster, worker)
     services = Services(
         runtime.policy,
         runtime.keyring(),
@@ -314,22 +356,25 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         runtime.clock,
         config.sweep_interval,
         config.push,
-        config.sip,
-        (config.listen.sip_host, config.listen.sip_port),
+        sip,
+        (listen.sip_host, listen.sip_port),
         crash=config.crashreports,
         provisioning=config.provisioning,
         oauth=config.oauth,
         usage=config.usage,
         dsr=config.dsr,
         http=config.http,
-        metrics=MetricsSettings(config.metrics_token, config.listen.metrics),
+        metrics=MetricsSettings(config.metrics_token, listen.metrics),
         store=config.store,
+        cluster=cluster,
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The supervisor's end closing (it stopped or died) stops a worker as SIGTERM does.
+    lifeline = Lifeline(worker.fd, stop.set) if worker is not None else None
     app = build_app(services)
     # No access log: aiohttp's would write every client's full IP address. Its
     # keep-alive timeout is the idle timeout; the guard adds the rest (webapi/connections.py).
@@ -340,29 +385,37 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
     metrics_runner: web.AppRunner | None = None
     try:
         site = GuardedSite(
-            runner, config.listen.http_host, config.listen.http_port, app[HTTP_GUARD]
+            runner,
+            listen.http_host,
+            listen.http_port,
+            app[HTTP_GUARD],
+            reuse_port=worker is not None,
         )
         await site.start()
-        served = "healthz" if config.listen.metrics else "healthz, metrics"
+        served = "healthz" if listen.metrics else "healthz, metrics"
         for address in runner.addresses:
             host, port = address[0], address[1]
-            print(f"softrelay: http://{host}:{port} ({served})", flush=True)
+            print(f"{name}: http://{host}:{port} ({served})", flush=True)
             log.info("listening", extra={"fields": {"listen": f"http://{host}:{port}"}})
-        if config.listen.metrics is not None:
-            metrics_runner = await _serve_metrics(app, config.listen.metrics, config.http)
-        _print_push(runner.app)
+        if listen.metrics is not None:
+            metrics_runner = await _serve_metrics(app, listen.metrics, config.http, name)
+        _print_push(runner.app, name)
         if oauth_notice := stand_in_notice(runner.app):
             print(oauth_notice, flush=True)
         for kind, (host, port) in runner.app[SIP_TRANSPORTS].addresses:
-            print(f"softrelay: sip {kind} {host}:{port}", flush=True)
+            print(f"{name}: sip {kind} {host}:{port}", flush=True)
         print(
-            f"softrelay: profile {runtime.policy.profile}, data in {config.data_dir}/; "
+            f"{name}: profile {runtime.policy.profile}, data in {config.data_dir}/; "
             "SIGTERM or Ctrl-C stops",
             flush=True,
         )
+        if lifeline is not None:
+            lifeline.ready()
         await stop.wait()
-        print("softrelay: stopping", flush=True)
+        print(f"{name}: stopping", flush=True)
     finally:
+        if lifeline is not None:
+            lifeline.close()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         # Stops accepting, lets requests in flight finish, then runs the cleanup contexts
@@ -372,8 +425,56 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _supervise(runtime: Runtime, args: argparse.Namespace) -> int:
+    """`serve --workers N`: the supervisor of softrelay/workers.py."""
+    config = runtime.config
+    source = str(config.source or "<defaults>")
+    cluster = config.cluster
+    refusal = check_workers(args.workers, cluster, config.listen, source)
+    if refusal is not None or cluster is None:
+        print(f"softrelay: {refusal}", file=sys.stderr)
+        return 2
+    whole_lines()
+    # Once, before N processes race to them: the keyring generated under data_dir, the
+    # SQLite schema made, a PostgreSQL schema checked (its error is one line, here).
+    store = await runtime.open_store()
+    await store.close()
+    listen = config.listen
+    metrics = listen.metrics
+    reservation = reserve_ports(
+        (listen.http_host, listen.http_port),
+        (listen.sip_host, listen.sip_port),
+        config.sip.tls_port,
+        metrics[1] if metrics is not None else None,
+        cluster.internal_listen[1],
+        cluster.node_id,
+    )
+    try:
+        config_source = str(config.source) if config.source is not None else None
+        data_dir = str(config.data_dir)
+        supervisor = Supervisor(
+            reservation.ports,
+            args.workers,
+            lambda spec: worker_command(spec, config_source, data_dir),
+            env=child_environment(config_source),
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, supervisor.stop)
+        ports = reservation.ports
+        print(
+            f"softrelay: http://{listen.http_host}:{ports.http} (healthz; metrics on each"
+            f" worker's port), {args.workers} workers; SIGTERM or Ctrl-C stops",
+            flush=True,
+        )
+        print(f"softrelay: sip udp+tcp {listen.sip_host}:{ports.sip}", flush=True)
+        return await supervisor.run()
+    finally:
+        reservation.close()
+
+
 async def _serve_metrics(
-    app: web.Application, listen: tuple[str, int], limits: HttpLimits
+    app: web.Application, listen: tuple[str, int], limits: HttpLimits, name: str
 ) -> web.AppRunner:
     """/metrics on a listener of its own, with the same connection limits."""
     metrics = metrics_app(app[METRICS])
@@ -386,19 +487,19 @@ async def _serve_metrics(
     await runner.setup()
     await GuardedSite(runner, listen[0], listen[1], guard).start()
     for address in runner.addresses:
-        print(f"softrelay: http://{address[0]}:{address[1]}/metrics (metrics)", flush=True)
+        print(f"{name}: http://{address[0]}:{address[1]}/metrics (metrics)", flush=True)
     return runner
 
 
-def _print_push(app: web.Application) -> None:
+def _print_push(app: web.Application, name: str) -> None:
     stand_ins = app.get(STAND_INS)
     if stand_ins is None:
         names = ", ".join(a.app_id for a in app[SERVICES].push.apps)
-        print(f"softrelay: push to Apple and Google for {names}", flush=True)
+        print(f"{name}: push to Apple and Google for {names}", flush=True)
         return
     apns = stand_ins.apns.endpoint()
     print(
-        f"softrelay: push stand-ins in-process (no credentials configured): "
+        f"{name}: push stand-ins in-process (no credentials configured): "
         f"APNs https://{apns.host}:{apns.port}, FCM {stand_ins.fcm.base_url}, "
         f"app {stand_ins.apps[0].app_id}",
         flush=True,

@@ -1,0 +1,338 @@
+"""`softrelay serve --workers N` as an operator runs it (softrelay/workers.py): the
+workers share the SIP and HTTP ports, connections reach each of them, SIGTERM stops
+them all in order, a worker killed is started again while the port keeps answering,
+and without [cluster] the command is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.peers import DOMAIN, SERIAL, STARTUP_TIMEOUT, STEP_TIMEOUT, Server, _drain, run_cli
+
+CONNECTIONS = 32  # all on one worker by chance: 2 ** -31
+
+
+def _config(tmp_path: Path, cluster: bool) -> Path:
+    secret = tmp_path / "pbx.secret"
+    secret.write_text(f"pbx-secret-{secrets.token_hex(8)}\n", encoding="utf-8")
+    cluster_secret = tmp_path / "cluster.secret"
+    cluster_secret.write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
+    cluster_secret.chmod(0o600)
+    text = (
+        '[server]\nmetrics_listen = "127.0.0.1:0"\n\n'
+        f'[sip]\ndomain = "{DOMAIN}"\n\n'
+        f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{secret}"\n\n'
+    )
+    if cluster:
+        text += (
+            '[cluster]\nredis = "env:SOFTRELAY_REDIS_URL"\n'
+            f'secret = "file:{cluster_secret}"\nnode_id = "test"\n'
+        )
+    config = tmp_path / "softrelay.toml"
+    config.write_text(text, encoding="utf-8")
+    return config
+
+
+async def _spawn(config: Path, data_dir: Path, redis_url: str, workers: int = 2) -> Server:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "softrelay.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--data-dir",
+        str(data_dir),
+        "--http-port",
+        "0",
+        "--sip-port",
+        "0",
+        "--workers",
+        str(workers),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SOFTRELAY_CONFIG": "", "SOFTRELAY_REDIS_URL": redis_url},
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    server = Server(proc, config, data_dir, "", {})
+    server.drains.append(asyncio.create_task(_drain(proc.stdout, server.output, server.grew)))
+    server.drains.append(asyncio.create_task(_drain(proc.stderr, server.output, server.grew)))
+    return server
+
+
+@pytest.fixture
+async def workers(tmp_path: Path, redis_url: str) -> AsyncIterator[Server]:
+    server = await _spawn(_config(tmp_path, cluster=True), tmp_path / "var", redis_url)
+    try:
+        await _started(server, r"^softrelay: 2 workers ready$")
+        yield server
+    finally:
+        await server.kill()
+        for pid in _worker_pids(server).values():  # a failed test's orphans
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _started(server: Server, pattern: str) -> None:
+    """Wait for a line of a process start (a worker starts a whole relay)."""
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            while not any(re.search(pattern, line) for line in server.output):
+                server.grew.clear()
+                await server.grew.wait()
+    except TimeoutError:
+        raise AssertionError(f"no line {pattern!r} yet:\n{server.log()}") from None
+
+
+def _worker_pids(server: Server) -> dict[int, int]:
+    """Worker index -> pid of its latest process, as the supervisor printed them."""
+    pids: dict[int, int] = {}
+    for line in server.output:
+        if match := re.match(r"softrelay: worker (\d+) pid (\d+) node ", line):
+            pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def _printed_port(server: Server, pattern: str) -> int:
+    ports = {int(m.group(1)) for line in server.output if (m := re.match(pattern, line))}
+    assert len(ports) == 1, (pattern, server.log())
+    return ports.pop()
+
+
+def _sockets(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if match := re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd)):
+                inodes.add(int(match.group(1)))
+    return inodes
+
+
+def _bound(table: str, port: int, state: str | None) -> set[int]:
+    """Inodes of the /proc/net/<table> sockets on local `port` (in `state`: 0A listening)."""
+    inodes = set()
+    for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].rsplit(":", 1)[1], 16)
+        if local_port == port and (state is None or fields[3] == state):
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def _listening(pid: int, http: int, sip: int) -> dict[str, bool]:
+    held = _sockets(pid)
+    return {
+        "http": bool(held & _bound("tcp", http, "0A")),
+        "sip tcp": bool(held & _bound("tcp", sip, "0A")),
+        "sip udp": bool(held & _bound("udp", sip, None)),
+    }
+
+
+async def _tcp_flows(session: aiohttp.ClientSession, metrics_port: int) -> float:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    async with session.get(url) as response:
+        assert response.status == 200
+        text = await response.text()
+    (value,) = re.findall(r'^softrelay_sip_flows\{transport="tcp"\} (\S+)$', text, re.M)
+    return float(value)
+
+
+def _set(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie no init reaps counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def test_two_workers_bind_the_same_ports_and_each_takes_connections(
+    workers: Server,
+) -> None:
+    """Both workers listen on the one SIP UDP/TCP port and the one HTTP port (the
+    supervisor holds its sockets bound but listens on none), and connections to the SIP
+    port are spread over both: each worker's /metrics counts some, together all."""
+    http = _printed_port(workers, r"softrelay: http://127\.0\.0\.1:(\d+) \(healthz; metrics")
+    sip = _printed_port(workers, r"softrelay: sip udp\+tcp 127\.0\.0\.1:(\d+)$")
+    for kind in ("udp", "tcp"):
+        assert (
+            _printed_port(workers, rf"softrelay worker \d: sip {kind} 127\.0\.0\.1:(\d+)$") == sip
+        )
+    assert _printed_port(workers, r"softrelay worker \d: http://127\.0\.0\.1:(\d+) \(") == http
+    pids = _worker_pids(workers)
+    assert sorted(pids) == [0, 1]
+    for pid in pids.values():
+        assert _listening(pid, http, sip) == {"http": True, "sip tcp": True, "sip udp": True}
+    assert workers.proc.pid not in pids.values()
+    held = _listening(workers.proc.pid, http, sip)
+    assert held == {"http": False, "sip tcp": False, "sip udp": False}
+    metrics = {
+        int(m.group(1)): int(m.group(2))
+        for line in workers.output
+        if (m := re.match(r"softrelay worker (\d): http://127\.0\.0\.1:(\d+)/metrics", line))
+    }
+    assert sorted(metrics) == [0, 1]
+    assert metrics[0] != metrics[1]
+
+    streams = [await asyncio.open_connection("127.0.0.1", sip) for _ in range(CONNECTIONS)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                while True:  # until both workers have accepted every connection
+                    counts = [await _tcp_flows(session, metrics[i]) for i in (0, 1)]
+                    if sum(counts) == CONNECTIONS:
+                        break
+                    await asyncio.sleep(0.05)
+            assert all(count > 0 for count in counts), counts
+            async with session.get(f"http://127.0.0.1:{http}/healthz") as response:
+                assert response.status == 200
+    finally:
+        for _, writer in streams:
+            writer.close()
+    assert await workers.stop() == 0
+
+
+async def test_sigterm_stops_every_worker_in_order_and_the_supervisor_exits_0(
+    workers: Server,
+) -> None:
+    pids = _worker_pids(workers)
+    assert await workers.stop() == 0
+    out = workers.log()
+    for index in (0, 1):
+        assert f"softrelay worker {index}: stopping\n" in out
+        assert _gone(pids[index])
+    assert "softrelay: workers stopped: exit 0, exit 0\n" in out
+
+
+async def test_a_killed_worker_is_started_again_and_the_port_keeps_answering(
+    workers: Server,
+) -> None:
+    http = _printed_port(workers, r"softrelay: http://127\.0\.0\.1:(\d+) \(healthz; metrics")
+    sip = _printed_port(workers, r"softrelay: sip udp\+tcp 127\.0\.0\.1:(\d+)$")
+    killed = _worker_pids(workers)[1]
+    os.kill(killed, signal.SIGKILL)
+    await workers.line(
+        r"^softrelay: worker 1 ended \(signal 9 \(SIGKILL\)\); starting it again in 0 s$"
+    )
+    # Worker 0 alone takes every new connection meanwhile.
+    async with aiohttp.ClientSession() as session:
+        for _ in range(8):
+            async with session.get(f"http://127.0.0.1:{http}/healthz") as response:
+                assert response.status == 200
+        await _started(workers, r"^softrelay: worker 1 ready again$")
+        again = _worker_pids(workers)[1]
+        assert again != killed
+        assert _listening(again, http, sip) == {"http": True, "sip tcp": True, "sip udp": True}
+        # A new process is a new node: what the dead one held expires with its heartbeat.
+        assert re.search(rf"softrelay: worker 1 pid {again} node test-1\.1\n", workers.log())
+        async with session.get(f"http://127.0.0.1:{http}/healthz") as response:
+            assert response.status == 200
+    assert await workers.stop() == 0
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+    workers: Server,
+) -> None:
+    """The supervisor's end of each lifeline closes with it: no worker outlives it."""
+    pids = _worker_pids(workers)
+    # A pidfd turns readable when its process ends: the workers are not our children.
+    loop = asyncio.get_running_loop()
+    ended: list[asyncio.Future[None]] = []
+    pidfds = [os.pidfd_open(pid) for pid in pids.values()]
+    try:
+        for fd in pidfds:
+            future: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _set, future)
+            ended.append(future)
+        workers.proc.kill()
+        await workers.proc.wait()
+        await asyncio.wait_for(asyncio.gather(*ended), STEP_TIMEOUT)
+    finally:
+        for fd in pidfds:
+            loop.remove_reader(fd)
+            os.close(fd)
+    assert all(_gone(pid) for pid in pids.values())
+    out = workers.log()
+    for index in (0, 1):
+        assert f"softrelay worker {index}: stopping\n" in out
+
+
+async def test_workers_without_a_cluster_are_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path, cluster=False)
+    status, out = await run_cli(
+        "serve", "--config", str(config), "--data-dir", str(tmp_path / "var"), "--workers", "2"
+    )
+    assert status == 2
+    assert out == (
+        f"softrelay: serve --workers 2: {config} has no [cluster] (Redis): a worker would not"
+        " see the flows and PBX links the others hold; configure [cluster], or run one"
+        " process (no --workers)\n"
+    )
+
+
+async def _cli(*args: str, redis_url: str) -> tuple[int | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "softrelay.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "SOFTRELAY_CONFIG": "", "SOFTRELAY_REDIS_URL": redis_url},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), STARTUP_TIMEOUT)
+    return proc.returncode, out.decode()
+
+
+async def test_workers_need_a_metrics_port_of_their_own(tmp_path: Path) -> None:
+    config = _config(tmp_path, cluster=True)
+    config.write_text(config.read_text().replace('metrics_listen = "127.0.0.1:0"', ""))
+    status, out = await _cli(
+        "serve",
+        *("--config", str(config), "--data-dir", str(tmp_path / "var"), "--workers", "2"),
+        redis_url="redis://:unused@127.0.0.1:1/0",  # refused before anything connects
+    )
+    assert status == 2
+    assert out == (
+        f"softrelay: serve --workers 2: {config}: server.metrics_listen is empty: each"
+        " worker serves /metrics on its own port (metrics_listen's port + worker index),"
+        " since a scrape of the shared HTTP port would reach one worker at random\n"
+    )
+
+
+async def test_a_port_in_use_stops_the_start_once(tmp_path: Path, redis_url: str) -> None:
+    """The supervisor binds the shared ports before any worker starts: a port taken by
+    another program is one line and exit 2, and no worker ever runs."""
+    config = _config(tmp_path, cluster=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        status, out = await _cli(
+            "serve",
+            *("--config", str(config), "--data-dir", str(tmp_path / "var")),
+            *("--http-port", port, "--sip-port", "0", "--workers", "2"),
+            redis_url=redis_url,
+        )
+    assert status == 2
+    lines = [line for line in out.splitlines() if not line.startswith("{")]  # the log
+    assert lines == ["softrelay: cannot start: [Errno 98] Address already in use"]
