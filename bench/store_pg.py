@@ -13,14 +13,15 @@ through one pool of `pool` connections (the backend's own, from `Store.create`):
 raw     the rows in plaintext (blind-index columns holding the plaintext bytes), one
         INSERT per row, autocommit: the driver and the server, no policy, no crypto;
 sealed  `PostgresBackend.put` of rows sealed before the clock starts: the store's SQL
-        (the upsert and the subject's activity in one statement) without its CPU work;
-store   `Store.put`: policy check, AES-GCM sealing, blind indexes, then that SQL;
-batched `Store.put` with `BatchedPuts` standing in for the backend's put: a prototype of
-        group commit (the puts of one loop turn in one transaction, one round trip), to
-        measure what it would give; not what softrelay runs.
+        (upserts and subjects' activity, group committed as `put` does) without its CPU;
+store   `Store.put`: policy check, AES-GCM sealing, blind indexes, then that SQL, the puts
+        of one loop turn committed together (the backend's group commit);
+unbatched `Store.put` with that group commit off (every batch one put, one statement
+        without BEGIN/COMMIT): the backend's put as it was before it.
 
 So store - sealed is the policy and crypto on the event loop, sealed - raw the subject
-row and the upsert. The CPU of the bench process and of the server's processes (from
+row and the upsert (both batched), unbatched - store what the group commit gains.
+The CPU of the bench process and of the server's processes (from
 /proc) is read around each, per row: the two share the machine's cores.
 
 `processes` runs N worker processes at once (this module with `--worker`), each with
@@ -52,12 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from bench.harness import cpu_seconds, process_tree
 from bench.profiling import Stats, own_time
-from privacy.backend import Row, TableSpec
+from privacy.backend import TableSpec
 from privacy.clock import SystemClock
 from privacy.database import StoreSettings
 from privacy.keys import Keyring, parse_keyring
 from privacy.policy import Policy, load_policy
-from privacy.postgres import PostgresBackend, _upsert_sql
+from privacy.postgres import PostgresBackend
 from privacy.store import Store, Value, table_spec
 from tests.pgserver import PostgresServer
 
@@ -66,10 +67,9 @@ PROFILE = "auerproxy"
 DSN_ENV = "BENCH_STORE_DSN"  # how a worker gets the DSN: never on a command line
 WORKER = str(Path(__file__).resolve())  # this module, run with --worker
 WORKER_WAIT = 60.0  # s for a worker to connect, or to finish its rows
-MEASURES = ("raw", "sealed", "store", "batched")
+MEASURES = ("raw", "sealed", "store", "unbatched")
 Fields = dict[str, Value]
 T = TypeVar("T")
-_Put = tuple[TableSpec, Row, float, "asyncio.Future[int]"]  # a put waiting for its batch
 # cProfile's own time per layer (bench/profiling.py): the first needle found names it.
 PROFILE_FILES = (
     ("privacy/store.py", "policy + encode (privacy/store.py)"),
@@ -164,7 +164,7 @@ class Postgres:
             self.server.drop_database(dsn.rsplit("/", 1)[1])
 
     def round(self, rows: Sequence[Fields], keyring: Keyring, turn: int) -> None:
-        """raw, sealed and store, each on a fresh database; the order turns each round,
+        """raw, sealed, store and unbatched, each on a fresh database; the order turns each round,
         so a slow patch of the machine does not always hit the same one."""
         order = MEASURES[turn % len(MEASURES) :] + MEASURES[: turn % len(MEASURES)]
         for what in order:
@@ -253,8 +253,8 @@ def _writer(what: str, store: Store, rows: Sequence[Fields]) -> Callable[[int], 
     table = table_spec(cat)
     if what == "store":
         return lambda i: store.put(CATEGORY, rows[i])
-    if what == "batched":
-        backend.put = BatchedPuts(backend).put  # type: ignore[method-assign]  # the prototype
+    if what == "unbatched":
+        backend._puts._limit = 1  # every put a batch of its own: one statement, no BEGIN
         return lambda i: store.put(CATEGORY, rows[i])
     now = time.time()
     if what == "sealed":
@@ -278,76 +278,6 @@ def _writer(what: str, store: Store, rows: Sequence[Fields]) -> Callable[[int], 
             await conn.execute(insert, *params[i])
 
     return raw
-
-
-class BatchedPuts:
-    """A prototype of group commit for `PostgresBackend.put`, for this bench only.
-
-    The puts made in one turn of the event loop go in one transaction, in one round trip
-    (asyncpg's `fetchmany` pipelines the upsert once per row); each caller gets its row's
-    id once that transaction committed, as `put` promises. Lock order, so that batches on
-    other connections (or processes) sharing a subject queue instead of deadlocking: the
-    batch's subjects first, sorted, in one statement; then its records, sorted by subject.
-    What a real one would add: a deadlock or a refused row retried row by row (as
-    privacy/batches.py does), its writer tasks owned by a `Tasks`, drained at close.
-    """
-
-    _SUBJECTS = (
-        "INSERT INTO subjects SELECT s, $2 FROM unnest($1::bytea[]) AS s ON CONFLICT (subject)"
-        " DO UPDATE SET last_used_at = greatest(subjects.last_used_at, excluded.last_used_at)"
-    )
-
-    def __init__(self, backend: PostgresBackend) -> None:
-        self._pool = backend._pool
-        self._pending: list[_Put] = []
-        self._writers: set[asyncio.Task[None]] = set()
-
-    async def put(
-        self, table: TableSpec, row: Callable[[], Row], *, subject: bytes | None, now: float
-    ) -> int:
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if not self._pending:
-            writer = asyncio.create_task(self._write())
-            self._writers.add(writer)  # held until done (the loop keeps weak references)
-            writer.add_done_callback(self._writers.discard)
-        values = {**row(), "subject": subject, "created_at": now, "last_used_at": now}
-        self._pending.append((table, values, now, done))
-        return await done
-
-    async def _write(self) -> None:
-        batch, self._pending = self._pending, []
-        batch.sort(key=_subject)
-        subjects = sorted({_subject(item) for item in batch} - {b""})
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                if subjects:
-                    await conn.execute(self._SUBJECTS, subjects, max(n for *_, n, _ in batch))
-                answers: list[tuple[asyncio.Future[int], int]] = []
-                for (_, names), group in _groups(batch).items():
-                    sql = _upsert_sql(group[0][0], names) + " RETURNING id"
-                    found = await conn.fetchmany(sql, [list(v.values()) for _, v, _, _ in group])
-                    answers += [(g[3], r[0]) for g, r in zip(group, found, strict=True)]
-        except Exception as exc:  # every caller in the batch is told
-            for *_, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        for done, record_id in answers:
-            if not done.done():
-                done.set_result(record_id)
-
-
-def _subject(item: _Put) -> bytes:
-    subject = item[1]["subject"]
-    return subject if isinstance(subject, bytes) else b""
-
-
-def _groups(batch: list[_Put]) -> dict[tuple[str, tuple[str, ...]], list[_Put]]:
-    """The batch by table and column names (one statement each), in the batch's order."""
-    groups: dict[tuple[str, tuple[str, ...]], list[_Put]] = {}
-    for item in batch:
-        groups.setdefault((item[0].name, tuple(item[1])), []).append(item)
-    return groups
 
 
 def plaintext_rows(

@@ -204,15 +204,24 @@ async def test_two_processes_putting_the_same_records_and_subjects_never_deadloc
     first, second = stores
     seen = [_Batches(_backend(first)), _Batches(_backend(second))]
     rows = [_registration(f"user{i % 4}", i % 60, port=i) for i in range(120)]
+
+    async def one_by_one(store: Store) -> int:
+        """Puts awaited in turn: after the first (in its store's batch), batches of one,
+        the single statement, among the others' batches."""
+        for row in rows[:6]:
+            await store.put("registration", row)
+        return 0
+
     async with asyncio.timeout(LONGEST_WAIT):
         for _ in range(10):
             results = await asyncio.gather(
                 *(first.put("registration", row) for row in rows),
                 *(second.put("registration", row) for row in reversed(rows)),
-                *(second.put("registration", row) for row in rows[:1]),  # a batch of one
+                one_by_one(second),
                 return_exceptions=True,
             )
             assert [r for r in results if not isinstance(r, int)] == []
     assert [s.failures for s in seen] == [[], []], "no batch failed (no deadlock broken)"
+    assert 1 in seen[1].sizes, "the single statement was among them"
     assert (await _query(first, f"SELECT count(*) FROM {TABLE}")) == [(60,)]
     assert (await _query(first, "SELECT count(*) FROM subjects")) == [(4,)]
