@@ -1,7 +1,7 @@
 """The location service: which node holds what, in Redis, for the other nodes.
 
     location = Location(shared, secret)
-    await location.link_pbx(serial, flow_id, ttl)     # this node holds the PBX's link
+    await location.link_pbx({serial: flow_id})       # this node holds the PBX's link
     await location.pbx(serial)                       # (node, flow id) or None
     await location.registered(binding, instance, flow_id, ttl)  # + PUBLISH
     await location.listen(on_registration)           # events; re-read on resubscribe
@@ -10,15 +10,18 @@ Keys (what the policy's `location` category declares; memory only, each with an
 expiry, so an entry outlives neither what it describes nor the node holding it):
 
 - `pbx:<serial>` -> `<node> <flow id>`: the node holding the PBX's link and the id of
-  the flow there. Set on every accepted link REGISTER, with the link's expiry;
-  deleted when the flow closes (only if it still names that flow: a PBX that linked
-  again elsewhere meanwhile keeps its new entry). A dead node's entries are ignored
-  once its heartbeat (`nodes:<node>`, cluster/redis.py) expires.
+  the flow there (a counter of that process, nothing of the connection). Set on every
+  accepted link REGISTER and refreshed by its node every LINK_REFRESH seconds with an
+  expiry of LINK_TTL, so a node's entries go at most a minute after it stops; deleted
+  when the flow closes (only if it still names that flow: a PBX that linked again
+  elsewhere meanwhile keeps its new entry). A dead node's entries are ignored at once
+  when its heartbeat (`nodes:<node>`, cluster/redis.py) expires.
 - `reg:<binding>` -> `<node> <flow id> <instance> <time>`: the latest accepted REGISTER
-  of a binding with push parameters, by fingerprint only. The binding's fingerprint
-  is a keyed hash (the cluster secret) of push service, push token, user and PBX
-  serial; the instance's, of its `+sip.instance`: no user name, token or address is
-  in Redis. Expires with the binding.
+  of a binding with push parameters, by fingerprint only, and when it was accepted.
+  The binding's fingerprint is a keyed hash (the cluster secret) of push service, push
+  token, user and PBX serial; the instance's, of its `+sip.instance`: no user name,
+  token or address is in Redis. Kept for the re-reads only: REREAD_WINDOW at most
+  (a parked call waits less), never longer than the binding.
 - channel `registrations`: the same, published on every such REGISTER, so that a node
   holding a parked INVITE for that binding releases it to the flow on `<node>`.
 
@@ -46,9 +49,13 @@ log = logging.getLogger("softrelay.cluster")
 REGISTRATIONS = "registrations"
 PBX_PREFIX = "pbx:"
 REG_PREFIX = "reg:"
-# The link's entry lives this much past the link's own expiry: a PBX refreshes a
-# little before expiry, and its entry must not lapse in between.
-LINK_SLACK = 30
+# A PBX link's entry, refreshed by its node every LINK_REFRESH seconds (and again after
+# Redis restarted empty), lives LINK_TTL: a dead node's entries go within a minute.
+LINK_TTL = 60
+LINK_REFRESH = 20.0
+# A registration is kept this long for the re-reads after a resubscribe: longer than
+# any call waits parked (the wake timeout, 30 s by default).
+REREAD_WINDOW = 60
 
 # Deletes a PBX's entry only while it still names the flow that closed.
 _UNLINK = """
@@ -96,10 +103,15 @@ class Location:
 
     # --- PBX links -------------------------------------------------------------------
 
-    async def link_pbx(self, serial: str, flow_id: int, ttl: int) -> None:
-        value = f"{self.node_id} {flow_id}"
-        async with self._shared.guard("pbx link"):
-            await self._shared.client.set(PBX_PREFIX + serial, value, ex=ttl + LINK_SLACK)
+    async def link_pbx(self, links: dict[str, int]) -> None:
+        """This node holds these PBX links (serial -> flow id): set, or refresh."""
+        if not links:
+            return
+        client = self._shared.client
+        async with self._shared.guard("pbx link"), client.pipeline(transaction=False) as pipe:
+            for serial, flow_id in links.items():
+                pipe.set(PBX_PREFIX + serial, f"{self.node_id} {flow_id}", ex=LINK_TTL)
+            await pipe.execute()
 
     async def unlink_pbx(self, serial: str, flow_id: int) -> None:
         await self._unlink("pbx unlink", [PBX_PREFIX + serial], [f"{self.node_id} {flow_id}"])
@@ -137,7 +149,7 @@ class Location:
         value = f"{self.node_id} {flow_id} {instance} {at!r}"
         client = self._shared.client
         async with self._shared.guard("registration"), client.pipeline(transaction=False) as pipe:
-            pipe.set(REG_PREFIX + binding, value, ex=max(1, ttl))
+            pipe.set(REG_PREFIX + binding, value, ex=max(1, min(ttl, REREAD_WINDOW)))
             pipe.publish(REGISTRATIONS, f"{binding} {value}")
             await pipe.execute()
 

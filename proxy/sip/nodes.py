@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter
 
-from cluster.location import Location, Registration
+from cluster.location import LINK_REFRESH, Location, Registration
 from cluster.redis import ClusterUnavailable
 from privacy.clock import Clock
 from privacy.store import Subject
@@ -64,6 +64,7 @@ MAX_REMOTE_FLOWS = 100_000  # other nodes' flows known here, at most
 # A registration another node stored is the phone of a parked call only if it was
 # accepted after the call was parked (less this much for the nodes' clocks).
 CLOCK_SKEW = 2.0
+CLOSE_GRACE = 2.0  # seconds for the last location writes at shutdown
 _LENGTH = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 
@@ -161,7 +162,8 @@ class Nodes:
         # Our flows another node knows of: they hear of its end (`closed`).
         self._told: dict[int, set[str]] = {}
         self._readers: set[asyncio.StreamWriter] = set()
-        self._tasks = Tasks(log, "nodes.task_failed")
+        self._tasks = Tasks(log, "nodes.task_failed")  # location writes, `closed` notices
+        self._loops = Tasks(log, "nodes.task_failed")  # the refresher, connection watchers
         self.metrics = NodeMetrics(registry)
 
     @classmethod
@@ -182,11 +184,16 @@ class Nodes:
         relay.join(self.node_id, self)
         relay.listening(((Transport.TCP, self.address),))
         await location.listen(self._registration, self._reread)
+        self._loops.spawn(self._refresh_links(), name="nodes-link-refresh")
         return self
 
     async def close(self) -> None:
+        """After the transports stopped: the entries of the links they closed are
+        deleted (bounded), then the link's connections close."""
         if self._server is not None:
             self._server.close()
+        await self._loops.close()
+        await self._tasks.wait(CLOSE_GRACE)
         for writer in [*self._readers, *(out.writer for out in self._out.values())]:
             writer.close()
         self._out.clear()
@@ -214,8 +221,17 @@ class Nodes:
             await self.relay.reply(request, flow, 480, "Node Unreachable")
 
     async def pbx_linked(self, serial: str, flow: Flow, expires: int) -> None:
-        # Awaited before the PBX's 200: once linked, every node finds it.
-        await self._location("pbx link", self.location.link_pbx(serial, flow.id, expires))
+        # Awaited before the PBX's 200: once linked, every node finds it. Refreshed by
+        # `_refresh_links` for as long as the flow lasts, whatever the link's expiry.
+        await self._location("pbx link", self.location.link_pbx({serial: flow.id}))
+
+    async def _refresh_links(self) -> None:
+        """Every LINK_REFRESH seconds, the entries of the PBX links this node holds: they
+        outlive the node by a minute at most, and come back after Redis restarted."""
+        while True:
+            await asyncio.sleep(LINK_REFRESH)
+            links = {serial: flow.id for serial, flow in self.relay.pbx_links().items()}
+            await self._location("pbx link refresh", self.location.link_pbx(links))
 
     def pbx_unlinked(self, serial: str, flow: Flow) -> None:
         self._tasks.spawn(self._location("pbx unlink", self.location.unlink_pbx(serial, flow.id)))
@@ -388,7 +404,7 @@ class Nodes:
                 raise NodeUnreachable(node) from exc
             out = self._out[node] = _Out(writer, session)
             # The other end never sends after the handshake: its close is all we read.
-            self._tasks.spawn(self._watch(node, out, reader))
+            self._loops.spawn(self._watch(node, out, reader))
             return out
 
     async def _watch(self, node: str, out: _Out, reader: asyncio.StreamReader) -> None:

@@ -268,6 +268,10 @@ class Relay:
             flow = await self.cluster.pbx_flow(serial)
         return flow
 
+    def pbx_links(self) -> dict[str, Flow]:
+        """The PBXs linked on this node: serial -> flow."""
+        return {serial: flow for serial, flow in self._pbx_flows.items() if not flow.closed}
+
     def pbx_flow(self, serial: str) -> Flow | None:
         flow = self._pbx_flows.get(serial)
         if flow is not None and not flow.closed:
