@@ -254,7 +254,7 @@ def reserve_ports(
 
 
 @dataclass(slots=True)
-class _Slot:
+class Slot:
     """Worker `index`: its process now, and how often it died lately."""
 
     index: int
@@ -302,7 +302,7 @@ class Supervisor:
         self._command = command
         self._env = env
         self._clock = clock
-        self._slots = [_Slot(i) for i in range(count)]
+        self._slots = [Slot(i) for i in range(count)]
         self._stop = asyncio.Event()
         self._first: list[asyncio.Future[bool]] = []
 
@@ -355,7 +355,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(sig)
 
-    async def _keep(self, slot: _Slot) -> None:
+    async def _keep(self, slot: Slot) -> None:
         """Run worker `slot.index` until the supervisor stops, starting it again when
         it dies (the module docstring says when)."""
         first: asyncio.Future[bool] | None = self._first[slot.index]
@@ -385,7 +385,7 @@ class Supervisor:
                 return
             slot.restarts += 1
 
-    async def _run_once(self, slot: _Slot, first: asyncio.Future[bool] | None) -> tuple[bool, int]:
+    async def _run_once(self, slot: Slot, first: asyncio.Future[bool] | None) -> tuple[bool, int]:
         """One process of the worker, from start to end: whether it got ready, and its
         exit status."""
         ours, theirs = socket.socketpair()

@@ -17,14 +17,31 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
+from redis.asyncio import Redis
 
+from softrelay.workers import RESTART_CAP, STABLE_AFTER, Slot, describe_status
 from tests.peers import DOMAIN, SERIAL, STARTUP_TIMEOUT, STEP_TIMEOUT, Server, _drain, run_cli
 
 CONNECTIONS = 32  # all on one worker by chance: 2 ** -31
 
 
-def _config(tmp_path: Path, cluster: bool) -> Path:
+def _two_free_ports() -> int:
+    """A port P with P + 1 free too (TCP, loopback): the base of per-worker ports."""
+    for _ in range(50):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            base = int(first.getsockname()[1])
+            try:
+                second.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError("no two free ports in a row")
+
+
+def _config(tmp_path: Path, cluster: bool, internal_base: int = 0) -> Path:
     secret = tmp_path / "pbx.secret"
     secret.write_text(f"pbx-secret-{secrets.token_hex(8)}\n", encoding="utf-8")
     cluster_secret = tmp_path / "cluster.secret"
@@ -39,6 +56,7 @@ def _config(tmp_path: Path, cluster: bool) -> Path:
         text += (
             '[cluster]\nredis = "env:SOFTRELAY_REDIS_URL"\n'
             f'secret = "file:{cluster_secret}"\nnode_id = "test"\n'
+            f'internal_listen = "127.0.0.1:{internal_base}"\n'
         )
     config = tmp_path / "softrelay.toml"
     config.write_text(text, encoding="utf-8")
@@ -75,15 +93,19 @@ async def _spawn(config: Path, data_dir: Path, redis_url: str, workers: int = 2)
 
 @pytest.fixture
 async def workers(tmp_path: Path, redis_url: str) -> AsyncIterator[Server]:
-    server = await _spawn(_config(tmp_path, cluster=True), tmp_path / "var", redis_url)
+    config = _config(tmp_path, cluster=True, internal_base=_two_free_ports())
+    server = await _spawn(config, tmp_path / "var", redis_url)
     try:
         await _started(server, r"^softrelay: 2 workers ready$")
         yield server
     finally:
-        await server.kill()
-        for pid in _worker_pids(server).values():  # a failed test's orphans
+        # A failed test's processes: every one gone and its output read to the end
+        # before the loop closes (the workers hold the pipes too).
+        for pid in [server.proc.pid, *_worker_pids(server).values()]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        await server.proc.wait()
+        await asyncio.wait_for(asyncio.gather(*server.drains), STEP_TIMEOUT)
 
 
 async def _started(server: Server, pattern: str) -> None:
@@ -163,6 +185,58 @@ def _gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def _heartbeats(redis_url: str) -> dict[str, str]:
+    """Node id -> internal SIP address, from the nodes' heartbeat keys in Redis."""
+    client = Redis.from_url(redis_url)
+    try:
+        values = []
+        for key in sorted(await client.keys("nodes:*")):
+            value = await client.get(key)
+            assert value is not None
+            values.append(orjson.loads(value))
+    finally:
+        await client.aclose()
+    return {value["node"]: value["internal"] for value in values}
+
+
+async def test_each_worker_is_a_node_with_its_own_id_and_internal_port(
+    workers: Server, redis_url: str, tmp_path: Path
+) -> None:
+    """Node ids "<node_id>-<index>", internal links on internal_listen's port + index;
+    the supervisor is no node."""
+    config = (tmp_path / "softrelay.toml").read_text()
+    (base,) = map(int, re.findall(r'internal_listen = "127\.0\.0\.1:(\d+)"', config))
+    expected = {"test-0": f"127.0.0.1:{base}", "test-1": f"127.0.0.1:{base + 1}"}
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:  # each beats once its internal link listens
+            beats = await _heartbeats(redis_url)
+            if beats == expected:
+                break
+            await asyncio.sleep(0.05)
+    assert await workers.stop() == 0
+    assert await _heartbeats(redis_url) == {}, "a clean stop deletes each node's heartbeat"
+
+
+def test_a_dying_worker_waits_longer_each_time_until_it_stays_up() -> None:
+    """At once, then 1, 2, 4 ... s, at most RESTART_CAP; up STABLE_AFTER: at once again."""
+    slot = Slot(0)
+    delays = []
+    for death in range(8):
+        slot.started = death * 10.0  # each lived 10 s
+        delays.append(slot.restart_delay(death * 10.0 + 10.0))
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, RESTART_CAP, RESTART_CAP]
+    slot.started = 100.0
+    assert slot.restart_delay(100.0 + STABLE_AFTER) == 0.0
+    slot.started = 200.0  # started again, and died at once
+    assert slot.restart_delay(201.0) == 1.0
+
+
+def test_exit_statuses_read_as_an_operator_would() -> None:
+    assert describe_status(0) == "exit 0"
+    assert describe_status(2) == "exit 2"
+    assert describe_status(-9) == "signal 9 (SIGKILL)"
 
 
 async def test_two_workers_bind_the_same_ports_and_each_takes_connections(
