@@ -152,7 +152,7 @@ class Server:
         """After a failed test: the process gone, its output no longer read."""
         if self.proc.returncode is None:
             self.proc.kill()
-            await self.proc.wait()
+            await asyncio.wait_for(self.proc.wait(), STEP_TIMEOUT)
         for task in self.drains:
             task.cancel()
 

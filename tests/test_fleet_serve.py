@@ -22,6 +22,7 @@ from privacy.database import StoreSettings
 from privacy.keys import Keyring, write_keyring
 from privacy.policy import load_policy
 from privacy.store import Store
+from tests.limits import LONGEST_WAIT
 from tests.peers import (
     PHONE_DOMAIN,
     SERIAL,
@@ -80,8 +81,10 @@ async def fleet(
 
     try:
         yield start
-        for srv in started:
-            assert await srv.stop() == 0, srv.log()
+        # Both at once: the teardown stays within pytest's timeout with the test's own
+        # bound, so a failure is reported by the test and the servers are always killed.
+        statuses = await asyncio.gather(*(srv.stop() for srv in started))
+        assert statuses == [0] * len(started), "".join(srv.log() for srv in started)
     finally:
         for srv in started:
             await srv.kill()
@@ -105,69 +108,72 @@ async def test_two_servers_count_each_install_once_and_close_and_sweep_once(
     store_settings: StoreSettings,
     raw_db: RawDatabase,
 ) -> None:
-    # The month before, pinged before the fleet starts: due to close (grace 0).
-    current = period_of(time.time())
-    before = previous_period(current)
-    seed_clock = ManualClock(start_of(current) - 86400.0)
-    usage = UsageSettings(tenants=(Tenant("acme", KEY),), grace=0)
-    seed = await Store.create(
-        load_policy("auerproxy"), keyring, tmp_path, seed_clock, store_settings
-    )
-    try:
-        ledger = Ledger(seed)
-        for _ in range(SEEDED):
-            await ledger.record("acme", before, secrets.token_bytes(16))
-        await ledger.drain()
-        expected = await MonthCloser(seed, usage).tally(before)
-    finally:
-        await seed.close()
+    # Its own bound, below pytest's timeout: a slow step fails here, and the
+    # fleet fixture's teardown still runs in time to stop both servers.
+    async with asyncio.timeout(LONGEST_WAIT):
+        # The month before, pinged before the fleet starts: due to close (grace 0).
+        current = period_of(time.time())
+        before = previous_period(current)
+        seed_clock = ManualClock(start_of(current) - 86400.0)
+        usage = UsageSettings(tenants=(Tenant("acme", KEY),), grace=0)
+        seed = await Store.create(
+            load_policy("auerproxy"), keyring, tmp_path, seed_clock, store_settings
+        )
+        try:
+            ledger = Ledger(seed)
+            for _ in range(SEEDED):
+                await ledger.record("acme", before, secrets.token_bytes(16))
+            await ledger.drain()
+            expected = await MonthCloser(seed, usage).tally(before)
+        finally:
+            await seed.close()
 
-    a, b = await fleet()
-    # Both ran their start-up turns of the close job and of the sweeper.
-    for server in (a, b):
-        await lines(server, r"usage month close (ran|skipped)")
-        await lines(server, r"retention sweep (ran|skipped)")
-    output = a.output + b.output
-    assert len([line for line in output if "usage month closed" in line]) == 1, "".join(output)
-    assert len([line for line in output if "retention sweep ran" in line]) == 1
-    assert len([line for line in output if "retention sweep skipped" in line]) == 1
-    assert raw_db.count("c_usage_close") == 1
-    assert raw_db.text(f"SELECT digest FROM c_usage_close WHERE period = '{before}'").strip() == (
-        expected.digest
-    )
-    assert raw_db.text(f"SELECT active FROM c_usage_count WHERE period = '{before}'").strip() == (
-        str(SEEDED)
-    )
-    runs = raw_db.text("SELECT count(*) || ' ' || count(DISTINCT category) FROM retention_runs")
-    total, categories = runs.split()
-    assert total == categories, "one run per category"
+        a, b = await fleet()
+        # Both ran their start-up turns of the close job and of the sweeper.
+        for server in (a, b):
+            await lines(server, r"usage month close (ran|skipped)")
+            await lines(server, r"retention sweep (ran|skipped)")
+        output = a.output + b.output
+        assert len([line for line in output if "usage month closed" in line]) == 1, "".join(output)
+        assert len([line for line in output if "retention sweep ran" in line]) == 1
+        assert len([line for line in output if "retention sweep skipped" in line]) == 1
+        assert raw_db.count("c_usage_close") == 1
+        assert raw_db.text(
+            f"SELECT digest FROM c_usage_close WHERE period = '{before}'"
+        ).strip() == (expected.digest)
+        assert raw_db.text(
+            f"SELECT active FROM c_usage_count WHERE period = '{before}'"
+        ).strip() == (str(SEEDED))
+        runs = raw_db.text("SELECT count(*) || ' ' || count(DISTINCT category) FROM retention_runs")
+        total, categories = runs.split()
+        assert total == categories, "one run per category"
 
-    # Every install pings both servers at once, some twice.
-    pids = [secrets.token_hex(16) for _ in range(INSTALLS)]
-    headers = {"Authorization": f"Bearer {KEY}"}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT)) as http:
+        # Every install pings both servers at once, some twice.
+        pids = [secrets.token_hex(16) for _ in range(INSTALLS)]
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STEP_TIMEOUT)) as http:
 
-        async def ping(server: Server, pid: str) -> int:
-            body = {
-                "tenant": "acme",
-                "period": current,
-                "pid": pid,
-                "platform": "ios",
-                "app_version": "1.0",
-            }
-            url = f"http://127.0.0.1:{server.http_port()}{PING_PATH}"
-            async with http.post(url, json=body, headers=headers) as response:
-                return response.status
+            async def ping(server: Server, pid: str) -> int:
+                body = {
+                    "tenant": "acme",
+                    "period": current,
+                    "pid": pid,
+                    "platform": "ios",
+                    "app_version": "1.0",
+                }
+                url = f"http://127.0.0.1:{server.http_port()}{PING_PATH}"
+                async with http.post(url, json=body, headers=headers) as response:
+                    return response.status
 
-        pings = [ping(server, pid) for pid in pids for server in (a, b)]
-        pings += [ping(b, pid) for pid in pids[:5]]
-        assert set(await asyncio.gather(*pings)) == {202}
-    assert raw_db.text(f"SELECT count(*) FROM c_usage WHERE period = '{current}'").strip() == (
-        str(INSTALLS)
-    )
-    assert raw_db.text(f"SELECT count(*) FROM c_usage_key WHERE period = '{current}'").strip() == (
-        "1"
-    )
+            pings = [ping(server, pid) for pid in pids for server in (a, b)]
+            pings += [ping(b, pid) for pid in pids[:5]]
+            assert set(await asyncio.gather(*pings)) == {202}
+        assert raw_db.text(f"SELECT count(*) FROM c_usage WHERE period = '{current}'").strip() == (
+            str(INSTALLS)
+        )
+        assert raw_db.text(
+            f"SELECT count(*) FROM c_usage_key WHERE period = '{current}'"
+        ).strip() == ("1")
 
 
 class Phone(StreamPeer):
@@ -209,27 +215,30 @@ async def register(phone: Phone, pbx: Pbx | None) -> int:
 async def test_a_restriction_set_elsewhere_refuses_the_next_register_at_the_other_server(
     fleet: Fleet,
 ) -> None:
-    a, b = await fleet()
-    pbx = await Pbx.connect(b.ports["tcp"])
-    phone = await Phone.connect(b.ports["tcp"])
-    try:
-        assert await pbx.link(b.secret) == 200, b.log()
-        assert await register(phone, pbx) == 200, b.log()
-        # B reads the marks and listens for their changes.
-        await lines(b, "store.restrictions_watched")
+    # Its own bound, below pytest's timeout: a slow step fails here, and the
+    # fleet fixture's teardown still runs in time to stop both servers.
+    async with asyncio.timeout(LONGEST_WAIT):
+        a, b = await fleet()
+        pbx = await Pbx.connect(b.ports["tcp"])
+        phone = await Phone.connect(b.ports["tcp"])
+        try:
+            assert await pbx.link(b.secret) == 200, b.log()
+            assert await register(phone, pbx) == 200, b.log()
+            # B reads the marks and listens for their changes.
+            await lines(b, "store.restrictions_watched")
 
-        async def dsr(action: str, changes: int) -> None:
-            status, out = await run_cli(
-                "dsr", action, "--user", "alice", "--serial", SERIAL,
-                "--config", str(a.config), "--data-dir", str(a.data_dir),
-            )  # fmt: skip
-            assert status == 0, out
-            await lines(b, "store.restrictions_changed", changes)  # B heard of it
+            async def dsr(action: str, changes: int) -> None:
+                status, out = await run_cli(
+                    "dsr", action, "--user", "alice", "--serial", SERIAL,
+                    "--config", str(a.config), "--data-dir", str(a.data_dir),
+                )  # fmt: skip
+                assert status == 0, out
+                await lines(b, "store.restrictions_changed", changes)  # B heard of it
 
-        await dsr("restrict", 1)
-        assert await register(phone, None) == 403, phone.last()
-        await dsr("unrestrict", 2)
-        assert await register(phone, pbx) == 200, phone.last()
-    finally:
-        await phone.close()
-        await pbx.close()
+            await dsr("restrict", 1)
+            assert await register(phone, None) == 403, phone.last()
+            await dsr("unrestrict", 2)
+            assert await register(phone, pbx) == 200, phone.last()
+        finally:
+            await phone.close()
+            await pbx.close()
