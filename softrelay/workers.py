@@ -318,6 +318,7 @@ class Supervisor:
             asyncio.create_task(self._keep(slot), name=f"worker-{slot.index}")
             for slot in self._slots
         ]
+        started: list[bool] = []
         try:
             started = await asyncio.gather(*self._first)
             if all(started):
@@ -401,13 +402,14 @@ class Supervisor:
             theirs.close()  # the worker's end lives in the worker only
             slot.process = process
             slot.started = self._clock()
+            if self._stop.is_set():  # stopped while it was being started: stop it too
+                process.send_signal(signal.SIGTERM)
             print(
                 f"softrelay: worker {slot.index} pid {process.pid} node {spec.node_id}",
                 flush=True,
             )
-            loop = asyncio.get_running_loop()
             # "ready", or the end of the stream: the worker ended before it listened.
-            ready = (await loop.sock_recv(ours, len(READY))) == READY
+            ready = await _read_ready(ours)
             if first is not None and not first.done():
                 first.set_result(ready)
             if ready and first is None:
@@ -420,6 +422,18 @@ class Supervisor:
             theirs.close()
             if first is not None and not first.done():
                 first.set_result(False)
+
+
+async def _read_ready(sock: socket.socket) -> bool:
+    """Whether the worker wrote READY before its end of the stream."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    while len(got) < len(READY):
+        chunk = await loop.sock_recv(sock, len(READY) - len(got))
+        if not chunk:
+            return False
+        got += chunk
+    return got == READY
 
 
 def worker_command(spec: WorkerSpec, config_source: str | None, data_dir: str) -> list[str]:

@@ -410,3 +410,32 @@ async def test_a_port_in_use_stops_the_start_once(tmp_path: Path, redis_url: str
     assert status == 2
     lines = [line for line in out.splitlines() if not line.startswith("{")]  # the log
     assert lines == ["softrelay: cannot start: [Errno 98] Address already in use"]
+
+
+async def test_a_worker_that_cannot_start_stops_them_all_with_exit_2(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Worker 0's metrics port is taken: it ends before it is ready, with its own line,
+    and the supervisor stops worker 1 too and exits 2, restarting nothing."""
+    config = _config(tmp_path, cluster=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config.write_text(
+            config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"', 1), encoding="utf-8"
+        )
+        server = await _spawn(config, tmp_path / "var", redis_url)
+        try:
+            status = await asyncio.wait_for(server.proc.wait(), STARTUP_TIMEOUT)
+            await asyncio.wait_for(asyncio.gather(*server.drains), STEP_TIMEOUT)
+        finally:
+            await server.kill()
+    out = server.log()
+    assert status == 2, out
+    # Worker 0's own line, from the command's handler of a port in use.
+    assert re.search(
+        rf"^softrelay: cannot start: \[Errno 98\] .*'127\.0\.0\.1', {port}\).*in use$", out, re.M
+    ), out
+    assert "softrelay: a worker could not start; stopping the others\n" in out
+    assert "starting it again" not in out
