@@ -147,6 +147,11 @@ class SharedRedis:
                 f"within {self.settings.timeout:g} s"
             ) from exc
         except (RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py turns a cancellation mid-read into a ConnectionError: it is
+                # still a cancellation, and must end the task (STYLE 7).
+                raise asyncio.CancelledError from exc
             raise ClusterUnavailable(
                 f"Redis at {self.settings.redis_target}: {what} failed ({type(exc).__name__})"
             ) from exc
@@ -266,7 +271,9 @@ class Subscriptions:
     ) -> None:
         """Listen to `channel` from now on and after every reconnect; `reread` runs
         after each confirmation of its SUBSCRIBE (the first included)."""
-        self._state.channels[channel] = _Channel(handler, reread)
+        async with self._changed:
+            self._state.channels[channel] = _Channel(handler, reread)
+            self._changed.notify_all()
         pubsub = self._state.pubsub
         if pubsub is not None:
             # Connected: subscribe on the live connection; if that fails the reader
@@ -303,22 +310,19 @@ class Subscriptions:
 
     async def _connected(self, backoff: Backoff) -> None:
         settings = self._shared.settings
+        # No channel yet: no connection to keep either (one is made for the first).
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._state.channels))
         pubsub = self.client.pubsub()
         self._state.pubsub = pubsub
         # Channels subscribed on this connection whose confirmation is still to come.
         pending = set(self._state.channels)
-        if pending:
-            async with asyncio.timeout(settings.timeout):
-                await pubsub.subscribe(*pending)
-        else:
-            # Nothing to listen to yet: connected all the same, checked by PINGs.
-            await pubsub.connect()  # type: ignore[no-untyped-call]  # redis-py untyped
+        async with asyncio.timeout(settings.timeout):
+            await pubsub.subscribe(*pending)
         loop = asyncio.get_running_loop()
         heard = loop.time()
         pinged = False
-        round_done = not pending
-        if round_done:
-            await self._round_complete()
+        round_done = False
         while True:
             message = await pubsub.get_message(timeout=settings.heartbeat_interval)
             now = loop.time()

@@ -29,6 +29,8 @@ The middleware also answers what no handler raised, in the variant of the route
     aiohttp's own text 4xx          -> the same status (404, 405, 413 ...)
     StorageUnavailable (privacy)    -> 503 storage_unavailable with Retry-After: the
                                        database is unreachable; nothing was stored
+    ClusterUnavailable (cluster)    -> 503 cluster_unavailable with Retry-After: Redis,
+                                       which shared limits need, is unreachable
     any other exception             -> 500 internal, logged by class name only
 
 The store's `StorageUnavailable` is mapped here, once, for every API: a handler lets it
@@ -51,6 +53,7 @@ from typing import Any, ClassVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from cluster.redis import ClusterUnavailable
 from privacy.backend import StorageUnavailable
 
 log = logging.getLogger("softrelay.http")
@@ -157,6 +160,22 @@ def storage_refusal(exc: StorageUnavailable) -> Refusal:
     )
 
 
+# Seconds a client is told to wait when Redis is out: its reconnect backoff's cap and a bit.
+CLUSTER_RETRY_AFTER = 5.0
+
+
+def cluster_refusal() -> Refusal:
+    """The answer to a request that needs what the cluster's nodes share (a shared limit,
+    a DSR challenge) while Redis cannot be reached: refused, never let through unlimited
+    (a limit that protects fails closed). The detail never names Redis's address."""
+    return Refusal(
+        503,
+        "cluster_unavailable",
+        "the service's shared state is unavailable; retry later",
+        retry_after=CLUSTER_RETRY_AFTER,
+    )
+
+
 # Path prefix -> the variant its routes answer in; set while the routes are added.
 VARIANTS = web.AppKey("refusal_variants", dict[str, type[Refusal]])
 
@@ -221,6 +240,11 @@ async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse
             raise
         # Not logged per request: the store logs the outage once, as it begins and ends.
         return _shaped(request, storage_refusal(exc))
+    except ClusterUnavailable:
+        if request.writer.output_size > 0:
+            raise
+        # Not logged per request: the Redis owner logs the outage (cluster/redis.py).
+        return _shaped(request, cluster_refusal())
     except Exception:
         if request.writer.output_size > 0:
             raise  # an answer is half sent: aiohttp can only drop the connection
@@ -234,6 +258,7 @@ __all__ = [
     "OAuthRefusal",
     "Refusal",
     "SentryRefusal",
+    "cluster_refusal",
     "refusals",
     "speaks",
     "storage_refusal",

@@ -19,10 +19,12 @@ at once (the least recent go first: forgetting a bucket can only be generous).
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
+from cluster.redis import ClusterUnavailable, SharedRedis
 from privacy.clock import Clock
 from tomlsections.reader import Section
 
@@ -120,3 +122,92 @@ def client_key(address: str | None) -> str:
     if parsed.ipv4_mapped is not None:
         return str(parsed.ipv4_mapped)
     return str(IPv6Network((parsed, 64), strict=False))
+
+
+# One token bucket in Redis, taken atomically. `now` is the caller's clock (the nodes'
+# clocks, or a test's), never Redis's TIME: a bucket refills as the callers' time says.
+# A node whose clock is behind refills nothing (the stored time only moves forward).
+# The key lives until the bucket would be full again, plus a minute (EXPIRE runs on
+# Redis's clock), so Redis holds no counter longer than it counts (policy:
+# cluster_limits). Returns the wait as a string: Lua numbers become integers in replies.
+_TAKE_LUA = """
+local now = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local take = ARGV[4] == "1"
+local state = redis.call("HMGET", KEYS[1], "t", "w")
+local tokens = tonumber(state[1])
+local when = tonumber(state[2])
+if tokens == nil or when == nil then
+  tokens = burst
+  when = now
+end
+if now > when then
+  tokens = math.min(burst, tokens + (now - when) * rate)
+  when = now
+end
+local wait = 0
+if tokens >= 1 then
+  if take then
+    tokens = tokens - 1
+  end
+else
+  wait = (1 - tokens) / rate
+end
+if take then
+  redis.call("HSET", KEYS[1], "t", tostring(tokens), "w", tostring(when))
+  redis.call("PEXPIRE", KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 60000)
+end
+return tostring(wait)
+"""
+
+
+class SharedRateLimiter:
+    """The token buckets of `RateLimiter`, kept in Redis so that every node of a cluster
+    takes from the same allowance: a client cannot multiply it by the number of nodes.
+
+    The same methods, awaited (a Redis round trip). A key is stored as a keyed hash
+    (BLAKE2b under the cluster secret, which every node shares): Redis never holds a
+    client's address or a subject's name. Redis unreachable: `ClusterUnavailable`, which
+    the HTTP middleware answers with 503 and Retry-After (webapi/errors.py): a limit that
+    protects fails closed, never lets a request through uncounted.
+    """
+
+    def __init__(self, limit: RateLimit, clock: Clock, shared: SharedRedis, name: str) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._rate = limit.per_minute / 60.0
+        self._shared = shared
+        self._prefix = f"ratelimit:{name}:"
+        self._hash_key = hashlib.sha256(shared.settings.secret.encode()).digest()
+        self._script = shared.script(_TAKE_LUA)
+
+    async def check(self, address: str | None) -> float:
+        return await self.take(client_key(address))
+
+    async def take(self, key: str) -> float:
+        """As RateLimiter.take, on the bucket all nodes share."""
+        return await self._run(key, take=True)
+
+    async def wait(self, key: str) -> float:
+        """As RateLimiter.wait, on the bucket all nodes share."""
+        return await self._run(key, take=False)
+
+    def bucket(self, key: str) -> str:
+        """The Redis key of `key`'s bucket: a keyed hash, never the key itself."""
+        digest = hashlib.blake2b(key.encode(), key=self._hash_key, digest_size=16).hexdigest()
+        return self._prefix + digest
+
+    async def _run(self, key: str, *, take: bool) -> float:
+        if self._rate <= 0:
+            return 0.0
+        args: list[str | float | int] = [
+            repr(self._clock.now()),
+            repr(self._rate),
+            self._limit.burst,
+            "1" if take else "0",
+        ]
+        reply = await self._script("rate limit", [self.bucket(key)], args)
+        if not isinstance(reply, bytes | str):
+            raise ClusterUnavailable(f"the rate limit script answered {type(reply).__name__}")
+        return float(reply)

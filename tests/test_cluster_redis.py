@@ -1,0 +1,184 @@
+"""What the nodes of a cluster share through a real Redis (tests/redisserver.py): one
+allowance for two limiters, the heartbeat's expiry, the subscriber's reread after Redis
+restarts, failures translated into ClusterUnavailable, and `[cluster]` parsing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from cluster.redis import ClusterUnavailable, SharedRedis
+from cluster.settings import ClusterSettings, parse_cluster
+from privacy.clock import ManualClock
+from tests.limits import LONGEST_WAIT
+from tests.redisserver import RedisServer
+from tomlsections.reader import ConfigError, load_toml
+from webapi.ratelimit import RateLimit, SharedRateLimiter
+
+SECRET = "s" * 24
+
+Open = Callable[..., Awaitable[SharedRedis]]
+
+
+def settings(url: str, node_id: str = "node-a", **changes: float) -> ClusterSettings:
+    base = ClusterSettings(
+        redis_url=url, secret=SECRET, node_id=node_id, heartbeat_interval=0.05,
+        heartbeat_expiry=0.3, timeout=2.0,
+    )  # fmt: skip
+    return replace(base, **changes)  # type: ignore[arg-type]  # float fields only
+
+
+@pytest.fixture
+async def open_shared(redis_url: str) -> AsyncIterator[Open]:
+    """Opens SharedRedis nodes on the test's Redis; all closed after the test."""
+    opened: list[SharedRedis] = []
+
+    async def factory(node_id: str = "node-a", **changes: float) -> SharedRedis:
+        opened.append(await SharedRedis.create(settings(redis_url, node_id, **changes)))
+        return opened[-1]
+
+    yield factory
+    for shared in opened:
+        await shared.close()
+
+
+async def test_two_nodes_limiters_share_one_allowance_exactly(
+    open_shared: Open, clock: ManualClock
+) -> None:
+    """Three at once, one a second: node A and node B together get three, not six; a
+    second later exactly one more between them; the wait is the bucket's, on both."""
+    limit = RateLimit(per_minute=60, burst=3)
+    a = SharedRateLimiter(limit, clock, await open_shared("node-a"), "web")
+    b = SharedRateLimiter(limit, clock, await open_shared("node-b"), "web")
+    assert [await a.check("198.51.100.7"), await b.check("198.51.100.7")] == [0.0, 0.0]
+    assert await a.check("198.51.100.7") == 0.0
+    assert await b.check("198.51.100.7") == pytest.approx(1.0)
+    assert await a.wait("198.51.100.7") == pytest.approx(1.0)
+    # Another client has its own bucket.
+    assert await b.check("198.51.100.8") == 0.0
+    clock.advance(0.5)
+    assert await a.check("198.51.100.7") == pytest.approx(0.5)
+    clock.advance(0.5)
+    assert await b.check("198.51.100.7") == 0.0
+    assert await a.check("198.51.100.7") == pytest.approx(1.0)
+
+
+async def test_shared_buckets_hold_no_address(
+    open_shared: Open, clock: ManualClock, redis_url: str
+) -> None:
+    limiter = SharedRateLimiter(RateLimit(per_minute=60, burst=2), clock, await open_shared(), "w")
+    await limiter.check("203.0.113.77")
+    raw = Redis.from_url(redis_url)
+    try:
+        keys = [k for k in await raw.keys("*") if isinstance(k, bytes)]
+        assert keys == [limiter.bucket("203.0.113.77").encode()]
+        assert b"203.0.113" not in b"".join(keys)
+        ttl = await raw.pttl(keys[0])
+        assert 0 < ttl <= 61_000  # refilled in 1 s; kept a minute beyond (the policy's words)
+    finally:
+        await raw.aclose()
+
+
+async def test_redis_down_is_cluster_unavailable_not_a_hang(
+    open_shared: Open, clock: ManualClock, redis_server: RedisServer
+) -> None:
+    limiter = SharedRateLimiter(RateLimit(per_minute=60, burst=2), clock, await open_shared(), "w")
+    redis_server.stop()
+    try:
+        with pytest.raises(ClusterUnavailable) as caught:
+            await limiter.check("198.51.100.7")
+        assert redis_server.password not in str(caught.value)
+        assert f"127.0.0.1:{redis_server.port}/0" in str(caught.value)
+    finally:
+        redis_server.start()
+    # Back: the same limiter works again (the stale pooled connection is replaced).
+    assert await limiter.check("198.51.100.7") == 0.0
+
+
+async def test_subscriber_rereads_after_redis_restarts(
+    open_shared: Open, redis_server: RedisServer
+) -> None:
+    """Pub/sub drops what is published while a subscriber is away: after Redis comes
+    back, the channel is subscribed again and its reread runs; messages flow again."""
+    shared = await open_shared()
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    rereads: list[int] = []
+
+    async def on_message(data: bytes) -> None:
+        await received.put(data)
+
+    async def reread() -> None:
+        rereads.append(shared.subscriptions.rounds)
+
+    await shared.subscriptions.subscribe("registrations", on_message, reread=reread)
+    shared.start()
+    async with asyncio.timeout(LONGEST_WAIT):
+        await shared.subscriptions.wait_rounds(1)
+        assert rereads == [0]
+        await shared.client.publish("registrations", b"first")
+        assert await received.get() == b"first"
+        redis_server.restart()
+        await shared.subscriptions.wait_rounds(2)
+        assert rereads == [0, 1]
+        await shared.client.publish("registrations", b"second")
+        assert await received.get() == b"second"
+
+
+async def test_create_refuses_an_unreachable_redis(redis_server: RedisServer) -> None:
+    url = redis_server.url().replace(redis_server.password, "wrong-password")
+    with pytest.raises(ClusterUnavailable) as caught:
+        await SharedRedis.create(settings(url))
+    assert "wrong-password" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "message"),
+    [
+        ('redis = "redis://:pw@host/0"\n', "cluster.redis", "'env:NAME' or 'file:PATH'"),
+        ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\nnode_id = "a b"\n',
+         "cluster.node_id", "letters, digits"),
+        ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\n'
+         'heartbeat_interval = "5s"\nheartbeat_expiry = "6s"\n',
+         "cluster.heartbeat_expiry", "twice"),
+        ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\n'
+         'heartbeat_expiry = "2m"\n', "cluster.heartbeat_expiry", "at most 1m"),
+        ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\nport = 1\n',
+         "cluster.port", "unknown key"),
+    ],
+)  # fmt: skip
+def test_cluster_section_errors_name_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, key: str, message: str
+) -> None:
+    monkeypatch.setenv("SR_TEST_REDIS", "redis://:hunter2hunter2@10.0.0.9:6380/2")
+    monkeypatch.setenv("SR_TEST_SECRET", SECRET)
+    path = tmp_path / "softrelay.toml"
+    path.write_text("[cluster]\n" + body)
+    with pytest.raises(ConfigError) as caught:
+        parse_cluster(load_toml(path).section("cluster"))
+    assert (caught.value.file, caught.value.key) == (str(path), key)
+    assert message in caught.value.message
+    assert "hunter2" not in str(caught.value)
+
+
+def test_cluster_section_parsed_and_the_url_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SR_TEST_REDIS", "redis://:hunter2hunter2@10.0.0.9:6380/2")
+    monkeypatch.setenv("SR_TEST_SECRET", SECRET)
+    path = tmp_path / "softrelay.toml"
+    path.write_text(
+        '[cluster]\nredis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\n'
+        'node_id = "edge-1"\ninternal_listen = "10.0.0.5:5090"\n'
+    )
+    parsed = parse_cluster(load_toml(path).section("cluster"))
+    assert parsed.node_id == "edge-1"
+    assert parsed.internal_listen == ("10.0.0.5", 5090)
+    assert (parsed.heartbeat_interval, parsed.heartbeat_expiry) == (2.0, 6.0)
+    assert parsed.redis_target == "10.0.0.9:6380/2"
+    assert "hunter2" not in repr(parsed)
+    assert SECRET not in repr(parsed)
