@@ -17,11 +17,13 @@ served relay on loopback each phone connects from its own 127.1.x.y address.
 Several targets (`--target http://A:8081?sip=5061,http://B:8082?sip=5062`, or the option
 repeated) are the nodes of a cluster: the PBXs are dealt out over them in turn, and each
 phone goes to its PBX's node (`--placement pbx`, the default: every call stays on one
-node, which two relays that know nothing of each other can carry too) or to the next
-node in turn (`--placement spread`: calls cross nodes, which needs a cluster that
-forwards between its nodes). The push inbox follows every node's delivery feed, and the
-summary adds `nodes`: per node its phones and PBXs, registrations, the calls to or from
-its phones, their wakes, and the pushes its own counters show.
+node, which two relays that know nothing of each other can carry too), or the phones of
+each PBX are dealt out over the nodes in turn, starting at the PBX's (`--placement
+spread`: with N nodes, (N-1)/N of the phones reach their PBX across nodes, which needs a
+cluster that forwards between its nodes). The push inbox follows every node's delivery
+feed, and the summary adds `nodes`: per node its phones (and how many of them have their
+PBX on another node) and PBXs, registrations, the calls to or from its phones, their
+wakes, and the pushes its own counters show.
 
 What happens: every PBX links; every phone registers through its PBX; a share of the
 mobile phones (`asleep`) go to sleep at once. Then, until `--duration` simulated seconds
@@ -97,7 +99,7 @@ class SimSettings:
     speed: float = 1.0
     seed: int | None = None
     # Several relays (`--target A,B`): "pbx" puts each phone on the node of its PBX, so
-    # every call stays on one node; "spread" deals phones out over the nodes in turn,
+    # every call stays on one node; "spread" deals each PBX's phones out over the nodes,
     # so calls cross nodes (a cluster forwards them between its nodes).
     placement: str = "pbx"
 
@@ -110,6 +112,7 @@ class NodeStats:
     """The figures of one node: its parties, and the calls to or from its phones."""
 
     phones: int = 0
+    phones_pbx_elsewhere: int = 0  # phones here whose PBX is on another node
     pbxs: int = 0
     registered: int = 0
     register_failed: Counter[str] = field(default_factory=Counter)
@@ -123,6 +126,7 @@ class NodeStats:
     def summary(self) -> dict[str, Any]:
         return {
             "phones": self.phones,
+            "phones_pbx_elsewhere": self.phones_pbx_elsewhere,
             "pbxs": self.pbxs,
             "registrations": {"ok": self.registered, "failed": dict(self.register_failed)},
             "calls": {
@@ -376,7 +380,10 @@ class Simulation:
         answers = _spread(s.answers, s.phones, self.rng)
         for i in range(s.phones):
             pbx = self.pbxs[i % len(self.pbxs)]
-            node = self._node_of[pbx.serial] if s.placement == "pbx" else nodes[i % len(nodes)]
+            home = nodes.index(self._node_of[pbx.serial])
+            # Phone i is its PBX's (i // pbxs)-th: "spread" puts it that many nodes on.
+            turn = 0 if s.placement == "pbx" else i // len(self.pbxs)
+            node = nodes[(home + turn) % len(nodes)]
             kind = kinds[i]
             transport = transports[i]
             if kind is not Kind.DESKTOP and transport is Transport.UDP:
@@ -397,6 +404,8 @@ class Simulation:
             )
             self._node_of[user] = node
             self.stats.nodes[node.name].phones += 1
+            if node.name != nodes[home].name:
+                self.stats.nodes[node.name].phones_pbx_elsewhere += 1
             phone = MockPhone(
                 spec,
                 node.address,

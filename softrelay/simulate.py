@@ -210,7 +210,8 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--placement",
         choices=PLACEMENTS,
         help="with several targets: pbx (default) puts each phone on its PBX's node, spread"
-        " deals phones out in turn (calls cross nodes: a cluster forwards them)",
+        " deals each PBX's phones out over the nodes (calls cross nodes: a cluster forwards"
+        " them)",
     )
     sim.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     sim.add_argument("--no-live", action="store_true", help="no live view, summary only")

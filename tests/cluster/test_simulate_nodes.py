@@ -4,7 +4,7 @@ figures per node in the summary.
 Two plain serves (no [cluster]) are two relays that know nothing of each other, so the
 run places each phone on its PBX's node (`--placement pbx`, the default) and every call
 stays on one node; calls across nodes (`--placement spread`) need a cluster that
-forwards between its nodes."""
+forwards between its nodes: two serves on one Redis."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import re
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -51,8 +52,16 @@ def test_a_bad_target_names_itself(value: str, error: str) -> None:
     assert str(caught.value).startswith(error)
 
 
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, redis_url: str | None = None) -> Path:
+    """Both PBXs, and with `redis_url` a [cluster] (each node's id its own default)."""
     text = '[sip]\ndomain = "relay.test"\n\n'
+    if redis_url is not None:
+        (tmp_path / "redis.url").write_text(redis_url + "\n", encoding="utf-8")
+        (tmp_path / "cluster.secret").write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
+        text += (
+            f'[cluster]\nredis = "file:{tmp_path / "redis.url"}"\n'
+            f'secret = "file:{tmp_path / "cluster.secret"}"\n\n'
+        )
     for serial in SERIALS:
         secret = tmp_path / f"{serial}.secret"
         secret.write_text(secrets.token_urlsafe(24) + "\n", encoding="utf-8")
@@ -80,11 +89,12 @@ async def _serve(config: Path, data_dir: Path) -> tuple[asyncio.subprocess.Proce
     return proc, f"{http}?sip={sip}"
 
 
-async def test_simulate_spreads_over_two_nodes_and_counts_each(tmp_path: Path) -> None:
-    """Two PBXs, one on each node, and each phone on its PBX's node: every phone
-    registers, and each node's figures are its own (its phones, its calls, and the
-    pushes its own counters show, one per call that woke a phone there)."""
-    config = _config(tmp_path)
+async def _simulate(
+    tmp_path: Path, config: Path, *options: str
+) -> tuple[dict[str, Any], list[str], bytes]:
+    """Two serves of `config`, and `simulate` against both at speed inf (answering or
+    declining users: a call left ringing would ring out only at its real-time bound);
+    the summary, the node names, and what simulate printed."""
     serves = [await _serve(config, tmp_path / f"var{i}") for i in (0, 1)]
     try:
         targets = ",".join(target for _, target in serves)
@@ -95,8 +105,8 @@ async def test_simulate_spreads_over_two_nodes_and_counts_each(tmp_path: Path) -
             "softrelay.cli",
             "simulate",
             *("--config", str(config), "--target", targets, "--scenario", "answers.toml"),
-            *("--phones", "20", "--pbxs", "2", "--duration", "20", "--call-rate", "1.5"),
-            *("--speed", "inf", "--seed", "11", "--no-live", "--json", "summary.json"),
+            *("--pbxs", "2", "--duration", "20", "--speed", "inf", "--seed", "11"),
+            *("--no-live", "--json", "summary.json", *options),
             cwd=tmp_path,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -111,24 +121,57 @@ async def test_simulate_spreads_over_two_nodes_and_counts_each(tmp_path: Path) -
             await proc.wait()
     summary = orjson.loads((tmp_path / "summary.json").read_bytes())
     names = [target.removeprefix("http://").split("?")[0] for _, target in serves]
-    nodes = summary["nodes"]
-    assert list(nodes) == names
+    return summary, names, out
+
+
+def _every_call_accounted(summary: dict[str, Any]) -> None:
+    nodes, calls = summary["nodes"], summary["calls"]
     for node in nodes.values():
-        assert (node["phones"], node["pbxs"]) == (10, 1)
-        assert node["registrations"] == {"ok": 10, "failed": {}}
-        assert node["pushes"] == (
-            {"delivered": node["calls"]["woken"]} if node["calls"]["woken"] else {}
-        )
-        assert node["wake_latency"]["count"] == node["calls"]["woken"]
+        node_calls = node["calls"]
         assert (
-            node["calls"]["connected"] + sum(node["calls"]["failed"].values())
-            == node["calls"]["attempted"]
+            node_calls["connected"] + sum(node_calls["failed"].values())
+            == (node_calls["attempted"])
         )
-    calls = summary["calls"]
+        assert node["wake_latency"]["count"] == node_calls["woken"]
     for key in ("attempted", "connected", "woken"):
         assert sum(node["calls"][key] for node in nodes.values()) == calls[key]
     assert all(node["calls"]["attempted"] > 0 for node in nodes.values()), nodes
     assert set(calls["failed"]) <= {"603 Decline"}, calls
     assert calls["woken"] > 0
+    # Every call to a sleeping phone was delivered after one push, on whichever node.
     assert summary["pushes"] == {"delivered": calls["woken"]}
+
+
+async def test_simulate_spreads_over_two_nodes_and_counts_each(tmp_path: Path) -> None:
+    """Two plain serves, a PBX on each and each phone on its PBX's node: every phone
+    registers, and each node's figures are its own (its phones, its calls, and the
+    pushes its own counters show, one per call that woke a phone there)."""
+    config = _config(tmp_path)
+    summary, names, out = await _simulate(tmp_path, config, "--phones", "20", "--call-rate", "1.5")
+    nodes = summary["nodes"]
+    assert list(nodes) == names
+    for node in nodes.values():
+        assert (node["phones"], node["phones_pbx_elsewhere"], node["pbxs"]) == (10, 0, 1)
+        assert node["registrations"] == {"ok": 10, "failed": {}}
+        woken = node["calls"]["woken"]
+        assert node["pushes"] == ({"delivered": woken} if woken else {})
+    _every_call_accounted(summary)
     assert b"per node" in out, "the summary printed the per-node table"
+
+
+async def test_simulate_200_phones_spread_over_two_cluster_nodes(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two serves of one cluster, half of each node's phones with their PBX on the other
+    node: all 200 register through the other node's PBX link, and every call to a
+    sleeping phone is delivered (the nodes forward to each other)."""
+    config = _config(tmp_path, redis_url)
+    summary, names, _ = await _simulate(
+        tmp_path, config, "--phones", "200", "--call-rate", "3", "--placement", "spread"
+    )
+    nodes = summary["nodes"]
+    assert list(nodes) == names
+    for node in nodes.values():
+        assert (node["phones"], node["phones_pbx_elsewhere"], node["pbxs"]) == (100, 50, 1)
+        assert node["registrations"] == {"ok": 100, "failed": {}}
+    _every_call_accounted(summary)
