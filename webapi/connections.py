@@ -32,6 +32,11 @@ this port and counts against the caps.
 Each timeout is kept in a queue ordered by start, so the reaper stops at the first
 entry still in time; all run on the injected clock.
 
+Every cap and the descriptor fit are a process's: under `serve --workers N` each worker
+has its own guard and open-file limit, so a host takes N times `max_connections` and one
+address up to N times `max_connections_per_ip` (the kernel spreads its connections over
+the workers by port). Rate limits that must hold across processes live in Redis.
+
 Nothing here logs an address: the metrics count by reason.
 """
 
