@@ -146,8 +146,9 @@ class Backend(Protocol):
     ) -> int:
         """Insert, or replace the row with the same key; record the subject's activity.
 
-        `row` builds the row (it encrypts) and is called on the backend's writer, so the
-        cryptography runs beside the write and off the event loop that carries SIP."""
+        `row` builds the row (it encrypts). SQLite calls it on its writer thread, beside
+        the write and off the event loop that carries SIP; PostgreSQL calls it on the
+        loop, as it gathers one turn's puts into one transaction (group commit)."""
         ...
 
     async def put_new(self, table: TableSpec, row: Callable[[], Row], *, now: float) -> bool:
