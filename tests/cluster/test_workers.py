@@ -307,8 +307,8 @@ async def test_a_killed_worker_is_started_again_and_the_port_keeps_answering(
     await workers.line(
         r"^softrelay: worker 1 ended \(signal 9 \(SIGKILL\)\); starting it again in 0 s$"
     )
-    # Worker 0 alone takes every new connection meanwhile.
-    async with aiohttp.ClientSession() as session:
+    # Worker 0 alone takes every new connection meanwhile (one per request: no keep-alive).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         for _ in range(8):
             async with session.get(f"http://127.0.0.1:{http}/healthz") as response:
                 assert response.status == 200
