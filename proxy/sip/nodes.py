@@ -49,7 +49,10 @@ from privacy.store import Subject
 from privacy.tasks import Tasks
 from proxy.sip.flow import Address, Flow, FlowClosed, Transport
 from proxy.sip.message import Request
+from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
+from proxy.sip.responses import make_response
+from proxy.sip.syntax import SipParseError
 from proxy.sip.wake import PushIdentity
 
 log = logging.getLogger("softrelay.sip.nodes")
@@ -352,6 +355,20 @@ class Nodes:
         for node in self._told.pop(flow.id, ()):
             self._tasks.spawn(self._tell_closed(node, flow.id))
 
+    async def _gone(self, node: str, flow_id: int, data: bytes) -> None:
+        """`node` sent on our flow `flow_id`, which is gone: a request gets 480 as if
+        from that flow (its Via is the node's, sealed to the flow it sent to, so the
+        node routes it), then the node hears that the flow ended, in that order."""
+        try:
+            request = parse(data)
+        except SipParseError:
+            request = None
+        if isinstance(request, Request) and request.method != "ACK":
+            answer = make_response(request, 480, "Flow Gone").serialize()
+            with contextlib.suppress(NodeUnreachable):
+                await self.send(node, {"k": "response", "f": flow_id}, answer)
+        await self._tell_closed(node, flow_id)
+
     async def _tell_closed(self, node: str, flow_id: int) -> None:
         # Unreachable: it is gone, or learns on its next `deliver` (answered `closed`).
         with contextlib.suppress(NodeUnreachable):
@@ -477,7 +494,7 @@ class Nodes:
         if kind == "deliver":
             flow = self.relay.local_flow(flow_id)
             if flow is None:
-                self._tasks.spawn(self._tell_closed(node, flow_id))
+                self._tasks.spawn(self._gone(node, flow_id, data))
                 return
             self._note(flow, node)
             with contextlib.suppress(FlowClosed, OSError):  # its close tells the node

@@ -847,6 +847,8 @@ class Relay:
                 await self._refuse_route(request, flow)
                 return
             target = self._other_end(dialog, flow)
+            if target is None and dialog.serial and dialog.phone.is_(flow):
+                target = await self._pbx_anywhere(dialog.serial)  # linked again elsewhere
             record_route = False
         if target is None:
             await self.reply(request, flow, 480, "Flow Gone")

@@ -180,3 +180,32 @@ async def test_a_call_parked_on_node_b_is_released_to_the_phone_back_on_node_c(
             await again.close()
         await pbx.close()
     assert len(b.relay.parking) == 0
+
+
+async def test_a_register_for_a_pbx_whose_link_on_another_node_ended_gets_480(
+    start_node: StartNode,
+) -> None:
+    """The PBX's connection to A ends: a phone on B that registers then gets 480, from B
+    once the entry in Redis is gone, and from A while a stale entry still names the
+    flow that ended (A answers for it, as the stale entry set here shows): never
+    silence."""
+    a, b = await start_node("a"), await start_node("b")
+    pbx = await linked_pbx(a)
+    link = a.relay.pbx_flow(SERIAL)
+    assert link is not None
+    gone = asyncio.Event()
+    link.on_close.append(lambda _: gone.set())
+    await pbx.close()
+    await asyncio.wait_for(gone.wait(), STEP_TIMEOUT)
+    phone = await TcpPhone.connect(b.sip_port)
+    try:
+        first, _ = await phone.digest_register("alice", PHONE_DOMAIN, None, tag="ph")
+        # A deletes its entry right after the close: either answer may come first.
+        assert first.status == 480, phone.last()
+        assert first.reason in ("PBX Not Connected", "Flow Gone"), phone.last()
+        # The entry as it was before A deleted it (a refresh racing with the close).
+        await a.nodes.location.link_pbx({SERIAL: link.id})
+        second, _ = await phone.digest_register("alice", PHONE_DOMAIN, None, tag="ph2")
+        assert (second.status, second.reason) == (480, "Flow Gone"), phone.last()
+    finally:
+        await phone.close()

@@ -23,6 +23,7 @@ from privacy.keys import Keyring
 from privacy.policy import load_policy
 from proxy.sip.flow import Transport
 from proxy.sip.nodes import Nodes
+from proxy.sip.overload import OverloadSettings
 from proxy.sip.relay import Relay
 from proxy.sip.service import SIP_SERVICE
 from proxy.sip.settings import PbxSettings, SipSettings
@@ -67,7 +68,11 @@ async def start_node(
         cluster = ClusterSettings(
             redis_url=redis_url, secret=cluster_secret, node_id=f"node-{name}"
         )
-        sip = SipSettings(DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),))
+        # No shedding on loop lag: the nodes share this loop, so one node's start-up
+        # would read as another's overload (each `serve` has a loop of its own).
+        sip = SipSettings(
+            DOMAIN, (PbxSettings(SERIAL, PBX_SECRET),), overload=OverloadSettings(lag=0)
+        )
         push = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id=APP_ID)
         data_dir = tmp_path / name
         data_dir.mkdir()
