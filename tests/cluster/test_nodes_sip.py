@@ -8,6 +8,8 @@ import asyncio
 import re
 import secrets
 
+from redis.asyncio import Redis
+
 from mockphone.sipwire import NameAddr, Response
 from tests.cluster.world import PBX_SECRET, Node, StartNode, cluster_secret, start_node
 from tests.peers import (
@@ -21,7 +23,7 @@ from tests.peers import (
     sip_message,
 )
 from tests.sip.test_wake_e2e import SDP as PBX_SDP
-from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
+from tests.sip.test_wake_e2e import TOKEN, CallingPbx, TcpPhone
 
 __all__ = ["cluster_secret", "start_node"]  # fixtures
 
@@ -133,7 +135,7 @@ async def test_a_phone_on_node_b_registers_with_the_pbx_linked_on_node_a_and_cal
 
 
 async def test_a_call_parked_on_node_b_is_released_to_the_phone_back_on_node_c(
-    start_node: StartNode,
+    start_node: StartNode, redis_url: str
 ) -> None:
     """The phone registered through B and slept; the PBX (on A) calls it: B parks the
     call and pushes. The phone wakes, connects to C and registers again; once the PBX
@@ -180,6 +182,23 @@ async def test_a_call_parked_on_node_b_is_released_to_the_phone_back_on_node_c(
             await again.close()
         await pbx.close()
     assert len(b.relay.parking) == 0
+    # What Redis holds names nodes, serials, flow ids and fingerprints: no user, push
+    # token or address of the phone (policy: the `location` category).
+    held = await _redis_contents(redis_url)
+    assert any(value.startswith("reg:") for value in held), held
+    for personal in ("alice", TOKEN, PHONE_IP):
+        assert not any(personal in value for value in held), (personal, held)
+
+
+async def _redis_contents(url: str) -> list[str]:
+    """Every key and string value in Redis, as text."""
+    client = Redis.from_url(url, decode_responses=True)
+    try:
+        keys = [key async for key in client.scan_iter("*")]
+        values = await client.mget(keys) if keys else []
+    finally:
+        await client.aclose()
+    return [str(k) for k in keys] + [str(v) for v in values if v]
 
 
 async def test_a_register_for_a_pbx_whose_link_on_another_node_ended_gets_480(
