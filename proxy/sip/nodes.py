@@ -204,6 +204,10 @@ class Nodes:
         for flow in list(self._remote.values()):
             flow.close()
 
+    async def settle(self, within: float | None = None) -> bool:
+        """Wait for the location writes and notices under way; whether none is left."""
+        return await self._tasks.wait(within)
+
     # --- the relay's Cluster -----------------------------------------------------------
 
     async def pbx_flow(self, serial: str) -> Flow | None:

@@ -11,6 +11,7 @@ import secrets
 from redis.asyncio import Redis
 
 from mockphone.sipwire import NameAddr, Response
+from softrelay.app import CLUSTER
 from tests.cluster.world import PBX_SECRET, Node, StartNode, cluster_secret, start_node
 from tests.peers import (
     PHONE_DOMAIN,
@@ -22,6 +23,7 @@ from tests.peers import (
     StreamPeer,
     sip_message,
 )
+from tests.redisserver import RedisServer
 from tests.sip.test_wake_e2e import SDP as PBX_SDP
 from tests.sip.test_wake_e2e import TOKEN, CallingPbx, TcpPhone
 
@@ -228,3 +230,53 @@ async def test_a_register_for_a_pbx_whose_link_on_another_node_ended_gets_480(
         assert (second.status, second.reason) == (480, "Flow Gone"), phone.last()
     finally:
         await phone.close()
+
+
+async def test_a_node_that_missed_the_registration_event_rereads_it_on_resubscribe(
+    start_node: StartNode, redis_server: RedisServer
+) -> None:
+    """Pub/sub drops what is published while a node is not subscribed. B holds a parked
+    call; Redis refuses every subscription (ACL: no channels) while the phone registers
+    again through C, so nobody hears the event. Once channels are allowed again, B
+    subscribes again, re-reads the binding's entry, and delivers the call."""
+    a, b, c = await start_node("a"), await start_node("b"), await start_node("c")
+    pbx = await linked_pbx(a)
+    phone, contact, path = await registered(b, pbx, "pw-alice")
+    await phone.sleep()
+    woken: list[TcpPhone] = []
+    try:
+        dialog = await pbx.invite(contact, path, "reread-1")
+        assert (await pbx.provisional()).status == 100, pbx.last()
+        assert (await pbx.provisional()).get("Push-Status") == "delivered", pbx.last()
+        rounds = b.server.app[CLUSTER].subscriptions.rounds
+        # No channel for anyone: subscribers are cut off and cannot subscribe again.
+        assert redis_server.command("ACL", "SETUSER", "default", "resetchannels") == b"+OK"
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+        again = await TcpPhone.connect(c.sip_port)
+        woken.append(again)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(again.register("pw-alice"))
+            group.create_task(pbx.accept_register("pw-alice"))
+        assert await c.nodes.settle(STEP_TIMEOUT)  # its entry is written (its PUBLISH refused)
+        assert len(b.relay.parking) == 1, "nobody heard of it: still parked"
+        assert redis_server.command("ACL", "SETUSER", "default", "allchannels") == b"+OK"
+        await b.rounds(rounds + 1)  # subscribed again, and re-read
+        async with asyncio.TaskGroup() as group:
+            call = group.create_task(again.take_call())
+            group.create_task(_answered_and_hung_up(pbx, dialog))
+        assert str(call.result().uri) == str(contact.uri)
+    except BaseException:
+        print("\n".join(pbx.transcript[-12:]))
+        raise
+    finally:
+        redis_server.command("ACL", "SETUSER", "default", "allchannels")
+        for peer in woken:
+            await peer.close()
+        await pbx.close()
+    assert len(b.relay.parking) == 0
+
+
+async def _answered_and_hung_up(pbx: CallingPbx, dialog: list[str]) -> None:
+    assert (await pbx.provisional()).status == 180, pbx.last()
+    answer = await pbx.response("INVITE", 200)
+    assert (await pbx.hang_up(answer, dialog)).status == 200, pbx.last()
