@@ -36,6 +36,7 @@ import hmac
 import logging
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ MAX_REMOTE_FLOWS = 100_000  # other nodes' flows known here, at most
 # accepted after the call was parked (less this much for the nodes' clocks).
 CLOCK_SKEW = 2.0
 CLOSE_GRACE = 2.0  # seconds for the last location writes at shutdown
+MAX_PENDING = 64  # frames of one flow waiting before the link stops being read
 _LENGTH = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 
@@ -106,6 +108,14 @@ class _Out:
     writer: asyncio.StreamWriter
     session: _Session
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """Frames of one flow waiting for its worker."""
+
+    frames: deque[tuple[dict[str, Any], bytes]] = field(default_factory=deque)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _NodeSender:
@@ -165,6 +175,7 @@ class Nodes:
         # Our flows another node knows of: they hear of its end (`closed`).
         self._told: dict[int, set[str]] = {}
         self._readers: set[asyncio.StreamWriter] = set()
+        self._pending: dict[tuple[str, bool, int], _Pending] = {}
         self._tasks = Tasks(log, "nodes.task_failed")  # location writes, `closed` notices
         self._loops = Tasks(log, "nodes.task_failed")  # the refresher, connection watchers
         self.metrics = NodeMetrics(registry)
@@ -465,7 +476,7 @@ class Nodes:
                 body = session.open(await _frame(reader))
                 header_end = body.index(b"\n")
                 header = orjson.loads(body[:header_end])
-                await self._dispatch(node, header, body[header_end + 1 :])
+                await self._queue(node, header, body[header_end + 1 :])
         except (LinkRefused, ValueError, TimeoutError, orjson.JSONDecodeError, KeyError) as exc:
             self.metrics.refused.inc()
             log.warning("nodes.link_refused", extra={"fields": {"error": type(exc).__name__}})
@@ -491,10 +502,44 @@ class Nodes:
         await writer.drain()
         return node.decode(), _Session(self._mac(b"session", ours, theirs, node))
 
-    async def _dispatch(self, node: str, header: dict[str, Any], data: bytes) -> None:
-        """One frame from `node` (authenticated), in the order it sent them."""
+    async def _queue(self, node: str, header: dict[str, Any], data: bytes) -> None:
+        """Hand a frame from `node` (authenticated) to the worker of its flow: the frames
+        of one flow are handled in the order sent (a CANCEL never overtakes its INVITE),
+        those of different flows concurrently, so that one call waiting on the store
+        does not hold up the rest of the link. A flow with MAX_PENDING frames waiting
+        stops the reading of the link until it has caught up."""
         kind, flow_id = str(header["k"]), int(header["f"])
         self.metrics.frames.labels("in", kind).inc()
+        # `deliver` names our flow; the others, the sending node's.
+        key = (node, kind == "deliver", flow_id)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _Pending()
+            self._tasks.spawn(self._work(key, pending))
+        pending.frames.append((header, data))
+        if len(pending.frames) >= MAX_PENDING:
+            pending.drained.clear()
+            await pending.drained.wait()
+
+    async def _work(self, key: tuple[str, bool, int], pending: _Pending) -> None:
+        try:
+            while pending.frames:
+                header, data = pending.frames.popleft()
+                if len(pending.frames) < MAX_PENDING // 2:
+                    pending.drained.set()
+                try:
+                    await self._dispatch(key[0], header, data)
+                except Exception as exc:  # the class only: a message may be quoted in it
+                    log.warning(
+                        "nodes.frame_failed", extra={"fields": {"error": type(exc).__name__}}
+                    )
+        finally:
+            pending.drained.set()
+            del self._pending[key]
+
+    async def _dispatch(self, node: str, header: dict[str, Any], data: bytes) -> None:
+        """One frame from `node`, in the order it sent those of its flow."""
+        kind, flow_id = str(header["k"]), int(header["f"])
         if kind == "deliver":
             flow = self.relay.local_flow(flow_id)
             if flow is None:
