@@ -111,18 +111,21 @@ class SharedRedis:
     @classmethod
     async def create(cls, settings: ClusterSettings) -> SharedRedis:
         """Connect and PING; ClusterUnavailable when Redis does not answer."""
+        # No socket_timeout: with one, redis-py sends every command inside
+        # `asyncio.wait_for`, which on Python 3.11 loses a cancellation that arrives as
+        # the write completes (CPython gh-86296, fixed in 3.12): a heartbeat cancelled at
+        # shutdown beat on, and `close` waited for it forever. `guard` (asyncio.timeout)
+        # bounds every call instead; the subscriber bounds its own.
         # One retry: a pooled connection Redis closed (a restart) reconnects once.
         client = Redis.from_url(
             settings.redis_url,
             retry=Retry(NoBackoff(), 1),
-            socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
         )
         # No retries: this connection's losses must surface, so rereads run (docstring).
         subscriber = Redis.from_url(
             settings.redis_url,
             retry=Retry(NoBackoff(), 0),
-            socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
         )
         shared = cls(settings, client, subscriber)
@@ -137,7 +140,10 @@ class SharedRedis:
     @contextlib.asynccontextmanager
     async def guard(self, what: str) -> AsyncIterator[None]:
         """Bound the calls inside by `timeout`; turn Redis's failures into
-        ClusterUnavailable (the one place they are translated)."""
+        ClusterUnavailable (the one place they are translated). A cancellation of the
+        caller stays one, whatever the client library made of it."""
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self.settings.timeout):
                 yield
@@ -147,14 +153,17 @@ class SharedRedis:
                 f"within {self.settings.timeout:g} s"
             ) from exc
         except (RedisError, OSError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if task is not None and task.cancelling() > cancelling:
                 # redis-py turns a cancellation mid-read into a ConnectionError: it is
                 # still a cancellation, and must end the task (STYLE 7).
                 raise asyncio.CancelledError from exc
             raise ClusterUnavailable(
                 f"Redis at {self.settings.redis_target}: {what} failed ({type(exc).__name__})"
             ) from exc
+        if task is not None and task.cancelling() > cancelling:
+            # Cancelled in here, and the call still returned: something below swallowed
+            # the CancelledError. Raise it again, or the task runs on uncancellable.
+            raise asyncio.CancelledError
 
     def script(self, lua: str) -> Script:
         return Script(self, lua)
@@ -278,8 +287,9 @@ class Subscriptions:
         if pubsub is not None:
             # Connected: subscribe on the live connection; if that fails the reader
             # sees the same failure and subscribes everything again on its next one.
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.subscribe(channel)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._shared.settings.timeout):
+                    await pubsub.subscribe(channel)
 
     async def close(self) -> None:
         pubsub, self._state.pubsub = self._state.pubsub, None
@@ -330,7 +340,8 @@ class Subscriptions:
                 if now - heard >= settings.heartbeat_expiry:
                     raise TimeoutError("no answer from Redis on the subscriber connection")
                 if not pinged:
-                    await pubsub.ping()
+                    async with asyncio.timeout(settings.timeout):
+                        await pubsub.ping()
                     pinged = True
                 continue
             heard, pinged = now, False

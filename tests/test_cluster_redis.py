@@ -1,10 +1,11 @@
 """What the nodes of a cluster share through a real Redis (tests/redisserver.py): one
-allowance for two limiters, the heartbeat's expiry, the subscriber's reread after Redis
-restarts, failures translated into ClusterUnavailable, and `[cluster]` parsing."""
+allowance for two limiters, the heartbeat's expiry and its clean stop, cancellation of a
+task mid-command, the subscriber's reread after Redis restarts, failures translated into ClusterUnavailable, and `[cluster]` parsing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from cluster.redis import ClusterUnavailable, SharedRedis
+from cluster.redis import ClusterUnavailable, SharedRedis, node_key
 from cluster.settings import ClusterSettings, parse_cluster
 from privacy.clock import ManualClock
 from tests.limits import LONGEST_WAIT
@@ -127,6 +128,93 @@ async def test_subscriber_rereads_after_redis_restarts(
         assert rereads == [0, 1]
         await shared.client.publish("registrations", b"second")
         assert await received.get() == b"second"
+
+
+@contextlib.asynccontextmanager
+async def key_events(redis_url: str, event: str) -> AsyncIterator[asyncio.Queue[bytes]]:
+    """The keys Redis reports `event` for (keyspace notifications), as they happen."""
+    raw = Redis.from_url(redis_url)
+    await raw.config_set("notify-keyspace-events", "Eg$x")
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(f"__keyevent@0__:{event}")
+    keys: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def read() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                await keys.put(message["data"])
+
+    reader = asyncio.create_task(read())
+    try:
+        yield keys
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py untyped
+        await raw.aclose()
+
+
+async def next_key(keys: asyncio.Queue[bytes], wanted: bytes) -> None:
+    async with asyncio.timeout(LONGEST_WAIT):
+        while await keys.get() != wanted:
+            pass
+
+
+async def test_a_node_that_stops_refreshing_drops_out_when_its_heartbeat_expires(
+    open_shared: Open, redis_url: str
+) -> None:
+    """A node that beat and then died (no clean stop, no refresh): its key carries the
+    heartbeat expiry, the others see it live until Redis expires it, then not."""
+    dead = await open_shared("node-a")
+    other = await open_shared("node-b")
+    async with key_events(redis_url, "expired") as expired:
+        await dead.beat()
+        assert set(await other.live_nodes()) == {"node-a"}
+        ttl = await other.client.pttl(node_key("node-a"))
+        assert 0 < ttl <= 300  # heartbeat_expiry 0.3 s
+        await next_key(expired, node_key("node-a").encode())
+    assert await other.live_nodes() == {}
+
+
+async def test_a_clean_stop_deletes_the_heartbeat_at_once(
+    open_shared: Open, redis_url: str
+) -> None:
+    """The heartbeat task beats until close; close ends it (it was once left beating on,
+    and close waited forever) and deletes the key: no wait for the expiry."""
+    node = await open_shared("node-a")
+    other = await open_shared("node-b")
+    async with key_events(redis_url, "set") as sets:
+        node.start(heartbeat={"internal": "127.0.0.1:5090"})
+        await next_key(sets, node_key("node-a").encode())
+        await next_key(sets, node_key("node-a").encode())  # and again: it refreshes
+    live = await other.live_nodes()
+    assert live == {"node-a": {"node": "node-a", "internal": "127.0.0.1:5090"}}
+    async with asyncio.timeout(LONGEST_WAIT):
+        await node.close()
+    assert await other.live_nodes() == {}
+    assert await other.client.exists(node_key("node-a")) == 0
+
+
+async def test_a_task_cancelled_mid_command_ends(open_shared: Open) -> None:
+    """Cancelled at each step of a Redis round trip, a task in `guard` always ends with
+    CancelledError, never returns as if nothing happened (Python 3.11's wait_for, which
+    redis-py used to send with, swallowed cancellations that met the write's end)."""
+    shared = await open_shared()
+
+    async def forever() -> None:
+        while True:
+            async with shared.guard("test set"):
+                await shared.client.set("k", b"v")
+
+    for steps in range(40):
+        task = asyncio.create_task(forever())
+        for _ in range(steps):
+            await asyncio.sleep(0)  # step the loop: the cancel lands at another point
+        task.cancel()
+        async with asyncio.timeout(LONGEST_WAIT):
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
 
 async def test_create_refuses_an_unreachable_redis(redis_server: RedisServer) -> None:
