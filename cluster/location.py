@@ -113,6 +113,13 @@ class Location:
                 pipe.set(PBX_PREFIX + serial, f"{self.node_id} {flow_id}", ex=LINK_TTL)
             await pipe.execute()
 
+    async def republish(self, links: dict[str, int]) -> None:
+        """After a reconnect (Redis may have restarted empty): this node's heartbeat and
+        the PBX links it holds, written again at once."""
+        if self._shared.beating:
+            await self._shared.beat()
+        await self.link_pbx(links)
+
     async def unlink_pbx(self, serial: str, flow_id: int) -> None:
         await self._unlink("pbx unlink", [PBX_PREFIX + serial], [f"{self.node_id} {flow_id}"])
 

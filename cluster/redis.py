@@ -197,6 +197,11 @@ class SharedRedis:
 
     # --- heartbeat -------------------------------------------------------------------
 
+    @property
+    def beating(self) -> bool:
+        """Whether the heartbeat runs (`start` was given the node's fields)."""
+        return self._heartbeat is not None
+
     async def beat(self) -> None:
         """Set this node's key with its expiry once; ClusterUnavailable if Redis fails."""
         fields = self._heartbeat or {}

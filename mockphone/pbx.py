@@ -11,6 +11,10 @@ What it does, as a PBX behind NAT does with softrelay:
 - opens one flow (TCP by default, or TLS or WebSocket) and REGISTERs
   `sip:<serial>@<domain>`, answering the relay's digest challenge with its secret;
   `PbxRefused` when the relay says no. It keeps the flow alive with CRLF pings;
+- links again when the flow is lost (the relay's node died or stopped, a keep-alive
+  went unanswered): to the next of the relay addresses it was given (the same one
+  when it has one), with a capped, jittered backoff between attempts, as a PBX in the
+  field does. Its registrar keeps its bindings meanwhile (`wait_links` counts links);
 - is the registrar of its users: challenges each REGISTER (MD5 digest, qop=auth),
   keeps each binding's Contact and the `Path` the relay added (RFC 3327), and replaces a
   binding re-registered by the same instance (`+sip.instance`) or push token (RFC 8599);
@@ -30,9 +34,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cluster.redis import Backoff
 from mockphone import digest
 from mockphone.sip import (
     TIMEOUT,
@@ -51,6 +56,9 @@ from mockphone.sipwire import NameAddr, Request, Response, make_response, reques
 log = logging.getLogger("softrelay.mockphone")
 
 KEEPALIVE = 30.0  # seconds between CRLF pings on the PBX's flow
+# Linking again after the flow was lost: from REDIAL_FIRST doubling to REDIAL_CAP.
+REDIAL_FIRST = 0.05
+REDIAL_CAP = 5.0
 MAX_NONCES = 10_000
 
 
@@ -145,6 +153,7 @@ class PbxCounters:
     registers: int = 0
     register_refused: int = 0
     calls_in: int = 0  # calls from phones, answered
+    links: int = 0  # accepted links to the relay, the first and every one after a loss
 
 
 @dataclass
@@ -161,11 +170,15 @@ class MockPbx:
     _nonces: dict[str, float] = field(default_factory=dict)
     _incoming: dict[str, asyncio.Event] = field(default_factory=dict)
     _keepalive: asyncio.Task[None] | None = None
+    relays: tuple[RelayAddress, ...] = ()
+    relay_index: int = 0  # which of `relays` the flow goes to
+    transport: Transport = Transport.TCP
+    _secret: str = field(default="", repr=False)
 
     @classmethod
     async def connect(
         cls,
-        relay: RelayAddress,
+        relay: RelayAddress | Sequence[RelayAddress],
         *,
         serial: str,
         secret: str,
@@ -175,22 +188,48 @@ class MockPbx:
         ring_timeout: float = 30.0,
         keepalive: float = KEEPALIVE,
         now: Callable[[], float] = time.monotonic,
+        redial: bool = True,
     ) -> MockPbx:
-        """Dial out to the relay and link as `serial`; PbxRefused if it says no."""
+        """Dial out to the relay (the first of several addresses: the nodes of a
+        cluster) and link as `serial`; PbxRefused if it says no. With `redial`, a lost
+        flow is replaced (module docstring)."""
         if transport is Transport.UDP:
             raise ValueError("a PBX links over TCP, TLS or WebSocket: calls come back on it")
+        relays = (relay,) if isinstance(relay, RelayAddress) else tuple(relay)
+        if not relays:
+            raise ValueError("a PBX needs at least one relay address")
         pbx = cls(serial, domain, dict(users), now=now, ring_timeout=ring_timeout)
-        pbx.link = await SipLink.open(transport, relay, pbx._on_request)
+        pbx.relays, pbx.transport, pbx._secret = relays, transport, secret
+        status = await pbx._open()
+        if status != 200:
+            raise PbxRefused(status)
+        pbx._keepalive = asyncio.create_task(
+            pbx._keep_alive(keepalive, redial), name=f"pbx-{serial}"
+        )
+        return pbx
+
+    async def _open(self) -> int:
+        """A new flow to the current relay address, linked; the link's final status
+        (the flow is closed unless 200). Errors of the flow itself propagate."""
+        link = await SipLink.open(self.transport, self.relays[self.relay_index], self._on_request)
+        self.link = link
         try:
-            status = await pbx._link(secret)
+            status = await self._link(self._secret)
         except BaseException:
-            await pbx.link.close()
+            await link.close()
             raise
         if status != 200:
-            await pbx.link.close()
-            raise PbxRefused(status)
-        pbx._keepalive = asyncio.create_task(pbx._keep_alive(keepalive), name=f"pbx-{serial}")
-        return pbx
+            await link.close()
+            return status
+        async with self.registered:
+            self.counters.links += 1
+            self.registered.notify_all()
+        return status
+
+    async def wait_links(self, count: int, within: float = TIMEOUT) -> None:
+        """Until the PBX has linked `count` times (the first link counts)."""
+        async with asyncio.timeout(within), self.registered:
+            await self.registered.wait_for(lambda: self.counters.links >= count)
 
     def add_user(self, user: str, password: str) -> None:
         """A user the registrar accepts from now on."""
@@ -215,12 +254,38 @@ class MockPbx:
         header = registration.answer(answer.get("WWW-Authenticate") or "", secret)
         return (await link.transact(registration.request(link.via(), header))).status
 
-    async def _keep_alive(self, every: float) -> None:
-        link = self._link_or_raise()
-        while not link.closed.is_set():
-            await asyncio.sleep(every)
-            with contextlib.suppress(LinkClosed, TimeoutError, OSError):
-                await link.ping()
+    async def _keep_alive(self, every: float, redial: bool) -> None:
+        """Ping every `every` seconds; when the flow ends (or a ping goes unanswered),
+        link again with `redial`, else stop."""
+        while True:
+            link = self._link_or_raise()
+            try:
+                async with asyncio.timeout(every):
+                    await link.closed.wait()
+            except TimeoutError:
+                try:
+                    await link.ping()
+                    continue
+                except (TimeoutError, OSError):
+                    await link.close()  # silent: as good as gone
+                except LinkClosed:
+                    pass
+            if not redial:
+                return
+            await self._relink()
+
+    async def _relink(self) -> None:
+        """Link again, to the next relay address first, until one accepts."""
+        backoff = Backoff(REDIAL_FIRST, REDIAL_CAP)
+        while True:
+            self.relay_index = (self.relay_index + 1) % len(self.relays)
+            try:
+                if await self._open() == 200:
+                    log.info("pbx linked again", extra={"fields": {"pbx_serial": self.serial}})
+                    return
+            except (OSError, TimeoutError, LinkClosed):
+                pass  # that node is not there (yet): the next one, after a while
+            await asyncio.sleep(backoff.delay())
 
     async def close(self) -> None:
         if self._keepalive is not None:

@@ -12,8 +12,12 @@ Kinds: `ios` registers APNs VoIP push parameters (RFC 8599 `pn-provider=apns`,
 `android` FCM ones, `desktop` none (it never sleeps, since nothing could wake it).
 Over UDP, TCP, TLS or WebSocket. Behaviours: keep-alive (CRLF pings), sleep, wake on
 push, answer / decline / ignore calls (`Answer`), place calls, lose the network and
-come back. The Contact carries a `+sip.instance`, so the PBX replaces the binding when
-the phone re-registers from a new flow.
+come back. An awake phone whose flow the relay's side ends (its node died or stopped)
+connects again and re-registers, to the next of the relay addresses it was given (the
+nodes of a cluster; the same one when it has one) with a capped, jittered backoff, as
+an app does on a lost flow (RFC 5626 4.5); `counters.redials` counts those. The
+Contact carries a `+sip.instance`, so the PBX replaces the binding when the phone
+re-registers from a new flow.
 
 The phone's password is only used to answer digest challenges; it is never logged.
 """
@@ -26,10 +30,11 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from cluster.redis import Backoff
 from mockphone.delays import Delay, Pace
 from mockphone.pushes import Push, PushInbox, PushKind
 from mockphone.sip import (
@@ -53,6 +58,9 @@ TEAM_ID = "ABCDE12345"
 NO_DELAY = Delay.fixed(0)
 # An app woken by a VoIP push connects and registers in about 1.5 s (CallKit, TLS, DNS).
 WAKE_DELAY = Delay("lognormal", 1.5, 0.4)
+# Connecting again after the flow was lost: from REDIAL_FIRST doubling to REDIAL_CAP.
+REDIAL_FIRST = 0.05
+REDIAL_CAP = 5.0
 
 
 class Kind(StrEnum):
@@ -118,6 +126,7 @@ class PhoneCounters:
     pushes: int = 0
     wakes: int = 0
     wake_failures: int = 0
+    redials: int = 0  # registered again after the flow was lost under the awake app
 
 
 @dataclass(slots=True)
@@ -135,7 +144,7 @@ class MockPhone:
     def __init__(
         self,
         spec: PhoneSpec,
-        relay: RelayAddress,
+        relay: RelayAddress | Sequence[RelayAddress],
         *,
         serial: str,
         domain: str,
@@ -145,7 +154,12 @@ class MockPhone:
         token: str | None = None,
     ) -> None:
         self.spec = spec
-        self.relay = relay
+        # The relay's addresses (a cluster's nodes): the flow goes to `relay`, the next
+        # one after a loss.
+        self.relays = (relay,) if isinstance(relay, RelayAddress) else tuple(relay)
+        if not self.relays:
+            raise ValueError("a phone needs at least one relay address")
+        self.relay = self.relays[0]
         self.serial = serial
         self.domain = f"{serial}.{domain}"
         self.inbox = inbox
@@ -165,6 +179,8 @@ class MockPhone:
         self._tasks: set[asyncio.Task[None]] = set()
         self._keepalive: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._redial: asyncio.Task[None] | None = None  # watches the flow while awake
+        self.redialed = asyncio.Condition()  # notified at each redial
         self._woken_at: float | None = None
         self.awake = asyncio.Event()
 
@@ -195,6 +211,8 @@ class MockPhone:
             self.awake.set()
             if self.spec.keepalive > 0:
                 self._keepalive = asyncio.create_task(self._keep_alive(self.spec.keepalive))
+            assert self.link is not None
+            self._redial = asyncio.create_task(self._redial_on_loss(self.link))
         else:
             self.counters.register_failures += 1
             await self._drop_link()
@@ -343,6 +361,13 @@ class MockPhone:
         return self.link
 
     async def _drop_link(self) -> None:
+        """Close the flow on purpose (no redial follows)."""
+        redial = self._redial
+        if redial is not None and redial is not asyncio.current_task():  # else: redialing
+            self._redial = None
+            redial.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await redial
         if self._keepalive is not None:
             self._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -355,12 +380,36 @@ class MockPhone:
     async def _keep_alive(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
+            link = self._live_link()
             try:
-                await self._live_link().ping()
+                await link.ping()
             except (LinkClosed, TimeoutError, OSError):
-                self.state = State.OFFLINE
-                self.awake.clear()
+                await link.close()  # silent: as good as gone (the redial takes over)
                 return
+
+    async def _redial_on_loss(self, link: SipLink) -> None:
+        """When `link` ends under the awake app (not dropped on purpose): connect and
+        register again, to the next relay address first, until one accepts."""
+        await link.closed.wait()
+        if self.link is not link:
+            return  # dropped on purpose: sleep, lose_network, stop
+        self.state = State.OFFLINE
+        self.awake.clear()
+        backoff = Backoff(REDIAL_FIRST, REDIAL_CAP)
+        while True:
+            index = (self.relays.index(self.relay) + 1) % len(self.relays)
+            self.relay = self.relays[index]
+            if await self._connect_and_register() == 200:
+                async with self.redialed:
+                    self.counters.redials += 1
+                    self.redialed.notify_all()
+                return
+            await asyncio.sleep(backoff.delay())
+
+    async def wait_redials(self, count: int, within: float = TIMEOUT) -> None:
+        """Until the phone has registered again `count` times after a lost flow."""
+        async with asyncio.timeout(within), self.redialed:
+            await self.redialed.wait_for(lambda: self.counters.redials >= count)
 
     # --- pushes -----------------------------------------------------------------------
 

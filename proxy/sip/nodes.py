@@ -222,11 +222,8 @@ class Nodes:
     # --- the relay's Cluster -----------------------------------------------------------
 
     async def pbx_flow(self, serial: str) -> Flow | None:
-        try:
-            found = await self.location.pbx(serial)
-        except ClusterUnavailable as exc:
-            log.warning("nodes.lookup_failed", extra={"fields": {"error": type(exc).__name__}})
-            return None
+        # ClusterUnavailable goes to the relay: 503 with Retry-After, not "not linked".
+        found = await self.location.pbx(serial)
         if found is None or found[0] == self.node_id:
             return None  # ours but gone (its entry outlived it): not linked
         return self.remote_flow(found[0], found[1], serial)
@@ -286,8 +283,15 @@ class Nodes:
             await self._release(event, parked_before=None)
 
     async def _reread(self) -> None:
-        """After (re)subscribing: registrations we may have missed, for the calls parked
-        here (only those accepted after the call was parked release it)."""
+        """After (re)subscribing: what this node holds is written again (a restarted
+        Redis is empty: the others would not find our PBXs, nor us, until the next
+        refresh), then the registrations we may have missed, for the calls parked here
+        (only those accepted after the call was parked release it)."""
+        links = {serial: flow.id for serial, flow in self.relay.pbx_links().items()}
+        try:
+            await self.location.republish(links)
+        except ClusterUnavailable:
+            return  # the next resubscribe writes again
         seen: set[str] = set()
         for identity, subject in self.relay.parking.parked_calls():
             binding = self._binding(identity, subject)
@@ -440,10 +444,18 @@ class Nodes:
             return out
 
     async def _watch(self, node: str, out: _Out, reader: asyncio.StreamReader) -> None:
-        await reader.read()
+        """The other node closes our connection only when it stops or dies: its flows
+        are gone, and the requests sent on them get their answer here (the relay)."""
+        with contextlib.suppress(ConnectionError, OSError):
+            await reader.read()
         if self._out.get(node) is out:
             del self._out[node]
         out.writer.close()
+        gone = [flow for (owner, _), flow in self._remote.items() if owner == node]
+        if gone:
+            log.info("nodes.link_lost", extra={"fields": {"node": node, "flows": len(gone)}})
+        for flow in gone:
+            flow.close()
 
     async def _hello(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, node: str

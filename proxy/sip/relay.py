@@ -41,6 +41,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cluster.redis import ClusterUnavailable
 from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from privacy.store import Store, Subject
@@ -68,6 +69,21 @@ ANSWERED_LIMIT = 10_000  # final REGISTER answers kept for UDP retransmissions, 
 BINDING_WRITES = 1_000  # binding writes in flight before a PBX's answers wait for them
 ADDRESSES_LIMIT = 256  # our addresses (one per transport and local address) kept made
 DIALOGS_LIMIT = 10_000  # dialog tokens kept made or opened, before the cache is emptied
+# Requests sent to another node's flow and not finally answered yet, at most, and for
+# how long (RFC 3261 timer C, a proxy's longest INVITE wait): answered 480 by this node
+# should that flow, or the node, go first.
+ACROSS_LIMIT = 10_000
+ACROSS_TTL = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Across:
+    """A request forwarded to another node's flow (`target`) from our `came_from`."""
+
+    request: Request
+    came_from: Flow
+    target: Flow
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +103,8 @@ class Cluster(Protocol):
     PBX linked on another node is, and the internal link for what another node holds."""
 
     async def pbx_flow(self, serial: str) -> Flow | None:
-        """The PBX of `serial` linked on another node, as a flow to it; None: nowhere."""
+        """The PBX of `serial` linked on another node, as a flow to it; None: nowhere.
+        ClusterUnavailable when that cannot be known now (answered 503, Retry-After)."""
 
     async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
         """A response that arrived on `flow` and whose Via names `node`."""
@@ -182,6 +199,9 @@ class Relay:
         self.parking = Parking(settings.wake, self, push, store, clock, registry)
         self.cluster: Cluster | None = None  # set by `join` in a cluster
         self._remote: set[int] = set()  # flows to another node's flows (`remote_flow`)
+        # (our branch, method) -> a request on its way to another node's flow.
+        self._across: OrderedDict[tuple[str, str], _Across] = OrderedDict()
+        self._answers = Tasks(log, "answer for a gone node failed")
 
     def join(self, node: str, cluster: Cluster) -> None:
         """Be node `node` of a cluster: every token names it (the tokens made before
@@ -252,7 +272,9 @@ class Relay:
     def _forget_flow(self, flow: Flow) -> None:
         self._by_token.pop(self._tokens.pop(flow.id, ""), None)
         self._flows.pop(flow.id, None)
-        self._remote.discard(flow.id)
+        if flow.id in self._remote:
+            self._remote.discard(flow.id)
+            self._answer_across(flow)
         serial = self._linked.pop(flow.id, None)
         if serial is not None and self._pbx_flows.get(serial) is flow:
             del self._pbx_flows[serial]
@@ -360,7 +382,20 @@ class Relay:
             self.metrics.errors.labels("malformed").inc()
             if isinstance(message, Request) and message.method != "ACK":
                 await self._send(flow, make_response(message, exc.status, exc.reason))
+        except ClusterUnavailable as exc:
+            if isinstance(message, Request):
+                await self._cluster_unavailable(message, flow, exc)
         return kind
+
+    async def _cluster_unavailable(
+        self, request: Request, flow: Flow, exc: ClusterUnavailable
+    ) -> None:
+        """503 with Retry-After: where the request must go (a PBX on another node) cannot
+        be known while Redis is out; the caller tries again, or another node."""
+        self.metrics.errors.labels("cluster_unavailable").inc()
+        log.warning("cluster unavailable", extra={"fields": {"error": str(exc)}})
+        retry = ("Retry-After", str(self.settings.overload.retry_after))
+        await self.reply(request, flow, 503, "Cluster Unavailable", (retry,))
 
     def _refusal(self, request: Request) -> str | None:
         """Why new work is refused (503) now, "overload" or "stopping"; None: it is
@@ -385,15 +420,54 @@ class Relay:
         the binding writes under way land, before the store closes."""
         await self._writes.wait()
         await self._writes.close()
+        await self._answers.close()
 
     async def _send(self, flow: Flow, message: Request | Response) -> None:
         await self._send_bytes(flow, message.serialize())
 
-    async def _send_bytes(self, flow: Flow, data: bytes) -> None:
+    async def _send_bytes(self, flow: Flow, data: bytes) -> bool:
+        """Whether `data` went out on `flow` (False: the flow is gone)."""
         try:
             await flow.send(data)
         except (FlowClosed, OSError):
             self.metrics.errors.labels("flow_closed").inc()
+            return False
+        return True
+
+    async def _send_on(self, request: Request, came_from: Flow, target: Flow, branch: str) -> None:
+        """Send a request we forward (`branch` our Via's) to `target`. To another node's
+        flow, it is remembered until its final answer, which this node gives (480)
+        should that flow or its node go first, or the node be unreachable now."""
+        remote = target.id in self._remote and request.method != "ACK"
+        if remote:
+            self._remember_across(branch, _Across(request, came_from, target, self.clock.now()))
+        if not await self._send_bytes(target, request.serialize()) and remote:
+            self._across.pop((branch, request.method), None)
+            await self._answer_gone(request, came_from, "Node Unreachable")
+
+    def _remember_across(self, branch: str, across: _Across) -> None:
+        now = self.clock.now()
+        while self._across and (
+            len(self._across) >= ACROSS_LIMIT
+            or now - next(iter(self._across.values())).at > ACROSS_TTL
+        ):
+            self._across.popitem(last=False)
+        self._across[(branch, across.request.method)] = across
+
+    def _answer_across(self, target: Flow) -> None:
+        """Another node's flow ended (or the link to its node did): each request still
+        waiting on it gets its final answer here."""
+        waiting = [key for key, across in self._across.items() if across.target is target]
+        for key in waiting:
+            across = self._across.pop(key)
+            self._answers.spawn(self._answer_gone(across.request, across.came_from, "Node Gone"))
+
+    async def _answer_gone(self, request: Request, came_from: Flow, reason: str) -> None:
+        """480 to a request we forwarded (our Via on top) that no one will answer."""
+        response = make_response(request, 480, reason)
+        response.pop_via()  # ours: the answer goes to the request's sender
+        self.metrics.errors.labels("node_gone").inc()
+        await self._send(came_from, response)
 
     async def reply(
         self,
@@ -598,7 +672,7 @@ class Relay:
                 request.contact_star,
             ),
         )
-        await self._send(pbx, request)
+        await self._send_on(request, flow, pbx, branch)
 
     async def _store_unavailable(
         self, request: Request, flow: Flow, exc: StorageUnavailable
@@ -800,6 +874,8 @@ class Relay:
             self.metrics.errors.labels("malformed").inc()
             if request.method != "ACK":
                 await self._send(flow, make_response(request, exc.status, exc.reason))
+        except ClusterUnavailable as exc:
+            await self._cluster_unavailable(request, flow, exc)
 
     async def _elsewhere(self, request: Request, flow: Flow, route: NameAddr, token: str) -> bool:
         """Whether `token` is another node's: the request went there (or, from another
@@ -970,7 +1046,7 @@ class Relay:
             for entry in dict.fromkeys(entries):  # one entry when both sides look alike
                 request.prepend("Record-Route", entry)
         self._push_via(request, branch, flow, target)
-        await self._send(target, request)
+        await self._send_on(request, flow, target, branch)
 
     def _is_mine(self, route: NameAddr) -> bool:
         """Whether a Route entry carries one of our tokens (a Path's or a dialog's)."""
@@ -1003,6 +1079,8 @@ class Relay:
             # Not from where its request went: a forgery (or a peer's confusion).
             self.metrics.errors.labels("response_not_from_target").inc()
             return
+        if self._across and response.status >= 200:
+            self._across.pop((top.branch or "", response.cseq.method), None)
         response.pop_via()
         if self.parking.watching and response.cseq.method == "INVITE":
             self.parking.answered(came_from, response.call_id, response.top_via.branch or "")
