@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: bench.*
 
-from bench import relay_calls, relay_idle, relay_register
+from bench import relay_calls, relay_cluster, relay_idle, relay_register
 from bench.harness import (
     HOST,
     ROOT,
@@ -83,10 +83,14 @@ from bench.relay_sipp import (
     table_row,
 )
 from tests.pgserver import find_bindir
+from tests.redisserver import find_binary as find_redis
 
 DEFAULT_KAMAILIO_CFG = ROOT.parent / "shared" / "peers" / "kamailio-relay.cfg"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "relay.json"
-PARTS = (*PATHS, "register", "idle")
+DEFAULT_CLUSTER_OUT = Path(__file__).resolve().parent / "results" / "cluster.json"
+# "cluster" (bench/relay_cluster.py: Redis, --workers, wake across nodes) only when asked.
+PARTS = (*PATHS, "register", "idle", "cluster")
+DEFAULT_PARTS = (*PATHS, "register", "idle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +134,14 @@ class Bench:
     softrelay_counters: dict[str, dict[str, float]] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)  # exit status of each server
+    cluster: relay_cluster.Results | None = None
 
 
 async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
     """The parts in `args.only`, always in this order: the call paths (one SIPp UAS for
     all), the REGISTER rounds (a fresh softrelay each), the profile, the idle flows."""
     done = Bench()
-    sipp = Sipp(procs, args.sipp, args.seconds, tmp / "sipp")
+    sipp = Sipp(procs, args.sipp, args.seconds, tmp / "sipp", transport=args.uac_transport)
     sipp.work.mkdir()
     secret = secrets.token_hex(16)
     secret_file = tmp / "pbx.secret"
@@ -144,7 +149,7 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
     parts, rates, refine = args.only, args.rates, args.refine
 
     uas_port = free_port()
-    uas = await sipp.start_uas(uas_port) if set(parts) & {*PATHS} else None
+    uas = await sipp.start_uas(uas_port) if set(parts) & {*PATHS, "cluster"} else None
     try:
         if "direct" in parts:
             done.paths["direct"] = await relay_calls.direct(sipp, uas_port, rates, refine)
@@ -165,6 +170,20 @@ async def bench(args: argparse.Namespace, procs: Processes, tmp: Path) -> Bench:
                 done.statuses["softrelay"] = await server.stop(procs)
         if "register" in parts:
             await register_rounds(args, procs, sipp, tmp, secret, secret_file, done)
+        if "cluster" in parts:
+            done.cluster = await relay_cluster.run(
+                procs,
+                sipp,
+                tmp,
+                uas_port,
+                args.kamailio_cfg,
+                secret,
+                secret_file,
+                rates,
+                refine,
+                args.cluster_rounds,
+                args.wake_calls,
+            )
         relay_steps = done.paths.get("softrelay", [])
         below = (value := ratio(done.paths)) is not None and value < TARGET_RATIO
         if relay_steps and (args.profile or below):
@@ -295,7 +314,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="kinds of idle flow: tcp (SIP port), ws (WebSocket at /sip) (tcp,ws)",
     )
     parser.add_argument(
-        "--only", type=parse_parts, default=list(PARTS), help=f"parts ({','.join(PARTS)})"
+        "--only",
+        type=parse_parts,
+        default=list(DEFAULT_PARTS),
+        help=f"parts ({','.join(PARTS)}; default all but cluster)",
+    )
+    parser.add_argument(
+        "--uac-transport",
+        choices=("u1", "un"),
+        default="u1",
+        help="SIPp UAC's -t: u1 one socket for all calls, un one per call (u1)",
+    )
+    parser.add_argument(
+        "--cluster-rounds", type=int, default=3, help="cluster: interleaved rounds (3)"
+    )
+    parser.add_argument(
+        "--wake-calls", type=int, default=30, help="cluster: wakes per mode per round (30)"
+    )
+    parser.add_argument(
+        "--cluster-out", type=Path, default=DEFAULT_CLUSTER_OUT, help="cluster: JSON result"
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile softrelay (also when it misses the goal)"
@@ -314,15 +351,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
     args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.refine < 0 or args.rounds < 1:
-        parser.error("--seconds must be positive, --refine 0 or more, --rounds at least 1")
+    if args.seconds <= 0 or args.refine < 0 or args.rounds < 1 or args.cluster_rounds < 1:
+        parser.error(
+            "--seconds must be positive, --refine 0 or more, --rounds and --cluster-rounds"
+            " at least 1"
+        )
+    if args.wake_calls < 1:
+        parser.error("--wake-calls must be at least 1")
+    if "cluster" in args.only and find_redis() is None:
+        parser.error("redis-server not found (apt-get install redis-server)")
     if any(later <= earlier for earlier, later in zip(args.rates, args.rates[1:], strict=False)):
         parser.error("--rates must rise")
     if shutil.which(args.sipp) is None:
         parser.error(f"SIPp not found ({args.sipp}): apt-get install sip-tester")
     if "register" in args.only and "postgresql" in args.store and find_bindir() is None:
         parser.error("PostgreSQL 15 not found (apt-get install postgresql-15): --store sqlite")
-    if "kamailio" in args.only and shutil.which("kamailio") is None:
+    if {"kamailio", "cluster"} & set(args.only) and shutil.which("kamailio") is None:
         parser.error("kamailio not found: apt-get install kamailio (or leave it out of --only)")
 
     # Both this process (the clients) and the server (it inherits the limit) hold one
@@ -338,10 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A safety net only: every step and every wait is bounded on its own.
     climbs = sum(part in args.only for part in PATHS) + 1
     climbs += args.rounds * len(args.store) if "register" in args.only else 0
+    # Per cluster round: four call paths, REGISTER, and the wakes (bounded apart).
+    climbs += args.cluster_rounds * 5 if "cluster" in args.only else 0
     per_step = args.seconds + RECV_TIMEOUT_MS / 1000 + STEP_MARGIN + SETTLE + QUIET_LIMIT
     hard_limit = climbs * (len(args.rates) + args.refine) * per_step
     idle_s = sum(max(60.0, n / 250) for n in args.idle_flows)
     hard_limit += idle_s * len(args.idle_kinds) + 300
+    if "cluster" in args.only:
+        hard_limit += args.cluster_rounds * (relay_cluster.WAKE_ROUND_LIMIT + 60)
 
     procs = Processes()
     tmp = Path(tempfile.mkdtemp(prefix="bench-relay-"))
@@ -420,7 +468,19 @@ def report(args: argparse.Namespace, done: Bench, wall: float, nofile: int, tmp:
     }
     if done.profile:
         result["profile"] = done.profile
-    write_result(args.out, result)
+    cluster_passed = None
+    if done.cluster is not None:
+        found = relay_cluster.to_json(done.cluster, args.uac_transport, args.wake_calls)
+        cluster_passed = found["pass"]
+        keys = (
+            *("timestamp", "python", "platform", "cpus", "versions", "transport", "scenarios"),
+            *("kamailio", "step_seconds", "rates", "refine", "pass_rule", "latency"),
+        )
+        write_result(
+            args.cluster_out, {**{k: result[k] for k in keys}, **found, "wall_s": round(wall, 1)}
+        )
+    if set(args.only) - {"cluster"}:
+        write_result(args.out, result)
 
     if done.paths or done.register or done.register_note:
         print_calls(done)
@@ -446,6 +506,9 @@ def report(args: argparse.Namespace, done: Bench, wall: float, nofile: int, tmp:
             print(f"  idle flows: {args.idle_note}")
     if done.profile:
         print_profile(done.profile)
+    if done.cluster is not None:
+        relay_cluster.print_report(found)
+        print(f"wrote {args.cluster_out}")
     counters = {k: v for k, v in done.softrelay_counters.items() if v and "messages_total" not in k}
     for name, values in counters.items():
         print(f"softrelay {name}: {', '.join(f'{k} {v:g}' for k, v in values.items())}")
@@ -454,9 +517,12 @@ def report(args: argparse.Namespace, done: Bench, wall: float, nofile: int, tmp:
         if value is None
         else ("PASS" if passed else "FAIL")
     )
-    print(f"\n{verdict}; wall {wall:.0f} s; wrote {args.out}")
+    wrote = f"; wrote {args.out}" if set(args.only) - {"cluster"} else ""
+    print(f"\n{verdict}; wall {wall:.0f} s{wrote}")
     if args.keep:
         print(f"logs kept in {tmp}")
+    if cluster_passed is False:
+        return 1
     return 0 if passed or value is None else 1
 
 

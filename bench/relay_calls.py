@@ -60,12 +60,20 @@ async def through_kamailio(
 
 
 async def through_softrelay(
-    sipp: Sipp, server: Softrelay, rates: Sequence[int], refine: int
+    sipp: Sipp,
+    server: Softrelay,
+    rates: Sequence[int],
+    refine: int,
+    *,
+    name: str = "softrelay",
+    pids: Sequence[int] | None = None,
 ) -> list[Step]:
-    """(3) Through a running `softrelay serve` whose static PBX is the UAS."""
-    target, pids = f"{HOST}:{server.ports['udp']}", [server.proc.pid]
+    """(3) Through a running `softrelay serve` whose static PBX is the UAS; `pids` the
+    relay's processes (default: the one `serve`; with --workers, every worker)."""
+    target = f"{HOST}:{server.ports['udp']}"
+    pids = [server.proc.pid] if pids is None else pids
     return await climb(
-        lambda rate: sipp.step(UAC, target, rate, KEYS, pids), rates, refine, "softrelay", pids
+        lambda rate: sipp.step(UAC, target, rate, KEYS, pids), rates, refine, name, pids
     )
 
 

@@ -51,9 +51,16 @@ class Registers:
 
 
 async def registers(
-    sipp: Sipp, server: Softrelay, secret: str, rates: Sequence[int], refine: int
+    sipp: Sipp,
+    server: Softrelay,
+    secret: str,
+    rates: Sequence[int],
+    refine: int,
+    *,
+    pids: Sequence[int] | None = None,
 ) -> Registers:
-    """The climb of REGISTERs through a running `server`, its PBX linked with `secret`."""
+    """The climb of REGISTERs through a running `server`, its PBX linked with `secret`;
+    `pids` the relay's processes (default: the one `serve`)."""
     done = Registers()
     try:
         pbx = await Pbx.link(server.ports["tcp"], secret)
@@ -61,14 +68,15 @@ async def registers(
         done.note = f"skipped: the PBX could not link ({type(exc).__name__}: {exc})"
         return done
     try:
-        target, pids = f"{HOST}:{server.ports['udp']}", [server.proc.pid]
+        target = f"{HOST}:{server.ports['udp']}"
+        relay_pids = [server.proc.pid] if pids is None else pids
 
         def measure(rate: int) -> Awaitable[Step]:
             # A new user for every REGISTER: each stores a binding (no coalesced refresh).
             keys = {"domain": f"{REGISTER_SERIAL}.{DOMAIN}", "prefix": f"r{rate}"}
-            return sipp.step(REGISTER, target, rate, keys, pids)
+            return sipp.step(REGISTER, target, rate, keys, relay_pids)
 
-        done.steps = await climb(measure, rates, refine, "register", pids)
+        done.steps = await climb(measure, rates, refine, "register", relay_pids)
     finally:
         done.pbx_answered = pbx.answered
         if pbx.error:

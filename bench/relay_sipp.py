@@ -44,6 +44,7 @@ STEP_MARGIN = 20.0  # s beyond a step's calls and its receive timeout before it 
 SETTLE = 1.0  # s of quiet between steps (the UAS keeps calls 4 s after their BYE)
 QUIET_CPU = 0.1  # a relay using less of a CPU than this is done with the last step...
 QUIET_LIMIT = 60.0  # ...which it must be within this many seconds
+MAX_SOCKETS = 15_000  # SIPp -t un: its sockets at once (it refuses more than its RLIMIT)
 
 
 def relay_config(
@@ -208,6 +209,10 @@ class Sipp:
     seconds: float
     work: Path
     runs: int = 0
+    # The UAC's -t: "u1" one UDP socket for all calls; "un" one per call, so that calls
+    # come from many source ports, as from many phones (SO_REUSEPORT workers are chosen
+    # by a hash of the source address: from one socket, every call reaches one worker).
+    transport: str = "u1"
 
     async def start_uas(self, port: int) -> asyncio.subprocess.Process:
         argv = [
@@ -251,6 +256,10 @@ class Sipp:
             HOST,
             "-p",
             str(free_port()),
+            "-t",
+            self.transport,
+            # One socket per open call with "un": under SIPp's open-file limit (20,000 here).
+            *(("-max_socket", str(MAX_SOCKETS)) if self.transport == "un" else ()),
             "-s",
             "service",
             *(arg for key, value in keys.items() for arg in ("-key", key, value)),
