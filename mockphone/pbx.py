@@ -266,10 +266,9 @@ class MockPbx:
                 try:
                     await link.ping()
                     continue
-                except (TimeoutError, OSError):
-                    await link.close()  # silent: as good as gone
-                except LinkClosed:
-                    pass
+                except (TimeoutError, OSError, LinkClosed):
+                    pass  # silent or gone: closed below
+            await link.close()  # ended by the other side: our end too
             if not redial:
                 return
             await self._relink()

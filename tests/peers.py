@@ -176,11 +176,11 @@ async def _drain(
             grew.set()
 
 
-async def start_server(tmp_path: Path, more_config: str = "") -> Server:
-    """`softrelay serve` on tmp_path with one PBX (SERIAL, a fresh secret) in DOMAIN,
-    and the TOML tables of `more_config` ([store], [usage] ...), once it has reported
-    its UDP and TCP SIP ports."""
-    secret = f"pbx-secret-{secrets.token_hex(8)}"
+async def start_server(tmp_path: Path, more_config: str = "", secret: str = "") -> Server:
+    """`softrelay serve` on tmp_path with one PBX (SERIAL, `secret` or a fresh one) in
+    DOMAIN, and the TOML tables of `more_config` ([store], [usage] ...), once it has
+    reported its UDP and TCP SIP ports."""
+    secret = secret or f"pbx-secret-{secrets.token_hex(8)}"
     (tmp_path / "pbx.secret").write_text(secret + "\n", encoding="utf-8")
     config = tmp_path / "softrelay.toml"
     config.write_text(
