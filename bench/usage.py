@@ -51,6 +51,7 @@ from usage.endpoint import PING_PATH
 from usage.period import period_of
 from usage.service import add_usage
 from usage.settings import Tenant, UsageSettings
+from webapi.ratelimit import LocalLimiters
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "usage.json"
 KEY = "bench-tenant-key-0123456789abcdef"
@@ -84,6 +85,7 @@ def _softrelay_app(data_dir: str) -> web.Application:
         close_interval=3600,
         store=STORE,
         registry=REGISTRY,
+        limiters=LocalLimiters(clock),
     )
     return app
 

@@ -50,7 +50,7 @@ from privacy.store import JsonText, Store, Writable
 from webapi.body import BodyTooLarge, read_capped
 from webapi.errors import SentryRefusal
 from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response
-from webapi.ratelimit import RateLimit, RateLimiter
+from webapi.ratelimit import Limiters, RateLimit
 
 CATEGORY = "crash_report"
 # aiohttp decodes these itself, streaming, a bounded chunk at a time (with Brotli for br).
@@ -102,6 +102,7 @@ class Ingest:
         clock: Clock,
         registry: CollectorRegistry,
         scrubbers: Scrubbers,
+        limiters: Limiters,
         forwarder: Forwarder | None = None,
     ) -> None:
         self.settings = settings
@@ -110,7 +111,7 @@ class Ingest:
         # Concurrent events are committed together, each answered once its row is on disk.
         self.batches = Batches(store, CATEGORY)
         # A token bucket per project: `rate_limit` events a minute, bursts of as many.
-        self.limiter = RateLimiter(RateLimit.per_window(settings.rate_limit, 60), clock)
+        self.limiter = limiters("crash", RateLimit.per_window(settings.rate_limit, 60))
         # Each request in flight holds up to `max_body` bytes and a place in a scrubbing
         # worker's queue; a per-project rate allows bursts, this bounds them all together
         # (a flood of events that each spend their whole CPU budget queues no further).
@@ -126,7 +127,7 @@ class Ingest:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 project = self._authenticate(request)
-                self._admit(project)
+                await self._admit(project)
                 self.in_flight += 1
                 try:
                     event_id = await inner(request, project)
@@ -147,11 +148,11 @@ class Ingest:
 
     # --- 1. who is calling, 2. whether there is room ------------------------------------
 
-    def _admit(self, project: Project) -> None:
+    async def _admit(self, project: Project) -> None:
         # The shared cap first: a refused request spends none of its project's rate.
         if self.in_flight >= self.settings.max_in_flight:
             raise _rate_limited(1, "too many crash reports in progress", "busy")
-        wait = self.limiter.take(project.id)
+        wait = await self.limiter.take(project.id)
         if wait:
             raise _rate_limited(wait, "rate limit of the project reached", "rate_limited")
 

@@ -18,6 +18,7 @@ from privacy.clock import Clock
 from privacy.store import Store
 from webapi.errors import SentryRefusal, speaks
 from webapi.openapi import OPENAPI
+from webapi.ratelimit import Limiters
 
 INGEST = web.AppKey("crash_ingest", Ingest)
 
@@ -29,6 +30,7 @@ def add_crashreports(
     *,
     store: web.AppKey[Store],
     registry: web.AppKey[CollectorRegistry],
+    limiters: Limiters,
 ) -> None:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         forwarder: Forwarder | None = None
@@ -47,7 +49,7 @@ def add_crashreports(
             settings.scrub_workers,
         )
         ingest = app[INGEST] = Ingest(
-            settings, app[store], clock, app[registry], scrubbers, forwarder
+            settings, app[store], clock, app[registry], scrubbers, limiters, forwarder
         )
         own = start_self_reporting(settings, _release())
         try:

@@ -8,12 +8,14 @@ Who may ask:
 - the operator, with `Authorization: Bearer <admin token>` (`[dsr] admin_token`),
   acting on a request the operator verified by other means.
 
-Failed proofs count per client and subject, and per client (memory only; a client is
+Failed proofs count per client and subject, and per client (a client is
 `webapi.ratelimit.client_key`: its address, an IPv6 one its /64), in token buckets of
 `dsr.max_failures` failures, refilled at that many per `dsr.failure_window`
 (`CLIENT_FAILURE_FACTOR` times both for one client): once a bucket is empty the answer
 is 429 with Retry-After. Nothing counts per subject alone, so a stranger's bogus
-proofs never lock the subject out; one client still cannot try many passwords.
+proofs never lock the subject out; one client still cannot try many passwords. The
+buckets are the app's `Limiters` (memory alone; Redis in a cluster, so failures on one
+node count on all), and so are the challenges in flight (dsr/identity.py).
 
 Every error is a `Refusal` (webapi/errors.py), JSON `{"error": <code>, "detail": <sentence>}`;
 refused requests are recorded in the trail. What the service and the identity proof
@@ -24,6 +26,7 @@ raise is mapped here, once:
                   PBX_ERROR     502 pbx_error
                   PBX_TIMEOUT   504 pbx_timeout
     InvalidRequest              400 bad_subject (the subject), bad_request (the rest)
+    ClusterUnavailable          503 cluster_unavailable (the middleware: Redis is out)
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ from typing import Any
 
 from aiohttp import web
 
-from dsr.identity import Failure, IdentityError, PbxIdentity
+from cluster.redis import SharedRedis
+from dsr.identity import (
+    Challenges,
+    Failure,
+    IdentityError,
+    MemoryChallenges,
+    PbxIdentity,
+    SharedChallenges,
+)
 from dsr.service import (
     ACTIONS,
     MUTABLE_FIELDS,
@@ -49,7 +60,7 @@ from tomlsections.reader import ConfigError, resolve_secret
 from webapi.body import read_json
 from webapi.errors import Refusal
 from webapi.openapi import JSON, OPENAPI, RETRY_AFTER, json_response, ref, refusal
-from webapi.ratelimit import RateLimit, RateLimiter, client_key
+from webapi.ratelimit import Limiters, RateLimit, client_key
 
 PREFIX = "/dsr/v1"
 _SUBJECT_KEYS = {"sip_username", "pbx_serial"}
@@ -73,30 +84,37 @@ class DsrApi:
     """What the handlers share; built in the app's cleanup context."""
 
     def __init__(
-        self, rights: DataSubjectRights, identity: PbxIdentity, admin_token: str | None
+        self,
+        rights: DataSubjectRights,
+        identity: PbxIdentity,
+        admin_token: str | None,
+        limiters: Limiters,
     ) -> None:
         self.rights = rights
         self.identity = identity
         self.admin_token = admin_token
-        settings, clock = rights.settings, rights.clock
+        settings = rights.settings
         window = settings.failure_window
         # Buckets of failed proofs: `take` per failure, `wait` before each attempt.
-        self.per_subject = RateLimiter(RateLimit.per_window(settings.max_failures, window), clock)
-        self.per_client = RateLimiter(
-            RateLimit.per_window(settings.max_failures * CLIENT_FAILURE_FACTOR, window), clock
+        self.per_subject = limiters(
+            "dsr-subject", RateLimit.per_window(settings.max_failures, window)
+        )
+        self.per_client = limiters(
+            "dsr-client",
+            RateLimit.per_window(settings.max_failures * CLIENT_FAILURE_FACTOR, window),
         )
 
-    def retry_after(self, client: str, subject: Subject | None = None) -> float:
+    async def retry_after(self, client: str, subject: Subject | None = None) -> float:
         """Seconds until `client` may try again (for `subject`); 0.0: now."""
-        wait = self.per_client.wait(client)
+        wait = await self.per_client.wait(client)
         if subject is not None:
-            wait = max(wait, self.per_subject.wait(_pair_key(client, subject)))
+            wait = max(wait, await self.per_subject.wait(_pair_key(client, subject)))
         return wait
 
-    def failed(self, client: str, subject: Subject | None = None) -> None:
-        self.per_client.take(client)
+    async def failed(self, client: str, subject: Subject | None = None) -> None:
+        await self.per_client.take(client)
         if subject is not None:
-            self.per_subject.take(_pair_key(client, subject))
+            await self.per_subject.take(_pair_key(client, subject))
 
 
 def _pair_key(client: str, subject: Subject) -> str:
@@ -123,14 +141,22 @@ def add_dsr_routes(
     settings: DsrSettings,
     store_key: web.AppKey[Store],
     relay_key: web.AppKey[Relay],
+    *,
+    limiters: Limiters,
+    cluster: web.AppKey[SharedRedis] | None = None,
 ) -> None:
     """Routes, their OpenAPI description and the context that builds the API (after
-    the store and the relay, which must come earlier in `cleanup_ctx`)."""
+    the store, the relay and the cluster's Redis (`cluster`, if a node of one), which
+    must come earlier in `cleanup_ctx`)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         rights = DataSubjectRights(app[store_key], settings)
-        identity = PbxIdentity(app[relay_key], rights.clock, settings.pbx_timeout)
-        app[DSR_API] = DsrApi(rights, identity, load_admin_token(settings.admin_token))
+        challenges: Challenges = (
+            MemoryChallenges(rights.clock) if cluster is None else SharedChallenges(app[cluster])
+        )
+        identity = PbxIdentity(app[relay_key], challenges, settings.pbx_timeout)
+        token = load_admin_token(settings.admin_token)
+        app[DSR_API] = DsrApi(rights, identity, token, limiters)
         yield
 
     app.cleanup_ctx.append(context)
@@ -162,8 +188,8 @@ def _client(request: web.Request) -> str:
     return client_key(request.remote) or "?"
 
 
-def _check_limit(api: DsrApi, client: str, subject: Subject | None = None) -> None:
-    wait = api.retry_after(client, subject)
+async def _check_limit(api: DsrApi, client: str, subject: Subject | None = None) -> None:
+    wait = await api.retry_after(client, subject)
     if wait:
         raise Refusal(429, "rate_limited", "too many failed attempts", retry_after=wait)
 
@@ -177,7 +203,7 @@ async def challenge(request: web.Request) -> web.Response:
     api = request.app[DSR_API]
     body = await _body(request, _SUBJECT_KEYS)
     subject = _subject(body)
-    _check_limit(api, _client(request), subject)
+    await _check_limit(api, _client(request), subject)
     try:
         issued = await api.identity.challenge(subject)
     except IdentityError as exc:
@@ -198,13 +224,13 @@ async def _authenticate(request: web.Request, body: dict[str, Any], subject: Sub
     client = _client(request)
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        _check_limit(api, client)
+        await _check_limit(api, client)
         token = header[7:].encode()
         if api.admin_token is None or not hmac.compare_digest(token, api.admin_token.encode()):
-            api.failed(client)
+            await api.failed(client)
             raise Refusal(403, "wrong_admin_token", "wrong admin token")
         return "operator"
-    _check_limit(api, client, subject)
+    await _check_limit(api, client, subject)
     challenge_id, authorization = body.get("challenge_id"), body.get("authorization")
     if not isinstance(challenge_id, str) or not isinstance(authorization, str):
         raise Refusal(
@@ -214,7 +240,7 @@ async def _authenticate(request: web.Request, body: dict[str, Any], subject: Sub
         await api.identity.verify(subject, challenge_id, authorization)
     except IdentityError as exc:
         if exc.failure is Failure.NOT_PROVED:
-            api.failed(client, subject)
+            await api.failed(client, subject)
         raise _identity_refusal(exc) from None
     return "subject"
 
@@ -257,11 +283,11 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 async def requests(request: web.Request) -> web.Response:
     api = request.app[DSR_API]
     client = _client(request)
-    _check_limit(api, client)
+    await _check_limit(api, client)
     header = request.headers.get("Authorization", "")
     token = header[7:].encode() if header.startswith("Bearer ") else b""
     if api.admin_token is None or not hmac.compare_digest(token, api.admin_token.encode()):
-        api.failed(client)
+        await api.failed(client)
         raise Refusal(403, "wrong_admin_token", "the request trail needs the admin token")
     try:
         limit = int(request.query.get("limit", "100"))

@@ -81,6 +81,7 @@ from usage.settings import UsageSettings
 from webapi.connections import HTTP_GUARD, HttpGuard, HttpLimits, fit_process_descriptors
 from webapi.errors import refusals
 from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
+from webapi.ratelimit import Limiters, LocalLimiters, SharedLimiters
 
 MAX_BODY = 1024 * 1024
 log = logging.getLogger("softrelay.proxy")
@@ -119,6 +120,7 @@ STAND_INS = web.AppKey("stand_ins", StandIns)
 RELAY = web.AppKey("relay", Relay)
 SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
 CLUSTER = web.AppKey("cluster", SharedRedis)
+SHARED_LIMITERS = web.AppKey("shared_limiters", SharedLimiters)
 
 
 def build_app(services: Services) -> web.Application:
@@ -143,8 +145,17 @@ def build_app(services: Services) -> web.Application:
     app[OPENAPI] = OpenApi("softrelay", "1")
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_sweeper_ctx)
+    # The one choice of where the rate limits count: in memory alone; in a cluster, in
+    # Redis, so a client cannot multiply its allowance by the number of nodes (the
+    # limiters connect when the cluster context opens, below).
+    limiters: Limiters = LocalLimiters(services.clock)
+    if services.cluster is not None:
+        app[SHARED_LIMITERS] = shared_limiters = SharedLimiters(services.clock)
+        limiters = shared_limiters
     # Crash ingest (Sentry protocol); its forwarder stops before the store closes.
-    add_crashreports(app, services.crash, services.clock, store=STORE, registry=REGISTRY)
+    add_crashreports(
+        app, services.crash, services.clock, store=STORE, registry=REGISTRY, limiters=limiters
+    )
     # Usage pings; the month close runs at the sweeper's cadence.
     add_usage(
         app,
@@ -154,6 +165,7 @@ def build_app(services: Services) -> web.Application:
         close_interval=services.sweep_interval,
         store=STORE,
         registry=REGISTRY,
+        limiters=limiters,
     )
     app.cleanup_ctx.append(_push_ctx)
     if services.cluster is not None:
@@ -172,10 +184,18 @@ def build_app(services: Services) -> web.Application:
         transports=SIP_TRANSPORTS,
         cluster=(services.cluster, CLUSTER) if services.cluster is not None else None,
     )
-    add_provisioning(app, services.provisioning, services.sip.pbxs, services.clock, STORE)
-    add_oauth(app, services.oauth, services.clock)
-    # After the store and the relay: a subject proves identity through its PBX's flow.
-    add_dsr_routes(app, services.dsr, STORE, RELAY)
+    add_provisioning(app, services.provisioning, services.sip.pbxs, services.clock, STORE, limiters)
+    add_oauth(app, services.oauth, services.clock, limiters)
+    # After the store, the relay and the cluster: a subject proves identity through its
+    # PBX's flow, wherever it is linked; its challenge is answered on any node.
+    add_dsr_routes(
+        app,
+        services.dsr,
+        STORE,
+        RELAY,
+        limiters=limiters,
+        cluster=CLUSTER if services.cluster is not None else None,
+    )
     metrics = services.metrics
     add_openapi_route(app, metrics=metrics.listen is None, token=bool(metrics.token))
     if services.push.embedded:
@@ -194,7 +214,9 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SERVICES].cluster
     assert settings is not None
     app[CLUSTER] = shared = await SharedRedis.create(settings)
+    app[SHARED_LIMITERS].connect(shared)
     yield
+    app[SHARED_LIMITERS].disconnect()
     await shared.close()
 
 

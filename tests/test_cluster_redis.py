@@ -1,6 +1,7 @@
 """What the nodes of a cluster share through a real Redis (tests/redisserver.py): one
 allowance for two limiters, the heartbeat's expiry and its clean stop, cancellation of a
-task mid-command, the subscriber's reread after Redis restarts, failures translated into ClusterUnavailable, and `[cluster]` parsing."""
+task mid-command, the subscriber's reread after Redis restarts, failures translated into
+ClusterUnavailable, and `[cluster]` parsing."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from privacy.clock import ManualClock
 from tests.limits import LONGEST_WAIT
 from tests.redisserver import RedisServer
 from tomlsections.reader import ConfigError, load_toml
-from webapi.ratelimit import RateLimit, SharedRateLimiter
+from webapi.ratelimit import RateLimit, SharedLimiters
 
 SECRET = "s" * 24
 
@@ -54,8 +55,8 @@ async def test_two_nodes_limiters_share_one_allowance_exactly(
     """Three at once, one a second: node A and node B together get three, not six; a
     second later exactly one more between them; the wait is the bucket's, on both."""
     limit = RateLimit(per_minute=60, burst=3)
-    a = SharedRateLimiter(limit, clock, await open_shared("node-a"), "web")
-    b = SharedRateLimiter(limit, clock, await open_shared("node-b"), "web")
+    a = SharedLimiters(clock, await open_shared("node-a"))("web", limit)
+    b = SharedLimiters(clock, await open_shared("node-b"))("web", limit)
     assert [await a.check("198.51.100.7"), await b.check("198.51.100.7")] == [0.0, 0.0]
     assert await a.check("198.51.100.7") == 0.0
     assert await b.check("198.51.100.7") == pytest.approx(1.0)
@@ -72,7 +73,7 @@ async def test_two_nodes_limiters_share_one_allowance_exactly(
 async def test_shared_buckets_hold_no_address(
     open_shared: Open, clock: ManualClock, redis_url: str
 ) -> None:
-    limiter = SharedRateLimiter(RateLimit(per_minute=60, burst=2), clock, await open_shared(), "w")
+    limiter = SharedLimiters(clock, await open_shared())("w", RateLimit(per_minute=60, burst=2))
     await limiter.check("203.0.113.77")
     raw = Redis.from_url(redis_url)
     try:
@@ -88,7 +89,7 @@ async def test_shared_buckets_hold_no_address(
 async def test_redis_down_is_cluster_unavailable_not_a_hang(
     open_shared: Open, clock: ManualClock, redis_server: RedisServer
 ) -> None:
-    limiter = SharedRateLimiter(RateLimit(per_minute=60, burst=2), clock, await open_shared(), "w")
+    limiter = SharedLimiters(clock, await open_shared())("w", RateLimit(per_minute=60, burst=2))
     redis_server.stop()
     try:
         with pytest.raises(ClusterUnavailable) as caught:

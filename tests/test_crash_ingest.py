@@ -35,6 +35,7 @@ from privacy.store import Record, Store
 from softrelay.cli import main as cli_main
 from tomlsections.reader import Section
 from webapi.errors import refusals
+from webapi.ratelimit import LocalLimiters
 
 # Ingest, its group commits and the canary audits run on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.both_backends
@@ -145,7 +146,14 @@ async def serving(
             await app[STORE_KEY].close()
 
         app.cleanup_ctx.append(store_ctx)
-        add_crashreports(app, crash or settings(), clock, store=STORE_KEY, registry=REGISTRY_KEY)
+        add_crashreports(
+            app,
+            crash or settings(),
+            clock,
+            store=STORE_KEY,
+            registry=REGISTRY_KEY,
+            limiters=LocalLimiters(clock),
+        )
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)

@@ -17,6 +17,7 @@ from usage.endpoint import PING_PATH
 from usage.service import USAGE_SERVICE, UsageService, add_usage
 from usage.settings import Tenant, UsageSettings
 from webapi.errors import refusals
+from webapi.ratelimit import LocalLimiters
 
 ACME_KEY = "acme-key-0123456789abcdef"
 GLOBEX_KEY = "globex-key-0123456789abcdef"
@@ -78,6 +79,7 @@ async def start_usage(
         close_interval=3600,
         store=STORE_KEY,
         registry=REGISTRY_KEY,
+        limiters=LocalLimiters(clock),
     )
     async with TestClient(TestServer(app)) as client:
         yield UsageHarness(client, app, store, clock)

@@ -21,6 +21,8 @@ with its status, decided in `_accept` by what the caller must do next, and count
     500 internal                  (not counted; retry later)
     503 storage_unavailable       (the store's StorageUnavailable, answered by the
                                    middleware: not counted; retry after Retry-After)
+    503 cluster_unavailable       (a cluster's Redis is out, so the per-address limit
+                                   cannot be counted: refused, by the middleware)
 
 The route logs no IP address: the server runs without aiohttp's access log, and the
 handler never lets an exception reach aiohttp, whose error log names the client's
@@ -38,6 +40,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
+from cluster.redis import ClusterUnavailable
 from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from usage.ledger import Ledger, PeriodClosed
@@ -47,7 +50,7 @@ from usage.settings import UsageSettings
 from webapi.body import BodyTooLarge, read_capped
 from webapi.errors import Refusal
 from webapi.openapi import JSON, RETRY_AFTER, OpenApi, json_response, refusal
-from webapi.ratelimit import RateLimit, RateLimiter
+from webapi.ratelimit import Limiters, RateLimit
 
 PING_PATH = "/usage/v1/ping"
 FIELDS = ("tenant", "period", "pid", "platform", "app_version")
@@ -73,15 +76,16 @@ class PingEndpoint:
         ledger: Ledger,
         clock: Clock,
         registry: CollectorRegistry,
+        limiters: Limiters,
     ) -> None:
         self._settings = settings
         self._ledger = ledger
         self._clock = clock
         self._tenants = {t.id: t for t in settings.tenants}
         # `ip_burst` pings per source address, refilled at that many per `ip_window`.
-        self._limiter = RateLimiter(
+        self._limiter = limiters(
+            "usage",
             RateLimit.per_window(settings.ip_burst, settings.ip_window, settings.max_tracked_ips),
-            clock,
         )
         self.caps = CapWatch(registry)
         self._pings = Counter(
@@ -105,6 +109,11 @@ class PingEndpoint:
             # Not counted as stored: the middleware answers 503 with Retry-After.
             self._pings.labels("storage_unavailable").inc()
             raise
+        except ClusterUnavailable:
+            # The shared rate limit cannot be read (a cluster's Redis is out): refused,
+            # 503 cluster_unavailable from the middleware, never let through unlimited.
+            self._pings.labels("cluster_unavailable").inc()
+            raise
         except Exception:
             # Answered by the middleware as a Refusal, never raised to aiohttp: its error
             # log names the client's IP. Ours keeps the exception's class only.
@@ -120,7 +129,7 @@ class PingEndpoint:
         return web.Response(body=_ACCEPTED, status=202, content_type="application/json")
 
     async def _accept(self, request: web.Request) -> Ping:
-        wait = self._limiter.check(request.remote)
+        wait = await self._limiter.check(request.remote)
         if wait:
             raise Refusal(429, "rate_limited", "too many pings from this address", retry_after=wait)
         if request.content_type != "application/json":

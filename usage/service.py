@@ -23,6 +23,7 @@ from usage.endpoint import PING_PATH, PingEndpoint, describe
 from usage.ledger import USAGE, Ledger
 from usage.settings import UsageSettings, check_retention
 from webapi.openapi import OPENAPI
+from webapi.ratelimit import Limiters
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ def add_usage(
     close_interval: float,
     store: web.AppKey[Store],
     registry: web.AppKey[CollectorRegistry],
+    limiters: Limiters,
 ) -> None:
     """Register the ping route and the month-close task; ConfigError if the windows do
     not fit the policy's retention of raw ids."""
@@ -53,7 +55,7 @@ def add_usage(
 
     async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
         ledger = Ledger(app[store])
-        endpoint = PingEndpoint(settings, ledger, clock, app[registry])
+        endpoint = PingEndpoint(settings, ledger, clock, app[registry], limiters)
         closer = MonthCloser(
             app[store], settings, (ledger.forget, endpoint.caps.forget), ledger.refresh
         )

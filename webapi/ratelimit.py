@@ -1,10 +1,21 @@
-"""Token buckets, held in memory only: every rate limit of softrelay, and what a
-per-client limit counts (HTTP and SIP alike).
+"""Token buckets: every rate limit of softrelay, and what a per-client limit counts
+(HTTP and SIP alike).
 
     limiter = RateLimiter(RateLimit(per_minute=60, burst=20), clock)
     wait = limiter.check(request.remote)   # per client: 0.0, or seconds to wait
     wait = limiter.take("project-1")       # any key: a crash project, a DSR subject
     wait = limiter.wait(key)               # as take, but nothing is taken
+
+The endpoints do not build their limiters: the composition root hands each a
+`Limiters` (softrelay/app.py), and the endpoint asks it for one by name:
+
+    limiter = limiters("usage", RateLimit(...))    # a `Limiter`: await limiter.check(...)
+
+`LocalLimiters` gives buckets in this process's memory (one process alone, the default);
+`SharedLimiters` gives buckets in Redis that every node of a cluster takes from
+(`[cluster]`), so a client cannot multiply its allowance by the number of nodes. The
+endpoints cannot tell them apart; a shared one may raise `ClusterUnavailable`, which
+the HTTP middleware answers with 503.
 
 A bucket holds `burst` tokens, refilled at `per_minute`; each request takes one. Its
 users: the web relays and the usage ping (per client), crash ingest (per project), and
@@ -23,8 +34,9 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
+from typing import Protocol
 
-from cluster.redis import ClusterUnavailable, SharedRedis
+from cluster.redis import ClusterUnavailable, Script, SharedRedis
 from privacy.clock import Clock
 from tomlsections.reader import Section
 
@@ -162,6 +174,79 @@ return tostring(wait)
 """
 
 
+class Limiter(Protocol):
+    """A rate limit as an endpoint sees it: `RateLimiter`'s methods, awaited."""
+
+    async def check(self, address: str | None) -> float: ...
+
+    async def take(self, key: str) -> float: ...
+
+    async def wait(self, key: str) -> float: ...
+
+
+class Limiters(Protocol):
+    """Where an app's rate limits keep their buckets: `limiters(name, limit)` is the
+    limiter `name` (unique per app: it names the buckets) with `limit`."""
+
+    def __call__(self, name: str, limit: RateLimit) -> Limiter: ...
+
+
+class LocalLimiter:
+    """A `RateLimiter` in this process's memory, behind the awaited `Limiter` methods."""
+
+    def __init__(self, limit: RateLimit, clock: Clock) -> None:
+        self.buckets = RateLimiter(limit, clock)
+
+    async def check(self, address: str | None) -> float:
+        return self.buckets.check(address)
+
+    async def take(self, key: str) -> float:
+        return self.buckets.take(key)
+
+    async def wait(self, key: str) -> float:
+        return self.buckets.wait(key)
+
+
+class LocalLimiters:
+    """Buckets in memory: one process alone (no `[cluster]`)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def __call__(self, name: str, limit: RateLimit) -> LocalLimiter:
+        return LocalLimiter(limit, self._clock)
+
+
+class SharedLimiters:
+    """Buckets in Redis, shared by every node of the cluster. The limiters are made
+    when the app is built, the Redis connection is opened later (the app's cluster
+    context `connect`s it): until then, and after `disconnect`, a limiter raises
+    ClusterUnavailable (a limit that protects fails closed)."""
+
+    def __init__(self, clock: Clock, shared: SharedRedis | None = None) -> None:
+        self._clock = clock
+        self._connection: tuple[SharedRedis, Script, bytes] | None = None
+        if shared is not None:
+            self.connect(shared)
+
+    def connect(self, shared: SharedRedis) -> None:
+        # Keys are hashed under a key derived from the cluster secret, which every node
+        # shares: the same client has the same bucket on every node.
+        hash_key = hashlib.sha256(shared.settings.secret.encode()).digest()
+        self._connection = (shared, shared.script(_TAKE_LUA), hash_key)
+
+    def disconnect(self) -> None:
+        self._connection = None
+
+    def __call__(self, name: str, limit: RateLimit) -> SharedRateLimiter:
+        return SharedRateLimiter(limit, self._clock, self, name)
+
+    def connection(self) -> tuple[SharedRedis, Script, bytes]:
+        if self._connection is None:
+            raise ClusterUnavailable("this node has no connection to the cluster's Redis")
+        return self._connection
+
+
 class SharedRateLimiter:
     """The token buckets of `RateLimiter`, kept in Redis so that every node of a cluster
     takes from the same allowance: a client cannot multiply it by the number of nodes.
@@ -173,14 +258,12 @@ class SharedRateLimiter:
     protects fails closed, never lets a request through uncounted.
     """
 
-    def __init__(self, limit: RateLimit, clock: Clock, shared: SharedRedis, name: str) -> None:
+    def __init__(self, limit: RateLimit, clock: Clock, limiters: SharedLimiters, name: str) -> None:
         self._limit = limit
         self._clock = clock
         self._rate = limit.per_minute / 60.0
-        self._shared = shared
+        self._limiters = limiters
         self._prefix = f"ratelimit:{name}:"
-        self._hash_key = hashlib.sha256(shared.settings.secret.encode()).digest()
-        self._script = shared.script(_TAKE_LUA)
 
     async def check(self, address: str | None) -> float:
         return await self.take(client_key(address))
@@ -195,19 +278,21 @@ class SharedRateLimiter:
 
     def bucket(self, key: str) -> str:
         """The Redis key of `key`'s bucket: a keyed hash, never the key itself."""
-        digest = hashlib.blake2b(key.encode(), key=self._hash_key, digest_size=16).hexdigest()
+        hash_key = self._limiters.connection()[2]
+        digest = hashlib.blake2b(key.encode(), key=hash_key, digest_size=16).hexdigest()
         return self._prefix + digest
 
     async def _run(self, key: str, *, take: bool) -> float:
         if self._rate <= 0:
             return 0.0
+        script = self._limiters.connection()[1]
         args: list[str | float | int] = [
             repr(self._clock.now()),
             repr(self._rate),
             self._limit.burst,
             "1" if take else "0",
         ]
-        reply = await self._script("rate limit", [self.bucket(key)], args)
+        reply = await script("rate limit", [self.bucket(key)], args)
         if not isinstance(reply, bytes | str):
             raise ClusterUnavailable(f"the rate limit script answered {type(reply).__name__}")
         return float(reply)

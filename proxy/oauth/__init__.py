@@ -1,6 +1,6 @@
 """The OAuth-secret proxy: the app's token exchange gets the operator's client secret.
 
-    add_oauth(app, settings, clock)
+    add_oauth(app, settings, clock, limiters)
 
 adds `POST /oauth/<provider>/token` and a cleanup context that owns the HTTP client
 and, with no provider configured, the in-process stand-in token endpoint
@@ -20,14 +20,16 @@ from proxy.oauth.settings import OAuthProvider, OAuthSettings
 from proxy.oauth.standin import OAuthStandIn
 from webapi.errors import OAuthRefusal, speaks
 from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, json_response
-from webapi.ratelimit import RateLimiter
+from webapi.ratelimit import Limiters
 
 OAUTH = web.AppKey("oauth", OAuthRelay)
 OAUTH_STAND_IN = web.AppKey("oauth_stand_in", OAuthStandIn)
 
 
-def add_oauth(app: web.Application, settings: OAuthSettings, clock: Clock) -> None:
-    limiter = RateLimiter(settings.rate, clock)
+def add_oauth(
+    app: web.Application, settings: OAuthSettings, clock: Clock, limiters: Limiters
+) -> None:
+    limiter = limiters("oauth", settings.rate)
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         providers: tuple[OAuthProvider, ...] = settings.providers

@@ -21,11 +21,12 @@ from urllib.parse import parse_qsl, quote, urlencode
 import aiohttp
 from aiohttp import web
 
+from cluster.redis import ClusterUnavailable
 from privacy.logs import category_logger
 from proxy.oauth.settings import ClientAuth, OAuthProvider, OAuthSettings
 from webapi.body import BodyTooLarge, read_capped
 from webapi.errors import OAuthRefusal, Refusal
-from webapi.ratelimit import RateLimiter
+from webapi.ratelimit import Limiter
 
 ROUTE = "/oauth/{provider}/token"
 GRANTS = {"authorization_code": "code", "refresh_token": "refresh_token"}
@@ -41,7 +42,7 @@ class OAuthRelay:
         self,
         settings: OAuthSettings,
         providers: tuple[OAuthProvider, ...],
-        limiter: RateLimiter,
+        limiter: Limiter,
         session: aiohttp.ClientSession,
     ) -> None:
         self._settings = settings
@@ -57,6 +58,9 @@ class OAuthRelay:
             response = await self._exchange(request, provider)
         except Refusal as refused:
             status = refused.status
+            raise
+        except ClusterUnavailable:
+            status = 503  # the middleware's cluster_unavailable: the shared limit is out
             raise
         else:
             status = response.status
@@ -76,7 +80,7 @@ class OAuthRelay:
             )
 
     async def _exchange(self, request: web.Request, provider: OAuthProvider | None) -> web.Response:
-        wait = self._limiter.check(request.remote)
+        wait = await self._limiter.check(request.remote)
         if wait:
             raise OAuthRefusal(
                 429, "slow_down", "too many token requests from this address", retry_after=wait

@@ -1,6 +1,6 @@
 """The provisioning relay: phones fetch their configuration from their PBX through it.
 
-    add_provisioning(app, settings, pbxs, clock, STORE)
+    add_provisioning(app, settings, pbxs, clock, STORE, limiters)
 
 adds the PBX tunnel endpoint (`TUNNEL_PATH`), the relay route (`ROUTE`) and a
 cleanup context owning the HTTP client of PBXs configured by URL. The pieces:
@@ -26,7 +26,7 @@ from proxy.provisioning.tunnel import TunnelHub
 from proxy.sip.settings import PbxSettings
 from webapi.errors import Refusal
 from webapi.openapi import OPENAPI, RETRY_AFTER, OpenApi, refusal, websocket_upgrade
-from webapi.ratelimit import RateLimiter
+from webapi.ratelimit import Limiters
 
 TUNNELS = web.AppKey("provisioning_tunnels", TunnelHub)
 PROVISIONING = web.AppKey("provisioning", ProvisioningRelay)
@@ -38,8 +38,9 @@ def add_provisioning(
     pbxs: tuple[PbxSettings, ...],
     clock: Clock,
     store: web.AppKey[Store],
+    limiters: Limiters,
 ) -> None:
-    limiter = RateLimiter(settings.rate, clock)  # one budget per client for both routes
+    limiter = limiters("provisioning", settings.rate)  # one budget per client, both routes
     hub = TunnelHub({p.serial: p.secret for p in pbxs if p.secret}, settings, limiter)
     app[TUNNELS] = hub
 

@@ -37,7 +37,7 @@ from proxy.provisioning.tunnel import (
 from proxy.sip.settings import PbxSettings
 from webapi.body import BodyTooLarge, read_capped
 from webapi.errors import Refusal
-from webapi.ratelimit import RateLimiter
+from webapi.ratelimit import Limiter
 
 # Any path, newlines included (`.` would leave those to aiohttp's plain-text 404), so
 # every answer on this prefix is the relay's own; `paths.check_path` judges the path.
@@ -78,7 +78,7 @@ class ProvisioningRelay:
         pbxs: Iterable[PbxSettings],
         hub: TunnelHub,
         store: Store,
-        limiter: RateLimiter,
+        limiter: Limiter,
         session: aiohttp.ClientSession,
     ) -> None:
         self._settings = settings
@@ -89,7 +89,7 @@ class ProvisioningRelay:
         self._session = session
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        wait = self._limiter.check(request.remote)
+        wait = await self._limiter.check(request.remote)
         if wait:
             raise Refusal(429, "rate_limited", "too many requests", retry_after=wait)
         serial = request.match_info["serial"]

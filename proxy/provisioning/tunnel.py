@@ -44,7 +44,7 @@ from proxy.provisioning.protocol import (
 )
 from proxy.provisioning.settings import ProvisioningSettings
 from webapi.errors import Refusal
-from webapi.ratelimit import RateLimiter
+from webapi.ratelimit import Limiter
 
 AUTH_TIMEOUT = 10.0  # for the PBX's hello after the challenge
 HEARTBEAT = 30.0  # WebSocket pings; a PBX that stops answering is dropped
@@ -237,7 +237,7 @@ class TunnelHub:
     """The tunnel endpoint and the tunnels up, by serial."""
 
     def __init__(
-        self, secrets: dict[str, str], settings: ProvisioningSettings, limiter: RateLimiter
+        self, secrets: dict[str, str], settings: ProvisioningSettings, limiter: Limiter
     ) -> None:
         self._secrets = secrets  # serial -> secret, for the PBXs that may dial a tunnel
         self._settings = settings
@@ -250,7 +250,7 @@ class TunnelHub:
         return tunnel if tunnel is not None and not tunnel.closed else None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        wait = self._limiter.check(request.remote)
+        wait = await self._limiter.check(request.remote)
         if wait:
             raise Refusal(429, "rate_limited", "too many requests", retry_after=wait)
         ws: web.WebSocketResponse[Any] = web.WebSocketResponse(

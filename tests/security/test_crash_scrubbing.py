@@ -47,6 +47,7 @@ from privacy.policy import load_policy
 from privacy.store import Store
 from tomlsections.reader import ConfigError, Section
 from webapi.errors import refusals
+from webapi.ratelimit import LocalLimiters
 
 PATTERNS = ValuePatterns()
 MIB = 1 << 20
@@ -228,7 +229,9 @@ async def ingest(
             return web.Response(body=generate_latest(request.app[REGISTRY_KEY]))
 
         app.cleanup_ctx.append(store_ctx)
-        add_crashreports(app, crash, clock, store=STORE_KEY, registry=REGISTRY_KEY)
+        add_crashreports(
+            app, crash, clock, store=STORE_KEY, registry=REGISTRY_KEY, limiters=LocalLimiters(clock)
+        )
         app.router.add_get("/metrics", metrics)
         server = TestServer(app, host="127.0.0.1", port=0)
         await server.start_server()
