@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -49,7 +50,7 @@ class Node:
         await asyncio.wait_for(shared.subscriptions.wait_rounds(count), 10)
 
 
-StartNode = Callable[[str], Awaitable[Node]]
+StartNode = Callable[..., Awaitable[Node]]  # (name, **changes to its Services)
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ async def start_node(
     """Starts node `name` of one cluster; all are closed after the test."""
     started: list[TestServer] = []
 
-    async def start(name: str) -> Node:
+    async def start(name: str, **changes: Any) -> Node:
         cluster = ClusterSettings(
             redis_url=redis_url, secret=cluster_secret, node_id=f"node-{name}"
         )
@@ -87,7 +88,7 @@ async def start_node(
             ("127.0.0.1", 0),
             cluster=cluster,
         )
-        server = TestServer(build_app(services))
+        server = TestServer(build_app(replace(services, **changes)))
         await server.start_server()
         started.append(server)
         app = server.app
