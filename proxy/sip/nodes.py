@@ -286,22 +286,19 @@ class Nodes:
         """After (re)subscribing: what this node holds is written again (a restarted
         Redis is empty: the others would not find our PBXs, nor us, until the next
         refresh), then the registrations we may have missed, for the calls parked here
-        (only those accepted after the call was parked release it)."""
+        (only those accepted after the call was parked release it). ClusterUnavailable
+        goes to the subscriber, which drops its connection and subscribes again later:
+        swallowed here, the round would count as done with nothing written back, and
+        nothing would write again before the next refresh."""
         links = {serial: flow.id for serial, flow in self.relay.pbx_links().items()}
-        try:
-            await self.location.republish(links)
-        except ClusterUnavailable:
-            return  # the next resubscribe writes again
+        await self.location.republish(links)
         seen: set[str] = set()
         for identity, subject in self.relay.parking.parked_calls():
             binding = self._binding(identity, subject)
             if binding in seen:
                 continue
             seen.add(binding)
-            try:
-                event = await self.location.registration(binding)
-            except ClusterUnavailable:
-                return  # the next resubscribe reads again
+            event = await self.location.registration(binding)
             if event is not None and event.node != self.node_id:
                 await self._release(event, parked_before=event.at + CLOCK_SKEW)
 

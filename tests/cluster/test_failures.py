@@ -14,14 +14,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from mockphone.pbx import MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.sip import RelayAddress
 from tests.limits import LONGEST_WAIT
-from tests.peers import DOMAIN, SERIAL, Server, start_server
+from tests.peers import (
+    DOMAIN,
+    PHONE_DOMAIN,
+    PHONE_IP,
+    PHONE_SDP,
+    SERIAL,
+    Server,
+    sip_message,
+    start_server,
+)
+from tests.redisserver import RedisServer
+from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
 
-StartServe = Callable[[str], Awaitable[Server]]
+StartServe = Callable[..., Awaitable[Server]]  # (name, more lines of [cluster])
 PBX_SECRET = "failures-pbx-secret"
 PASSWORD = "pw-of-the-phones"
 USERS = {"alice": PASSWORD, "bob": PASSWORD}
@@ -35,12 +47,13 @@ async def start_serve(tmp_path: Path, redis_url: str) -> AsyncIterator[StartServ
     (tmp_path / "cluster.secret").write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
     started: list[Server] = []
 
-    async def start(name: str) -> Server:
+    async def start(name: str, more: str = "") -> Server:
         home = tmp_path / name
         home.mkdir()
         cluster = (
             f'[cluster]\nredis = "file:{tmp_path / "redis.url"}"\n'
-            f'secret = "file:{tmp_path / "cluster.secret"}"\nnode_id = "node-{name}"\n\n'
+            f'secret = "file:{tmp_path / "cluster.secret"}"\nnode_id = "node-{name}"\n'
+            f"{more}\n"
         )
         server = await start_server(home, cluster, secret=PBX_SECRET)
         started.append(server)
@@ -141,5 +154,97 @@ async def test_sigterm_hands_over_its_pbx_and_phones_to_the_other_node(
         for phone in (alice, bob):
             if phone is not None:
                 await phone.stop()
+        if pbx is not None:
+            await pbx.close()
+
+
+async def _phone_on(node: Server, pbx: CallingPbx) -> TcpPhone:
+    """A phone connected to `node`, registered through the PBX (linked elsewhere)."""
+    phone = await TcpPhone.connect(node.ports["tcp"])
+    async with asyncio.TaskGroup() as group:
+        group.create_task(phone.register("pw-alice"))
+        group.create_task(pbx.accept_register("pw-alice"))
+    return phone
+
+
+async def test_an_invite_in_flight_to_a_node_killed_before_its_pbx_answers_gets_480_from_the_other(
+    start_serve: StartServe,
+) -> None:
+    """The phone on B calls out; B forwards the INVITE to the PBX on A, which receives it
+    and has not answered when A is killed: B, which forwarded it, gives the phone the
+    final 480 (the node is gone), rather than leaving it waiting."""
+    a, b = await start_serve("a"), await start_serve("b")
+    pbx = phone = None
+    try:
+        async with asyncio.timeout(LONGEST_WAIT):
+            pbx = await CallingPbx.connect(a.ports["tcp"])
+            assert await pbx.link(PBX_SECRET) == 200, pbx.last()
+            phone = await _phone_on(b, pbx)
+            await phone.send(
+                sip_message(
+                    f"INVITE sip:carol@{PHONE_DOMAIN} SIP/2.0",
+                    phone.via(),
+                    "Max-Forwards: 70",
+                    f"From: <sip:alice@{PHONE_DOMAIN}>;tag=ph-gone",
+                    "Call-ID: in-flight-1",
+                    f"To: <sip:carol@{PHONE_DOMAIN}>",
+                    "CSeq: 1 INVITE",
+                    f"Contact: <sip:alice@{PHONE_IP}:{phone.port};transport=tcp>",
+                    "Content-Type: application/sdp",
+                    body=PHONE_SDP,
+                )
+            )
+            invite = await pbx.request("INVITE")  # reached the PBX: in flight, unanswered
+            assert invite.call_id == "in-flight-1"
+            await a.kill()
+            final = await phone.final("INVITE")
+            assert final.status == 480, phone.last()
+            assert final.reason in ("Node Gone", "Node Unreachable"), phone.last()
+    except BaseException:
+        print(a.log(), b.log())
+        raise
+    finally:
+        if phone is not None:
+            await phone.close()
+        if pbx is not None:
+            await pbx.close()
+
+
+async def test_once_a_killed_nodes_heartbeat_expires_its_pbx_entry_is_ignored_480_not_forwarded(
+    start_serve: StartServe, redis_server: RedisServer, redis_url: str
+) -> None:
+    """A holds the PBX's link and is killed: its `pbx:` entry outlives it (a minute at
+    most), but once its heartbeat `nodes:node-a` expires (heartbeat_expiry 2 s here,
+    seen by Redis's own expiry event) B no longer forwards there: a REGISTER for the
+    serial gets 480 PBX Not Connected from B."""
+    beat = 'heartbeat_interval = "1s"\nheartbeat_expiry = "2s"\n'
+    a, b = await start_serve("a", beat), await start_serve("b", beat)
+    pbx = phone = None
+    watcher = Redis.from_url(redis_url)
+    events = watcher.pubsub()
+    try:
+        async with asyncio.timeout(LONGEST_WAIT):
+            assert redis_server.command("CONFIG", "SET", "notify-keyspace-events", "Ex") == b"+OK"
+            await events.subscribe("__keyevent@0__:expired")
+            pbx = await CallingPbx.connect(a.ports["tcp"])
+            assert await pbx.link(PBX_SECRET) == 200, pbx.last()
+            await a.kill()
+            while True:
+                message = await events.get_message(timeout=LONGEST_WAIT)
+                if message is not None and message["data"] == b"nodes:node-a":
+                    break
+            assert redis_server.command("EXISTS", f"pbx:{SERIAL}") == b":1", "still there"
+            phone = await TcpPhone.connect(b.ports["tcp"])
+            answer, _ = await phone.digest_register("alice", PHONE_DOMAIN, None, tag="dead")
+            assert (answer.status, answer.reason) == (480, "PBX Not Connected"), phone.last()
+    except BaseException:
+        print(a.log(), b.log())
+        raise
+    finally:
+        redis_server.command("CONFIG", "SET", "notify-keyspace-events", "")
+        await events.aclose()  # type: ignore[no-untyped-call]  # redis-py untyped
+        await watcher.aclose()
+        if phone is not None:
+            await phone.close()
         if pbx is not None:
             await pbx.close()
