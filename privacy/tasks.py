@@ -32,6 +32,13 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# A cancelled task that has not ended after this many seconds is cancelled again (a
+# cancellation can be lost: on Python 3.11 `asyncio.wait_for` drops one that arrives as
+# its inner call completes, gh-86296); after STUCK_AFTER seconds `close` gives up on it,
+# logs its name and returns, so a shutdown never hangs on one task.
+RECANCEL_AFTER = 0.5
+STUCK_AFTER = 10.0
+
 
 class TasksClosed(RuntimeError):
     """`spawn` after `close`: the work would have no owner left to end it."""
@@ -97,18 +104,34 @@ class Tasks:
             await asyncio.wait(set(self._tasks), timeout=remaining)
         return True
 
-    async def close(self, grace: float = 0.0) -> None:
+    async def close(
+        self,
+        grace: float = 0.0,
+        *,
+        recancel_after: float = RECANCEL_AFTER,
+        stuck_after: float = STUCK_AFTER,
+    ) -> None:
         """Let the tasks finish for `grace` seconds, then cancel the rest and await them.
-        After this no task is left and `spawn` raises. Idempotent."""
+        After this `spawn` raises, and no task is left but one that ignored its
+        cancellations for `stuck_after` seconds (logged by name). Idempotent."""
+        loop = asyncio.get_running_loop()
         try:
             if grace > 0:
                 await self.wait(grace)
-            # A task being cancelled may spawn another on its way out (a close handshake):
-            # cancel again until none is left.
+            # A task being cancelled may spawn another on its way out (a close handshake),
+            # and a cancellation may be lost: cancel again until none is left.
+            deadline = loop.time() + stuck_after
             while self._tasks:
                 for task in self._tasks:
                     task.cancel()
-                await asyncio.wait(set(self._tasks))
+                left = deadline - loop.time()
+                if left <= 0:
+                    names = sorted(task.get_name() for task in self._tasks)
+                    self._log.error(
+                        "tasks.cancel_ignored", extra={"fields": {"tasks": ",".join(names)}}
+                    )
+                    return
+                await asyncio.wait(set(self._tasks), timeout=min(recancel_after, left))
         except asyncio.CancelledError:
             # Our caller is cancelled: the tasks go too, and the cancellation goes on.
             for task in self._tasks:

@@ -201,3 +201,53 @@ async def test_async_with_closes_on_the_way_out() -> None:
         await asyncio.wait_for(started.wait(), TIMEOUT)
     assert task.cancelled()
     assert tasks.closed
+
+
+async def test_close_cancels_again_a_task_that_lost_its_first_cancellation() -> None:
+    """A lost cancellation (Python 3.11's wait_for drops one that arrives as its inner
+    call completes) is not the end: `close` cancels again and the task ends."""
+    tasks = Tasks(log)
+    started = asyncio.Event()
+    cancels: list[int] = []
+
+    async def loses_one() -> None:
+        started.set()
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancels.append(1)
+                if len(cancels) >= 2:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]  # as wait_for did
+
+    task = tasks.spawn(loses_one())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    await asyncio.wait_for(tasks.close(recancel_after=0.01), TIMEOUT)
+    assert task.cancelled()
+    assert len(cancels) == 2
+    assert not tasks
+
+
+async def test_close_gives_up_on_a_task_that_ignores_every_cancellation_and_names_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = Tasks(log)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+
+    task = tasks.spawn(stubborn(), name="stubborn")
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        await asyncio.wait_for(tasks.close(recancel_after=0.01, stuck_after=0.05), TIMEOUT)
+    assert tasks.closed
+    assert ("tasks.cancel_ignored", {"tasks": "stubborn"}) in failures(caplog)
+    release.set()
+    await asyncio.wait_for(task, TIMEOUT)
