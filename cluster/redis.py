@@ -353,13 +353,15 @@ class Subscriptions:
             kind = message["type"]
             channel = _text(message.get("channel"))
             if kind == "subscribe":
-                backoff.reset()
                 entry = self._state.channels.get(channel)
                 if entry is not None and entry.reread is not None:
                     await entry.reread()
                 pending.discard(channel)
                 if not round_done and not pending:
                     round_done = True
+                    # Only a round that reread everything resets it: a reread that keeps
+                    # failing (Redis answers SUBSCRIBE, not writes) backs off too.
+                    backoff.reset()
                     await self._round_complete()
             elif kind == "message":
                 entry = self._state.channels.get(channel)

@@ -13,6 +13,7 @@ LONGEST_WAIT; nothing sleeps."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 
@@ -186,6 +187,54 @@ async def test_while_redis_is_out_a_register_for_a_pbx_on_another_node_gets_503_
     finally:
         redis_server.start()
         await phone.close()
+        await pbx.close()
+
+
+class _Lost(logging.Handler):
+    """Counts the subscriber's `cluster.subscriber_lost` lines, and wakes a waiter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "cluster.subscriber_lost":
+            self.count += 1
+            self.changed.set()
+
+    async def wait(self, count: int) -> None:
+        while self.count < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+
+async def test_a_reread_that_cannot_write_back_is_retried_until_it_can(
+    start_node: StartNode, redis_server: RedisServer
+) -> None:
+    """Redis takes A's SUBSCRIBE again but refuses its writes (ACL: no SET): the
+    republish fails, so the round is not counted done; the subscriber drops the
+    connection and tries again, and once writes are allowed the PBX's entry is back
+    (not left missing until the next refresh)."""
+    a = await start_node("a")
+    pbx = await linked_pbx(a)
+    lost = _Lost()
+    logger = logging.getLogger("softrelay.cluster")
+    logger.addHandler(lost)
+    try:
+        async with asyncio.timeout(LONGEST_WAIT):
+            (before,) = _rounds(a)
+            assert redis_server.command("ACL", "SETUSER", "default", "-set") == b"+OK"
+            redis_server.command("DEL", f"pbx:{SERIAL}")
+            redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+            await lost.wait(2)  # the kill, then a reread that could not write back
+            assert _rounds(a) == [before], "a round that wrote nothing is not done"
+            assert redis_server.command("ACL", "SETUSER", "default", "+set") == b"+OK"
+            await a.rounds(before + 1)
+            assert _exists(redis_server, f"pbx:{SERIAL}"), "written back on the retry"
+    finally:
+        redis_server.command("ACL", "SETUSER", "default", "+set")
+        logger.removeHandler(lost)
         await pbx.close()
 
 
