@@ -231,9 +231,8 @@ class Nodes:
     async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
         await self._forward(node, {"k": "response"}, data, flow)
 
-    async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> None:
-        if not await self._forward(node, {"k": "route", "route": route}, request.serialize(), flow):
-            await self.relay.reply(request, flow, 480, "Node Unreachable")
+    async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> bool:
+        return await self._forward(node, {"k": "route", "route": route}, request.serialize(), flow)
 
     async def pbx_linked(self, serial: str, flow: Flow, expires: int) -> None:
         # Awaited before the PBX's 200: once linked, every node finds it. Refreshed by
@@ -442,7 +441,8 @@ class Nodes:
 
     async def _watch(self, node: str, out: _Out, reader: asyncio.StreamReader) -> None:
         """The other node closes our connection only when it stops or dies: its flows
-        are gone, and the requests sent on them get their answer here (the relay)."""
+        are gone, and the requests sent on them, or routed to it, get their answer here
+        (the relay)."""
         with contextlib.suppress(ConnectionError, OSError):
             await reader.read()
         if self._out.get(node) is out:
@@ -453,6 +453,7 @@ class Nodes:
             log.info("nodes.link_lost", extra={"fields": {"node": node, "flows": len(gone)}})
         for flow in gone:
             flow.close()
+        self.relay.node_lost(node)
 
     async def _hello(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, node: str
@@ -555,6 +556,7 @@ class Nodes:
                 self._tasks.spawn(self._gone(node, flow_id, data))
                 return
             self._note(flow, node)
+            self.relay.routed_answer(flow, data)
             with contextlib.suppress(FlowClosed, OSError):  # its close tells the node
                 await flow.send(data)
         elif kind == "closed":

@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -87,6 +87,17 @@ class _Across:
 
 
 @dataclass(frozen=True, slots=True)
+class _Routed:
+    """A request from our `came_from` routed to `node` (a token of its), which sends it
+    on its own flow: the answers come back as bytes that node writes on `came_from`."""
+
+    request: Request
+    came_from: Flow
+    node: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class _PendingRegister:
     serial: str
     username: str
@@ -109,8 +120,9 @@ class Cluster(Protocol):
     async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
         """A response that arrived on `flow` and whose Via names `node`."""
 
-    async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> None:
-        """A request that arrived on `flow`, to follow `route` (a token of `node`)."""
+    async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> bool:
+        """A request that arrived on `flow`, to follow `route` (a token of `node`);
+        whether it went (False: the node is unreachable now)."""
 
     async def pbx_linked(self, serial: str, flow: Flow, expires: int) -> None: ...
 
@@ -201,6 +213,8 @@ class Relay:
         self._remote: set[int] = set()  # flows to another node's flows (`remote_flow`)
         # (our branch, method) -> a request on its way to another node's flow.
         self._across: OrderedDict[tuple[str, str], _Across] = OrderedDict()
+        # (our flow's id, its sender's branch, method) -> a request routed to another node.
+        self._routed: OrderedDict[tuple[int, str, str], _Routed] = OrderedDict()
         self._answers = Tasks(log, "answer for a gone node failed")
 
     def join(self, node: str, cluster: Cluster) -> None:
@@ -446,13 +460,33 @@ class Relay:
             await self._answer_gone(request, came_from, "Node Unreachable")
 
     def _remember_across(self, branch: str, across: _Across) -> None:
-        now = self.clock.now()
-        while self._across and (
-            len(self._across) >= ACROSS_LIMIT
-            or now - next(iter(self._across.values())).at > ACROSS_TTL
-        ):
-            self._across.popitem(last=False)
-        self._across[(branch, across.request.method)] = across
+        _keep(self._across, (branch, across.request.method), across, self.clock.now())
+
+    def routed_answer(self, flow: Flow, data: bytes) -> None:
+        """Bytes another node writes on our `flow`: a final response to a request we
+        routed there ends our wait for it. Only final responses are parsed, and only
+        while some request waits."""
+        if not self._routed or not data.startswith(b"SIP/2.0 ") or data[8:9] == b"1":
+            return
+        try:
+            response = parse(data)
+            if isinstance(response, Response):
+                key = (flow.id, response.top_via.branch or "", response.cseq.method)
+                self._routed.pop(key, None)
+        except SipParseError:
+            pass  # not one we could match: the wait lasts until the node goes, or ACROSS_TTL
+
+    def node_lost(self, node: str) -> None:
+        """The link to `node` is lost (it stopped or died): each request routed there and
+        not finally answered yet gets its 480 here, once."""
+        waiting = [key for key, routed in self._routed.items() if routed.node == node]
+        for key in waiting:
+            routed = self._routed.pop(key)
+            self._answers.spawn(self._answer_routed(routed.request, routed.came_from))
+
+    async def _answer_routed(self, request: Request, came_from: Flow) -> None:
+        self.metrics.errors.labels("node_gone").inc()
+        await self.reply(request, came_from, 480, "Node Gone")
 
     def _answer_across(self, target: Flow) -> None:
         """Another node's flow ended (or the link to its node did): each request still
@@ -886,7 +920,15 @@ class Relay:
         if self.cluster is None or not node or flow.id in self._remote:
             await self._refuse_route(request, flow)
             return True
-        await self.cluster.forward_route(node, request, flow, str(route))
+        # Its answers come back as bytes the node writes on `flow` (`routed_answer`):
+        # remembered until the final one, which this node gives should the node go first.
+        key = (flow.id, request.top_via.branch or "", request.method)
+        if request.method != "ACK":
+            routed = _Routed(request, flow, node, self.clock.now())
+            _keep(self._routed, key, routed, self.clock.now())
+        sent = await self.cluster.forward_route(node, request, flow, str(route))
+        if not sent and self._routed.pop(key, None) is not None:
+            await self.reply(request, flow, 480, "Node Unreachable")
         return True
 
     async def _follow_route(self, request: Request, flow: Flow, route: NameAddr) -> None:
@@ -1113,6 +1155,20 @@ class Relay:
                         identity, subject, pending.instance, pending.flow, pending.expires
                     )
             await self._write_binding(pending)
+
+
+_K = TypeVar("_K")
+_W = TypeVar("_W", _Across, _Routed)
+
+
+def _keep(waiting: OrderedDict[_K, _W], key: _K, value: _W, now: float) -> None:
+    """Remember a request waiting for its final answer from another node: the oldest go
+    past ACROSS_LIMIT, and any past ACROSS_TTL (no answer comes after timer C)."""
+    while waiting and (
+        len(waiting) >= ACROSS_LIMIT or now - next(iter(waiting.values())).at > ACROSS_TTL
+    ):
+        waiting.popitem(last=False)
+    waiting[key] = value
 
 
 def _www_authenticate(challenges: list[str]) -> tuple[tuple[str, str], ...]:

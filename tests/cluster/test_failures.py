@@ -210,6 +210,42 @@ async def test_an_invite_in_flight_to_a_node_killed_before_its_pbx_answers_gets_
             await pbx.close()
 
 
+async def test_an_invite_in_flight_to_a_phone_on_a_node_killed_gets_480_from_the_pbxs_node(
+    start_serve: StartServe,
+) -> None:
+    """The other way: the PBX on B calls the phone on A; B routes the INVITE to A, the
+    phone receives it and has not answered when A is killed: B, which routed it, gives
+    the PBX the final 480 (the node is gone), rather than leaving it waiting."""
+    a, b = await start_serve("a"), await start_serve("b")
+    pbx = phone = None
+    try:
+        async with asyncio.timeout(LONGEST_WAIT):
+            pbx = await CallingPbx.connect(b.ports["tcp"])
+            assert await pbx.link(PBX_SECRET) == 200, pbx.last()
+            phone = await TcpPhone.connect(a.ports["tcp"])
+            async with asyncio.TaskGroup() as group:
+                group.create_task(phone.register("pw-alice"))
+                accepted = group.create_task(pbx.accept_register("pw-alice"))
+            _, contact, path = accepted.result()
+            await pbx.invite(contact, path, "in-flight-2")
+            invite = await phone.request("INVITE")  # reached the phone: in flight, unanswered
+            assert invite.call_id == "in-flight-2"
+            await a.kill()
+            final = await pbx.final("INVITE")
+            assert (final.status, final.reason) == (480, "Node Gone"), pbx.last()
+            assert final.call_id == "in-flight-2"
+            (via,) = final.vias  # the PBX's own: the answer is to its INVITE
+            assert (via.branch or "").startswith("z9hG4bK-pbx-"), pbx.last()
+    except BaseException:
+        print(a.log(), b.log())
+        raise
+    finally:
+        if phone is not None:
+            await phone.close()
+        if pbx is not None:
+            await pbx.close()
+
+
 async def test_once_a_killed_nodes_heartbeat_expires_its_pbx_entry_is_ignored_480_not_forwarded(
     start_serve: StartServe, redis_server: RedisServer, redis_url: str
 ) -> None:
