@@ -19,6 +19,9 @@ from redis.asyncio import Redis
 from mockphone.pbx import MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.sip import RelayAddress
+from mockphone.sipwire import make_response
+from tests.cluster.test_nodes_sip import linked_pbx, registered
+from tests.cluster.world import StartNode, cluster_secret, start_node
 from tests.limits import LONGEST_WAIT
 from tests.peers import (
     DOMAIN,
@@ -33,6 +36,7 @@ from tests.peers import (
 from tests.redisserver import RedisServer
 from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
 
+__all__ = ["cluster_secret", "start_node"]  # fixtures
 StartServe = Callable[..., Awaitable[Server]]  # (name, more lines of [cluster])
 PBX_SECRET = "failures-pbx-secret"
 PASSWORD = "pw-of-the-phones"
@@ -244,6 +248,33 @@ async def test_an_invite_in_flight_to_a_phone_on_a_node_killed_gets_480_from_the
             await phone.close()
         if pbx is not None:
             await pbx.close()
+
+
+async def test_a_routed_invite_finally_answered_before_its_node_goes_gets_no_second_answer(
+    start_node: StartNode,
+) -> None:
+    """In-process nodes: the PBX on B calls the phone on A twice; the phone answers the
+    first 486 and leaves the second unanswered; A closes. B, which saw the 486 pass,
+    answers 480 Node Gone to the second call only: the first has had its final answer,
+    and the next final the PBX gets is the second call's."""
+    a, b = await start_node("a"), await start_node("b")
+    pbx = await linked_pbx(b)
+    phone, contact, path = await registered(a, pbx, "pw-alice")
+    try:
+        async with asyncio.timeout(LONGEST_WAIT):
+            await pbx.invite(contact, path, "answered-1")
+            await phone.send(make_response(await phone.request("INVITE"), 486))
+            busy = await pbx.final("INVITE")
+            assert (busy.status, busy.call_id) == (486, "answered-1"), pbx.last()
+            await pbx.invite(contact, path, "unanswered-2")
+            assert (await phone.request("INVITE")).call_id == "unanswered-2"
+            await a.server.close()
+            final = await pbx.final("INVITE")
+            assert (final.status, final.reason) == (480, "Node Gone"), pbx.last()
+            assert final.call_id == "unanswered-2", pbx.last()
+    finally:
+        await phone.close()
+        await pbx.close()
 
 
 async def test_once_a_killed_nodes_heartbeat_expires_its_pbx_entry_is_ignored_480_not_forwarded(
