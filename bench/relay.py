@@ -14,6 +14,10 @@ is the command line, the order of the parts and the report; each part is a modul
   (SQLite, PostgreSQL), interleaved, each on a fresh softrelay and a fresh store.
 - `bench/relay_idle.py`: (5) idle TCP and WebSocket flows held by one fresh server,
   memory per flow (the goal: 50,000 at under 10 KiB each).
+- `bench/relay_cluster.py`: `--only cluster` (not in the default parts): Kamailio, one
+  `serve` with and without `[cluster]`, `serve --workers 2` (calls, REGISTER) on a real
+  Redis, and wake latency same-node against cross-node (`bench/relay_cluster_wake.py`),
+  in interleaved rounds; its own result file (`--cluster-out`).
 - `bench/relay_profile.py`: softrelay under cProfile for one step, with --profile and
   always when softrelay misses the goal.
 - `bench/relay_sipp.py`: what they measure with: a SIPp step at one rate, the climb of
