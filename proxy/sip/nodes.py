@@ -14,7 +14,8 @@ flow's end on its node (a `closed` notice) ends it here too.
 
 Frames: `deliver` (write these bytes on your flow f), `route` (a request that came on
 my flow f, to follow this Route of yours), `response` (a response that came on my flow
-f, whose Via is yours), `closed` (my flow f ended). A node forwards only what arrived
+f, whose Via is yours; on UDP with the local address it came to, which may be the SIP
+port we share as workers), `closed` (my flow f ended). A node forwards only what arrived
 on its own flows: a message that came over the link is never sent on to a third node.
 
 Authentication, by the cluster secret (no TLS: the link is meant for a private network,
@@ -229,7 +230,12 @@ class Nodes:
         return self.remote_flow(found[0], found[1], serial)
 
     async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
-        await self._forward(node, {"k": "response"}, data, flow)
+        header: dict[str, Any] = {"k": "response"}
+        if flow.transport is Transport.UDP:
+            # The socket it came on: under `serve --workers N` the SIP port is shared,
+            # and `node` may have sent the request from it (`Relay.node_response`).
+            header["u"] = list(flow.local)
+        await self._forward(node, header, data, flow)
 
     async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> bool:
         return await self._forward(node, {"k": "route", "route": route}, request.serialize(), flow)
@@ -573,7 +579,11 @@ class Nodes:
             if kind == "route":
                 await self.relay.node_route(data, flow, str(header["route"]))
             else:
-                await self.relay.node_response(data, flow)
+                local = header.get("u")
+                udp = None
+                if isinstance(local, list) and address is not None:
+                    udp = ((str(local[0]), int(local[1])), address)
+                await self.relay.node_response(data, flow, udp)
 
 
 async def _frame(reader: asyncio.StreamReader) -> bytes:

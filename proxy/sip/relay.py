@@ -47,7 +47,7 @@ from privacy.clock import Clock
 from privacy.store import Store, Subject
 from privacy.tasks import Tasks
 from proxy.sip.digest import DigestAuthority, DigestError, MalformedAuthorization, StaleNonce
-from proxy.sip.flow import Flow, FlowClosed, Transport
+from proxy.sip.flow import Address, Flow, FlowClosed, Transport
 from proxy.sip.headers import NameAddr, parse_name_addr
 from proxy.sip.message import Request, Response
 from proxy.sip.overload import Overload
@@ -1097,14 +1097,41 @@ class Relay:
 
     # --- responses ------------------------------------------------------------------
 
-    async def node_response(self, data: bytes, flow: Flow) -> None:
+    async def node_response(
+        self, data: bytes, flow: Flow, udp: tuple[Address, Address] | None = None
+    ) -> None:
         """A response another node took in and forwarded (`Cluster.forward_response`),
-        as if it had come on `flow` (a `remote_flow`)."""
+        as if it had come on `flow` (a `remote_flow`); or, when `udp` (the local socket
+        and the source it came on there), as if on our own UDP flow of that pair."""
         response = parse(data)
-        if isinstance(response, Response):
-            await self._response(response, flow)
+        if not isinstance(response, Response):
+            return
+        shared = None
+        if node_of(response.top_via.params.get("ft") or "") == self.node:
+            # (Never for a third node: what came over the link goes no further.)
+            shared = self._shared_udp(udp)
+        await self._response(response, flow, shared)
 
-    async def _response(self, response: Response, flow: Flow) -> None:
+    def _shared_udp(self, udp: tuple[Address, Address] | None) -> Flow | None:
+        """Our UDP flow for a datagram another node took in on its socket: the workers
+        of `serve --workers N` share the SIP port (SO_REUSEPORT), and the kernel hands a
+        peer's datagram to the worker its 4-tuple hashes to, not to the one that sent
+        the request. Only a socket with our own local address is the one we sent from.
+        The node's word for the pair is trusted: the link is authenticated and every
+        frame sealed (proxy/sip/nodes.py), and a node forwards only what arrived on its
+        own flows. The branch seal still decides: a request that went out on a stream,
+        or to another address, is not answered by this."""
+        if udp is None or self.udp_flow is None:
+            return None
+        local, remote = udp
+        flow = self.udp_flow(remote)
+        if flow is None or flow.local != local:
+            return None
+        return flow
+
+    async def _response(self, response: Response, flow: Flow, shared: Flow | None = None) -> None:
+        """`shared`: our UDP flow a forwarded datagram may stand for (`_shared_udp`);
+        the request may have gone to either (ours, or the node's flow on that socket)."""
         top = response.top_via
         token = top.params.get("ft")
         if self.node and token and (node := node_of(token)) != self.node:
@@ -1117,7 +1144,10 @@ class Relay:
         if came_from is None:
             self.metrics.errors.labels("response_unroutable").inc()
             return
-        if not self._sealer.answers_branch(top.branch or "", came_from, flow):
+        branch = top.branch or ""
+        if not self._sealer.answers_branch(branch, came_from, flow) and (
+            shared is None or not self._sealer.answers_branch(branch, came_from, shared)
+        ):
             # Not from where its request went: a forgery (or a peer's confusion).
             self.metrics.errors.labels("response_not_from_target").inc()
             return
