@@ -20,7 +20,6 @@ never printed: messages name `redis_target` (host:port/db).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -94,7 +93,9 @@ def parse_cluster(sec: Section) -> ClusterSettings:
         raise sec.error(
             "node_id", f"expected letters, digits, '.', '_' or '-' (at most 63), got {node_id!r}"
         )
-    internal = _listen(sec, "internal_listen", "127.0.0.1:0")
+    internal = sec.address("internal_listen", "127.0.0.1:0")
+    if internal is None:
+        raise sec.error("internal_listen", "expected IP:PORT, got ''")
     interval = sec.duration("heartbeat_interval", "2s")
     expiry = sec.duration("heartbeat_expiry", "6s")
     if interval < 1:
@@ -126,17 +127,3 @@ def check_cluster_sources(sec: Section) -> None:
     """At load: the secret keys name a source (`env:`/`file:`), read later."""
     sec.secret_source("redis", "")
     sec.secret_source("secret", "")
-
-
-def _listen(sec: Section, key: str, default: str) -> tuple[str, int]:
-    text = sec.text(key, default)
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not sep or not 0 <= number <= 65535:
-        raise sec.error(key, f"expected IP:PORT (port 0 picks a free one), got {text!r}")
-    return host, number

@@ -24,10 +24,11 @@ sees a driver's exception type.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 SqlValue = str | int | float | bytes | None
 Row = dict[str, SqlValue]
@@ -104,6 +105,12 @@ class RequestEntry:
     actor: str  # subject (proved through their PBX) or operator (admin token)
     outcome: str  # done, refused, not_applicable
     counts: dict[str, int]  # records per category the request returned or changed
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> RequestEntry:
+        """An entry as both backends store it (`counts` as JSON text)."""
+        counts: dict[str, int] = json.loads(row["counts"])
+        return cls(row["id"], row["type"], row["received_at"], row["actor"], row["outcome"], counts)
 
 
 # The jobs that run on one process of a fleet at a time (`Backend.exclusive`): the

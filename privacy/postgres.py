@@ -535,17 +535,7 @@ class PostgresBackend:
                 " ORDER BY received_at DESC, seq DESC LIMIT $1",
                 limit,
             )
-        return [
-            RequestEntry(
-                r["id"],
-                r["type"],
-                r["received_at"],
-                r["actor"],
-                r["outcome"],
-                json.loads(r["counts"]),
-            )
-            for r in rows
-        ]
+        return [RequestEntry.from_row(dict(r.items())) for r in rows]
 
     async def subject_last_used(self, subject: bytes) -> float | None:
         async with self._connection(transaction=False) as conn:

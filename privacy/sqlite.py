@@ -418,17 +418,7 @@ class SQLiteBackend:
         rows = self.db.execute(
             "SELECT * FROM dsr_requests ORDER BY received_at DESC, rowid DESC LIMIT ?", (limit,)
         )
-        return [
-            RequestEntry(
-                r["id"],
-                r["type"],
-                r["received_at"],
-                r["actor"],
-                r["outcome"],
-                json.loads(r["counts"]),
-            )
-            for r in rows
-        ]
+        return [RequestEntry.from_row(r) for r in rows]
 
     async def subject_last_used(self, subject: bytes) -> float | None:
         return await self._run(self._subject_last_used, subject)

@@ -159,7 +159,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         http_port=_port(server, "http_port", 8080),
         sip_host=_host(server, "sip_host"),
         sip_port=_port(server, "sip_port", 5060),
-        metrics=_listen(server, "metrics_listen"),
+        metrics=server.address("metrics_listen", ""),
     )
     data_dir = Path(server.text("data_dir", "var"))
     server.finish()
@@ -315,23 +315,6 @@ def _metrics_token(sec: Section) -> str:
     if token and len(token) < 16:
         raise sec.error("metrics_token", "the token must be at least 16 characters")
     return token
-
-
-def _listen(sec: Section, key: str) -> tuple[str, int] | None:
-    """`host:port` (an IPv6 host in brackets), or "" for none."""
-    text = sec.text(key, "")
-    if not text:
-        return None
-    host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not sep or not 0 <= number <= 65535:
-        raise sec.error(key, f"expected IP:PORT (port 0 picks a free one), got {text!r}")
-    return host, number
 
 
 def _port(sec: Section, key: str, default: int) -> int:

@@ -238,6 +238,10 @@ async def test_create_refuses_an_unreachable_redis(redis_server: RedisServer) ->
          'heartbeat_expiry = "2m"\n', "cluster.heartbeat_expiry", "at most 1m"),
         ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\nport = 1\n',
          "cluster.port", "unknown key"),
+        ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\ninternal_listen = ""\n',
+         "cluster.internal_listen", "expected IP:PORT"),
+        ('redis = "env:SR_TEST_REDIS"\nsecret = "env:SR_TEST_SECRET"\n'
+         'internal_listen = "node-b:5090"\n', "cluster.internal_listen", "expected IP:PORT"),
     ],
 )  # fmt: skip
 def test_cluster_section_errors_name_file_and_key(

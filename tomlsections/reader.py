@@ -7,6 +7,7 @@ read: a typo in a configuration must stop the start, not be ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -165,6 +166,23 @@ class Section:
     def text(self, name: str, default: Any = _MISSING) -> str:
         value: str = self._typed(name, default, str, "a string")
         return value
+
+    def address(self, name: str, default: Any = _MISSING) -> tuple[str, int] | None:
+        """`IP:PORT` (an IPv6 address in brackets; port 0 picks a free one), or None
+        for an empty string."""
+        text = self.text(name, default)
+        if not text:
+            return None
+        host, sep, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        try:
+            ipaddress.ip_address(host)
+            number = int(port)
+        except ValueError:
+            number = -1
+        if not sep or not 0 <= number <= 65535:
+            raise self.error(name, f"expected IP:PORT (port 0 picks a free one), got {text!r}")
+        return host, number
 
     def integer(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
         value: int = self._typed(name, default, int, "an integer")
