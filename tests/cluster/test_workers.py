@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import signal
 import socket
 import sys
@@ -22,116 +21,26 @@ import pytest
 from redis.asyncio import Redis
 
 from softrelay.workers import RESTART_CAP, STABLE_AFTER, Slot, describe_status
-from tests.peers import DOMAIN, SERIAL, STARTUP_TIMEOUT, STEP_TIMEOUT, Server, _drain, run_cli
+from tests.cluster.serves import (
+    metrics_ports,
+    printed_port,
+    running_workers,
+    spawn_workers,
+    started,
+    two_free_ports,
+    worker_pids,
+    workers_config,
+)
+from tests.peers import STARTUP_TIMEOUT, STEP_TIMEOUT, Server, run_cli
 
 CONNECTIONS = 32  # all on one worker by chance: 2 ** -31
 
 
-def _two_free_ports() -> int:
-    """A port P with P + 1 free too (TCP, loopback): the base of per-worker ports."""
-    for _ in range(50):
-        with socket.socket() as first, socket.socket() as second:
-            first.bind(("127.0.0.1", 0))
-            base = int(first.getsockname()[1])
-            try:
-                second.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-            return base
-    raise RuntimeError("no two free ports in a row")
-
-
-def _config(tmp_path: Path, cluster: bool, internal_base: int = 0) -> Path:
-    secret = tmp_path / "pbx.secret"
-    secret.write_text(f"pbx-secret-{secrets.token_hex(8)}\n", encoding="utf-8")
-    cluster_secret = tmp_path / "cluster.secret"
-    cluster_secret.write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
-    cluster_secret.chmod(0o600)
-    text = (
-        '[server]\nmetrics_listen = "127.0.0.1:0"\n\n'
-        f'[sip]\ndomain = "{DOMAIN}"\n\n'
-        f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{secret}"\n\n'
-    )
-    if cluster:
-        text += (
-            '[cluster]\nredis = "env:SOFTRELAY_REDIS_URL"\n'
-            f'secret = "file:{cluster_secret}"\nnode_id = "test"\n'
-            f'internal_listen = "127.0.0.1:{internal_base}"\n'
-        )
-    config = tmp_path / "softrelay.toml"
-    config.write_text(text, encoding="utf-8")
-    return config
-
-
-async def _spawn(config: Path, data_dir: Path, redis_url: str, workers: int = 2) -> Server:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "softrelay.cli",
-        "serve",
-        "--config",
-        str(config),
-        "--data-dir",
-        str(data_dir),
-        "--http-port",
-        "0",
-        "--sip-port",
-        "0",
-        "--workers",
-        str(workers),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SOFTRELAY_CONFIG": "", "SOFTRELAY_REDIS_URL": redis_url},
-    )
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    server = Server(proc, config, data_dir, "", {})
-    server.drains.append(asyncio.create_task(_drain(proc.stdout, server.output, server.grew)))
-    server.drains.append(asyncio.create_task(_drain(proc.stderr, server.output, server.grew)))
-    return server
-
-
 @pytest.fixture
 async def workers(tmp_path: Path, redis_url: str) -> AsyncIterator[Server]:
-    config = _config(tmp_path, cluster=True, internal_base=_two_free_ports())
-    server = await _spawn(config, tmp_path / "var", redis_url)
-    try:
-        await _started(server, r"^softrelay: 2 workers ready$")
+    config = workers_config(tmp_path, cluster=True, internal_base=two_free_ports())
+    async with running_workers(config, tmp_path / "var", redis_url) as server:
         yield server
-    finally:
-        # A failed test's processes: every one gone and its output read to the end
-        # before the loop closes (the workers hold the pipes too).
-        for pid in [server.proc.pid, *_worker_pids(server).values()]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        await server.proc.wait()
-        await asyncio.wait_for(asyncio.gather(*server.drains), STEP_TIMEOUT)
-
-
-async def _started(server: Server, pattern: str) -> None:
-    """Wait for a line of a process start (a worker starts a whole relay)."""
-    try:
-        async with asyncio.timeout(STARTUP_TIMEOUT):
-            while not any(re.search(pattern, line) for line in server.output):
-                server.grew.clear()
-                await server.grew.wait()
-    except TimeoutError:
-        raise AssertionError(f"no line {pattern!r} yet:\n{server.log()}") from None
-
-
-def _worker_pids(server: Server) -> dict[int, int]:
-    """Worker index -> pid of its latest process, as the supervisor printed them."""
-    pids: dict[int, int] = {}
-    for line in server.output:
-        if match := re.match(r"softrelay: worker (\d+) pid (\d+) node ", line):
-            pids[int(match.group(1))] = int(match.group(2))
-    return pids
-
-
-def _printed_port(server: Server, pattern: str) -> int:
-    ports = {int(m.group(1)) for line in server.output if (m := re.match(pattern, line))}
-    assert len(ports) == 1, (pattern, server.log())
-    return ports.pop()
 
 
 def _sockets(pid: int) -> set[int]:
@@ -245,25 +154,19 @@ async def test_two_workers_bind_the_same_ports_and_each_takes_connections(
     """Both workers listen on the one SIP UDP/TCP port and the one HTTP port (the
     supervisor holds its sockets bound but listens on none), and connections to the SIP
     port are spread over both: each worker's /metrics counts some, together all."""
-    http = _printed_port(workers, r"softrelay: http://127\.0\.0\.1:(\d+) \(healthz; metrics")
-    sip = _printed_port(workers, r"softrelay: sip udp\+tcp 127\.0\.0\.1:(\d+)$")
+    http = printed_port(workers, r"softrelay: http://127\.0\.0\.1:(\d+) \(healthz; metrics")
+    sip = printed_port(workers, r"softrelay: sip udp\+tcp 127\.0\.0\.1:(\d+)$")
     for kind in ("udp", "tcp"):
-        assert (
-            _printed_port(workers, rf"softrelay worker \d: sip {kind} 127\.0\.0\.1:(\d+)$") == sip
-        )
-    assert _printed_port(workers, r"softrelay worker \d: http://127\.0\.0\.1:(\d+) \(") == http
-    pids = _worker_pids(workers)
+        assert printed_port(workers, rf"softrelay worker \d: sip {kind} 127\.0\.0\.1:(\d+)$") == sip
+    assert printed_port(workers, r"softrelay worker \d: http://127\.0\.0\.1:(\d+) \(") == http
+    pids = worker_pids(workers)
     assert sorted(pids) == [0, 1]
     for pid in pids.values():
         assert _listening(pid, http, sip) == {"http": True, "sip tcp": True, "sip udp": True}
     assert workers.proc.pid not in pids.values()
     held = _listening(workers.proc.pid, http, sip)
     assert held == {"http": False, "sip tcp": False, "sip udp": False}
-    metrics = {
-        int(m.group(1)): int(m.group(2))
-        for line in workers.output
-        if (m := re.match(r"softrelay worker (\d): http://127\.0\.0\.1:(\d+)/metrics", line))
-    }
+    metrics = metrics_ports(workers)
     assert sorted(metrics) == [0, 1]
     assert metrics[0] != metrics[1]
 
@@ -288,7 +191,7 @@ async def test_two_workers_bind_the_same_ports_and_each_takes_connections(
 async def test_sigterm_stops_every_worker_in_order_and_the_supervisor_exits_0(
     workers: Server,
 ) -> None:
-    pids = _worker_pids(workers)
+    pids = worker_pids(workers)
     assert await workers.stop() == 0
     out = workers.log()
     for index in (0, 1):
@@ -300,9 +203,9 @@ async def test_sigterm_stops_every_worker_in_order_and_the_supervisor_exits_0(
 async def test_a_killed_worker_is_started_again_and_the_port_keeps_answering(
     workers: Server,
 ) -> None:
-    http = _printed_port(workers, r"softrelay: http://127\.0\.0\.1:(\d+) \(healthz; metrics")
-    sip = _printed_port(workers, r"softrelay: sip udp\+tcp 127\.0\.0\.1:(\d+)$")
-    killed = _worker_pids(workers)[1]
+    http = printed_port(workers, r"softrelay: http://127\.0\.0\.1:(\d+) \(healthz; metrics")
+    sip = printed_port(workers, r"softrelay: sip udp\+tcp 127\.0\.0\.1:(\d+)$")
+    killed = worker_pids(workers)[1]
     os.kill(killed, signal.SIGKILL)
     await workers.line(
         r"^softrelay: worker 1 ended \(signal 9 \(SIGKILL\)\); starting it again in 0 s$"
@@ -312,8 +215,8 @@ async def test_a_killed_worker_is_started_again_and_the_port_keeps_answering(
         for _ in range(8):
             async with session.get(f"http://127.0.0.1:{http}/healthz") as response:
                 assert response.status == 200
-        await _started(workers, r"^softrelay: worker 1 ready again$")
-        again = _worker_pids(workers)[1]
+        await started(workers, r"^softrelay: worker 1 ready again$")
+        again = worker_pids(workers)[1]
         assert again != killed
         assert _listening(again, http, sip) == {"http": True, "sip tcp": True, "sip udp": True}
         # A new process is a new node: what the dead one held expires with its heartbeat.
@@ -327,7 +230,7 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     workers: Server,
 ) -> None:
     """The supervisor's end of each lifeline closes with it: no worker outlives it."""
-    pids = _worker_pids(workers)
+    pids = worker_pids(workers)
     # A pidfd turns readable when its process ends: the workers are not our children.
     loop = asyncio.get_running_loop()
     ended: list[asyncio.Future[None]] = []
@@ -351,7 +254,7 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
 
 
 async def test_workers_without_a_cluster_are_refused(tmp_path: Path) -> None:
-    config = _config(tmp_path, cluster=False)
+    config = workers_config(tmp_path, cluster=False)
     status, out = await run_cli(
         "serve", "--config", str(config), "--data-dir", str(tmp_path / "var"), "--workers", "2"
     )
@@ -378,7 +281,7 @@ async def _cli(*args: str, redis_url: str) -> tuple[int | None, str]:
 
 
 async def test_workers_need_a_metrics_port_of_their_own(tmp_path: Path) -> None:
-    config = _config(tmp_path, cluster=True)
+    config = workers_config(tmp_path, cluster=True)
     config.write_text(config.read_text().replace('metrics_listen = "127.0.0.1:0"', ""))
     status, out = await _cli(
         "serve",
@@ -396,7 +299,7 @@ async def test_workers_need_a_metrics_port_of_their_own(tmp_path: Path) -> None:
 async def test_a_port_in_use_stops_the_start_once(tmp_path: Path, redis_url: str) -> None:
     """The supervisor binds the shared ports before any worker starts: a port taken by
     another program is one line and exit 2, and no worker ever runs."""
-    config = _config(tmp_path, cluster=True)
+    config = workers_config(tmp_path, cluster=True)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -417,7 +320,7 @@ async def test_a_worker_that_cannot_start_stops_them_all_with_exit_2(
 ) -> None:
     """Worker 0's metrics port is taken: it ends before it is ready, with its own line,
     and the supervisor stops worker 1 too and exits 2, restarting nothing."""
-    config = _config(tmp_path, cluster=True)
+    config = workers_config(tmp_path, cluster=True)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -425,7 +328,7 @@ async def test_a_worker_that_cannot_start_stops_them_all_with_exit_2(
         config.write_text(
             config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"', 1), encoding="utf-8"
         )
-        server = await _spawn(config, tmp_path / "var", redis_url)
+        server = await spawn_workers(config, tmp_path / "var", redis_url)
         try:
             status = await asyncio.wait_for(server.proc.wait(), STARTUP_TIMEOUT)
             await asyncio.wait_for(asyncio.gather(*server.drains), STEP_TIMEOUT)
