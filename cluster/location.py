@@ -140,11 +140,7 @@ class Location:
             raw = await self._shared.client.get(node_key(node))
         if raw is None:
             return None
-        internal = str(orjson.loads(raw).get("internal", ""))
-        host, sep, port = internal.rpartition(":")
-        if not sep or not port.isdigit():
-            return None
-        return host.strip("[]"), int(port)
+        return parse_address(str(orjson.loads(raw).get("internal", "")))
 
     # --- registrations ---------------------------------------------------------------
 
@@ -179,6 +175,20 @@ class Location:
                 await on_registration(event)
 
         await self._shared.subscriptions.subscribe(REGISTRATIONS, handle, reread=reread)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """HOST:PORT, an IPv6 host in brackets (what `parse_address` reads)."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> tuple[str, int] | None:
+    """A node's link address as a heartbeat or a handshake states it; None if not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def _text(raw: bytes | str) -> str:

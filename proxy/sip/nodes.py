@@ -44,7 +44,13 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter
 
-from cluster.location import LINK_REFRESH, Location, Registration
+from cluster.location import (
+    LINK_REFRESH,
+    Location,
+    Registration,
+    format_address,
+    parse_address,
+)
 from cluster.redis import ClusterUnavailable
 from privacy.clock import Clock
 from privacy.store import Subject
@@ -176,6 +182,8 @@ class Nodes:
         # Our flows another node knows of: they hear of its end (`closed`).
         self._told: dict[int, set[str]] = {}
         self._readers: set[asyncio.StreamWriter] = set()
+        # Nodes with a connection open to us, and the link address each proved.
+        self._announced: dict[str, tuple[asyncio.StreamWriter, Address]] = {}
         self._pending: dict[tuple[str, bool, int], _Pending] = {}
         self._tasks = Tasks(log, "nodes.task_failed")  # location writes, `closed` notices
         self._loops = Tasks(log, "nodes.task_failed")  # the refresher, connection watchers
@@ -229,13 +237,13 @@ class Nodes:
             return None  # ours but gone (its entry outlived it): not linked
         return self.remote_flow(found[0], found[1], serial)
 
-    async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
+    async def forward_response(self, node: str, data: bytes, flow: Flow) -> bool:
         header: dict[str, Any] = {"k": "response"}
         if flow.transport is Transport.UDP:
             # The socket it came on: under `serve --workers N` the SIP port is shared,
             # and `node` may have sent the request from it (`Relay.node_response`).
             header["u"] = list(flow.local)
-        await self._forward(node, header, data, flow)
+        return await self._forward(node, header, data, flow)
 
     async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> bool:
         return await self._forward(node, {"k": "route", "route": route}, request.serialize(), flow)
@@ -424,12 +432,7 @@ class Nodes:
             out = self._out.get(node)
             if out is not None and not out.writer.is_closing():
                 return out
-            try:
-                address = await self.location.address(node)
-            except ClusterUnavailable as exc:
-                raise NodeUnreachable(node) from exc
-            if address is None:
-                raise NodeUnreachable(node)
+            address = await self._address(node)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     reader, writer = await asyncio.open_connection(*address)
@@ -444,6 +447,22 @@ class Nodes:
             # The other end never sends after the handshake: its close is all we read.
             self._loops.spawn(self._watch(node, out, reader))
             return out
+
+    async def _address(self, node: str) -> Address:
+        """Where `node`'s link listens: its heartbeat says, or else the address it
+        proved in the handshake of a connection it holds open to us now. Redis may not
+        know a live node for a moment (restarted empty, the node's heartbeat not yet
+        written again): a response to a request it just sent us must still reach it."""
+        try:
+            address = await self.location.address(node)
+        except ClusterUnavailable:
+            address = None
+        if address is None:
+            announced = self._announced.get(node)
+            if announced is None or announced[0].is_closing():
+                raise NodeUnreachable(node)
+            address = announced[1]
+        return address
 
     async def _watch(self, node: str, out: _Out, reader: asyncio.StreamReader) -> None:
         """The other node closes our connection only when it stops or dies: its flows
@@ -470,8 +489,9 @@ class Nodes:
             raise LinkRefused("not a softrelay node")
         theirs, ours = greeting[len(MAGIC) :], os.urandom(NONCE)
         me = self.node_id.encode()
-        proof = self._mac(b"hello", theirs, ours, me)
-        writer.write(bytes((len(me),)) + me + ours + proof)
+        where = format_address(self.address).encode()
+        proof = self._mac(b"hello", theirs, ours, me, where)
+        writer.write(bytes((len(me),)) + me + bytes((len(where),)) + where + ours + proof)
         await writer.drain()
         answer = await reader.readexactly(32)
         if not hmac.compare_digest(answer, self._mac(b"welcome", ours, theirs, me)):
@@ -500,6 +520,9 @@ class Nodes:
             pass  # the other node went, or closed its connection
         finally:
             self._readers.discard(writer)
+            self._announced = {
+                node: known for node, known in self._announced.items() if known[0] is not writer
+            }
             writer.close()
 
     async def _welcome(
@@ -508,15 +531,20 @@ class Nodes:
         ours = os.urandom(NONCE)
         writer.write(MAGIC + ours)
         await writer.drain()
-        size = (await reader.readexactly(1))[0]
-        node = await reader.readexactly(size)
+        node = await reader.readexactly((await reader.readexactly(1))[0])
+        where = await reader.readexactly((await reader.readexactly(1))[0])
         theirs = await reader.readexactly(NONCE)
         proof = await reader.readexactly(32)
-        if not hmac.compare_digest(proof, self._mac(b"hello", ours, theirs, node)):
+        if not hmac.compare_digest(proof, self._mac(b"hello", ours, theirs, node, where)):
             raise LinkRefused("the dialling node does not know the cluster secret")
+        address = parse_address(where.decode(errors="replace"))
+        if address is None:
+            raise LinkRefused("the dialling node's address is not HOST:PORT")
         writer.write(self._mac(b"welcome", theirs, ours, node))
         await writer.drain()
-        return node.decode(), _Session(self._mac(b"session", ours, theirs, node))
+        name = node.decode()
+        self._announced[name] = (writer, address)
+        return name, _Session(self._mac(b"session", ours, theirs, node))
 
     async def _queue(self, node: str, header: dict[str, Any], data: bytes) -> None:
         """Hand a frame from `node` (authenticated) to the worker of its flow: the frames

@@ -117,8 +117,9 @@ class Cluster(Protocol):
         """The PBX of `serial` linked on another node, as a flow to it; None: nowhere.
         ClusterUnavailable when that cannot be known now (answered 503, Retry-After)."""
 
-    async def forward_response(self, node: str, data: bytes, flow: Flow) -> None:
-        """A response that arrived on `flow` and whose Via names `node`."""
+    async def forward_response(self, node: str, data: bytes, flow: Flow) -> bool:
+        """A response that arrived on `flow` and whose Via names `node`; whether it
+        went (False: the node is unreachable now)."""
 
     async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> bool:
         """A request that arrived on `flow`, to follow `route` (a token of `node`);
@@ -1136,7 +1137,8 @@ class Relay:
         token = top.params.get("ft")
         if self.node and token and (node := node_of(token)) != self.node:
             if self.cluster is not None and node and flow.id not in self._remote:
-                await self.cluster.forward_response(node, response.serialize(), flow)
+                if not await self.cluster.forward_response(node, response.serialize(), flow):
+                    self.metrics.errors.labels("node_unreachable").inc()
             else:
                 self.metrics.errors.labels("response_unroutable").inc()
             return

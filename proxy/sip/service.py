@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from cluster.location import Location
+from cluster.location import Location, format_address
 from cluster.redis import SharedRedis
 from cluster.settings import ClusterSettings
 from privacy.clock import Clock
@@ -106,8 +106,7 @@ class SipService:
             except BaseException:
                 await transports.stop()
                 raise
-            internal_host, internal_port = self.nodes.address
-            shared.start(heartbeat={"internal": f"{internal_host}:{internal_port}"})
+            shared.start(heartbeat={"internal": format_address(self.nodes.address)})
         self._timers.spawn(relay.parking.run_forever(), name="sip-wake-timers")
         if relay.overload.settings.lag > 0:
             self._timers.spawn(relay.overload.probe_forever(), name="sip-overload-probe")

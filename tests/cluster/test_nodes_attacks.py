@@ -131,7 +131,8 @@ async def test_the_internal_link_refuses_a_peer_without_the_cluster_secret(
     reader, writer = await asyncio.open_connection(host, port)
     greeting = await asyncio.wait_for(reader.readexactly(len(MAGIC) + NONCE), STEP_TIMEOUT)
     assert greeting.startswith(MAGIC)
-    writer.write(bytes((4,)) + b"evil" + os.urandom(NONCE) + os.urandom(32))
+    where = b"127.0.0.1:9"
+    writer.write(bytes((4,)) + b"evil" + bytes((len(where),)) + where + os.urandom(NONCE + 32))
     assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b"", "closed, no welcome"
     writer.close()
 
@@ -140,8 +141,8 @@ async def test_the_internal_link_refuses_a_peer_without_the_cluster_secret(
     reader, writer = await asyncio.open_connection(host, port)
     greeting = await asyncio.wait_for(reader.readexactly(len(MAGIC) + NONCE), STEP_TIMEOUT)
     theirs, ours, me = greeting[len(MAGIC) :], os.urandom(NONCE), b"node-x"
-    proof = hmac.digest(key, b"\0".join((b"hello", theirs, ours, me)), "sha256")
-    writer.write(bytes((len(me),)) + me + ours + proof)
+    proof = hmac.digest(key, b"\0".join((b"hello", theirs, ours, me, where)), "sha256")
+    writer.write(bytes((len(me),)) + me + bytes((len(where),)) + where + ours + proof)
     welcome = await asyncio.wait_for(reader.readexactly(32), STEP_TIMEOUT)
     assert welcome == hmac.digest(key, b"\0".join((b"welcome", ours, theirs, me)), "sha256")
     body = b'{"k":"closed","f":1}\n'

@@ -50,7 +50,7 @@ class Node:
         await asyncio.wait_for(shared.subscriptions.wait_rounds(count), 10)
 
 
-StartNode = Callable[..., Awaitable[Node]]  # (name, **changes to its Services)
+StartNode = Callable[..., Awaitable[Node]]  # (name, heartbeat_interval, **Services changes)
 
 
 @pytest.fixture
@@ -65,9 +65,13 @@ async def start_node(
     """Starts node `name` of one cluster; all are closed after the test."""
     started: list[TestServer] = []
 
-    async def start(name: str, **changes: Any) -> Node:
+    async def start(name: str, heartbeat_interval: float = 2.0, **changes: Any) -> Node:
         cluster = ClusterSettings(
-            redis_url=redis_url, secret=cluster_secret, node_id=f"node-{name}"
+            redis_url=redis_url,
+            secret=cluster_secret,
+            node_id=f"node-{name}",
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_expiry=max(6.0, 3 * heartbeat_interval),
         )
         # No shedding on loop lag: the nodes share this loop, so one node's start-up
         # would read as another's overload (each `serve` has a loop of its own).
