@@ -1,6 +1,7 @@
 """CPU per relayed call, in process: the six messages of a SIPp call through `Relay`.
 
-    .venv/bin/python bench/relay_inproc.py [--calls 2000] [--repeat 7] [--profile [KEY]]
+    .venv/bin/python bench/relay_inproc.py [--calls 2000] [--repeat 7] [--udp u1|un]
+        [--profile [KEY]]
 
 No sockets and no SIPp: what `bench/relay.py`'s softrelay path costs the relay's core
 (parse, route, serialize, metrics), measured deterministically so that each change to
@@ -15,6 +16,18 @@ inbound messages are replayed through `Relay.handle` (routing is stateless for c
 the same message is forwarded the same way), `--repeat` times; the best run gives the
 µs per call. The flow key is fixed, so the octets forwarded are the same on every run
 and every version of the code: `digest` is their SHA-256, to show a change kept them.
+
+With `--udp u1` or `--udp un` the datagrams go in through the UDP endpoint instead
+(`proxy.sip.udp`, `SipTransports.deliver`: a flow per source address, a task per
+message, the socket a fake that keeps what is sent): `u1` plays SIPp's UAC with one
+socket for every call, `un` with one socket per call (SIPp's `-t un`), so each call
+is a new UDP flow (its peer, token, dialog token, metrics) as `bench/relay.py
+--uac-transport un` makes it. The calls go in batches of BATCH: the batch's INVITEs,
+then its 180s, and so on, each wave handled to the end before the next, as the loop
+takes in a burst of datagrams before it runs the flows' tasks. Each run then starts
+from a fresh relay and endpoint (as a process that never heard these sources), the
+flow ids counted from the same start, so that the octets forwarded are the same on
+every run (the run stops if they are not).
 """
 
 from __future__ import annotations
@@ -22,11 +35,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import hashlib
+import itertools
 import pstats
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # Run as a script, this file's folder comes first on sys.path, where bench/push.py would
 # shadow the `push` package: put the repository there instead.
@@ -36,6 +51,7 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 import uvloop  # noqa: E402 - after the sys.path fix above
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+import proxy.sip.flow  # noqa: E402
 from privacy.clock import ManualClock, parse_instant  # noqa: E402
 from privacy.keys import Keyring  # noqa: E402
 from privacy.policy import load_policy  # noqa: E402
@@ -45,6 +61,10 @@ from proxy.sip.message import Request, Response  # noqa: E402
 from proxy.sip.parser import parse  # noqa: E402
 from proxy.sip.relay import Relay  # noqa: E402
 from proxy.sip.settings import PbxSettings, SipSettings  # noqa: E402
+from proxy.sip.transport_metrics import SipMetrics  # noqa: E402
+from proxy.sip.transport_settings import TransportSettings  # noqa: E402
+from proxy.sip.transports import SipTransports  # noqa: E402
+from proxy.sip.udp import UdpEndpoint  # noqa: E402
 
 UAC = ("127.0.0.1", 5061)
 UAS = ("127.0.0.1", 5070)
@@ -81,19 +101,21 @@ def _lines(data: bytes, *names: str) -> list[str]:
     return [line for line in head if line.split(":", 1)[0].strip().lower() in names]
 
 
-def _uac_request(method: str, call: int, uri: str, routes: list[str], tag: str) -> bytes:
+def _uac_request(
+    method: str, call: int, uri: str, routes: list[str], tag: str, uac: tuple[str, int] = UAC
+) -> bytes:
     cseq = 2 if method == "BYE" else 1
     to = "To: service <sip:service@0077.relay.test>" + (f";tag={tag}" if tag else "")
     return _message(
         f"{method} {uri} SIP/2.0",
         [
-            f"Via: SIP/2.0/UDP {UAC[0]}:{UAC[1]};branch=z9hG4bK-{call}-{method.lower()}",
+            f"Via: SIP/2.0/UDP {uac[0]}:{uac[1]};branch=z9hG4bK-{call}-{method.lower()}",
             *routes,
-            f"From: sipp <sip:sipp@{UAC[0]}:{UAC[1]}>;tag=9999SIPpTag00{call}",
+            f"From: sipp <sip:sipp@{uac[0]}:{uac[1]}>;tag=9999SIPpTag00{call}",
             to,
-            f"Call-ID: {call}-9999@{UAC[0]}",
+            f"Call-ID: {call}-9999@{uac[0]}",
             f"CSeq: {cseq} {method}",
-            f"Contact: <sip:sipp@{UAC[0]}:{UAC[1]}>",
+            f"Contact: <sip:sipp@{uac[0]}:{uac[1]}>",
             "Max-Forwards: 70",
             "Subject: Performance Test",
             *(["Content-Type: application/sdp"] if method == "INVITE" else []),
@@ -167,11 +189,151 @@ class Bench:
         return steps
 
 
-async def run(calls: int, repeat: int, profile: str) -> None:
+class Socket:
+    """The UDP socket's transport, faked: keeps the last datagram sent to each address,
+    and a digest of all it sent in any order (a replay sends in waves, see BATCH)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.last: dict[tuple[str, int], bytes] = {}
+
+    def digest(self) -> str:
+        return hashlib.sha256(b"".join(sorted(self.sent))).hexdigest()[:16]
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return LOCAL if name == "sockname" else default
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.last[addr] = data
+        self.sent.append(hashlib.sha256(data).digest())
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+FIRST_FLOW_ID = 1_000_000  # where each pass counts flow ids from (see UdpBench)
+BATCH = 16  # calls per wave: under the max_pending (32) of the one UAC flow of u1
+
+
+class UdpBench:
+    """One pass of the calls through the UDP endpoint, from a fresh relay: the UAC's
+    source is one address for all calls (`u1`) or one per call (`un`)."""
+
+    def __init__(self, relay: Relay, clock: ManualClock, mode: str) -> None:
+        self.relay = relay
+        self.mode = mode
+        settings = TransportSettings(udp_port=0, tcp_port=None)
+        metrics = SipMetrics(CollectorRegistry())
+        self.transports = SipTransports(settings, relay.handle, clock, metrics)
+        self.endpoint = UdpEndpoint(self.transports)
+        self.socket = Socket()
+        self.endpoint.connection_made(self.socket)  # type: ignore[arg-type]  # a fake
+        self.transports._udp = self.endpoint
+        relay.udp_flow = self.transports.udp_flow
+        # Flow ids name flows in tokens: the same ids on every pass, the same octets.
+        proxy.sip.flow._ids = itertools.count(FIRST_FLOW_ID)
+        self.endpoint.flow_to(UAS)  # the static PBX, first: its flow has the same id
+
+    def uac(self, call: int) -> tuple[str, int]:
+        return UAC if self.mode == "u1" else (UAC[0], 20_000 + call)
+
+    async def feed(self, data: bytes, source: tuple[str, int]) -> None:
+        """One datagram in, handled to the end (the flow's worker task done)."""
+        endpoint = self.endpoint
+        endpoint.datagram_received(data, source)
+        peer = endpoint.peers.get(source)
+        worker = None if peer is None else peer.worker
+        if worker is not None:
+            await worker
+
+    async def learn(self, call: int) -> list[tuple[bytes, tuple[str, int]]]:
+        """Play one call, checking each step; its six datagrams with their sources."""
+        uac, last = self.uac(call), self.socket.last
+        steps: list[tuple[bytes, tuple[str, int]]] = []
+
+        async def feed(data: bytes, source: tuple[str, int], to: tuple[str, int]) -> bytes:
+            last.pop(to, None)
+            await self.feed(data, source)
+            if to not in last:
+                raise SystemExit(f"call {call}: nothing forwarded for {data[:20]!r}")
+            steps.append((data, source))
+            return last[to]
+
+        uri = "sip:service@0077.relay.test"
+        invite = await feed(_uac_request("INVITE", call, uri, [], "", uac), uac, UAS)
+        await feed(_uas_response(invite, 180, call, record_route=True), UAS, uac)
+        ok = await feed(_uas_response(invite, 200, call, record_route=True), UAS, uac)
+        answer = parse(ok)
+        assert isinstance(answer, Response)
+        routes = [f"Route: {rr!s}" for rr in reversed(answer.record_routes)]
+        target, tag = str(answer.contacts[0].uri), answer.to.tag or ""
+        await feed(_uac_request("ACK", call, target, routes, tag, uac), uac, UAS)
+        bye = await feed(_uac_request("BYE", call, target, routes, tag, uac), uac, UAS)
+        await feed(_uas_response(bye, 200, call, record_route=False), UAS, uac)
+        return steps
+
+
+async def run_udp(
+    calls: int, repeat: int, profile: str, mode: str, store: Store, clock: ManualClock
+) -> None:
+    """`--udp u1|un`: every pass from a fresh relay and UDP endpoint (see UdpBench)."""
+    settings = SipSettings("relay.test", (PbxSettings("0077", "", static=UAS),))
+
+    def fresh() -> UdpBench:
+        relay = Relay(settings, store, clock, CollectorRegistry())
+        relay._flow_key = bytes(32)  # fixed, so the forwarded octets are comparable
+        return UdpBench(relay, clock, mode)
+
+    bench = fresh()
+    learnt = [await bench.learn(call) for call in range(calls)]
+    # Waves: message k of each call of a batch, in call order (the flows' ids follow it).
+    waves = [
+        [call[k] for call in learnt[start : start + BATCH]]
+        for start in range(0, calls, BATCH)
+        for k in range(len(learnt[0]))
+    ]
+    expected = bench.socket.digest()
+
+    async def replay(bench: UdpBench) -> None:
+        received, wait = bench.endpoint.datagram_received, bench.transports._tasks.wait
+        for wave in waves:
+            for data, source in wave:
+                received(data, source)
+            await wait()
+
+    best, digest = float("inf"), ""
+    for _ in range(repeat):
+        bench = fresh()
+        started = time.perf_counter()
+        await replay(bench)
+        best = min(best, time.perf_counter() - started)
+        digest = bench.socket.digest()
+        if digest != expected:
+            raise SystemExit(f"a replay forwarded other octets ({digest}) than learnt ({expected})")
+    print(
+        f"{best / calls * 1e6:.1f} µs per call ({len(learnt[0])} messages, UDP {mode}),"
+        f" best of {repeat} x {calls} calls; digest {digest}"
+    )
+    if profile:
+        bench = fresh()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await replay(bench)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats(profile).print_stats(30)
+
+
+async def run(calls: int, repeat: int, profile: str, udp: str = "") -> None:
     clock = ManualClock(parse_instant("2026-03-01T12:00:00Z"))
     with tempfile.TemporaryDirectory() as tmp:
         store = await Store.create(load_policy("auerproxy"), Keyring.generate(), Path(tmp), clock)
         try:
+            if udp:
+                await run_udp(calls, repeat, profile, udp, store, clock)
+                return
             settings = SipSettings("relay.test", (PbxSettings("0077", "", static=UAS),))
             relay = Relay(settings, store, clock, CollectorRegistry())
             relay._flow_key = bytes(32)  # fixed, so the forwarded octets are comparable
@@ -217,8 +379,14 @@ def main() -> None:
         default="",
         help="one more pass under cProfile, sorted by this pstats key (tottime)",
     )
+    parser.add_argument(
+        "--udp",
+        choices=("u1", "un"),
+        default="",
+        help="through the UDP endpoint, the UAC on one source address (u1) or one per call (un)",
+    )
     args = parser.parse_args()
-    uvloop.run(run(args.calls, args.repeat, args.profile))
+    uvloop.run(run(args.calls, args.repeat, args.profile, args.udp))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,10 @@ retransmissions go on, statelessly, to the PBX or phone, which absorbs them.
 
 from __future__ import annotations
 
-import base64
-import hmac
 import ipaddress
 import logging
 import math
 import secrets
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -254,11 +251,7 @@ class Relay:
         only flows it was told about. Routing then finds the flow by a dict look-up."""
         token = self._tokens.get(flow.id)
         if token is None:
-            raw = struct.pack(">Q", flow.id)
-            mac = hmac.digest(self._flow_key, raw + self.node.encode(), "sha256")[:8]
-            token = base64.b32encode(raw + mac).decode().rstrip("=").lower()
-            if self.node:
-                token += "." + self.node  # sealed with the rest: see proxy/sip/tokens.py
+            token = self._sealer.flow_token(flow.id)  # names our node: see proxy/sip/tokens.py
             self._tokens[flow.id] = token
             self._by_token[token] = flow
             self._flows[flow.id] = flow
@@ -986,10 +979,11 @@ class Relay:
         if token is None:
             self._token(pbx)  # watch both flows: the token names them by id
             self._token(phone)
-            token = self._sealer.dialog_token(pbx, phone, serial)
+            token, dialog = self._sealer.seal_dialog(pbx, phone, serial)
             if len(self._dialog_tokens) >= DIALOGS_LIMIT:
                 self._dialog_tokens.clear()
             self._dialog_tokens[key] = token
+            self._opened(token, dialog)  # what opening it would give: known already
         return token
 
     def _dialog(self, token: str | None) -> Dialog | None:
@@ -1000,10 +994,13 @@ class Relay:
         if dialog is None:
             dialog = self._sealer.open_dialog(token.lower())
             if dialog is not None:
-                if len(self._dialogs) >= DIALOGS_LIMIT:
-                    self._dialogs.clear()
-                self._dialogs[token] = dialog
+                self._opened(token, dialog)
         return dialog
+
+    def _opened(self, token: str, dialog: Dialog) -> None:
+        if len(self._dialogs) >= DIALOGS_LIMIT:
+            self._dialogs.clear()
+        self._dialogs[token] = dialog
 
     def _in_dialog(self, dialog: Dialog, flow: Flow) -> bool:
         """Whether `flow` may send along the dialog's route: one of its ends, or the PBX

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import ipaddress
 import struct
+from functools import lru_cache
 from typing import NamedTuple
 
 from proxy.sip.flow import Address, Flow, Transport
@@ -113,6 +114,14 @@ class Sealer:
         data = b"B" + first.encode() + b"\0" + came_from.key + b"\0" + target.key
         return self._hash(data).hexdigest()
 
+    # --- flow tokens --------------------------------------------------------------
+
+    def flow_token(self, flow_id: int) -> str:
+        """A flow's token (our Via's `ft`): its id and a seal of it. The relay finds the
+        flow by the whole token in a dict, so only a token it made finds one."""
+        raw = _ID.pack(flow_id)
+        return _encode(raw + self._mac(b"F" + raw + self._sealed_node)) + self._suffix
+
     # --- Path tokens --------------------------------------------------------------
 
     def path_token(self, phone: Flow, serial: str) -> str:
@@ -136,8 +145,14 @@ class Sealer:
     # --- dialog tokens ------------------------------------------------------------
 
     def dialog_token(self, pbx: Flow, phone: Flow, serial: str) -> str:
+        return self.seal_dialog(pbx, phone, serial)[0]
+
+    def seal_dialog(self, pbx: Flow, phone: Flow, serial: str) -> tuple[str, Dialog]:
+        """The dialog token, and the dialog `open_dialog` reads from it (so the relay
+        need not open the tokens it made: a new UDP flow per call, a new token)."""
         body = _end(pbx) + _end(phone) + serial.encode()
-        return _encode(self._mac(b"D" + body + self._sealed_node) + body) + self._suffix
+        token = _encode(self._mac(b"D" + body + self._sealed_node) + body) + self._suffix
+        return token, _read_dialog(body)
 
     def open_dialog(self, token: str) -> Dialog | None:
         own = self._own(token)
@@ -147,10 +162,13 @@ class Sealer:
         mac, body = raw[:_MAC], raw[_MAC:]
         if not hmac.compare_digest(mac, self._mac(b"D" + body + self._sealed_node)):
             return None
-        # Ours, so well formed: what we wrote is read back.
-        pbx, rest = _read_end(body)
-        phone, rest = _read_end(rest)
-        return Dialog(pbx, phone, rest.decode())
+        return _read_dialog(body)  # ours, so well formed: what we wrote is read back
+
+
+def _read_dialog(body: bytes) -> Dialog:
+    pbx, rest = _read_end(body)
+    phone, rest = _read_end(rest)
+    return Dialog(pbx, phone, rest.decode())
 
 
 def node_of(token: str) -> str:
@@ -158,12 +176,24 @@ def node_of(token: str) -> str:
     return token.rpartition(".")[2] if "." in token else ""
 
 
-def _end(flow: Flow) -> bytes:
+# Parsing an address costs more than the seal; the same few hosts come back call after
+# call (bounded: a flood of new sources only evicts, at the cost of parsing again).
+@lru_cache(maxsize=4096)
+def _packed(host: str) -> bytes:
     try:
-        packed = ipaddress.ip_address(flow.remote[0]).packed
+        return ipaddress.ip_address(host).packed
     except ValueError:
-        packed = b""  # not an address (an in-process flow): known by its id alone
-    if flow.transport is not Transport.UDP or not packed:
+        return b""  # not an address (an in-process flow): known by its id alone
+
+
+@lru_cache(maxsize=4096)
+def _unpacked(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+def _end(flow: Flow) -> bytes:
+    packed = _packed(flow.remote[0]) if flow.transport is Transport.UDP else b""
+    if not packed:
         return b"s" + _ID.pack(flow.id)
     return b"u" + _ID.pack(flow.id) + bytes((len(packed),)) + packed + _PORT.pack(flow.remote[1])
 
@@ -174,7 +204,7 @@ def _read_end(data: bytes) -> tuple[End, bytes]:
         return End(flow_id, None), data[1 + _ID.size :]
     at = 1 + _ID.size
     size = data[at]
-    host = str(ipaddress.ip_address(data[at + 1 : at + 1 + size]))
+    host = _unpacked(data[at + 1 : at + 1 + size])
     port: int = _PORT.unpack_from(data, at + 1 + size)[0]
     return End(flow_id, (host, port)), data[at + 1 + size + _PORT.size :]
 

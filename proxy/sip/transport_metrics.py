@@ -53,3 +53,4 @@ class SipMetrics:
             self.flows.labels(transport.value)
         # Bound once: a label look-up per message costs more than the count itself.
         self.received_on = {t: self.received.labels(t.value) for t in Transport}
+        self.flows_on = {t: self.flows.labels(t.value) for t in Transport}

@@ -244,12 +244,12 @@ class SipTransports:
         link.last_seen = self.clock.now()
         self._links[flow] = link
         self._live.add(link)
-        self.metrics.flows.labels(flow.transport.value).inc()
+        self.metrics.flows_on[flow.transport].inc()
         flow.on_close.append(self._detach)
 
     def _detach(self, flow: Flow) -> None:
         self._links.pop(flow, None)
-        self.metrics.flows.labels(flow.transport.value).dec()
+        self.metrics.flows_on[flow.transport].dec()
         self._connections -= 1
         if self.limits.max_connections_per_ip:
             source = client_key(flow.remote[0])

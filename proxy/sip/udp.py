@@ -29,6 +29,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, edge: Edge) -> None:
         self._edge = edge
         self.transport: asyncio.DatagramTransport | None = None
+        self.local: Address = ("", 0)  # where the socket is bound, read once
         self.paused = False  # the socket's send buffer is full and asyncio queues sends
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Ordered by last activity, so the least recently heard peer is first.
@@ -37,6 +38,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The selector's datagram transport does not subclass DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
+        # Once: uvloop asks the kernel again on every call, and every new peer needs it.
+        self.local = address_of(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         edge = self._edge
@@ -90,13 +93,13 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         peer = UdpPeer(edge, self, addr, remote)
         peer.last_seen = edge.clock.now()
         self.peers[remote] = peer
-        edge.metrics.flows.labels(Transport.UDP.value).inc()
+        edge.metrics.flows_on[Transport.UDP].inc()
         peer.flow.on_close.append(self._forget)
         return peer
 
     def _forget(self, flow: Flow) -> None:
         self.peers.pop(flow.remote, None)
-        self._edge.metrics.flows.labels(Transport.UDP.value).dec()
+        self._edge.metrics.flows_on[Transport.UDP].dec()
 
     def quiet_since(self, before: float) -> Iterator[UdpPeer]:
         """The peers last heard at `before` or earlier, the least recent first."""
@@ -123,11 +126,7 @@ class UdpPeer(Link):
         self._edge = edge
         self._endpoint = endpoint
         self._addr = addr
-        transport = endpoint.transport
-        assert transport is not None
-        self.flow = Flow(
-            Transport.UDP, remote, address_of(transport.get_extra_info("sockname")), self
-        )
+        self.flow = Flow(Transport.UDP, remote, endpoint.local, self)
 
     async def send(self, data: bytes) -> None:
         transport = self._endpoint.transport
