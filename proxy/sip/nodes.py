@@ -187,6 +187,7 @@ class Nodes:
         self._pending: dict[tuple[str, bool, int], _Pending] = {}
         self._tasks = Tasks(log, "nodes.task_failed")  # location writes, `closed` notices
         self._loops = Tasks(log, "nodes.task_failed")  # the refresher, connection watchers
+        self._links = Tasks(log, "nodes.task_failed")  # readers of the others' connections
         self.metrics = NodeMetrics(registry)
 
     @classmethod
@@ -201,7 +202,7 @@ class Nodes:
     ) -> Nodes:
         """Listen on `listen`, join the relay to the cluster, take registration events."""
         self = cls(relay, location, secret, clock, registry)
-        self._server = await asyncio.start_server(self._serve, *listen)
+        self._server = await asyncio.start_server(self._accept, *listen)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = (host, port)
         relay.join(self.node_id, self)
@@ -220,6 +221,7 @@ class Nodes:
         for writer in [*self._readers, *(out.writer for out in self._out.values())]:
             writer.close()
         self._out.clear()
+        await self._links.close()
         await self._tasks.close()
         for flow in list(self._remote.values()):
             flow.close()
@@ -502,6 +504,14 @@ class Nodes:
         return hmac.digest(self._secret, b"\0".join(parts), "sha256")
 
     # --- receiving ---------------------------------------------------------------------
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, so that `_links` owns the reader (asyncio would make an
+        # unowned task of a coroutine) and `close` ends it.
+        if self._links.closed:
+            writer.close()
+            return
+        self._links.spawn(self._serve(reader, writer), name="nodes-link-reader")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._readers.add(writer)
