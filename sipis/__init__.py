@@ -1,0 +1,13 @@
+"""SIPIS mode (issue 18): softrelay registers at the SIP provider on behalf of sleeping
+apps (the Cloud Softphone role), wakes the app by push on a call or a text, and relays
+the call once the app connects.
+
+    accounts.py   the `sip_account` records (HA1s and user encrypted), device secrets
+    api.py        /sipis/v1/accounts: create, read status, update, pause, delete
+    uac.py        outbound SIP to the providers' registrars (UDP, TCP, TLS)
+    registrar.py  keeping each account registered: digest with the HA1, 423, refresh,
+                  start spread, rate per registrar, capped backoff, status, un-REGISTER
+
+It sits above the relay (`proxy`), which carries the app's own connection, and below
+`dsr` (erasure un-registers) and the composition root.
+"""
