@@ -26,26 +26,27 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.peers import DOMAIN, SERIAL, STARTUP_TIMEOUT, STEP_TIMEOUT, Server, _drain, start_server
 
-StartServe = Callable[..., Awaitable[Server]]  # (name, more lines of [cluster], more TOML)
+StartServe = Callable[..., Awaitable[Server]]  # (name, more lines of [cluster])
 PBX_SECRET = "serves-pbx-secret"
 
 
 @pytest.fixture
-async def start_serve(tmp_path: Path, redis_url: str) -> AsyncIterator[StartServe]:
-    """Starts `serve` as node `name` of one cluster (SQLite each, the PBX SERIAL with
-    PBX_SECRET), with `more` lines in its [cluster] and `tables` after it; all are
-    killed after the test."""
+async def start_serve(tmp_path: Path, redis_url: str, store_toml: str) -> AsyncIterator[StartServe]:
+    """Starts `serve` as node `name` of one cluster, with `more` lines in its [cluster]:
+    the PBX SERIAL with PBX_SECRET, the store of the test's backend (on PostgreSQL the
+    nodes share one database, as a deployment does; on SQLite each keeps its own); all
+    are killed after the test."""
     (tmp_path / "redis.url").write_text(redis_url + "\n", encoding="utf-8")
     (tmp_path / "cluster.secret").write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
     started: list[Server] = []
 
-    async def start(name: str, more: str = "", tables: str = "") -> Server:
+    async def start(name: str, more: str = "") -> Server:
         home = tmp_path / name
         home.mkdir()
         cluster = (
             f'[cluster]\nredis = "file:{tmp_path / "redis.url"}"\n'
             f'secret = "file:{tmp_path / "cluster.secret"}"\nnode_id = "node-{name}"\n'
-            f"{more}\n{tables}"
+            f"{more}\n{store_toml}"
         )
         server = await start_server(home, cluster, secret=PBX_SECRET)
         started.append(server)

@@ -9,17 +9,14 @@ test is bounded by LONGEST_WAIT, and the servers are killed whatever happens."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
 from mockphone.pbx import MockPbx
 from mockphone.phone import Kind, MockPhone, PhoneSpec
 from mockphone.sip import RelayAddress
 from mockphone.sipwire import make_response
+from tests.cluster.serves import PBX_SECRET, StartServe, start_serve
 from tests.cluster.test_nodes_sip import linked_pbx, registered
 from tests.cluster.world import StartNode, cluster_secret, start_node
 from tests.limits import LONGEST_WAIT
@@ -31,41 +28,13 @@ from tests.peers import (
     SERIAL,
     Server,
     sip_message,
-    start_server,
 )
 from tests.redisserver import RedisServer
 from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
 
-__all__ = ["cluster_secret", "start_node"]  # fixtures
-StartServe = Callable[..., Awaitable[Server]]  # (name, more lines of [cluster])
-PBX_SECRET = "failures-pbx-secret"
+__all__ = ["cluster_secret", "start_node", "start_serve"]  # fixtures
 PASSWORD = "pw-of-the-phones"
 USERS = {"alice": PASSWORD, "bob": PASSWORD}
-
-
-@pytest.fixture
-async def start_serve(tmp_path: Path, redis_url: str) -> AsyncIterator[StartServe]:
-    """Starts `serve` as node `name` of one cluster (SQLite each, one PBX secret); all
-    are killed after the test."""
-    (tmp_path / "redis.url").write_text(redis_url + "\n", encoding="utf-8")
-    (tmp_path / "cluster.secret").write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
-    started: list[Server] = []
-
-    async def start(name: str, more: str = "") -> Server:
-        home = tmp_path / name
-        home.mkdir()
-        cluster = (
-            f'[cluster]\nredis = "file:{tmp_path / "redis.url"}"\n'
-            f'secret = "file:{tmp_path / "cluster.secret"}"\nnode_id = "node-{name}"\n'
-            f"{more}\n"
-        )
-        server = await start_server(home, cluster, secret=PBX_SECRET)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.kill()
 
 
 def address(server: Server) -> RelayAddress:

@@ -11,42 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
+from tests.cluster.serves import StartServe, start_serve
 from tests.cluster.test_nodes_sip import pbx_calls, phone_calls
-from tests.peers import STEP_TIMEOUT, Server, start_server
+from tests.peers import STEP_TIMEOUT, Server
 from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
 
 pytestmark = pytest.mark.both_backends
 
-StartServe = Callable[[str], Awaitable[Server]]
-
-
-@pytest.fixture
-async def start_serve(tmp_path: Path, redis_url: str, store_toml: str) -> AsyncIterator[StartServe]:
-    """Starts `serve` as node `name` of one cluster; all are stopped after the test."""
-    (tmp_path / "redis.url").write_text(redis_url + "\n", encoding="utf-8")
-    (tmp_path / "cluster.secret").write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
-    started: list[Server] = []
-
-    async def start(name: str) -> Server:
-        home = tmp_path / name
-        home.mkdir()
-        cluster = (
-            f'[cluster]\nredis = "file:{tmp_path / "redis.url"}"\n'
-            f'secret = "file:{tmp_path / "cluster.secret"}"\nnode_id = "node-{name}"\n\n'
-        )
-        server = await start_server(home, cluster + store_toml)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.kill()
+__all__ = ["start_serve"]  # fixtures
 
 
 async def _linked(server: Server) -> CallingPbx:
