@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import orjson
 
-from cluster.redis import ClusterUnavailable, SharedRedis, node_key
+from cluster.redis import NODES_PREFIX, ClusterUnavailable, SharedRedis, node_key
 
 log = logging.getLogger("softrelay.cluster")
 
@@ -56,6 +56,18 @@ LINK_REFRESH = 20.0
 # A registration is kept this long for the re-reads after a resubscribe: longer than
 # any call waits parked (the wake timeout, 30 s by default).
 REREAD_WINDOW = 60
+
+# A PBX's entry, if its node is this one or alive: one round trip per lookup (a lookup
+# is on the path of every REGISTER and call for a PBX on another node). The heartbeat
+# key it reads is not in KEYS: fine on one Redis server, which is what a cluster of
+# softrelay nodes shares (not Redis Cluster, where keys must be declared).
+_PBX = """
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+local node = string.match(value, '^(%S+) ')
+if node ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. node) == 0 then return false end
+return value
+"""
 
 # Deletes a PBX's entry only while it still names the flow that closed.
 _UNLINK = """
@@ -100,6 +112,7 @@ class Location:
         self.node_id = shared.node_id
         self.fingerprints = Fingerprints(secret)
         self._unlink = shared.script(_UNLINK)
+        self._pbx = shared.script(_PBX)
 
     # --- PBX links -------------------------------------------------------------------
 
@@ -125,14 +138,12 @@ class Location:
 
     async def pbx(self, serial: str) -> tuple[str, int] | None:
         """The node holding the PBX's link and its flow id there, if that node is alive."""
-        async with self._shared.guard("pbx lookup"):
-            raw = await self._shared.client.get(PBX_PREFIX + serial)
-            if raw is None:
-                return None
-            node, _, flow_id = _text(raw).partition(" ")
-            if node != self.node_id and not await self._shared.client.exists(node_key(node)):
-                return None  # its node died: the PBX will link again somewhere
-        return node, int(flow_id)
+        # None also when its node died: the PBX will link again somewhere.
+        raw = await self._pbx("pbx lookup", [PBX_PREFIX + serial], [self.node_id, NODES_PREFIX])
+        if not isinstance(raw, bytes | str):
+            return None
+        node, _, flow_id = _text(raw).partition(" ")
+        return (node, int(flow_id)) if flow_id.isdigit() else None
 
     async def address(self, node: str) -> tuple[str, int] | None:
         """Where a live node's internal SIP link listens (its heartbeat's `internal`)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from cluster.location import Location
 from cluster.redis import ClusterUnavailable, SharedRedis, node_key
 from cluster.settings import ClusterSettings, parse_cluster
 from privacy.clock import ManualClock
@@ -275,3 +276,21 @@ def test_cluster_section_parsed_and_the_url_never_shown(
     assert parsed.redis_target == "10.0.0.9:6380/2"
     assert "hunter2" not in repr(parsed)
     assert SECRET not in repr(parsed)
+
+
+async def test_a_pbx_lookup_names_its_node_only_while_that_node_beats(open_shared: Open) -> None:
+    """`Location.pbx` (one Lua round trip): its own entry always; another node's only
+    while that node's heartbeat key exists; a value that is not `<node> <flow id>`,
+    never. A node that died leaves its entry until it expires: ignored meanwhile."""
+    a, b = await open_shared("node-a"), await open_shared("node-b")
+    at_a, at_b = Location(a, SECRET), Location(b, SECRET)
+    await at_a.link_pbx({"0042": 7})
+    assert await at_a.pbx("0042") == ("node-a", 7), "its own, no heartbeat needed"
+    assert await at_b.pbx("0042") is None, "node-a has no heartbeat yet"
+    await a.beat()
+    assert await at_b.pbx("0042") == ("node-a", 7)
+    await b.client.delete(node_key("node-a"))  # as when its heartbeat expires
+    assert await at_b.pbx("0042") is None
+    assert await at_b.pbx("0043") is None, "never linked"
+    await b.client.set("pbx:0044", "node-b not-a-flow")
+    assert await at_b.pbx("0044") is None
