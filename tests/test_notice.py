@@ -361,7 +361,8 @@ PLACES = {"en": "Where the data is processed", "de": "Wo die Daten verarbeitet w
                 "- **Sentry server of the app vendor, for crash reports (only when the operator "
                 "forwards them):** Germany\n  - Data: Crash reports (only if you opted in)\n",
                 "- **Apple Push Notification service (Apple Inc.):** United States, outside the "
-                "EU/EEA\n  - Data: Registrations of phones and PBXs\n  - Basis of the transfer: "
+                "EU/EEA\n  - Data: Registrations of phones and PBXs; Your SIP account held for "
+                "registering on your behalf (SIPIS mode)\n  - Basis of the transfer: "
                 "adequacy decision of the European Commission (Art. 45 GDPR); EU-US Data "
                 "Privacy Framework, under which Apple Inc. is certified\n",
                 "- **Firebase Cloud Messaging (Google LLC):** United States, outside the EU/EEA\n",
@@ -376,7 +377,8 @@ PLACES = {"en": "Where the data is processed", "de": "Wo die Daten verarbeitet w
                 "Verbund läuft:** Deutschland\n  - Daten: Aufenthaltsort von Verbindungen im "
                 "Verbund; Gemeinsame Grenzen im Verbund\n",
                 "- **Apple Push Notification Service (Apple Inc.):** Vereinigte Staaten, außerhalb "
-                "der EU/des EWR\n  - Daten: Registrierungen von Telefonen und TK-Anlagen\n"
+                "der EU/des EWR\n  - Daten: Registrierungen von Telefonen und TK-Anlagen; Ihr "
+                "SIP-Konto zur Registrierung in Ihrem Auftrag (SIPIS-Modus)\n"
                 "  - Grundlage der Übermittlung: Angemessenheitsbeschluss der Europäischen "
                 "Kommission (Art. 45 DSGVO); EU-US Data Privacy Framework, nach dem Apple Inc. "
                 "zertifiziert ist\n",
