@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.peers import DOMAIN, SERIAL, STARTUP_TIMEOUT, STEP_TIMEOUT, Server, _drain, start_server
+from tests.sip.test_wake_e2e import CallingPbx
 
 StartServe = Callable[..., Awaitable[Server]]  # (name, more lines of [cluster])
 PBX_SECRET = "serves-pbx-secret"
@@ -55,6 +56,13 @@ async def start_serve(tmp_path: Path, redis_url: str, store_toml: str) -> AsyncI
     yield start
     for server in started:
         await server.kill()
+
+
+async def linked(server: Server) -> CallingPbx:
+    """The PBX SERIAL linked on `server` over TCP."""
+    pbx = await CallingPbx.connect(server.ports["tcp"])
+    assert await pbx.link(PBX_SECRET) == 200, pbx.last()
+    return pbx
 
 
 # --- serve --workers N --------------------------------------------------------------------

@@ -14,27 +14,21 @@ import re
 
 import pytest
 
-from tests.cluster.serves import StartServe, start_serve
+from tests.cluster.serves import StartServe, linked, start_serve
 from tests.cluster.test_nodes_sip import pbx_calls, phone_calls
-from tests.peers import STEP_TIMEOUT, Server
-from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
+from tests.peers import STEP_TIMEOUT
+from tests.sip.test_wake_e2e import TcpPhone
 
 pytestmark = pytest.mark.both_backends
 
 __all__ = ["start_serve"]  # fixtures
 
 
-async def _linked(server: Server) -> CallingPbx:
-    pbx = await CallingPbx.connect(server.ports["tcp"])
-    assert await pbx.link(server.secret) == 200, server.log()
-    return pbx
-
-
 async def test_serve_nodes_pbx_on_a_phone_on_b_register_and_call_both_ways(
     start_serve: StartServe,
 ) -> None:
     a, b = await start_serve("a"), await start_serve("b")
-    pbx = await _linked(a)
+    pbx = await linked(a)
     phone = None
     try:
         phone = await TcpPhone.connect(b.ports["tcp"])
@@ -64,7 +58,7 @@ async def test_serve_nodes_a_call_parked_on_a_is_delivered_when_the_phone_regist
     pushes; the phone comes back on B, and as soon as the PBX accepts that REGISTER,
     A hears of it from Redis and sends the call over B."""
     a, b = await start_serve("a"), await start_serve("b")
-    pbx = await _linked(a)
+    pbx = await linked(a)
     push_arrived = asyncio.Event()
     woken: list[TcpPhone] = []
     try:

@@ -14,20 +14,14 @@ import re
 import aiohttp
 from redis.asyncio import Redis
 
-from tests.cluster.serves import PBX_SECRET, StartServe, start_serve
+from tests.cluster.serves import StartServe, linked, start_serve
 from tests.cluster.test_nodes_sip import pbx_calls
 from tests.limits import LONGEST_WAIT
-from tests.peers import PHONE_DOMAIN, SERIAL, Server
+from tests.peers import PHONE_DOMAIN, SERIAL
 from tests.redisserver import RedisServer
 from tests.sip.test_wake_e2e import CallingPbx, TcpPhone
 
 __all__ = ["start_serve"]  # fixtures
-
-
-async def _linked(server: Server) -> CallingPbx:
-    pbx = await CallingPbx.connect(server.ports["tcp"])
-    assert await pbx.link(PBX_SECRET) == 200, pbx.last()
-    return pbx
 
 
 async def test_sigterm_answers_the_call_parked_on_it_503_and_the_next_call_goes_over_the_other(
@@ -38,7 +32,7 @@ async def test_sigterm_answers_the_call_parked_on_it_503_and_the_next_call_goes_
     0 and closes the link; the PBX links on B, the phone wakes and registers through B,
     and the PBX's next call to it is delivered there."""
     a, b = await start_serve("a"), await start_serve("b")
-    pbx = await _linked(a)
+    pbx = await linked(a)
     peers: list[CallingPbx | TcpPhone] = [pbx]
     try:
         async with asyncio.timeout(LONGEST_WAIT):
@@ -59,7 +53,7 @@ async def test_sigterm_answers_the_call_parked_on_it_503_and_the_next_call_goes_
             assert await stopping == 0, a.log()
             assert await pbx.reader.read() == b"", "A closed the PBX's link as it stopped"
 
-            pbx = await _linked(b)
+            pbx = await linked(b)
             peers.append(pbx)
             again = await TcpPhone.connect(b.ports["tcp"])
             peers.append(again)
@@ -110,7 +104,7 @@ async def test_redis_out_then_back_a_cross_node_register_gets_503_then_goes_thro
     the nodes have written back what they hold, the REGISTER goes through the PBX on A
     and a call reaches the phone on B."""
     a, b = await start_serve("a"), await start_serve("b")
-    pbx = await _linked(a)
+    pbx = await linked(a)
     phone = await TcpPhone.connect(b.ports["tcp"])
     try:
         async with asyncio.timeout(LONGEST_WAIT):
