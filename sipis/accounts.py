@@ -23,8 +23,10 @@ The HA1s, the user names, the display name and the push token are encrypted at r
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from collections.abc import Collection
@@ -44,6 +46,7 @@ _MAX_SECRET = 128  # chars of a presented secret worth hashing (ours are 43)
 _KEY_LABEL = b"softrelay/sipis/device-secret/v1"
 # Compared with when the account does not exist, so that path does the same work.
 _NO_HASH = "0" * 64
+log = logging.getLogger("softrelay.sipis")
 
 
 def new_account_id() -> str:
@@ -217,12 +220,14 @@ class Registrar(Protocol):
     `remove` once the un-REGISTER was answered or failed); the engine's own tasks do the
     SIP (REGISTER, refresh, un-REGISTER)."""
 
-    def add(self, account: Account) -> None:
-        """A new account: register it (after the start spread and the registrar's rate)."""
+    def add(self, account: Account, *, spread: bool = True) -> None:
+        """Keep the account registered: after a random delay within the start spread
+        (`spread`: the accounts loaded at a start), else at once (a new account); the
+        registrar's rate applies either way. A paused account is held, not registered."""
 
     def update(self, account: Account) -> None:
-        """New settings (credential, registrar, push): re-register with them; a paused
-        account stays paused."""
+        """New settings: a new registrar or credential is registered afresh; a change
+        of `paused` pauses or resumes; an account it does not hold is added at once."""
 
     async def remove(self, account_id: str) -> None:
         """Deleted: un-REGISTER (Expires: 0) and forget it."""
@@ -249,3 +254,14 @@ async def forget_removed(accounts: Accounts, registrar: Registrar) -> int:
     for account_id in gone:
         await registrar.remove(account_id)
     return len(gone)
+
+
+async def forget_removed_forever(accounts: Accounts, registrar: Registrar, interval: float) -> None:
+    """`forget_removed` every `interval` seconds until cancelled; a failed turn is
+    logged and retried at the next one."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await forget_removed(accounts, registrar)
+        except Exception:
+            log.exception("sipis.forget_removed_failed")  # the class only (the log policy)

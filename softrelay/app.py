@@ -34,7 +34,8 @@ gets a final answer before its connection goes.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -68,6 +69,9 @@ from push.embedded import StandIns
 from push.fcm import FcmProvider
 from push.feed import add_delivery_feed
 from push.service import PushLimits, PushService
+from sipis.accounts import Accounts, Registrar, forget_removed_forever
+from sipis.api import ACCOUNTS, REGISTRAR, add_sipis_api
+from sipis.settings import SipisSettings
 from softrelay.metrics import (
     METRICS,
     METRICS_PATH,
@@ -84,6 +88,8 @@ from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
 from webapi.ratelimit import Limiters, LocalLimiters, SharedLimiters
 
 MAX_BODY = 1024 * 1024
+# Builds SIPIS mode's registrar engine over the accounts; open while the app runs.
+RegistrarFactory = Callable[[Accounts], AbstractAsyncContextManager[Registrar]]
 log = logging.getLogger("softrelay.proxy")
 
 
@@ -109,6 +115,9 @@ class Services:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     store: StoreSettings = field(default_factory=StoreSettings)  # default: SQLite in data_dir
     cluster: ClusterSettings | None = None  # a node of a cluster (Redis), or alone
+    sipis: SipisSettings = field(default_factory=SipisSettings)  # off unless enabled
+    # SIPIS mode's registrar engine (a test's double); needed when `sipis.enabled`.
+    sipis_registrar: RegistrarFactory | None = None
 
 
 SERVICES = web.AppKey("services", Services)
@@ -186,6 +195,13 @@ def build_app(services: Services) -> web.Application:
     )
     add_provisioning(app, services.provisioning, services.sip.pbxs, services.clock, STORE, limiters)
     add_oauth(app, services.oauth, services.clock, limiters)
+    if services.sipis.enabled:
+        # After the store (and SIP, which the engine's calls will need); before the DSR
+        # API, whose erasure un-registers.
+        if services.sipis_registrar is None:
+            raise ValueError("SIPIS mode is enabled but no registrar engine is given")
+        app.cleanup_ctx.append(_sipis_ctx)
+        add_sipis_api(app, services.sipis, limiters)
     # After the store, the relay and the cluster: a subject proves identity through its
     # PBX's flow, wherever it is linked; its challenge is answered on any node.
     add_dsr_routes(
@@ -218,6 +234,27 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     app[SHARED_LIMITERS].disconnect()
     await shared.close()
+
+
+async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SIPIS mode: the accounts and the registrar engine, which registers every active
+    account at the start (spread) and un-registers those the retention sweeper or an
+    erasure removed, at the sweeper's cadence."""
+    services = app[SERVICES]
+    factory = services.sipis_registrar
+    assert factory is not None
+    accounts = Accounts(app[STORE], services.keyring)
+    async with factory(accounts) as registrar:
+        app[ACCOUNTS] = accounts
+        app[REGISTRAR] = registrar
+        for account in await accounts.list_active():
+            registrar.add(account)
+        async with Tasks(log, "sipis.forget_failed") as tasks:
+            tasks.spawn(
+                forget_removed_forever(accounts, registrar, services.sweep_interval),
+                name="sipis-forget-removed",
+            )
+            yield
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -367,6 +367,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         metrics=MetricsSettings(config.metrics_token, listen.metrics),
         store=config.store,
         cluster=cluster,
+        sipis=config.sipis,
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()

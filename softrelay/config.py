@@ -32,6 +32,7 @@ from proxy.oauth.settings import OAuthSettings, parse_oauth
 from proxy.provisioning.settings import ProvisioningSettings, parse_provisioning
 from proxy.sip.settings import SipSettings, parse_sip
 from push.apps import PushSettings, parse_push
+from sipis.settings import SipisSettings, parse_sipis
 from tomlsections.reader import (
     ConfigError,
     Deferred,
@@ -80,6 +81,8 @@ class Config:
     dsr: DsrSettings
     provisioning: ProvisioningSettings
     http: HttpLimits
+    # SIPIS mode (registering on behalf of sleeping apps); off unless `enabled`.
+    sipis: SipisSettings
     # Parsed at first use, reading their secrets then (the module docstring says why).
     deferred_push: Deferred[PushSettings] = field(repr=False, compare=False)
     deferred_sip: Deferred[SipSettings] = field(repr=False, compare=False)
@@ -195,6 +198,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     dsr_section = root.section("dsr", {})
     dsr = parse_dsr(dsr_section)
     provisioning = parse_provisioning(root.section("provisioning", {}))
+    sipis = parse_sipis(root.section("sipis", {}))
     oauth = Deferred(root.section("oauth", {}), parse_oauth)
     usage = Deferred(root.section("usage", {}), parse_usage)
     http_section = root.section("http", {})
@@ -223,6 +227,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         dsr=dsr,
         provisioning=provisioning,
         http=http,
+        sipis=sipis,
         deferred_push=push,
         deferred_sip=sip,
         deferred_oauth=oauth,
