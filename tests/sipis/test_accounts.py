@@ -6,7 +6,8 @@ registrar engine is told to forget a removed one."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import AsyncIterator, Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,34 +46,59 @@ def draft(user: str = USER, token: str = TOKEN) -> Account:
 
 
 class Registered:
-    """The registrar engine as the accounts side sees it: what it holds, what it was
-    told to remove."""
+    """The registrar engine as the accounts side sees it (sipis.accounts.Registrar): what
+    it holds and every call it was given, in order; `opened` as the app's factory."""
 
     def __init__(self) -> None:
         self.held: dict[str, Account] = {}
+        self.paused: set[str] = set()
         self.removed: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (method, account id)
+        self.open = False
 
     def add(self, account: Account, *, spread: bool = True) -> None:
+        self.calls.append(("add" if spread else "add_now", account.account_id))
         self.held[account.account_id] = account
+        if account.paused:
+            self.paused.add(account.account_id)
 
     def update(self, account: Account) -> None:
+        self.calls.append(("update", account.account_id))
         self.held[account.account_id] = account
+        if account.paused:
+            self.paused.add(account.account_id)
+        else:
+            self.paused.discard(account.account_id)
 
     async def remove(self, account_id: str) -> None:
+        self.calls.append(("remove", account_id))
         self.removed.append(account_id)
         self.held.pop(account_id, None)
 
     async def pause(self, account_id: str) -> None:
-        pass
+        self.calls.append(("pause", account_id))
+        self.paused.add(account_id)
 
     def resume(self, account_id: str) -> None:
-        pass
+        self.calls.append(("resume", account_id))
+        self.paused.discard(account_id)
 
     def status(self, account_id: str) -> Status | None:
-        return Status(State.PENDING) if account_id in self.held else None
+        if account_id not in self.held:
+            return None
+        return Status(State.PAUSED if account_id in self.paused else State.PENDING)
 
     def account_ids(self) -> Collection[str]:
         return list(self.held)
+
+    @contextlib.asynccontextmanager
+    async def opened(self, accounts: Accounts) -> AsyncIterator[Registered]:
+        """The app's `sipis_registrar` factory: this double, open while the app runs."""
+        self.open = True
+        try:
+            yield self
+        finally:
+            self.open = False
 
 
 async def _accounts(open_store: StoreFactory, profile: str = "cloudsoftphone") -> Accounts:
