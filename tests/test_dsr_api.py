@@ -36,9 +36,11 @@ from proxy.sip.parser import parse
 from proxy.sip.relay import Relay
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
+from sipis.settings import SipisSettings
 from softrelay.app import RELAY, STORE, Services, build_app
 from tests.limits import LONGEST_WAIT
 from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _link_pbx, _reply
+from tests.sipis.test_accounts import Registered
 from tomlsections.reader import Section
 from usage.settings import Tenant, UsageSettings
 from webapi.openapi import OPENAPI, OpenApi, add_openapi_route
@@ -134,6 +136,8 @@ async def world(
         dsr=DsrSettings(admin_token="env:SOFTRELAY_TEST_ADMIN", max_failures=3, failure_window=600),
         usage=UsageSettings(tenants=(Tenant("acme", ADMIN_TOKEN),), ip_burst=100_000),
         store=store_settings,
+        sipis=SipisSettings(enabled=True, rate=UNLIMITED),  # its registrar engine a double
+        sipis_registrar=Registered().opened,
     )
     app = build_app(services)
     server = TestServer(app, host="127.0.0.1")
@@ -399,11 +403,11 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     world: World, tmp_path: Path
 ) -> None:
     """Every operation of the whole app's /openapi.json (DSR, usage, crash ingest,
-    provisioning, OAuth, the WebSocket upgrades, health and metrics), fuzzed: no 5xx,
-    no status, Content-Type or body the document does not describe."""
+    SIPIS accounts, provisioning, OAuth, the WebSocket upgrades, health and metrics),
+    fuzzed: no 5xx, no status, Content-Type or body the document does not describe."""
     returncode, output = await schemathesis(world.base, tmp_path)
     assert returncode == 0, output[-6000:]
-    assert "Operations:       21 selected / 21 total" in output, output[:2000]
+    assert "Operations:       25 selected / 25 total" in output, output[:2000]
 
 
 async def test_schemathesis_run_fails_on_a_server_error_and_an_undocumented_answer(
