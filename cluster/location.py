@@ -145,6 +145,10 @@ class Location:
         node, _, flow_id = _text(raw).partition(" ")
         return (node, int(flow_id)) if flow_id.isdigit() else None
 
+    async def live_nodes(self) -> list[str]:
+        """The other nodes whose heartbeat has not expired."""
+        return [node for node in await self._shared.live_nodes() if node != self.node_id]
+
     async def address(self, node: str) -> tuple[str, int] | None:
         """Where a live node's internal SIP link listens (its heartbeat's `internal`)."""
         async with self._shared.guard("node address"):

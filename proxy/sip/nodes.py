@@ -182,11 +182,12 @@ class Nodes:
         # Our flows another node knows of: they hear of its end (`closed`).
         self._told: dict[int, set[str]] = {}
         self._readers: set[asyncio.StreamWriter] = set()
+        self._dialled: dict[str, asyncio.Event] = {}  # set once we have dialled it
         # Nodes with a connection open to us, and the link address each proved.
         self._announced: dict[str, tuple[asyncio.StreamWriter, Address]] = {}
         self._pending: dict[tuple[str, bool, int], _Pending] = {}
         self._tasks = Tasks(log, "nodes.task_failed")  # location writes, `closed` notices
-        self._loops = Tasks(log, "nodes.task_failed")  # the refresher, connection watchers
+        self._loops = Tasks(log, "nodes.task_failed")  # refresher, watchers, early dials
         self._links = Tasks(log, "nodes.task_failed")  # readers of the others' connections
         self.metrics = NodeMetrics(registry)
 
@@ -307,6 +308,8 @@ class Nodes:
         nothing would write again before the next refresh."""
         links = {serial: flow.id for serial, flow in self.relay.pbx_links().items()}
         await self.location.republish(links)
+        for node in await self.location.live_nodes():
+            self._dial_soon(node)
         seen: set[str] = set()
         for identity, subject in self.relay.parking.parked_calls():
             binding = self._binding(identity, subject)
@@ -446,9 +449,32 @@ class Nodes:
                 )
                 raise NodeUnreachable(node) from exc
             out = self._out[node] = _Out(writer, session)
+            self._dialled.setdefault(node, asyncio.Event()).set()
             # The other end never sends after the handshake: its close is all we read.
             self._loops.spawn(self._watch(node, out, reader))
             return out
+
+    async def dialled(self, node: str) -> None:
+        """Until this node has had a connection of its own to `node` (tests)."""
+        await self._dialled.setdefault(node, asyncio.Event()).wait()
+
+    def _dial_soon(self, node: str) -> None:
+        """Open our connection to `node` now, in the background, rather than on the
+        first message for it: that dial (a Redis read, a connect, the handshake) would
+        hold up the flow whose answer waits to go there, and behind it every message of
+        that flow (a UDP flow drops what queues past its limit). Done for every live
+        node after each (re)subscribe, and for a node as soon as it has dialled us."""
+        if node == self.node_id or self._loops.closed:
+            return
+        out = self._out.get(node)
+        lock = self._dialing.get(node)
+        if (out is not None and not out.writer.is_closing()) or (lock and lock.locked()):
+            return
+        self._loops.spawn(self._dial_quietly(node), name="nodes-dial")
+
+    async def _dial_quietly(self, node: str) -> None:
+        with contextlib.suppress(NodeUnreachable):  # logged by `_connection`; dialled again on use
+            await self._connection(node)
 
     async def _address(self, node: str) -> Address:
         """Where `node`'s link listens: its heartbeat says, or else the address it
@@ -554,6 +580,7 @@ class Nodes:
         await writer.drain()
         name = node.decode()
         self._announced[name] = (writer, address)
+        self._dial_soon(name)  # our answers to it will need a connection of our own
         return name, _Session(self._mac(b"session", ours, theirs, node))
 
     async def _queue(self, node: str, header: dict[str, Any], data: bytes) -> None:

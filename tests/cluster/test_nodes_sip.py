@@ -11,8 +11,9 @@ import secrets
 from redis.asyncio import Redis
 
 from mockphone.sipwire import NameAddr, Response
-from softrelay.app import CLUSTER
+from softrelay.app import CLUSTER, REGISTRY
 from tests.cluster.world import PBX_SECRET, Node, StartNode, cluster_secret, start_node
+from tests.limits import LONGEST_WAIT
 from tests.peers import (
     PHONE_DOMAIN,
     PHONE_IP,
@@ -280,3 +281,20 @@ async def _answered_and_hung_up(pbx: CallingPbx, dialog: list[str]) -> None:
     assert (await pbx.provisional()).status == 180, pbx.last()
     answer = await pbx.response("INVITE", 200)
     assert (await pbx.hang_up(answer, dialog)).status == 200, pbx.last()
+
+
+async def test_nodes_dial_each_other_before_any_message_needs_it(start_node: StartNode) -> None:
+    """B, started second, dials A at once (A is live when B subscribes), and A dials B
+    back as soon as B proved itself: neither waits for a first message to open its
+    link, since that dial would hold up the flow whose message waits behind it (a UDP
+    flow drops what queues past its limit)."""
+    a = await start_node("a")
+    b = await start_node("b")
+    async with asyncio.timeout(LONGEST_WAIT):
+        await b.nodes.dialled("node-a")
+        await a.nodes.dialled("node-b")
+    for node in (a, b):
+        registry = node.server.app[REGISTRY]
+        assert not registry.get_sample_value(
+            "softrelay_node_frames_total", {"way": "out", "kind": "deliver"}
+        )

@@ -37,8 +37,9 @@ STATIC_SERIAL = "0077"  # the PBX configured by its UDP address (no link, no dig
 CALLERS = 32  # each from its own socket: all on one worker by chance is 2 ** -31
 # Calls under way at once. The PBX's answers all come on one UDP flow, which queues at
 # most [sip.limits] max_pending (32) messages for its handler and drops the rest as
-# overload; a call has at most two answers (180, 200) outstanding, so 8 calls stay well
-# below it even while the first answer waits for the internal link to be dialled.
+# overload (this PBX, unlike a real one, never retransmits what was dropped); a call has
+# at most two answers (180, 200) outstanding, so 8 calls stay well below it. (At 32 at
+# once, the 64 answers of a burst overflow it now and then, with or without workers.)
 AT_ONCE = 8
 
 
