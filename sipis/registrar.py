@@ -40,6 +40,7 @@ id or a registrar host: metrics count by state and outcome only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -47,7 +48,7 @@ import random
 import re
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final, Protocol
@@ -60,6 +61,7 @@ from proxy.sip.message import Request, Response
 from proxy.sip.syntax import SipParseError, parse_seconds
 from proxy.sip.uri import SipUri
 from sipis.account import Account, State, Status
+from sipis.settings import SipisSettings
 from sipis.uac import (
     Address,
     Challenge,
@@ -418,6 +420,10 @@ class Registrations:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def account_ids(self) -> Collection[str]:
+        """The accounts it holds, paused ones included."""
+        return list(self._entries)
 
     # --- waiting (the API's long polls, tests) -----------------------------------------
 
@@ -791,3 +797,30 @@ def _retry_after(response: Response) -> float | None:
 
 def _printable(text: str) -> str:
     return "".join(c for c in text if c.isprintable())[:_REASON_LIMIT]
+
+
+def registrar_settings(sipis: SipisSettings) -> RegistrarSettings:
+    """The engine's settings from `[sipis]` (sipis/settings.py)."""
+    return RegistrarSettings(
+        expires=sipis.expires,
+        refresh_fraction=sipis.refresh,
+        start_spread=float(sipis.start_spread),
+        rate=sipis.rate_per_registrar,
+        backoff_first=float(sipis.backoff_first),
+        backoff_cap=float(sipis.backoff_cap),
+        t1=sipis.t1,
+        contact_host=sipis.contact_host or None,
+        contact_port=sipis.contact_port or None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_registrations(
+    sipis: SipisSettings, clock: Clock, registry: CollectorRegistry
+) -> AsyncIterator[Registrations]:
+    """The engine `serve` runs while the app does (softrelay/app.py)."""
+    registrations = await Registrations.create(registrar_settings(sipis), clock, registry)
+    try:
+        yield registrations
+    finally:
+        await registrations.close()

@@ -71,6 +71,7 @@ from push.feed import add_delivery_feed
 from push.service import PushLimits, PushService
 from sipis.accounts import Accounts, Registrar, forget_removed_forever
 from sipis.api import ACCOUNTS, REGISTRAR, add_sipis_api
+from sipis.registrar import open_registrations
 from sipis.settings import SipisSettings
 from softrelay.metrics import (
     METRICS,
@@ -116,7 +117,7 @@ class Services:
     store: StoreSettings = field(default_factory=StoreSettings)  # default: SQLite in data_dir
     cluster: ClusterSettings | None = None  # a node of a cluster (Redis), or alone
     sipis: SipisSettings = field(default_factory=SipisSettings)  # off unless enabled
-    # SIPIS mode's registrar engine (a test's double); needed when `sipis.enabled`.
+    # SIPIS mode's registrar engine; None: the real one (sipis/registrar.py).
     sipis_registrar: RegistrarFactory | None = None
 
 
@@ -198,8 +199,6 @@ def build_app(services: Services) -> web.Application:
     if services.sipis.enabled:
         # After the store (and SIP, which the engine's calls will need); before the DSR
         # API, whose erasure un-registers.
-        if services.sipis_registrar is None:
-            raise ValueError("SIPIS mode is enabled but no registrar engine is given")
         app.cleanup_ctx.append(_sipis_ctx)
         add_sipis_api(app, services.sipis, limiters)
     # After the store, the relay and the cluster: a subject proves identity through its
@@ -242,7 +241,11 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
     erasure removed, at the sweeper's cadence."""
     services = app[SERVICES]
     factory = services.sipis_registrar
-    assert factory is not None
+    if factory is None:  # the real engine (a test may give a double)
+
+        def factory(_: Accounts) -> AbstractAsyncContextManager[Registrar]:
+            return open_registrations(services.sipis, services.clock, app[REGISTRY])
+
     accounts = Accounts(app[STORE], services.keyring)
     async with factory(accounts) as registrar:
         app[ACCOUNTS] = accounts
