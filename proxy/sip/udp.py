@@ -38,7 +38,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The selector's datagram transport does not subclass DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
-        # Once: uvloop asks the kernel again on every call, and every new peer needs it.
+        # Once, not per new peer: every peer's flow has this local address.
         self.local = address_of(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
