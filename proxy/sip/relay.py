@@ -194,8 +194,12 @@ class Relay:
         self._pbx_settings = {p.serial: p for p in settings.pbxs}
         self._static = {p.static: p.serial for p in settings.pbxs if p.static is not None}
         self._addresses: dict[tuple[Transport, tuple[str, int]], tuple[SipUri, str, str]] = {}
-        # Set once the transports run: makes the UDP flow to a static PBX.
+        # Set once the transports run: the UDP flow to a peer on the SIP port.
         self.udp_flow: Callable[[tuple[str, int]], Flow | None] | None = None
+        # `serve --workers N` (`send_own_udp`): the flow to a static PBX from this
+        # worker's own socket, and that socket's address -> the shared SIP port's.
+        self.udp_out: Callable[[tuple[str, int]], Flow | None] | None = None
+        self._own_udp: dict[tuple[str, int], tuple[str, int]] = {}
         self._pending: dict[str, _PendingRegister] = {}
         self._answered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         # binding -> (when its last use was written, the expiry written with it)
@@ -225,6 +229,22 @@ class Relay:
         self._dialog_tokens.clear()
         self._dialogs.clear()
         self.cluster = cluster
+
+    def send_own_udp(
+        self,
+        udp_out: Callable[[tuple[str, int]], Flow | None],
+        own: tuple[str, int],
+        shared: tuple[str, int],
+    ) -> None:
+        """A worker of `serve --workers N`: requests to a static PBX go on `udp_out`'s
+        flows, from this worker's own socket at `own`, and our Via names it, so the
+        answers come back to this worker and not to whichever the kernel hashes the
+        shared port's to (`SipTransports.udp_out`). Record-Route and Path still name the
+        `shared` SIP port: requests of a dialog may reach any worker, and its token
+        routes them to the one that made it."""
+        self.udp_out = udp_out
+        self._own_udp[own] = shared
+        self._addresses.clear()
 
     def remote_flow(self, flow: Flow, serial: str | None) -> None:
         """`flow` stands for a flow of another node (its PBX's link when `serial`):
@@ -307,8 +327,9 @@ class Relay:
         if flow is not None and not flow.closed:
             return flow
         pbx = self._pbx_settings.get(serial)
-        if pbx is not None and pbx.static is not None and self.udp_flow is not None:
-            return self.udp_flow(pbx.static)
+        make = self.udp_out or self.udp_flow
+        if pbx is not None and pbx.static is not None and make is not None:
+            return make(pbx.static)
         return None
 
     def _is_pbx(self, flow: Flow) -> bool:
@@ -328,12 +349,19 @@ class Relay:
         key = (flow.transport, flow.local)
         address = self._addresses.get(key)
         if address is None:
-            host, port = flow.local
+            # A worker's own UDP socket (`send_own_udp`): the Via names it, the rest the
+            # shared SIP port.
+            shared = self._own_udp.get(flow.local) if flow.transport is Transport.UDP else None
+            host, port = shared or flow.local
             host = self.settings.public_host or host
             transport = flow.transport.value
             params = () if transport == "udp" else (("transport", transport),)
             me = SipUri(host, port=port, params=Params((*params, ("lr", None))))
-            address = (me, str(me), f"SIP/2.0/{flow.transport.via_name} {me.host_port}")
+            sent_by = me.host_port
+            if shared is not None:
+                own = SipUri(self.settings.public_host or flow.local[0], port=flow.local[1])
+                sent_by = own.host_port
+            address = (me, str(me), f"SIP/2.0/{flow.transport.via_name} {sent_by}")
             if len(self._addresses) >= ADDRESSES_LIMIT:
                 self._addresses.clear()
             self._addresses[key] = address
@@ -1019,8 +1047,14 @@ class Relay:
 
     def _end_flow(self, end: End) -> Flow | None:
         flow = self._live(end.flow_id)
-        if flow is None and end.remote is not None and self.udp_flow is not None:
-            flow = self.udp_flow(end.remote)  # UDP: the same peer, heard from anew
+        if flow is None and end.remote is not None:
+            # UDP: the same peer, heard from anew. A phone where its NAT binding is, on
+            # the SIP port; a static PBX from where we send it requests (`udp_out`).
+            make = self.udp_flow
+            if self.udp_out is not None and end.remote in self._static:
+                make = self.udp_out
+            if make is not None:
+                flow = make(end.remote)
         return flow
 
     async def _phone_asleep(self, request: Request, flow: Flow) -> None:

@@ -48,6 +48,7 @@ from cluster.settings import ClusterSettings
 from privacy.clock import Clock
 from privacy.store import Store
 from privacy.tasks import Tasks
+from proxy.sip.flow import Transport
 from proxy.sip.nodes import Nodes
 from proxy.sip.relay import Relay
 from proxy.sip.settings import SipSettings, transport_settings
@@ -90,6 +91,8 @@ class SipService:
             transport_settings(settings, host, port), relay.handle, clock, registry
         )
         relay.udp_flow = transports.udp_flow
+        if (own := transports.own_udp_address) is not None:  # serve --workers N
+            relay.send_own_udp(transports.udp_out, own, transports.address(Transport.UDP))
         relay.listening(transports.addresses)  # a Route naming one of these names us
         self = cls(relay, transports)
         if cluster is not None:

@@ -64,6 +64,8 @@ class SipTransports:
         self._handler = handler
         self._servers: list[asyncio.Server] = []
         self._udp: UdpEndpoint | None = None
+        # `serve --workers N` only: a UDP socket of this worker's own (`udp_out`).
+        self._own_udp: UdpEndpoint | None = None
         self._links: dict[Flow, Link] = {}  # open connection flows (TCP, TLS, WS)
         self._live: set[Link] = set()  # connections not yet fully gone (closing included)
         self._gone: asyncio.Future[None] | None = None
@@ -96,6 +98,11 @@ class SipTransports:
                     reuse_port=settings.reuse_port,
                 )
                 self.addresses.append((Transport.UDP, address_of(udp.get_extra_info("sockname"))))
+                if settings.reuse_port:
+                    # Not a listener (not in `addresses`): where this worker's requests to
+                    # UDP peers it chose go from, so that their answers come back to it.
+                    self._own_udp = own = UdpEndpoint(self)
+                    await loop.create_datagram_endpoint(lambda: own, local_addr=(host, 0))
             if settings.tcp_port is not None:
                 await self._listen(Transport.TCP, settings.tcp_port, None)
             if settings.tls_port is not None:
@@ -169,15 +176,15 @@ class SipTransports:
         await self._tasks.wait(grace)
         for flow in list(self._links):
             flow.close()
-        if self._udp is not None:
-            self._udp.close()
+        for endpoint in self._udp_endpoints():
+            endpoint.close()
         if not self._gone.done() and not self._live:
             self._gone.set_result(None)
         await asyncio.wait([self._gone], timeout=grace)
         for link in list(self._live):
             link.abort()
-        if self._udp is not None:
-            await self._udp.lost
+        for endpoint in self._udp_endpoints():
+            await endpoint.lost
         await asyncio.wait([self._gone], timeout=grace)
         # What is left: closing handshakes, handlers past their grace.
         await self._tasks.close(grace)
@@ -210,8 +217,8 @@ class SipTransports:
                     closing.append((link, "stalled"))
             else:
                 link.stalled_since = None
-        if self._udp is not None:
-            closing.extend((peer, "idle") for peer in self._udp.quiet_since(idle_before))
+        for endpoint in self._udp_endpoints():
+            closing.extend((peer, "idle") for peer in endpoint.quiet_since(idle_before))
         for link, reason in closing:
             self.close_link(link, reason)
         return len(closing)
@@ -317,13 +324,39 @@ class SipTransports:
         """A task owned by the transports: `stop` waits for it, then cancels it."""
         return self._tasks.spawn(coro)
 
+    def _udp_endpoints(self) -> list[UdpEndpoint]:
+        return [e for e in (self._udp, self._own_udp) if e is not None]
+
+    @property
+    def own_udp_address(self) -> Address | None:
+        """Where this worker's own UDP socket is bound (`udp_out`); None: it has none."""
+        own = self._own_udp
+        return None if own is None else own.local
+
     def udp_flow(self, remote: Address) -> Flow | None:
-        """The UDP flow to `remote`, made if we have not heard from it yet: how the relay
-        reaches a PBX configured by static address, which never dials in first."""
-        udp = self._udp
-        if udp is None:
-            return None
-        if self.stopping:
-            peer = udp.peers.get(remote)
-            return None if peer is None else peer.flow
-        return udp.flow_to(remote)
+        """The UDP flow to `remote` on the SIP port, made if we have not heard from it
+        yet: where a phone's NAT binding is, and what a peer sends to."""
+        return _flow_on(self._udp, remote, self.stopping)
+
+    def udp_out(self, remote: Address) -> Flow | None:
+        """The UDP flow for requests the relay sends to a peer it chose (a PBX configured
+        by static address, which never dials in first), made if need be.
+
+        The workers of `serve --workers N` share the SIP port (SO_REUSEPORT), and the
+        kernel hands each datagram to the worker its 4-tuple hashes to: the answers of a
+        peer sent to the shared port all reach one worker, half of them not the sender.
+        So each worker sends such requests from a socket of its own, which its Via names
+        (RFC 3261 18.2.2): the answers come back to it. Without workers: `udp_flow`."""
+        if self._own_udp is None:
+            return self.udp_flow(remote)
+        return _flow_on(self._own_udp, remote, self.stopping)
+
+
+def _flow_on(udp: UdpEndpoint | None, remote: Address, stopping: bool) -> Flow | None:
+    """The flow to `remote` on the socket `udp`; made only while not stopping."""
+    if udp is None:
+        return None
+    if stopping:
+        peer = udp.peers.get(remote)
+        return None if peer is None else peer.flow
+    return udp.flow_to(remote)
