@@ -35,13 +35,18 @@ Every refusal is a `Refusal` (webapi/errors.py), JSON `{"error", "detail"}`:
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
+from push.service import PushService
+from push.wake import Service
 from sipis.account import Account, Credential, Push, SipTransport, State, Status
 from sipis.accounts import Accounts, Registrar
 from sipis.settings import SipisSettings
@@ -81,25 +86,129 @@ _DISPLAY_MAX = 64
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="sipis"'}
 
 
-class SipisApi:
-    """What the handlers share: the accounts, the registrar engine, the client limit."""
+# A host name's addresses (the API's check; a test gives its own resolver).
+Resolve = Callable[[str], Awaitable[list[str]]]
+# Whether a push target names an app the server has credentials for (provider, app id).
+KnownApp = Callable[[str, str], bool]
+_RESOLVE_TIMEOUT = 5.0
 
-    def __init__(self, accounts: Accounts, registrar: Registrar, limiter: Limiter) -> None:
+
+async def resolve_host(host: str) -> list[str]:
+    """The addresses `host` resolves to now; [] when it does not resolve (in time)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM), _RESOLVE_TIMEOUT
+        )
+    except (OSError, TimeoutError, UnicodeError):
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+def internal_address(ip: str) -> bool:
+    """Loopback, private, link-local, unspecified (or otherwise not globally routable:
+    shared, reserved, multicast) - an address an app must not aim REGISTERs at."""
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+class SipisApi:
+    """What the handlers share: the accounts, the registrar engine, the client limit,
+    and the checks of what an app may name (registrar host, push app)."""
+
+    def __init__(
+        self,
+        accounts: Accounts,
+        registrar: Registrar,
+        limiter: Limiter,
+        *,
+        allow_private: bool = False,
+        resolve: Resolve = resolve_host,
+        known_app: KnownApp | None = None,
+    ) -> None:
         self.accounts = accounts
         self.registrar = registrar
         self.limiter = limiter
+        self.allow_private = allow_private
+        self.resolve = resolve
+        self.known_app = known_app
+
+    async def check_target(self, account: Account, body: dict[str, Any]) -> None:
+        """Refuse a registrar on an internal address and a push app the server has no
+        credentials for (400 naming the field); only what the body sets is checked."""
+        if "registrar" in body and not self.allow_private:
+            host = account.registrar_host.strip("[]")
+            try:
+                addresses = [host] if _is_ip(host) else await self.resolve(host)
+                internal = any(internal_address(ip) for ip in addresses)
+            except ValueError:
+                internal = True  # an address we cannot read is not one we send to
+            if internal:
+                raise Refusal(
+                    400,
+                    "bad_field",
+                    "field 'registrar': the host is (or resolves to) a loopback, private, "
+                    "link-local or unspecified address, which this server does not register at",
+                )
+        if "push" in body and self.known_app is not None:
+            push = account.push
+            if not self.known_app(push.provider, push.app_id):
+                raise Refusal(
+                    400,
+                    "bad_field",
+                    "field 'push.app_id': not an app this server sends pushes for",
+                )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def push_apps(push: PushService) -> KnownApp:
+    """The check of a push target against the configured apps, as the relay checks a
+    binding's pn-param (`PushService.app_for`)."""
+
+    def known(provider: str, app_id: str) -> bool:
+        try:
+            service = Service(provider)
+        except ValueError:
+            return False
+        return push.app_for(service, app_id) is not None
+
+    return known
 
 
 SIPIS_API = web.AppKey("sipis_api", SipisApi)
 
 
-def add_sipis_api(app: web.Application, settings: SipisSettings, limiters: Limiters) -> None:
-    """The routes and their OpenAPI description. `ACCOUNTS` and `REGISTRAR` are set by a
-    cleanup context that comes earlier (softrelay/app.py)."""
+def add_sipis_api(
+    app: web.Application,
+    settings: SipisSettings,
+    limiters: Limiters,
+    *,
+    push: web.AppKey[PushService] | None = None,
+    resolve: Resolve = resolve_host,
+) -> None:
+    """The routes and their OpenAPI description. `ACCOUNTS` and `REGISTRAR` (and `push`,
+    when given: the configured apps a push target must name) are set by cleanup
+    contexts that come earlier (softrelay/app.py)."""
     limiter = limiters("sipis", settings.rate)
 
     async def context(app: web.Application) -> Any:
-        app[SIPIS_API] = SipisApi(app[ACCOUNTS], app[REGISTRAR], limiter)
+        app[SIPIS_API] = SipisApi(
+            app[ACCOUNTS],
+            app[REGISTRAR],
+            limiter,
+            allow_private=settings.allow_private_registrars,
+            resolve=resolve,
+            known_app=push_apps(app[push]) if push is not None else None,
+        )
         yield
 
     app.cleanup_ctx.append(context)
@@ -119,6 +228,7 @@ class _Handlers:
         api = await _limited(request)
         body = await self._body(request, _CREATE_KEYS)
         draft = _new_account(body)
+        await api.check_target(draft, body)
         account, secret = await api.accounts.create(draft)
         api.registrar.add(account, spread=False)  # at once: the app waits for it
         answer = {
@@ -142,6 +252,7 @@ class _Handlers:
             await _delete(api, account.account_id)
             return web.Response(status=204)
         changed = _changed(account, body)
+        await api.check_target(changed, body)
         if not await api.accounts.update(changed):
             raise _unauthorized()  # deleted meanwhile: as for any stale secret
         registrar = api.registrar

@@ -40,6 +40,14 @@ class SipisSettings:
     # `POST /sipis/v1/accounts` and the account's routes, per client address.
     rate: RateLimit = field(default_factory=lambda: RateLimit(per_minute=30, burst=10))
     max_body: int = MAX_BODY
+    # An app names the registrar the server sends REGISTERs to: by default no loopback,
+    # private, link-local or unspecified address (nor a name resolving to one), so an
+    # app cannot point the server at hosts inside its network. A deployment whose
+    # providers are on its own network (or a test's Kamailio on 127.0.0.1) allows them.
+    allow_private_registrars: bool = False
+    # Each registration is held by one node of a cluster (sipis/lease.py): the lease
+    # lapses this long after its holder stops renewing it (renewed at a third of it).
+    lease_ttl: float = 30.0
 
 
 def parse_sipis(sec: Section) -> SipisSettings:
@@ -55,7 +63,11 @@ def parse_sipis(sec: Section) -> SipisSettings:
     contact_host = sec.text("contact_host", "")
     contact_port = sec.integer("contact_port", 0, minimum=0)
     api_rate = parse_rate(sec, default.rate)
+    allow_private = sec.flag("allow_private_registrars", False)
+    lease_ttl = sec.duration("lease_ttl", "30s")
     sec.finish()
+    if not 3 <= lease_ttl <= 600:
+        raise sec.error("lease_ttl", "must be between 3s and 10m")
     if not 60 <= expires <= 86400:
         raise sec.error("expires", "must be between 60s and 1d")
     if not 0.1 <= refresh <= 0.95:
@@ -82,6 +94,8 @@ def parse_sipis(sec: Section) -> SipisSettings:
         contact_host=contact_host,
         contact_port=contact_port,
         rate=api_rate,
+        allow_private_registrars=allow_private,
+        lease_ttl=float(lease_ttl),
     )
 
 

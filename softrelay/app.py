@@ -200,7 +200,7 @@ def build_app(services: Services) -> web.Application:
         # After the store (and SIP, which the engine's calls will need); before the DSR
         # API, whose erasure un-registers.
         app.cleanup_ctx.append(_sipis_ctx)
-        add_sipis_api(app, services.sipis, limiters)
+        add_sipis_api(app, services.sipis, limiters, push=PUSH)
     # After the store, the relay and the cluster: a subject proves identity through its
     # PBX's flow, wherever it is linked; its challenge is answered on any node.
     add_dsr_routes(

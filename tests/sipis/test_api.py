@@ -83,9 +83,13 @@ async def _world(
         tmp_path,
         ManualClock(1_772_366_400.0),
         sweep_interval=3600,
-        push=PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.t"),
+        # The app the accounts name: a push target must be a configured app.
+        push=PushSettings(
+            apps=(), max_in_flight=10, max_attempts=2, embedded_app_id="com.example.phone"
+        ),
         store=store_settings,
-        sipis=SipisSettings(enabled=True, rate=rate),
+        # No DNS from the tests (test_sipis_targets.py checks the registrar host).
+        sipis=SipisSettings(enabled=True, rate=rate, allow_private_registrars=True),
         sipis_registrar=registrar.opened,
     )
     app = build_app(services)
