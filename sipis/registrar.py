@@ -169,6 +169,8 @@ class Transactions(Protocol):
 
     def registrar_addresses(self, destination: Destination) -> set[str]: ...
 
+    async def send(self, destination: Destination, request: Request) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -307,6 +309,24 @@ class Registrations:
         await self._tasks.close()
         if self._owns_uac:
             await self._uac.close()
+
+    # --- requests of the account's calls (sipis/calls.py) ----------------------------
+
+    def contact(self, account_id: str) -> str | None:
+        """The Contact the account's binding at its provider names (`<sip:id@host>`),
+        as the provider reaches us: the remote target of the calls we relay."""
+        entry = self._entries.get(account_id)
+        return None if entry is None else entry.contact
+
+    async def request(self, account: Account, request: Request) -> Response:
+        """A request of one of the account's dialogs to its provider, whose registrar
+        is the outbound proxy; its final response (our Via still on top). UacError
+        when none came."""
+        return await self._uac.request(Destination.of(account), lambda _: request)
+
+    async def send(self, account: Account, request: Request) -> None:
+        """An ACK of a 2xx to the account's provider (no transaction, no answer)."""
+        await self._uac.send(Destination.of(account), request)
 
     # --- the accounts -----------------------------------------------------------------
 
@@ -816,10 +836,17 @@ def registrar_settings(sipis: SipisSettings) -> RegistrarSettings:
 
 @contextlib.asynccontextmanager
 async def open_registrations(
-    sipis: SipisSettings, clock: Clock, registry: CollectorRegistry
+    sipis: SipisSettings,
+    clock: Clock,
+    registry: CollectorRegistry,
+    *,
+    handler: AccountHandler = unavailable,
 ) -> AsyncIterator[Registrations]:
-    """The engine `serve` runs while the app does (softrelay/app.py)."""
-    registrations = await Registrations.create(registrar_settings(sipis), clock, registry)
+    """The engine `serve` runs while the app does (softrelay/app.py); `handler` gets
+    the providers' requests (sipis/calls.py)."""
+    registrations = await Registrations.create(
+        registrar_settings(sipis), clock, registry, handler=handler
+    )
     try:
         yield registrations
     finally:

@@ -299,13 +299,18 @@ class Inbound:
         """Send a response (provisional or final); a final one is kept to answer the
         request's retransmissions."""
         response = make_response(self.request, status, reason, headers)
+        self.send(response)
+        return response
+
+    def send(self, response: Response) -> None:
+        """Send a response made elsewhere (with a To tag of our choice, or the app's own
+        answer relayed by sipis/calls.py); a final one is kept for retransmissions."""
         data = response.serialize()
         with contextlib.suppress(TransportError):
             self._channel.send(data)
-        if status >= 200:
+        if response.status >= 200:
             self.answered = True
             self._uac._answered(self._key, data)
-        return response
 
 
 Handler = Callable[[Request, Inbound], Awaitable[None]]
@@ -500,6 +505,18 @@ class Uac:
             self._transactions.pop(key, None)
             if not future.done():
                 future.cancel()
+
+    async def send(self, destination: Destination, request: Request) -> None:
+        """Send a request that is no transaction of its own (the ACK of a 2xx, RFC 3261
+        13.2.2.4) once, under a Via of ours with a new branch. TransportError if it
+        cannot go out."""
+        if self._closed:
+            raise TransportError("closed")
+        channel = await self._channel(destination)
+        host, port = channel.local
+        branch = "z9hG4bK" + secrets.token_hex(10)
+        request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
+        channel.send(request.serialize())
 
     async def _await_final(self, transaction: _Transaction, data: bytes) -> Response:
         settings = self.settings

@@ -33,6 +33,7 @@ gets a final answer before its connection goes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -71,6 +72,8 @@ from push.feed import add_delivery_feed
 from push.service import PushLimits, PushService
 from sipis.accounts import Accounts, Registrar, forget_removed_forever
 from sipis.api import ACCOUNTS, REGISTRAR, add_sipis_api
+from sipis.appleg import AppLeg
+from sipis.calls import Calls, CallSettings
 from sipis.registrar import open_registrations
 from sipis.settings import SipisSettings
 from softrelay.metrics import (
@@ -131,6 +134,7 @@ RELAY = web.AppKey("relay", Relay)
 SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
 CLUSTER = web.AppKey("cluster", SharedRedis)
 SHARED_LIMITERS = web.AppKey("shared_limiters", SharedLimiters)
+SIPIS_CALLS = web.AppKey("sipis_calls", Calls)
 
 
 def build_app(services: Services) -> web.Application:
@@ -240,16 +244,30 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
     account at the start (spread) and un-registers those the retention sweeper or an
     erasure removed, at the sweeper's cadence."""
     services = app[SERVICES]
+    accounts = Accounts(app[STORE], services.keyring)
+    # The apps' own connections (REGISTER with the device secret) and the calls the
+    # providers send the accounts, relayed to them (sipis/appleg.py, sipis/calls.py).
+    sip = services.sip
+    leg = AppLeg(f"sipis.{sip.domain}", accounts, services.clock, public_host=sip.public_host)
+    app[SIPIS_CALLS] = calls = Calls(
+        CallSettings(), leg, app.get(PUSH), services.clock, app[REGISTRY]
+    )
     factory = services.sipis_registrar
     if factory is None:  # the real engine (a test may give a double)
 
-        def factory(_: Accounts) -> AbstractAsyncContextManager[Registrar]:
-            return open_registrations(services.sipis, services.clock, app[REGISTRY])
+        @contextlib.asynccontextmanager
+        async def factory(_: Accounts) -> AsyncIterator[Registrar]:
+            handler = calls.from_provider
+            async with open_registrations(
+                services.sipis, services.clock, app[REGISTRY], handler=handler
+            ) as registrations:
+                calls.provider = registrations
+                yield registrations
 
-    accounts = Accounts(app[STORE], services.keyring)
     async with factory(accounts) as registrar:
         app[ACCOUNTS] = accounts
         app[REGISTRAR] = registrar
+        app[RELAY].attach_app_leg(leg)
         for account in await accounts.list_active():
             registrar.add(account)
         async with Tasks(log, "sipis.forget_failed") as tasks:
@@ -257,7 +275,9 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
                 forget_removed_forever(accounts, registrar, services.sweep_interval),
                 name="sipis-forget-removed",
             )
+            tasks.spawn(calls.run_forever(), name="sipis-wake-timers")
             yield
+            await calls.close()  # parked calls get their 503 while the provider is reachable
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -132,6 +132,16 @@ class Cluster(Protocol):
         """The PBX accepted a REGISTER of a binding with push parameters on `flow`."""
 
 
+class AppLeg(Protocol):
+    """SIPIS mode's app leg (sipis/appleg.py): apps that connect for an account softrelay
+    registers on their behalf. The relay hands it each REGISTER for `sip:<id>@<domain>`
+    and, from then on, every message of that flow; it answers them itself."""
+
+    domain: str
+
+    async def handle(self, message: Request | Response, flow: Flow) -> None: ...
+
+
 class RelayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages = Counter(
@@ -218,6 +228,18 @@ class Relay:
         # (our flow's id, its sender's branch, method) -> a request routed to another node.
         self._routed: OrderedDict[tuple[int, str, str], _Routed] = OrderedDict()
         self._answers = Tasks(log, "answer for a gone node failed")
+        self.app_leg: AppLeg | None = None  # SIPIS mode (`attach_app_leg`)
+        self._app_flows: set[int] = set()  # flows whose messages go to the app leg
+
+    def attach_app_leg(self, leg: AppLeg) -> None:
+        """SIPIS mode: REGISTERs to `leg.domain`, and their flows, are the leg's."""
+        self.app_leg = leg
+
+    async def _to_app_leg(self, leg: AppLeg, message: Request | Response, flow: Flow) -> None:
+        if flow.id not in self._app_flows:
+            self._app_flows.add(flow.id)
+            flow.on_close.append(lambda gone: self._app_flows.discard(gone.id))
+        await leg.handle(message, flow)
 
     def join(self, node: str, cluster: Cluster) -> None:
         """Be node `node` of a cluster: every token names it (the tokens made before
@@ -407,7 +429,9 @@ class Relay:
                 retry = ("Retry-After", str(self.settings.overload.retry_after))
                 await self.reply(message, flow, 503, None, (retry,))
                 return "shed"
-            if isinstance(message, Response):
+            if self._app_flows and flow.id in self._app_flows and self.app_leg is not None:
+                await self._to_app_leg(self.app_leg, message, flow)  # SIPIS: an app's flow
+            elif isinstance(message, Response):
                 await self._response(message, flow)
             elif message.method == "REGISTER":
                 await self._register(message, flow)
@@ -552,7 +576,9 @@ class Relay:
             await self.reply(request, flow, 416)
             return
         host = to.host.lower()
-        if host == self.settings.domain and to.user:
+        if self.app_leg is not None and host == self.app_leg.domain:
+            await self._to_app_leg(self.app_leg, request, flow)  # SIPIS: an app for its account
+        elif host == self.settings.domain and to.user:
             await self._register_pbx(request, flow, to.user)
         elif host.endswith("." + self.settings.domain) and to.user:
             serial = host[: -len(self.settings.domain) - 1]

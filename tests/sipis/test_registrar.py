@@ -72,6 +72,9 @@ class FakeRegistrar:
     def registrar_addresses(self, destination: Destination) -> set[str]:
         return set()
 
+    async def send(self, destination: Destination, request: Request) -> None:
+        raise AssertionError("the registrar sends no ACK")
+
     async def close(self) -> None:
         pass
 

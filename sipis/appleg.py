@@ -1,0 +1,311 @@
+"""The app leg of SIPIS mode: the app's own connection to softrelay.
+
+An app whose account softrelay registers at the provider connects, when it is woken or
+opened, to softrelay's SIP port (the relay's transports: UDP, TCP, TLS, WebSocket) and
+REGISTERs for its account:
+
+    REGISTER sip:sipis.<relay domain> SIP/2.0
+    To: <sip:<account id>@sipis.<relay domain>>
+    Contact: <sip:...@<the app's address>;transport=tcp>
+    Authorization: Bearer <device secret>
+
+The device secret proves the account (RFC 8898 carries Bearer tokens in SIP); the SIP
+password never reaches softrelay. No or another scheme: 401 with a Bearer challenge; a
+wrong or stale secret: 403, and nothing changes. Each accepted REGISTER is the app's
+contact (`Accounts.authenticate` touches the account: its 7-day retention restarts).
+
+The binding (account -> the flow and the Contact it registered) lives in memory only,
+as long as its expiry and its flow: the relay's `relay` category. The relay hands the
+leg the REGISTER and, from then on, every message of that flow (proxy/sip/relay.py
+`AppLeg`); the leg answers REGISTERs, matches the app's responses to the requests it
+sent (by its Via branch), and gives the app's other requests to `on_request` (the calls'
+in-dialog requests: sipis/calls.py). Those listening on `on_registered` hear of each
+accepted REGISTER: parked calls and waiting texts go out on its flow.
+
+Nothing here logs a secret, a Contact or an address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from privacy.backend import StorageUnavailable
+from privacy.clock import Clock
+from proxy.sip.flow import Flow, FlowClosed
+from proxy.sip.headers import parse_name_addr
+from proxy.sip.message import Request, Response
+from proxy.sip.responses import make_response
+from proxy.sip.syntax import SipParseError
+from proxy.sip.uri import SipUri
+from sipis.account import Account
+from sipis.accounts import Accounts
+from sipis.uac import Sleep
+
+log = logging.getLogger("softrelay.sipis")
+
+MAX_EXPIRES = 3600  # the longest binding an app gets; it registers again to keep it
+DEFAULT_EXPIRES = 600
+PENDING_LIMIT = 10_000  # requests to apps awaiting their answer, at most
+TRANSACTION_WAIT = 32.0  # 64*T1: a non-INVITE request the app does not answer
+MARK = "sipis"  # the parameter of our Record-Route: a Route entry with it names us
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """An app connected for its account: where requests for the account go."""
+
+    account: Account
+    flow: Flow
+    contact: SipUri  # the Contact it registered: the Request-URI of what we send it
+    expires_at: float  # clock time
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    flow: Flow
+    future: asyncio.Future[Response | None]
+    provisional: Callable[[Response], Awaitable[None]] | None
+
+
+RequestHandler = Callable[[Binding, Request], Awaitable[None]]
+Listener = Callable[[Binding], Awaitable[None]]
+
+
+class AppLeg:
+    """The apps' connections (see the module docstring); the relay's `AppLeg`."""
+
+    def __init__(
+        self,
+        domain: str,
+        accounts: Accounts,
+        clock: Clock,
+        *,
+        public_host: str | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.domain = domain.lower()
+        self._accounts = accounts
+        self._clock = clock
+        self._public_host = public_host
+        self._sleep = sleep
+        self._bindings: dict[str, Binding] = {}
+        self._pending: dict[tuple[str, str], _Pending] = {}  # (our branch, method)
+        self.on_registered: list[Listener] = []
+        self.on_request: RequestHandler | None = None
+
+    def binding(self, account_id: str) -> Binding | None:
+        """The app connected for the account now, if any (its flow open, unexpired)."""
+        binding = self._bindings.get(account_id)
+        if binding is None:
+            return None
+        if binding.flow.closed or binding.expires_at <= self._clock.now():
+            del self._bindings[account_id]
+            return None
+        return binding
+
+    # --- our address on a flow ------------------------------------------------------
+
+    def address(self, flow: Flow) -> SipUri:
+        """softrelay as the app on `flow` reaches it."""
+        host, port = flow.local
+        params = () if flow.transport.value == "udp" else (("transport", flow.transport.value),)
+        uri = SipUri(self._public_host or host, port=port)
+        for name, value in params:
+            uri = uri.with_param(name, value)
+        return uri
+
+    def record_route(self, flow: Flow) -> str:
+        """Our Record-Route for a dialog with the app on `flow`: its requests of the
+        dialog come back to us on the flow (whose every message the leg gets)."""
+        return f"<{self.address(flow).with_param('lr').with_param(MARK)}>"
+
+    def _via(self, flow: Flow, branch: str) -> str:
+        return f"SIP/2.0/{flow.transport.via_name} {self.address(flow).host_port};branch={branch}"
+
+    # --- what the relay hands us ----------------------------------------------------
+
+    async def handle(self, message: Request | Response, flow: Flow) -> None:
+        if isinstance(message, Response):
+            await self._response(message, flow)
+        elif message.method == "REGISTER":
+            await self._register(message, flow)
+        else:
+            binding = self._of_flow(flow)
+            if binding is None:
+                if message.method != "ACK":
+                    await self.reply(message, flow, 403, "Register First")
+                return
+            _take_own_routes(message)
+            if self.on_request is None:
+                await self.reply(message, flow, 501)
+                return
+            await self.on_request(binding, message)
+
+    def _of_flow(self, flow: Flow) -> Binding | None:
+        for binding in self._bindings.values():
+            if binding.flow is flow:
+                return self.binding(binding.account.account_id)
+        return None
+
+    async def reply(
+        self,
+        request: Request,
+        flow: Flow,
+        status: int,
+        reason: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        if request.method != "ACK":
+            await _send(flow, make_response(request, status, reason, headers).serialize())
+
+    async def _register(self, request: Request, flow: Flow) -> None:
+        to = request.to.uri
+        account_id = to.user if isinstance(to, SipUri) else None
+        if not isinstance(to, SipUri) or to.host.lower() != self.domain or not account_id:
+            await self.reply(request, flow, 404, "Not Served Here")
+            return
+        authorization = request.get("Authorization") or ""
+        scheme, _, secret = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            challenge = ("WWW-Authenticate", f'Bearer realm="{self.domain}"')
+            await self.reply(request, flow, 401, None, (challenge,))
+            return
+        try:
+            account = await self._accounts.authenticate(account_id, secret.strip())
+        except StorageUnavailable:
+            await self.reply(request, flow, 503, "Store Unavailable", (("Retry-After", "5"),))
+            return
+        if account is None:
+            log.info("sipis.app_refused")
+            await self.reply(request, flow, 403, "Wrong Device Secret")
+            return
+        contacts = [] if request.contact_star else request.contacts
+        expires = request.expires if request.expires is not None else DEFAULT_EXPIRES
+        if contacts and contacts[0].expires is not None:
+            expires = contacts[0].expires
+        current = self._bindings.get(account_id)
+        if request.contact_star or (contacts and expires == 0):
+            if current is not None and current.flow is flow:
+                del self._bindings[account_id]
+            await self.reply(request, flow, 200)
+            return
+        if not contacts:  # a fetch: what is bound now
+            listed = () if current is None else (("Contact", f"<{current.contact}>"),)
+            await self.reply(request, flow, 200, None, listed)
+            return
+        uri = contacts[0].uri
+        if not isinstance(uri, SipUri):
+            await self.reply(request, flow, 416)
+            return
+        expires = min(expires, MAX_EXPIRES)
+        binding = Binding(account, flow, uri, self._clock.now() + expires)
+        self._bindings[account_id] = binding
+        answer = (("Contact", f"<{uri}>;expires={expires}"), ("Expires", str(expires)))
+        await self.reply(request, flow, 200, None, answer)
+        for listener in self.on_registered:
+            await listener(binding)
+
+    # --- requests to the app ----------------------------------------------------------
+
+    async def request(
+        self,
+        flow: Flow,
+        request: Request,
+        *,
+        provisional: Callable[[Response], Awaitable[None]] | None = None,
+        wait: float = TRANSACTION_WAIT,
+    ) -> Response | None:
+        """Send `request` to the app on `flow` under a Via of ours; its final response
+        (our Via taken off), or None: the flow went, or no answer within `wait`.
+        `provisional` gets each 1xx but 100."""
+        if len(self._pending) >= PENDING_LIMIT:
+            return None
+        branch = "z9hG4bK" + secrets.token_hex(10)
+        request.prepend("Via", self._via(flow, branch))
+        future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
+        key = (branch, request.method)
+        self._pending[key] = _Pending(flow, future, provisional)
+
+        def gone(_: Flow) -> None:
+            if not future.done():
+                future.set_result(None)
+
+        flow.on_close.append(gone)
+        try:
+            if not await _send(flow, request.serialize()):
+                return None
+            napping = asyncio.ensure_future(self._sleep(wait))
+            waits: set[asyncio.Future[Any]] = {future, napping}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                napping.cancel()
+            return future.result() if future.done() else None
+        finally:
+            self._pending.pop(key, None)
+            with contextlib.suppress(ValueError):
+                flow.on_close.remove(gone)
+
+    async def send(self, flow: Flow, request: Request, *, via: bool = True) -> bool:
+        """Send a request no answer is awaited for (ACK; with `via=False` one whose Via
+        is set already: the ACK or CANCEL of an INVITE we sent); whether it went."""
+        if via:
+            request.prepend("Via", self._via(flow, "z9hG4bK" + secrets.token_hex(10)))
+        return await _send(flow, request.serialize())
+
+    async def _response(self, response: Response, flow: Flow) -> None:
+        try:
+            key = (response.top_via.branch or "", response.cseq.method)
+        except SipParseError:
+            return
+        pending = self._pending.get(key)
+        if pending is None or pending.flow is not flow or pending.future.done():
+            return  # not ours, from another flow, or late: dropped
+        response.pop_via()
+        if response.status >= 200:
+            pending.future.set_result(response)
+        elif response.status > 100 and pending.provisional is not None:
+            await pending.provisional(response)
+
+
+def drop_own_record_route(message: Request | Response) -> None:
+    """Take our Record-Route entry off what goes to the provider: it names us as the
+    app reaches us, and the provider reaches us by the Contact we registered."""
+    values = message.values("Record-Route")
+    kept = [v for v in values if not _marked(v)]
+    if len(kept) == len(values):
+        return
+    message.remove("Record-Route")
+    for value in kept:
+        message.add("Record-Route", value)
+
+
+def _marked(value: str) -> bool:
+    try:
+        uri = parse_name_addr(value).uri
+    except SipParseError:
+        return False
+    return isinstance(uri, SipUri) and MARK in uri.params
+
+
+def _take_own_routes(request: Request) -> None:
+    """Route entries on top that carry our mark (the app's route set starts with us)."""
+    while routes := request.routes:
+        uri = routes[0].uri
+        if not (isinstance(uri, SipUri) and MARK in uri.params):
+            break
+        request.pop_value("Route")
+
+
+async def _send(flow: Flow, data: bytes) -> bool:
+    try:
+        await flow.send(data)
+    except (FlowClosed, OSError):
+        return False
+    return True

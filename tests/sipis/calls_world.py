@@ -1,0 +1,379 @@
+"""What the SIPIS call and text tests share: the whole app (`build_app`, SIPIS mode on,
+the real registrar engine, SIP on loopback, the embedded push stand-ins) with an
+account registered at a real Kamailio, a foreign caller sending through Kamailio over
+UDP, and a Python SIPIS app connecting to the app's SIP port over TCP.
+
+Every wait is bounded (WAIT) and waits for a message or an event, never for time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from privacy.clock import ManualClock
+from privacy.keys import Keyring
+from privacy.policy import load_policy
+from privacy.store import Store
+from proxy.sip.flow import Transport
+from proxy.sip.framing import StreamFramer
+from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
+from proxy.sip.settings import SipSettings
+from push.apps import PushSettings
+from push.embedded import StandIns
+from sipis.account import Account, Credential, Push, SipTransport, State, Status
+from sipis.accounts import Accounts
+from sipis.api import ACCOUNTS, REGISTRAR
+from sipis.calls import Calls
+from sipis.registrar import Registrations
+from sipis.settings import SipisSettings
+from softrelay.app import SIP_TRANSPORTS, SIPIS_CALLS, STAND_INS, STORE, Services, build_app
+from tests.kamailio import DOMAIN, Kamailio, KamailioUnavailable, Subscriber
+from tests.limits import LONGEST_WAIT, in_ci
+
+WAIT = LONGEST_WAIT / 3
+RELAY_DOMAIN = "relay.test"
+SIPIS_DOMAIN = f"sipis.{RELAY_DOMAIN}"
+APP_ID = "com.example.softphone"
+ALICE = Subscriber("alice", "alice-" + secrets.token_hex(4))
+CALLER_NAME = "Carol Caller-canary"
+SDP_CANARY = "o=carol 4711 4711 IN IP4 sdp-canary.example"
+SDP = f"v=0\r\n{SDP_CANARY}\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
+APP_IP = "127.0.0.2"  # the app's address differs from softrelay's
+
+
+def start_kamailio(subscribers: list[Subscriber]) -> Kamailio:
+    try:
+        kamailio = Kamailio(subscribers)
+    except KamailioUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI needs Kamailio: {exc}")
+        pytest.skip(str(exc))
+    kamailio.start()
+    return kamailio
+
+
+@pytest.fixture
+def kamailio() -> Iterator[Kamailio]:
+    server = start_kamailio([ALICE])
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def message(start: str, *headers: str, body: str = "") -> bytes:
+    lines = [start, *headers, f"Content-Length: {len(body.encode())}", "", body]
+    return "\r\n".join(lines).encode()
+
+
+def answer(
+    request: Request, status: int, reason: str, *extra: str, tag: str = "", body: str = ""
+) -> bytes:
+    """A UA's response: Via, Record-Route, From, To (with `tag`), Call-ID, CSeq copied."""
+    copied = [f"Via: {v}" for v in request.values("Via")]
+    copied += [f"Record-Route: {v}" for v in request.values("Record-Route")]
+    to = request.get("To") or ""
+    if tag and ";tag=" not in to:
+        to += f";tag={tag}"
+    copied += [f"From: {request.get('From')}", f"To: {to}", f"Call-ID: {request.call_id}"]
+    copied.append(f"CSeq: {request.get('CSeq')}")
+    return message(f"SIP/2.0 {status} {reason}", *copied, *extra, body=body)
+
+
+class Inbox:
+    """Messages one peer received, waited for by what they are."""
+
+    def __init__(self) -> None:
+        self.items: list[Request | Response] = []
+        self._changed = asyncio.Condition()
+
+    async def put(self, item: Request | Response) -> None:
+        async with self._changed:
+            self.items.append(item)
+            self._changed.notify_all()
+
+    async def response(self, status: int, method: str = "INVITE") -> Response:
+        found = await self._wait(
+            lambda m: isinstance(m, Response) and m.status == status and m.cseq.method == method
+        )
+        assert isinstance(found, Response)
+        return found
+
+    async def request(self, method: str) -> Request:
+        found = await self._wait(lambda m: isinstance(m, Request) and m.method == method)
+        assert isinstance(found, Request)
+        return found
+
+    def requests(self, method: str) -> list[Request]:
+        return [m for m in self.items if isinstance(m, Request) and m.method == method]
+
+    def statuses(self, method: str = "INVITE") -> list[int]:
+        return [m.status for m in self.items if isinstance(m, Response) and m.cseq.method == method]
+
+    async def _wait(self, match: object) -> Request | Response:
+        assert callable(match)
+        async with asyncio.timeout(WAIT), self._changed:
+            await self._changed.wait_for(lambda: any(match(m) for m in self.items))
+            return next(m for m in self.items if match(m))
+
+
+class Caller(asyncio.DatagramProtocol):
+    """A foreign caller (sip:carol@other.test) sending through Kamailio over UDP."""
+
+    def __init__(self, kamailio_port: int) -> None:
+        self.inbox = Inbox()
+        self.target = ("127.0.0.1", kamailio_port)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+        self.call_id = secrets.token_hex(8)
+        self.tag = secrets.token_hex(4)
+        self.branch = "z9hG4bK" + secrets.token_hex(8)
+        self.cseq = 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if data.strip():
+            asyncio.get_running_loop().create_task(self.inbox.put(parse(data)))
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, kamailio_port: int) -> AsyncIterator[Caller]:
+        loop = asyncio.get_running_loop()
+        _, caller = await loop.create_datagram_endpoint(
+            lambda: cls(kamailio_port), local_addr=("127.0.0.1", 0)
+        )
+        try:
+            yield caller
+        finally:
+            assert caller.transport is not None
+            caller.transport.close()
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, self.target)
+
+    def via(self, branch: str | None = None) -> str:
+        return f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch or self.branch};rport"
+
+    def invite(self, user: str = "alice") -> None:
+        self.send(
+            message(
+                f"INVITE sip:{user}@{DOMAIN} SIP/2.0",
+                self.via(),
+                "Max-Forwards: 70",
+                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={self.tag}',
+                f"To: <sip:{user}@{DOMAIN}>",
+                f"Call-ID: {self.call_id}",
+                "CSeq: 1 INVITE",
+                f"Contact: <sip:carol@127.0.0.1:{self.port}>",
+                "Content-Type: application/sdp",
+                body=SDP,
+            )
+        )
+
+    def cancel(self, user: str = "alice") -> None:
+        self.send(
+            message(
+                f"CANCEL sip:{user}@{DOMAIN} SIP/2.0",
+                self.via(),
+                "Max-Forwards: 70",
+                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={self.tag}',
+                f"To: <sip:{user}@{DOMAIN}>",
+                f"Call-ID: {self.call_id}",
+                "CSeq: 1 CANCEL",
+            )
+        )
+
+    def in_dialog(self, method: str, ok: Response) -> None:
+        """ACK or BYE of the dialog the 2xx `ok` set up (its Contact, its route set)."""
+        target = ok.contacts[0].uri
+        routes = [f"Route: {v}" for v in reversed(ok.values("Record-Route"))]
+        cseq = 1 if method == "ACK" else self.cseq + 1
+        if method != "ACK":
+            self.cseq = cseq
+        self.send(
+            message(
+                f"{method} {target} SIP/2.0",
+                self.via("z9hG4bK" + secrets.token_hex(8)),
+                *routes,
+                "Max-Forwards: 70",
+                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={self.tag}',
+                f"To: {ok.get('To')}",
+                f"Call-ID: {self.call_id}",
+                f"CSeq: {cseq} {method}",
+            )
+        )
+
+    def reply(self, request: Request, status: int, reason: str) -> None:
+        self.send(answer(request, status, reason))
+
+
+class App:
+    """A SIPIS-mode app on one TCP connection to softrelay, from APP_IP."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.port: int = writer.get_extra_info("sockname")[1]
+        self.inbox = Inbox()
+        self.tag = secrets.token_hex(4)
+        self._reading = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, port: int) -> AsyncIterator[App]:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, local_addr=(APP_IP, 0)), WAIT
+        )
+        app = cls(reader, writer)
+        try:
+            yield app
+        finally:
+            app._reading.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read(self) -> None:
+        framer = StreamFramer()
+        while data := await self.reader.read(65536):
+            for item in framer.feed(data):
+                if isinstance(item, bytes):
+                    await self.inbox.put(parse(item))
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:app@{APP_IP}:{self.port};transport=tcp>"
+
+    async def register(self, account_id: str, secret: str | None, cseq: int = 1) -> Response:
+        auth = () if secret is None else (f"Authorization: Bearer {secret}",)
+        self.send(
+            message(
+                f"REGISTER sip:{SIPIS_DOMAIN} SIP/2.0",
+                f"Via: SIP/2.0/TCP {APP_IP}:{self.port};branch=z9hG4bK{secrets.token_hex(6)}",
+                "Max-Forwards: 70",
+                f"From: <sip:{account_id}@{SIPIS_DOMAIN}>;tag=r{self.tag}",
+                f"To: <sip:{account_id}@{SIPIS_DOMAIN}>",
+                f"Call-ID: reg-{self.tag}",
+                f"CSeq: {cseq} REGISTER",
+                f"Contact: {self.contact}",
+                "Expires: 600",
+                *auth,
+            )
+        )
+        found = await self.inbox._wait(
+            lambda m: (
+                isinstance(m, Response) and m.cseq.method == "REGISTER" and m.cseq.number == cseq
+            )
+        )
+        assert isinstance(found, Response)
+        return found
+
+    def reply(self, request: Request, status: int, reason: str, body: str = "") -> None:
+        extra = [f"Contact: {self.contact}"] if request.method == "INVITE" and status < 300 else []
+        if body:
+            extra.append("Content-Type: application/sdp")
+        self.send(answer(request, status, reason, *extra, tag=self.tag, body=body))
+
+    def bye(self, invite: Request) -> None:
+        """BYE of the dialog `invite` set up, by its Record-Route and the caller's Contact."""
+        routes = [f"Route: {v}" for v in invite.values("Record-Route")]
+        self.send(
+            message(
+                f"BYE {invite.contacts[0].uri} SIP/2.0",
+                f"Via: SIP/2.0/TCP {APP_IP}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}",
+                *routes,
+                "Max-Forwards: 70",
+                f"From: {invite.get('To')};tag={self.tag}",
+                f"To: {invite.get('From')}",
+                f"Call-ID: {invite.call_id}",
+                "CSeq: 1 BYE",
+            )
+        )
+
+
+@dataclass
+class World:
+    kamailio: Kamailio
+    clock: ManualClock
+    store: Store
+    stand_ins: StandIns
+    registrations: Registrations
+    accounts: Accounts
+    calls: Calls
+    sip_port: int  # TCP
+
+    async def account(
+        self, sub: Subscriber = ALICE, token: str | None = None
+    ) -> tuple[Account, str]:
+        """An account stored as the API stores it, registered at Kamailio."""
+        assert self.kamailio.port is not None
+        draft = Account(
+            account_id="",
+            registrar_host="127.0.0.1",
+            registrar_port=self.kamailio.port,
+            transport=SipTransport.UDP,
+            domain=DOMAIN,
+            user=sub.user,
+            credential=Credential(sub.user, DOMAIN, ha1_md5=sub.ha1()),
+            push=Push("apns", token or secrets.token_hex(32), APP_ID),
+        )
+        account, secret = await self.accounts.create(draft)
+        self.registrations.add(account, spread=False)
+
+        def registered(status: Status | None) -> bool:
+            return status is not None and status.state is State.REGISTERED
+
+        await asyncio.wait_for(self.registrations.wait_for(account.account_id, registered), WAIT)
+        return account, secret
+
+
+@contextlib.asynccontextmanager
+async def make_world(kamailio: Kamailio, tmp_path: Path) -> AsyncIterator[World]:
+    clock = ManualClock(time.time())  # real time to start: the stand-ins check tokens
+    push = PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id=APP_ID)
+    services = Services(
+        load_policy("cloudsoftphone"),
+        Keyring.generate(),
+        tmp_path,
+        clock,
+        3600,
+        push,
+        SipSettings(RELAY_DOMAIN),
+        sip_listen=("127.0.0.1", 0),
+        sipis=SipisSettings(enabled=True, start_spread=0),
+    )
+    app = build_app(services)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        registrations = app[REGISTRAR]
+        assert isinstance(registrations, Registrations)
+        world = World(
+            kamailio,
+            clock,
+            app[STORE],
+            app[STAND_INS],
+            registrations,
+            app[ACCOUNTS],
+            app[SIPIS_CALLS],
+            app[SIP_TRANSPORTS].address(Transport.TCP)[1],
+        )
+        yield world
+    finally:
+        await server.close()

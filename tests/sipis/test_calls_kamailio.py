@@ -1,0 +1,88 @@
+"""Incoming calls of SIPIS accounts through a real provider (Kamailio): the whole app
+(SIPIS mode, the real registrar engine, SIP on loopback, the embedded push stand-ins),
+a foreign caller sending through Kamailio, and a Python SIPIS app on TCP."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sipis.appleg import MARK
+from tests.kamailio import Kamailio
+from tests.sipis.calls_world import (
+    CALLER_NAME,
+    SDP,
+    SDP_CANARY,
+    WAIT,
+    App,
+    Caller,
+    kamailio,
+    make_world,
+)
+
+__all__ = ["kamailio"]  # the fixture
+
+
+async def test_call_reaches_the_sleeping_app_after_a_push_and_completes(
+    kamailio: Kamailio, tmp_path: Path
+) -> None:
+    async with make_world(kamailio, tmp_path) as world:
+        account, secret = await world.account()
+        token = account.push.token
+        assert kamailio.port is not None
+        async with Caller.open(kamailio.port) as caller:
+            caller.invite()
+            ringing = await caller.inbox.response(180)
+            assert ringing.get("Push-Status") == "delivered"
+            (push,) = await asyncio.wait_for(world.stand_ins.deliveries.wait_for(token), WAIT)
+            shown = repr(push.payload) + repr(push.headers)
+            for secret_bit in ("carol", CALLER_NAME, "other.test", SDP_CANARY):
+                assert secret_bit not in shown
+            assert push.payload["event"] == "incoming_call"
+            assert world.calls.parked_for(account.account_id) == 1
+            async with App.connect(world.sip_port) as app:
+                registered = await app.register(account.account_id, secret)
+                assert registered.status == 200
+                invite = await app.inbox.request("INVITE")
+                assert world.calls.parked_for(account.account_id) == 0
+                assert str(invite.uri) == app.contact.strip("<>")
+                assert invite.body.decode() == SDP
+                top_route = invite.values("Record-Route")[0]
+                assert MARK in top_route
+                app.reply(invite, 180, "Ringing")
+                await caller.inbox.response(180)
+                app.reply(invite, 200, "OK", body=SDP)
+                ok = await caller.inbox.response(200)
+                # The provider reaches the call at the Contact softrelay registered.
+                contact = world.registrations.contact(account.account_id)
+                assert contact is not None
+                assert ok.get("Contact") == contact
+                assert not any(MARK in v for v in ok.values("Record-Route"))
+                caller.in_dialog("ACK", ok)
+                await app.inbox.request("ACK")
+                app.bye(invite)
+                bye = await caller.inbox.request("BYE")
+                caller.reply(bye, 200, "OK")
+                await app.inbox.response(200, "BYE")
+        assert world.calls.parked_for(account.account_id) == 0
+
+
+async def test_caller_hangs_up_a_delivered_call(kamailio: Kamailio, tmp_path: Path) -> None:
+    async with make_world(kamailio, tmp_path) as world:
+        account, secret = await world.account()
+        assert kamailio.port is not None
+        async with App.connect(world.sip_port) as app:
+            assert (await app.register(account.account_id, secret)).status == 200
+            async with Caller.open(kamailio.port) as caller:
+                caller.invite()
+                invite = await app.inbox.request("INVITE")  # awake: no push, at once
+                assert world.stand_ins.deliveries.for_token(account.push.token) == []
+                app.reply(invite, 200, "OK", body=SDP)
+                ok = await caller.inbox.response(200)
+                assert 180 not in caller.inbox.statuses()
+                caller.in_dialog("ACK", ok)
+                await app.inbox.request("ACK")
+                caller.in_dialog("BYE", ok)
+                bye = await app.inbox.request("BYE")
+                app.reply(bye, 200, "OK")
+                await caller.inbox.response(200, "BYE")
