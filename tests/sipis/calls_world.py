@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
 
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
@@ -36,7 +37,15 @@ from sipis.api import ACCOUNTS, REGISTRAR
 from sipis.calls import Calls
 from sipis.registrar import Registrations
 from sipis.settings import SipisSettings
-from softrelay.app import SIP_TRANSPORTS, SIPIS_CALLS, STAND_INS, STORE, Services, build_app
+from softrelay.app import (
+    REGISTRY,
+    SIP_TRANSPORTS,
+    SIPIS_CALLS,
+    STAND_INS,
+    STORE,
+    Services,
+    build_app,
+)
 from tests.kamailio import DOMAIN, Kamailio, KamailioUnavailable, Subscriber
 from tests.limits import LONGEST_WAIT, in_ci
 
@@ -317,6 +326,7 @@ class World:
     accounts: Accounts
     calls: Calls
     sip_port: int  # TCP
+    registry: CollectorRegistry
 
     async def account(
         self, sub: Subscriber = ALICE, token: str | None = None
@@ -373,6 +383,7 @@ async def make_world(kamailio: Kamailio, tmp_path: Path) -> AsyncIterator[World]
             app[ACCOUNTS],
             app[SIPIS_CALLS],
             app[SIP_TRANSPORTS].address(Transport.TCP)[1],
+            app[REGISTRY],
         )
         yield world
     finally:
