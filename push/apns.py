@@ -656,6 +656,16 @@ def _notification(request: WakeRequest, bundle: str) -> _Notification:
             push_type=PushType.BACKGROUND,
             apns_topic=bundle,
         )
+    if request.reason is Reason.NEW_MESSAGE:
+        # No call follows, so no VoIP push (iOS ends apps whose VoIP pushes report no
+        # call): an alert the app words itself, naming neither sender nor text.
+        return _Notification(
+            request.token,
+            {"aps": {"alert": {"loc-key": "NEW_MESSAGE"}}, "event": "new_message"},
+            priority=10,
+            push_type=PushType.ALERT,
+            apns_topic=bundle,
+        )
     return _Notification(
         request.token,
         {"event": request.reason.value, "call_id": request.call_id},

@@ -35,6 +35,7 @@ class Reason(StrEnum):
     INCOMING_CALL = "incoming_call"  # APNs VoIP push / FCM high-priority data message
     CALL_CANCELLED = "call_cancelled"  # iOS requires every VoIP push to end in a CallKit report
     REREGISTER = "reregister"  # background refresh of a long-lived binding, never a VoIP push
+    NEW_MESSAGE = "new_message"  # SIPIS: a text waits; says nothing of sender or text, no VoIP push
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,6 +74,7 @@ from sipis.accounts import Accounts, Registrar, forget_removed_forever
 from sipis.api import ACCOUNTS, REGISTRAR, add_sipis_api
 from sipis.appleg import AppLeg
 from sipis.calls import Calls, CallSettings
+from sipis.messages import Messages, MessageSettings
 from sipis.registrar import open_registrations
 from sipis.settings import SipisSettings
 from softrelay.metrics import (
@@ -135,6 +136,7 @@ SIP_TRANSPORTS = web.AppKey("sip_transports", SipTransports)
 CLUSTER = web.AppKey("cluster", SharedRedis)
 SHARED_LIMITERS = web.AppKey("shared_limiters", SharedLimiters)
 SIPIS_CALLS = web.AppKey("sipis_calls", Calls)
+SIPIS_MESSAGES = web.AppKey("sipis_messages", Messages)
 
 
 def build_app(services: Services) -> web.Application:
@@ -249,8 +251,12 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
     # providers send the accounts, relayed to them (sipis/appleg.py, sipis/calls.py).
     sip = services.sip
     leg = AppLeg(f"sipis.{sip.domain}", accounts, services.clock, public_host=sip.public_host)
+    push = app.get(PUSH)
+    app[SIPIS_MESSAGES] = messages = Messages(
+        MessageSettings(), app[STORE], leg, push, services.clock, app[REGISTRY]
+    )
     app[SIPIS_CALLS] = calls = Calls(
-        CallSettings(), leg, app.get(PUSH), services.clock, app[REGISTRY]
+        CallSettings(), leg, push, services.clock, app[REGISTRY], texts=messages.from_provider
     )
     factory = services.sipis_registrar
     if factory is None:  # the real engine (a test may give a double)
@@ -278,6 +284,7 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
             tasks.spawn(calls.run_forever(), name="sipis-wake-timers")
             yield
             await calls.close()  # parked calls get their 503 while the provider is reachable
+            await messages.close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -35,12 +35,14 @@ from sipis.account import Account, Credential, Push, SipTransport, State, Status
 from sipis.accounts import Accounts
 from sipis.api import ACCOUNTS, REGISTRAR
 from sipis.calls import Calls
+from sipis.messages import Messages
 from sipis.registrar import Registrations
 from sipis.settings import SipisSettings
 from softrelay.app import (
     REGISTRY,
     SIP_TRANSPORTS,
     SIPIS_CALLS,
+    SIPIS_MESSAGES,
     STAND_INS,
     STORE,
     Services,
@@ -193,6 +195,22 @@ class Caller(asyncio.DatagramProtocol):
             )
         )
 
+    def text(self, body: str, user: str = "alice") -> None:
+        """A SIP MESSAGE to the user, through Kamailio."""
+        self.send(
+            message(
+                f"MESSAGE sip:{user}@{DOMAIN} SIP/2.0",
+                self.via("z9hG4bK" + secrets.token_hex(8)),
+                "Max-Forwards: 70",
+                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={secrets.token_hex(4)}',
+                f"To: <sip:{user}@{DOMAIN}>",
+                f"Call-ID: {secrets.token_hex(8)}",
+                "CSeq: 1 MESSAGE",
+                "Content-Type: text/plain;charset=utf-8",
+                body=body,
+            )
+        )
+
     def cancel(self, user: str = "alice") -> None:
         self.send(
             message(
@@ -325,6 +343,7 @@ class World:
     registrations: Registrations
     accounts: Accounts
     calls: Calls
+    messages: Messages
     sip_port: int  # TCP
     registry: CollectorRegistry
 
@@ -382,6 +401,7 @@ async def make_world(kamailio: Kamailio, tmp_path: Path) -> AsyncIterator[World]
             registrations,
             app[ACCOUNTS],
             app[SIPIS_CALLS],
+            app[SIPIS_MESSAGES],
             app[SIP_TRANSPORTS].address(Transport.TCP)[1],
             app[REGISTRY],
         )
