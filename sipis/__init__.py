@@ -7,6 +7,10 @@ the call once the app connects.
     uac.py        outbound SIP to the providers' registrars (UDP, TCP, TLS)
     registrar.py  keeping each account registered: digest with the HA1, 423, refresh,
                   start spread, rate per registrar, capped backoff, status, un-REGISTER
+    appleg.py     the app's own connection: REGISTER with the device secret (Bearer) on
+                  softrelay's SIP port; requests to the app and its answers
+    calls.py      incoming calls: park, push, 180 Push-Status, deliver, stay in the dialog
+    messages.py   text messages: to a connected app, else stored encrypted until it connects
 
 It sits above the relay (`proxy`), which carries the app's own connection, and below
 `dsr` (erasure un-registers) and the composition root.
