@@ -52,10 +52,13 @@ from dsr.service import (
     DataSubjectRights,
     DsrSettings,
     InvalidRequest,
+    Processing,
     parse_subject,
 )
+from dsr.sipis import SipisProcessing
 from privacy.store import Store, Subject
 from proxy.sip.relay import Relay
+from sipis.api import ACCOUNTS, REGISTRAR
 from tomlsections.reader import ConfigError, resolve_secret
 from webapi.body import read_json
 from webapi.errors import Refusal
@@ -150,7 +153,13 @@ def add_dsr_routes(
     must come earlier in `cleanup_ctx`)."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
-        rights = DataSubjectRights(app[store_key], settings)
+        # SIPIS mode's registrations (when on: its context comes earlier) are reached at
+        # once by an erasure and a restriction, and reported in an export.
+        accounts, registrar = app.get(ACCOUNTS), app.get(REGISTRAR)
+        processing: list[Processing] = []
+        if accounts is not None and registrar is not None:
+            processing.append(SipisProcessing(accounts, registrar))
+        rights = DataSubjectRights(app[store_key], settings, processing)
         challenges: Challenges = (
             MemoryChallenges(rights.clock) if cluster is None else SharedChallenges(app[cluster])
         )

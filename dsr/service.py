@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from privacy.backend import RequestEntry
 from privacy.clock import iso
@@ -46,9 +46,30 @@ SOURCES = {
     Storage.LOG: "Written by the service while it handled your device's requests",
     Storage.MEMORY: "Passed through the service in transit",
 }
-# A SIP user (RFC 3261 `user`, without escapes that could hide a header) and a serial.
+WITHHELD = (
+    "Kept to act for you but not shown in an export: a secret or a password equivalent "
+    "(such as the hash of your SIP credential), which a copy of the export must not carry."
+)
+# A SIP user (RFC 3261 `user`, without escapes that could hide a header) and a serial,
+# or (SIPIS mode, whose subject is a SIP address) the domain of the address.
 _USERNAME = re.compile(r"[A-Za-z0-9._~!$&'()*+,=-]{1,64}")
-_SERIAL = re.compile(r"[a-z0-9-]{1,32}")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_SERIAL = re.compile(rf"[a-z0-9-]{{1,32}}|(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
+
+
+class Processing(Protocol):
+    """What processes a subject's data outside the store, which a request must reach
+    at once and an export reports on (SIPIS mode's registrations at the provider:
+    dsr/sipis.py). Given the subject's records as they were found."""
+
+    def describe(self, category: str, record: Record) -> dict[str, Value]:
+        """What the export adds to the record (e.g. the registration's state now)."""
+
+    async def erased(self, found: Mapping[str, list[Record]]) -> None:
+        """The records were deleted: stop what they were processed for (un-REGISTER)."""
+
+    async def restricted(self, found: Mapping[str, list[Record]], on: bool) -> None:
+        """Art. 18: stop processing while restricted (`on`), resume when lifted."""
 
 
 class InvalidRequest(ValueError):
@@ -108,7 +129,10 @@ def parse_subject(sip_username: object, pbx_serial: object) -> Subject:
     if not isinstance(sip_username, str) or not _USERNAME.fullmatch(sip_username):
         raise InvalidRequest("sip_username: expected a SIP user name (1-64 characters)")
     if not isinstance(pbx_serial, str) or not _SERIAL.fullmatch(pbx_serial.lower()):
-        raise InvalidRequest("pbx_serial: expected a PBX serial (letters, digits, '-')")
+        raise InvalidRequest(
+            "pbx_serial: expected a PBX serial (letters, digits, '-') or, for a SIPIS "
+            "account, the domain of its SIP address"
+        )
     return Subject(sip_username, pbx_serial.lower())
 
 
@@ -134,18 +158,28 @@ class Receipt:
 
 
 class DataSubjectRights:
-    def __init__(self, store: Store, settings: DsrSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: DsrSettings | None = None,
+        processing: Sequence[Processing] = (),
+    ) -> None:
         self.store = store
         self.policy = store.policy
         self.settings = settings or DsrSettings()
         self.clock = store.clock
+        self.processing = tuple(processing)
 
     # --- Art. 15, 20 ----------------------------------------------------------------
 
     async def export(self, subject: Subject, actor: str) -> dict[str, Any]:
         found = await self.store.find_subject(subject)
         categories = [await self._export_category(cat, subject, found) for cat in self._all()]
-        counts = {c["category"]: len(c["records"]) for c in categories if c["included"]}
+        counts = {
+            c["category"]: c["count"] if "count" in c else len(c["records"])
+            for c in categories
+            if c["included"]
+        }
         receipt = await self._record("export", actor, "done", counts)
         return {
             "format": EXPORT_FORMAT,
@@ -178,9 +212,28 @@ class DataSubjectRights:
             last = await self.store.subject_last_used(subject)
             records = [] if last is None else [{"last_used_at": iso(last)}]
             return entry | {"included": True, "records": records}
-        if cat.name in found:
-            return entry | {"included": True, "records": [_record(r) for r in found[cat.name]]}
-        return entry | {"included": False, "reason": _unlinkable(cat)}
+        if cat.name not in found:
+            return entry | {"included": False, "reason": _unlinkable(cat)}
+        found_records = found[cat.name]
+        if cat.export == "count":
+            # How many, nothing of their content (the policy's `export = "count"`).
+            return entry | {"included": True, "count": len(found_records)}
+        withheld = sorted(name for name, spec in cat.fields.items() if not spec.export)
+        shown = [self._exported(cat, r) for r in found_records]
+        if withheld:
+            entry["withheld"] = {"fields": withheld, "reason": WITHHELD}
+        return entry | {"included": True, "records": shown}
+
+    def _exported(self, cat: Category, record: Record) -> dict[str, Any]:
+        specs = cat.fields
+        fields = {k: v for k, v in record.fields.items() if k not in specs or specs[k].export}
+        for processing in self.processing:
+            fields |= processing.describe(cat.name, record)
+        return {
+            "fields": fields,
+            "created_at": iso(record.created_at),
+            "last_used_at": iso(record.last_used_at),
+        }
 
     # --- Art. 16 --------------------------------------------------------------------
 
@@ -214,13 +267,27 @@ class DataSubjectRights:
         """Delete the subject in every category but the configured exceptions; erasing
         again finds nothing and says so with zero counts."""
         kept = dict(self.settings.erasure_exceptions)
+        found = await self._found(subject, kept)
         counts = await self.store.delete_subject(subject, keep=kept)
+        # Deleted first, so nothing registers them again; then stopped at once (the
+        # provider's binding removed), not only at the next sweep.
+        for processing in self.processing:
+            await processing.erased(found)
         return await self._record("erase", actor, "done", counts, kept=kept)
+
+    async def _found(self, subject: Subject, kept: Mapping[str, str]) -> dict[str, list[Record]]:
+        if not self.processing:
+            return {}
+        found = await self.store.find_subject(subject)
+        return {name: records for name, records in found.items() if name not in kept}
 
     # --- Art. 18 --------------------------------------------------------------------
 
     async def restrict(self, subject: Subject, on: bool, actor: str) -> Receipt:
         changed = await self.store.restrict(subject, on)
+        found = await self._found(subject, {})
+        for processing in self.processing:
+            await processing.restricted(found, on)
         kind = "restrict" if on else "unrestrict"
         return await self._record(kind, actor, "done", {}, {"changed": changed, "restricted": on})
 
@@ -271,14 +338,6 @@ class DataSubjectRights:
         entry = RequestEntry(uuid.uuid4().hex, kind, self.clock.now(), actor, outcome, counts)
         await self.store.backend.record_request(entry)
         return Receipt(entry.id, kind, outcome, counts, kept or {}, detail or {})
-
-
-def _record(record: Record) -> dict[str, Any]:
-    return {
-        "fields": record.fields,
-        "created_at": iso(record.created_at),
-        "last_used_at": iso(record.last_used_at),
-    }
 
 
 def _unlinkable(cat: Category) -> str:

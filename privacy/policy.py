@@ -165,6 +165,9 @@ class FieldSpec:
     protection: Protection
     lookup: bool
     label: dict[str, str]
+    # Shown in a data-subject access export (dsr/service.py); false for a secret or a
+    # password equivalent (an HA1): the export names the field as withheld instead.
+    export: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,13 @@ class Category:
     # Ids of the policy's locations that hold the data and of recipients it is sent to.
     stored_at: tuple[str, ...] = ()
     sent_to: tuple[str, ...] = ()
+    # What an access export shows of the subject's records: "records" (each, its fields
+    # as `export` allows) or "count" (how many, nothing of their content: messages
+    # waiting for the app, whose sender and text are third parties' data too).
+    export: str = "records"
+
+
+EXPORT_FORMS = ("records", "count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +374,15 @@ def _parse_category(
     unlinkable = (
         sec.localised("unlinkable_reason", LANGUAGES) if sec.has("unlinkable_reason") else {}
     )
+    export = sec.choice("export", EXPORT_FORMS, "records")
+    if export != "records" and (storage is not Storage.DATABASE or not subject):
+        raise sec.error("export", "only a stored category that names a subject is exported")
+    if storage is not Storage.DATABASE or not subject:
+        for spec in fields.values():
+            if not spec.export:
+                raise fields_sec.error(
+                    spec.name, "export = false: only fields of a subject's records are exported"
+                )
     category = Category(
         name=name,
         title=sec.localised("title", LANGUAGES),
@@ -381,6 +400,7 @@ def _parse_category(
         unlinkable_reason=unlinkable,
         stored_at=stored_at,
         sent_to=sent_to,
+        export=export,
     )
     sec.finish()
     return category
@@ -440,6 +460,7 @@ def _parse_field(sec: Section, name: str, never: frozenset[str]) -> FieldSpec:
         protection=Protection(sec.choice("protection", tuple(Protection))),
         lookup=sec.flag("lookup", False),
         label=sec.localised("label", LANGUAGES),
+        export=sec.flag("export", True),
     )
     if spec.protection is Protection.ANONYMISED and spec.type is not FieldType.TEXT:
         raise sec.error("type", "an anonymised field is text (an IP address)")

@@ -34,8 +34,8 @@ from dataclasses import replace
 from typing import Protocol
 
 from privacy.keys import Keyring
-from privacy.store import Record, Store, Value
-from sipis.account import Account, Credential, Push, SipTransport, Status
+from privacy.store import Record, Store, Subject, Value
+from sipis.account import Account, Credential, Push, SipTransport, State, Status
 
 CATEGORY = "sip_account"
 MESSAGES = "pending_message"  # waiting text messages, deleted with their account
@@ -142,9 +142,37 @@ class Accounts:
         return deleted > 0
 
     async def list_active(self) -> list[Account]:
-        """Every live account that is not paused: what the registrar engine registers
-        at its start. Not a use."""
-        return [_account(r) for r in await self.store.find(CATEGORY, paused=0)]
+        """Every live account that is not paused: what the registrar engine takes at
+        its start. One whose subject is restricted (GDPR Art. 18) comes paused: held,
+        not registered, until the mark is lifted (`hold`). Not a use."""
+        found = [_account(r) for r in await self.store.find(CATEGORY, paused=0)]
+        return [replace(a, paused=True) if await self.restricted(a) else a for a in found]
+
+    async def list_all(self) -> list[Account]:
+        """Every live account, paused or not. Not a use."""
+        return [_account(r) for r in await self.store.find(CATEGORY)]
+
+    async def restricted(self, account: Account) -> bool:
+        """Whether the account's subject is restricted: then nothing registers it."""
+        return await self.store.is_restricted(subject_of(account))
+
+    async def hold(self, registrar: Registrar, account: Account) -> None:
+        """Bring the registrar engine in line with the stored account and its subject's
+        restriction mark: registered (a new account at once), or un-REGISTERed and held
+        while the app paused it or its subject is restricted. Returns once a needed
+        un-REGISTER was answered."""
+        stop = account.paused or await self.restricted(account)
+        status = registrar.status(account.account_id)
+        if status is None:
+            registrar.add(replace(account, paused=stop), spread=False)
+            return
+        if not stop:
+            registrar.update(account)  # new wire settings register afresh
+            registrar.resume(account.account_id)  # paused by a lifted mark: again
+            return
+        if status.state is not State.PAUSED:
+            await registrar.pause(account.account_id)
+        registrar.update(replace(account, paused=True))  # its new fields, still held
 
     async def account_ids(self) -> set[str]:
         """The ids of every live account, paused or not (to see which ones the
@@ -154,6 +182,11 @@ class Accounts:
     async def _record(self, account_id: str) -> Record | None:
         found = await self.store.find(CATEGORY, account_id=account_id)
         return found[0] if found else None
+
+
+def subject_of(account: Account) -> Subject:
+    """The data subject an account belongs to: its SIP user at its domain."""
+    return Subject(account.user, account.domain)
 
 
 # The fields that name the record and its subject: never changed by `update`.
@@ -248,11 +281,21 @@ class Registrar(Protocol):
 async def forget_removed(accounts: Accounts, registrar: Registrar) -> int:
     """Un-register the accounts the registrar holds that the store no longer has (the
     retention sweeper removed a silent one, an erasure, another process's DELETE); how
-    many. Run at the sweeper's cadence."""
-    live = await accounts.account_ids()
+    many. Also applies restriction marks set or lifted elsewhere (the `dsr` command in
+    another process): a restricted subject's account is un-REGISTERed and held, a
+    lifted one registered again. Run at the sweeper's cadence."""
+    live = {account.account_id: account for account in await accounts.list_all()}
     gone = [account_id for account_id in registrar.account_ids() if account_id not in live]
     for account_id in gone:
         await registrar.remove(account_id)
+    for account_id in list(registrar.account_ids()):
+        account = live.get(account_id)
+        status = registrar.status(account_id)
+        if account is None or status is None or account.paused:
+            continue
+        restricted = await accounts.restricted(account)
+        if restricted != (status.state is State.PAUSED):
+            await accounts.hold(registrar, account)
     return len(gone)
 
 

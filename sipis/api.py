@@ -230,7 +230,8 @@ class _Handlers:
         draft = _new_account(body)
         await api.check_target(draft, body)
         account, secret = await api.accounts.create(draft)
-        api.registrar.add(account, spread=False)  # at once: the app waits for it
+        # At once (the app waits for it); held if its subject is restricted (Art. 18).
+        await api.accounts.hold(api.registrar, account)
         answer = {
             "account_id": account.account_id,
             "device_secret": secret,
@@ -255,11 +256,10 @@ class _Handlers:
         await api.check_target(changed, body)
         if not await api.accounts.update(changed):
             raise _unauthorized()  # deleted meanwhile: as for any stale secret
-        registrar = api.registrar
-        if changed.paused and not account.paused and registrar.status(account.account_id):
-            # Answered once the provider's binding is gone, not merely scheduled.
-            await registrar.pause(account.account_id)
-        registrar.update(changed)  # new wire settings re-register; a resume registers
+        # New wire settings re-register; a pause is answered once the provider's binding
+        # is gone, not merely scheduled; a resume registers unless the subject is
+        # restricted (Art. 18: then nothing registers it until the mark is lifted).
+        await api.accounts.hold(api.registrar, changed)
         answer = _view(api, changed)
         if body.get("new_secret") is True:
             secret = await api.accounts.new_secret(account.account_id)

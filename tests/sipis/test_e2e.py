@@ -106,7 +106,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running(
-    data_dir: Path, keyring: Keyring, store: StoreSettings, sipis: SipisSettings
+    data_dir: Path, keyring: Keyring, store: StoreSettings, sipis: SipisSettings, **more: Any
 ) -> AsyncIterator[Running]:
     services = Services(
         load_policy("cloudsoftphone"),
@@ -117,6 +117,7 @@ async def running(
         push=PushSettings(apps=(), max_in_flight=10, max_attempts=2, embedded_app_id=APP_ID),
         store=store,
         sipis=sipis,  # sipis_registrar None: the real engine
+        **more,
     )
     app = build_app(services)
     server = TestServer(app, host="127.0.0.1")
