@@ -126,6 +126,7 @@ class LeaseKeeper:
         self.accounts = accounts
         self.engine = engine
         self.held: set[str] = set()
+        self._turned = asyncio.Event()  # set, and replaced, at the end of each turn
 
     async def turn(self) -> None:
         """One round: which accounts must be registered (the store), which of them this
@@ -141,6 +142,12 @@ class LeaseKeeper:
             if self.engine.status(account_id) is None:
                 self.engine.add(active[account_id])
         self.held = held
+        turned, self._turned = self._turned, asyncio.Event()
+        turned.set()
+
+    async def next_turn(self) -> None:
+        """Until the end of the turn under way or the next one (tests)."""
+        await self._turned.wait()
 
     async def run_forever(self) -> None:
         while True:

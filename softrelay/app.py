@@ -74,8 +74,9 @@ from sipis.accounts import Accounts, Registrar, forget_removed_forever
 from sipis.api import ACCOUNTS, REGISTRAR, add_sipis_api
 from sipis.appleg import AppLeg
 from sipis.calls import Calls, CallSettings
+from sipis.lease import LeaseKeeper, Leases
 from sipis.messages import Messages, MessageSettings
-from sipis.registrar import open_registrations
+from sipis.registrar import Registrations, open_registrations
 from sipis.settings import SipisSettings
 from softrelay.metrics import (
     METRICS,
@@ -137,6 +138,7 @@ CLUSTER = web.AppKey("cluster", SharedRedis)
 SHARED_LIMITERS = web.AppKey("shared_limiters", SharedLimiters)
 SIPIS_CALLS = web.AppKey("sipis_calls", Calls)
 SIPIS_MESSAGES = web.AppKey("sipis_messages", Messages)
+SIPIS_LEASES = web.AppKey("sipis_leases", LeaseKeeper)  # in a cluster only
 
 
 def build_app(services: Services) -> web.Application:
@@ -274,9 +276,19 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[ACCOUNTS] = accounts
         app[REGISTRAR] = registrar
         app[RELAY].attach_app_leg(leg)
-        for account in await accounts.list_active():
-            registrar.add(account)
+        keeper = None
+        if services.cluster is not None and isinstance(registrar, Registrations):
+            # Each account is registered by one node of the cluster: the lease holder.
+            leases = Leases(
+                app[CLUSTER], services.cluster.secret, services.sipis.lease_ttl, services.clock
+            )
+            app[SIPIS_LEASES] = keeper = LeaseKeeper(leases, accounts, registrar)
+        else:
+            for account in await accounts.list_active():
+                registrar.add(account)
         async with Tasks(log, "sipis.forget_failed") as tasks:
+            if keeper is not None:
+                tasks.spawn(keeper.run_forever(), name="sipis-leases")
             tasks.spawn(
                 forget_removed_forever(accounts, registrar, services.sweep_interval),
                 name="sipis-forget-removed",
@@ -285,6 +297,8 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
             await calls.close()  # parked calls get their 503 while the provider is reachable
             await messages.close()
+        if keeper is not None:
+            await keeper.close()  # another node takes the accounts over at its next turn
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
