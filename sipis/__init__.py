@@ -11,6 +11,8 @@ the call once the app connects.
                   softrelay's SIP port; requests to the app and its answers
     calls.py      incoming calls: park, push, 180 Push-Status, deliver, stay in the dialog
     messages.py   text messages: to a connected app, else stored encrypted until it connects
+    outgoing.py   calls and texts the app places: to its provider as the account's, the
+                  provider's 401/407 answered with the stored HA1 (the app sends none)
 
 It sits above the relay (`proxy`), which carries the app's own connection, and below
 `dsr` (erasure un-registers) and the composition root.

@@ -31,6 +31,9 @@ requests there, and Registrations hands them here by the account id in it. The a
 requests of the dialog go to the account's provider (its registrar as outbound proxy),
 which follows its own Record-Route to the caller.
 
+Calls the app places go out through sipis/outgoing.py (this module hands it the app's
+requests it takes and the provider's requests of those dialogs).
+
 An app already connected gets the INVITE at once, without a push. One delivery per
 parked call: it leaves the parked set as it goes. Nothing of the caller is in a push
 (WakeRequest carries the account's token, the app and a random call id) or in a log.
@@ -46,7 +49,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -62,6 +65,7 @@ from push.service import OVERLOADED, PushService
 from push.wake import Delivered, Reason, Service, TokenDead, WakeRequest
 from sipis.account import Account
 from sipis.appleg import AppLeg, Binding, drop_own_record_route
+from sipis.outgoing import Outgoing, Provider
 from sipis.uac import Inbound, Sleep, UacError, answer_unavailable
 
 log = logging.getLogger("softrelay.sipis")
@@ -78,16 +82,6 @@ class CallSettings:
     max_parked: int = 1_000  # parked INVITEs in all; more get 503
     max_per_account: int = 4  # parked INVITEs per account; more get 503
     retry_after: int = 5  # seconds, in those 503s
-
-
-class Provider(Protocol):
-    """What calls need of the registrar engine (sipis/registrar.py Registrations)."""
-
-    def contact(self, account_id: str) -> str | None: ...
-
-    async def request(self, account: Account, request: Request) -> Response: ...
-
-    async def send(self, account: Account, request: Request) -> None: ...
 
 
 TextHandler = Callable[[Account, Request, Inbound], Awaitable[None]]
@@ -139,7 +133,9 @@ class Calls:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.settings = settings
-        self.provider: Provider | None = None  # set once the registrar engine runs
+        self._provider: Provider | None = None  # set once the registrar engine runs
+        # The calls and texts the apps place (sipis/outgoing.py).
+        self.outgoing = Outgoing(leg, registry)
         self._leg = leg
         self._push = push
         self._clock = clock
@@ -153,6 +149,15 @@ class Calls:
         leg.on_registered.append(self.app_registered)
         leg.on_request = self.from_app
 
+    @property
+    def provider(self) -> Provider | None:
+        return self._provider
+
+    @provider.setter
+    def provider(self, provider: Provider | None) -> None:
+        self._provider = provider
+        self.outgoing.provider = provider
+
     def parked_for(self, account_id: str) -> int:
         return sum(
             1 for c in self._calls.values() if c.parked and c.account.account_id == account_id
@@ -164,6 +169,8 @@ class Calls:
         method = request.method
         if method == "CANCEL":
             await self._cancel(account, request, inbound)
+        elif request.to.tag is not None and self.outgoing.has(request.call_id):
+            await self.outgoing.from_provider(account, request, inbound)
         elif request.to.tag is not None:
             await self._in_dialog(account, request, inbound)
         elif method == "INVITE":
@@ -311,6 +318,7 @@ class Calls:
         for call in [c for c in self._calls.values() if c.parked]:
             self._end(call, 503, "softrelay shutting down", "shutdown")
         await self._tasks.close()
+        await self.outgoing.close()
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         with contextlib.suppress(TasksClosed):  # closing: spawn closed the coroutine
@@ -424,12 +432,16 @@ class Calls:
 
     async def from_app(self, binding: Binding, request: Request) -> None:
         """The app's request on its flow (our Route taken off): a request of a dialog we
-        relay goes to the provider; the rest is not served yet."""
+        relay goes to the provider; a call or text the app places, to sipis/outgoing.py;
+        the rest is not served."""
+        if self.outgoing.takes(request):
+            await self.outgoing.from_app(binding, request)
+            return
         dialog = self._dialogs.get(request.call_id)
         in_dialog = request.to.tag is not None
         if not in_dialog or dialog is None or dialog.binding.flow is not binding.flow:
             if request.method != "ACK":
-                status, reason = (481, None) if in_dialog else (501, "Not Served From Apps Yet")
+                status, reason = (481, None) if in_dialog else (501, "Not Served From Apps")
                 await self._leg.reply(request, binding.flow, status, reason)
             return
         provider = self.provider

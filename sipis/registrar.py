@@ -66,6 +66,7 @@ from sipis.uac import (
     Address,
     Challenge,
     ChallengeError,
+    ClientInvite,
     Destination,
     Inbound,
     LostListener,
@@ -170,6 +171,15 @@ class Transactions(Protocol):
     def registrar_addresses(self, destination: Destination) -> set[str]: ...
 
     async def send(self, destination: Destination, request: Request) -> None: ...
+
+    async def invite(
+        self,
+        destination: Destination,
+        request: Request,
+        *,
+        accepted: Callable[[Response], None] | None = None,
+        ring_limit: float = 180.0,
+    ) -> ClientInvite: ...
 
     async def close(self) -> None: ...
 
@@ -327,6 +337,14 @@ class Registrations:
     async def send(self, account: Account, request: Request) -> None:
         """An ACK of a 2xx to the account's provider (no transaction, no answer)."""
         await self._uac.send(Destination.of(account), request)
+
+    async def invite(
+        self, account: Account, request: Request, *, accepted: Callable[[Response], None]
+    ) -> ClientInvite:
+        """An INVITE of a call the app places (sipis/outgoing.py) to the account's
+        provider, in an INVITE client transaction; `accepted` gets the 2xx after the
+        first. TransportError if it cannot go out."""
+        return await self._uac.invite(Destination.of(account), request, accepted=accepted)
 
     # --- the accounts -----------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class SipisSettings:
     # Each registration is held by one node of a cluster (sipis/lease.py): the lease
     # lapses this long after its holder stops renewing it (renewed at a third of it).
     lease_ttl: float = 30.0
+    # How long a call for a sleeping app waits for it to connect after the push (SIPIS
+    # waits two minutes); then the caller gets 480 with a reason (sipis/calls.py).
+    wake_timeout: float = 120.0
 
 
 def parse_sipis(sec: Section) -> SipisSettings:
@@ -65,7 +68,10 @@ def parse_sipis(sec: Section) -> SipisSettings:
     api_rate = parse_rate(sec, default.rate)
     allow_private = sec.flag("allow_private_registrars", False)
     lease_ttl = sec.duration("lease_ttl", "30s")
+    wake_timeout = sec.duration("wake_timeout", "2m")
     sec.finish()
+    if not 5 <= wake_timeout <= 600:
+        raise sec.error("wake_timeout", "must be between 5s and 10m")
     if not 3 <= lease_ttl <= 600:
         raise sec.error("lease_ttl", "must be between 3s and 10m")
     if not 60 <= expires <= 86400:
@@ -96,6 +102,7 @@ def parse_sipis(sec: Section) -> SipisSettings:
         rate=api_rate,
         allow_private_registrars=allow_private,
         lease_ttl=float(lease_ttl),
+        wake_timeout=float(wake_timeout),
     )
 
 

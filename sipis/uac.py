@@ -3,6 +3,7 @@ the answer to a digest challenge from a stored HA1, and the requests a provider 
 back on the same socket or connection.
 
     Uac.request(destination, make)   one non-INVITE client transaction (RFC 3261 17.1.2)
+    Uac.invite(destination, request) an INVITE client transaction (17.1.1): ClientInvite
     digest_authorization(...)        the Authorization value for a challenge, from an HA1
     Inbound                          an incoming request and the way back for its answers
 
@@ -12,6 +13,17 @@ and a response that matches none (a late retransmission) is dropped. Over UDP a 
 is sent again at T1, 2*T1, ... capped at T2 (timer E; at T2 once a provisional came);
 over TCP and TLS it is sent once. No final response within 64*T1 (timer F) is a
 `Timeout`. Time comes from the injected clock and sleep, so tests move it by hand.
+
+An INVITE (a call placed through the provider) is sent again over UDP at T1, 2*T1, ...
+until any response (timer A); no response within 64*T1 is a `Timeout` (timer B), and
+after a provisional the final one may take `ring_limit` from the last provisional (the
+proxy's timer C): then the INVITE is CANCELled, and the 487 is its answer. A non-2xx
+final answer is ACKed here, with the INVITE's branch, and so is each retransmission
+of it for 64*T1 (timer D). After a 2xx the transaction stays 64*T1 "accepted" (RFC
+6026): further 2xx (retransmissions, forks) go to its `accepted` callback, since their
+ACK is the dialog's, not ours.
+`ClientInvite.cancel()` sends the CANCEL with the INVITE's branch and CSeq once a
+provisional came (RFC 3261 9.1).
 
 Sockets. One UDP socket for every registrar; one TCP or TLS connection per (registrar
 host, port, transport), shared by the accounts registered there, made when first
@@ -434,6 +446,170 @@ class _Transaction:
     proceeding: bool = False  # a provisional response came: retransmit at T2
 
 
+InviteItem = Response | UacError
+
+
+class ClientInvite:
+    """An INVITE client transaction under way (see the module docstring); from
+    `Uac.invite`. `await next()` gives each provisional (but 100) and then the final
+    response; `cancel()` CANCELs it."""
+
+    def __init__(
+        self,
+        uac: Uac,
+        channel: _Channel,
+        request: Request,
+        accepted: Callable[[Response], None] | None,
+        ring_limit: float,
+    ) -> None:
+        self.request = request  # as sent: our Via on top
+        self.proceeding = False  # a provisional came: a CANCEL may go
+        self.final: Response | None = None
+        self._uac = uac
+        self._channel = channel
+        self._data = request.serialize()
+        self._accepted = accepted
+        self._ring_limit = ring_limit
+        self._items: asyncio.Queue[InviteItem] = asyncio.Queue()
+        now = uac._clock.now()
+        self._deadline = now + 64 * uac.settings.t1  # timer B
+        self._interval = uac.settings.t1  # timer A
+        self._resend_at = now + self._interval
+        self._cancel_wanted = False
+        self._cancel_sent = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.request.top_via.branch or "", "INVITE")
+
+    async def next(self) -> Response:
+        """The next provisional (101-199) or the final response. Timeout or
+        TransportError when none came in time or the connection went."""
+        uac = self._uac
+        reliable = self._channel.transport is not SipTransport.UDP
+        while self._items.empty():
+            now = uac._clock.now()
+            if now >= self._deadline and self.proceeding and not self._cancel_wanted:
+                await self.cancel()  # rung too long (timer C): its 487 is the answer
+                continue
+            if now >= self._deadline:
+                uac._invite_done(self)
+                raise Timeout()
+            if not reliable and not self.proceeding and now >= self._resend_at:
+                with contextlib.suppress(TransportError):
+                    self._channel.send(self._data)
+                self._interval *= 2
+                self._resend_at = now + self._interval
+            wake = self._deadline
+            if not reliable and not self.proceeding:
+                wake = min(wake, self._resend_at)
+            getting = asyncio.ensure_future(self._items.get())
+            napping = asyncio.ensure_future(uac._sleep(max(wake - now, 0.0)))
+            try:
+                await asyncio.wait({getting, napping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                napping.cancel()
+                if not getting.done():
+                    getting.cancel()
+            if getting.done() and not getting.cancelled():
+                return _item(getting.result())
+        return _item(self._items.get_nowait())
+
+    async def cancel(self) -> None:
+        """CANCEL the INVITE: now if a provisional came, else once one does; nothing
+        once it has its final answer. Its final answer (487, or a 2xx that crossed
+        the CANCEL) still comes from `next()`, within 64*T1."""
+        if self.final is not None or self._cancel_wanted:
+            return
+        self._cancel_wanted = True
+        self._deadline = self._uac._clock.now() + 64 * self._uac.settings.t1
+        if self.proceeding:
+            self._send_cancel()
+
+    def _send_cancel(self) -> None:
+        if self._cancel_sent:
+            return
+        self._cancel_sent = True
+        self._uac._spawn_cancel(self._channel, _cancel_of(self.request))
+
+    def _response(self, response: Response) -> None:
+        """A response of this transaction (from the Uac's receive path)."""
+        uac = self._uac
+        if response.status < 200:
+            if not self.proceeding:
+                self.proceeding = True
+                if self._cancel_wanted:
+                    self._send_cancel()
+            if not self._cancel_wanted:
+                self._deadline = uac._clock.now() + self._ring_limit
+            if response.status > 100:
+                self._items.put_nowait(response)
+            return
+        self.final = response
+        uac._invite_done(self)
+        if response.status >= 300:
+            ack = _ack_of(self.request, response).serialize()
+            with contextlib.suppress(TransportError):
+                self._channel.send(ack)
+            uac._finish(self.key, _Finished(0.0, self._channel, ack, None))
+        else:
+            uac._finish(self.key, _Finished(0.0, self._channel, None, self._accepted))
+        self._items.put_nowait(response)
+
+    def _failed(self, error: UacError) -> None:
+        if self.final is None:
+            self._uac._invite_done(self)
+            self._items.put_nowait(error)
+
+
+def _item(item: InviteItem) -> Response:
+    if isinstance(item, UacError):
+        raise item
+    return item
+
+
+def _cancel_of(invite: Request) -> Request:
+    """The CANCEL of an INVITE we sent (RFC 3261 9.1): its Request-URI, top Via (the
+    branch), From, To, Call-ID, Route and the CSeq number."""
+    headers = [
+        ("Via", str(invite.top_via)),
+        ("Max-Forwards", "70"),
+        ("From", invite.get("From") or ""),
+        ("To", invite.get("To") or ""),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{invite.cseq.number} CANCEL"),
+    ]
+    headers += [("Route", value) for value in invite.get_all("Route")]
+    return Request("CANCEL", invite.uri, headers)
+
+
+def _ack_of(invite: Request, final: Response) -> Request:
+    """The ACK of a non-2xx final answer to an INVITE we sent (RFC 3261 17.1.1.3): the
+    INVITE's branch and Route, the answer's To (its tag)."""
+    headers = [
+        ("Via", str(invite.top_via)),
+        ("Max-Forwards", "70"),
+        ("From", invite.get("From") or ""),
+        ("To", final.get("To") or ""),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{invite.cseq.number} ACK"),
+    ]
+    headers += [("Route", value) for value in invite.get_all("Route")]
+    return Request("ACK", invite.uri, headers)
+
+
+# A finished INVITE transaction (timer D, or RFC 6026 Accepted) kept for 64*T1: the ACK
+# to send again for a retransmitted non-2xx, or who gets a further 2xx.
+class _Finished(NamedTuple):
+    until: float
+    channel: _Channel
+    ack: bytes | None
+    accepted: Callable[[Response], None] | None
+
+
+FINISHED_LIMIT: Final = 4096
+
+
 class Uac:
     """Client transactions to registrars and the provider's requests back; see the
     module docstring. `await Uac.create(...)`, then `bind`, then `request`."""
@@ -446,6 +622,8 @@ class Uac:
         self._connections: dict[Destination, _Connection] = {}
         self._connecting: dict[Destination, asyncio.Task[_Connection | TransportError]] = {}
         self._transactions: dict[tuple[str, str], _Transaction] = {}
+        self._invites: dict[tuple[str, str], ClientInvite] = {}
+        self._finished: OrderedDict[tuple[str, str], _Finished] = OrderedDict()
         self._served: OrderedDict[_ServerKey, tuple[float, bytes | None]] = OrderedDict()
         self._local_ip: dict[str, str] = {}
         self._resolved: set[tuple[str, str]] = set()  # (host, ip) sent to over UDP
@@ -517,6 +695,68 @@ class Uac:
         branch = "z9hG4bK" + secrets.token_hex(10)
         request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
         channel.send(request.serialize())
+
+    async def invite(
+        self,
+        destination: Destination,
+        request: Request,
+        *,
+        accepted: Callable[[Response], None] | None = None,
+        ring_limit: float = 180.0,
+    ) -> ClientInvite:
+        """Send `request` (an INVITE) under a Via of ours in a new INVITE client
+        transaction; the transaction, to take its responses from. `accepted` gets the
+        2xx that come after the first (see the module docstring). TransportError if
+        it cannot go out."""
+        if self._closed:
+            raise TransportError("closed")
+        channel = await self._channel(destination)
+        host, port = channel.local
+        branch = "z9hG4bK" + secrets.token_hex(10)
+        request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
+        invite = ClientInvite(self, channel, request, accepted, ring_limit)
+        self._invites[invite.key] = invite
+        try:
+            channel.send(invite._data)
+        except TransportError:
+            self._invite_done(invite)
+            raise
+        return invite
+
+    def _invite_done(self, invite: ClientInvite) -> None:
+        if self._invites.get(invite.key) is invite:
+            del self._invites[invite.key]
+
+    def _finish(self, key: tuple[str, str], finished: _Finished) -> None:
+        kept = self._finished
+        now = self._clock.now()
+        while kept:
+            oldest_key, oldest = next(iter(kept.items()))
+            if oldest.until > now and len(kept) < FINISHED_LIMIT:
+                break
+            del kept[oldest_key]
+        kept[key] = finished._replace(until=now + 64 * self.settings.t1)
+
+    def _spawn_cancel(self, channel: _Channel, cancel: Request) -> None:
+        with contextlib.suppress(Exception):  # TasksClosed while closing: nothing to cancel
+            self._tasks.spawn(self._cancel(channel, cancel), name="sipis.cancel")
+
+    async def _cancel(self, channel: _Channel, cancel: Request) -> None:
+        """A CANCEL's own transaction; its answer tells nothing the INVITE's will not."""
+        key = (cancel.top_via.branch or "", "CANCEL")
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        transaction = _Transaction(future, channel)
+        self._transactions[key] = transaction
+        data = cancel.serialize()
+        try:
+            channel.send(data)
+            await self._await_final(transaction, data)
+        except UacError:
+            log.info("sipis.cancel_unanswered")
+        finally:
+            self._transactions.pop(key, None)
+            if not future.done():
+                future.cancel()
 
     async def _await_final(self, transaction: _Transaction, data: bytes) -> Response:
         settings = self.settings
@@ -662,6 +902,18 @@ class Uac:
             key = (response.top_via.branch or "", response.cseq.method)
         except SipParseError:
             return
+        invite = self._invites.get(key)
+        if invite is not None:
+            invite._response(response)
+            return
+        finished = self._finished.get(key)
+        if finished is not None and finished.until > self._clock.now():
+            if response.status >= 300 and finished.ack is not None:
+                with contextlib.suppress(TransportError):
+                    finished.channel.send(finished.ack)  # our ACK was lost: again
+            elif 200 <= response.status < 300 and finished.accepted is not None:
+                finished.accepted(response)
+            return
         transaction = self._transactions.get(key)
         if transaction is None or transaction.future.done():
             return  # a late retransmission, or not ours
@@ -725,6 +977,9 @@ class Uac:
         for transaction in list(self._transactions.values()):
             if transaction.channel is connection and not transaction.future.done():
                 transaction.future.set_exception(TransportError("connection lost"))
+        for invite in list(self._invites.values()):
+            if invite._channel is connection:
+                invite._failed(TransportError("connection lost"))
         if self._lost_listener is not None and not self._closed:
             self._lost_listener(destination)
 
@@ -740,6 +995,8 @@ class Uac:
         for transaction in self._transactions.values():
             if not transaction.future.done():
                 transaction.future.set_exception(TransportError("closed"))
+        for invite in self._invites.values():
+            invite._failed(TransportError("closed"))
         for pending in list(self._connecting.values()):
             pending.cancel()
         for connection in list(self._connections.values()):

@@ -258,7 +258,12 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
         MessageSettings(), app[STORE], leg, push, services.clock, app[REGISTRY]
     )
     app[SIPIS_CALLS] = calls = Calls(
-        CallSettings(), leg, push, services.clock, app[REGISTRY], texts=messages.from_provider
+        CallSettings(wake_timeout=services.sipis.wake_timeout),
+        leg,
+        push,
+        services.clock,
+        app[REGISTRY],
+        texts=messages.from_provider,
     )
     factory = services.sipis_registrar
     if factory is None:  # the real engine (a test may give a double)

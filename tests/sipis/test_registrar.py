@@ -18,7 +18,7 @@ from proxy.sip.message import Request, Response
 from proxy.sip.responses import make_response
 from sipis.account import Account, Credential, Push, SipTransport, State
 from sipis.registrar import RateWindow, RegistrarSettings, Registrations
-from sipis.uac import Address, Destination, Inbound, LostListener
+from sipis.uac import Address, ClientInvite, Destination, Inbound, LostListener
 from tests.limits import LONGEST_WAIT
 from tests.sipis.manualtime import ManualTime
 
@@ -74,6 +74,16 @@ class FakeRegistrar:
 
     async def send(self, destination: Destination, request: Request) -> None:
         raise AssertionError("the registrar sends no ACK")
+
+    async def invite(
+        self,
+        destination: Destination,
+        request: Request,
+        *,
+        accepted: Callable[[Response], None] | None = None,
+        ring_limit: float = 180.0,
+    ) -> ClientInvite:
+        raise AssertionError("the registrar sends no INVITE")
 
     async def close(self) -> None:
         pass
