@@ -177,6 +177,61 @@ def test_malformed_profile_names_file_and_key(
     assert message in str(caught.value)
 
 
+_NOT_EXPORTED = "export = false: only fields of a subject's records are exported"
+_NOT_A_SUBJECT = "only a stored category that names a subject is exported"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "message"),
+    [
+        # A field withheld from an access export where no export ever shows it: a log
+        # category, and a stored category that names no subject.
+        (
+            'route = { type = "text", protection = "plain", label',
+            'route = { type = "text", protection = "plain", export = false, label',
+            "categories.troubleshooting_log.fields.route",
+            _NOT_EXPORTED,
+        ),
+        (
+            'event_id = { type = "text", protection = "plain", lookup = true, label',
+            'event_id = { type = "text", protection = "plain", lookup = true, export = false,'
+            " label",
+            "categories.crash_report.fields.event_id",
+            _NOT_EXPORTED,
+        ),
+        # A category's export form: one of the two, and only where a subject's records are.
+        (
+            'export = "count"',
+            'export = "everything"',
+            "categories.pending_message.export",
+            "must be one of records, count, got 'everything'",
+        ),
+        (
+            "[categories.crash_report]\n",
+            '[categories.crash_report]\nexport = "count"\n',
+            "categories.crash_report.export",
+            _NOT_A_SUBJECT,
+        ),
+        (
+            "[categories.relay]\n",
+            '[categories.relay]\nexport = "count"\n',
+            "categories.relay.export",
+            _NOT_A_SUBJECT,
+        ),
+    ],
+)
+def test_an_export_attribute_that_cannot_work_names_file_and_key(
+    tmp_path: Path, old: str, new: str, key: str, message: str
+) -> None:
+    """`export = false` on a field, and a category's `export` form, are refused at load
+    where an access export would never apply them, with the exact file, key and reason."""
+    path = _broken_profile(tmp_path, old, new)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(str(path))
+    assert (caught.value.file, caught.value.key) == (str(path), key)
+    assert str(caught.value) == f"{path}: {key}: {message}"
+
+
 def test_not_toml_at_all_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[policy\nprofile = ")
