@@ -46,6 +46,7 @@ from mockphone.sip import (
     Transport,
     ack_for_failure,
     authorization,
+    cancel_and_wait,
     new_request,
     sdp,
 )
@@ -67,6 +68,9 @@ class Kind(StrEnum):
     IOS = "ios"
     ANDROID = "android"
     DESKTOP = "desktop"
+    # An iOS app in SIPIS mode (mockphone/sipis.py): softrelay registers its account at
+    # the provider; the app connects only when a push wakes it.
+    SIPIS = "sipis"
 
     @property
     def pushes(self) -> bool:
@@ -75,7 +79,7 @@ class Kind(StrEnum):
     @property
     def platform(self) -> str:
         """The usage ping's platform."""
-        return {"ios": "ios", "android": "android", "desktop": "linux"}[self.value]
+        return {"ios": "ios", "android": "android", "desktop": "linux", "sipis": "ios"}[self.value]
 
 
 class Answer(StrEnum):
@@ -107,7 +111,7 @@ class PhoneSpec:
 
 def new_token(kind: Kind) -> str | None:
     """A device token of the kind's shape: APNs 64 hex digits, FCM a long opaque string."""
-    if kind is Kind.IOS:
+    if kind in (Kind.IOS, Kind.SIPIS):
         return secrets.token_hex(32)
     if kind is Kind.ANDROID:
         return f"{secrets.token_urlsafe(16)}:APA91b{secrets.token_urlsafe(96)}"
@@ -339,15 +343,9 @@ class MockPhone:
     async def stop(self) -> None:
         """Stop everything the phone runs and close its flow (no un-REGISTER)."""
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await cancel_and_wait(self._watcher)
             self._watcher = None
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         if self.inbox is not None and self.token:
             self.inbox.forget(self.token)
         await self._drop_link()
@@ -365,14 +363,10 @@ class MockPhone:
         redial = self._redial
         if redial is not None and redial is not asyncio.current_task():  # else: redialing
             self._redial = None
-            redial.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await redial
+            await cancel_and_wait(redial)
         if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
-            self._keepalive = None
+            keepalive, self._keepalive = self._keepalive, None
+            await cancel_and_wait(keepalive)
         if self.link is not None:
             link, self.link = self.link, None
             await link.close()

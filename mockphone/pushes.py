@@ -28,6 +28,7 @@ class PushKind(StrEnum):
     CALL = "incoming_call"
     CANCELLED = "call_cancelled"
     REREGISTER = "reregister"
+    MESSAGE = "new_message"  # SIPIS: a text waits at softrelay (nothing of it in the push)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@
     outgoing_share = 0.3      # of them, placed by phones
     sleep_rate = 0.5          # awake mobile phones falling asleep per second
     crash_rate = 0.1
+    text_rate = 0.1           # texts to sleeping SIPIS apps (mix `sipis`) per second
     opt_in = 0.5
     asleep = 0.6              # mobile phones asleep right after registering
     wake_delay = "lognormal:1.5,0.4"
@@ -56,6 +57,7 @@ _BEHAVIOUR = {
     "outgoing_share": float,
     "sleep_rate": float,
     "crash_rate": float,
+    "text_rate": float,
     "opt_in": float,
     "asleep": float,
     "wake_delay": "delay",

@@ -44,6 +44,7 @@ so a seeded run gives the same outcome every time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
@@ -62,6 +63,7 @@ from mockphone.pbx import CallResult, MockPbx, PbxRefused
 from mockphone.phone import WAKE_DELAY, Answer, Kind, MockPhone, PhoneSpec, State
 from mockphone.pushes import PushInbox
 from mockphone.sip import TIMEOUT, RelayAddress, Transport
+from mockphone.sipis import Provider, ProviderCaller, SipisPhone
 from usage.client import UsageClient
 
 MAX_CONCURRENT_SETUP = 100  # phones registering at once at start
@@ -90,6 +92,8 @@ class SimSettings:
     outgoing_share: float = 0.3  # of calls, placed by phones
     sleep_rate: float = 0.5  # awake mobile phones falling asleep per second, in all
     crash_rate: float = 0.0  # crashes per second, in all
+    # Texts per second, in all, from a caller at the provider to sleeping SIPIS apps.
+    text_rate: float = 0.0
     opt_in: float = 0.5  # share of phones whose users opted in to crash reports
     asleep: float = 0.6  # share of mobile phones asleep right after registering
     wake_delay: Delay = WAKE_DELAY
@@ -141,6 +145,46 @@ class NodeStats:
 
 
 @dataclass
+class SipisStats:
+    """The SIPIS-mode apps' figures: their accounts, the calls and texts to them."""
+
+    apps: int = 0
+    accounts_registered: int = 0  # registered at the provider by softrelay
+    account_failures: Counter[str] = field(default_factory=Counter)
+    calls_attempted: int = 0
+    calls_to_sleeping: int = 0  # the app had no flow when the call came
+    calls_delivered: int = 0  # of those: the INVITE reached the app after its push
+    calls_connected: int = 0
+    calls_failed: Counter[str] = field(default_factory=Counter)
+    texts_sent: int = 0
+    texts_accepted: Counter[str] = field(default_factory=Counter)  # by final status
+    texts_delivered: int = 0  # received by the sleeping app after its push
+    delivery_latencies: list[float] = field(default_factory=list)  # INVITE to app's 180
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "apps": self.apps,
+            "accounts": {
+                "registered": self.accounts_registered,
+                "failed": dict(sorted(self.account_failures.items())),
+            },
+            "calls": {
+                "attempted": self.calls_attempted,
+                "to_sleeping_apps": self.calls_to_sleeping,
+                "delivered_to_sleeping_apps": self.calls_delivered,
+                "connected": self.calls_connected,
+                "failed": dict(sorted(self.calls_failed.items())),
+            },
+            "delivery_latency": latency_summary(self.delivery_latencies),
+            "texts": {
+                "sent": self.texts_sent,
+                "answered": dict(sorted(self.texts_accepted.items())),
+                "delivered_to_sleeping_apps": self.texts_delivered,
+            },
+        }
+
+
+@dataclass
 class Stats:
     started: float = field(default_factory=time.monotonic)
     elapsed: float = 0.0  # simulated seconds
@@ -162,6 +206,7 @@ class Stats:
     pushes: dict[str, float] = field(default_factory=dict)  # outcome -> count, at the end
     interrupted: bool = False
     nodes: dict[str, NodeStats] = field(default_factory=dict)  # by node name, in order
+    sipis: SipisStats = field(default_factory=SipisStats)
 
     def failed(self, reason: str, node: NodeStats | None = None) -> None:
         self.calls_failed[reason] += 1
@@ -169,34 +214,42 @@ class Stats:
             node.calls_failed[reason] += 1
 
     def summary(self, settings: SimSettings) -> dict[str, Any]:
-        return {
-            "phones": settings.phones,
-            "pbxs": settings.pbxs,
-            "duration": settings.duration,
-            "simulated_seconds": round(self.elapsed, 3),
-            "wall_seconds": round(time.monotonic() - self.started, 3),
-            "interrupted": self.interrupted,
-            "registrations": {"ok": self.registered, "failed": dict(self.register_failed)},
-            "events": dict(sorted(self.events.items())),
-            "calls": {
-                "attempted": self.calls_attempted,
-                "connected": self.calls_connected,
-                "failed": dict(sorted(self.calls_failed.items())),
-                "woken": self.woken_calls,
-                "unplaced": self.calls_unplaced,
-            },
-            "wake_latency": latency_summary(self.wake_latencies),
-            "pushes": dict(sorted(self.pushes.items())),
-            "sleeps": self.sleeps,
-            "pings": {"sent": sum(self.pings.values()), "by_status": dict(self.pings)},
-            "crash_reports": {
-                "sent": sum(self.crashes.values()),
-                "opted_in": self.crashes["opted_in"],
-                "not_opted_in": self.crashes["not_opted_in"],
-                "errors": self.crash_errors,
-            },
-            "skipped_events": self.skipped_events,
-        } | self._by_node()
+        return (
+            {
+                "phones": settings.phones,
+                "pbxs": settings.pbxs,
+                "duration": settings.duration,
+                "simulated_seconds": round(self.elapsed, 3),
+                "wall_seconds": round(time.monotonic() - self.started, 3),
+                "interrupted": self.interrupted,
+                "registrations": {"ok": self.registered, "failed": dict(self.register_failed)},
+                "events": dict(sorted(self.events.items())),
+                "calls": {
+                    "attempted": self.calls_attempted,
+                    "connected": self.calls_connected,
+                    "failed": dict(sorted(self.calls_failed.items())),
+                    "woken": self.woken_calls,
+                    "unplaced": self.calls_unplaced,
+                },
+                "wake_latency": latency_summary(self.wake_latencies),
+                "pushes": dict(sorted(self.pushes.items())),
+                "sleeps": self.sleeps,
+                "pings": {"sent": sum(self.pings.values()), "by_status": dict(self.pings)},
+                "crash_reports": {
+                    "sent": sum(self.crashes.values()),
+                    "opted_in": self.crashes["opted_in"],
+                    "not_opted_in": self.crashes["not_opted_in"],
+                    "errors": self.crash_errors,
+                },
+                "skipped_events": self.skipped_events,
+            }
+            | self._by_node()
+            | self._sipis()
+        )
+
+    def _sipis(self) -> dict[str, Any]:
+        """SIPIS mode's figures, when the mix has SIPIS apps."""
+        return {"sipis": self.sipis.summary()} if self.sipis.apps else {}
 
     def _by_node(self) -> dict[str, Any]:
         """The figures per node, with several (with one, they are the totals above)."""
@@ -250,6 +303,9 @@ class World:
     # Every node played against (`--target A,B`); empty: the one of `address`. The
     # inbox follows the pushes of all of them.
     nodes: list[Node] = field(default_factory=list)
+    # The SIP provider whose accounts SIPIS-mode apps store with softrelay (`--mix
+    # sipis=...`): a real registrar the composition root started, or None.
+    provider: Provider | None = None
 
     def all_nodes(self) -> list[Node]:
         if self.nodes:
@@ -302,6 +358,9 @@ class Simulation:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_at: float | None = None
         self._node_of: dict[str, Node] = {}  # PBX serial or phone user -> its node
+        self.caller: ProviderCaller | None = None  # calls and texts SIPIS apps
+        self._caller_scope: contextlib.AsyncExitStack | None = None
+        self._sipis_busy: set[str] = set()  # SIPIS apps in a call or text event now
 
     def _stats_of(self, phone: MockPhone) -> NodeStats:
         return self.stats.nodes[self._node_of[phone.spec.user].name]
@@ -321,6 +380,8 @@ class Simulation:
             ("phone_call", s.call_rate * s.outgoing_share, self._phone_call),
             ("sleep", s.sleep_rate, self._sleep_one),
             ("crash", s.crash_rate, self._crash_one),
+            # Last: a zero rate leaves the other events' draws as they were.
+            ("text", s.text_rate, self._text_one),
         ]
 
     def events(self) -> Iterator[tuple[float, str]]:
@@ -378,6 +439,21 @@ class Simulation:
         kinds = _spread(s.mix, s.phones, self.rng)
         transports = _spread(s.transports, s.phones, self.rng)
         answers = _spread(s.answers, s.phones, self.rng)
+        provider = self.world.provider
+        sipis_apps = kinds.count(Kind.SIPIS)
+        if sipis_apps:
+            if provider is None or len(provider.accounts) < sipis_apps:
+                raise SimulationError(
+                    f"--mix sipis: {sipis_apps} SIPIS app(s) but this world's provider has "
+                    f"{0 if provider is None else len(provider.accounts)} account(s)"
+                )
+            self._caller_scope = contextlib.AsyncExitStack()
+            self.caller = await self._caller_scope.enter_async_context(
+                ProviderCaller.open(
+                    provider.host, provider.port, provider.domain, ring_timeout=ring
+                )
+            )
+        provider_accounts = iter(provider.accounts if provider is not None else ())
         for i in range(s.phones):
             pbx = self.pbxs[i % len(self.pbxs)]
             home = nodes.index(self._node_of[pbx.serial])
@@ -388,9 +464,13 @@ class Simulation:
             transport = transports[i]
             if kind is not Kind.DESKTOP and transport is Transport.UDP:
                 transport = Transport.TCP  # a sleeping app's UDP flow cannot be told gone
-            user = f"{kind.value}{i + 1}"
-            password = f"pw-{self.rng.getrandbits(64):016x}"
-            pbx.add_user(user, password)
+            if kind is Kind.SIPIS:
+                account = next(provider_accounts)
+                user, password = account.user, account.password
+            else:
+                user = f"{kind.value}{i + 1}"
+                password = f"pw-{self.rng.getrandbits(64):016x}"
+                pbx.add_user(user, password)
             spec = PhoneSpec(
                 user,
                 password,
@@ -406,14 +486,27 @@ class Simulation:
             self.stats.nodes[node.name].phones += 1
             if node.name != nodes[home].name:
                 self.stats.nodes[node.name].phones_pbx_elsewhere += 1
-            phone = MockPhone(
-                spec,
-                node.address,
-                serial=pbx.serial,
-                domain=self.world.domain,
-                inbox=self.world.inbox,
-                pace=self.pace,
-            )
+            phone: MockPhone
+            if kind is Kind.SIPIS:
+                self.stats.sipis.apps += 1
+                phone = SipisPhone(
+                    spec,
+                    node.address,
+                    account=account,
+                    relay_domain=self.world.domain,
+                    session=self.world.session,
+                    inbox=self.world.inbox,
+                    pace=self.pace,
+                )
+            else:
+                phone = MockPhone(
+                    spec,
+                    node.address,
+                    serial=pbx.serial,
+                    domain=self.world.domain,
+                    inbox=self.world.inbox,
+                    pace=self.pace,
+                )
             self.phones.append(phone)
             if self.rng.random() < s.opt_in:
                 self.opted_in.add(user)
@@ -425,13 +518,21 @@ class Simulation:
                     return
                 status = await phone.start()
                 node = self._stats_of(phone)
+                sipis = isinstance(phone, SipisPhone)
                 if status != 200:
                     self.stats.register_failed[str(status or "no answer")] += 1
                     node.register_failed[str(status or "no answer")] += 1
+                    if isinstance(phone, SipisPhone):
+                        reason = str(status) if status else phone.provider_state or "no answer"
+                        self.stats.sipis.account_failures[reason] += 1
                     return
                 self.stats.registered += 1
                 node.registered += 1
+                if sipis:
+                    self.stats.sipis.accounts_registered += 1
                 await self._ping(phone)
+                if sipis:
+                    return  # asleep from the start: it connects only when pushed
                 if phone.spec.kind.pushes and self.rng.random() < s.asleep:
                     await phone.sleep()
                     self.stats.sleeps += 1
@@ -477,11 +578,20 @@ class Simulation:
         task.add_done_callback(self._tasks.discard)
 
     async def _pbx_call(self) -> None:
-        registered = [p for p in self.phones if p.last_register == 200 and p.calls_in_progress == 0]
+        registered = [
+            p
+            for p in self.phones
+            if p.last_register == 200
+            and p.calls_in_progress == 0
+            and p.spec.user not in self._sipis_busy
+        ]
         if not registered:
             self.stats.calls_unplaced += 1
             return
         phone = self.rng.choice(registered)
+        if isinstance(phone, SipisPhone):
+            await self._sipis_call(phone)
+            return
         pbx = next(p for p in self.pbxs if p.serial == phone.serial)
         node = self._stats_of(phone)
         self.stats.calls_attempted += 1
@@ -514,8 +624,78 @@ class Simulation:
         else:
             self.stats.failed(_reason(result.status, result.reason), node)
 
+    async def _sipis_call(self, phone: SipisPhone) -> None:
+        """A call from outside, through the provider, to a SIPIS app (asleep, unless a
+        text woke it just now): delivered when its INVITE reached the app."""
+        assert self.caller is not None
+        stats, node = self.stats.sipis, self._stats_of(phone)
+        asleep = phone.state is not State.AWAKE
+        before = phone.counters.calls_in
+        self._sipis_busy.add(phone.spec.user)
+        self.stats.calls_attempted += 1
+        node.calls_attempted += 1
+        stats.calls_attempted += 1
+        stats.calls_to_sleeping += asleep
+        self.stats.calls_in_progress += 1
+        try:
+            hold = self.pace.real(self.settings.hold.draw(self.rng))
+            result = await self.caller.call(phone.spec.user, hold=hold)
+        except Exception as exc:  # the caller's socket went away: still an outcome
+            self.stats.failed(f"error: {type(exc).__name__}", node)
+            stats.calls_failed[f"error: {type(exc).__name__}"] += 1
+            return
+        finally:
+            self.stats.calls_in_progress -= 1
+            self._sipis_busy.discard(phone.spec.user)
+        if asleep and phone.counters.calls_in > before:
+            stats.calls_delivered += 1
+            if result.wake_seconds is not None:
+                stats.delivery_latencies.append(result.wake_seconds)
+        self._count(result, node)
+        if result.connected:
+            stats.calls_connected += 1
+        else:
+            stats.calls_failed[_reason(result.status, result.reason)] += 1
+        if phone.state is State.AWAKE and phone.calls_in_progress == 0:
+            await phone.sleep()  # the app connected for this call only
+            self.stats.sleeps += 1
+
+    async def _text_one(self) -> None:
+        """A text from outside to a sleeping SIPIS app; delivered when the app, woken by
+        the "new message" push, received it."""
+        asleep = [
+            p
+            for p in self.phones
+            if isinstance(p, SipisPhone)
+            and p.last_register == 200
+            and p.state is State.ASLEEP
+            and p.spec.user not in self._sipis_busy
+        ]
+        if not asleep or self.caller is None:
+            return
+        phone = self.rng.choice(asleep)
+        stats = self.stats.sipis
+        self._sipis_busy.add(phone.spec.user)
+        try:
+            texts = len(phone.texts)
+            stats.texts_sent += 1
+            status = await self.caller.text(phone.spec.user, f"text {stats.texts_sent}")
+            stats.texts_accepted[str(status or "no answer")] += 1
+            if status == 202:
+                with contextlib.suppress(TimeoutError):
+                    await phone.wait_texts(texts + 1)
+                    stats.texts_delivered += 1
+        finally:
+            self._sipis_busy.discard(phone.spec.user)
+
     async def _phone_call(self) -> None:
-        awake = [p for p in self.phones if p.state is State.AWAKE and p.calls_in_progress == 0]
+        # TODO(issue 18, S5): SIPIS apps place calls once softrelay relays the app's
+        # INVITE to its provider (outgoing calls); until then only relay-mode phones do.
+        awake = [
+            p
+            for p in self.phones
+            if p.state is State.AWAKE and p.calls_in_progress == 0 and not isinstance(p, SipisPhone)
+        ]
         if not awake:
             self.stats.calls_unplaced += 1
             return
@@ -541,7 +721,10 @@ class Simulation:
         awake = [
             p
             for p in self.phones
-            if p.spec.kind.pushes and p.state is State.AWAKE and p.calls_in_progress == 0
+            if p.spec.kind.pushes
+            and p.state is State.AWAKE
+            and p.calls_in_progress == 0
+            and p.spec.user not in self._sipis_busy
         ]
         if awake:
             await self.rng.choice(awake).sleep()
@@ -595,6 +778,8 @@ class Simulation:
             for outcome, count in pushes.items():
                 self.stats.pushes[outcome] = self.stats.pushes.get(outcome, 0) + count
         await asyncio.gather(*(p.close() for p in self.pbxs), return_exceptions=True)
+        if self._caller_scope is not None:
+            await self._caller_scope.aclose()
 
 
 def send_crash(
@@ -655,8 +840,8 @@ def _reason(status: int, reason: str) -> str:
     return f"{status} {reason}".strip() if status else reason or "no answer"
 
 
-def _spread(shares: dict[Any, float], n: int, rng: random.Random) -> list[Any]:
-    """`n` items in the given shares (largest remainder), shuffled."""
+def share_counts(shares: Mapping[Any, float], n: int) -> dict[Any, int]:
+    """How many of `n` items each share gets (largest remainder)."""
     total = sum(shares.values())
     exact = {k: n * v / total for k, v in shares.items()}
     counts = {k: int(v) for k, v in exact.items()}
@@ -664,7 +849,12 @@ def _spread(shares: dict[Any, float], n: int, rng: random.Random) -> list[Any]:
         : n - sum(counts.values())
     ]:
         counts[k] += 1
-    items = [k for k, c in counts.items() for _ in range(c)]
+    return counts
+
+
+def _spread(shares: dict[Any, float], n: int, rng: random.Random) -> list[Any]:
+    """`n` items in the given shares (largest remainder), shuffled."""
+    items = [k for k, c in share_counts(shares, n).items() for _ in range(c)]
     rng.shuffle(items)
     return items
 
@@ -696,7 +886,7 @@ def check(settings: SimSettings, where: str) -> SimSettings:
         problems.append("pbxs must be at least 1")
     if not settings.duration > 0:
         problems.append("duration must be positive")
-    for name in ("call_rate", "sleep_rate", "crash_rate"):
+    for name in ("call_rate", "sleep_rate", "crash_rate", "text_rate"):
         if not getattr(settings, name) >= 0:
             problems.append(f"{name.replace('_', '-')} must not be negative")
     if not 0 <= settings.opt_in <= 1:

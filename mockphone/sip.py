@@ -339,17 +339,20 @@ class SipLink:
         """Close the flow and stop its reader and request handlers."""
         await self._close()
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)
         if self._read is not None:
             self._read.close()  # a link closed before its reader ran: no "never awaited"
-        for task in list(self._handlers):
-            task.cancel()
-        for task in list(self._handlers):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._handlers)
         self.closed.set()
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel `tasks` and wait until they ended. A cancel of the task waiting here is
+    not swallowed (as `suppress(CancelledError)` around each await would): a phone's
+    push watcher closing its flow must still stop when the phone stops."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _GONE = Response([], status=599, reason="Flow Gone")

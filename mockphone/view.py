@@ -138,6 +138,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         for reason, count in calls["failed"].items():
             failed.add_row(reason, str(count))
         console.print(failed)
+    sipis = summary.get("sipis")
+    if sipis:
+        print_sipis(sipis, console)
     pushes = Table(title="pushes, by outcome (the relay's counters)")
     pushes.add_column("outcome")
     pushes.add_column("pushes", justify="right")
@@ -164,3 +167,30 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
                 f"{sum(node['pushes'].values()):g}",
             )
         console.print(per_node)
+
+
+def print_sipis(sipis: dict[str, Any], console: Console) -> None:
+    """SIPIS mode's table: accounts registered on behalf, calls and texts to its apps."""
+    table = Table(title="SIPIS-mode apps", show_header=False)
+    accounts, calls, texts = sipis["accounts"], sipis["calls"], sipis["texts"]
+    failed = sum(accounts["failed"].values())
+    table.add_row("apps / accounts registered", f"{sipis['apps']} / {accounts['registered']}")
+    if failed:
+        reasons = ", ".join(f"{k}: {v}" for k, v in accounts["failed"].items())
+        table.add_row("accounts failed", reasons)
+    table.add_row(
+        "calls to sleeping apps / delivered",
+        f"{calls['to_sleeping_apps']} / {calls['delivered_to_sleeping_apps']}",
+    )
+    table.add_row("calls attempted / connected", f"{calls['attempted']} / {calls['connected']}")
+    latency = sipis["delivery_latency"]
+    table.add_row(
+        "INVITE to app p50 / p95 / p99",
+        f"{_s(latency['p50'])} / {_s(latency['p95'])} / {_s(latency['p99'])}",
+    )
+    answered = ", ".join(f"{k}: {v}" for k, v in texts["answered"].items()) or "-"
+    table.add_row(
+        "texts sent / delivered",
+        f"{texts['sent']} / {texts['delivered_to_sleeping_apps']} (answers {answered})",
+    )
+    console.print(table)

@@ -95,6 +95,7 @@ class EmbeddedRelay:
             oauth=config.oauth,
             usage=config.usage,
             dsr=config.dsr,
+            sipis=config.sipis,  # SIPIS mode when `extra_toml` enables it
         )
         runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
         try:

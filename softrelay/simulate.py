@@ -17,9 +17,11 @@ import argparse
 import asyncio
 import ipaddress
 import re
+import secrets
 import signal
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,13 +41,72 @@ from mockphone.simulate import (
     World,
     check,
     parse_shares,
+    share_counts,
 )
 from mockphone.sip import RelayAddress, Transport
+from mockphone.sipis import Provider, ProviderAccount
 from softrelay.config import Config
 from softrelay.embedded import EmbeddedRelay
 
+# SIPIS mode on, for the SIPIS apps of `--mix sipis=...`: their provider is a Kamailio on
+# loopback (a private address, refused by default), and a new account registers at once.
+# Every app stores its account from loopback: no per-address limit on the accounts API.
+_SIPIS_TOML = """
+[sipis]
+enabled = true
+allow_private_registrars = true
+start_spread = "0s"
+rate_per_minute = 0
+"""
+
+
+def sipis_apps(settings: SimSettings) -> int:
+    """How many of the run's phones are SIPIS-mode apps."""
+    return share_counts(settings.mix, settings.phones).get(Kind.SIPIS, 0)
+
+
+class _Kamailio:
+    """The provider of the SIPIS apps: a real Kamailio registrar and proxy, started by
+    the repository's tests/kamailio.py (HA1-only accounts, loopback, a port of its own)."""
+
+    def __init__(self, count: int) -> None:
+        try:
+            from tests.kamailio import DOMAIN, Kamailio, KamailioUnavailable, Subscriber
+        except ImportError:
+            raise SimulationError(
+                "--mix sipis: the SIPIS apps' provider is a real Kamailio, which the source "
+                "checkout's tests/kamailio.py starts; run simulate from a checkout"
+            ) from None
+        self.users = [Subscriber(f"sipis{i + 1}", secrets.token_hex(12)) for i in range(count)]
+        try:
+            self.server = Kamailio(self.users)
+        except KamailioUnavailable as exc:
+            raise SimulationError(
+                f"--mix sipis: the SIPIS apps' provider is a real Kamailio registrar: {exc}"
+            ) from None
+        self.domain = DOMAIN
+
+    async def start(self) -> Provider:
+        from tests.kamailio import KamailioError
+
+        try:
+            port = await asyncio.to_thread(self.server.start)
+        except KamailioError as exc:
+            raise SimulationError(f"--mix sipis: Kamailio did not start: {exc}") from None
+        registrar = f"sip:127.0.0.1:{port};transport=udp"
+        accounts = tuple(
+            ProviderAccount(registrar, self.domain, u.user, u.password) for u in self.users
+        )
+        return Provider("127.0.0.1", port, self.domain, accounts)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.server.close)
+
 
 async def embedded_world(settings: SimSettings, data_dir: Path | None) -> World:
+    apps = sipis_apps(settings)
+    # The SIPIS apps' provider first: a missing kamailio stops the run before anything.
+    kamailio = _Kamailio(apps) if apps else None
     tmp = None
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="softrelay-simulate-")
@@ -53,7 +114,38 @@ async def embedded_world(settings: SimSettings, data_dir: Path | None) -> World:
     else:
         workdir = data_dir
     serials = tuple(f"{9000000 + i:07d}" for i in range(settings.pbxs))
-    relay = await EmbeddedRelay.start(workdir, serials=serials)
+    if kamailio is None:
+        relay = await EmbeddedRelay.start(workdir, serials=serials)
+        return _embedded(relay, workdir, tmp)
+    try:
+        provider = await kamailio.start()
+        try:
+            relay = await EmbeddedRelay.start(workdir, serials=serials, extra_toml=_SIPIS_TOML)
+        except BaseException:
+            await kamailio.close()
+            raise
+    except BaseException:
+        if tmp is not None:
+            tmp.cleanup()
+        raise
+
+    async def stop() -> None:
+        try:
+            await relay.stop()
+        finally:
+            await kamailio.close()
+
+    world = _embedded(relay, workdir, tmp, stop)
+    world.provider = provider
+    return world
+
+
+def _embedded(
+    relay: EmbeddedRelay,
+    workdir: Path,
+    tmp: tempfile.TemporaryDirectory[str] | None,
+    stop: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> World:
     return World(
         relay.address,
         relay.domain,
@@ -64,7 +156,7 @@ async def embedded_world(settings: SimSettings, data_dir: Path | None) -> World:
         relay.address.http_url + "/metrics",
         aiohttp.ClientSession(),
         workdir,
-        relay.stop,
+        stop or relay.stop,
         tmp,
     )
 
@@ -94,6 +186,11 @@ def parse_targets(values: list[str], default_sip_port: int) -> list[Node]:
 async def target_world(settings: SimSettings, targets: list[str], config: Config) -> World:
     """Against running serves: one, or the nodes of a cluster (mockphone/simulate.py
     says how the parties are placed over them)."""
+    if sipis_apps(settings):
+        raise SimulationError(
+            "--mix sipis: only with --embedded, which starts the SIPIS apps' provider "
+            "(a real Kamailio) and a softrelay with SIPIS mode on for it"
+        )
     nodes = parse_targets(targets, config.listen.sip_port)
     source = str(config.source or "<defaults>")
     pbxs = [p for p in config.sip.pbxs if p.secret and p.static is None]
@@ -192,11 +289,19 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sim.add_argument("--phones", type=int)
     sim.add_argument("--pbxs", type=int)
     sim.add_argument("--duration", type=float, help="simulated seconds")
-    sim.add_argument("--mix", help="phone kinds, e.g. ios=0.4,android=0.4,desktop=0.2")
+    sim.add_argument(
+        "--mix",
+        help="phone kinds, e.g. ios=0.4,android=0.4,desktop=0.2; sipis=SHARE adds SIPIS-mode"
+        " apps (softrelay registers their accounts at a real Kamailio the run starts;"
+        " --embedded only)",
+    )
     sim.add_argument("--transports", help="e.g. tcp=0.8,ws=0.1,udp=0.1 (udp: desktops only)")
     sim.add_argument("--call-rate", type=float, help="calls per second, in all")
     sim.add_argument("--sleep-rate", type=float, help="phones falling asleep per second")
     sim.add_argument("--crash-rate", type=float, help="crashes per second, in all")
+    sim.add_argument(
+        "--text-rate", type=float, help="texts per second to sleeping SIPIS apps, in all"
+    )
     sim.add_argument("--opt-in", type=float, help="share of users opted in to crash reports")
     sim.add_argument("--wake-delay", help="push to re-REGISTER, e.g. lognormal:1.5,0.4")
     sim.add_argument(
@@ -227,6 +332,7 @@ def settings_from_args(args: argparse.Namespace, base: SimSettings) -> SimSettin
         "call_rate",
         "sleep_rate",
         "crash_rate",
+        "text_rate",
         "opt_in",
         "speed",
         "seed",
@@ -268,7 +374,8 @@ def simulate_command(args: argparse.Namespace, config: Config) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         targets: list[str] | None = args.target
-        if targets is None and not args.embedded:
+        # SIPIS apps need the world that starts their provider: the embedded one.
+        if targets is None and not args.embedded and not sipis_apps(settings):
             # The plain command plays against `make run`'s server when one answers.
             target = default_target(config)
             if await reachable(target):
