@@ -44,11 +44,31 @@ class Credential:
 @dataclass(frozen=True, slots=True)
 class Push:
     """Where to wake the app: as the relay's wake takes it (pn-provider, pn-prid,
-    pn-param of RFC 8599)."""
+    pn-param of RFC 8599).
+
+    `token` takes the incoming-call pushes (APNs: the PushKit VoIP token; FCM: the one
+    token); "" once the push service declared it dead: it is cleared in the store, as
+    the relay clears a binding's, and nothing is pushed to the app until it sends a
+    new one. `alert_token` (APNs only) takes the "new message" alert push, which APNs
+    does not deliver to a VoIP token; without it an iPhone app gets no push for a text
+    (the text still waits for its next connection)."""
 
     provider: str  # "apns" | "fcm"
     token: str
     app_id: str
+    alert_token: str | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether a call push can go out (the token was not declared dead)."""
+        return bool(self.token)
+
+    @property
+    def text_token(self) -> str | None:
+        """Where a "new message" push goes: APNs the alert token, FCM the one token;
+        None: no push for a text."""
+        token = self.alert_token if self.provider == "apns" else self.token
+        return token or None
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,6 +130,22 @@ class Accounts:
             return None
         return replace(_account(record), paused=paused)
 
+    async def forget_token(self, account_id: str, token: str) -> Account | None:
+        """The push service declared `token` dead: clear it from the account, as the
+        relay clears a binding's (push/service.py), whether it is the call token or the
+        alert token; not a use. The account as it is now, or None when it is gone or
+        no longer holds that token (the app sent a new one meanwhile)."""
+        record = await self._record(account_id)
+        if record is None or not token:
+            return None
+        names = [n for n in ("push_token", "push_alert_token") if record.fields.get(n) == token]
+        if not names:
+            return None
+        changes: dict[str, Value] = dict.fromkeys(names)
+        if not await self.store.update(CATEGORY, record.id, changes, use=False):
+            return None
+        return _account(replace(record, fields=record.fields | changes))
+
     async def touch(self, account_id: str) -> bool:
         """Record the app's contact (after an authentication elsewhere: the SIP leg)."""
         record = await self._record(account_id)
@@ -208,8 +224,9 @@ def _fields(account: Account) -> dict[str, Value]:
         "ha1_md5": cred.ha1_md5,
         "ha1_sha256": cred.ha1_sha256,
         "push_provider": push.provider,
-        "push_token": push.token,
+        "push_token": push.token or None,  # "": declared dead, cleared
         "push_app_id": push.app_id,
+        "push_alert_token": push.alert_token,
         "paused": int(account.paused),
     }
 
@@ -241,7 +258,12 @@ def _account(record: Record) -> Account:
             ha1_md5=optional("ha1_md5"),
             ha1_sha256=optional("ha1_sha256"),
         ),
-        push=Push(text("push_provider"), text("push_token"), text("push_app_id")),
+        push=Push(
+            text("push_provider"),
+            optional("push_token") or "",
+            text("push_app_id"),
+            optional("push_alert_token"),
+        ),
         display_name=optional("display_name"),
         paused=bool(f["paused"]),
     )
@@ -297,6 +319,17 @@ async def forget_removed(accounts: Accounts, registrar: Registrar) -> int:
         if restricted != (status.state is State.PAUSED):
             await accounts.hold(registrar, account)
     return len(gone)
+
+
+async def forget_dead_token(
+    accounts: Accounts, registrar: Registrar, account: Account, token: str
+) -> None:
+    """A push to `account` found `token` dead (calls.py, messages.py): it is cleared in
+    the store, and the registrar engine's copy of the account, which the calls and texts
+    of the provider come with, takes the change, so nothing is pushed to it again."""
+    changed = await accounts.forget_token(account.account_id, token)
+    if changed is not None:
+        await accounts.hold(registrar, changed)
 
 
 async def forget_removed_forever(accounts: Accounts, registrar: Registrar, interval: float) -> None:

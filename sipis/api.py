@@ -16,7 +16,16 @@ never the password: a body with a password field is refused, naming the field.
     {"registrar": "sip:sip.example.com;transport=tls", "user": "alice",
      "auth_user": "alice", "realm": "sip.example.com", "display_name": "Alice",
      "ha1_md5": "<32 hex>", "ha1_sha256": "<64 hex>",
-     "push": {"provider": "apns", "token": "<token>", "app_id": "com.example.phone"}}
+     "push": {"provider": "apns", "token": "<VoIP token>", "app_id": "com.example.phone",
+              "alert_token": "<ordinary token>"}}
+
+An iPhone app gives two tokens: incoming calls go as PushKit VoIP pushes to `token`, a
+waiting text as an alert push to `alert_token` (APNs delivers no alert to a VoIP
+token); without `alert_token` its texts get no push and wait for its next connection.
+An FCM token takes both. The answers show the push target without its tokens:
+`"push": {"provider", "app_id", "state": "valid"|"invalid", "texts": "pushed"|"not_pushed"}`,
+`invalid` once the push service declared the token dead (it is cleared; a PATCH with a
+new `push` makes it valid again).
 
 `registrar` is `sip:host[:port][;transport=udp|tcp|tls]` or `sips:host[:port]`; the
 address of record's domain is `domain` when given, else the registrar's host.
@@ -68,7 +77,7 @@ _PATCH_KEYS = frozenset(
     | {"paused", "new_secret"}
 )
 _NAMING_KEYS = frozenset({"user", "domain"})  # they name the account: a new one instead
-_PUSH_KEYS = frozenset({"provider", "token", "app_id"})
+_PUSH_KEYS = frozenset({"provider", "token", "app_id", "alert_token"})
 _HA1 = {"ha1_md5": re.compile(r"^[0-9a-f]{32}$"), "ha1_sha256": re.compile(r"^[0-9a-f]{64}$")}
 _USER = re.compile(r"^[A-Za-z0-9._~+-]{1,64}$")
 # Inside a quoted digest parameter: printable ASCII but the quote and the backslash.
@@ -236,6 +245,7 @@ class _Handlers:
             "account_id": account.account_id,
             "device_secret": secret,
             "status": _status(api.registrar.status(account.account_id), account),
+            "push": _push_view(account.push),
         }
         return web.json_response(answer, status=201, headers={"Cache-Control": "no-store"})
 
@@ -512,7 +522,21 @@ def _push(value: object) -> Push:
         raise Refusal(
             400, "bad_field", "field 'push.app_id' must be 1-255 letters, digits or . _ -"
         )
-    return Push(provider, token, app_id)
+    alert_token = value.get("alert_token")
+    if alert_token is not None:
+        if provider != "apns":
+            raise Refusal(
+                400,
+                "bad_field",
+                "field 'push.alert_token': for apns only (an FCM token takes every push)",
+            )
+        if not isinstance(alert_token, str) or not _TOKEN.match(alert_token):
+            raise Refusal(
+                400,
+                "bad_field",
+                "field 'push.alert_token' must be 1-4096 letters, digits or : _ . -",
+            )
+    return Push(provider, token, app_id, alert_token)
 
 
 def _display_name(body: dict[str, Any]) -> str | None:
@@ -566,9 +590,23 @@ def _view(api: SipisApi, account: Account) -> dict[str, Any]:
         "credential": [
             name for name, ha1 in (("MD5", cred.ha1_md5), ("SHA-256", cred.ha1_sha256)) if ha1
         ],
-        "push": {"provider": account.push.provider, "app_id": account.push.app_id},
+        "push": _push_view(account.push),
         "paused": account.paused,
         "status": _status(api.registrar.status(account.account_id), account),
+    }
+
+
+def _push_view(push: Push) -> dict[str, Any]:
+    """The push target as its app may read it: never a token. `state` "invalid": the
+    push service declared the token dead, so nothing is pushed until a PATCH brings a
+    new one. `texts` "not_pushed": a waiting text gets no push (APNs without a live
+    `alert_token`, which its "new message" alert needs: a VoIP token takes calls only);
+    it still reaches the app at its next connection."""
+    return {
+        "provider": push.provider,
+        "app_id": push.app_id,
+        "state": "valid" if push.live else "invalid",
+        "texts": "pushed" if push.text_token else "not_pushed",
     }
 
 
@@ -588,6 +626,30 @@ def describe(openapi: OpenApi) -> None:
             "provider": {"enum": list(PUSH_PROVIDERS)},
             "token": {"type": "string", "pattern": _TOKEN.pattern},
             "app_id": {"type": "string", "pattern": _APP_ID.pattern},
+            "alert_token": {
+                "type": ["string", "null"],
+                "pattern": _TOKEN.pattern,
+                "description": "apns only: the app's ordinary token, for the alert push of a"
+                " text (the VoIP token takes calls only); without it no push for texts",
+            },
+        },
+    }
+    push_view = {
+        "type": "object",
+        "required": ["provider", "app_id", "state", "texts"],
+        "properties": {
+            "provider": {"enum": list(PUSH_PROVIDERS)},
+            "app_id": {"type": "string"},
+            "state": {
+                "enum": ["valid", "invalid"],
+                "description": "invalid: the push service declared the token dead; no push"
+                " until a PATCH sends a new one",
+            },
+            "texts": {
+                "enum": ["pushed", "not_pushed"],
+                "description": "not_pushed: a waiting text gets no push (apns without a"
+                " live alert_token); it reaches the app at its next connection",
+            },
         },
     }
     text = {"type": "string", "maxLength": 300}
@@ -656,7 +718,7 @@ def describe(openapi: OpenApi) -> None:
                 "realm": {"type": "string"},
                 "display_name": {"type": ["string", "null"]},
                 "credential": {"type": "array", "items": {"enum": ["MD5", "SHA-256"]}},
-                "push": {"type": "object"},
+                "push": push_view,
                 "paused": {"type": "boolean"},
                 "status": status,
                 "device_secret": {"type": "string"},
@@ -690,11 +752,12 @@ def describe(openapi: OpenApi) -> None:
                     "Stored; the device secret is shown this once",
                     {
                         "type": "object",
-                        "required": ["account_id", "device_secret", "status"],
+                        "required": ["account_id", "device_secret", "status", "push"],
                         "properties": {
                             "account_id": {"type": "string"},
                             "device_secret": {"type": "string"},
                             "status": status,
+                            "push": push_view,
                         },
                     },
                 ),

@@ -85,6 +85,8 @@ class CallSettings:
 
 
 TextHandler = Callable[[Account, Request, Inbound], Awaitable[None]]
+# A push found the account's token dead (sipis/accounts.py forget_dead_token).
+DeadToken = Callable[[Account, str], Awaitable[None]]
 
 
 @dataclass(eq=False, slots=True)
@@ -141,6 +143,7 @@ class Calls:
         self._clock = clock
         self._texts = texts
         self._sleep = sleep
+        self.dead_token: DeadToken | None = None  # set once the registrar engine runs
         self._calls: dict[tuple[str, str], _Call] = {}  # (Call-ID, provider's branch)
         self._dialogs: OrderedDict[str, _Dialog] = OrderedDict()  # by Call-ID
         self._tasks = Tasks(log, "sipis.call_failed")
@@ -224,20 +227,30 @@ class Calls:
         if service is None or app_id is None:
             self._end(call, 480, "push not configured for this app", "push_failed")
             return
+        if not target.live:  # declared dead before: not pushed again
+            self._end(call, 480, "push token no longer valid", "push_failed")
+            return
         result = await push.wake(
             WakeRequest(
                 service, target.token, app_id, Reason.INCOMING_CALL, call.deadline, call.call_uuid
             )
         )
+        outcome = result.outcome
+        if isinstance(outcome, TokenDead):
+            # Cleared whatever became of the call meanwhile, before the caller hears (a
+            # next call finds it gone); the caller hears even if the store fails.
+            try:
+                if self.dead_token is not None:
+                    await self.dead_token(call.account, target.token)
+            finally:
+                self._end(call, 480, "push token no longer valid", "push_failed")
+            return
         if not call.parked or self._calls.get(_key(call)) is not call:
             return  # delivered, cancelled or timed out meanwhile
-        outcome = result.outcome
         if isinstance(outcome, Delivered):
             headers = (("Push-Status", "delivered"),)
             response = make_response(call.invite, 180, None, headers, to_tag=call.to_tag)
             call.inbound.send(response)
-        elif isinstance(outcome, TokenDead):
-            self._end(call, 480, "push token no longer valid", "push_failed")
         elif outcome == OVERLOADED:
             self._end(call, 503, "push service busy", "refused")
         else:
@@ -288,7 +301,7 @@ class Calls:
         target = call.account.push
         service = Service(target.provider.lower())
         app_id = push.app_for(service, target.app_id)
-        if app_id is None:
+        if app_id is None or not target.live:
             return
         deadline = self._clock.now() + self.settings.wake_timeout
         await push.wake(

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
@@ -40,7 +41,7 @@ from proxy.sip.message import Request
 from proxy.sip.parser import parse
 from proxy.sip.syntax import SipParseError
 from push.service import PushService
-from push.wake import Reason, Service, WakeRequest
+from push.wake import Reason, Service, TokenDead, WakeRequest
 from sipis.account import Account
 from sipis.accounts import MESSAGES
 from sipis.appleg import AppLeg, Binding
@@ -88,6 +89,9 @@ class Messages:
         self._runs_changed = asyncio.Condition()
         self._tasks = Tasks(log, "sipis.message_failed")
         self.metrics = MessageMetrics(registry)
+        # A push found a token dead (sipis/accounts.py forget_dead_token): set once the
+        # registrar engine runs.
+        self.dead_token: Callable[[Account, str], Awaitable[None]] | None = None
         leg.on_registered.append(self.app_registered)
 
     async def close(self) -> None:
@@ -156,15 +160,20 @@ class Messages:
         if push is None:
             return
         target = account.push
+        # APNs: the alert token (its VoIP token takes calls only); none: no push, and the
+        # account's status says so (sipis/api.py). FCM: the one token.
+        token = target.text_token
         try:
             service = Service(target.provider.lower())
         except ValueError:
             return
         app_id = push.app_for(service, target.app_id)
-        if app_id is None:
+        if app_id is None or token is None:
             return
         deadline = self._clock.now() + self.settings.push_ttl
-        await push.wake(WakeRequest(service, target.token, app_id, Reason.NEW_MESSAGE, deadline))
+        result = await push.wake(WakeRequest(service, token, app_id, Reason.NEW_MESSAGE, deadline))
+        if isinstance(result.outcome, TokenDead) and self.dead_token is not None:
+            await self.dead_token(account, token)
 
     # --- to the app ------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ gets a final answer before its connection goes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -70,7 +71,7 @@ from push.embedded import StandIns
 from push.fcm import FcmProvider
 from push.feed import add_delivery_feed
 from push.service import PushLimits, PushService
-from sipis.accounts import Accounts, Registrar, forget_removed_forever
+from sipis.accounts import Accounts, Registrar, forget_dead_token, forget_removed_forever
 from sipis.api import ACCOUNTS, REGISTRAR, add_sipis_api
 from sipis.appleg import AppLeg
 from sipis.calls import Calls, CallSettings
@@ -280,6 +281,10 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
     async with factory(accounts) as registrar:
         app[ACCOUNTS] = accounts
         app[REGISTRAR] = registrar
+        # A push that finds a token dead clears it, in the store and the engine's copy.
+        calls.dead_token = messages.dead_token = functools.partial(
+            forget_dead_token, accounts, registrar
+        )
         app[RELAY].attach_app_leg(leg)
         keeper = None
         if services.cluster is not None and isinstance(registrar, Registrations):

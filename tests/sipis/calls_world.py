@@ -346,11 +346,13 @@ class World:
     messages: Messages
     sip_port: int  # TCP
     registry: CollectorRegistry
+    http: str = ""  # the app's HTTP base URL (the accounts API), ending in "/"
 
     async def account(
-        self, sub: Subscriber = ALICE, token: str | None = None
+        self, sub: Subscriber = ALICE, token: str | None = None, alert_token: str | None = None
     ) -> tuple[Account, str]:
-        """An account stored as the API stores it, registered at Kamailio."""
+        """An account stored as the API stores it, registered at Kamailio; an iPhone
+        app's (APNs: `token` for calls, `alert_token` for the "new message" push)."""
         assert self.kamailio.port is not None
         draft = Account(
             account_id="",
@@ -360,7 +362,7 @@ class World:
             domain=DOMAIN,
             user=sub.user,
             credential=Credential(sub.user, DOMAIN, ha1_md5=sub.ha1()),
-            push=Push("apns", token or secrets.token_hex(32), APP_ID),
+            push=Push("apns", token or secrets.token_hex(32), APP_ID, alert_token),
         )
         account, secret = await self.accounts.create(draft)
         self.registrations.add(account, spread=False)
@@ -404,6 +406,7 @@ async def make_world(kamailio: Kamailio, tmp_path: Path) -> AsyncIterator[World]
             app[SIPIS_MESSAGES],
             app[SIP_TRANSPORTS].address(Transport.TCP)[1],
             app[REGISTRY],
+            str(server.make_url("/")),
         )
         yield world
     finally:

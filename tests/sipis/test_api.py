@@ -119,7 +119,12 @@ async def test_round_trip_create_read_change_pause_resume_delete(world: World) -
     assert data["registrar"] == "sip:sip.example.com:5060;transport=tcp"
     assert (data["user"], data["domain"], data["auth_user"]) == (USER, "sip.example.com", USER)
     assert data["credential"] == ["MD5", "SHA-256"]
-    assert data["push"] == {"provider": "fcm", "app_id": "com.example.phone"}
+    assert data["push"] == {
+        "provider": "fcm",
+        "app_id": "com.example.phone",
+        "state": "valid",
+        "texts": "pushed",
+    }
     assert data["status"]["state"] == "pending"
     text = str(data)
     for secret_value in (HA1_MD5, HA1_SHA256, TOKEN):

@@ -95,7 +95,7 @@ async def test_export_restrict_and_erase_reach_the_registration(
         assert (fields["registrar_host"], fields["registrar_port"]) == ("127.0.0.1", kamailio.port)
         assert fields["display_name"] == "Alice"
         assert fields["registration"] == "registered"
-        hidden = {"ha1_md5", "ha1_sha256", "push_token", "secret_hash"}
+        hidden = {"ha1_md5", "ha1_sha256", "push_token", "push_alert_token", "secret_hash"}
         assert not hidden & set(fields)
         assert account["withheld"]["fields"] == sorted(hidden)
         messages = by_name[MESSAGES]
