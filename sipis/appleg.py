@@ -33,13 +33,15 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from cluster.redis import ClusterUnavailable
 from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from proxy.sip.flow import Flow, FlowClosed
 from proxy.sip.headers import parse_name_addr
 from proxy.sip.message import Request, Response
+from proxy.sip.parser import parse
 from proxy.sip.responses import make_response
 from proxy.sip.syntax import SipParseError
 from proxy.sip.uri import SipUri
@@ -53,6 +55,7 @@ MAX_EXPIRES = 3600  # the longest binding an app gets; it registers again to kee
 DEFAULT_EXPIRES = 600
 PENDING_LIMIT = 10_000  # requests to apps awaiting their answer, at most
 TRANSACTION_WAIT = 32.0  # 64*T1: a non-INVITE request the app does not answer
+RETRY_AFTER = 5  # seconds, in a 503 while the cluster cannot say where the account is
 MARK = "sipis"  # the parameter of our Record-Route: a Route entry with it names us
 
 
@@ -77,6 +80,20 @@ RequestHandler = Callable[[Binding, Request], Awaitable[None]]
 Listener = Callable[[Binding], Awaitable[None]]
 
 
+class Holders(Protocol):
+    """Which node holds an account's lease (sipis/lease.py `Leases`)."""
+
+    async def holder(self, account_id: str) -> str | None: ...
+
+
+class AppLink(Protocol):
+    """The internal link between nodes (proxy/sip/nodes.py `Nodes`)."""
+
+    node_id: str
+
+    async def forward_app(self, node: str, account_id: str, data: bytes, flow: Flow) -> bool: ...
+
+
 class AppLeg:
     """The apps' connections (see the module docstring); the relay's `AppLeg`."""
 
@@ -98,6 +115,11 @@ class AppLeg:
         self._pending: dict[tuple[str, str], _Pending] = {}  # (our branch, method)
         self.on_registered: list[Listener] = []
         self.on_request: RequestHandler | None = None
+        # In a cluster (`join`): the lease lookup, the internal link, and our flows whose
+        # messages go to the node holding their account's lease: flow id -> (node, id).
+        self._holders: Holders | None = None
+        self._link: AppLink | None = None
+        self._handed: dict[int, tuple[str, str]] = {}
 
     def binding(self, account_id: str) -> Binding | None:
         """The app connected for the account now, if any (its flow open, unexpired)."""
@@ -131,21 +153,29 @@ class AppLeg:
     # --- what the relay hands us ----------------------------------------------------
 
     async def handle(self, message: Request | Response, flow: Flow) -> None:
-        if isinstance(message, Response):
+        handed = self._handed.get(flow.id)
+        if handed is not None and not (
+            isinstance(message, Request) and message.method == "REGISTER"
+        ):
+            await self._pass_on(handed, message, flow)
+        elif isinstance(message, Response):
             await self._response(message, flow)
         elif message.method == "REGISTER":
             await self._register(message, flow)
         else:
-            binding = self._of_flow(flow)
-            if binding is None:
-                if message.method != "ACK":
-                    await self.reply(message, flow, 403, "Register First")
-                return
-            _take_own_routes(message)
-            if self.on_request is None:
-                await self.reply(message, flow, 501)
-                return
-            await self.on_request(binding, message)
+            await self._request(message, flow)
+
+    async def _request(self, message: Request, flow: Flow) -> None:
+        binding = self._of_flow(flow)
+        if binding is None:
+            if message.method != "ACK":
+                await self.reply(message, flow, 403, "Register First")
+            return
+        _take_own_routes(message)
+        if self.on_request is None:
+            await self.reply(message, flow, 501)
+            return
+        await self.on_request(binding, message)
 
     def _of_flow(self, flow: Flow) -> Binding | None:
         for binding in self._bindings.values():
@@ -185,6 +215,22 @@ class AppLeg:
             log.info("sipis.app_refused")
             await self.reply(request, flow, 403, "Wrong Device Secret")
             return
+        if self._link is not None and self._holders is not None:
+            try:
+                holder = await self._holders.holder(account_id)
+            except ClusterUnavailable:
+                retry = (("Retry-After", str(RETRY_AFTER)),)
+                await self.reply(request, flow, 503, "Cluster Unavailable", retry)
+                return
+            if holder is not None and holder != self._link.node_id:
+                await self._hand_over(holder, account_id, request, flow)
+                return
+            self._handed.pop(flow.id, None)  # the lease came here (or is nobody's)
+        await self._bind(account, request, flow)
+
+    async def _bind(self, account: Account, request: Request, flow: Flow) -> None:
+        """The REGISTER of the app on `flow` for `account` (its secret checked)."""
+        account_id = account.account_id
         contacts = [] if request.contact_star else request.contacts
         expires = request.expires if request.expires is not None else DEFAULT_EXPIRES
         if contacts and contacts[0].expires is not None:
@@ -210,6 +256,74 @@ class AppLeg:
         await self.reply(request, flow, 200, None, answer)
         for listener in self.on_registered:
             await listener(binding)
+
+    # --- in a cluster: the app on one node, its account's lease on another ------------
+
+    def join(self, holders: Holders, link: AppLink) -> None:
+        """In a cluster: an app whose account's lease another live node holds is handed
+        to that node (the module docstring)."""
+        self._holders, self._link = holders, link
+
+    async def _hand_over(self, node: str, account_id: str, request: Request, flow: Flow) -> None:
+        """Pass the app's REGISTER (its secret checked here) to `node`, and every message
+        of its flow after it, until a REGISTER finds the lease elsewhere."""
+        request.remove("Authorization")  # the device secret never leaves this node
+        current = self._bindings.get(account_id)
+        if current is not None and current.flow is flow:
+            del self._bindings[account_id]  # bound here before the lease moved: there now
+        if flow.id not in self._handed:
+            flow.on_close.append(self._unhand)
+        self._handed[flow.id] = (node, account_id)
+        await self._pass_on((node, account_id), request, flow)
+
+    def _unhand(self, flow: Flow) -> None:
+        self._handed.pop(flow.id, None)
+
+    async def _pass_on(
+        self, handed: tuple[str, str], message: Request | Response, flow: Flow
+    ) -> None:
+        node, account_id = handed
+        assert self._link is not None
+        if await self._link.forward_app(node, account_id, message.serialize(), flow):
+            return
+        # The holder is unreachable (it died; its lease runs out within the lease time):
+        # the app's next REGISTER asks again.
+        self._handed.pop(flow.id, None)
+        log.info("sipis.app_node_unreachable")
+        if isinstance(message, Request) and message.method != "ACK":
+            retry = (("Retry-After", str(RETRY_AFTER)),)
+            await self.reply(message, flow, 503, "Account Node Unreachable", retry)
+
+    async def from_node(self, account_id: str, flow: Flow, data: bytes) -> None:
+        """A message of an app connected to another node, for an account whose lease
+        this node holds (the `app` frame of proxy/sip/nodes.py); `flow` stands for the
+        app's flow there, and what is sent on it goes back to the app. That node checked
+        the device secret of each REGISTER and took it off: its word for the account is
+        taken, as the cluster's nodes trust each other (the module docstring)."""
+        try:
+            message = parse(data)
+            if not (isinstance(message, Request) and message.method == "REGISTER"):
+                await (
+                    self._response(message, flow)
+                    if isinstance(message, Response)
+                    else self._request(message, flow)
+                )
+                return
+            to = message.to.uri
+        except SipParseError:
+            return  # parsed on the other node already: not expected
+        if not isinstance(to, SipUri) or to.user != account_id:
+            await self.reply(message, flow, 403, "Not This Account")
+            return
+        try:
+            account = await self._accounts.get(account_id)
+        except StorageUnavailable:
+            await self.reply(message, flow, 503, "Store Unavailable", (("Retry-After", "5"),))
+            return
+        if account is None:  # deleted since the other node read it
+            await self.reply(message, flow, 403, "Wrong Device Secret")
+            return
+        await self._bind(account, message, flow)
 
     # --- requests to the app ----------------------------------------------------------
 

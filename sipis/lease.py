@@ -4,6 +4,7 @@ lease in Redis.
     leases = Leases(shared, secret, ttl=30.0, clock=clock)
     keeper = LeaseKeeper(leases, accounts, registrations)
     await keeper.turn()          # every ttl/3 (`run_forever`): renew, take, let go
+    await leases.holder(account_id)   # the live node holding it now, if any
 
 A lease is the key `sipis:lease:<keyed hash of the account id>` (the cluster secret
 keys the hash: Redis never sees the account id, which is the user part of the Contact
@@ -34,7 +35,7 @@ import hmac
 import logging
 from collections.abc import Collection
 
-from cluster.redis import ClusterUnavailable, SharedRedis
+from cluster.redis import NODES_PREFIX, ClusterUnavailable, SharedRedis
 from privacy.clock import Clock
 from sipis.accounts import Accounts
 from sipis.registrar import Registrations
@@ -77,6 +78,18 @@ for _, key in ipairs(KEYS) do
 end
 return n
 """
+# KEYS: the lease; ARGV: now, the prefix of the nodes' heartbeat keys. The holder's node
+# id while its lease runs and its heartbeat lives, else false.
+_HOLDER = """
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+local node, expires = string.match(value, '^(%S+) (%S+)$')
+if not node or not tonumber(expires) or tonumber(expires) <= tonumber(ARGV[1]) then
+  return false
+end
+if redis.call('EXISTS', ARGV[2] .. node) == 0 then return false end
+return node
+"""
 _BATCH = 500  # keys per script call: one call must not hold Redis for long
 
 
@@ -90,6 +103,7 @@ class Leases:
         self._key = hashlib.sha256(b"softrelay sipis lease\0" + secret.encode()).digest()
         self._claim = shared.script(_CLAIM)
         self._release = shared.script(_RELEASE)
+        self._holder = shared.script(_HOLDER)
 
     def key(self, account_id: str) -> str:
         digest = hmac.digest(self._key, account_id.encode(), "sha256")[:16].hex()
@@ -110,6 +124,18 @@ class Leases:
             assert isinstance(answer, list)
             held.update(a for a, ok in zip(batch, answer, strict=True) if int(ok) == 1)
         return held
+
+    async def holder(self, account_id: str) -> str | None:
+        """The node that holds the account's lease now (this one included), if its lease
+        runs and its heartbeat lives: where the account's calls and texts arrive, and so
+        where its app's connection belongs (sipis/appleg.py). ClusterUnavailable when
+        Redis cannot say."""
+        answer = await self._holder(
+            "sipis lease holder", [self.key(account_id)], [repr(self._clock.now()), NODES_PREFIX]
+        )
+        if isinstance(answer, bytes):
+            return answer.decode()
+        return answer if isinstance(answer, str) else None
 
     async def release(self, account_ids: Collection[str]) -> None:
         ids = list(account_ids)

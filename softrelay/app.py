@@ -62,7 +62,7 @@ from proxy.oauth.settings import OAuthSettings
 from proxy.provisioning import add_provisioning
 from proxy.provisioning.settings import ProvisioningSettings
 from proxy.sip.relay import Relay
-from proxy.sip.service import add_sip
+from proxy.sip.service import SIP_SERVICE, add_sip
 from proxy.sip.settings import SipSettings
 from proxy.sip.transports import SipTransports
 from push.apns import ApnsProvider
@@ -293,6 +293,12 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
                 app[CLUSTER], services.cluster.secret, services.sipis.lease_ttl, services.clock
             )
             app[SIPIS_LEASES] = keeper = LeaseKeeper(leases, accounts, registrar)
+            nodes = app[SIP_SERVICE].nodes
+            if nodes is not None:
+                # An app that connects to this node for an account another node holds
+                # goes there over the internal link (sipis/appleg.py), and theirs here.
+                leg.join(leases, nodes)
+                nodes.app_handler = leg.from_node
         else:
             for account in await accounts.list_active():
                 registrar.add(account)
@@ -308,6 +314,8 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
             await calls.close()  # parked calls get their 503 while the provider is reachable
             await messages.close()
         if keeper is not None:
+            if (nodes := app[SIP_SERVICE].nodes) is not None:
+                nodes.app_handler = None  # the apps of our leases: 503, they try again
             await keeper.close()  # another node takes the accounts over at its next turn
 
 

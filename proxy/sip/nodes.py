@@ -15,8 +15,11 @@ flow's end on its node (a `closed` notice) ends it here too.
 Frames: `deliver` (write these bytes on your flow f), `route` (a request that came on
 my flow f, to follow this Route of yours), `response` (a response that came on my flow
 f, whose Via is yours; on UDP with the local address it came to, which may be the SIP
-port we share as workers), `closed` (my flow f ended). A node forwards only what arrived
-on its own flows: a message that came over the link is never sent on to a third node.
+port we share as workers), `closed` (my flow f ended), `app` (a message from a SIPIS
+app on my flow f, for account a, whose lease you hold: sipis/appleg.py checked the
+device secret here and handles it there; your answers come back as `deliver`). A node
+forwards only what arrived on its own flows: a message that came over the link is never
+sent on to a third node.
 
 Authentication, by the cluster secret (no TLS: the link is meant for a private network,
 or a tunnel; see README "Running a cluster"): on connect, the listening node sends a
@@ -38,6 +41,7 @@ import logging
 import os
 import struct
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +83,11 @@ CLOSE_GRACE = 2.0  # seconds for the last location writes at shutdown
 MAX_PENDING = 64  # frames of one flow waiting before the link stops being read
 _LENGTH = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
+
+
+# SIPIS mode's app leg on this node (sipis/appleg.py `AppLeg.from_node`): the account id
+# the other node authenticated, the flow standing in for the app's, the message.
+AppHandler = Callable[[str, Flow, bytes], Awaitable[None]]
 
 
 class LinkRefused(Exception):
@@ -190,6 +199,7 @@ class Nodes:
         self._loops = Tasks(log, "nodes.task_failed")  # refresher, watchers, early dials
         self._links = Tasks(log, "nodes.task_failed")  # readers of the others' connections
         self.metrics = NodeMetrics(registry)
+        self.app_handler: AppHandler | None = None  # SIPIS mode (softrelay/app.py)
 
     @classmethod
     async def start(
@@ -250,6 +260,14 @@ class Nodes:
 
     async def forward_route(self, node: str, request: Request, flow: Flow, route: str) -> bool:
         return await self._forward(node, {"k": "route", "route": route}, request.serialize(), flow)
+
+    async def forward_app(self, node: str, account_id: str, data: bytes, flow: Flow) -> bool:
+        """A message from the SIPIS app on our `flow`, for `account_id`, whose lease `node`
+        holds (sipis/appleg.py, which checked the app's device secret here). There the
+        flow stands in as the app's connection: with its transport and our address on
+        it, which our Via and Record-Route name to the app."""
+        header = {"k": "app", "a": account_id, "t": flow.transport.value, "l": list(flow.local)}
+        return await self._forward(node, header, data, flow)
 
     async def pbx_linked(self, serial: str, flow: Flow, expires: int) -> None:
         # Awaited before the PBX's 200: once linked, every node finds it. Refreshed by
@@ -343,16 +361,23 @@ class Nodes:
     # --- other nodes' flows ------------------------------------------------------------
 
     def remote_flow(
-        self, node: str, flow_id: int, serial: str | None, remote: Address | None = None
+        self,
+        node: str,
+        flow_id: int,
+        serial: str | None,
+        remote: Address | None = None,
+        *,
+        transport: Transport = Transport.TCP,
+        local: Address | None = None,
     ) -> Flow | None:
-        """The flow standing here for flow `flow_id` of `node` (made on first use)."""
+        """The flow standing here for flow `flow_id` of `node` (made on first use); an
+        app's (`app` frames) keeps the transport and local address it has there."""
         flow = self._remote.get((node, flow_id))
         if flow is None:
             if len(self._remote) >= MAX_REMOTE_FLOWS:
                 return None
-            flow = Flow(
-                Transport.TCP, remote or (node, 0), self.address, _NodeSender(self, node, flow_id)
-            )
+            sender = _NodeSender(self, node, flow_id)
+            flow = Flow(transport, remote or (node, 0), local or self.address, sender)
             self._remote[(node, flow_id)] = flow
             flow.on_close.append(lambda gone: self._forget_remote(node, flow_id))
         elif remote is not None:
@@ -634,6 +659,8 @@ class Nodes:
             gone = self._remote.get((node, flow_id))
             if gone is not None:
                 gone.close()
+        elif kind == "app":
+            await self._app(node, flow_id, header, data)
         elif kind in ("route", "response"):
             remote = header.get("r")
             address = (str(remote[0]), int(remote[1])) if isinstance(remote, list) else None
@@ -649,6 +676,37 @@ class Nodes:
                 if isinstance(local, list) and address is not None:
                     udp = ((str(local[0]), int(local[1])), address)
                 await self.relay.node_response(data, flow, udp)
+
+    async def _app(self, node: str, flow_id: int, header: dict[str, Any], data: bytes) -> None:
+        """A SIPIS app's message from `node`'s flow, for an account whose lease we hold
+        (`forward_app`): to our app leg, which trusts the account id as `node`'s word
+        (an authenticated node of the cluster; sipis/appleg.py)."""
+        flow = self.remote_flow(
+            node,
+            flow_id,
+            None,
+            _address(header.get("r")),
+            transport=Transport(str(header["t"])),
+            local=_address(header.get("l")),
+        )
+        if flow is None:
+            return
+        handler = self.app_handler
+        if handler is not None:
+            await handler(str(header["a"]), flow, data)
+            return
+        with contextlib.suppress(SipParseError):  # SIPIS mode is off here
+            request = parse(data)
+            if isinstance(request, Request) and request.method != "ACK":
+                answer = make_response(request, 503, "SIPIS Not Served Here").serialize()
+                with contextlib.suppress(FlowClosed, OSError):
+                    await flow.send(answer)
+
+
+def _address(value: object) -> Address | None:
+    if isinstance(value, list) and len(value) == 2:
+        return (str(value[0]), int(value[1]))
+    return None
 
 
 async def _frame(reader: asyncio.StreamReader) -> bytes:
