@@ -194,6 +194,7 @@ class Messages:
                     break  # kept for the app's next connection (or the retention)
                 await self._store.delete(MESSAGES, message_id=str(record.fields["message_id"]))
                 self.metrics.messages.labels("delivered").inc()
+                log.debug("sipis.message_delivered")  # deleted: the event only, no ids
         except StorageUnavailable:
             log.warning("sipis.messages_store_unavailable")
         finally:
