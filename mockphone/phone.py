@@ -302,6 +302,10 @@ class MockPhone:
         self.awake.clear()
         return status
 
+    def target(self, callee: str) -> str:
+        """The address of `callee` as the phone dials it: a user of its PBX."""
+        return f"sip:{callee}@{self.domain}"
+
     async def call(self, callee: str = "echo", *, hold: float = 0.0) -> OutgoingCall:
         """INVITE `callee` at the PBX; after `hold` real seconds of talk, hang up."""
         link = self._live_link()
@@ -309,9 +313,9 @@ class MockPhone:
         invite = new_request(
             link,
             "INVITE",
-            f"sip:{callee}@{self.domain}",
+            self.target(callee),
             from_=f"{self.aor};tag={secrets.token_hex(6)}",
-            to=f"<sip:{callee}@{self.domain}>",
+            to=f"<{self.target(callee)}>",
             call_id=f"out-{secrets.token_hex(10)}",
             cseq=1,
             headers=[

@@ -66,6 +66,7 @@ from mockphone.sip import TIMEOUT, RelayAddress, Transport
 from mockphone.sipis import Provider, ProviderCaller, SipisPhone
 from usage.client import UsageClient
 
+CALLEE = "echo"  # whom phones call: a user of their PBX, or of the SIPIS apps' provider
 MAX_CONCURRENT_SETUP = 100  # phones registering at once at start
 MAX_EVENTS_IN_FLIGHT = 5_000  # calls, crashes in progress; past it an event is skipped
 ANSWER_DELAY = Delay("uniform", 0.5, 3.0)  # the user picks up
@@ -156,6 +157,9 @@ class SipisStats:
     calls_delivered: int = 0  # of those: the INVITE reached the app after its push
     calls_connected: int = 0
     calls_failed: Counter[str] = field(default_factory=Counter)
+    calls_placed: int = 0  # by the apps, through softrelay to the provider's line
+    placed_connected: int = 0
+    placed_failed: Counter[str] = field(default_factory=Counter)
     texts_sent: int = 0
     texts_accepted: Counter[str] = field(default_factory=Counter)  # by final status
     texts_delivered: int = 0  # received by the sleeping app after its push
@@ -176,6 +180,11 @@ class SipisStats:
                 "failed": dict(sorted(self.calls_failed.items())),
             },
             "delivery_latency": latency_summary(self.delivery_latencies),
+            "placed_calls": {
+                "attempted": self.calls_placed,
+                "connected": self.placed_connected,
+                "failed": dict(sorted(self.placed_failed.items())),
+            },
             "texts": {
                 "sent": self.texts_sent,
                 "answered": dict(sorted(self.texts_accepted.items())),
@@ -453,6 +462,9 @@ class Simulation:
                     provider.host, provider.port, provider.domain, ring_timeout=ring
                 )
             )
+            line = provider.line
+            if line is not None and await self.caller.register(line.user, line.password) != 200:
+                raise SimulationError(f"--mix sipis: the provider refused its user {line.user}")
         provider_accounts = iter(provider.accounts if provider is not None else ())
         for i in range(s.phones):
             pbx = self.pbxs[i % len(self.pbxs)]
@@ -689,12 +701,19 @@ class Simulation:
             self._sipis_busy.discard(phone.spec.user)
 
     async def _phone_call(self) -> None:
-        # TODO(issue 18, S5): SIPIS apps place calls once softrelay relays the app's
-        # INVITE to its provider (outgoing calls); until then only relay-mode phones do.
+        # Awake relay-mode phones, and SIPIS apps (asleep: the user opens the app to
+        # call) when their provider has a line to call.
+        provider = self.world.provider
+        lines = provider is not None and provider.line is not None
         awake = [
             p
             for p in self.phones
-            if p.state is State.AWAKE and p.calls_in_progress == 0 and not isinstance(p, SipisPhone)
+            if p.calls_in_progress == 0
+            and p.spec.user not in self._sipis_busy
+            and (
+                (p.state is State.AWAKE and not isinstance(p, SipisPhone))
+                or (isinstance(p, SipisPhone) and lines and p.last_register == 200)
+            )
         ]
         if not awake:
             self.stats.calls_unplaced += 1
@@ -705,17 +724,30 @@ class Simulation:
         node.calls_attempted += 1
         self.stats.calls_in_progress += 1
         try:
-            call = await phone.call("echo", hold=self.pace.real(self.settings.hold.draw(self.rng)))
+            hold = self.pace.real(self.settings.hold.draw(self.rng))
+            if isinstance(phone, SipisPhone):
+                self._sipis_busy.add(phone.spec.user)
+                self.stats.sipis.calls_placed += 1
+                call = await phone.place_call(CALLEE, hold=hold)
+            else:
+                call = await phone.call(CALLEE, hold=hold)
         except Exception as exc:  # a party's link went away mid-call: still an outcome
             self.stats.failed(f"error: {type(exc).__name__}", node)
             return
         finally:
             self.stats.calls_in_progress -= 1
+            self._sipis_busy.discard(phone.spec.user)
         if call.connected:
             self.stats.calls_connected += 1
             node.calls_connected += 1
         else:
             self.stats.failed(_reason(call.status, call.reason), node)
+        if isinstance(phone, SipisPhone):
+            sipis = self.stats.sipis
+            if call.connected:
+                sipis.placed_connected += 1
+            else:
+                sipis.placed_failed[_reason(call.status, call.reason)] += 1
 
     async def _sleep_one(self) -> None:
         awake = [

@@ -18,14 +18,17 @@ it connects to softrelay's SIP port and REGISTERs `sip:<account id>@sipis.<domai
 `Authorization: Bearer <device secret>`; the parked INVITE then arrives on that flow and
 is answered as the phone's `Answer` says (`MockPhone._incoming`), a waiting text as a
 MESSAGE (answered 200). After the call or the text the app goes back to sleep (its flow
-closes). Outgoing calls of SIPIS apps are not served by softrelay yet.
+closes). It places calls the same way (`place_call`): connect, REGISTER, INVITE a user
+at the provider through softrelay, which authenticates it there with the stored HA1.
 
 The caller is a foreign user (`sip:<name>@other.test`) sending INVITEs and MESSAGEs
 through the provider's proxy (Kamailio in the tests) over UDP, as a call from outside
 reaches the provider: it sees 100 from the provider, 180 with `Push-Status` from
 softrelay when the app was pushed, then the app's own answers.
 
-Neither party logs a password, an HA1, a secret or a text.
+The caller can also be a user of the provider (`register`): registered at the provider,
+it answers every INVITE there with 180 and 200 (an echo line), and the apps' own calls
+reach it. Neither party logs a password, an HA1, a secret or a text.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import aiohttp
 
 from mockphone.delays import Pace
 from mockphone.pbx import CallResult
-from mockphone.phone import Kind, MockPhone, PhoneSpec, State, new_token
+from mockphone.phone import Kind, MockPhone, OutgoingCall, PhoneSpec, State, new_token
 from mockphone.pushes import Push, PushInbox, PushKind
 from mockphone.sip import (
     TIMEOUT,
@@ -53,6 +56,7 @@ from mockphone.sip import (
     SipLink,
     Transport,
     ack_for_failure,
+    authorization,
     cancel_and_wait,
     cancel_for,
     new_request,
@@ -104,6 +108,8 @@ class Provider:
     domain: str
     accounts: tuple[ProviderAccount, ...] = field(repr=False)
     transport: str = "udp"
+    # A user of the provider the caller registers as, so the apps' own calls reach it.
+    line: ProviderAccount | None = field(default=None, repr=False)
 
     @property
     def registrar(self) -> str:
@@ -274,6 +280,23 @@ class SipisPhone(MockPhone):
         self.last_register = answer.status
         return answer.status
 
+    def target(self, callee: str) -> str:
+        """A user at the provider: softrelay places the call there as the account's."""
+        return f"sip:{callee}@{self.account.domain}"
+
+    async def place_call(self, callee: str, *, hold: float = 0.0) -> OutgoingCall:
+        """The user opens the app and calls `callee` at the provider: connect, REGISTER
+        (Bearer), INVITE through softrelay (which answers the provider's challenge with
+        the stored HA1), hang up after `hold` real seconds, back to sleep."""
+        asleep = self.state is not State.AWAKE
+        if asleep and await self.wake() != 200:
+            return OutgoingCall(self.last_register or 0, "the app could not connect")
+        try:
+            return await self.call(callee, hold=hold)
+        finally:
+            if asleep and self.calls_in_progress == 0:
+                await self.sleep()
+
     def contact(self, link: SipLink) -> str:
         """No push parameters: softrelay has the token from the account."""
         transport = f";transport={link.transport.value}"
@@ -354,6 +377,7 @@ class CallerCounters:
     calls: int = 0
     texts: int = 0
     byes_in: int = 0  # the app (through softrelay and the provider) hung up
+    calls_in: int = 0  # INVITEs to our provider user (the apps' own calls)
 
 
 class ProviderCaller:
@@ -488,8 +512,62 @@ class ProviderCaller:
             return 0
         return answer.status
 
+    async def register(self, user: str, password: str, expires: int = 3600) -> int:
+        """REGISTER at the provider as its user `user` (digest with the password: this
+        party is the provider's own customer); INVITEs to the user are then answered."""
+        link = self.link
+        aor = f"<sip:{user}@{self.domain}>"
+        contact = f"<sip:{user}@{link.sent_by}>"
+        call_id, tag = f"reg-{secrets.token_hex(8)}", secrets.token_hex(4)
+
+        def request(cseq: int, *extra: tuple[str, str]) -> Request:
+            return new_request(
+                link,
+                "REGISTER",
+                f"sip:{self.domain}",
+                from_=f"{aor};tag={tag}",
+                to=aor,
+                call_id=call_id,
+                cseq=cseq,
+                headers=[("Contact", contact), ("Expires", str(expires)), *extra],
+            )
+
+        answer = await link.transact(request(1))
+        if answer.status in (401, 407):
+            name = "WWW-Authenticate" if answer.status == 401 else "Proxy-Authenticate"
+            header, _ = authorization(
+                answer.get(name) or "",
+                username=user,
+                password=password,
+                method="REGISTER",
+                uri=f"sip:{self.domain}",
+            )
+            field_name = "Authorization" if answer.status == 401 else "Proxy-Authorization"
+            answer = await link.transact(request(2, (field_name, header)))
+        return answer.status
+
     async def _on_request(self, request: Request) -> None:
+        if request.method == "INVITE":
+            await self._answer(request)
+            return
         if request.method == "BYE":
             self.counters.byes_in += 1
         if request.method != "ACK":
             await self.link.send(make_response(request, 200))
+
+    async def _answer(self, invite: Request) -> None:
+        """An INVITE to our provider user: ring, then answer at once (an echo line)."""
+        self.counters.calls_in += 1
+        tag = secrets.token_hex(6)
+        echoed = [("Record-Route", rr) for rr in invite.get_all("Record-Route")]
+        contact = ("Contact", f"<sip:{self.name}@{self.link.sent_by}>")
+        await self.link.send(make_response(invite, 180, headers=[*echoed, contact], to_tag=tag))
+        await self.link.send(
+            make_response(
+                invite,
+                200,
+                headers=[*echoed, contact, ("Content-Type", "application/sdp")],
+                to_tag=tag,
+                body=sdp(self.name, self.link.media_host),
+            )
+        )

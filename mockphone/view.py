@@ -188,6 +188,8 @@ def print_sipis(sipis: dict[str, Any], console: Console) -> None:
         "INVITE to app p50 / p95 / p99",
         f"{_s(latency['p50'])} / {_s(latency['p95'])} / {_s(latency['p99'])}",
     )
+    placed = sipis["placed_calls"]
+    table.add_row("calls placed / connected", f"{placed['attempted']} / {placed['connected']}")
     answered = ", ".join(f"{k}: {v}" for k, v in texts["answered"].items()) or "-"
     table.add_row(
         "texts sent / delivered",

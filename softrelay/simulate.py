@@ -33,6 +33,7 @@ from mockphone.delays import Delay
 from mockphone.phone import Kind
 from mockphone.pushes import PushInbox
 from mockphone.simulate import (
+    CALLEE,
     PLACEMENTS,
     Node,
     SimSettings,
@@ -78,8 +79,10 @@ class _Kamailio:
                 "checkout's tests/kamailio.py starts; run simulate from a checkout"
             ) from None
         self.users = [Subscriber(f"sipis{i + 1}", secrets.token_hex(12)) for i in range(count)]
+        # The line the apps call (the caller registers as it and answers).
+        self.line = Subscriber(CALLEE, secrets.token_hex(12))
         try:
-            self.server = Kamailio(self.users)
+            self.server = Kamailio([*self.users, self.line])
         except KamailioUnavailable as exc:
             raise SimulationError(
                 f"--mix sipis: the SIPIS apps' provider is a real Kamailio registrar: {exc}"
@@ -97,7 +100,8 @@ class _Kamailio:
         accounts = tuple(
             ProviderAccount(registrar, self.domain, u.user, u.password) for u in self.users
         )
-        return Provider("127.0.0.1", port, self.domain, accounts)
+        line = ProviderAccount(registrar, self.domain, self.line.user, self.line.password)
+        return Provider("127.0.0.1", port, self.domain, accounts, line=line)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.server.close)

@@ -33,7 +33,8 @@ from tests.limits import in_ci
 SETTINGS = SimSettings(
     phones=6,
     duration=30.0,
-    call_rate=0.5,
+    call_rate=1.0,
+    outgoing_share=0.4,
     text_rate=0.2,
     mix={Kind.IOS: 1, Kind.SIPIS: 1},
     answers={Answer.ANSWER: 3, Answer.DECLINE: 1},
@@ -87,6 +88,16 @@ async def test_simulate_delivers_every_call_and_text_to_sleeping_sipis_apps(
     assert set(calls["failed"]) <= {"603 Decline"}, calls
     assert calls["connected"] == sum(p.counters.answered for p in apps)
     assert sum(p.counters.calls_in for p in apps) == calls["attempted"]
+    # The apps' own calls: through softrelay (the stored HA1) to the provider's line.
+    placed = sipis["placed_calls"]
+    assert placed["attempted"] > 0, "the seed's outgoing calls include SIPIS apps"
+    assert placed == {
+        "attempted": placed["attempted"],
+        "connected": placed["attempted"],
+        "failed": {},
+    }
+    assert simulation.caller is not None
+    assert simulation.caller.counters.calls_in == placed["attempted"]
     texts = sipis["texts"]
     assert texts["sent"] == events["text"] > 0
     assert texts["answered"] == {"202": texts["sent"]}
@@ -106,8 +117,8 @@ async def test_a_sipis_app_stores_only_the_ha1_and_takes_a_call_and_a_text(
     tmp_path: Path,
 ) -> None:
     """The mock parties alone: the app's POST carries HA1s computed on the device, it
-    holds no flow until the push, then the call is delivered and answered, and a text
-    sent while it sleeps again reaches it."""
+    holds no flow until the push, then the call is delivered and answered, a text sent
+    while it sleeps again reaches it, and it places a call through softrelay."""
     settings = SimSettings(phones=1, mix={Kind.SIPIS: 1})
     world = await embedded_world(settings, tmp_path)
     try:
@@ -141,6 +152,14 @@ async def test_a_sipis_app_stores_only_the_ha1_and_takes_a_call_and_a_text(
                 assert await carol.text(account.user, "see you at 8") == 202
                 assert await phone.wait_texts(1) == [b"see you at 8"]
                 assert phone.sipis.text_wakes == 1
+                # The user opens the app and calls the provider's line.
+                line = provider.line
+                assert line is not None
+                assert await carol.register(line.user, line.password) == 200
+                placed = await phone.place_call(line.user)
+                assert placed.connected, placed
+                assert carol.counters.calls_in == 1
+                assert phone.state is State.ASLEEP  # back to sleep after the call
         finally:
             await phone.stop()
     finally:
