@@ -60,6 +60,8 @@ class PushInbox:
         self.received = 0
         self._stop: Callable[[], None] | None = None
         self._feeds: list[asyncio.Task[None]] = []
+        # Told of each push a phone waits for, as it arrives (a bench takes its time).
+        self.on_push: list[Callable[[str, Push], None]] = []
 
     def watch(self, token: str) -> asyncio.Queue[Push]:
         return self._queues.setdefault(token, asyncio.Queue())
@@ -71,6 +73,8 @@ class PushInbox:
         queue = self._queues.get(token)
         if push is not None and queue is not None:
             self.received += 1
+            for listener in self.on_push:
+                listener(token, push)
             queue.put_nowait(push)
 
     @classmethod
