@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.settings import ClusterSettings
@@ -37,6 +38,7 @@ from softrelay.app import (
     STORE,
 )
 from tests.kamailio import DOMAIN, Kamailio
+from tests.limits import LONGEST_WAIT
 from tests.sipis.calls_world import (
     ALICE,
     RELAY_DOMAIN,
@@ -58,17 +60,26 @@ def _node(name: str, redis_url: str) -> ClusterSettings:
     return ClusterSettings(redis_url=redis_url, secret="c" * 32, node_id=name)
 
 
+@dataclass
+class Pair:
+    a: Running  # holds the lease of the account
+    b: Running  # where the app connects
+    account_id: str
+    secret: str
+    stop_a: Callable[[], Awaitable[None]]
+
+
 @contextlib.asynccontextmanager
 async def two_nodes(
     kamailio: Kamailio, tmp_path: Path, redis_url: str, dsn: str
-) -> AsyncIterator[tuple[Running, Running, str, str]]:
+) -> AsyncIterator[Pair]:
     """Node A holding the lease of alice's account (registered at Kamailio), then node
     B; the account id and its device secret."""
     keyring, store = Keyring.generate(), StoreSettings(backend="postgresql", dsn=dsn)
     sipis = settings(lease_ttl=LEASE_TTL)
     sip = {"sip": SipSettings(RELAY_DOMAIN), "sip_listen": ("127.0.0.1", 0)}
-    async with contextlib.AsyncExitStack() as stack:
-        a = await stack.enter_async_context(
+    async with contextlib.AsyncExitStack() as stack, contextlib.AsyncExitStack() as a_stack:
+        a = await a_stack.enter_async_context(
             running(
                 tmp_path / "a", keyring, store, sipis, cluster=_node("node-a", redis_url), **sip
             )
@@ -85,11 +96,19 @@ async def two_nodes(
             )
         )
         await b.app[SIPIS_LEASES].next_turn()
-        yield a, b, account_id, secret
-        # The lease never moved: B registered nothing, everything above went through A.
-        assert account_id in a.app[SIPIS_LEASES].held
-        assert account_id not in b.app[SIPIS_LEASES].held
-        assert b.engine.status(account_id) is None
+        stopped = False
+
+        async def stop_a() -> None:
+            nonlocal stopped
+            stopped = True
+            await a_stack.aclose()  # a clean stop: A lets go of its leases
+
+        yield Pair(a, b, account_id, secret, stop_a)
+        if not stopped:
+            # The lease never moved: B registered nothing, all went through A.
+            assert account_id in a.app[SIPIS_LEASES].held
+            assert account_id not in b.app[SIPIS_LEASES].held
+            assert b.engine.status(account_id) is None
 
 
 def _sip_port(node: Running) -> int:
@@ -110,12 +129,8 @@ async def test_a_call_parked_on_the_lease_holder_reaches_the_app_on_another_node
     secret first: 403 on B, nothing on A) and gets the call there; it completes and the
     app hangs up; a second call, the caller hangs up."""
     assert kamailio.port is not None
-    async with two_nodes(kamailio, tmp_path, redis_url, postgres_store_dsn) as (
-        a,
-        b,
-        account_id,
-        secret,
-    ):
+    async with two_nodes(kamailio, tmp_path, redis_url, postgres_store_dsn) as pair:
+        a, b, account_id, secret = pair.a, pair.b, pair.account_id, pair.secret
         calls_a, calls_b = a.app[SIPIS_CALLS], b.app[SIPIS_CALLS]
         token = TOKEN
         async with Caller.open(kamailio.port) as caller:
@@ -182,12 +197,8 @@ async def test_a_text_waits_on_the_holder_and_the_app_on_another_node_gets_it_an
     which A sends to Kamailio as the account's, answering the 407 with the stored HA1."""
     assert kamailio.port is not None
     text = f"Text canary {secrets.token_hex(6)}"
-    async with two_nodes(kamailio, tmp_path, redis_url, postgres_store_dsn) as (
-        a,
-        b,
-        account_id,
-        secret,
-    ):
+    async with two_nodes(kamailio, tmp_path, redis_url, postgres_store_dsn) as pair:
+        a, b, account_id, secret = pair.a, pair.b, pair.account_id, pair.secret
         async with Caller.open(kamailio.port) as caller:
             caller.text(text)
             await caller.inbox.response(202, "MESSAGE")
@@ -225,3 +236,43 @@ async def test_a_text_waits_on_the_holder_and_the_app_on_another_node_gets_it_an
             assert (await app.inbox.response(200, "BYE")).get("CSeq") == "2 BYE"
             app.never_sent_a_credential()
         assert not a.app[SIPIS_CALLS].outgoing.has(call_id)
+
+
+async def test_when_the_lease_moves_to_the_apps_node_the_app_re_registering_is_served_there(
+    kamailio: Kamailio, tmp_path: Path, redis_url: str, postgres_store_dsn: str
+) -> None:
+    """The app on B is handed to A; A stops (its leases let go), B takes the account
+    over and registers it; the app's next REGISTER stays on B (no frame to A), and a
+    call reaches it there."""
+    assert kamailio.port is not None
+    async with two_nodes(kamailio, tmp_path, redis_url, postgres_store_dsn) as pair:
+        b, account_id, secret = pair.b, pair.account_id, pair.secret
+        async with App.connect(_sip_port(b)) as app:
+            assert (await app.register(account_id, secret, cseq=1)).status == 200
+            handed = _app_frames(b)
+            assert handed == 1  # the REGISTER, to A
+            await pair.stop_a()
+            keeper = b.app[SIPIS_LEASES]
+            async with asyncio.timeout(LONGEST_WAIT):
+                while account_id not in keeper.held:
+                    await keeper.next_turn()
+            await b.until(account_id, State.REGISTERED)
+            assert (await app.register(account_id, secret, cseq=2)).status == 200
+            assert _app_frames(b) == handed  # bound on B now
+            async with Caller.open(kamailio.port) as caller:
+                caller.invite()
+                invite = await app.inbox.request("INVITE")
+                assert f"127.0.0.1:{_sip_port(b)}" in invite.values("Record-Route")[0]
+                # A 2xx: Kamailio may still hold A's binding (a stopped node does not
+                # un-REGISTER; its Contact differs from B's) and fork there too, and
+                # only a 2xx ends the other branch at once.
+                app.reply(invite, 200, "OK", body=SDP)
+                ok = await caller.inbox.response(200)
+                assert ok.get("Contact") == b.engine.contact(account_id)
+                caller.in_dialog("ACK", ok)
+                await app.inbox.request("ACK")
+                caller.in_dialog("BYE", ok)
+                bye = await app.inbox.request("BYE")
+                app.reply(bye, 200, "OK")
+                await caller.inbox.response(200, "BYE")
+        assert b.app[STAND_INS].deliveries.for_token(TOKEN) == []  # connected: no push
