@@ -138,10 +138,9 @@ async def test_account_rule_removes_a_whole_subject_in_cloudsoftphone(
     clock.advance(seven_days - 1)
     assert (await store.find_subject(Subject("alice", "0042137")))["registration"]
     clock.advance(2)
-    assert (await store.find_subject(Subject("alice", "0042137"))) == {
-        "registration": [],
-        "debug": [],
-    }
+    found = await store.find_subject(Subject("alice", "0042137"))
+    assert {"registration", "debug"} <= set(found)  # every category naming a subject
+    assert not any(found.values()), found
     runs = {run.category: run for run in await Sweeper(store, tmp_path).run_once()}
     assert runs["account"].deleted == 1
     stats = await store.stats()
