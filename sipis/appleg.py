@@ -22,6 +22,30 @@ sent (by its Via branch), and gives the app's other requests to `on_request` (th
 in-dialog requests: sipis/calls.py). Those listening on `on_registered` hear of each
 accepted REGISTER: parked calls and waiting texts go out on its flow.
 
+In a cluster the provider sends an account's calls and texts to the node that holds its
+lease (sipis/lease.py), while the app connects to any node (another host, or any worker
+of `serve --workers N`). The node the app reaches checks the device secret (the store is
+shared), asks Redis which live node holds the lease and, if another, hands the app's
+flow there over the internal link (proxy/sip/nodes.py, the `app` frame): the REGISTER,
+its Authorization taken off, then every message of that flow until a REGISTER finds the
+lease elsewhere. On the holder a stand-in flow (the app's transport, and our address as
+the app reached it, for Via and Record-Route) is the app's connection: its AppLeg binds
+it, and the calls, texts and the calls the app places run there as on one node; what it
+sends on the flow goes back as `deliver` frames. A call across nodes:
+
+    provider ── INVITE ──► A (lease; parks, pushes) ·· app wakes ·· app ── REGISTER ──► B
+    B: secret checked, holder A ── app frame (REGISTER, no secret) ──► A: bound, 200 ──► B ──► app
+    A ── INVITE (Record-Route: B's address) ── deliver ──► B ──► app; its answers: app frames to A
+
+Trust: A takes the account id of an `app` frame as B's word, without the secret (which
+never leaves B). Nodes trust each other: they share the cluster secret that
+authenticates every frame, the store and the keyring, so a node that lied could read the
+accounts anyway. A frame comes only from an authenticated node, and a node hands on only
+its own flows' messages, never what came over the link. The holder unreachable (it died;
+its lease runs out within the lease time): 503 with Retry-After, and the app's next
+REGISTER asks again; Redis unreachable: 503 likewise. An app bound on its own node keeps
+that binding if the lease moves away, until it registers again (refresh or reconnect).
+
 Nothing here logs a secret, a Contact or an address.
 """
 

@@ -241,13 +241,16 @@ async def test_a_text_waits_on_the_holder_and_the_app_on_another_node_gets_it_an
 async def test_when_the_lease_moves_to_the_apps_node_the_app_re_registering_is_served_there(
     kamailio: Kamailio, tmp_path: Path, redis_url: str, postgres_store_dsn: str
 ) -> None:
-    """The app on B is handed to A; A stops (its leases let go), B takes the account
-    over and registers it; the app's next REGISTER stays on B (no frame to A), and a
-    call reaches it there."""
+    """The app on B is handed to A; A stops (its leases let go); B takes the account
+    over and registers it; until the app registers again, its text gets a 503; its next
+    REGISTER stays on B (no frame to A), and a call reaches it there."""
     assert kamailio.port is not None
     async with two_nodes(kamailio, tmp_path, redis_url, postgres_store_dsn) as pair:
         b, account_id, secret = pair.b, pair.account_id, pair.secret
-        async with App.connect(_sip_port(b)) as app:
+        account = await b.app[ACCOUNTS].get(account_id)
+        assert account is not None
+        async with Placing.connect(_sip_port(b)) as app:
+            assert isinstance(app, Placing)
             assert (await app.register(account_id, secret, cseq=1)).status == 200
             handed = _app_frames(b)
             assert handed == 1  # the REGISTER, to A
@@ -257,6 +260,12 @@ async def test_when_the_lease_moves_to_the_apps_node_the_app_re_registering_is_s
                 while account_id not in keeper.held:
                     await keeper.next_turn()
             await b.until(account_id, State.REGISTERED)
+            # Until the app registers again, its flow is A's, which is gone: what the
+            # app sends gets a 503 (try again), and its next REGISTER asks anew.
+            app.text(account, "hello")
+            gone = await app.inbox.response(503, "MESSAGE")
+            assert gone.reason == "Account Node Unreachable"
+            assert gone.get("Retry-After") == "5"
             assert (await app.register(account_id, secret, cseq=2)).status == 200
             assert _app_frames(b) == handed  # bound on B now
             async with Caller.open(kamailio.port) as caller:
