@@ -175,7 +175,8 @@ async def test_delete_subject_removes_every_category_and_the_mark_in_one_go(
         await store.put("registration", REGISTRATION)
         await store.put("debug", {"sip_username": "alice", "pbx_serial": "0042137"})
         await store.restrict(alice, True)
-        assert await store.delete_subject(alice) == {"registration": 1, "debug": 1}
+        deleted = await store.delete_subject(alice)  # every category naming a subject
+        assert {k: v for k, v in deleted.items() if v} == {"registration": 1, "debug": 1}
     finally:
         await store.close()
     for table in ("c_registration", "c_debug", "subjects", "restrictions"):

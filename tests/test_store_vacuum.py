@@ -123,7 +123,8 @@ async def test_an_erasure_takes_the_subjects_row_out_of_table_index_and_catalog_
     await put_alice_among_others(pg_store)
     assert markers_on_disk(postgres_server, postgres_store_dsn) == {APP_MARKER, SERIAL_MARKER}
 
-    assert await pg_store.delete_subject(ALICE) == {"registration": 1, "debug": 0}
+    deleted = await pg_store.delete_subject(ALICE)  # every category naming a subject
+    assert {k: v for k, v in deleted.items() if v} == {"registration": 1}
 
     assert markers_on_disk(postgres_server, postgres_store_dsn) == set()
     row = purge_row(await audit(pg_store, Path("/nonexistent")))
