@@ -18,9 +18,27 @@ within `start_spread`, and never more than `rate` a second reach one registrar.
 
 A REGISTER carries To/From = the account's address of record, a Call-ID and From tag
 kept for the account's life (refreshes are the same registration, RFC 3261 10.2.4), and
-`Contact: <sip:{account_id}@{our address as the registrar sees it};transport=...>`.
+`Contact: <sip:{account_id}@{our address as the registrar sees it};transport=...>
+;+sip.instance="<urn:uuid:...>";reg-id=1` with `Supported: path, outbound`.
 The provider's requests to that contact come back on the socket or connection and are
 handed, with the account that the Request-URI's user names, to the handler.
+
+One binding per account, whichever process made it. Our address changes with a restart
+(a new port) and with the node that holds the account (sipis/lease.py), and a binding
+left behind would make the provider fork each call to a dead contact too: a busy answer
+from the live one then waits for the dead branch's timeout. So:
+- The Contact carries an RFC 5626 instance id that is the same for the account on every
+  node and after restarts (a UUID from a keyed hash of the account id, `instance_key`,
+  which the nodes share) and reg-id 1: a registrar that matches bindings by instance
+  (RFC 5626 6, Kamailio's usrloc does) REPLACES the old binding with the new Contact.
+  A 439 (First Hop Lacks Outbound Support) drops reg-id and `outbound` for that
+  account; the instance id stays.
+- A registrar of RFC 3261 alone matches by Contact URI and keeps the old one: its 200
+  lists every binding of the address of record, and those of ours (user part = the
+  account id) but for the one we hold are un-REGISTERed right after (Expires: 0 naming
+  exactly them, WITHOUT the instance id, which would match our live binding at a
+  registrar that does match by it). The user's other devices have other user parts
+  and are never touched. The same follows the 200 of an un-REGISTER.
 
 Answers:
 - 200: REGISTERED; the granted expiry is our Contact's `expires` in the 200 (else its
@@ -30,6 +48,7 @@ Answers:
   of two). A second challenge right after answering a fresh nonce (not stale=true)
   means the HA1 is wrong: FAILING "credentials refused", backed off like any failure.
 - 423: again at once with its Min-Expires (once; more is a failure).
+- 439: again at once without reg-id (once per account; see above).
 - anything else, a timeout, a lost or refused connection: FAILING with the reason, the
   next attempt after a capped exponential backoff with jitter (at least Retry-After).
 
@@ -41,12 +60,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
+import hmac
 import itertools
 import logging
 import random
 import re
 import secrets
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -59,7 +81,7 @@ from privacy.clock import Clock
 from privacy.tasks import Tasks, TasksClosed
 from proxy.sip.message import Request, Response
 from proxy.sip.syntax import SipParseError, parse_seconds
-from proxy.sip.uri import SipUri
+from proxy.sip.uri import SipUri, parse_uri
 from sipis.account import Account, State, Status
 from sipis.settings import SipisSettings
 from sipis.uac import (
@@ -84,6 +106,25 @@ log = logging.getLogger("softrelay.sipis")
 # What an account id may be: it is the user part of the Contact we register.
 _ACCOUNT_ID: Final = re.compile(r"[A-Za-z0-9_.~-]{1,64}")
 _REASON_LIMIT: Final = 64  # a provider's reason phrase, as far as a status shows it
+# Keys the instance ids when the caller gives no key of the nodes' own (unit tests,
+# the bench): still the same for an account everywhere, only not secret.
+_INSTANCE_LABEL: Final = b"softrelay sipis instance\0"
+REG_ID: Final = 1  # our one flow per account (RFC 5626 4.2)
+
+
+def instance_key_of(index_key: bytes) -> bytes:
+    """The instance ids' key from the keyring's index key, which every node of a
+    deployment holds (and a rotation keeps): a derivation of its own, so an instance
+    id is comparable with no blind index."""
+    return hmac.digest(index_key, _INSTANCE_LABEL, hashlib.sha256)
+
+
+def instance_id(key: bytes, account_id: str) -> str:
+    """The account's RFC 5626 instance id, `<urn:uuid:...>`: a UUID from a keyed hash
+    of the account id, so every node and every restart registers the same one (a
+    version-4 UUID: without the key its bits are as good as random)."""
+    digest = hmac.digest(key, account_id.encode(), hashlib.sha256)
+    return f"<urn:uuid:{uuid.UUID(bytes=digest[:16], version=4)}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +176,9 @@ class Outcome(Enum):
     SERVER_ERROR = "server_error"
     TIMEOUT = "timeout"
     TRANSPORT_ERROR = "transport_error"
+    NO_OUTBOUND = "no_outbound"  # a 439: registered again without reg-id
+    STALE_REMOVED = "stale_removed"  # an old binding of ours un-REGISTERed
+    STALE_KEPT = "stale_kept"  # its un-REGISTER failed: it lapses at its expiry
 
 
 class RegistrarMetrics:
@@ -241,6 +285,8 @@ class _Entry:
     running: bool = False
     deferred: bool = False  # a job came due while running: take it when done
     contact: str | None = None  # the Contact of the binding we hold (for Expires: 0)
+    outbound: bool = True  # reg-id and `Supported: outbound` (a 439 clears it)
+    stale: tuple[str, ...] = ()  # old bindings of ours a 200 listed: un-REGISTER next
     done: asyncio.Event = field(default_factory=asyncio.Event)  # un-REGISTER finished
 
 
@@ -259,6 +305,7 @@ class Registrations:
         rng: random.Random | None = None,
         on_status: Callable[[str, Status], None] | None = None,
         owns_uac: bool = False,
+        instance_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = RegistrarMetrics(registry)
@@ -269,6 +316,9 @@ class Registrations:
         self._handler = handler
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._on_status = on_status
+        # The nodes share it (softrelay/app.py derives it from the keyring), so each
+        # names an account by the same instance id.
+        self._instance_key = instance_key or _INSTANCE_LABEL
         self._entries: dict[str, _Entry] = {}
         self._jobs: list[tuple[float, int, str, int]] = []  # (due, seq, id, generation)
         self._seq = itertools.count()
@@ -292,6 +342,7 @@ class Registrations:
         uac_settings: UacSettings | None = None,
         rng: random.Random | None = None,
         on_status: Callable[[str, Status], None] | None = None,
+        instance_key: bytes | None = None,
     ) -> Registrations:
         """The service with its own Uac (closed with it), its scheduler running."""
         uac = await Uac.create(uac_settings or UacSettings(t1=settings.t1), clock, sleep)
@@ -305,6 +356,7 @@ class Registrations:
             rng=rng,
             on_status=on_status,
             owns_uac=True,
+            instance_key=instance_key,
         )
         regs.start()
         return regs
@@ -577,16 +629,26 @@ class Registrations:
         entry.answered_fresh = bool(entry.challenges) and entry.fresh
         entry.fresh = False
         entry.cseq += 1
+        stale = entry.stale
         sent: dict[str, str] = {}
 
         def make(local: Address) -> Request:
-            contact = self._contact(entry, local) if not unregister else entry.contact
-            sent["contact"] = contact or ""
-            return self._request(entry, contact or "*", expires)
+            if stale:
+                # Exactly the old bindings, by their URIs, and no instance id: at a
+                # registrar matching by instance it would name our live binding.
+                return self._request(entry, ", ".join(f"<{uri}>" for uri in stale), 0)
+            contact = (unregister and entry.contact) or self._contact(entry, local)
+            sent["contact"] = contact
+            request = self._request(entry, self._binding(entry, contact), expires)
+            request.add("Supported", "path, outbound" if entry.outbound else "path")
+            return request
 
         try:
             response = await self._uac.request(destination, make)
         except UacError as exc:
+            if stale:
+                self._stale_done(entry, generation, Outcome.STALE_KEPT)
+                return
             self._failed(
                 entry,
                 generation,
@@ -597,16 +659,34 @@ class Registrations:
         if entry.generation != generation and not unregister:
             return  # updated, paused or removed meanwhile: that decides
         status = response.status
-        if status in (401, 407):
+        if stale:
+            self._stale_answer(entry, generation, response)
+        elif status in (401, 407):
             self._challenged(entry, generation, response)
         elif 200 <= status < 300:
+            entry.stale = _stale(
+                response, entry.account.account_id, None if unregister else sent["contact"]
+            )
             if unregister:
                 self.metrics.by_outcome[Outcome.UNREGISTERED].inc()
-                self._unregistered(entry)
+                entry.contact = None
+                if entry.stale:
+                    self._schedule(entry, self._clock.now())
+                else:
+                    self._unregistered(entry)
             else:
                 self._registered(entry, response, sent["contact"])
+                if entry.stale:
+                    self._schedule(entry, self._clock.now())
         elif status == 423 and not unregister:
             self._too_brief(entry, generation, response)
+        elif status == 439 and entry.outbound:
+            # No outbound through the provider's edge: the instance id alone still lets
+            # a registrar match our binding (RFC 5627 4.1).
+            self.metrics.by_outcome[Outcome.NO_OUTBOUND].inc()
+            entry.outbound = False
+            entry.fresh = False
+            self._schedule(entry, self._clock.now())
         else:
             outcome = Outcome.SERVER_ERROR if 500 <= status < 600 else Outcome.REJECTED
             reason = f"{status} {_printable(response.reason)}".strip()
@@ -637,6 +717,45 @@ class Registrations:
             name = "Authorization" if header == "www-authenticate" else "Proxy-Authorization"
             headers.append((name, value))
         return Request("REGISTER", uri, headers)
+
+    def _binding(self, entry: _Entry, contact: str) -> str:
+        """The Contact header value of a REGISTER for our binding: with the account's
+        instance id, and reg-id unless the provider refused outbound (a 439)."""
+        value = (
+            f'{contact};+sip.instance="{instance_id(self._instance_key, entry.account.account_id)}"'
+        )
+        return f"{value};reg-id={REG_ID}" if entry.outbound else value
+
+    def _stale_answer(self, entry: _Entry, generation: int, response: Response) -> None:
+        """The answer to the un-REGISTER of old bindings: challenged, it goes again with
+        the credentials; any other answer ends it (nothing else waits on it)."""
+        status = response.status
+        if status in (401, 407) and not entry.answered_fresh:
+            header = "www-authenticate" if status == 401 else "proxy-authenticate"
+            try:
+                challenge = choose_challenge(response.get_all(header), entry.account.credential)
+            except ChallengeError:
+                self._stale_done(entry, generation, Outcome.STALE_KEPT)
+                return
+            self.metrics.by_outcome[Outcome.CHALLENGED].inc()
+            entry.challenges[header] = challenge
+            entry.nc = 0
+            entry.fresh = True
+            self._schedule(entry, self._clock.now())
+            return
+        ok = 200 <= status < 300
+        self._stale_done(entry, generation, Outcome.STALE_REMOVED if ok else Outcome.STALE_KEPT)
+
+    def _stale_done(self, entry: _Entry, generation: int, outcome: Outcome) -> None:
+        self.metrics.by_outcome[outcome].inc(len(entry.stale))
+        entry.stale = ()
+        if outcome is Outcome.STALE_KEPT:
+            log.info("sipis.stale_binding_kept")
+        if entry.generation != generation:
+            # Updated, paused or resumed while it ran: what that asked for comes next.
+            self._schedule(entry, self._clock.now())
+        elif entry.want is not _Want.REGISTER and entry.contact is None:
+            self._unregistered(entry)  # the un-REGISTER this followed is complete now
 
     def _contact(self, entry: _Entry, local: Address) -> str:
         settings = self.settings
@@ -823,6 +942,43 @@ def _granted(response: Response, account_id: str, contact: str) -> int | None:
     return expires
 
 
+def _stale(response: Response, account_id: str, keep: str | None) -> tuple[str, ...]:
+    """The bindings of ours a 2xx to REGISTER lists besides `keep` (the Contact we hold,
+    `<uri>`; None after an un-REGISTER: all of ours are left over): the URIs whose user
+    part is the account id. Ours alone: any other user part is someone else's binding
+    of the address of record. Nothing when the list does not show `keep` itself: a
+    registrar that rewrites Contacts (a NAT fix-up) would list our live binding under
+    another URI, and its un-REGISTER would cut us off."""
+    try:
+        contacts = response.contacts
+        kept = None if keep is None else parse_uri(keep.strip("<>"))
+    except SipParseError:
+        return ()
+    found: list[str] = []
+    holds_kept = kept is None
+    for value in contacts:
+        uri = value.uri
+        if not isinstance(uri, SipUri) or uri.user != account_id:
+            continue
+        if isinstance(kept, SipUri) and _same_address(uri, kept):
+            holds_kept = True
+        elif str(uri) not in found:
+            found.append(str(uri))
+    return tuple(found) if holds_kept else ()
+
+
+def _same_address(a: SipUri, b: SipUri) -> bool:
+    """The same contact address, as registrars compare URIs (RFC 3261 19.1.4: host
+    case-insensitive, transport as a parameter; no port is 5060, no transport UDP)."""
+    return (
+        a.scheme == b.scheme
+        and a.user == b.user
+        and a.host.lower() == b.host.lower()
+        and (a.port or 5060) == (b.port or 5060)
+        and (a.transport or "udp") == (b.transport or "udp")
+    )
+
+
 def _retry_after(response: Response) -> float | None:
     value = response.get("Retry-After")
     if value is None:
@@ -859,11 +1015,13 @@ async def open_registrations(
     registry: CollectorRegistry,
     *,
     handler: AccountHandler = unavailable,
+    instance_key: bytes | None = None,
 ) -> AsyncIterator[Registrations]:
     """The engine `serve` runs while the app does (softrelay/app.py); `handler` gets
-    the providers' requests (sipis/calls.py)."""
+    the providers' requests (sipis/calls.py); `instance_key`, shared by the nodes,
+    keys the accounts' instance ids."""
     registrations = await Registrations.create(
-        registrar_settings(sipis), clock, registry, handler=handler
+        registrar_settings(sipis), clock, registry, handler=handler, instance_key=instance_key
     )
     try:
         yield registrations

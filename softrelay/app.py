@@ -77,7 +77,7 @@ from sipis.appleg import AppLeg
 from sipis.calls import Calls, CallSettings
 from sipis.lease import LeaseKeeper, Leases
 from sipis.messages import Messages, MessageSettings
-from sipis.registrar import Registrations, open_registrations
+from sipis.registrar import Registrations, instance_key_of, open_registrations
 from sipis.settings import SipisSettings
 from softrelay.metrics import (
     METRICS,
@@ -273,7 +273,11 @@ async def _sipis_ctx(app: web.Application) -> AsyncIterator[None]:
         async def factory(_: Accounts) -> AsyncIterator[Registrar]:
             handler = calls.from_provider
             async with open_registrations(
-                services.sipis, services.clock, app[REGISTRY], handler=handler
+                services.sipis,
+                services.clock,
+                app[REGISTRY],
+                handler=handler,
+                instance_key=instance_key_of(services.keyring.index),
             ) as registrations:
                 calls.provider = registrations
                 yield registrations

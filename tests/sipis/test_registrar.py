@@ -239,4 +239,7 @@ async def test_metric_labels_name_no_account_user_or_registrar() -> None:
         "server_error",
         "timeout",
         "transport_error",
+        "no_outbound",
+        "stale_removed",
+        "stale_kept",
     }
