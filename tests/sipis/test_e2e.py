@@ -39,6 +39,7 @@ from softrelay.app import Services, build_app
 from tests.kamailio import DOMAIN, Kamailio, Subscriber
 from tests.limits import LONGEST_WAIT
 from tests.sipis.test_registrar_kamailio import ALICE, ask, registers_logged, start_kamailio
+from tests.sipis.test_stale_bindings import register_as, users
 from webapi.ratelimit import RateLimit
 
 WAIT = LONGEST_WAIT / 3
@@ -197,6 +198,12 @@ async def test_a_restart_registers_the_stored_account_again(
         assert view["status"]["state"] == "registered"
         assert await node.metric(State.REGISTERED) == 1
         assert await ask(kamailio, "OPTIONS", ALICE.user) == 200  # the new node answers
+        # And it alone: its REGISTER carried the account's instance id, the first
+        # node's too, so Kamailio replaced that binding instead of adding one.
+        bindings = await register_as(kamailio, ALICE)
+        assert [f"<{b.uri}>" for b in users(bindings, account_id)] == [
+            node.engine.contact(account_id)
+        ]
 
 
 async def test_a_paused_account_stays_unregistered_after_a_restart(
