@@ -16,14 +16,20 @@ Kamailio's bindings are read the way RFC 3261 10.2.3 offers: an authenticated RE
 without Contact, answered with the list. Kamailio runs with a transaction timeout
 (FR_TIMER) far longer than any wait here, so a call forked to a dead contact would not
 get its final answer within the wait: that is what the 486 and 480 tests would catch.
+
+At the Transactions seam, a stand-in registrar shows what Kamailio cannot: a 439 (no
+outbound at the provider's edge), a registrar that rewrites our Contact (no cleanup:
+it would cut off our live binding), and an un-REGISTER's 200 listing an old binding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -31,10 +37,20 @@ from prometheus_client import CollectorRegistry
 from privacy.clock import SystemClock
 from proxy.sip.headers import NameAddr
 from proxy.sip.message import Request, Response
+from proxy.sip.responses import make_response
 from proxy.sip.uri import SipUri
-from sipis.account import Account, State, Status
-from sipis.registrar import Registrations, instance_id, unavailable
-from sipis.uac import Destination, Inbound, Uac, UacSettings, choose_challenge, digest_authorization
+from sipis.account import Account, Credential, Push, SipTransport, State, Status
+from sipis.registrar import RegistrarSettings, Registrations, instance_id, unavailable
+from sipis.uac import (
+    Address,
+    ClientInvite,
+    Destination,
+    Inbound,
+    Uac,
+    UacSettings,
+    choose_challenge,
+    digest_authorization,
+)
 from tests.kamailio import DOMAIN, Kamailio, Subscriber
 from tests.sipis.manualtime import ManualTime
 from tests.sipis.test_registrar_kamailio import SETTINGS, WAIT, account, ask, start_kamailio
@@ -224,3 +240,146 @@ async def test_a_delete_after_a_restart_leaves_no_binding_of_ours(kamailio: Kama
         assert second.status(alice.account_id) is None
         assert ours(await register_as(kamailio, ALICE), alice.account_id) == []
         assert await ask(kamailio, "INVITE", ALICE.user) == 480  # at once, from Kamailio
+
+
+# --- at the Transactions seam: what only a stand-in registrar can show -------------------
+
+
+@dataclass
+class PlainRegistrar:
+    """A registrar of RFC 3261 alone (bindings by Contact URI), answering at once; it
+    may answer the first REGISTERs carrying reg-id with 439 (no outbound at its edge)
+    and may rewrite each Contact's host (a NAT fix-up)."""
+
+    refuse_outbound: bool = False
+    rewrite_host: str | None = None
+    bindings: dict[str, int] = field(default_factory=dict)  # URI -> expires
+    requests: list[Request] = field(default_factory=list)
+
+    async def request(
+        self, destination: Destination, make: Callable[[Address], Request]
+    ) -> Response:
+        request = make(("192.0.2.1", next(PORTS)))
+        request.prepend("Via", f"SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK{secrets.token_hex(4)}")
+        self.requests.append(request)
+        if self.refuse_outbound and "reg-id" in (request.get("Contact") or ""):
+            return make_response(request, 439, "First Hop Lacks Outbound Support")
+        expires = int(request.get("Expires") or "0")
+        for value in request.contacts:
+            uri = value.uri
+            if self.rewrite_host is not None and isinstance(uri, SipUri):
+                uri = uri._replace(host=self.rewrite_host)
+            seconds = value.expires if value.expires is not None else expires
+            if seconds:
+                self.bindings[str(uri)] = seconds
+            else:
+                self.bindings.pop(str(uri), None)
+        listed = [("Contact", f"<{uri}>;expires={e}") for uri, e in self.bindings.items()]
+        return make_response(request, 200, headers=listed)
+
+    def bind(self, handler: object, lost: object = None) -> None:
+        pass
+
+    def registrar_addresses(self, destination: Destination) -> set[str]:
+        return set()
+
+    async def send(self, destination: Destination, request: Request) -> None:
+        raise AssertionError("no ACK here")
+
+    async def invite(self, *args: object, **kwargs: object) -> ClientInvite:
+        raise AssertionError("no INVITE here")
+
+    async def close(self) -> None:
+        pass
+
+
+PORTS = itertools.count(40000)  # each REGISTER from another port: each a "restart"
+
+
+def plain_account(n: int = 1) -> Account:
+    return Account(
+        account_id=f"acc{n}",
+        registrar_host="registrar.test",
+        registrar_port=5060,
+        transport=SipTransport.UDP,
+        domain=DOMAIN,
+        user="alice",
+        credential=Credential("alice", DOMAIN, ha1_md5="0" * 32),
+        push=Push("fcm", "token", "app"),
+    )
+
+
+@contextlib.asynccontextmanager
+async def fake_engine(registrar: PlainRegistrar) -> AsyncIterator[Registrations]:
+    time = ManualTime()
+    regs = Registrations(
+        RegistrarSettings(start_spread=0),
+        registrar,
+        time.clock,
+        CollectorRegistry(),
+        sleep=time.sleep,
+        instance_key=KEY,
+    )
+    regs.start()
+    try:
+        yield regs
+    finally:
+        await regs.close()
+
+
+async def test_a_439_registers_again_without_reg_id_keeping_the_instance_id() -> None:
+    registrar = PlainRegistrar(refuse_outbound=True)
+    async with fake_engine(registrar) as regs:
+        regs.add(plain_account(), spread=False)
+        await registered(regs, "acc1")
+    first, second = registrar.requests
+    instance = instance_id(KEY, "acc1")
+    assert first.contacts[0].reg_id == 1
+    assert first.get("Supported") == "path, outbound"
+    assert (second.contacts[0].instance, second.contacts[0].reg_id) == (instance, None)
+    assert second.get("Supported") == "path"
+
+
+async def test_only_our_own_old_bindings_are_unregistered_and_without_the_instance() -> None:
+    registrar = PlainRegistrar()
+    registrar.bindings = {
+        "sip:acc1@192.0.2.9:5070;transport=udp": 600,  # ours, left by a dead process
+        "sip:acc2@192.0.2.9:5070;transport=udp": 600,  # another account's
+        "sip:alice@198.51.100.7": 600,  # the user's own phone
+    }
+    async with fake_engine(registrar) as regs:
+        regs.add(plain_account(), spread=False)
+        await registered(regs, "acc1")
+        live = regs.contact("acc1")
+        assert live is not None
+    register, cleanup = registrar.requests
+    assert register.contacts[0].instance == instance_id(KEY, "acc1")
+    assert [str(c) for c in cleanup.contacts] == ["<sip:acc1@192.0.2.9:5070;transport=udp>"]
+    assert cleanup.get("Expires") == "0"
+    assert sorted(registrar.bindings) == sorted(
+        [live.strip("<>"), "sip:acc2@192.0.2.9:5070;transport=udp", "sip:alice@198.51.100.7"]
+    )
+
+
+async def test_a_registrar_that_rewrites_our_contact_gets_no_cleanup() -> None:
+    # It lists our live binding under another URI: un-REGISTERing "the others" of ours
+    # would cut it off, so nothing is sent.
+    registrar = PlainRegistrar(rewrite_host="203.0.113.5")
+    registrar.bindings = {"sip:acc1@192.0.2.9:5070;transport=udp": 600}
+    async with fake_engine(registrar) as regs:
+        regs.add(plain_account(), spread=False)
+        await registered(regs, "acc1")
+    assert len(registrar.requests) == 1
+    assert len(registrar.bindings) == 2
+
+
+async def test_an_unregister_also_removes_our_old_bindings_it_lists() -> None:
+    registrar = PlainRegistrar()
+    async with fake_engine(registrar) as regs:
+        regs.add(plain_account(), spread=False)
+        await registered(regs, "acc1")
+        registrar.bindings["sip:acc1@192.0.2.9:5070;transport=udp"] = 600  # a dead one
+        registrar.bindings["sip:alice@198.51.100.7"] = 600
+        await asyncio.wait_for(regs.remove("acc1"), WAIT)
+    assert list(registrar.bindings) == ["sip:alice@198.51.100.7"]
+    assert registrar.requests[-1].contacts[0].instance is None  # the old one, by its URI
