@@ -162,6 +162,10 @@ class SipisPhone(MockPhone):
         # PushKit VoIP token, so texts are pushed to this one.
         self.alert_token = new_token(Kind.IOS)
         self._alerts: asyncio.Task[None] | None = None
+        # The user's own use of the app (placing a call) and its return to the
+        # background after a text take turns: a text's "back to sleep" must not close
+        # the flow of a call being placed.
+        self._foreground = asyncio.Lock()
 
     # --- the account, over HTTP -----------------------------------------------------
 
@@ -288,14 +292,14 @@ class SipisPhone(MockPhone):
         """The user opens the app and calls `callee` at the provider: connect, REGISTER
         (Bearer), INVITE through softrelay (which answers the provider's challenge with
         the stored HA1), hang up after `hold` real seconds, back to sleep."""
-        asleep = self.state is not State.AWAKE
-        if asleep and await self.wake() != 200:
-            return OutgoingCall(self.last_register or 0, "the app could not connect")
-        try:
-            return await self.call(callee, hold=hold)
-        finally:
-            if asleep and self.calls_in_progress == 0:
-                await self.sleep()
+        async with self._foreground:
+            if self.state is not State.AWAKE and await self.wake() != 200:
+                return OutgoingCall(self.last_register or 0, "the app could not connect")
+            try:
+                return await self.call(callee, hold=hold)
+            finally:
+                if self.calls_in_progress == 0:
+                    await self.sleep()
 
     def contact(self, link: SipLink) -> str:
         """No push parameters: softrelay has the token from the account."""
@@ -339,8 +343,9 @@ class SipisPhone(MockPhone):
                 # The text comes right after the REGISTER's 200; then back to sleep.
                 with contextlib.suppress(TimeoutError):
                     await self.wait_texts(texts + 1)
-                if self.calls_in_progress == 0:
-                    await self.sleep()
+                async with self._foreground:
+                    if self.awake.is_set() and self.calls_in_progress == 0:
+                        await self.sleep()
 
     # --- requests from softrelay ------------------------------------------------------
 
