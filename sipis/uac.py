@@ -995,7 +995,7 @@ class Uac:
         for transaction in self._transactions.values():
             if not transaction.future.done():
                 transaction.future.set_exception(TransportError("closed"))
-        for invite in self._invites.values():
+        for invite in list(self._invites.values()):  # each failed one leaves the dict
             invite._failed(TransportError("closed"))
         for pending in list(self._connecting.values()):
             pending.cancel()
