@@ -40,6 +40,7 @@ test: lint $(DEMO_SECRET)
 bench: $(STAMP) $(DEMO_SECRET)
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/wake.py
+	$(BIN)/python bench/sipis.py --quick
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
