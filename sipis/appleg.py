@@ -68,10 +68,10 @@ from proxy.sip.message import Request, Response
 from proxy.sip.parser import parse
 from proxy.sip.responses import make_response
 from proxy.sip.syntax import SipParseError
-from proxy.sip.uri import SipUri
+from proxy.sip.uri import SipUri, Uri
 from sipis.account import Account
 from sipis.accounts import Accounts
-from sipis.uac import Sleep
+from sipis.uac import Inbound, Sleep
 
 log = logging.getLogger("softrelay.sipis")
 
@@ -410,6 +410,24 @@ class AppLeg:
             pending.future.set_result(response)
         elif response.status > 100 and pending.provisional is not None:
             await pending.provisional(response)
+
+
+def provider_request_to_app(request: Request, inbound: Inbound, target: Uri) -> Request | None:
+    """The provider's request of a dialog as it goes on to the app: a copy with one
+    Max-Forwards less, `target` (the app's Contact) as Request-URI and the provider's
+    Route taken off. None when Max-Forwards ran out: the provider had its 483 (an ACK
+    gets no answer)."""
+    forwarded = parse(request.serialize())
+    assert isinstance(forwarded, Request)
+    try:
+        forwarded.decrement_max_forwards()
+    except SipParseError:
+        if request.method != "ACK":
+            inbound.respond(483)
+        return None
+    forwarded.uri = target
+    forwarded.remove("Route")
+    return forwarded
 
 
 def drop_own_record_route(message: Request | Response) -> None:

@@ -64,9 +64,9 @@ from proxy.sip.uri import Uri
 from push.service import OVERLOADED, PushService
 from push.wake import Delivered, Reason, Service, TokenDead, WakeRequest
 from sipis.account import Account
-from sipis.appleg import AppLeg, Binding, drop_own_record_route
+from sipis.appleg import AppLeg, Binding, drop_own_record_route, provider_request_to_app
 from sipis.outgoing import Outgoing, Provider
-from sipis.uac import Inbound, Sleep, UacError, answer_unavailable
+from sipis.uac import Inbound, Sleep, UacError, ack_of, answer_unavailable, cancel_of
 
 log = logging.getLogger("softrelay.sipis")
 
@@ -292,7 +292,7 @@ class Calls:
         forwarded, binding = call.forwarded, call.flow_binding
         if forwarded is not None and binding is not None:
             # Delivered: the app's INVITE transaction is CANCELled; its 487 comes back.
-            await self._leg.send(binding.flow, _cancel_of(forwarded), via=False)
+            await self._leg.send(binding.flow, cancel_of(forwarded), via=False)
 
     async def _cancelled_push(self, call: _Call) -> None:
         push = self._push
@@ -382,7 +382,7 @@ class Calls:
             self._remember_dialog(call, binding, final)  # before its Contact is ours
         await self._to_provider(call, final)
         if not 200 <= final.status < 300:
-            await self._leg.send(binding.flow, _ack_of(invite, final), via=False)
+            await self._leg.send(binding.flow, ack_of(invite, final), via=False)
 
     async def _to_provider(self, call: _Call, response: Response) -> None:
         """The app's answer to the INVITE, to the caller: with our registered Contact."""
@@ -415,16 +415,9 @@ class Calls:
                 inbound.respond(481)
             return
         flow = dialog.binding.flow
-        forwarded = parse(request.serialize())
-        assert isinstance(forwarded, Request)
-        try:
-            forwarded.decrement_max_forwards()
-        except SipParseError:
-            if request.method != "ACK":
-                inbound.respond(483)
+        forwarded = provider_request_to_app(request, inbound, dialog.target)
+        if forwarded is None:
             return
-        forwarded.uri = dialog.target
-        forwarded.remove("Route")
         if request.method == "ACK":
             await self._leg.send(flow, forwarded)
             return
@@ -496,30 +489,3 @@ def _key(call: _Call) -> tuple[str, str]:
 def _replace_contact(message: Request | Response, contact: str | None) -> None:
     if contact is not None and message.has("Contact"):
         message.set("Contact", contact)
-
-
-def _cancel_of(invite: Request) -> Request:
-    """The CANCEL of an INVITE we sent (RFC 3261 9.1): its Request-URI, Via, From,
-    To, Call-ID and CSeq number."""
-    headers = [
-        ("Via", str(invite.top_via)),
-        ("Max-Forwards", "70"),
-        ("From", invite.get("From") or ""),
-        ("To", invite.get("To") or ""),
-        ("Call-ID", invite.call_id),
-        ("CSeq", f"{invite.cseq.number} CANCEL"),
-    ]
-    return Request("CANCEL", invite.uri, headers)
-
-
-def _ack_of(invite: Request, final: Response) -> Request:
-    """The ACK of a non-2xx final answer to an INVITE we sent (RFC 3261 17.1.1.3)."""
-    headers = [
-        ("Via", str(invite.top_via)),
-        ("Max-Forwards", "70"),
-        ("From", invite.get("From") or ""),
-        ("To", final.get("To") or ""),
-        ("Call-ID", invite.call_id),
-        ("CSeq", f"{invite.cseq.number} ACK"),
-    ]
-    return Request("ACK", invite.uri, headers)

@@ -59,7 +59,7 @@ from proxy.sip.parser import parse
 from proxy.sip.syntax import SipParseError
 from proxy.sip.uri import Uri
 from sipis.account import Account
-from sipis.appleg import AppLeg, Binding
+from sipis.appleg import AppLeg, Binding, provider_request_to_app
 from sipis.uac import (
     ChallengeError,
     ClientInvite,
@@ -390,16 +390,9 @@ class Outgoing:
             if request.method != "ACK":
                 inbound.respond(481)
             return
-        forwarded = parse(request.serialize())
-        assert isinstance(forwarded, Request)
-        try:
-            forwarded.decrement_max_forwards()
-        except SipParseError:
-            if request.method != "ACK":
-                inbound.respond(483)
+        forwarded = provider_request_to_app(request, inbound, dialog.app_contact)
+        if forwarded is None:
             return
-        forwarded.uri = dialog.app_contact
-        forwarded.remove("Route")
         forwarded.set("To", dialog.app_from)  # the app's side of the dialog, as it knows it
         flow = dialog.binding.flow
         if request.method == "ACK":

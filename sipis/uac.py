@@ -530,7 +530,7 @@ class ClientInvite:
         if self._cancel_sent:
             return
         self._cancel_sent = True
-        self._uac._spawn_cancel(self._channel, _cancel_of(self.request))
+        self._uac._spawn_cancel(self._channel, cancel_of(self.request))
 
     def _response(self, response: Response) -> None:
         """A response of this transaction (from the Uac's receive path)."""
@@ -548,7 +548,7 @@ class ClientInvite:
         self.final = response
         uac._invite_done(self)
         if response.status >= 300:
-            ack = _ack_of(self.request, response).serialize()
+            ack = ack_of(self.request, response).serialize()
             with contextlib.suppress(TransportError):
                 self._channel.send(ack)
             uac._finish(self.key, _Finished(0.0, self._channel, ack, None))
@@ -568,34 +568,31 @@ def _item(item: InviteItem) -> Response:
     return item
 
 
-def _cancel_of(invite: Request) -> Request:
+def cancel_of(invite: Request) -> Request:
     """The CANCEL of an INVITE we sent (RFC 3261 9.1): its Request-URI, top Via (the
     branch), From, To, Call-ID, Route and the CSeq number."""
-    headers = [
-        ("Via", str(invite.top_via)),
-        ("Max-Forwards", "70"),
-        ("From", invite.get("From") or ""),
-        ("To", invite.get("To") or ""),
-        ("Call-ID", invite.call_id),
-        ("CSeq", f"{invite.cseq.number} CANCEL"),
-    ]
-    headers += [("Route", value) for value in invite.get_all("Route")]
-    return Request("CANCEL", invite.uri, headers)
+    return _of_invite(invite, "CANCEL", invite.get("To") or "")
 
 
-def _ack_of(invite: Request, final: Response) -> Request:
+def ack_of(invite: Request, final: Response) -> Request:
     """The ACK of a non-2xx final answer to an INVITE we sent (RFC 3261 17.1.1.3): the
     INVITE's branch and Route, the answer's To (its tag)."""
+    return _of_invite(invite, "ACK", final.get("To") or "")
+
+
+def _of_invite(invite: Request, method: str, to: str) -> Request:
+    """A request of the INVITE's own client transaction (its CANCEL or non-2xx ACK):
+    the INVITE's Request-URI, top Via, From, Call-ID, Route and CSeq number."""
     headers = [
         ("Via", str(invite.top_via)),
         ("Max-Forwards", "70"),
         ("From", invite.get("From") or ""),
-        ("To", final.get("To") or ""),
+        ("To", to),
         ("Call-ID", invite.call_id),
-        ("CSeq", f"{invite.cseq.number} ACK"),
+        ("CSeq", f"{invite.cseq.number} {method}"),
     ]
     headers += [("Route", value) for value in invite.get_all("Route")]
-    return Request("ACK", invite.uri, headers)
+    return Request(method, invite.uri, headers)
 
 
 # A finished INVITE transaction (timer D, or RFC 6026 Accepted) kept for 64*T1: the ACK
