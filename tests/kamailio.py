@@ -7,8 +7,9 @@ table copied, the `subscriber` table written from the accounts the test gives, a
 rows only (`ha1` = H(user:realm:password), `ha1b` = H(user@domain:realm:password), MD5
 or, with `sha256=True` (`-A WITH_SHA256`), SHA-256; the `password` column empty).
 
-Kamailio runs in its own process group: SIGTERM to its main process ends it; when a
-worker failed to start, the main process ignores SIGTERM, so the group is killed then.
+Kamailio runs in its own process group (tests/serverprocess.py): SIGTERM to its main
+process ends it; when a worker failed to start, the main process ignores SIGTERM, so
+the group is killed then.
 Ready means it answered an OPTIONS to its domain (200 without authentication).
 
 Registrations live in Kamailio's memory only; tests see them by sending requests
@@ -18,29 +19,25 @@ the user has no contact. Plain library code (no pytest).
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
-import os
+import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.limits import LONGEST_WAIT
-from tests.pgserver import fast_temp_dir
+from tests.serverprocess import ServerProcess
+from tests.serverprocess import find_binary as _find_binary
 
 PEER_DIR = Path(__file__).resolve().parent / "peers" / "kamailio"
 CONFIG = PEER_DIR / "kamailio-registrar.cfg"
 DOMAIN = "provider.test"
 BINARY_ENV = "SOFTRELAY_KAMAILIO"
 DEBIAN_BINARY = Path("/usr/sbin/kamailio")
-_START_ATTEMPTS = 3
 
 
 class KamailioUnavailable(RuntimeError):
@@ -52,12 +49,7 @@ class KamailioError(RuntimeError):
 
 
 def find_binary() -> Path | None:
-    configured = os.environ.get(BINARY_ENV)
-    binary = Path(configured) if configured else DEBIAN_BINARY
-    if binary.is_file():
-        return binary
-    found = shutil.which("kamailio")
-    return Path(found) if found and not configured else None
+    return _find_binary(BINARY_ENV, DEBIAN_BINARY, "kamailio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +85,17 @@ def free_udp_tcp_port() -> int:
     raise KamailioError("no free UDP+TCP port")
 
 
-class Kamailio:
+class Kamailio(ServerProcess):
     """One Kamailio in its own directory; see the module docstring."""
+
+    name = "kamailio"
+    error = KamailioError
+    dir_prefix = "softrelay-kamailio-"
+    log_name = "kamailio.log"
+    port_taken = "bind"
+    output_to_log = True
+    poll_interval = 0.05
+    log_lines = 30
 
     def __init__(
         self,
@@ -110,83 +111,34 @@ class Kamailio:
             raise KamailioUnavailable(
                 f"kamailio not found (Debian package kamailio, or {BINARY_ENV} naming it)"
             )
-        self.binary = binary
+        super().__init__(binary, wait=wait, base_dir=None)
         self.subscribers = list(subscribers)
         self.sha256 = sha256
         self.min_expires = min_expires
         self.defines = defines
-        self.wait = wait
-        self.root: Path | None = None
-        self.port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._atexit = False
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     @property
     def db_dir(self) -> Path:
         assert self.root is not None
         return self.root / "db"
 
-    @property
-    def log_file(self) -> Path:
-        assert self.root is not None
-        return self.root / "kamailio.log"
-
-    # --- life cycle -------------------------------------------------------------------
+    # --- life cycle (tests/serverprocess.py) ------------------------------------------
 
     def start(self) -> int:
         """Start (on its first port again after `stop()`); the SIP port."""
-        if self.running:
-            assert self.port is not None
-            return self.port
-        if self.root is None:
-            self.root = Path(tempfile.mkdtemp(prefix="softrelay-kamailio-", dir=fast_temp_dir()))
-            self.db_dir.mkdir()
-            shutil.copy(PEER_DIR / "db" / "version", self.db_dir / "version")
-            self._write_subscribers()
-            for attempt in range(_START_ATTEMPTS):
-                self.port = free_udp_tcp_port()
-                try:
-                    self._launch()
-                    break
-                except KamailioError:
-                    if attempt + 1 == _START_ATTEMPTS or "bind" not in self._log_tail():
-                        raise
-            if not self._atexit:
-                atexit.register(self.close)
-                self._atexit = True
-        else:
-            self._launch()
+        self._start()
         assert self.port is not None
         return self.port
 
-    def stop(self) -> None:
-        """SIGTERM to the main process (it stops its workers); the group is killed if
-        that does not end it. The port is kept for `start()`."""
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(self.wait / 4)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # workers left behind, if any
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(self.wait / 4)
-        self._wait_port_free()
+    def _prepare(self) -> None:
+        self.db_dir.mkdir()
+        shutil.copy(PEER_DIR / "db" / "version", self.db_dir / "version")
+        self._write_subscribers()
 
-    def close(self) -> None:
-        self.stop()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
+    def _free_port(self) -> int:
+        return free_udp_tcp_port()
 
-    def _launch(self) -> None:
+    def _args(self) -> list[str]:
         assert self.root is not None
         assert self.port is not None
         args = [
@@ -216,27 +168,12 @@ class Kamailio:
             args += ["-A", f"MIN_EXPIRES={self.min_expires}"]
         for define in self.defines:
             args += ["-A", define]
-        with self.log_file.open("ab") as log:
-            self._process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.root,
-                start_new_session=True,  # its own process group, killed as one
-            )
-        deadline = time.monotonic() + self.wait / 2
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                raise KamailioError(f"kamailio exited at start\n{self._log_tail()}")
-            if self._answers():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise KamailioError(f"kamailio did not answer\n{self._log_tail()}")
+        return args
 
-    def _answers(self) -> bool:
+    def _stopped(self) -> None:
+        self._wait_port_free()
+
+    def _ready(self) -> bool:
         """An OPTIONS to the domain got its 200 (Kamailio is ready)."""
         assert self.port is not None
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -286,9 +223,104 @@ class Kamailio:
             lines.append(f"{number}:{sub.user}:{DOMAIN}::{ha1}:{ha1b}")
         (self.db_dir / "subscriber").write_text("\n".join(lines) + "\n")
 
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace")
-        except (FileNotFoundError, AssertionError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+
+# --- TLS (Debian package kamailio-tls-modules) -------------------------------------------
+
+TLS_MODULE_PACKAGE = "kamailio-tls-modules"
+
+
+def find_tls_module(binary: Path) -> Path | None:
+    """Kamailio's tls.so in the module folders the binary was built with (`kamailio -I`
+    names them), None when it is not installed."""
+    try:
+        report = subprocess.run(
+            [str(binary), "-I"], capture_output=True, text=True, timeout=LONGEST_WAIT / 4
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"Default paths to modules:\s*(\S+)", report)
+    if found is None:
+        return None
+    for folder in found.group(1).split(":"):
+        module = Path(folder) / "tls.so"
+        if module.is_file():
+            return module
+    return None
+
+
+def free_tcp_port(other_than: int) -> int:
+    """A loopback TCP port free right now, not `other_than` (the UDP+TCP SIP port)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+        if port != other_than:
+            return port
+    raise KamailioError("no free TCP port")
+
+
+class KamailioTls(Kamailio):
+    """Kamailio with a SIP over TLS listener as well (`-A WITH_TLS`) on `tls_port`, on
+    127.0.0.1 only. `certificate` is one PEM file holding the server certificate (for
+    127.0.0.1) and its key, made by the test; it is copied into Kamailio's directory
+    and named by the tls module's config (`tls.cfg`) written there: no client
+    certificate asked for, TLS 1.2 or newer. KamailioUnavailable when tls.so is not
+    installed."""
+
+    def __init__(
+        self,
+        subscribers: list[Subscriber],
+        certificate: Path,
+        *,
+        sha256: bool = False,
+        min_expires: int | None = None,
+        defines: tuple[str, ...] = (),
+        wait: float = LONGEST_WAIT,
+    ) -> None:
+        super().__init__(
+            subscribers, sha256=sha256, min_expires=min_expires, defines=defines, wait=wait
+        )
+        if find_tls_module(self.binary) is None:
+            raise KamailioUnavailable(
+                f"kamailio's TLS module tls.so not found (Debian package {TLS_MODULE_PACKAGE})"
+            )
+        self.certificate = certificate
+        self.tls_port: int | None = None
+
+    @property
+    def tls_config(self) -> Path:
+        assert self.root is not None
+        return self.root / "tls.cfg"
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        assert self.root is not None
+        served = self.root / "tls.pem"
+        served.touch(mode=0o600)  # it holds the key
+        served.write_bytes(self.certificate.read_bytes())
+        # Both from the one PEM file: OpenSSL reads the certificate and the key blocks.
+        self.tls_config.write_text(
+            "[server:default]\n"
+            "method = TLSv1.2+\n"
+            "verify_certificate = no\n"
+            "require_certificate = no\n"
+            f"certificate = {served}\n"
+            f"private_key = {served}\n"
+        )
+
+    def _free_port(self) -> int:
+        # A new pair on every attempt: either port may be the one someone else took.
+        port = super()._free_port()
+        self.tls_port = free_tcp_port(other_than=port)
+        return port
+
+    def _args(self) -> list[str]:
+        return [
+            *super()._args(),
+            "-A",
+            "WITH_TLS",
+            "-A",
+            f"TLS_PORT={self.tls_port}",
+            "-A",
+            f'TLS_CONFIG="{self.tls_config}"',
+        ]
