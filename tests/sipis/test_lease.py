@@ -32,12 +32,13 @@ from tests.sipis.test_registrar_kamailio import (
 
 SECRET = "lease-secret-" + "x" * 16
 TTL = 30.0
+Node = tuple[World, LeaseKeeper, SharedRedis]  # one node: its world, lease keeper, Redis
 
 
 @contextlib.asynccontextmanager
 async def node(
     redis_url: str, name: str, accounts: Accounts, clock: ManualClock
-) -> AsyncIterator[tuple[World, LeaseKeeper, SharedRedis]]:
+) -> AsyncIterator[Node]:
     settings = ClusterSettings(redis_url=redis_url, secret=SECRET, node_id=name, timeout=2.0)
     shared = await SharedRedis.create(settings)
     try:
@@ -48,37 +49,51 @@ async def node(
         await shared.close()
 
 
+@contextlib.asynccontextmanager
+async def two_nodes(
+    redis_url: str, accounts: Accounts, clock: ManualClock
+) -> AsyncIterator[tuple[Node, Node]]:
+    """Nodes A and B on the same Redis, store and lease clock."""
+    async with (
+        node(redis_url, "node-a", accounts, clock) as a,
+        node(redis_url, "node-b", accounts, clock) as b,
+    ):
+        yield a, b
+
+
+async def alice_stored(server: Kamailio, store: Store) -> tuple[Accounts, str, ManualClock]:
+    """ALICE's account stored for the nodes to share (its id), and their lease clock."""
+    accounts = Accounts(store, Keyring.generate())
+    stored, _ = await accounts.create(account(server, ALICE))
+    return accounts, stored.account_id, ManualClock(1_800_000_000.0)
+
+
 async def test_one_node_registers_and_the_other_takes_over_when_it_dies(
     kamailio: Kamailio,  # noqa: F811
     redis_url: str,
     store: Store,
 ) -> None:
-    accounts = Accounts(store, Keyring.generate())
-    stored, _ = await accounts.create(account(kamailio, ALICE))
-    clock = ManualClock(1_800_000_000.0)
-    async with (
-        node(redis_url, "node-a", accounts, clock) as (a, keeper_a, shared),
-        node(redis_url, "node-b", accounts, clock) as (b, keeper_b, _),
-    ):
+    accounts, account_id, clock = await alice_stored(kamailio, store)
+    async with two_nodes(redis_url, accounts, clock) as ((a, keeper_a, shared), (b, keeper_b, _)):
         await keeper_a.turn()
         await keeper_b.turn()
-        assert keeper_a.held == {stored.account_id}
+        assert keeper_a.held == {account_id}
         assert keeper_b.held == set()
         assert b.regs.account_ids() == []
-        await a.until(stored.account_id, registered)
+        await a.until(account_id, registered)
         assert await ask(kamailio, "OPTIONS", ALICE.user) == 200
         # Redis holds a keyed hash of the id, never the id.
         found = await shared.client.keys(LEASE_PREFIX + "*")
         keys = [k.decode() if isinstance(k, bytes) else k for k in found]
-        assert keys == [keeper_a.leases.key(stored.account_id)]
-        assert stored.account_id not in keys[0]
+        assert keys == [keeper_a.leases.key(account_id)]
+        assert account_id not in keys[0]
         first = set(registers_logged(kamailio))
         # Renewed by its holder: still A's after more than a lease's time.
         for _ in range(3):
             clock.advance(TTL / 2)
             await keeper_a.turn()
             await keeper_b.turn()
-        assert (keeper_a.held, keeper_b.held) == ({stored.account_id}, set())
+        assert (keeper_a.held, keeper_b.held) == ({account_id}, set())
 
         # A dies: its engine stops, its lease is not released.
         await a.regs.close()
@@ -87,8 +102,8 @@ async def test_one_node_registers_and_the_other_takes_over_when_it_dies(
         assert keeper_b.held == set()  # not before the lease lapsed
         clock.advance(2)
         await keeper_b.turn()
-        assert keeper_b.held == {stored.account_id}
-        await b.until(stored.account_id, registered)
+        assert keeper_b.held == {account_id}
+        await b.until(account_id, registered)
         assert set(registers_logged(kamailio)) - first  # from B's own socket
         assert await ask(kamailio, "OPTIONS", ALICE.user) == 200
 
@@ -98,18 +113,16 @@ async def test_a_clean_stop_hands_the_lease_over_at_the_next_turn(
     redis_url: str,
     store: Store,
 ) -> None:
-    accounts = Accounts(store, Keyring.generate())
-    stored, _ = await accounts.create(account(kamailio, ALICE))
-    clock = ManualClock(1_800_000_000.0)
+    accounts, account_id, clock = await alice_stored(kamailio, store)
     async with node(redis_url, "node-b", accounts, clock) as (b, keeper_b, _):
         async with node(redis_url, "node-a", accounts, clock) as (a, keeper_a, _):
             await keeper_a.turn()
             await keeper_b.turn()
-            await a.until(stored.account_id, registered)
+            await a.until(account_id, registered)
             await keeper_a.close()
         await keeper_b.turn()  # no time passed
-        assert keeper_b.held == {stored.account_id}
-        await b.until(stored.account_id, registered)
+        assert keeper_b.held == {account_id}
+        await b.until(account_id, registered)
 
 
 async def test_a_node_that_lost_its_lease_stops_without_unregistering(
@@ -117,18 +130,13 @@ async def test_a_node_that_lost_its_lease_stops_without_unregistering(
     redis_url: str,
     store: Store,
 ) -> None:
-    accounts = Accounts(store, Keyring.generate())
-    stored, _ = await accounts.create(account(kamailio, ALICE))
-    clock = ManualClock(1_800_000_000.0)
-    async with (
-        node(redis_url, "node-a", accounts, clock) as (a, keeper_a, _),
-        node(redis_url, "node-b", accounts, clock) as (b, keeper_b, _),
-    ):
+    accounts, account_id, clock = await alice_stored(kamailio, store)
+    async with two_nodes(redis_url, accounts, clock) as ((a, keeper_a, _), (b, keeper_b, _)):
         await keeper_a.turn()
-        await a.until(stored.account_id, registered)
+        await a.until(account_id, registered)
         clock.advance(TTL + 1)  # A could not renew (paused, cut off from Redis)
         await keeper_b.turn()
-        await b.until(stored.account_id, registered)
+        await b.until(account_id, registered)
         await keeper_a.turn()  # A sees it lost the lease
         assert keeper_a.held == set()
         assert a.regs.account_ids() == []
