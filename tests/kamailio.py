@@ -6,6 +6,8 @@ on a free loopback port, UDP and TCP, with a db_text folder of its own: the `ver
 table copied, the `subscriber` table written from the accounts the test gives, as HA1
 rows only (`ha1` = H(user:realm:password), `ha1b` = H(user@domain:realm:password), MD5
 or, with `sha256=True` (`-A WITH_SHA256`), SHA-256; the `password` column empty).
+`KamailioTls` listens for SIP over TLS too (`-A WITH_TLS`, tls.so from Debian's
+kamailio-tls-modules), serving a certificate the test gives.
 
 Kamailio runs in its own process group (tests/serverprocess.py): SIGTERM to its main
 process ends it; when a worker failed to start, the main process ignores SIGTERM, so
