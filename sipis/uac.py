@@ -668,18 +668,7 @@ class Uac:
         branch = "z9hG4bK" + secrets.token_hex(10)
         host, port = channel.local
         request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
-        key = (branch, request.method)
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        transaction = _Transaction(future, channel)
-        self._transactions[key] = transaction
-        data = request.serialize()
-        try:
-            channel.send(data)
-            return await self._await_final(transaction, data)
-        finally:
-            self._transactions.pop(key, None)
-            if not future.done():
-                future.cancel()
+        return await self._transact(channel, request)
 
     async def send(self, destination: Destination, request: Request) -> None:
         """Send a request that is no transaction of its own (the ACK of a 2xx, RFC 3261
@@ -740,16 +729,22 @@ class Uac:
 
     async def _cancel(self, channel: _Channel, cancel: Request) -> None:
         """A CANCEL's own transaction; its answer tells nothing the INVITE's will not."""
-        key = (cancel.top_via.branch or "", "CANCEL")
+        try:
+            await self._transact(channel, cancel)
+        except UacError:
+            log.info("sipis.cancel_unanswered")
+
+    async def _transact(self, channel: _Channel, request: Request) -> Response:
+        """`request` (our Via on top) in a non-INVITE client transaction of its own on
+        `channel`: its final response; TransportError or Timeout otherwise."""
+        key = (request.top_via.branch or "", request.method)
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         transaction = _Transaction(future, channel)
         self._transactions[key] = transaction
-        data = cancel.serialize()
+        data = request.serialize()
         try:
             channel.send(data)
-            await self._await_final(transaction, data)
-        except UacError:
-            log.info("sipis.cancel_unanswered")
+            return await self._await_final(transaction, data)
         finally:
             self._transactions.pop(key, None)
             if not future.done():
@@ -822,6 +817,9 @@ class Uac:
                     ssl=tls,
                     server_hostname=destination.host if tls else None,
                 )
+        except ssl.SSLCertVerificationError as exc:
+            # The app's status says what to fix: the provider's certificate, not the link.
+            raise TransportError("TLS handshake failed: certificate not trusted") from exc
         except ssl.SSLError as exc:
             raise TransportError("TLS handshake failed") from exc
         except ConnectionRefusedError as exc:

@@ -140,7 +140,7 @@ async def test_system_cas_only_fail_the_handshake_and_the_account_is_failing(
         start = world.time.now()
         world.regs.add(alice, spread=False)
         status = await world.until(alice.account_id, failing)
-        assert status.reason == "TLS handshake failed"
+        assert status.reason == "TLS handshake failed: certificate not trusted"
         assert status.retry_at is not None
         assert status.retry_at > start  # backs off, as any failure
         assert world.sent("transport_error") == 1

@@ -1,7 +1,8 @@
 """The outbound SIP client (unit, loopback peers written here): UDP retransmission on
 timers E and F (T1 doubling to T2) on a manual clock, responses matched by branch and
-method, TLS to a registrar with a configured CA (Kamailio here has no TLS module), and
-the digest answer from an HA1 checked by independent code (mockphone's digest)."""
+method, TLS to a registrar with a configured CA (a Python peer here; Kamailio's TLS
+module in test_tls_kamailio.py), and the digest answer from an HA1 checked by
+independent code (mockphone's digest)."""
 
 from __future__ import annotations
 
