@@ -187,41 +187,32 @@ def test_rate_window_gives_at_most_rate_slots_in_any_second() -> None:
     assert most_in_one_second(slots) == 5
 
 
-async def test_proxy_authenticate_is_answered_from_the_ha1() -> None:
-    time = ManualTime()
-    fake = FakeRegistrar(time, proxy_auth=True)
-    registry = CollectorRegistry()
-    regs = Registrations(
-        RegistrarSettings(start_spread=0), fake, time.clock, registry, sleep=time.sleep
-    )
-    regs.start()
-    try:
-        account = make_account(1)
-        regs.add(account, spread=False)
-        status = await asyncio.wait_for(
-            regs.wait_for("acc1", lambda s: s is not None and s.state is State.REGISTERED), WAIT
-        )
-        assert status is not None
-        assert fake.answers == [407, 200]  # SHA-256 challenge, answered from ha1_sha256
-    finally:
-        await regs.close()
-
-
-async def test_metric_labels_name_no_account_user_or_registrar() -> None:
-    time = ManualTime()
-    fake = FakeRegistrar(time, proxy_auth=True)
-    registry = CollectorRegistry()
+async def register_one(fake: FakeRegistrar, registry: CollectorRegistry) -> None:
+    """make_account(1) registered at `fake` by an engine started for it, closed after."""
+    time = fake.time
     regs = Registrations(
         RegistrarSettings(start_spread=0), fake, time.clock, registry, sleep=time.sleep
     )
     regs.start()
     try:
         regs.add(make_account(1), spread=False)
-        await asyncio.wait_for(
+        status = await asyncio.wait_for(
             regs.wait_for("acc1", lambda s: s is not None and s.state is State.REGISTERED), WAIT
         )
+        assert status is not None
     finally:
         await regs.close()
+
+
+async def test_proxy_authenticate_is_answered_from_the_ha1() -> None:
+    fake = FakeRegistrar(ManualTime(), proxy_auth=True)
+    await register_one(fake, CollectorRegistry())
+    assert fake.answers == [407, 200]  # SHA-256 challenge, answered from ha1_sha256
+
+
+async def test_metric_labels_name_no_account_user_or_registrar() -> None:
+    registry = CollectorRegistry()
+    await register_one(FakeRegistrar(ManualTime(), proxy_auth=True), registry)
     labels = {
         value
         for metric in registry.collect()
