@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -48,8 +49,9 @@ from softrelay.app import (
     Services,
     build_app,
 )
-from tests.kamailio import DOMAIN, Kamailio, KamailioUnavailable, Subscriber
-from tests.limits import LONGEST_WAIT, in_ci
+from tests.kamailio import DOMAIN, Kamailio, Subscriber
+from tests.limits import LONGEST_WAIT
+from tests.sipis.provider import running_kamailio
 
 WAIT = LONGEST_WAIT / 3
 RELAY_DOMAIN = "relay.test"
@@ -62,24 +64,10 @@ SDP = f"v=0\r\n{SDP_CANARY}\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 400
 APP_IP = "127.0.0.2"  # the app's address differs from softrelay's
 
 
-def start_kamailio(subscribers: list[Subscriber]) -> Kamailio:
-    try:
-        kamailio = Kamailio(subscribers)
-    except KamailioUnavailable as exc:
-        if in_ci():
-            pytest.fail(f"CI needs Kamailio: {exc}")
-        pytest.skip(str(exc))
-    kamailio.start()
-    return kamailio
-
-
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    server = start_kamailio([ALICE])
-    try:
+    with running_kamailio([ALICE]) as server:
         yield server
-    finally:
-        server.close()
 
 
 def message(start: str, *headers: str, body: str = "") -> bytes:
@@ -138,18 +126,43 @@ class Inbox:
             return next(m for m in self.items if match(m))
 
 
-class Caller(asyncio.DatagramProtocol):
-    """A foreign caller (sip:carol@other.test) sending through Kamailio over UDP."""
+def ua_answer(
+    request: Request, status: int, reason: str, contact: str, tag: str, body: str = ""
+) -> bytes:
+    """A UA's own answer to `request`: its Contact when it accepts an INVITE, the SDP
+    `body` when there is one."""
+    extra = [f"Contact: {contact}"] if request.method == "INVITE" and status < 300 else []
+    if body:
+        extra.append("Content-Type: application/sdp")
+    return answer(request, status, reason, *extra, tag=tag, body=body)
+
+
+def callee_bye(invite: Request, via: str, tag: str) -> bytes:
+    """The callee's BYE of the dialog `invite` set up: to the caller's Contact, by the
+    INVITE's Record-Route (in order: the callee is the UAS)."""
+    routes = [f"Route: {v}" for v in invite.values("Record-Route")]
+    return message(
+        f"BYE {invite.contacts[0].uri} SIP/2.0",
+        via,
+        *routes,
+        "Max-Forwards: 70",
+        f"From: {invite.get('To')};tag={tag}",
+        f"To: {invite.get('From')}",
+        f"Call-ID: {invite.call_id}",
+        "CSeq: 1 BYE",
+    )
+
+
+class UdpPeer(asyncio.DatagramProtocol):
+    """A UA on a loopback UDP socket of its own, sending to Kamailio; what reaches it
+    goes to its inbox."""
 
     def __init__(self, kamailio_port: int) -> None:
         self.inbox = Inbox()
         self.target = ("127.0.0.1", kamailio_port)
         self.transport: asyncio.DatagramTransport | None = None
         self.port = 0
-        self.call_id = secrets.token_hex(8)
         self.tag = secrets.token_hex(4)
-        self.branch = "z9hG4bK" + secrets.token_hex(8)
-        self.cseq = 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a datagram transport
@@ -161,20 +174,30 @@ class Caller(asyncio.DatagramProtocol):
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, kamailio_port: int) -> AsyncIterator[Caller]:
+    async def open(cls, kamailio_port: int) -> AsyncIterator[Self]:
         loop = asyncio.get_running_loop()
-        _, caller = await loop.create_datagram_endpoint(
+        _, peer = await loop.create_datagram_endpoint(
             lambda: cls(kamailio_port), local_addr=("127.0.0.1", 0)
         )
         try:
-            yield caller
+            yield peer
         finally:
-            assert caller.transport is not None
-            caller.transport.close()
+            assert peer.transport is not None
+            peer.transport.close()
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.sendto(data, self.target)
+
+
+class Caller(UdpPeer):
+    """A foreign caller (sip:carol@other.test) sending through Kamailio over UDP."""
+
+    def __init__(self, kamailio_port: int) -> None:
+        super().__init__(kamailio_port)
+        self.call_id = secrets.token_hex(8)
+        self.branch = "z9hG4bK" + secrets.token_hex(8)
+        self.cseq = 1
 
     def via(self, branch: str | None = None) -> str:
         return f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch or self.branch};rport"
@@ -260,7 +283,7 @@ class App:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, port: int) -> AsyncIterator[App]:
+    async def connect(cls, port: int) -> AsyncIterator[Self]:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", port, local_addr=(APP_IP, 0)), WAIT
         )
@@ -272,6 +295,14 @@ class App:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def registered(cls, port: int, account_id: str, secret: str) -> AsyncIterator[Self]:
+        """Connected, and REGISTERed (200) with the account's device secret."""
+        async with cls.connect(port) as app:
+            assert (await app.register(account_id, secret)).status == 200
+            yield app
 
     async def _read(self) -> None:
         framer = StreamFramer()
@@ -312,26 +343,37 @@ class App:
         return found
 
     def reply(self, request: Request, status: int, reason: str, body: str = "") -> None:
-        extra = [f"Contact: {self.contact}"] if request.method == "INVITE" and status < 300 else []
-        if body:
-            extra.append("Content-Type: application/sdp")
-        self.send(answer(request, status, reason, *extra, tag=self.tag, body=body))
+        self.send(ua_answer(request, status, reason, self.contact, self.tag, body))
 
     def bye(self, invite: Request) -> None:
         """BYE of the dialog `invite` set up, by its Record-Route and the caller's Contact."""
-        routes = [f"Route: {v}" for v in invite.values("Record-Route")]
-        self.send(
-            message(
-                f"BYE {invite.contacts[0].uri} SIP/2.0",
-                f"Via: SIP/2.0/TCP {APP_IP}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}",
-                *routes,
-                "Max-Forwards: 70",
-                f"From: {invite.get('To')};tag={self.tag}",
-                f"To: {invite.get('From')}",
-                f"Call-ID: {invite.call_id}",
-                "CSeq: 1 BYE",
-            )
-        )
+        via = f"Via: SIP/2.0/TCP {APP_IP}:{self.port};branch=z9hG4bK{secrets.token_hex(8)}"
+        self.send(callee_bye(invite, via, self.tag))
+
+
+async def ack_then_app_hangs_up(caller: Caller, app: App, invite: Request, ok: Response) -> None:
+    """The caller ACKs the app's 2xx `ok`, then the app BYEs the dialog `invite` set
+    up: each request and the BYE's 200 waited for where it goes."""
+    await _ack(caller, app, ok)
+    app.bye(invite)
+    bye = await caller.inbox.request("BYE")
+    caller.reply(bye, 200, "OK")
+    await app.inbox.response(200, "BYE")
+
+
+async def ack_then_caller_hangs_up(caller: Caller, app: App, ok: Response) -> None:
+    """The caller ACKs the app's 2xx `ok`, then BYEs: each request and the BYE's 200
+    waited for where it goes."""
+    await _ack(caller, app, ok)
+    caller.in_dialog("BYE", ok)
+    bye = await app.inbox.request("BYE")
+    app.reply(bye, 200, "OK")
+    await caller.inbox.response(200, "BYE")
+
+
+async def _ack(caller: Caller, app: App, ok: Response) -> None:
+    caller.in_dialog("ACK", ok)
+    await app.inbox.request("ACK")
 
 
 @dataclass

@@ -34,7 +34,15 @@ import pytest
 
 from tests.kamailio import DOMAIN, Kamailio, Subscriber
 from tests.peers import STEP_TIMEOUT, Server, _drain, run_cli, spawn_serve
-from tests.sipis.calls_world import CALLER_NAME, SDP, SDP_CANARY, App, Caller, start_kamailio
+from tests.sipis.calls_world import (
+    CALLER_NAME,
+    SDP,
+    SDP_CANARY,
+    App,
+    Caller,
+    ack_then_app_hangs_up,
+)
+from tests.sipis.provider import running_kamailio
 from tests.sipis.test_messages_kamailio import app_answer
 
 PASSWORD = f"pw-canary-{secrets.token_hex(6)}"
@@ -45,11 +53,8 @@ TEXT = f"Text body canary {secrets.token_hex(6)}"
 
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    server = start_kamailio([ALICE])
-    try:
+    with running_kamailio([ALICE]) as server:
         yield server
-    finally:
-        server.close()
 
 
 @contextlib.asynccontextmanager
@@ -130,8 +135,7 @@ async def run(server: Server, kamailio: Kamailio) -> str:
         caller.invite()
         ringing = await caller.inbox.response(180)
         assert ringing.get("Push-Status") == "delivered"
-        async with App.connect(server.ports["tcp"]) as app:
-            assert (await app.register(account_id, secret)).status == 200
+        async with App.registered(server.ports["tcp"], account_id, secret) as app:
             text = await app.inbox.request("MESSAGE")
             assert text.body.decode() == TEXT
             app.send(app_answer(text))
@@ -141,12 +145,7 @@ async def run(server: Server, kamailio: Kamailio) -> str:
             app.reply(invite, 180, "Ringing")
             app.reply(invite, 200, "OK", body=SDP)
             ok = await caller.inbox.response(200)
-            caller.in_dialog("ACK", ok)
-            await app.inbox.request("ACK")
-            app.bye(invite)
-            bye = await caller.inbox.request("BYE")
-            caller.reply(bye, 200, "OK")
-            await app.inbox.response(200, "BYE")
+            await ack_then_app_hangs_up(caller, app, invite, ok)
     return secret
 
 

@@ -59,8 +59,7 @@ async def test_cancel_while_parked_is_487_and_a_cancel_push(
             assert world.calls.parked_for(account.account_id) == 0
             assert ends(world, "cancelled") == 1
             # The app wakes too late: nothing is delivered.
-            async with App.connect(world.sip_port) as app:
-                assert (await app.register(account.account_id, secret)).status == 200
+            async with App.registered(world.sip_port, account.account_id, secret) as app:
                 assert (await app.register(account.account_id, secret, cseq=2)).status == 200
                 assert app.inbox.requests("INVITE") == []
             assert ends(world, "delivered") == 0
@@ -92,8 +91,7 @@ async def test_the_app_declining_gives_the_caller_its_answer(
         assert kamailio.port is not None
         async with Caller.open(kamailio.port) as caller:
             await parked_call(world, caller, account.push.token)
-            async with App.connect(world.sip_port) as app:
-                assert (await app.register(account.account_id, secret)).status == 200
+            async with App.registered(world.sip_port, account.account_id, secret) as app:
                 invite = await app.inbox.request("INVITE")
                 app.reply(invite, 486, "Busy Here")
                 busy = await caller.inbox.response(486)

@@ -16,6 +16,8 @@ from tests.sipis.calls_world import (
     WAIT,
     App,
     Caller,
+    ack_then_app_hangs_up,
+    ack_then_caller_hangs_up,
     kamailio,
     make_world,
 )
@@ -58,12 +60,7 @@ async def test_call_reaches_the_sleeping_app_after_a_push_and_completes(
                 assert contact is not None
                 assert ok.get("Contact") == contact
                 assert not any(MARK in v for v in ok.values("Record-Route"))
-                caller.in_dialog("ACK", ok)
-                await app.inbox.request("ACK")
-                app.bye(invite)
-                bye = await caller.inbox.request("BYE")
-                caller.reply(bye, 200, "OK")
-                await app.inbox.response(200, "BYE")
+                await ack_then_app_hangs_up(caller, app, invite, ok)
         assert world.calls.parked_for(account.account_id) == 0
 
 
@@ -71,18 +68,14 @@ async def test_caller_hangs_up_a_delivered_call(kamailio: Kamailio, tmp_path: Pa
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
         assert kamailio.port is not None
-        async with App.connect(world.sip_port) as app:
-            assert (await app.register(account.account_id, secret)).status == 200
-            async with Caller.open(kamailio.port) as caller:
-                caller.invite()
-                invite = await app.inbox.request("INVITE")  # awake: no push, at once
-                assert world.stand_ins.deliveries.for_token(account.push.token) == []
-                app.reply(invite, 200, "OK", body=SDP)
-                ok = await caller.inbox.response(200)
-                assert 180 not in caller.inbox.statuses()
-                caller.in_dialog("ACK", ok)
-                await app.inbox.request("ACK")
-                caller.in_dialog("BYE", ok)
-                bye = await app.inbox.request("BYE")
-                app.reply(bye, 200, "OK")
-                await caller.inbox.response(200, "BYE")
+        async with (
+            App.registered(world.sip_port, account.account_id, secret) as app,
+            Caller.open(kamailio.port) as caller,
+        ):
+            caller.invite()
+            invite = await app.inbox.request("INVITE")  # awake: no push, at once
+            assert world.stand_ins.deliveries.for_token(account.push.token) == []
+            app.reply(invite, 200, "OK", body=SDP)
+            ok = await caller.inbox.response(200)
+            assert 180 not in caller.inbox.statuses()
+            await ack_then_caller_hangs_up(caller, app, ok)

@@ -46,9 +46,11 @@ from tests.sipis.calls_world import (
     WAIT,
     App,
     Caller,
+    ack_then_app_hangs_up,
+    ack_then_caller_hangs_up,
     answer,
 )
-from tests.sipis.test_e2e import TOKEN, Running, body_for, running, settings
+from tests.sipis.test_e2e import TOKEN, Running, running, settings
 from tests.sipis.test_outgoing_kamailio import Callee, Placing, kamailio
 
 __all__ = ["kamailio"]  # the fixture (alice and bob)
@@ -84,9 +86,7 @@ async def two_nodes(
                 tmp_path / "a", keyring, store, sipis, cluster=_node("node-a", redis_url), **sip
             )
         )
-        status, created = await a.call("POST", body=body_for(kamailio, ALICE))
-        assert status == 201, created
-        account_id, secret = created["account_id"], created["device_secret"]
+        account_id, secret = await a.create(kamailio, ALICE, registered=False)
         await a.app[SIPIS_LEASES].turn()  # A takes the lease now, before B is there
         assert account_id in a.app[SIPIS_LEASES].held
         await a.until(account_id, State.REGISTERED)
@@ -165,26 +165,18 @@ async def test_a_call_parked_on_the_lease_holder_reaches_the_app_on_another_node
                 ok = await caller.inbox.response(200)
                 assert ok.get("Contact") == a.engine.contact(account_id)
                 assert not any(MARK in v for v in ok.values("Record-Route"))
-                caller.in_dialog("ACK", ok)
-                await app.inbox.request("ACK")
-                app.bye(invite)
-                bye = await caller.inbox.request("BYE")
-                caller.reply(bye, 200, "OK")
-                await app.inbox.response(200, "BYE")
+                await ack_then_app_hangs_up(caller, app, invite, ok)
 
-            async with Caller.open(kamailio.port) as caller2, App.connect(_sip_port(b)) as app2:
-                assert (await app2.register(account_id, secret)).status == 200
+            async with (
+                Caller.open(kamailio.port) as caller2,
+                App.registered(_sip_port(b), account_id, secret) as app2,
+            ):
                 caller2.invite()
                 invite2 = await app2.inbox.request("INVITE")  # connected: no push
                 assert len(a.app[STAND_INS].deliveries.for_token(token)) == 1
                 app2.reply(invite2, 200, "OK", body=SDP)
                 ok2 = await caller2.inbox.response(200)
-                caller2.in_dialog("ACK", ok2)
-                await app2.inbox.request("ACK")
-                caller2.in_dialog("BYE", ok2)
-                bye2 = await app2.inbox.request("BYE")
-                app2.reply(bye2, 200, "OK")
-                await caller2.inbox.response(200, "BYE")
+                await ack_then_caller_hangs_up(caller2, app2, ok2)
         assert calls_b.parked_for(account_id) == 0
         assert b.app[STAND_INS].deliveries.for_token(token) == []  # B pushed nothing
 
@@ -216,10 +208,9 @@ async def test_a_text_waits_on_the_holder_and_the_app_on_another_node_gets_it_an
             await asyncio.wait_for(a.app[SIPIS_MESSAGES].idle(account_id), WAIT)
             assert await store.find(MESSAGES, account_id=account_id) == []
 
-            call_id, branch = secrets.token_hex(8), "z9hG4bK" + secrets.token_hex(8)
             account = await a.app[ACCOUNTS].get(account_id)
             assert account is not None
-            app.invite(account, call_id, branch)
+            call_id, branch = app.invite(account)
             invite = await bob.inbox.request("INVITE")
             assert invite.call_id == call_id
             assert invite.cseq.number == 2  # A answered Kamailio's 407 with the HA1

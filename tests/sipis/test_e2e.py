@@ -38,7 +38,8 @@ from sipis.settings import SipisSettings
 from softrelay.app import Services, build_app
 from tests.kamailio import DOMAIN, Kamailio, Subscriber
 from tests.limits import LONGEST_WAIT
-from tests.sipis.test_registrar_kamailio import ALICE, ask, registers_logged, start_kamailio
+from tests.sipis.provider import running_kamailio
+from tests.sipis.test_registrar_kamailio import ALICE, ask, registers_logged
 from tests.sipis.test_stale_bindings import register_as, users
 from webapi.ratelimit import RateLimit
 
@@ -49,11 +50,8 @@ TOKEN = "fcm-token-e2e-5b1c"
 
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    server = start_kamailio([ALICE])
-    try:
+    with running_kamailio([ALICE]) as server:
         yield server
-    finally:
-        server.close()
 
 
 def body_for(kamailio: Kamailio, sub: Subscriber = ALICE, **changes: Any) -> dict[str, Any]:
@@ -87,6 +85,18 @@ class Running:
         async with self.session.request(method, url, json=body, headers=headers) as answer:
             text = await answer.text()
             return answer.status, (await answer.json() if text else None)
+
+    async def create(
+        self, kamailio: Kamailio, sub: Subscriber = ALICE, *, registered: bool = True
+    ) -> tuple[str, str]:
+        """The account of `sub` POSTed (201), registered at Kamailio unless `registered`
+        is False: its id and device secret."""
+        status, created = await self.call("POST", body=body_for(kamailio, sub))
+        assert status == 201, created
+        account_id, secret = created["account_id"], created["device_secret"]
+        if registered:
+            await self.until(account_id, State.REGISTERED)
+        return account_id, secret
 
     async def until(self, account_id: str, state: State) -> Status:
         def reached(status: Status | None) -> bool:
@@ -145,10 +155,7 @@ async def test_account_registers_pauses_resumes_and_is_deleted(
     kamailio: Kamailio, tmp_path: Path
 ) -> None:
     async with running(tmp_path, Keyring.generate(), StoreSettings(), settings()) as node:
-        status, created = await node.call("POST", body=body_for(kamailio))
-        assert status == 201, created
-        account_id, secret = created["account_id"], created["device_secret"]
-        await node.until(account_id, State.REGISTERED)
+        account_id, secret = await node.create(kamailio)
         status, view = await node.call("GET", f"/{account_id}", secret)
         assert status == 200
         assert view["status"]["state"] == "registered"
@@ -182,9 +189,7 @@ async def test_a_restart_registers_the_stored_account_again(
 ) -> None:
     keyring = Keyring.generate()
     async with running(tmp_path, keyring, StoreSettings(), settings()) as node:
-        _, created = await node.call("POST", body=body_for(kamailio))
-        account_id, secret = created["account_id"], created["device_secret"]
-        await node.until(account_id, State.REGISTERED)
+        account_id, secret = await node.create(kamailio)
     # A restart (the first node's binding stays at Kamailio until it lapses): the stored
     # account registers again, within the start spread, from the new node's socket.
     before = registers_logged(kamailio)
@@ -211,9 +216,7 @@ async def test_a_paused_account_stays_unregistered_after_a_restart(
 ) -> None:
     keyring = Keyring.generate()
     async with running(tmp_path, keyring, StoreSettings(), settings()) as node:
-        _, created = await node.call("POST", body=body_for(kamailio))
-        account_id, secret = created["account_id"], created["device_secret"]
-        await node.until(account_id, State.REGISTERED)
+        account_id, secret = await node.create(kamailio)
         await node.call("PATCH", f"/{account_id}", secret, {"paused": True})
     before = len(registers_logged(kamailio))
     async with running(tmp_path, keyring, StoreSettings(), settings()) as node:
@@ -257,8 +260,7 @@ async def test_a_registrar_change_to_an_internal_host_is_refused(
 ) -> None:
     keyring = Keyring.generate()
     async with running(tmp_path, keyring, StoreSettings(), settings()) as node:
-        _, created = await node.call("POST", body=body_for(kamailio))
-        account_id, secret = created["account_id"], created["device_secret"]
+        account_id, secret = await node.create(kamailio, registered=False)
     # The operator turns the setting off: a change naming a registrar is checked, one
     # that does not name it is not (the stored account was allowed when stored).
     strict = settings(allow_private_registrars=False)
@@ -287,9 +289,7 @@ async def test_a_push_app_that_is_not_configured_is_refused(
             "error": "bad_field",
             "detail": "field 'push.app_id': not an app this server sends pushes for",
         }
-        status, created = await node.call("POST", body=body_for(kamailio))
-        assert status == 201
-        account_id, secret = created["account_id"], created["device_secret"]
+        account_id, secret = await node.create(kamailio, registered=False)
         change = {"push": {"provider": "fcm", "token": TOKEN, "app_id": "com.other.app"}}
         status, answer = await node.call("PATCH", f"/{account_id}", secret, change)
         assert (status, answer["error"]) == (400, "bad_field")

@@ -51,8 +51,7 @@ async def test_text_waits_encrypted_then_reaches_the_app_and_is_deleted(
         dump = SQLiteRaw(tmp_path).dump()
         assert "canary" not in dump
         assert "carol" not in dump
-        async with App.connect(world.sip_port) as app:
-            assert (await app.register(account.account_id, secret)).status == 200
+        async with App.registered(world.sip_port, account.account_id, secret) as app:
             delivered = await app.inbox.request("MESSAGE")
             assert delivered.body.decode() == text
             assert str(delivered.from_.uri) == "sip:carol@other.test"
@@ -73,15 +72,16 @@ async def test_text_for_a_connected_app_goes_straight_to_it(
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
         assert kamailio.port is not None
-        async with App.connect(world.sip_port) as app:
-            assert (await app.register(account.account_id, secret)).status == 200
-            async with Caller.open(kamailio.port) as caller:
-                caller.text("hello")
-                delivered = await app.inbox.request("MESSAGE")
-                assert delivered.body == b"hello"
-                app.send(app_answer(delivered))
-                await caller.inbox.response(200, "MESSAGE")
-                assert 202 not in caller.inbox.statuses("MESSAGE")
+        async with (
+            App.registered(world.sip_port, account.account_id, secret) as app,
+            Caller.open(kamailio.port) as caller,
+        ):
+            caller.text("hello")
+            delivered = await app.inbox.request("MESSAGE")
+            assert delivered.body == b"hello"
+            app.send(app_answer(delivered))
+            await caller.inbox.response(200, "MESSAGE")
+            assert 202 not in caller.inbox.statuses("MESSAGE")
         assert await world.store.find(MESSAGES, account_id=account.account_id) == []
         assert world.stand_ins.deliveries.for_token(account.push.token) == []
 

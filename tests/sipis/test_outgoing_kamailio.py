@@ -7,7 +7,6 @@ directly over UDP. Every wait is bounded and waits for a message, never for time
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import secrets
@@ -18,7 +17,6 @@ import pytest
 
 from mockphone import digest
 from proxy.sip.message import Request, Response
-from proxy.sip.parser import parse
 from sipis.account import Account, Credential
 from sipis.appleg import MARK
 from tests.kamailio import DOMAIN, Kamailio, Subscriber
@@ -28,13 +26,14 @@ from tests.sipis.calls_world import (
     SDP,
     SIPIS_DOMAIN,
     App,
-    Inbox,
+    UdpPeer,
     World,
-    answer,
+    callee_bye,
     make_world,
     message,
-    start_kamailio,
+    ua_answer,
 )
+from tests.sipis.provider import running_kamailio
 
 BOB = Subscriber("bob", "bob-" + secrets.token_hex(4))
 TARGET = f"sip:bob@{DOMAIN}"
@@ -42,52 +41,23 @@ TARGET = f"sip:bob@{DOMAIN}"
 
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    server = start_kamailio([ALICE, BOB])
-    try:
+    with running_kamailio([ALICE, BOB]) as server:
         yield server
-    finally:
-        server.close()
 
 
-class Callee(asyncio.DatagramProtocol):
+class Callee(UdpPeer):
     """bob: a UA registered at Kamailio itself over UDP; it answers what reaches it."""
-
-    def __init__(self, kamailio_port: int) -> None:
-        self.inbox = Inbox()
-        self.target = ("127.0.0.1", kamailio_port)
-        self.transport: asyncio.DatagramTransport | None = None
-        self.port = 0
-        self.tag = secrets.token_hex(4)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a datagram transport
-        self.port = transport.get_extra_info("sockname")[1]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if data.strip():
-            asyncio.get_running_loop().create_task(self.inbox.put(parse(data)))
 
     @classmethod
     @contextlib.asynccontextmanager
     async def registered(cls, kamailio_port: int) -> AsyncIterator[Callee]:
-        loop = asyncio.get_running_loop()
-        _, callee = await loop.create_datagram_endpoint(
-            lambda: cls(kamailio_port), local_addr=("127.0.0.1", 0)
-        )
-        try:
+        async with cls.open(kamailio_port) as callee:
             await callee._register()
             yield callee
-        finally:
-            assert callee.transport is not None
-            callee.transport.close()
 
     @property
     def contact(self) -> str:
         return f"<sip:bob@127.0.0.1:{self.port}>"
-
-    def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.sendto(data, self.target)
 
     def _register_request(self, cseq: int, *extra: str) -> bytes:
         return message(
@@ -114,27 +84,11 @@ class Callee(asyncio.DatagramProtocol):
         await self.inbox.response(200, "REGISTER")
 
     def reply(self, request: Request, status: int, reason: str, body: str = "") -> None:
-        extra = [f"Contact: {self.contact}"] if request.method == "INVITE" and status < 300 else []
-        if body:
-            extra.append("Content-Type: application/sdp")
-        self.send(answer(request, status, reason, *extra, tag=self.tag, body=body))
+        self.send(ua_answer(request, status, reason, self.contact, self.tag, body))
 
     def bye(self, invite: Request) -> None:
-        """The callee's BYE of the dialog `invite` set up: to its Contact, by its
-        Record-Route (in order: the callee is the UAS)."""
-        routes = [f"Route: {v}" for v in invite.values("Record-Route")]
-        self.send(
-            message(
-                f"BYE {invite.contacts[0].uri} SIP/2.0",
-                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)}",
-                *routes,
-                "Max-Forwards: 70",
-                f"From: {invite.get('To')};tag={self.tag}",
-                f"To: {invite.get('From')}",
-                f"Call-ID: {invite.call_id}",
-                "CSeq: 1 BYE",
-            )
-        )
+        via = f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)}"
+        self.send(callee_bye(invite, via, self.tag))
 
 
 class Placing(App):
@@ -154,7 +108,9 @@ class Placing(App):
     def from_(self, account: Account) -> str:
         return f"<sip:{account.account_id}@{SIPIS_DOMAIN}>;tag={self.tag}"
 
-    def invite(self, account: Account, call_id: str, branch: str) -> None:
+    def invite(self, account: Account) -> tuple[str, str]:
+        """An INVITE to bob; its Call-ID and branch."""
+        call_id, branch = secrets.token_hex(8), "z9hG4bK" + secrets.token_hex(8)
         self.send(
             message(
                 f"INVITE {TARGET} SIP/2.0",
@@ -169,6 +125,7 @@ class Placing(App):
                 body=SDP,
             )
         )
+        return call_id, branch
 
     def cancel(self, account: Account, call_id: str, branch: str) -> None:
         self.send(
@@ -228,11 +185,16 @@ class Placing(App):
 
 
 @contextlib.asynccontextmanager
-async def connected(world: World, account: Account, secret: str) -> AsyncIterator[Placing]:
-    async with Placing.connect(world.sip_port) as app:
-        assert isinstance(app, Placing)
-        assert (await app.register(account.account_id, secret)).status == 200
-        yield app
+async def bob_and_app(
+    world: World, account: Account, secret: str
+) -> AsyncIterator[tuple[Callee, Placing]]:
+    """bob registered at Kamailio, and the account's app connected to softrelay."""
+    assert world.kamailio.port is not None
+    async with (
+        Callee.registered(world.kamailio.port) as bob,
+        Placing.registered(world.sip_port, account.account_id, secret) as app,
+    ):
+        yield bob, app
 
 
 def outgoing(world: World, method: str, outcome: str) -> float:
@@ -246,8 +208,7 @@ async def answered_call(
     world: World, app: Placing, bob: Callee, account: Account
 ) -> tuple[Request, Response]:
     """The app calls bob, bob answers, the app ACKs: bob's INVITE and the app's 200."""
-    call_id, branch = secrets.token_hex(8), "z9hG4bK" + secrets.token_hex(8)
-    app.invite(account, call_id, branch)
+    call_id, branch = app.invite(account)
     invite = await bob.inbox.request("INVITE")
     assert invite.call_id == call_id
     # Kamailio forwards only an authenticated INVITE, and that was softrelay's second:
@@ -280,13 +241,9 @@ async def answered_call(
 async def test_outgoing_call_is_authenticated_with_the_stored_ha1_and_hung_up_by_the_app(
     kamailio: Kamailio, tmp_path: Path
 ) -> None:
-    assert kamailio.port is not None
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
-        async with (
-            Callee.registered(kamailio.port) as bob,
-            connected(world, account, secret) as app,
-        ):
+        async with bob_and_app(world, account, secret) as (bob, app):
             invite, ok = await answered_call(world, app, bob, account)
             app.in_dialog("BYE", 2, ok)
             bye = await bob.inbox.request("BYE")
@@ -303,13 +260,9 @@ async def test_outgoing_call_is_authenticated_with_the_stored_ha1_and_hung_up_by
 
 
 async def test_callee_hangs_up_a_call_the_app_placed(kamailio: Kamailio, tmp_path: Path) -> None:
-    assert kamailio.port is not None
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
-        async with (
-            Callee.registered(kamailio.port) as bob,
-            connected(world, account, secret) as app,
-        ):
+        async with bob_and_app(world, account, secret) as (bob, app):
             invite, _ = await answered_call(world, app, bob, account)
             bob.bye(invite)
             bye = await app.inbox.request("BYE")
@@ -324,15 +277,10 @@ async def test_callee_hangs_up_a_call_the_app_placed(kamailio: Kamailio, tmp_pat
 
 
 async def test_app_cancels_its_call_before_the_answer(kamailio: Kamailio, tmp_path: Path) -> None:
-    assert kamailio.port is not None
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
-        async with (
-            Callee.registered(kamailio.port) as bob,
-            connected(world, account, secret) as app,
-        ):
-            call_id, branch = secrets.token_hex(8), "z9hG4bK" + secrets.token_hex(8)
-            app.invite(account, call_id, branch)
+        async with bob_and_app(world, account, secret) as (bob, app):
+            call_id, branch = app.invite(account)
             invite = await bob.inbox.request("INVITE")
             bob.reply(invite, 180, "Ringing")
             await app.inbox.response(180)
@@ -356,7 +304,6 @@ async def test_app_cancels_its_call_before_the_answer(kamailio: Kamailio, tmp_pa
 async def test_wrong_stored_ha1_gives_the_app_a_final_403_and_no_loop(
     kamailio: Kamailio, tmp_path: Path
 ) -> None:
-    assert kamailio.port is not None
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
         # The stored HA1 goes wrong after the account registered (the password was
@@ -364,12 +311,8 @@ async def test_wrong_stored_ha1_gives_the_app_a_final_403_and_no_loop(
         wrong = Subscriber("alice", "not-" + ALICE.password).ha1()
         credential = Credential("alice", DOMAIN, ha1_md5=wrong)
         assert await world.accounts.update(dataclasses.replace(account, credential=credential))
-        async with (
-            Callee.registered(kamailio.port) as bob,
-            connected(world, account, secret) as app,
-        ):
-            call_id, branch = secrets.token_hex(8), "z9hG4bK" + secrets.token_hex(8)
-            app.invite(account, call_id, branch)
+        async with bob_and_app(world, account, secret) as (bob, app):
+            app.invite(account)
             refused = await app.inbox.response(403)
             assert refused.get("CSeq") == "1 INVITE"
             assert refused.reason == "Stored Credentials Refused"
@@ -396,13 +339,9 @@ def _invites_from_alice(kamailio: Kamailio) -> int:
 async def test_outgoing_message_is_authenticated_and_delivered(
     kamailio: Kamailio, tmp_path: Path
 ) -> None:
-    assert kamailio.port is not None
     async with make_world(kamailio, tmp_path) as world:
         account, secret = await world.account()
-        async with (
-            Callee.registered(kamailio.port) as bob,
-            connected(world, account, secret) as app,
-        ):
+        async with bob_and_app(world, account, secret) as (bob, app):
             call_id = app.text(account, "hello bob")
             delivered = await bob.inbox.request("MESSAGE")
             assert delivered.call_id == call_id

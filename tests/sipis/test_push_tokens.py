@@ -252,8 +252,7 @@ async def test_without_an_alert_token_an_iphone_text_waits_unpushed_and_the_app_
         assert "incoming_call" in events
         # The text still waits, and reaches the app when it connects.
         assert len(await world.store.find(MESSAGES, account_id=account.account_id)) == 1
-        async with App.connect(world.sip_port) as app:
-            assert (await app.register(account.account_id, secret)).status == 200
+        async with App.registered(world.sip_port, account.account_id, secret) as app:
             delivered = await app.inbox.request("MESSAGE")
             assert delivered.body == b"unpushed text"
             app.send(app_answer(delivered))

@@ -27,9 +27,10 @@ from proxy.sip.parser import parse
 from sipis.account import Account, Credential, Push, SipTransport, State, Status
 from sipis.registrar import RegistrarSettings, Registrations, unavailable
 from sipis.uac import Destination, Inbound, Uac, UacSettings
-from tests.kamailio import DOMAIN, Kamailio, KamailioUnavailable, Subscriber
-from tests.limits import LONGEST_WAIT, in_ci
+from tests.kamailio import DOMAIN, Kamailio, Subscriber
+from tests.limits import LONGEST_WAIT
 from tests.sipis.manualtime import ManualTime
+from tests.sipis.provider import running_kamailio
 
 WAIT = LONGEST_WAIT / 3
 ALICE = Subscriber("alice", "alice-" + secrets.token_hex(4))
@@ -37,24 +38,10 @@ BOB = Subscriber("bob", "bob-" + secrets.token_hex(4))
 SETTINGS = RegistrarSettings(start_spread=0, rate=100, t1=0.5)
 
 
-def start_kamailio(subscribers: list[Subscriber], **options: object) -> Kamailio:
-    try:
-        kamailio = Kamailio(subscribers, **options)  # type: ignore[arg-type]
-    except KamailioUnavailable as exc:
-        if in_ci():
-            pytest.fail(f"CI needs Kamailio: {exc}")
-        pytest.skip(str(exc))
-    kamailio.start()
-    return kamailio
-
-
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    server = start_kamailio([ALICE, BOB])
-    try:
+    with running_kamailio([ALICE, BOB]) as server:
         yield server
-    finally:
-        server.close()
 
 
 @dataclass
@@ -324,8 +311,7 @@ async def test_pause_unregisters_and_resume_registers_again(
 
 
 async def test_sha256_challenge_is_answered_from_the_sha256_ha1() -> None:
-    kamailio = start_kamailio([ALICE], sha256=True)
-    try:
+    with running_kamailio([ALICE], sha256=True) as kamailio:
         async with make_world() as world:
             alice = account(kamailio, ALICE, md5=False, sha256=True)
             world.regs.add(alice, spread=False)
@@ -336,13 +322,10 @@ async def test_sha256_challenge_is_answered_from_the_sha256_ha1() -> None:
             status = await world.until(md5_only.account_id, failing)
             assert status.reason == "no HA1 for SHA-256"
             assert world.sent("no_credential") == 1
-    finally:
-        kamailio.close()
 
 
 async def test_interval_too_brief_is_retried_with_min_expires() -> None:
-    kamailio = start_kamailio([ALICE], min_expires=900)
-    try:
+    with running_kamailio([ALICE], min_expires=900) as kamailio:
         async with make_world() as world:
             alice = account(kamailio, ALICE)
             world.regs.add(alice, spread=False)
@@ -353,8 +336,6 @@ async def test_interval_too_brief_is_retried_with_min_expires() -> None:
             await world.step()
             await world.until(alice.account_id, lambda s: registered(s) and s != status)
             assert world.sent("interval_too_brief") == 1
-    finally:
-        kamailio.close()
 
 
 async def test_wrong_ha1_fails_with_a_reason_and_backs_off(

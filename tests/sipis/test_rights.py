@@ -29,8 +29,9 @@ from sipis.accounts import CATEGORY, MESSAGES, forget_removed
 from sipis.api import ACCOUNTS
 from softrelay.app import STORE
 from tests.kamailio import DOMAIN, Kamailio
+from tests.sipis.provider import running_kamailio
 from tests.sipis.test_e2e import TOKEN, Running, body_for, running, settings
-from tests.sipis.test_registrar_kamailio import ALICE, ask, registers_logged, start_kamailio
+from tests.sipis.test_registrar_kamailio import ALICE, ask, registers_logged
 
 pytestmark = pytest.mark.both_backends
 
@@ -42,11 +43,8 @@ SUBJECT = {"sip_username": ALICE.user, "pbx_serial": DOMAIN}
 
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    server = start_kamailio([ALICE])
-    try:
+    with running_kamailio([ALICE]) as server:
         yield server
-    finally:
-        server.close()
 
 
 async def dsr(node: Running, action: str) -> dict[str, Any]:

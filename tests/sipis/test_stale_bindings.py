@@ -53,7 +53,8 @@ from sipis.uac import (
 )
 from tests.kamailio import DOMAIN, Kamailio, Subscriber
 from tests.sipis.manualtime import ManualTime
-from tests.sipis.test_registrar_kamailio import SETTINGS, WAIT, account, ask, start_kamailio
+from tests.sipis.provider import running_kamailio
+from tests.sipis.test_registrar_kamailio import SETTINGS, WAIT, account, ask
 
 ALICE = Subscriber("alice", "alice-" + secrets.token_hex(4))
 FR_TIMER_MS = 600_000  # a dead branch would hold the call this long: beyond every wait
@@ -65,11 +66,8 @@ REGISTRIES: dict[int, CollectorRegistry] = {}  # each running engine's metrics
 @pytest.fixture(params=list(MODES))
 def kamailio(request: pytest.FixtureRequest) -> Iterator[Kamailio]:
     defines = (*MODES[request.param], f"FR_TIMER={FR_TIMER_MS}")
-    server = start_kamailio([ALICE], defines=defines)
-    try:
+    with running_kamailio([ALICE], defines=defines) as server:
         yield server
-    finally:
-        server.close()
 
 
 def plain(kamailio: Kamailio) -> bool:
