@@ -1020,8 +1020,14 @@ async def open_registrations(
     """The engine `serve` runs while the app does (softrelay/app.py); `handler` gets
     the providers' requests (sipis/calls.py); `instance_key`, shared by the nodes,
     keys the accounts' instance ids."""
+    settings = registrar_settings(sipis)
     registrations = await Registrations.create(
-        registrar_settings(sipis), clock, registry, handler=handler, instance_key=instance_key
+        settings,
+        clock,
+        registry,
+        handler=handler,
+        instance_key=instance_key,
+        uac_settings=UacSettings(t1=settings.t1, ca_file=sipis.registrar_ca),
     )
     try:
         yield registrations

@@ -8,7 +8,9 @@ no account is read, and `softrelay serve` behaves as it did before.
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tomlsections.reader import Section, parse_duration
 from webapi.ratelimit import RateLimit, parse_rate
@@ -51,6 +53,9 @@ class SipisSettings:
     # How long a call for a sleeping app waits for it to connect after the push (SIPIS
     # waits two minutes); then the caller gets 480 with a reason (sipis/calls.py).
     wake_timeout: float = 120.0
+    # TLS to registrars: trust this PEM CA file instead of the system's (a provider
+    # with a private CA); None: the system's.
+    registrar_ca: Path | None = None
 
 
 def parse_sipis(sec: Section) -> SipisSettings:
@@ -69,6 +74,12 @@ def parse_sipis(sec: Section) -> SipisSettings:
     allow_private = sec.flag("allow_private_registrars", False)
     lease_ttl = sec.duration("lease_ttl", "30s")
     wake_timeout = sec.duration("wake_timeout", "2m")
+    registrar_ca = sec.text("registrar_ca", "")
+    if registrar_ca:
+        try:  # loaded once now, so a bad file stops the start with its key named
+            ssl.create_default_context(cafile=registrar_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise sec.error("registrar_ca", f"{registrar_ca} holds no usable PEM CA") from exc
     sec.finish()
     if not 5 <= wake_timeout <= 600:
         raise sec.error("wake_timeout", "must be between 5s and 10m")
@@ -103,6 +114,7 @@ def parse_sipis(sec: Section) -> SipisSettings:
         allow_private_registrars=allow_private,
         lease_ttl=float(lease_ttl),
         wake_timeout=float(wake_timeout),
+        registrar_ca=Path(registrar_ca) if registrar_ca else None,
     )
 
 

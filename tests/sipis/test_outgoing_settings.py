@@ -12,6 +12,7 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
 from push.apps import PushSettings
+from push.fakes.certs import ThrowawayCa
 from sipis.settings import SipisSettings, parse_sipis
 from softrelay.app import SIPIS_CALLS, Services, build_app
 from tests.sipis.test_accounts import Registered
@@ -62,3 +63,16 @@ async def test_the_app_waits_the_configured_wake_timeout(tmp_path: Path) -> None
         assert app[SIPIS_CALLS].settings.wake_timeout == 45.0
     finally:
         await server.close()
+
+
+def test_registrar_ca_is_loaded_at_start_and_a_bad_one_names_the_key(tmp_path: Path) -> None:
+    """`[sipis] registrar_ca`: a provider's private CA for TLS; a file that holds no PEM
+    CA stops the start with the file and key named, not at the first REGISTER."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"sipis\.registrar_ca.*holds no usable PEM CA"):
+        sipis(registrar_ca=str(bad))
+    assert sipis().registrar_ca is None
+    good = tmp_path / "good.pem"
+    good.write_bytes(ThrowawayCa.create(tmp_path / "ca").cert_pem)
+    assert sipis(registrar_ca=str(good)).registrar_ca == good
