@@ -4,12 +4,15 @@ where Kamailio is missing, a failure in CI (tests/limits.py in_ci()), closed at 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
 from tests.kamailio import Kamailio, KamailioUnavailable, Subscriber
 from tests.limits import in_ci
+
+K = TypeVar("K", bound=Kamailio)
 
 
 @contextlib.contextmanager
@@ -21,8 +24,17 @@ def running_kamailio(
     defines: tuple[str, ...] = (),
 ) -> Iterator[Kamailio]:
     """Kamailio started with these accounts (tests/kamailio.py names the options)."""
+    with running(
+        lambda: Kamailio(subscribers, sha256=sha256, min_expires=min_expires, defines=defines)
+    ) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(make: Callable[[], K]) -> Iterator[K]:
+    """The Kamailio `make` builds (KamailioTls, say), started."""
     try:
-        server = Kamailio(subscribers, sha256=sha256, min_expires=min_expires, defines=defines)
+        server = make()
     except KamailioUnavailable as exc:
         if in_ci():
             pytest.fail(f"CI needs Kamailio: {exc}")

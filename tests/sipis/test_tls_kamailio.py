@@ -27,9 +27,9 @@ from push.fakes.certs import ThrowawayCa
 from sipis.account import Account, SipTransport
 from sipis.registrar import Registrations, unavailable
 from sipis.uac import Destination, Inbound, Uac, UacSettings
-from tests.kamailio import KamailioTls, KamailioUnavailable
-from tests.limits import in_ci
+from tests.kamailio import KamailioTls
 from tests.sipis.manualtime import ManualTime
+from tests.sipis.provider import running
 from tests.sipis.test_registrar_kamailio import (
     ALICE,
     BOB,
@@ -50,17 +50,8 @@ def ca(tmp_path: Path) -> ThrowawayCa:
 
 @pytest.fixture
 def kamailio(ca: ThrowawayCa) -> Iterator[KamailioTls]:
-    try:
-        server = KamailioTls([ALICE, BOB], ca.issue_server())
-    except KamailioUnavailable as exc:
-        if in_ci():
-            pytest.fail(f"CI needs Kamailio with TLS: {exc}")
-        pytest.skip(str(exc))
-    try:
-        server.start()
+    with running(lambda: KamailioTls([ALICE, BOB], ca.issue_server())) as server:
         yield server
-    finally:
-        server.close()
 
 
 @dataclasses.dataclass
