@@ -562,6 +562,13 @@ class ClientInvite:
             self._items.put_nowait(error)
 
 
+def _prepend_our_via(channel: _Channel, destination: Destination, request: Request) -> None:
+    """Our Via, with a new branch, on top of a request we send on `channel`."""
+    host, port = channel.local
+    branch = "z9hG4bK" + secrets.token_hex(10)
+    request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
+
+
 def _item(item: InviteItem) -> Response:
     if isinstance(item, UacError):
         raise item
@@ -661,25 +668,17 @@ class Uac:
         """Send the request `make(local)` builds (`local`: our address as the registrar
         sees it, for its Contact) in a new client transaction; its final response.
         TransportError or Timeout otherwise."""
-        if self._closed:
-            raise TransportError("closed")
-        channel = await self._channel(destination)
+        channel = await self._open_channel(destination)
         request = make(channel.local)
-        branch = "z9hG4bK" + secrets.token_hex(10)
-        host, port = channel.local
-        request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
+        _prepend_our_via(channel, destination, request)
         return await self._transact(channel, request)
 
     async def send(self, destination: Destination, request: Request) -> None:
         """Send a request that is no transaction of its own (the ACK of a 2xx, RFC 3261
         13.2.2.4) once, under a Via of ours with a new branch. TransportError if it
         cannot go out."""
-        if self._closed:
-            raise TransportError("closed")
-        channel = await self._channel(destination)
-        host, port = channel.local
-        branch = "z9hG4bK" + secrets.token_hex(10)
-        request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
+        channel = await self._open_channel(destination)
+        _prepend_our_via(channel, destination, request)
         channel.send(request.serialize())
 
     async def invite(
@@ -694,12 +693,8 @@ class Uac:
         transaction; the transaction, to take its responses from. `accepted` gets the
         2xx that come after the first (see the module docstring). TransportError if
         it cannot go out."""
-        if self._closed:
-            raise TransportError("closed")
-        channel = await self._channel(destination)
-        host, port = channel.local
-        branch = "z9hG4bK" + secrets.token_hex(10)
-        request.prepend_via(ViaHeader.new(destination.transport.value, host, port, branch))
+        channel = await self._open_channel(destination)
+        _prepend_our_via(channel, destination, request)
         invite = ClientInvite(self, channel, request, accepted, ring_limit)
         self._invites[invite.key] = invite
         try:
@@ -726,6 +721,13 @@ class Uac:
     def _spawn_cancel(self, channel: _Channel, cancel: Request) -> None:
         with contextlib.suppress(Exception):  # TasksClosed while closing: nothing to cancel
             self._tasks.spawn(self._cancel(channel, cancel), name="sipis.cancel")
+
+    async def _open_channel(self, destination: Destination) -> _Channel:
+        """The channel a new request to `destination` goes on; TransportError once
+        closed or when it cannot be had."""
+        if self._closed:
+            raise TransportError("closed")
+        return await self._channel(destination)
 
     async def _cancel(self, channel: _Channel, cancel: Request) -> None:
         """A CANCEL's own transaction; its answer tells nothing the INVITE's will not."""
