@@ -1,7 +1,8 @@
 """What the SIPIS call and text tests share: the whole app (`build_app`, SIPIS mode on,
 the real registrar engine, SIP on loopback, the embedded push stand-ins) with an
 account registered at a real Kamailio, a foreign caller sending through Kamailio over
-UDP, and a Python SIPIS app connecting to the app's SIP port over TCP.
+UDP, bob (another subscriber of that Kamailio, registered there directly over UDP), and
+a Python SIPIS app connecting to the app's SIP port over TCP.
 
 Every wait is bounded (WAIT) and waits for a message or an event, never for time.
 """
@@ -12,15 +13,16 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from mockphone import digest
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
@@ -58,6 +60,7 @@ RELAY_DOMAIN = "relay.test"
 SIPIS_DOMAIN = f"sipis.{RELAY_DOMAIN}"
 APP_ID = "com.example.softphone"
 ALICE = Subscriber("alice", "alice-" + secrets.token_hex(4))
+BOB = Subscriber("bob", "bob-" + secrets.token_hex(4))
 CALLER_NAME = "Carol Caller-canary"
 SDP_CANARY = "o=carol 4711 4711 IN IP4 sdp-canary.example"
 SDP = f"v=0\r\n{SDP_CANARY}\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 40000 RTP/AVP 0\r\n"
@@ -66,7 +69,8 @@ APP_IP = "127.0.0.2"  # the app's address differs from softrelay's
 
 @pytest.fixture
 def kamailio() -> Iterator[Kamailio]:
-    with running_kamailio([ALICE]) as server:
+    """The provider, with alice (the SIPIS account) and bob (a `KamailioUser`)."""
+    with running_kamailio([ALICE, BOB]) as server:
         yield server
 
 
@@ -175,44 +179,64 @@ class UdpPeer(asyncio.DatagramProtocol):
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, kamailio_port: int) -> AsyncIterator[Self]:
-        loop = asyncio.get_running_loop()
-        _, peer = await loop.create_datagram_endpoint(
-            lambda: cls(kamailio_port), local_addr=("127.0.0.1", 0)
-        )
-        try:
+        async with _bound(lambda: cls(kamailio_port)) as peer:
             yield peer
-        finally:
-            assert peer.transport is not None
-            peer.transport.close()
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.sendto(data, self.target)
 
 
+_Peer = TypeVar("_Peer", bound=UdpPeer)
+
+
+@contextlib.asynccontextmanager
+async def _bound(make: Callable[[], _Peer]) -> AsyncIterator[_Peer]:
+    """The peer `make` gives, on a loopback UDP socket of its own until the end."""
+    loop = asyncio.get_running_loop()
+    _, peer = await loop.create_datagram_endpoint(make, local_addr=("127.0.0.1", 0))
+    try:
+        yield peer
+    finally:
+        assert peer.transport is not None
+        peer.transport.close()
+
+
 class Caller(UdpPeer):
-    """A foreign caller (sip:carol@other.test) sending through Kamailio over UDP."""
+    """A caller sending through Kamailio over UDP; this one a foreign caller
+    (sip:carol@other.test), whom Kamailio does not challenge."""
+
+    user = "carol"
+    address = f'"{CALLER_NAME}" <sip:carol@other.test>'  # the From, without the tag
 
     def __init__(self, kamailio_port: int) -> None:
         super().__init__(kamailio_port)
         self.call_id = secrets.token_hex(8)
         self.branch = "z9hG4bK" + secrets.token_hex(8)
-        self.cseq = 1
+        self.cseq = 1  # the last one sent
+        self.invite_cseq = 1
+
+    @property
+    def contact(self) -> str:
+        return f"<sip:{self.user}@127.0.0.1:{self.port}>"
 
     def via(self, branch: str | None = None) -> str:
         return f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch or self.branch};rport"
 
-    def invite(self, user: str = "alice") -> None:
+    def invite(self, user: str = "alice", *extra: str) -> None:
+        """The INVITE of this call, with CSeq `self.cseq` and branch `self.branch`."""
+        self.invite_cseq = self.cseq
         self.send(
             message(
                 f"INVITE sip:{user}@{DOMAIN} SIP/2.0",
                 self.via(),
                 "Max-Forwards: 70",
-                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={self.tag}',
+                f"From: {self.address};tag={self.tag}",
                 f"To: <sip:{user}@{DOMAIN}>",
                 f"Call-ID: {self.call_id}",
-                "CSeq: 1 INVITE",
-                f"Contact: <sip:carol@127.0.0.1:{self.port}>",
+                f"CSeq: {self.cseq} INVITE",
+                f"Contact: {self.contact}",
+                *extra,
                 "Content-Type: application/sdp",
                 body=SDP,
             )
@@ -225,7 +249,7 @@ class Caller(UdpPeer):
                 f"MESSAGE sip:{user}@{DOMAIN} SIP/2.0",
                 self.via("z9hG4bK" + secrets.token_hex(8)),
                 "Max-Forwards: 70",
-                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={secrets.token_hex(4)}',
+                f"From: {self.address};tag={secrets.token_hex(4)}",
                 f"To: <sip:{user}@{DOMAIN}>",
                 f"Call-ID: {secrets.token_hex(8)}",
                 "CSeq: 1 MESSAGE",
@@ -240,10 +264,10 @@ class Caller(UdpPeer):
                 f"CANCEL sip:{user}@{DOMAIN} SIP/2.0",
                 self.via(),
                 "Max-Forwards: 70",
-                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={self.tag}',
+                f"From: {self.address};tag={self.tag}",
                 f"To: <sip:{user}@{DOMAIN}>",
                 f"Call-ID: {self.call_id}",
-                "CSeq: 1 CANCEL",
+                f"CSeq: {self.invite_cseq} CANCEL",
             )
         )
 
@@ -251,7 +275,7 @@ class Caller(UdpPeer):
         """ACK or BYE of the dialog the 2xx `ok` set up (its Contact, its route set)."""
         target = ok.contacts[0].uri
         routes = [f"Route: {v}" for v in reversed(ok.values("Record-Route"))]
-        cseq = 1 if method == "ACK" else self.cseq + 1
+        cseq = self.invite_cseq if method == "ACK" else self.cseq + 1
         if method != "ACK":
             self.cseq = cseq
         self.send(
@@ -260,15 +284,92 @@ class Caller(UdpPeer):
                 self.via("z9hG4bK" + secrets.token_hex(8)),
                 *routes,
                 "Max-Forwards: 70",
-                f'From: "{CALLER_NAME}" <sip:carol@other.test>;tag={self.tag}',
+                f"From: {self.address};tag={self.tag}",
                 f"To: {ok.get('To')}",
                 f"Call-ID: {self.call_id}",
                 f"CSeq: {cseq} {method}",
             )
         )
 
-    def reply(self, request: Request, status: int, reason: str) -> None:
-        self.send(answer(request, status, reason))
+    def reply(self, request: Request, status: int, reason: str, body: str = "") -> None:
+        self.send(ua_answer(request, status, reason, self.contact, self.tag, body))
+
+
+class KamailioUser(Caller):
+    """A subscriber of the provider (bob by default), registered at Kamailio itself over
+    UDP as a real UA is: it answers Kamailio's 401 to its REGISTER and 407 to its
+    INVITE with its password (mockphone.digest), and answers what reaches it."""
+
+    def __init__(self, kamailio_port: int, subscriber: Subscriber) -> None:
+        super().__init__(kamailio_port)
+        self.subscriber = subscriber
+        self.user = subscriber.user
+        self.address = f"<sip:{subscriber.user}@{DOMAIN}>"
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def registered(
+        cls, kamailio_port: int, subscriber: Subscriber = BOB
+    ) -> AsyncIterator[Self]:
+        async with _bound(lambda: cls(kamailio_port, subscriber)) as ua:
+            await ua._register()
+            yield ua
+
+    def _register_request(self, cseq: int, *extra: str) -> bytes:
+        return message(
+            f"REGISTER sip:{DOMAIN} SIP/2.0",
+            self.via("z9hG4bK" + secrets.token_hex(8)),
+            "Max-Forwards: 70",
+            f"From: {self.address};tag=reg{self.tag}",
+            f"To: {self.address}",
+            f"Call-ID: reg-{self.tag}",
+            f"CSeq: {cseq} REGISTER",
+            f"Contact: {self.contact}",
+            "Expires: 600",
+            *extra,
+        )
+
+    async def _register(self) -> None:
+        self.send(self._register_request(1))
+        challenge = (await self.inbox.response(401, "REGISTER")).get("WWW-Authenticate")
+        assert challenge is not None
+        value = self._answer(challenge, "REGISTER", f"sip:{DOMAIN}")
+        self.send(self._register_request(2, f"Authorization: {value}"))
+        await self.inbox.response(200, "REGISTER")
+
+    def _answer(self, challenge: str, method: str, uri: str) -> str:
+        sub = self.subscriber
+        return digest.answer(
+            challenge, username=sub.user, password=sub.password, method=method, uri=uri
+        ).header
+
+    async def call(self, user: str = "alice") -> None:
+        """INVITE `user`; Kamailio challenges its own subscribers with 407: ACK that,
+        as every final non-2xx, and INVITE again (CSeq+1, a new branch) with the
+        Proxy-Authorization answering it."""
+        self.invite(user)
+        challenged = await self.inbox.response(407)
+        self.send(
+            message(
+                f"ACK sip:{user}@{DOMAIN} SIP/2.0",
+                self.via(),
+                "Max-Forwards: 70",
+                f"From: {self.address};tag={self.tag}",
+                f"To: {challenged.get('To')}",
+                f"Call-ID: {self.call_id}",
+                f"CSeq: {self.invite_cseq} ACK",
+            )
+        )
+        challenge = challenged.get("Proxy-Authenticate")
+        assert challenge is not None
+        value = self._answer(challenge, "INVITE", f"sip:{user}@{DOMAIN}")
+        self.cseq += 1
+        self.branch = "z9hG4bK" + secrets.token_hex(8)
+        self.invite(user, f"Proxy-Authorization: {value}")
+
+    def bye(self, invite: Request) -> None:
+        """As the callee: BYE of the dialog `invite` set up."""
+        self.send(callee_bye(invite, self.via("z9hG4bK" + secrets.token_hex(8)), self.tag))
 
 
 class App:
@@ -391,10 +492,17 @@ class World:
     http: str = ""  # the app's HTTP base URL (the accounts API), ending in "/"
 
     async def account(
-        self, sub: Subscriber = ALICE, token: str | None = None, alert_token: str | None = None
+        self,
+        sub: Subscriber = ALICE,
+        token: str | None = None,
+        alert_token: str | None = None,
+        *,
+        push: Push | None = None,
     ) -> tuple[Account, str]:
-        """An account stored as the API stores it, registered at Kamailio; an iPhone
-        app's (APNs: `token` for calls, `alert_token` for the "new message" push)."""
+        """An account stored as the API stores it (the whole app refuses a loopback
+        registrar over the API by default), registered at Kamailio; an iPhone app's
+        (APNs: `token` for calls, `alert_token` for the "new message" push) unless
+        `push` names another target."""
         assert self.kamailio.port is not None
         draft = Account(
             account_id="",
@@ -404,7 +512,7 @@ class World:
             domain=DOMAIN,
             user=sub.user,
             credential=Credential(sub.user, DOMAIN, ha1_md5=sub.ha1()),
-            push=Push("apns", token or secrets.token_hex(32), APP_ID, alert_token),
+            push=push or Push("apns", token or secrets.token_hex(32), APP_ID, alert_token),
         )
         account, secret = await self.accounts.create(draft)
         self.registrations.add(account, spread=False)

@@ -25,12 +25,11 @@ import pytest
 
 from proxy.sip.message import Response
 from push.fakes.script import Delivery, Respond
-from sipis.account import Account, Credential, Push, SipTransport, State, Status
+from sipis.account import Account, Push
 from sipis.accounts import CATEGORY, MESSAGES
-from tests.kamailio import DOMAIN, Kamailio
+from tests.kamailio import Kamailio
 from tests.rawdb import RawDatabase, SQLiteRaw
 from tests.sipis.calls_world import (
-    ALICE,
     APP_ID,
     WAIT,
     App,
@@ -61,30 +60,6 @@ def event_of(delivery: Delivery) -> str:
     """What a push says: APNs `event` in its JSON, FCM `reason` in the message's data."""
     payload = delivery.payload
     return str(payload["event"] if delivery.service == "apns" else payload["data"]["reason"])
-
-
-async def stored(world: World, push: Push) -> tuple[Account, str]:
-    """An account with this push target, stored as the API stores it and registered at
-    Kamailio (the whole app refuses a loopback registrar over the API by default)."""
-    assert world.kamailio.port is not None
-    draft = Account(
-        account_id="",
-        registrar_host="127.0.0.1",
-        registrar_port=world.kamailio.port,
-        transport=SipTransport.UDP,
-        domain=DOMAIN,
-        user=ALICE.user,
-        credential=Credential(ALICE.user, DOMAIN, ha1_md5=ALICE.ha1()),
-        push=push,
-    )
-    account, secret = await world.accounts.create(draft)
-    world.registrations.add(account, spread=False)
-
-    def registered(status: Status | None) -> bool:
-        return status is not None and status.state is State.REGISTERED
-
-    await asyncio.wait_for(world.registrations.wait_for(account.account_id, registered), WAIT)
-    return account, secret
 
 
 async def api(
@@ -135,7 +110,7 @@ async def test_a_dead_token_is_cleared_not_pushed_again_and_shown_to_the_app(
     async with make_world(kamailio, tmp_path) as world:
         token = new_token(provider)
         alert = new_token("apns") if provider == "apns" else None
-        account, secret = await stored(world, Push(provider, token, APP_ID, alert))
+        account, secret = await world.account(push=Push(provider, token, APP_ID, alert))
         status, view = await api(world, "GET", account.account_id, secret)
         assert (status, view["push"]["state"], view["push"]["texts"]) == (200, "valid", "pushed")
 
@@ -196,7 +171,7 @@ async def test_an_iphone_app_gets_calls_as_voip_and_texts_as_alert_to_its_alert_
 ) -> None:
     voip, alert = new_token("apns"), new_token("apns")
     async with make_world(kamailio, tmp_path) as world:
-        account, secret = await stored(world, Push("apns", voip, APP_ID, alert))
+        account, secret = await world.account(push=Push("apns", voip, APP_ID, alert))
         async with calling(kamailio) as caller:
             caller.text("hello from carol")
             await caller.inbox.response(202, "MESSAGE")
@@ -231,7 +206,7 @@ async def test_without_an_alert_token_an_iphone_text_waits_unpushed_and_the_app_
 ) -> None:
     voip = new_token("apns")
     async with make_world(kamailio, tmp_path) as world:
-        account, secret = await stored(world, Push("apns", voip, APP_ID))
+        account, secret = await world.account(push=Push("apns", voip, APP_ID))
         status, view = await api(world, "GET", account.account_id, secret)
         assert (status, view["push"]["state"], view["push"]["texts"]) == (
             200,
@@ -263,7 +238,7 @@ async def test_without_an_alert_token_an_iphone_text_waits_unpushed_and_the_app_
 async def test_a_dead_alert_token_stops_text_pushes_only(kamailio: Kamailio, tmp_path: Any) -> None:
     voip, alert = new_token("apns"), new_token("apns")
     async with make_world(kamailio, tmp_path) as world:
-        account, secret = await stored(world, Push("apns", voip, APP_ID, alert))
+        account, secret = await world.account(push=Push("apns", voip, APP_ID, alert))
         world.messages.dead_token, cleared = observed(world.messages.dead_token)
         world.stand_ins.script.push(alert, DEAD["apns"])
         async with calling(kamailio) as caller:
