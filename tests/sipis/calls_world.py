@@ -112,6 +112,19 @@ class Inbox:
         assert isinstance(found, Response)
         return found
 
+    async def nth_response(self, n: int, status: int, method: str = "INVITE") -> Response:
+        """The `n`th (from 1) response `status` to `method` (a caller of a sleeping app
+        hears softrelay's 180 with Push-Status, then the app's own)."""
+
+        def same(m: Request | Response) -> bool:
+            return isinstance(m, Response) and m.status == status and m.cseq.method == method
+
+        async with asyncio.timeout(WAIT), self._changed:
+            await self._changed.wait_for(lambda: sum(map(same, self.items)) >= n)
+            found = [m for m in self.items if same(m)][n - 1]
+        assert isinstance(found, Response)
+        return found
+
     async def request(self, method: str) -> Request:
         found = await self._wait(lambda m: isinstance(m, Request) and m.method == method)
         assert isinstance(found, Request)

@@ -46,12 +46,14 @@ from tests.sipis.calls_world import (
     WAIT,
     App,
     Caller,
+    KamailioUser,
     ack_then_app_hangs_up,
     ack_then_caller_hangs_up,
     answer,
+    kamailio,
 )
 from tests.sipis.test_e2e import TOKEN, Running, running, settings
-from tests.sipis.test_outgoing_kamailio import Callee, Placing, kamailio
+from tests.sipis.test_outgoing_kamailio import Placing
 
 __all__ = ["kamailio"]  # the fixture (alice and bob)
 
@@ -197,7 +199,7 @@ async def test_a_text_waits_on_the_holder_and_the_app_on_another_node_gets_it_an
         store = a.app[STORE]
         assert len(await store.find(MESSAGES, account_id=account_id)) == 1
         async with (
-            Callee.registered(kamailio.port) as bob,
+            KamailioUser.registered(kamailio.port) as bob,
             Placing.connect(_sip_port(b)) as app,
         ):
             assert isinstance(app, Placing)

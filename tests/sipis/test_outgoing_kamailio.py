@@ -10,12 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from mockphone import digest
 from proxy.sip.message import Request, Response
 from sipis.account import Account, Credential
 from sipis.appleg import MARK
@@ -26,69 +23,16 @@ from tests.sipis.calls_world import (
     SDP,
     SIPIS_DOMAIN,
     App,
-    UdpPeer,
+    KamailioUser,
     World,
-    callee_bye,
+    kamailio,
     make_world,
     message,
-    ua_answer,
 )
-from tests.sipis.provider import running_kamailio
 
-BOB = Subscriber("bob", "bob-" + secrets.token_hex(4))
 TARGET = f"sip:bob@{DOMAIN}"
 
-
-@pytest.fixture
-def kamailio() -> Iterator[Kamailio]:
-    with running_kamailio([ALICE, BOB]) as server:
-        yield server
-
-
-class Callee(UdpPeer):
-    """bob: a UA registered at Kamailio itself over UDP; it answers what reaches it."""
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def registered(cls, kamailio_port: int) -> AsyncIterator[Callee]:
-        async with cls.open(kamailio_port) as callee:
-            await callee._register()
-            yield callee
-
-    @property
-    def contact(self) -> str:
-        return f"<sip:bob@127.0.0.1:{self.port}>"
-
-    def _register_request(self, cseq: int, *extra: str) -> bytes:
-        return message(
-            f"REGISTER sip:{DOMAIN} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)};rport",
-            "Max-Forwards: 70",
-            f"From: <sip:bob@{DOMAIN}>;tag=reg{self.tag}",
-            f"To: <sip:bob@{DOMAIN}>",
-            f"Call-ID: reg-{self.tag}",
-            f"CSeq: {cseq} REGISTER",
-            f"Contact: {self.contact}",
-            "Expires: 600",
-            *extra,
-        )
-
-    async def _register(self) -> None:
-        self.send(self._register_request(1))
-        challenge = (await self.inbox.response(401, "REGISTER")).get("WWW-Authenticate")
-        assert challenge is not None
-        value = digest.answer(
-            challenge, username="bob", password=BOB.password, method="REGISTER", uri=f"sip:{DOMAIN}"
-        ).header
-        self.send(self._register_request(2, f"Authorization: {value}"))
-        await self.inbox.response(200, "REGISTER")
-
-    def reply(self, request: Request, status: int, reason: str, body: str = "") -> None:
-        self.send(ua_answer(request, status, reason, self.contact, self.tag, body))
-
-    def bye(self, invite: Request) -> None:
-        via = f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK{secrets.token_hex(8)}"
-        self.send(callee_bye(invite, via, self.tag))
+__all__ = ["kamailio"]  # the fixture (alice and bob)
 
 
 class Placing(App):
@@ -187,11 +131,11 @@ class Placing(App):
 @contextlib.asynccontextmanager
 async def bob_and_app(
     world: World, account: Account, secret: str
-) -> AsyncIterator[tuple[Callee, Placing]]:
+) -> AsyncIterator[tuple[KamailioUser, Placing]]:
     """bob registered at Kamailio, and the account's app connected to softrelay."""
     assert world.kamailio.port is not None
     async with (
-        Callee.registered(world.kamailio.port) as bob,
+        KamailioUser.registered(world.kamailio.port) as bob,
         Placing.registered(world.sip_port, account.account_id, secret) as app,
     ):
         yield bob, app
@@ -205,7 +149,7 @@ def outgoing(world: World, method: str, outcome: str) -> float:
 
 
 async def answered_call(
-    world: World, app: Placing, bob: Callee, account: Account
+    world: World, app: Placing, bob: KamailioUser, account: Account
 ) -> tuple[Request, Response]:
     """The app calls bob, bob answers, the app ACKs: bob's INVITE and the app's 200."""
     call_id, branch = app.invite(account)
