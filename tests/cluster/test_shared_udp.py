@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import pytest
 
+from mockphone import sipwire
 from mockphone.sipwire import sip_message
 from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request, Response
@@ -152,6 +153,38 @@ def _own_udp(node: Node) -> tuple[str, int]:
     return own
 
 
+Registering = asyncio.Task[tuple[sipwire.Response, sipwire.Response]]  # the phone's answers
+
+
+async def _register_reaches(
+    phone: TcpPhone, pbx: _Pbx
+) -> tuple[Registering, Request, tuple[str, int]]:
+    """The phone REGISTERs (its task, answered once the PBX answers) and the PBX gets
+    the REGISTER: that request and the address it came from."""
+    registering = asyncio.create_task(phone.digest_register("alice", PHONE_DOMAIN, None, tag="ph"))
+    async with asyncio.timeout(STEP_TIMEOUT):
+        data, source = await pbx.received.get()
+    register = parse(data)
+    assert isinstance(register, Request)
+    assert register.method == "REGISTER"
+    return registering, register, source
+
+
+async def _refused(
+    transport: asyncio.DatagramTransport,
+    register: Request,
+    source: tuple[str, int],
+    reason: str,
+    registering: Registering,
+    phone: TcpPhone,
+) -> None:
+    """The PBX answers the REGISTER 403 `reason` to `source`; the phone gets that."""
+    transport.sendto(make_response(register, 403, reason).serialize(), source)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        first, _ = await registering
+    assert (first.status, first.reason) == (403, reason), phone.last()
+
+
 async def test_a_request_to_a_static_udp_pbx_goes_from_the_node_s_own_socket_and_is_answered_there(
     start_node: StartNode,
 ) -> None:
@@ -167,24 +200,14 @@ async def test_a_request_to_a_static_udp_pbx_goes_from_the_node_s_own_socket_and
         assert a.sip_port not in (_own_udp(a)[1], _own_udp(b)[1])
         phone = await TcpPhone.connect(a.sip_port)  # on A or B: the kernel's choice
         try:
-            registering = asyncio.create_task(
-                phone.digest_register("alice", PHONE_DOMAIN, None, tag="ph")
-            )
-            async with asyncio.timeout(STEP_TIMEOUT):
-                data, source = await pbx.received.get()
-            register = parse(data)
-            assert isinstance(register, Request)
-            assert register.method == "REGISTER"
+            registering, register, source = await _register_reaches(phone, pbx)
             sender, _ = _sender_and_other(register, a, b)
             assert source == _own_udp(sender)
             via = register.top_via
             assert (via.host, via.port) == source
             path = register.get("Path") or ""
             assert path.startswith(f"<sip:127.0.0.1:{a.sip_port};"), path
-            transport.sendto(make_response(register, 403, "Not Here").serialize(), source)
-            async with asyncio.timeout(STEP_TIMEOUT):
-                first, _ = await registering
-            assert (first.status, first.reason) == (403, "Not Here"), phone.last()
+            await _refused(transport, register, source, "Not Here", registering, phone)
             assert _not_from_target(sender) == 0
             assert _frames(a, "response") == _frames(b, "response") == 0
         finally:
@@ -205,13 +228,7 @@ async def test_an_answer_to_the_own_socket_s_request_that_comes_to_the_shared_po
         a, b = await _sharing(start_node, pbx_address)
         phone = await TcpPhone.connect(a.sip_port)
         try:
-            registering = asyncio.create_task(
-                phone.digest_register("alice", PHONE_DOMAIN, None, tag="ph")
-            )
-            async with asyncio.timeout(STEP_TIMEOUT):
-                data, source = await pbx.received.get()
-            register = parse(data)
-            assert isinstance(register, Request)
+            registering, register, source = await _register_reaches(phone, pbx)
             sender, other = _sender_and_other(register, a, b)
             forged = make_response(register, 200, "Forged").serialize()
             handled = _handled(sender, monkeypatch)
@@ -224,10 +241,7 @@ async def test_an_answer_to_the_own_socket_s_request_that_comes_to_the_shared_po
             async with asyncio.timeout(STEP_TIMEOUT):
                 await handled.wait()
             assert _not_from_target(sender) == 2
-            transport.sendto(make_response(register, 403, "Real").serialize(), source)
-            async with asyncio.timeout(STEP_TIMEOUT):
-                first, _ = await registering
-            assert (first.status, first.reason) == (403, "Real"), phone.last()
+            await _refused(transport, register, source, "Real", registering, phone)
         finally:
             await phone.close()
     finally:
