@@ -41,12 +41,12 @@ from cluster.redis import Backoff
 from mockphone import digest
 from mockphone.sip import (
     TIMEOUT,
-    Dialog,
     LinkClosed,
     RelayAddress,
     SipLink,
     Transport,
     ack_for_failure,
+    ack_hold_bye,
     cancel_for,
     new_request,
     sdp,
@@ -473,12 +473,7 @@ class MockPbx:
             result.setup_seconds = self.now() - started
             if result.woken and result.wake_seconds is None:
                 result.wake_seconds = result.setup_seconds
-            dialog = Dialog.as_caller(invite, winner)
-            await link.send(dialog.request(link, "ACK", cseq=dialog.cseq))
-            if hold > 0:
-                await asyncio.sleep(hold)
-            with contextlib.suppress(LinkClosed, TimeoutError):
-                await link.transact(dialog.request(link, "BYE"))
+            await ack_hold_bye(link, invite, winner, hold)
             return result
         finals = [a for a in answers if a is not None]
         if not finals:

@@ -503,6 +503,17 @@ class Dialog:
         )
 
 
+async def ack_hold_bye(link: SipLink, invite: Request, answer: Response, hold: float) -> None:
+    """An answered call, as its caller ends it: ACK, talk for `hold` seconds, BYE (its
+    answer not awaited past the link's end or its timeout)."""
+    dialog = Dialog.as_caller(invite, answer)
+    await link.send(dialog.request(link, "ACK", cseq=dialog.cseq))
+    if hold > 0:
+        await asyncio.sleep(hold)
+    with contextlib.suppress(LinkClosed, TimeoutError):
+        await link.transact(dialog.request(link, "BYE"))
+
+
 def sdp(user: str, host: str) -> bytes:
     """A minimal audio offer or answer at `host`, the party's own (loopback) address:
     the mock parties send no media, and what a real peer sends stays on this machine."""

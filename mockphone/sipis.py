@@ -50,12 +50,12 @@ from mockphone.phone import Kind, MockPhone, OutgoingCall, PhoneSpec, State, new
 from mockphone.pushes import Push, PushInbox, PushKind
 from mockphone.sip import (
     TIMEOUT,
-    Dialog,
     LinkClosed,
     RelayAddress,
     SipLink,
     Transport,
     ack_for_failure,
+    ack_hold_bye,
     authorization,
     cancel_and_wait,
     cancel_for,
@@ -488,12 +488,7 @@ class ProviderCaller:
         result.setup_seconds = self.now() - started
         if result.wake_seconds is None:
             result.wake_seconds = result.setup_seconds
-        dialog = Dialog.as_caller(invite, answer)
-        await link.send(dialog.request(link, "ACK", cseq=dialog.cseq))
-        if hold > 0:
-            await asyncio.sleep(hold)
-        with contextlib.suppress(LinkClosed, TimeoutError):
-            await link.transact(dialog.request(link, "BYE"))
+        await ack_hold_bye(link, invite, answer, hold)
         return result
 
     async def text(self, user: str, body: str) -> int:
