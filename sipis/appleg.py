@@ -136,6 +136,7 @@ class AppLeg:
         self._public_host = public_host
         self._sleep = sleep
         self._bindings: dict[str, Binding] = {}
+        self._flow_accounts: dict[int, str] = {}  # flow id -> the account bound on it
         self._pending: dict[tuple[str, str], _Pending] = {}  # (our branch, method)
         self.on_registered: list[Listener] = []
         self.on_request: RequestHandler | None = None
@@ -201,11 +202,14 @@ class AppLeg:
             return
         await self.on_request(binding, message)
 
+    def _flow_gone(self, flow: Flow) -> None:
+        self._flow_accounts.pop(flow.id, None)
+
     def _of_flow(self, flow: Flow) -> Binding | None:
-        for binding in self._bindings.values():
-            if binding.flow is flow:
-                return self.binding(binding.account.account_id)
-        return None
+        # By the flow's id, not a scan of every binding: this runs for each message.
+        account_id = self._flow_accounts.get(flow.id)
+        binding = None if account_id is None else self.binding(account_id)
+        return binding if binding is not None and binding.flow is flow else None
 
     async def reply(
         self,
@@ -276,6 +280,9 @@ class AppLeg:
         expires = min(expires, MAX_EXPIRES)
         binding = Binding(account, flow, uri, self._clock.now() + expires)
         self._bindings[account_id] = binding
+        if flow.id not in self._flow_accounts:
+            flow.on_close.append(self._flow_gone)
+        self._flow_accounts[flow.id] = account_id
         answer = (("Contact", f"<{uri}>;expires={expires}"), ("Expires", str(expires)))
         await self.reply(request, flow, 200, None, answer)
         for listener in self.on_registered:
