@@ -432,8 +432,13 @@ class App:
     def contact(self) -> str:
         return f"<sip:app@{APP_IP}:{self.port};transport=tcp>"
 
-    async def register(self, account_id: str, secret: str | None, cseq: int = 1) -> Response:
+    async def register(
+        self, account_id: str, secret: str | None, cseq: int = 1, authorization: str = ""
+    ) -> Response:
+        """`authorization`: the header's whole value as given (malformed ones too)."""
         auth = () if secret is None else (f"Authorization: Bearer {secret}",)
+        if authorization:
+            auth = (f"Authorization: {authorization}",)
         self.send(
             message(
                 f"REGISTER sip:{SIPIS_DOMAIN} SIP/2.0",

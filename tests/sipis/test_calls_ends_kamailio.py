@@ -118,6 +118,18 @@ async def test_a_wrong_or_stale_device_secret_changes_nothing(
                 assert (await app.register(account.account_id, "not-the-secret", 2)).status == 403
                 assert (await app.register(account.account_id, stale, cseq=3)).status == 403
                 assert (await app.register("A" * 22, fresh, cseq=4)).status == 403  # another id
+                # Malformed or foreign schemes: a 401 challenge or a 403, never a 5xx.
+                malformed = {
+                    "Bearer": 401,
+                    "Bearer    ": 401,
+                    f'Digest username="{account.account_id}", realm="x", nonce="n"': 401,
+                    "Basic YWxpY2U6cHc=": 401,
+                    "Bearer " + "x" * 4000: 403,
+                    'Bearer "quoted", extra=1': 403,
+                }
+                for number, (value, status) in enumerate(malformed.items(), start=10):
+                    answer = await app.register(account.account_id, "", number, value)
+                    assert answer.status == status, (value[:40], answer.status)
                 assert app.inbox.requests("INVITE") == []
                 assert world.calls.parked_for(account.account_id) == 1
                 assert ends(world, "delivered") == 0
