@@ -153,6 +153,23 @@ async def test_a_call_parked_across_a_redis_restart_whose_phone_never_returns_ge
     assert len(b.relay.parking) == 0
 
 
+async def _refused_while_redis_is_out(
+    redis_server: RedisServer, phone: TcpPhone, session: aiohttp.ClientSession, base: str
+) -> None:
+    """Stop Redis: B answers the phone's REGISTER for a PBX on another node 503 Cluster
+    Unavailable with Retry-After, and the DSR challenge (its limit in Redis) 503."""
+    await asyncio.to_thread(redis_server.stop)
+    answer, _ = await phone.digest_register("alice", PHONE_DOMAIN, None, tag="out")
+    assert (answer.status, answer.reason) == (503, "Cluster Unavailable"), phone.last()
+    assert int(answer.get("Retry-After") or "0") > 0, phone.last()
+    subject = {"sip_username": "alice", "pbx_serial": SERIAL}
+    async with session.post(f"{base}dsr/v1/challenge", json=subject) as reply:
+        body = await reply.json()
+        assert reply.status == 503, body
+        assert body["error"] == "cluster_unavailable"
+        assert int(reply.headers["Retry-After"]) > 0
+
+
 async def test_while_redis_is_out_a_register_for_a_pbx_on_another_node_gets_503_retry_after(
     start_node: StartNode, redis_server: RedisServer
 ) -> None:
@@ -166,16 +183,7 @@ async def test_while_redis_is_out_a_register_for_a_pbx_on_another_node_gets_503_
     base = str(b.server.make_url("/"))
     try:
         async with asyncio.timeout(LONGEST_WAIT), aiohttp.ClientSession() as session:
-            await asyncio.to_thread(redis_server.stop)
-            answer, _ = await phone.digest_register("alice", PHONE_DOMAIN, None, tag="out")
-            assert (answer.status, answer.reason) == (503, "Cluster Unavailable"), phone.last()
-            assert int(answer.get("Retry-After") or "0") > 0, phone.last()
-            subject = {"sip_username": "alice", "pbx_serial": SERIAL}
-            async with session.post(f"{base}dsr/v1/challenge", json=subject) as reply:
-                body = await reply.json()
-                assert reply.status == 503, body
-                assert body["error"] == "cluster_unavailable"
-                assert int(reply.headers["Retry-After"]) > 0
+            await _refused_while_redis_is_out(redis_server, phone, session, base)
     except BaseException:
         print("\n".join(phone.transcript[-12:]))
         raise
@@ -185,9 +193,6 @@ async def test_while_redis_is_out_a_register_for_a_pbx_on_another_node_gets_503_
         await pbx.close()
 
 
-# Known bug (issue 17, open): in about one run in three the first REGISTER after Redis
-# is back stalls at B for ~10 s (B's first dial of A's internal link does not complete
-# until A stops); the cause is not found yet. Kept, so the fix shows here.
 async def test_with_redis_back_a_register_for_a_pbx_on_another_node_goes_through(
     start_node: StartNode, redis_server: RedisServer
 ) -> None:
@@ -198,16 +203,7 @@ async def test_with_redis_back_a_register_for_a_pbx_on_another_node_goes_through
     base = str(b.server.make_url("/"))
     try:
         async with asyncio.timeout(LONGEST_WAIT), aiohttp.ClientSession() as session:
-            await asyncio.to_thread(redis_server.stop)
-            answer, _ = await phone.digest_register("alice", PHONE_DOMAIN, None, tag="out")
-            assert (answer.status, answer.reason) == (503, "Cluster Unavailable"), phone.last()
-            assert int(answer.get("Retry-After") or "0") > 0, phone.last()
-            subject = {"sip_username": "alice", "pbx_serial": SERIAL}
-            async with session.post(f"{base}dsr/v1/challenge", json=subject) as reply:
-                body = await reply.json()
-                assert reply.status == 503, body
-                assert body["error"] == "cluster_unavailable"
-                assert int(reply.headers["Retry-After"]) > 0
+            await _refused_while_redis_is_out(redis_server, phone, session, base)
             before = _rounds(a)
             await asyncio.to_thread(redis_server.start)
             await a.rounds(before[0] + 1)  # A wrote its PBX link back
