@@ -1,359 +1,519 @@
-"""The app side of contacts (issue 19): an address book only the user's devices can read,
-and Smart Contacts that tell softrelay neither the numbers asked about nor the matches.
+"""The app side of contacts (issue 19), over HTTP: the end-to-end encrypted book and
+Smart Contacts discovery, as an app does them against softrelay's /contacts/v1.
 
-    key = BookKey.new("correct horse battery staple")     # the first device
-    envelope = key.seal([Contact("Alice", ("+4930123456",))])
-    key2, contacts = open_envelope(envelope, "correct horse battery staple")  # another one
-
-    token = await prove_device(session, base, sip_username="+4930111", pbx_serial=serial,
-                               password=sip_password)      # the PBX's digest proof
+    token = await prove_device(session, base, sip_username="+4930901820",
+                               pbx_serial=serial, password=sip_password)
     book = BookClient(session, base, token, passphrase)
-    contacts = await book.read()                           # GET + ETag; None: no book yet
-    await book.save(contacts + [Contact("Bob", ("030 555",))])   # PUT + If-Match; 412: merge
+    contacts = await book.read() or []           # GET + ETag (304: the copy held)
+    await book.save([*contacts, Contact("Bob", ("030 555",))])  # If-Match; 412: merge
 
     discovery = DiscoveryClient(session, base, token)
-    found = await discovery.discover(numbers)              # the discoverable ones of them
+    await discovery.opt_in()                     # discoverable under the proved number
+    found = await discovery.discover(numbers)    # .matched: the discoverable ones
 
-The book's key is 32 random bytes made on the first device. It is wrapped (AES-256-GCM)
-under a key derived with scrypt from the user's sync passphrase and a random salt; the
-envelope carries the salt, the scrypt parameters and the wrapped key, so any device or
-web app of the user that knows the passphrase opens it, and the server, which stores
-only envelopes, never has the key. The contacts are JSON, compressed, padded to a
-multiple of PAD bytes (the server learns the book's size to within PAD, not the count of
-its contacts), then encrypted in chunks with AES-256-GCM under a content key derived
-(HKDF) from the book key and a random salt of this envelope, chunk i with nonce
-(i, last?) and the whole header as associated data (the STREAM construction: a chunk
-cannot be moved, dropped, or a header altered without the decryption failing).
+Who asks: a device the PBX digest proof registered (`prove_device`: the PBX's challenge
+answered with the SIP password, which softrelay never sees; a "cd." device token back),
+or a SIPIS app's account (`sipis_token`: its account id and device secret).
 
-The envelope (all integers big-endian):
+The book leaves the device only as an envelope (mockphone/book.py). A body up to
+`max_chunk_bytes` is one PUT; a larger one goes up in chunks (POST .../uploads, PUT
+each part, POST .../commit with the whole envelope's SHA-256). Every write names the
+version it replaces (If-Match) or that there is none (If-None-Match: *); a 412 means
+another device wrote first: the client reads that book, merges its own edit into it
+(book.merge: three-way, by contact id) and writes again, a bounded number of times.
 
-    "SRB1" | log2 N u8 | r u8 | p u8 | salt 16 | wrap nonce 12 | wrapped key 48 |
-    content salt 32 | chunk size u32 | chunks u32 | the chunks (chunk size + 16 each,
-    the last one shorter)
-
-What the server can still do: guess passphrases offline against the wrapped key, each
-guess costing one scrypt (N = 2^17, r = 8: about 0.3 s and 128 MiB): a weak passphrase
-is the limit of this scheme, which the app should say when the user picks one.
-
-Every envelope from the server is hostile until opened: its sizes, scrypt parameters,
-compressed length and the JSON inside are bounded before any work is spent on them.
+Discovery: each number in E.164 (contacts/numbers.py, as the server does), blinded
+(RFC 9497 OPRF, contacts/oprf.py: the server sees a random group element), evaluated
+by the server with its key of the epoch, unblinded to N = k*H(number), whose 8-byte tag
+is looked up in the set of discoverable tags the app downloaded. The server learns
+neither the number nor whether it matched. The unblinded points are kept per epoch,
+so a number checked once is never sent again until the key changes (it costs no
+quota); the set is kept current with `?since=<version>` deltas (304 when unchanged).
+Numbers and points stay in memory on the device, and nothing here logs them.
 """
 
 from __future__ import annotations
 
-import secrets
+import base64
+import hashlib
 import struct
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-import orjson
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+import aiohttp
 
-MAGIC = b"SRB1"
-HEADER = struct.Struct(">4sBBB16s12s48s32sII")
-_WRAPPED_PART = struct.Struct(">4sBBB16s")  # what the wrap binds: magic, scrypt, salt
-TAG_BYTES = 16
-KEY_BYTES = 32
-CHUNK_BYTES = 64 * 1024  # plaintext per chunk
-PAD = 4096  # the plaintext is padded to a multiple of this
-_CONTENT_INFO = b"softrelay/contacts/book/v1/content"
-_WRAP_NONCE_BYTES = 12
+from contacts import oprf
+from contacts.numbers import e164
+from contacts.settings import ContactsSettings
+from mockphone import digest
+from mockphone.book import BookKey, Contact, KdfParams, merge, open_envelope
 
-# Bounds on what an envelope may make a device do.
-MAX_ENVELOPE_BYTES = 64 * 1024 * 1024  # the server's own cap on a book is lower
-MAX_BOOK_JSON = 32 * 1024 * 1024  # decompressed
-MAX_CONTACTS = 100_000
-MAX_NUMBERS = 100  # per contact
-MAX_TEXT = 1024  # characters of a name, a number or an id
-MAX_SCRYPT_MEMORY = 256 * 1024 * 1024  # 128 * r * N bytes
+PREFIX = "/contacts/v1"
+BOOK = f"{PREFIX}/book"
+UPLOADS = f"{PREFIX}/book/uploads"
+DISCOVERABLE = f"{PREFIX}/discoverable"
+SET = f"{PREFIX}/discovery/set"
+EVALUATE = f"{PREFIX}/discovery/evaluate"
+SAVE_ATTEMPTS = 5  # writes after 412s before the save gives up
+_DEFAULTS = ContactsSettings()
+SET_MAGIC = b"SRD1"
+_SET_HEADER = struct.Struct(">4sIBII")
+MAX_SET_BYTES = 256 * 1024 * 1024  # 32 million tags: past any deployment's set
 
 
-class BookError(ValueError):
-    """An envelope that cannot be opened; the subclasses say what the user can do."""
+class ContactsRefused(Exception):
+    """softrelay answered a contacts request with an error: `status` and its `error`
+    code; `retry_after` (seconds) when it said when to come back."""
+
+    def __init__(self, status: int, error: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {error}")
+        self.status = status
+        self.error = error
+        self.retry_after = retry_after
 
 
-class WrongPassphrase(BookError):
-    """The passphrase does not unwrap the book key (or the wrapped key was altered):
-    ask the user again."""
+class VersionConflict(ContactsRefused):
+    """412: another device wrote the book since this one read it."""
 
 
-class DamagedBook(BookError):
-    """The envelope is not one this app wrote (truncated, altered, not an envelope):
-    nothing of it is used."""
+class DamagedSet(ValueError):
+    """The discovery set is not one softrelay writes; nothing of it is used."""
 
 
-@dataclass(frozen=True, slots=True)
-class KdfParams:
-    """scrypt's cost: N = 2**log_n, r, p. The default is OWASP's (N=2^17, r=8, p=1)."""
-
-    log_n: int = 17
-    r: int = 8
-    p: int = 1
-
-    def check(self) -> None:
-        """Raises DamagedBook for parameters no device of ours writes, or that would
-        make this device spend unbounded memory or time (a hostile envelope)."""
-        if not (10 <= self.log_n <= 22 and 1 <= self.r <= 32 and 1 <= self.p <= 4):
-            raise DamagedBook(f"scrypt parameters out of range: {self}")
-        if 128 * self.r * (1 << self.log_n) > MAX_SCRYPT_MEMORY:
-            raise DamagedBook(f"scrypt parameters need more than 256 MiB: {self}")
-
-    def derive(self, passphrase: str, salt: bytes) -> bytes:
-        self.check()
-        kdf = Scrypt(salt=salt, length=KEY_BYTES, n=1 << self.log_n, r=self.r, p=self.p)
-        return kdf.derive(passphrase.encode("utf-8"))
+def sipis_token(account_id: str, device_secret: str) -> str:
+    """The Bearer token of a SIPIS app: its account id and device secret."""
+    return f"sipis.{account_id}.{device_secret}"
 
 
-@dataclass(frozen=True, slots=True)
-class Contact:
-    """One address-book entry. `id` is the device's own: the merge after a conflict
-    matches entries by it, not by name (two people may share a name)."""
-
-    name: str
-    numbers: tuple[str, ...] = ()
-    id: str = field(default_factory=lambda: secrets.token_hex(8))
-
-
-@dataclass(frozen=True, slots=True)
-class BookKey:
-    """The book key and its wrap: what a device keeps after creating or opening a book
-    (an app would keep it in the keychain, not the passphrase)."""
-
-    key: bytes = field(repr=False)
-    params: KdfParams
-    salt: bytes
-    wrap_nonce: bytes
-    wrapped: bytes = field(repr=False)
-
-    @classmethod
-    def new(cls, passphrase: str, params: KdfParams | None = None) -> BookKey:
-        """A new book's key (the user's first device), wrapped under the passphrase."""
-        return _wrap(secrets.token_bytes(KEY_BYTES), passphrase, params or KdfParams())
-
-    @classmethod
-    def open(cls, envelope: bytes, passphrase: str) -> BookKey:
-        """The key of `envelope`, unwrapped with the passphrase (one scrypt)."""
-        header = _Header.parse(envelope)
-        kek = header.params.derive(passphrase, header.salt)
-        try:
-            key = AESGCM(kek).decrypt(header.wrap_nonce, header.wrapped, header.wrap_aad)
-        except InvalidTag:
-            raise WrongPassphrase(
-                "the passphrase does not open this book (or its wrapped key was altered)"
-            ) from None
-        return cls(key, header.params, header.salt, header.wrap_nonce, header.wrapped)
-
-    def rewrap(self, passphrase: str, params: KdfParams | None = None) -> BookKey:
-        """The same book key under a new passphrase (the user changed it): the next
-        envelope written carries the new wrap, and the old passphrase no longer opens it."""
-        return _wrap(self.key, passphrase, params or self.params)
-
-    def opens(self, envelope: bytes) -> bool:
-        """Whether `envelope` carries this wrap (else: another device rewrapped the key
-        under a new passphrase, or it is another book)."""
-        header = _Header.parse(envelope)
-        return (header.params, header.salt, header.wrap_nonce, header.wrapped) == (
-            self.params,
-            self.salt,
-            self.wrap_nonce,
-            self.wrapped,
-        )
-
-    def seal(self, contacts: Iterable[Contact], chunk_bytes: int = CHUNK_BYTES) -> bytes:
-        """The envelope of `contacts`: what the server stores."""
-        if not 1024 <= chunk_bytes <= 1024 * 1024:
-            raise ValueError("chunk_bytes must be between 1 KiB and 1 MiB")
-        plain = _pad(zlib.compress(_book_json(contacts), 9))
-        chunks = -(-len(plain) // chunk_bytes)
-        content_salt = secrets.token_bytes(32)
-        header = HEADER.pack(
-            MAGIC,
-            self.params.log_n,
-            self.params.r,
-            self.params.p,
-            self.salt,
-            self.wrap_nonce,
-            self.wrapped,
-            content_salt,
-            chunk_bytes,
-            chunks,
-        )
-        aead = AESGCM(_content_key(self.key, content_salt))
-        parts = [header]
-        for i in range(chunks):
-            piece = plain[i * chunk_bytes : (i + 1) * chunk_bytes]
-            parts.append(aead.encrypt(_nonce(i, i == chunks - 1), piece, header))
-        return b"".join(parts)
-
-    def unseal(self, envelope: bytes) -> list[Contact]:
-        """The contacts of `envelope`, which must carry this key's wrap (`opens`)."""
-        header = _Header.parse(envelope)
-        if (header.salt, header.wrapped) != (self.salt, self.wrapped):
-            raise WrongPassphrase("the book was rewrapped: open it with the passphrase")
-        aead = AESGCM(_content_key(self.key, header.content_salt))
-        size = header.chunk_bytes + TAG_BYTES
-        body = memoryview(envelope)[HEADER.size :]
-        plain = bytearray()
-        for i in range(header.chunks):
-            last = i == header.chunks - 1
-            try:
-                plain += aead.decrypt(_nonce(i, last), body[i * size : (i + 1) * size], header.raw)
-            except InvalidTag:
-                raise DamagedBook(f"chunk {i} of the book fails its check") from None
-        return _parse_book(_unpad(bytes(plain)))
+async def prove_device(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    *,
+    sip_username: str,
+    pbx_serial: str,
+    password: str,
+) -> str:
+    """Register this device for contacts with the PBX's digest proof: the PBX's
+    challenge, answered here with the SIP password (which never leaves the device), then
+    the device token softrelay issues for it."""
+    subject = {"sip_username": sip_username, "pbx_serial": pbx_serial}
+    base = base_url.rstrip("/")
+    async with session.post(f"{base}{PREFIX}/challenge", json=subject) as response:
+        challenge = await _answer(response, 200)
+    offered = [str(c) for c in challenge.get("www_authenticate", [])]
+    if not offered:
+        raise ContactsRefused(502, "no_challenge")
+    # The strongest the PBX offers: SHA-256 where it does, else MD5 (RFC 8760).
+    www = next((c for c in offered if "SHA-256" in c), offered[0])
+    authorization = digest.answer(
+        www,
+        username=sip_username,
+        password=password,
+        method=str(challenge.get("method", "REGISTER")),
+        uri=str(challenge["uri"]),
+    ).header
+    body = subject | {"challenge_id": challenge["challenge_id"], "authorization": authorization}
+    async with session.post(f"{base}{PREFIX}/devices", json=body) as response:
+        answer = await _answer(response, 201)
+    return str(answer["device_token"])
 
 
-def open_envelope(envelope: bytes, passphrase: str) -> tuple[BookKey, list[Contact]]:
-    """A device that has only the passphrase (a second phone, the web app): the key
-    and the contacts of `envelope`."""
-    key = BookKey.open(envelope, passphrase)
-    return key, key.unseal(envelope)
+async def revoke_device(session: aiohttp.ClientSession, base_url: str, token: str) -> int:
+    """DELETE /contacts/v1/devices/self: the token no longer opens anything."""
+    url = f"{base_url.rstrip('/')}{PREFIX}/devices/self"
+    async with session.delete(url, headers=_bearer(token)) as response:
+        return response.status
 
 
-def _wrap(book_key: bytes, passphrase: str, params: KdfParams) -> BookKey:
-    salt = secrets.token_bytes(16)
-    nonce = secrets.token_bytes(_WRAP_NONCE_BYTES)
-    aad = _WRAPPED_PART.pack(MAGIC, params.log_n, params.r, params.p, salt)
-    wrapped = AESGCM(params.derive(passphrase, salt)).encrypt(nonce, book_key, aad)
-    return BookKey(book_key, params, salt, nonce, wrapped)
+# --- the book ---------------------------------------------------------------------------
 
 
-def _content_key(book_key: bytes, content_salt: bytes) -> bytes:
-    """A key per envelope: its chunks' nonces can then simply count from 0."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=content_salt, info=_CONTENT_INFO)
-    return hkdf.derive(book_key)
+@dataclass(slots=True)
+class BookCounters:
+    reads: int = 0
+    not_modified: int = 0  # 304: the copy held was current
+    writes: int = 0  # successful
+    conflicts: int = 0  # 412s, each followed by a read and a merge
+    chunked: int = 0  # writes that went up in chunks
 
 
-def _nonce(index: int, last: bool) -> bytes:
-    return struct.pack(">7xIB", index, 1 if last else 0)
+class BookClient:
+    """One device's view of its account's book (see the module docstring). `params`:
+    the scrypt cost for a book this device creates (a second device uses the cost the
+    envelope names)."""
 
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: str,
+        passphrase: str,
+        *,
+        params: KdfParams | None = None,
+        max_chunk_bytes: int = _DEFAULTS.max_chunk_bytes,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._passphrase = passphrase
+        self.params = params
+        self.max_chunk_bytes = max_chunk_bytes
+        self.key: BookKey | None = None
+        self.version: str | None = None  # the ETag of the book last read or written
+        self.base: list[Contact] = []  # its contacts: what a merge starts from
+        self.counters = BookCounters()
 
-@dataclass(frozen=True, slots=True)
-class _Header:
-    raw: bytes
-    params: KdfParams
-    salt: bytes
-    wrap_nonce: bytes
-    wrapped: bytes
-    content_salt: bytes
-    chunk_bytes: int
-    chunks: int
-
-    @property
-    def wrap_aad(self) -> bytes:
-        return self.raw[: _WRAPPED_PART.size]
-
-    @classmethod
-    def parse(cls, envelope: bytes) -> _Header:
-        """The header, its sizes checked against the envelope's length."""
-        if len(envelope) > MAX_ENVELOPE_BYTES:
-            raise DamagedBook("the envelope is larger than any book")
-        if len(envelope) < HEADER.size or envelope[:4] != MAGIC:
-            raise DamagedBook("not a book envelope (SRB1)")
-        raw = envelope[: HEADER.size]
-        _, log_n, r, p, salt, nonce, wrapped, content_salt, chunk_bytes, chunks = HEADER.unpack(raw)
-        params = KdfParams(log_n, r, p)
-        params.check()
-        if not 1024 <= chunk_bytes <= 1024 * 1024 or chunks < 1:
-            raise DamagedBook("the envelope's chunk size or count is out of range")
-        body = len(envelope) - HEADER.size
-        size = chunk_bytes + TAG_BYTES
-        # Every chunk full but the last, which holds 1 to chunk_bytes bytes.
-        if not (chunks - 1) * size + TAG_BYTES < body <= chunks * size:
-            raise DamagedBook("the envelope's length does not match its chunk count")
-        return cls(raw, params, salt, nonce, wrapped, content_salt, chunk_bytes, chunks)
-
-
-def _pad(compressed: bytes) -> bytes:
-    framed = struct.pack(">I", len(compressed)) + compressed
-    return framed + bytes(-len(framed) % PAD)
-
-
-def _unpad(plain: bytes) -> bytes:
-    """The compressed book JSON inside the padding, decompressed within MAX_BOOK_JSON."""
-    if len(plain) < 4:
-        raise DamagedBook("the book's plaintext is shorter than its length field")
-    (length,) = struct.unpack(">I", plain[:4])
-    if length > len(plain) - 4:
-        raise DamagedBook("the book's length field runs past its plaintext")
-    inflate = zlib.decompressobj()
-    try:
-        text = inflate.decompress(plain[4 : 4 + length], MAX_BOOK_JSON)
-    except zlib.error:
-        raise DamagedBook("the book does not decompress") from None
-    if not inflate.eof or inflate.unconsumed_tail:
-        raise DamagedBook(f"the book decompresses past {MAX_BOOK_JSON} bytes, or is cut short")
-    return text
-
-
-def _book_json(contacts: Iterable[Contact]) -> bytes:
-    entries = [{"id": c.id, "name": c.name, "numbers": list(c.numbers)} for c in contacts]
-    if len(entries) > MAX_CONTACTS:
-        raise ValueError(f"a book holds at most {MAX_CONTACTS} contacts")
-    return orjson.dumps({"v": 1, "contacts": entries})
-
-
-def _parse_book(text: bytes) -> list[Contact]:
-    """The contacts in the decrypted JSON; anything but the shape this app writes is
-    a DamagedBook (it passed the authentication, so only a buggy writer makes one)."""
-    try:
-        book = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        raise DamagedBook("the book is not JSON") from None
-    entries = book.get("contacts") if isinstance(book, dict) and book.get("v") == 1 else None
-    if not isinstance(entries, list) or len(entries) > MAX_CONTACTS:
-        raise DamagedBook("the book is not a version 1 list of contacts")
-    contacts = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise DamagedBook(f"contact {i} is not an object")
-        cid, name, numbers = entry.get("id"), entry.get("name"), entry.get("numbers")
-        if not (_text(cid) and _text(name) and isinstance(numbers, list)):
-            raise DamagedBook(f"contact {i} lacks a text id and name, or a list of numbers")
-        if len(numbers) > MAX_NUMBERS or not all(_text(n) for n in numbers):
-            raise DamagedBook(f"contact {i}: at most {MAX_NUMBERS} numbers, each text")
-        contacts.append(Contact(str(name), tuple(numbers), str(cid)))
-    return contacts
-
-
-def _text(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= MAX_TEXT
-
-
-def merge(
-    base: Sequence[Contact], local: Sequence[Contact], remote: Sequence[Contact]
-) -> list[Contact]:
-    """A three-way merge by contact id after a 412: `base` is what this device last read,
-    `local` its edit of it, `remote` the book another device wrote meanwhile. A change on
-    one side only wins; a contact both sides changed keeps the local name and the union
-    of both sides' numbers; a contact one side deleted and the other left alone goes; one
-    deleted on one side and changed on the other stays, changed. Remote order first,
-    then the contacts new on this device."""
-    old = {c.id: c for c in base}
-    mine = {c.id: c for c in local}
-    merged: list[Contact] = []
-    for theirs in remote:
-        before, ours = old.get(theirs.id), mine.get(theirs.id)
-        if ours is None:
-            if before is None or before != theirs:
-                merged.append(theirs)  # new there, or changed there while deleted here
-        elif before is None or ours == before:
-            merged.append(theirs)
-        elif theirs == before:
-            merged.append(ours)
+    async def read(self, owner: str | None = None) -> list[Contact] | None:
+        """The book (None: there is none). `owner`: another subject's (sip:user@domain),
+        which softrelay refuses (403) unless it is the caller's own."""
+        headers = _bearer(self._token)
+        if owner is None and self.version is not None:
+            headers["If-None-Match"] = _quoted(self.version)
+        params = {"owner": owner} if owner is not None else None
+        self.counters.reads += 1
+        async with self.session.get(f"{self.base_url}{BOOK}", headers=headers, params=params) as r:
+            if r.status == 304:
+                self.counters.not_modified += 1
+                return list(self.base)
+            if r.status == 404 and owner is None:
+                await _answer(r, 404, allow=("no_book",))
+                self.version, self.base = None, []
+                return None
+            if r.status != 200:
+                await _answer(r, 200)
+            envelope = await r.read()
+            version = _etag(r)
+        if self.key is not None and self.key.opens(envelope):
+            contacts = self.key.unseal(envelope)
         else:
-            numbers = tuple(dict.fromkeys((*ours.numbers, *theirs.numbers)))
-            merged.append(Contact(ours.name, numbers, ours.id))
-    there = {c.id for c in remote}
-    for ours in local:
-        if ours.id in there:
-            continue
-        before = old.get(ours.id)
-        if before is None or before != ours:
-            merged.append(ours)  # new here, or changed here while deleted there
-    return merged
+            # A book another device made, or rewrapped under a new passphrase: the
+            # passphrase opens it (one scrypt).
+            self.key, contacts = open_envelope(envelope, self._passphrase)
+        if owner is None:
+            self.version, self.base = version, list(contacts)
+        return contacts
+
+    async def write(self, contacts: Sequence[Contact]) -> str:
+        """One attempt to replace the book read last (or create it); its new version.
+        VersionConflict when another device wrote first."""
+        if self.key is None:
+            self.key = BookKey.new(self._passphrase, self.params)
+        envelope = self.key.seal(contacts)
+        headers = _bearer(self._token)
+        if self.version is None:
+            headers["If-None-Match"] = "*"
+        else:
+            headers["If-Match"] = _quoted(self.version)
+        if len(envelope) <= self.max_chunk_bytes:
+            headers["Content-Type"] = "application/octet-stream"
+            url = f"{self.base_url}{BOOK}"
+            async with self.session.put(url, data=envelope, headers=headers) as response:
+                version = await _written(response)
+        else:
+            version = await self._upload(envelope, headers)
+        self.counters.writes += 1
+        self.version, self.base = version, list(contacts)
+        return version
+
+    async def save(self, contacts: Sequence[Contact], attempts: int = SAVE_ATTEMPTS) -> str:
+        """Write `contacts` (this device's edit of the book it read last); after a 412,
+        read the other device's book, merge this edit into it and write again. The
+        version written; VersionConflict after `attempts` writes all lost."""
+        local = list(contacts)
+        for attempt in range(attempts):
+            try:
+                return await self.write(local)
+            except VersionConflict:
+                self.counters.conflicts += 1
+                if attempt == attempts - 1:
+                    raise
+                base = self.base
+                remote = await self.read()
+                local = merge(base, local, remote or [])
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def delete(self) -> int:
+        url = f"{self.base_url}{BOOK}"
+        async with self.session.delete(url, headers=_bearer(self._token)) as response:
+            if response.status == 204:
+                self.version, self.base = None, []
+            return response.status
+
+    async def _upload(self, envelope: bytes, preconditions: dict[str, str]) -> str:
+        """The envelope in chunks of the size softrelay names, then the commit."""
+        auth = _bearer(self._token)
+        async with self.session.post(f"{self.base_url}{UPLOADS}", headers=auth) as response:
+            started = await _answer(response, 201)
+        upload_id = str(started["upload_id"])
+        size = int(started.get("max_chunk_bytes", self.max_chunk_bytes))
+        if size < 1:
+            raise ContactsRefused(502, "bad_chunk_size")
+        parts = -(-len(envelope) // size)
+        url = f"{self.base_url}{UPLOADS}/{upload_id}"
+        octets = auth | {"Content-Type": "application/octet-stream"}
+        for i in range(parts):
+            piece = envelope[i * size : (i + 1) * size]
+            async with self.session.put(f"{url}/{i}", data=piece, headers=octets) as response:
+                if response.status not in (200, 201, 204):
+                    await _answer(response, 200)
+        body = {"parts": parts, "sha256": hashlib.sha256(envelope).hexdigest()}
+        async with self.session.post(f"{url}/commit", json=body, headers=preconditions) as r:
+            version = await _written(r)
+        self.counters.chunked += 1
+        return version
+
+
+# --- discovery --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetUpdate:
+    """One answer of GET .../discovery/set: a full set, or a delta on the one held."""
+
+    epoch: int
+    delta: bool
+    added: frozenset[bytes]
+    removed: frozenset[bytes]
+
+
+def parse_set(body: bytes) -> SetUpdate:
+    """b"SRD1" | epoch u32 | kind u8 (0 full, 1 delta) | added u32 | removed u32 | the
+    added tags | the removed tags (8 bytes each); any other shape is a DamagedSet."""
+    if len(body) > MAX_SET_BYTES:
+        raise DamagedSet("the set is larger than any deployment's")
+    if len(body) < _SET_HEADER.size:
+        raise DamagedSet("the set is shorter than its header")
+    magic, epoch, kind, added, removed = _SET_HEADER.unpack_from(body)
+    if magic != SET_MAGIC or kind not in (0, 1):
+        raise DamagedSet("not a discovery set (SRD1, kind 0 or 1)")
+    if len(body) != _SET_HEADER.size + oprf.TAG_BYTES * (added + removed):
+        raise DamagedSet("the set's length does not match its counts")
+    if kind == 0 and removed:
+        raise DamagedSet("a full set removes nothing")
+    tags = body[_SET_HEADER.size :]
+    split = oprf.TAG_BYTES * added
+
+    def chop(data: bytes) -> frozenset[bytes]:
+        return frozenset(data[i : i + oprf.TAG_BYTES] for i in range(0, len(data), oprf.TAG_BYTES))
+
+    return SetUpdate(epoch, kind == 1, chop(tags[:split]), chop(tags[split:]))
+
+
+@dataclass(slots=True)
+class Discovered:
+    """One discovery run's outcome."""
+
+    matched: set[str] = field(default_factory=set)  # E.164 numbers that are discoverable
+    checked: int = 0  # distinct valid numbers looked up
+    sent: int = 0  # of them, evaluated by the server in this run (the rest were cached)
+    not_numbers: int = 0  # entries that are no valid phone number: never sent
+    deferred: list[str] = field(default_factory=list)  # left for later: quota reached
+    retry_after: float | None = None  # when the quota allows more, per softrelay
+
+
+@dataclass(slots=True)
+class DiscoveryCounters:
+    evaluated: int = 0  # numbers sent (blinded) over all runs
+    requests: int = 0
+    full_sets: int = 0
+    deltas: int = 0
+    not_modified: int = 0
+    stale_epochs: int = 0
+
+
+class DiscoveryClient:
+    """Smart Contacts for one device (see the module docstring). `region`: how the
+    address book's national numbers read (ISO 3166-1 alpha-2; "": international only)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: str,
+        *,
+        region: str = "",
+        max_elements: int = _DEFAULTS.max_elements_per_request,
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.region = region
+        self.max_elements = max_elements
+        self.epoch: int | None = None
+        self.version: str | None = None
+        self.tags: set[bytes] = set()
+        # E.164 -> the unblinded point k_epoch * H(number), for this epoch only.
+        self._points: dict[str, bytes] = {}
+        self.counters = DiscoveryCounters()
+
+    # --- being discoverable -------------------------------------------------------------
+
+    async def opt_in(self) -> str:
+        """Become discoverable under the proved number; that number."""
+        async with self.session.put(
+            f"{self.base_url}{DISCOVERABLE}", headers=_bearer(self._token)
+        ) as response:
+            answer = await _answer(response, 200)
+        return str(answer.get("number", ""))
+
+    async def opt_out(self) -> None:
+        async with self.session.delete(
+            f"{self.base_url}{DISCOVERABLE}", headers=_bearer(self._token)
+        ) as response:
+            if response.status != 204:
+                await _answer(response, 204)
+
+    async def discoverable(self) -> bool:
+        async with self.session.get(
+            f"{self.base_url}{DISCOVERABLE}", headers=_bearer(self._token)
+        ) as response:
+            answer = await _answer(response, 200)
+        return answer.get("discoverable") is True
+
+    # --- discovering ----------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """The set brought up to date: a delta since the version held, a full set when
+        softrelay has no delta from it (or the epoch changed), nothing on 304. A new
+        epoch drops the points of the old one (its key is gone)."""
+        headers = _bearer(self._token)
+        params = None
+        if self.version is not None:
+            headers["If-None-Match"] = _quoted(self.version)
+            params = {"since": self.version}
+        async with self.session.get(f"{self.base_url}{SET}", headers=headers, params=params) as r:
+            if r.status == 304:
+                self.counters.not_modified += 1
+                return
+            if r.status != 200:
+                await _answer(r, 200)
+            body, version = await r.read(), _etag(r)
+        update = parse_set(body)
+        if update.delta:
+            if update.epoch != self.epoch:
+                raise DamagedSet("a delta on another epoch than the set held")
+            self.tags -= update.removed
+            self.tags |= update.added
+            self.counters.deltas += 1
+        else:
+            self.tags = set(update.added)
+            self.counters.full_sets += 1
+        if update.epoch != self.epoch:
+            self._points.clear()
+        self.epoch, self.version = update.epoch, version
+
+    async def discover(self, numbers: Iterable[str]) -> Discovered:
+        """Which of `numbers` (as the address book has them) are discoverable. Numbers
+        checked before in this epoch are answered from the points held; the others
+        go to softrelay blinded, `max_elements` a request, until its quota says stop
+        (they are then `deferred`, with its Retry-After)."""
+        result = Discovered()
+        wanted: dict[str, None] = {}
+        for text in numbers:
+            number = e164(text, self.region)
+            if number is None:
+                result.not_numbers += 1
+            else:
+                wanted[number] = None
+        result.checked = len(wanted)
+        await self.refresh()
+        for _ in range(2):  # once more after the key changed under the run
+            try:
+                await self._evaluate([n for n in wanted if n not in self._points], result)
+                break
+            except ContactsRefused as exc:
+                if exc.error != "stale_epoch":
+                    raise
+                self.counters.stale_epochs += 1
+                await self.refresh()
+        result.matched = {
+            n for n, point in self._points.items() if n in wanted and oprf.tag(point) in self.tags
+        }
+        return result
+
+    async def _evaluate(self, new: list[str], result: Discovered) -> None:
+        for start in range(0, len(new), self.max_elements):
+            batch = new[start : start + self.max_elements]
+            blinds = [oprf.blind(number.encode()) for number in batch]
+            body = {
+                "epoch": self.epoch,
+                "blinded": [base64.b64encode(blinded).decode() for _, blinded in blinds],
+            }
+            self.counters.requests += 1
+            url = f"{self.base_url}{EVALUATE}"
+            async with self.session.post(url, json=body, headers=_bearer(self._token)) as r:
+                if r.status == 429:
+                    refusal = await _refusal(r)
+                    if refusal.error != "quota_exhausted":
+                        raise refusal
+                    result.deferred = new[start:]
+                    result.retry_after = refusal.retry_after
+                    return
+                answer = await _answer(r, 200)
+            evaluated = answer.get("evaluated")
+            if not isinstance(evaluated, list) or len(evaluated) != len(batch):
+                raise ContactsRefused(502, "bad_evaluation")
+            for number, (blind, _), value in zip(batch, blinds, evaluated, strict=True):
+                point = oprf.unblind(blind, base64.b64decode(str(value), validate=True))
+                self._points[number] = point
+            self.counters.evaluated += len(batch)
+            result.sent += len(batch)
+
+
+# --- HTTP -----------------------------------------------------------------------------
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _quoted(version: str) -> str:
+    return f'"{version}"'
+
+
+def _etag(response: aiohttp.ClientResponse) -> str:
+    etag = response.headers.get("ETag", "")
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    version = etag.strip('"')
+    if not version:
+        raise ContactsRefused(502, "no_etag")
+    return version
+
+
+async def _written(response: aiohttp.ClientResponse) -> str:
+    """The new version of a PUT or commit (200 or 201); VersionConflict on 412."""
+    if response.status == 412:
+        refusal = await _refusal(response)
+        raise VersionConflict(412, refusal.error, refusal.retry_after)
+    if response.status not in (200, 201):
+        await _answer(response, 200)
+    return _etag(response)
+
+
+async def _answer(
+    response: aiohttp.ClientResponse, expected: int, allow: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The JSON of an `expected` answer; ContactsRefused for any other status (unless
+    its error code is in `allow`)."""
+    if response.status != expected:
+        refusal = await _refusal(response)
+        if refusal.error not in allow:
+            raise refusal
+    try:
+        answer = await response.json(content_type=None)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> ContactsRefused:
+    try:
+        answer = await response.json(content_type=None)
+    except ValueError:
+        answer = {}
+    error = str(answer.get("error", "")) if isinstance(answer, dict) else ""
+    retry = response.headers.get("Retry-After")
+    retry_after = float(retry) if retry is not None and retry.isdigit() else None
+    return ContactsRefused(response.status, error or f"http_{response.status}", retry_after)

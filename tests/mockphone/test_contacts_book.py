@@ -1,4 +1,4 @@
-"""The app's book envelope (mockphone/contacts.py), no server: two devices with the same
+"""The app's book envelope (mockphone/book.py), no server: two devices with the same
 passphrase open each other's book; a wrong passphrase, an altered byte anywhere, a cut
 or hostile envelope fail as BookError, never with another exception; the envelope shows
 no name or number in any encoding, compressed or not; the merge after a 412."""
@@ -12,7 +12,7 @@ import zlib
 import orjson
 import pytest
 
-from mockphone.contacts import (
+from mockphone.book import (
     HEADER,
     MAX_BOOK_JSON,
     PAD,
@@ -134,7 +134,7 @@ def _sealed_plain(key: BookKey, plain: bytes) -> bytes:
     with the key can write, to show the parser's bounds past the authentication."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from mockphone.contacts import MAGIC, _content_key, _nonce
+    from mockphone.book import MAGIC, _content_key, _nonce
 
     salt = b"s" * 32
     chunks = -(-len(plain) // (1024 * 1024))
