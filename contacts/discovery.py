@@ -1,0 +1,565 @@
+"""Smart Contacts on the server: the discoverable set, its key epochs, and the quota.
+
+    directory = Directory(store, oprf_secret(keyring), settings, clock, global_limit)
+    await directory.load()                                # on start: the set from the store
+    await directory.opt_in(subject, "+4930123456")        # a proved number, never stored
+    answer = await directory.evaluate(subject, epoch, blinded)   # or a DiscoveryError
+    version, body = await directory.set_body(since)
+
+What is stored (config/policy, `discoverable`): per opted-in owner the point
+N = k_epoch * HashToGroup(number) (contacts/oprf.py) and its epoch, never the number.
+What is published (`set_body`): tag(N) of every stored point, 8 bytes each, so an app
+that evaluated its contacts' numbers through `evaluate` finds which are discoverable on
+its own device: the server sees only blinded elements, never which tags matched.
+
+The key of an epoch is derived from the keyring's index key (`oprf_secret`), so every
+node has it and nothing new is stored; at an epoch change every stored point is moved
+to the new key with `oprf.rekey` (no number needed; idempotent, any node may do it) and
+an app's evaluation for the old epoch is refused (`StaleEpoch`): it fetches the set again.
+
+The set in memory is rebuilt from the store at the start, at an epoch change, and when
+the periodic check (`refresh`, every CHECK_INTERVAL) sees the table changed (another
+node's opt-in, an erasure, the sweeper), at least every FULL_RELOAD; this node's own
+opt-ins and opt-outs change it at once. Rows whose subject is restricted (GDPR Art. 18)
+are left out: nothing processes them. Each version of the set is named by a digest of
+its epoch and tags (the same on every node holding the same set), and a bounded journal
+of the changes between versions gives an app that names the version it holds a delta.
+
+The quota (`discovery_quota`, durable: a restart does not reset it) bounds the elements
+one owner has evaluated per UTC day; a request that would pass it is refused whole,
+nothing evaluated. The global bucket bounds the evaluation requests of all owners.
+
+Errors say what the caller must do next (contacts/discoveryapi.py maps them to HTTP):
+
+    DiscoveryError
+    ├── StaleEpoch(epoch)                    the key changed: fetch the set, blind again
+    ├── BadElement(index)                    fix the request; nothing was charged
+    ├── QuotaExhausted(retry_after, remaining)   wait until the next UTC day
+    └── Busy(retry_after)                    the global bucket is empty: retry after
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import bisect
+import hashlib
+import hmac
+import logging
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from contacts import oprf
+from contacts.settings import ContactsSettings
+from privacy.backend import Row, StorageUnavailable
+from privacy.clock import Clock
+from privacy.keys import Keyring
+from privacy.store import Record, Store, Subject, Value, table_spec
+from webapi.ratelimit import Limiter
+
+CATEGORY = "discoverable"
+QUOTA = "discovery_quota"
+DAY = 86400
+CHECK_INTERVAL = 60.0  # seconds between checks of the table for other nodes' changes
+# The check compares the table's row count and highest id; a full rebuild at least this
+# often catches what those cannot show (SQLite may reuse the id of a deleted last row).
+FULL_RELOAD = 600.0
+# The journal of changes between versions: this many steps, this many tags in all; an
+# app holding an older version gets the whole set.
+JOURNAL_STEPS = 1024
+JOURNAL_TAGS = 100_000
+MAGIC = b"SRD1"
+FULL, DELTA = 0, 1
+_HEADER = struct.Struct(">4sIBII")  # magic, epoch, kind, added, removed
+_PAGE = 500  # rows per read while the set is rebuilt
+_GLOBAL_KEY = "evaluate"
+log = logging.getLogger("softrelay.contacts")
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def oprf_secret(keyring: Keyring) -> bytes:
+    """The secret the epoch keys derive from: the same on every node with the keyring."""
+    return hmac.new(keyring.index, b"softrelay/contacts/oprf", hashlib.sha256).digest()
+
+
+def utc_day(now: float) -> int:
+    """Days since 1970-01-01 UTC."""
+    return int(now // DAY)
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class DiscoveryError(Exception):
+    """What `Directory.evaluate` refuses; see the module doc for the tree."""
+
+
+class StaleEpoch(DiscoveryError):
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"the key changed: the current epoch is {epoch}; fetch the set again")
+        self.epoch = epoch
+
+
+class BadElement(DiscoveryError):
+    def __init__(self, index: int) -> None:
+        super().__init__(f"blinded[{index}] is not a valid ristretto255 element")
+        self.index = index
+
+
+class QuotaExhausted(DiscoveryError):
+    def __init__(self, retry_after: float, remaining: int) -> None:
+        super().__init__(
+            f"daily quota of evaluated elements reached; {remaining} remain today (UTC)"
+        )
+        self.retry_after = retry_after
+        self.remaining = remaining
+
+
+class Busy(DiscoveryError):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many discovery requests on this service; retry later")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluated:
+    epoch: int
+    elements: list[bytes]
+    remaining: int  # elements this owner may still have evaluated today
+
+
+# --- the published set ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    before: str  # the version this step starts from
+    added: frozenset[bytes]
+    removed: frozenset[bytes]
+
+
+class TagSet:
+    """The tags of one epoch, with a count per tag (two owners may share a number), kept
+    sorted so a version costs one pass; changes since the last published version are
+    collected and journalled when a version is next asked for."""
+
+    def __init__(self, epoch: int, counts: Mapping[bytes, int] | None = None) -> None:
+        self.epoch = epoch
+        self._counts: dict[bytes, int] = dict(counts or {})
+        self._sorted = sorted(self._counts)
+        self._added: set[bytes] = set()
+        self._removed: set[bytes] = set()
+        self._journal: deque[_Step] = deque()
+        self._journal_tags = 0
+        self._version = self._digest()
+        self._full: bytes | None = None
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __contains__(self, tag: object) -> bool:
+        return tag in self._counts
+
+    def add(self, tag: bytes) -> None:
+        count = self._counts.get(tag, 0)
+        self._counts[tag] = count + 1
+        if count == 0:
+            bisect.insort(self._sorted, tag)
+            self._appeared(tag)
+
+    def remove(self, tag: bytes) -> None:
+        count = self._counts.get(tag, 0)
+        if count > 1:
+            self._counts[tag] = count - 1
+        elif count == 1:
+            del self._counts[tag]
+            del self._sorted[bisect.bisect_left(self._sorted, tag)]
+            self._went(tag)
+
+    def replace(self, counts: dict[bytes, int]) -> None:
+        """The set as rebuilt from the store: the difference is journalled as any change."""
+        for tag in counts.keys() - self._counts.keys():
+            self._appeared(tag)
+        for tag in self._counts.keys() - counts.keys():
+            self._went(tag)
+        self._counts = counts
+        self._sorted = sorted(counts)
+
+    def _appeared(self, tag: bytes) -> None:
+        if tag in self._removed:
+            self._removed.discard(tag)
+        else:
+            self._added.add(tag)
+
+    def _went(self, tag: bytes) -> None:
+        if tag in self._added:
+            self._added.discard(tag)
+        else:
+            self._removed.add(tag)
+
+    @property
+    def version(self) -> str:
+        self._publish()
+        return self._version
+
+    def full(self) -> bytes:
+        """The whole set: header, then every tag, sorted."""
+        self._publish()
+        if self._full is None:
+            header = _HEADER.pack(MAGIC, self.epoch, FULL, len(self._sorted), 0)
+            self._full = header + b"".join(self._sorted)
+        return self._full
+
+    def delta(self, since: str) -> bytes | None:
+        """The changes from version `since` to the current one; None when the journal
+        does not reach back to it (the caller answers with the whole set)."""
+        self._publish()
+        if since == self._version:
+            return _HEADER.pack(MAGIC, self.epoch, DELTA, 0, 0)
+        steps = list(self._journal)
+        start = next((i for i in range(len(steps) - 1, -1, -1) if steps[i].before == since), None)
+        if start is None:
+            return None
+        added: set[bytes] = set()
+        removed: set[bytes] = set()
+        for step in steps[start:]:
+            for tag in step.added:
+                if tag in removed:
+                    removed.discard(tag)
+                else:
+                    added.add(tag)
+            for tag in step.removed:
+                if tag in added:
+                    added.discard(tag)
+                else:
+                    removed.add(tag)
+        header = _HEADER.pack(MAGIC, self.epoch, DELTA, len(added), len(removed))
+        return header + b"".join(sorted(added)) + b"".join(sorted(removed))
+
+    def _publish(self) -> None:
+        if not self._added and not self._removed:
+            return
+        step = _Step(self._version, frozenset(self._added), frozenset(self._removed))
+        self._added.clear()
+        self._removed.clear()
+        self._version = self._digest()
+        self._full = None
+        self._journal.append(step)
+        self._journal_tags += len(step.added) + len(step.removed)
+        while self._journal and (
+            len(self._journal) > JOURNAL_STEPS or self._journal_tags > JOURNAL_TAGS
+        ):
+            old = self._journal.popleft()
+            self._journal_tags -= len(old.added) + len(old.removed)
+
+    def _digest(self) -> str:
+        digest = hashlib.sha256(struct.pack(">I", self.epoch))
+        digest.update(b"".join(self._sorted))
+        return digest.digest()[:16].hex()
+
+
+@dataclass(frozen=True, slots=True)
+class SetBody:
+    version: str
+    body: bytes
+    delta: bool
+
+
+def parse_set(body: bytes) -> tuple[int, int, list[bytes], list[bytes]]:
+    """(epoch, kind, added, removed) of a set body: the client's side of `set_body`."""
+    if len(body) < _HEADER.size:
+        raise ValueError("set body shorter than its header")
+    magic, epoch, kind, added, removed = _HEADER.unpack_from(body)
+    size = oprf.TAG_BYTES
+    if magic != MAGIC or kind not in (FULL, DELTA):
+        raise ValueError("not a discovery set (SRD1)")
+    if len(body) != _HEADER.size + size * (added + removed):
+        raise ValueError("set body length does not match its counts")
+    tags = [body[i : i + size] for i in range(_HEADER.size, len(body), size)]
+    return epoch, kind, tags[:added], tags[added:]
+
+
+# --- the directory --------------------------------------------------------------------
+
+
+class Directory:
+    """The discoverable set and the evaluations: see the module doc."""
+
+    def __init__(
+        self,
+        store: Store,
+        secret: bytes,
+        settings: ContactsSettings,
+        clock: Clock,
+        global_limit: Limiter,
+    ) -> None:
+        self._store = store
+        self._secret = secret
+        self._settings = settings
+        self._clock = clock
+        self._global = global_limit
+        self._category = store.policy.category(CATEGORY)
+        self._table = table_spec(self._category)
+        self._keys: dict[int, bytes] = {}
+        self._set = TagSet(self.epoch())
+        # Rebuilds and this node's changes to the set, one at a time: a change made
+        # while a rebuild reads the table would otherwise be lost with its result.
+        self._lock = asyncio.Lock()
+        self._owner_locks: dict[Subject, tuple[asyncio.Lock, int]] = {}
+        self._seen: tuple[int, int, int] | None = None  # rows, highest id, restrictions
+        self._built_at = float("-inf")
+
+    # --- keys and epochs ---
+
+    def epoch(self) -> int:
+        return int(self._clock.now() // self._settings.key_epoch)
+
+    def key(self, epoch: int) -> bytes:
+        key = self._keys.get(epoch)
+        if key is None:
+            if len(self._keys) >= 4:
+                self._keys.clear()
+            key = self._keys[epoch] = oprf.epoch_key(self._secret, epoch)
+        return key
+
+    # --- the owner's choice ---
+
+    async def opt_in(self, subject: Subject, number: str) -> None:
+        """Make `number` (E.164, proved to be the subject's) discoverable; again: a use."""
+        async with self._lock:
+            await self._current()
+            epoch = self._set.epoch
+            point = oprf.element(self.key(epoch), number.encode())
+            old = await self._record(subject)
+            await self._store.put(
+                CATEGORY,
+                {
+                    "sip_username": subject.sip_username,
+                    "pbx_serial": subject.pbx_serial,
+                    "element": _b64(point),
+                    "epoch": epoch,
+                },
+            )
+            if old is not None and (old_tag := self._tag_of(old)) is not None:
+                self._set.remove(old_tag)
+            if not await self._store.is_restricted(subject):
+                self._set.add(oprf.tag(point))
+
+    async def opt_out(self, subject: Subject) -> bool:
+        """The subject's point goes at once, out of the live files too; whether there was one."""
+        async with self._lock:
+            await self._current()
+            old = await self._record(subject)
+            if old is None:
+                return False
+            await self._store.delete(
+                CATEGORY, sip_username=subject.sip_username, pbx_serial=subject.pbx_serial
+            )
+            await self._store.purge_deleted(CATEGORY)
+            if (old_tag := self._tag_of(old)) is not None:
+                self._set.remove(old_tag)
+            return True
+
+    async def discoverable(self, subject: Subject) -> bool:
+        """Whether the subject opted in; asking is a use of the record."""
+        record = await self._record(subject)
+        if record is None:
+            return False
+        await self._store.touch(CATEGORY, record.id)
+        return True
+
+    # --- discovery ---
+
+    async def set_body(self, since: str | None = None) -> SetBody:
+        """The current set: the delta from `since` when the journal knows it, else whole."""
+        async with self._lock:
+            await self._current()
+        version = self._set.version
+        if since is not None:
+            delta = self._set.delta(since)
+            if delta is not None:
+                return SetBody(version, delta, True)
+        return SetBody(version, self._set.full(), False)
+
+    async def evaluate(self, subject: Subject, epoch: int, blinded: Sequence[bytes]) -> Evaluated:
+        """k_epoch * each blinded element, in order, charged to the subject's quota of
+        the day; refused whole (nothing evaluated, nothing charged) by a DiscoveryError."""
+        current = self.epoch()
+        if epoch != current:
+            raise StaleEpoch(current)
+        quota = self._settings.quota_per_day
+        async with self._owner(subject):
+            now = self._clock.now()
+            day = utc_day(now)
+            where = {"sip_username": subject.sip_username, "pbx_serial": subject.pbx_serial}
+            found = await self._store.find(QUOTA, **where, day=day)
+            used = _used(found[0]) if found else 0
+            if used + len(blinded) > quota:
+                raise QuotaExhausted((day + 1) * DAY - now, max(0, quota - used))
+            wait = await self._global.take(_GLOBAL_KEY)
+            if wait:
+                raise Busy(wait)
+            try:
+                # Off the loop (libsodium releases the GIL): 1,000 elements take ~60 ms.
+                out = await asyncio.to_thread(oprf.blind_evaluate_many, self.key(epoch), blinded)
+            except oprf.InvalidElement as exc:
+                raise BadElement(exc.index or 0) from None
+            used += len(blinded)
+            # Charged to the day it was checked against, even if midnight passed meanwhile.
+            await self._store.put(QUOTA, {**where, "day": day, "used": used})
+        await self.discoverable(subject)  # a use of the owner's own record, if any
+        return Evaluated(epoch, out, quota - used)
+
+    @asynccontextmanager
+    async def _owner(self, subject: Subject) -> AsyncIterator[None]:
+        """One evaluation per owner at a time on this node, so two requests cannot both
+        pass the quota check on the same count."""
+        lock, users = self._owner_locks.get(subject, (asyncio.Lock(), 0))
+        self._owner_locks[subject] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._owner_locks[subject]
+            if users == 1:
+                del self._owner_locks[subject]
+            else:
+                self._owner_locks[subject] = (lock, users - 1)
+
+    # --- the set from the store ---
+
+    async def load(self) -> None:
+        """Build the set from the store (at the start)."""
+        async with self._lock:
+            await self._rebuild()
+
+    async def refresh(self) -> bool:
+        """The periodic check: rebuild when the epoch moved or the table changed (another
+        node, an erasure, the sweeper), and at least every FULL_RELOAD; whether it did."""
+        async with self._lock:
+            due = self._clock.now() - self._built_at >= FULL_RELOAD
+            if due or self._set.epoch != self.epoch() or await self._fingerprint() != self._seen:
+                await self._rebuild()
+                return True
+            return False
+
+    async def run_forever(self, sleep: Sleep = asyncio.sleep) -> None:
+        """`refresh` every CHECK_INTERVAL (the app's task; a test gives its own sleep)."""
+        while True:
+            await sleep(CHECK_INTERVAL)
+            try:
+                await self.refresh()
+            except StorageUnavailable:
+                log.warning("contacts.discovery_refresh_deferred")
+
+    async def _current(self) -> None:
+        if self._set.epoch != self.epoch():
+            await self._rebuild()
+
+    async def _fingerprint(self) -> tuple[int, int, int]:
+        backend = self._store.backend
+        stats = await backend.stats(self._table)
+        highest = self._seen[1] if self._seen is not None else 0
+        while newer := await backend.scan(self._table, after=highest, limit=_PAGE):
+            highest = _row_id(newer[-1])
+        return stats.rows, highest, hash(await backend.restricted_subjects())
+
+    async def _rebuild(self) -> None:
+        """The set from the table: live rows of subjects not restricted; rows of another
+        epoch moved to the current key (and stored so, when theirs is older)."""
+        backend = self._store.backend
+        seen = await self._fingerprint()
+        epoch = self.epoch()
+        cutoff = self._store.cutoff(self._category)
+        restricted = await backend.restricted_subjects()
+        counts: dict[bytes, int] = {}
+        other: list[tuple[int, bytes, int]] = []  # id, point, its epoch
+        after = 0
+        while rows := await backend.scan(self._table, after=after, limit=_PAGE):
+            after = _row_id(rows[-1])
+            for row in rows:
+                last_used = row["last_used_at"]
+                assert isinstance(last_used, float)
+                if last_used <= cutoff or row.get("subject") in restricted:
+                    continue
+                point = _point(row.get("element"))
+                row_epoch = row.get("epoch")
+                if point is None or not isinstance(row_epoch, int):
+                    log.warning(
+                        "contacts.discoverable_unreadable", extra={"fields": {"id": row["id"]}}
+                    )
+                    continue
+                if row_epoch == epoch:
+                    tag = oprf.tag(point)
+                    counts[tag] = counts.get(tag, 0) + 1
+                else:
+                    other.append((_row_id(row), point, row_epoch))
+        moved = await asyncio.to_thread(self._rekey, other, epoch)
+        rewritten = 0
+        for (record_id, _, row_epoch), point in zip(other, moved, strict=True):
+            tag = oprf.tag(point)
+            counts[tag] = counts.get(tag, 0) + 1
+            if row_epoch < epoch:
+                # Not a use; the same value whichever node writes it first.
+                fields: dict[str, Value] = {"element": _b64(point), "epoch": epoch}
+                rewritten += await self._store.update(CATEGORY, record_id, fields, use=False)
+        if self._set.epoch == epoch:
+            self._set.replace(counts)
+        else:
+            self._set = TagSet(epoch, counts)
+        self._seen = seen
+        self._built_at = self._clock.now()
+        log.info(
+            "contacts.discovery_set_built",
+            extra={"fields": {"epoch": epoch, "tags": len(self._set), "rekeyed": rewritten}},
+        )
+
+    def _rekey(self, points: Sequence[tuple[int, bytes, int]], epoch: int) -> list[bytes]:
+        new = self.key(epoch)
+        return [oprf.rekey(point, self.key(old), new) for _, point, old in points]
+
+    async def _record(self, subject: Subject) -> Record | None:
+        found = await self._store.find(
+            CATEGORY, sip_username=subject.sip_username, pbx_serial=subject.pbx_serial
+        )
+        return found[0] if found else None
+
+    def _tag_of(self, record: Record) -> bytes | None:
+        """The tag a stored record has in the current set (its point moved to the
+        current epoch's key if it is of another)."""
+        point = _point(record.fields.get("element"))
+        epoch = record.fields.get("epoch")
+        if point is None or not isinstance(epoch, int):
+            return None
+        if epoch != self._set.epoch:
+            point = oprf.rekey(point, self.key(epoch), self.key(self._set.epoch))
+        return oprf.tag(point)
+
+
+def _b64(point: bytes) -> str:
+    return base64.b64encode(point).decode()
+
+
+def _point(value: object) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        point = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return point if len(point) == oprf.ELEMENT_BYTES else None
+
+
+def _row_id(row: Row) -> int:
+    record_id = row["id"]
+    assert isinstance(record_id, int)
+    return record_id
+
+
+def _used(record: Record) -> int:
+    used = record.fields.get("used")
+    return used if isinstance(used, int) else 0
