@@ -223,6 +223,13 @@ def rekey(point: bytes, old_key: bytes, new_key: bytes) -> bytes:
     return _mult(_scalar_mul(new_key, _invert(old_key)), point)
 
 
+def rekey_many(points: Sequence[bytes], old_key: bytes, new_key: bytes) -> list[bytes]:
+    """`rekey` of many points: the factor new/old is computed once (an inversion costs
+    about a quarter of a multiplication), then one multiplication per point."""
+    factor = _scalar_mul(new_key, _invert(old_key))
+    return [_mult(factor, point) for point in points]
+
+
 def tag(point: bytes) -> bytes:
     """8 bytes of SHA-512 over N: what the published set holds for a discoverable user.
     N is already a pseudorandom function of the number (DDH), so truncating its hash

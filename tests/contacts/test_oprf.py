@@ -143,6 +143,12 @@ def test_rekey_moves_an_element_to_the_new_key_without_the_input() -> None:
         moved = oprf.rekey(oprf.element(old, number), old, new)
         assert moved == oprf.element(new, number)
         assert oprf.rekey(moved, new, old) == oprf.element(old, number)
+    numbers = [b"+4930123456", b"+14155550123"]
+    assert oprf.rekey_many([oprf.element(old, n) for n in numbers], old, new) == [
+        oprf.element(new, n) for n in numbers
+    ]
+    with pytest.raises(oprf.InvalidElement):
+        oprf.rekey_many([oprf.element(old, numbers[0]), bytes(32)], old, new)
     # Known scalars: (3/2) * (2 * H) == 3 * H.
     point = oprf.hash_to_group(b"+4930123456")
     assert oprf.rekey(oprf.element(scalar(2), b"+4930123456"), scalar(2), scalar(3)) == (
