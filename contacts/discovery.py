@@ -519,8 +519,17 @@ class Directory:
         )
 
     def _rekey(self, points: Sequence[tuple[int, bytes, int]], epoch: int) -> list[bytes]:
+        """The points moved to `epoch`'s key, in order (one factor per old epoch)."""
+        moved: list[bytes] = [b""] * len(points)
+        by_epoch: dict[int, list[int]] = {}
+        for index, (_, _, old) in enumerate(points):
+            by_epoch.setdefault(old, []).append(index)
         new = self.key(epoch)
-        return [oprf.rekey(point, self.key(old), new) for _, point, old in points]
+        for old, indexes in by_epoch.items():
+            rekeyed = oprf.rekey_many([points[i][1] for i in indexes], self.key(old), new)
+            for index, point in zip(indexes, rekeyed, strict=True):
+                moved[index] = point
+        return moved
 
     async def _record(self, subject: Subject) -> Record | None:
         found = await self._store.find(
