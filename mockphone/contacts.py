@@ -34,6 +34,7 @@ Numbers and points stay in memory on the device, and nothing here logs them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import struct
@@ -184,12 +185,14 @@ class BookClient:
                 await _answer(r, 200)
             envelope = await r.read()
             version = _etag(r)
+        # Off the event loop, as an app keeps it off its UI thread: scrypt takes a
+        # third of a second, a large book's decryption some milliseconds.
         if self.key is not None and self.key.opens(envelope):
-            contacts = self.key.unseal(envelope)
+            contacts = await asyncio.to_thread(self.key.unseal, envelope)
         else:
             # A book another device made, or rewrapped under a new passphrase: the
             # passphrase opens it (one scrypt).
-            self.key, contacts = open_envelope(envelope, self._passphrase)
+            self.key, contacts = await asyncio.to_thread(open_envelope, envelope, self._passphrase)
         if owner is None:
             self.version, self.base = version, list(contacts)
         return contacts
@@ -198,8 +201,8 @@ class BookClient:
         """One attempt to replace the book read last (or create it); its new version.
         VersionConflict when another device wrote first."""
         if self.key is None:
-            self.key = BookKey.new(self._passphrase, self.params)
-        envelope = self.key.seal(contacts)
+            self.key = await asyncio.to_thread(BookKey.new, self._passphrase, self.params)
+        envelope = await asyncio.to_thread(self.key.seal, list(contacts))
         headers = _bearer(self._token)
         if self.version is None:
             headers["If-None-Match"] = "*"

@@ -22,6 +22,8 @@
     sleep_rate = 0.5          # awake mobile phones falling asleep per second
     crash_rate = 0.1
     text_rate = 0.1           # texts to sleeping SIPIS apps (mix `sipis`) per second
+    contacts = 0.5            # phones whose users sync a book and use Smart Contacts
+    contacts_rate = 0.2       # their book edits, each with a discovery, per second
     opt_in = 0.5
     asleep = 0.6              # mobile phones asleep right after registering
     wake_delay = "lognormal:1.5,0.4"
@@ -58,6 +60,8 @@ _BEHAVIOUR = {
     "sleep_rate": float,
     "crash_rate": float,
     "text_rate": float,
+    "contacts": float,
+    "contacts_rate": float,
     "opt_in": float,
     "asleep": float,
     "wake_delay": "delay",

@@ -58,6 +58,7 @@ from typing import Any
 
 import aiohttp
 
+from mockphone.contactsmix import ContactsMix, ContactsStats, user_number
 from mockphone.delays import Delay, Pace, SteppedPace
 from mockphone.pbx import CallResult, MockPbx, PbxRefused
 from mockphone.phone import WAKE_DELAY, Answer, Kind, MockPhone, PhoneSpec, State
@@ -95,6 +96,10 @@ class SimSettings:
     crash_rate: float = 0.0  # crashes per second, in all
     # Texts per second, in all, from a caller at the provider to sleeping SIPIS apps.
     text_rate: float = 0.0
+    # Share of the relay-mode phones whose users sync a book and use Smart Contacts
+    # (mockphone/contactsmix.py), and their book edits with a discovery, per second.
+    contacts: float = 0.0
+    contacts_rate: float = 0.0
     opt_in: float = 0.5  # share of phones whose users opted in to crash reports
     asleep: float = 0.6  # share of mobile phones asleep right after registering
     wake_delay: Delay = WAKE_DELAY
@@ -216,6 +221,7 @@ class Stats:
     interrupted: bool = False
     nodes: dict[str, NodeStats] = field(default_factory=dict)  # by node name, in order
     sipis: SipisStats = field(default_factory=SipisStats)
+    contacts: ContactsStats = field(default_factory=ContactsStats)
 
     def failed(self, reason: str, node: NodeStats | None = None) -> None:
         self.calls_failed[reason] += 1
@@ -254,6 +260,7 @@ class Stats:
             }
             | self._by_node()
             | self._sipis()
+            | ({"contacts": self.contacts.summary()} if self.contacts.users else {})
         )
 
     def _sipis(self) -> dict[str, Any]:
@@ -370,6 +377,7 @@ class Simulation:
         self.caller: ProviderCaller | None = None  # calls and texts SIPIS apps
         self._caller_scope: contextlib.AsyncExitStack | None = None
         self._sipis_busy: set[str] = set()  # SIPIS apps in a call or text event now
+        self.contacts = ContactsMix(world.session, self.rng, self.stats.contacts)
 
     def _stats_of(self, phone: MockPhone) -> NodeStats:
         return self.stats.nodes[self._node_of[phone.spec.user].name]
@@ -391,6 +399,7 @@ class Simulation:
             ("crash", s.crash_rate, self._crash_one),
             # Last: a zero rate leaves the other events' draws as they were.
             ("text", s.text_rate, self._text_one),
+            ("contacts", s.contacts_rate, self.contacts.event),
         ]
 
     def events(self) -> Iterator[tuple[float, str]]:
@@ -466,6 +475,8 @@ class Simulation:
             if line is not None and await self.caller.register(line.user, line.password) != 200:
                 raise SimulationError(f"--mix sipis: the provider refused its user {line.user}")
         provider_accounts = iter(provider.accounts if provider is not None else ())
+        # The first of the relay-mode phones (their kinds are shuffled) use contacts.
+        contacts_users = share_counts({1: s.contacts, 0: 1 - s.contacts}, s.phones).get(1, 0)
         for i in range(s.phones):
             pbx = self.pbxs[i % len(self.pbxs)]
             home = nodes.index(self._node_of[pbx.serial])
@@ -482,6 +493,10 @@ class Simulation:
             else:
                 user = f"{kind.value}{i + 1}"
                 password = f"pw-{self.rng.getrandbits(64):016x}"
+                if len(self.contacts.users) < contacts_users:
+                    # A phone number: softrelay makes it discoverable once proved.
+                    user = user_number(i)
+                    self.contacts.add(user, password, pbx.serial, node.address.http_url)
                 pbx.add_user(user, password)
             spec = PhoneSpec(
                 user,
@@ -550,6 +565,9 @@ class Simulation:
                     self.stats.sleeps += 1
 
         await asyncio.gather(*(start(p) for p in self.phones))
+        if self.contacts.users and not self.stop.is_set():
+            users = {p.spec.user: p for p in self.phones}
+            await self.contacts.set_up(lambda user: users[user].last_register == 200)
 
     async def _events(self) -> None:
         s = self.settings
@@ -918,11 +936,13 @@ def check(settings: SimSettings, where: str) -> SimSettings:
         problems.append("pbxs must be at least 1")
     if not settings.duration > 0:
         problems.append("duration must be positive")
-    for name in ("call_rate", "sleep_rate", "crash_rate", "text_rate"):
+    for name in ("call_rate", "sleep_rate", "crash_rate", "text_rate", "contacts_rate"):
         if not getattr(settings, name) >= 0:
             problems.append(f"{name.replace('_', '-')} must not be negative")
     if not 0 <= settings.opt_in <= 1:
         problems.append("opt-in must be between 0 and 1")
+    if not 0 <= settings.contacts <= 1:
+        problems.append("contacts must be between 0 and 1")
     if not settings.speed > 0:
         problems.append("speed must be positive")
     if settings.placement not in PLACEMENTS:

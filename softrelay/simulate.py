@@ -306,6 +306,16 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sim.add_argument(
         "--text-rate", type=float, help="texts per second to sleeping SIPIS apps, in all"
     )
+    sim.add_argument(
+        "--contacts",
+        type=float,
+        metavar="SHARE",
+        help="share of the relay-mode phones whose users sync an encrypted book on two"
+        " devices and find each other by Smart Contacts (PBX-proved devices)",
+    )
+    sim.add_argument(
+        "--contacts-rate", type=float, help="book edits, each with a discovery, per second"
+    )
     sim.add_argument("--opt-in", type=float, help="share of users opted in to crash reports")
     sim.add_argument("--wake-delay", help="push to re-REGISTER, e.g. lognormal:1.5,0.4")
     sim.add_argument(
@@ -337,6 +347,8 @@ def settings_from_args(args: argparse.Namespace, base: SimSettings) -> SimSettin
         "sleep_rate",
         "crash_rate",
         "text_rate",
+        "contacts",
+        "contacts_rate",
         "opt_in",
         "speed",
         "seed",
