@@ -141,6 +141,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     sipis = summary.get("sipis")
     if sipis:
         print_sipis(sipis, console)
+    contacts = summary.get("contacts")
+    if contacts:
+        print_contacts(contacts, console)
     pushes = Table(title="pushes, by outcome (the relay's counters)")
     pushes.add_column("outcome")
     pushes.add_column("pushes", justify="right")
@@ -195,4 +198,31 @@ def print_sipis(sipis: dict[str, Any], console: Console) -> None:
         "texts sent / delivered",
         f"{texts['sent']} / {texts['delivered_to_sleeping_apps']} (answers {answered})",
     )
+    console.print(table)
+
+
+def print_contacts(contacts: dict[str, Any], console: Console) -> None:
+    """The contacts mix's table: devices, books synced, discovery, and every fault."""
+    table = Table(title="contacts (books and Smart Contacts)", show_header=False)
+    books, found = contacts["books"], contacts["discovery"]
+    table.add_row("result", "ok" if contacts["ok"] else "FAULTS (see below)")
+    table.add_row(
+        "users / devices / discoverable",
+        f"{contacts['users']} / {contacts['devices']} / {contacts['discoverable']}",
+    )
+    table.add_row(
+        "books written / merged after 412 / read back / mismatches",
+        f"{books['written']} / {books['conflicts_merged']} / {books['read_back']}"
+        f" / {books['mismatches']}",
+    )
+    table.add_row(
+        "discoveries / numbers checked / sent / matched",
+        f"{found['runs']} / {found['checked']} / {found['sent']} / {found['matched']}",
+    )
+    table.add_row(
+        "wrong matches / unexpected sends / deferred (quota)",
+        f"{found['wrong_matches']} / {found['unexpected_sends']} / {found['deferred']}",
+    )
+    if contacts["errors"]:
+        table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in contacts["errors"].items()))
     console.print(table)
