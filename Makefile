@@ -41,6 +41,7 @@ bench: $(STAMP) $(DEMO_SECRET)
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/wake.py
 	$(BIN)/python bench/sipis.py --quick
+	$(BIN)/python bench/contacts.py --quick
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
