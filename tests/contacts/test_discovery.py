@@ -7,7 +7,9 @@ reach this node's set at its next check; restricted and expired records are left
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import pytest
@@ -16,6 +18,7 @@ from contacts import discovery as discovery_module
 from contacts import oprf
 from contacts.discovery import (
     CATEGORY,
+    CHECK_INTERVAL,
     DAY,
     DELTA,
     FULL,
@@ -35,6 +38,7 @@ from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.store import Store, Subject
 from tests.conftest import StoreFactory
+from tests.limits import LONGEST_WAIT
 from webapi.ratelimit import LocalLimiter, RateLimit
 
 SETTINGS = ContactsSettings(quota_per_day=50, max_elements_per_request=20)
@@ -339,3 +343,40 @@ def test_the_journal_is_bounded() -> None:
         assert published.version
     assert published.delta(first) is None  # fell out: the app gets the whole set
     assert published.delta(published.version) is not None
+
+
+async def test_the_periodic_check_brings_another_nodes_opt_in_and_an_erasure(
+    open_store: StoreFactory, clock: ManualClock, keyring: Keyring
+) -> None:
+    """run_forever with an injected sleep: each tick is one `refresh`; its next sleep
+    call says the tick is over, so the test waits on that, never on time."""
+    store = await _opened(open_store)
+    node_a, node_b = directory(store, clock, keyring), directory(store, clock, keyring)
+    await node_b.load()
+    slept: asyncio.Queue[float] = asyncio.Queue()
+    go: asyncio.Queue[None] = asyncio.Queue()
+
+    async def sleep(seconds: float) -> None:
+        await slept.put(seconds)
+        await go.get()
+
+    async def tick() -> None:
+        await go.put(None)
+        assert await asyncio.wait_for(slept.get(), LONGEST_WAIT) == CHECK_INTERVAL
+
+    task = asyncio.create_task(node_b.run_forever(sleep))
+    try:
+        assert await asyncio.wait_for(slept.get(), LONGEST_WAIT) == CHECK_INTERVAL
+        await _opt_in(node_a, [1, 2])
+        client = Client(subject(99))
+        await client.fetch(node_b)
+        assert client.tags == set()  # not before the check
+        await tick()
+        assert await client.discover(node_b, [number(1), number(2)]) == {number(1), number(2)}
+        await store.delete_subject(subject(1))  # an erasure (DSR), on any node
+        await tick()
+        assert await client.discover(node_b, [number(1), number(2)]) == {number(2)}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
