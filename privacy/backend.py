@@ -164,6 +164,26 @@ class Backend(Protocol):
         the same key at once: exactly one inserts, both then read the same row."""
         ...
 
+    async def replace(
+        self,
+        table: TableSpec,
+        row: Callable[[], Row],
+        *,
+        subject: bytes,
+        where: Mapping[str, SqlValue],
+        expect: Mapping[str, SqlValue] | None,
+        cutoff: float,
+        subject_cutoff: float,
+        now: float,
+    ) -> bool:
+        """Compare-and-set within one subject, in one transaction: the live rows matching
+        `where` (as `select` finds them) must be none (`expect` None) or exactly one that
+        holds `expect`'s values; else nothing changes (False). Then `row` is put (as
+        `put`) and the rows matched are deleted, but for the one the put rewrote (True).
+        Serialised with every other `replace` of the table and subject: of several
+        processes replacing the same row at once, exactly one succeeds."""
+        ...
+
     async def put_many(
         self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
     ) -> None:
@@ -289,3 +309,11 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def as_expected(rows: Sequence[Mapping[str, Any]], expect: Mapping[str, SqlValue] | None) -> bool:
+    """The condition of `Backend.replace`: no row (`expect` None), or exactly one holding
+    every value of `expect`."""
+    if expect is None:
+        return not rows
+    return len(rows) == 1 and all(rows[0].get(name) == value for name, value in expect.items())

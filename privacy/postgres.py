@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -50,6 +51,7 @@ from privacy.backend import (
     StorageUnavailable,
     TableSpec,
     TableStats,
+    as_expected,
 )
 from privacy.batches import GroupCommit
 from privacy.database import DSN_KEY, StoreSettings, dsn_target
@@ -346,6 +348,44 @@ class PostgresBackend:
                 *values.values(),
             )
         return _count(status) > 0
+
+    async def replace(
+        self,
+        table: TableSpec,
+        row: Callable[[], Row],
+        *,
+        subject: bytes,
+        where: Mapping[str, SqlValue],
+        expect: Mapping[str, SqlValue] | None,
+        cutoff: float,
+        subject_cutoff: float,
+        now: float,
+    ) -> bool:
+        values: Row = {**row(), "subject": subject, "created_at": now, "last_used_at": now}
+        clauses, params = _where(where, first=3)
+        select = (
+            f"SELECT * FROM {table.name} AS t WHERE {table.basis} > $1 AND (t.subject IS NULL"
+            " OR EXISTS (SELECT 1 FROM subjects s WHERE s.subject = t.subject"
+            " AND s.last_used_at > $2))"
+        )
+        if clauses:
+            select += " AND " + clauses
+        async with self._connection() as conn:
+            # A row lock cannot guard a row that is not there yet (the first version of
+            # a record): a transaction lock on the table and subject serialises every
+            # replace of them, and only replaces take it, so it joins no lock order.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _replace_lock(table, subject))
+            found = await conn.fetch(select, cutoff, subject_cutoff, *params)
+            if not as_expected([dict(r) for r in found], expect):
+                return False
+            sql = _put_sql(table, tuple(values), True)
+            record_id = await conn.fetchval(sql, *values.values(), now)
+            stale = [r["id"] for r in found if r["id"] != record_id]
+            if stale:
+                await conn.fetchval(
+                    _deleting(table.name, "id = ANY($1::bigint[])", 1), stale, table.name
+                )
+        return True
 
     async def put_many(
         self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float
@@ -985,6 +1025,12 @@ def _put_sql(table: TableSpec, names: tuple[str, ...], with_subject: bool) -> st
         " SET last_used_at = greatest(subjects.last_used_at, excluded.last_used_at))"
         " SELECT id FROM put"
     )
+
+
+def _replace_lock(table: TableSpec, subject: bytes) -> int:
+    """The advisory lock key of `replace` on a table and subject (a signed 64-bit int)."""
+    digest = hashlib.blake2b(table.name.encode() + b"\x00" + subject, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _where(where: Mapping[str, SqlValue], *, first: int) -> tuple[str, list[SqlValue]]:

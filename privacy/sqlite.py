@@ -36,6 +36,7 @@ from privacy.backend import (
     StorageUnavailable,
     TableSpec,
     TableStats,
+    as_expected,
 )
 from privacy.dbthread import DatabaseThread
 from privacy.migrations import pending, statements
@@ -190,6 +191,48 @@ class SQLiteBackend:
         with self._transaction():
             inserted: bool = self.db.execute(sql, list(values.values())).rowcount > 0
         return inserted
+
+    async def replace(
+        self,
+        table: TableSpec,
+        row: Callable[[], Row],
+        *,
+        subject: bytes,
+        where: Mapping[str, SqlValue],
+        expect: Mapping[str, SqlValue] | None,
+        cutoff: float,
+        subject_cutoff: float,
+        now: float,
+    ) -> bool:
+        return await self._run(
+            self._replace, table, row, subject, dict(where), expect, cutoff, subject_cutoff, now
+        )
+
+    def _replace(
+        self,
+        table: TableSpec,
+        row: Callable[[], Row],
+        subject: bytes,
+        where: Row,
+        expect: Mapping[str, SqlValue] | None,
+        cutoff: float,
+        subject_cutoff: float,
+        now: float,
+    ) -> bool:
+        # The one writer thread and BEGIN IMMEDIATE: no other write between the read and
+        # the put, in this process or another.
+        with self._transaction():
+            found = self._select(table, where, cutoff, subject_cutoff)
+            if not as_expected(found, expect):
+                return False
+            record_id = self._put(table, row, subject, now)
+            stale = [r["id"] for r in found if r["id"] != record_id]
+            if stale:
+                marks = ", ".join("?" * len(stale))
+                self.db.execute(f"DELETE FROM {table.name} WHERE id IN ({marks})", stale)
+        if stale:
+            self._checkpoint()  # as any delete: the old row must not stay in the WAL
+        return True
 
     async def put_many(
         self, table: TableSpec, rows: Sequence[Callable[[], Row]], *, now: float

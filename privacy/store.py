@@ -279,6 +279,43 @@ class Store:
         row = self._encode(cat, fields, None)
         return await self.backend.put_new(self._tables[category], row, now=self.clock.now())
 
+    async def replace(
+        self,
+        category: str,
+        fields: Mapping[str, Writable],
+        *,
+        where: Mapping[str, Value],
+        expect: Mapping[str, Value] | None,
+    ) -> bool:
+        """Compare-and-set on a subject's records: store `fields` (as `put`) only if the
+        live records matching `where` are none (`expect` None) or exactly one whose
+        fields hold `expect`'s values, and delete those records with it (but the one
+        `fields` rewrites, of the same key); whether it stored. `where` names the
+        subject of `fields`. Of several processes replacing at once exactly one whose
+        condition held succeeds (Backend.replace), so a version can replace another
+        without a lost update, and a crash leaves the one or the other."""
+        cat = self._stored(category)
+        self._check_fields(cat, fields)
+        missing = [name for name in (*cat.key, *cat.subject) if fields.get(name) is None]
+        if not cat.subject or missing:
+            raise PolicyViolation(
+                f"{category}: replace needs a category with subjects and the record's key"
+            )
+        if any(where.get(name) != fields[name] for name in cat.subject):
+            raise PolicyViolation(f"{category}: replace's `where` must name the record's subject")
+        subject = self._subject_of(cat, fields)
+        assert subject is not None
+        return await self.backend.replace(
+            self._tables[category],
+            self._encode(cat, fields, subject),
+            subject=subject,
+            where=self._match(cat, where),
+            expect=None if expect is None else self._match(cat, expect),
+            cutoff=self.cutoff(cat),
+            subject_cutoff=self._account_cutoff(),
+            now=self.clock.now(),
+        )
+
     async def put_many(self, category: str, records: Sequence[Mapping[str, Writable]]) -> None:
         """`put` of many records of a category without subjects, committed together.
         Each is checked first; one refused record refuses them all, nothing written."""
