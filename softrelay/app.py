@@ -46,6 +46,8 @@ from prometheus_client import CollectorRegistry
 
 from cluster.redis import SharedRedis
 from cluster.settings import ClusterSettings
+from contacts.api import add_contacts_api
+from contacts.settings import ContactsSettings
 from crashreports.service import add_crashreports
 from crashreports.settings import CrashSettings
 from dsr.api import add_dsr_routes
@@ -123,6 +125,7 @@ class Services:
     store: StoreSettings = field(default_factory=StoreSettings)  # default: SQLite in data_dir
     cluster: ClusterSettings | None = None  # a node of a cluster (Redis), or alone
     sipis: SipisSettings = field(default_factory=SipisSettings)  # off unless enabled
+    contacts: ContactsSettings = field(default_factory=ContactsSettings)  # on unless disabled
     # SIPIS mode's registrar engine; None: the real one (sipis/registrar.py).
     sipis_registrar: RegistrarFactory | None = None
 
@@ -220,6 +223,20 @@ def build_app(services: Services) -> web.Application:
         limiters=limiters,
         cluster=CLUSTER if services.cluster is not None else None,
     )
+    if services.contacts.enabled:
+        # After the store, the relay, the cluster and SIPIS mode: an owner proves itself
+        # with a SIPIS account's device secret or through its PBX (as DSR does).
+        add_contacts_api(
+            app,
+            services.contacts,
+            limiters,
+            store=STORE,
+            relay=RELAY,
+            keyring=services.keyring,
+            clock=services.clock,
+            proof=services.dsr,
+            cluster=CLUSTER if services.cluster is not None else None,
+        )
     metrics = services.metrics
     add_openapi_route(app, metrics=metrics.listen is None, token=bool(metrics.token))
     if services.push.embedded:

@@ -368,6 +368,7 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         store=config.store,
         cluster=cluster,
         sipis=config.sipis,
+        contacts=config.contacts,
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from cluster.settings import ClusterSettings, check_cluster_sources, parse_cluster
+from contacts.settings import ContactsSettings, parse_contacts
 from crashreports.settings import CrashSettings, parse_crashreports
 from dsr.service import DsrSettings, parse_dsr
 from privacy.database import StoreSettings, parse_store
@@ -83,6 +84,8 @@ class Config:
     http: HttpLimits
     # SIPIS mode (registering on behalf of sleeping apps); off unless `enabled`.
     sipis: SipisSettings
+    # Contacts: the encrypted address book and Smart Contacts (`[contacts]`).
+    contacts: ContactsSettings
     # Parsed at first use, reading their secrets then (the module docstring says why).
     deferred_push: Deferred[PushSettings] = field(repr=False, compare=False)
     deferred_sip: Deferred[SipSettings] = field(repr=False, compare=False)
@@ -199,6 +202,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     dsr = parse_dsr(dsr_section)
     provisioning = parse_provisioning(root.section("provisioning", {}))
     sipis = parse_sipis(root.section("sipis", {}))
+    contacts = parse_contacts(root.section("contacts", {}))
     oauth = Deferred(root.section("oauth", {}), parse_oauth)
     usage = Deferred(root.section("usage", {}), parse_usage)
     http_section = root.section("http", {})
@@ -228,6 +232,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         provisioning=provisioning,
         http=http,
         sipis=sipis,
+        contacts=contacts,
         deferred_push=push,
         deferred_sip=sip,
         deferred_oauth=oauth,

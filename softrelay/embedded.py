@@ -96,6 +96,7 @@ class EmbeddedRelay:
             usage=config.usage,
             dsr=config.dsr,
             sipis=config.sipis,  # SIPIS mode when `extra_toml` enables it
+            contacts=config.contacts,
         )
         runner = web.AppRunner(build_app(services), access_log=None, handle_signals=False)
         try:
