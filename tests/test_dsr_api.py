@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from contacts.settings import ContactsSettings
 from crashreports.settings import parse_crashreports
 from dsr.api import CLIENT_FAILURE_FACTOR
 from dsr.service import DsrSettings
@@ -139,6 +140,7 @@ async def world(
         # Its registrar engine a double; registrar hosts not resolved (no DNS from a fuzzer).
         sipis=SipisSettings(enabled=True, rate=UNLIMITED, allow_private_registrars=True),
         sipis_registrar=Registered().opened,
+        contacts=ContactsSettings(rate=UNLIMITED),
     )
     app = build_app(services)
     server = TestServer(app, host="127.0.0.1")
@@ -353,6 +355,10 @@ parameters = {{ "path.serial" = "{URL_SERIAL}" }}
 [[operations]]
 include-path-regex = "^/dsr/v1/"
 parameters = {{ "body.sip_username" = "alice", "body.pbx_serial" = "{SERIAL}" }}
+
+[[operations]]
+include-path-regex = "^/contacts/v1/(challenge|devices)$"
+parameters = {{ "body.sip_username" = "alice", "body.pbx_serial" = "{SERIAL}" }}
 """
 
 
@@ -404,11 +410,11 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     world: World, tmp_path: Path
 ) -> None:
     """Every operation of the whole app's /openapi.json (DSR, usage, crash ingest,
-    SIPIS accounts, provisioning, OAuth, the WebSocket upgrades, health and metrics),
+    SIPIS accounts, contacts, provisioning, OAuth, the WebSocket upgrades, health and metrics),
     fuzzed: no 5xx, no status, Content-Type or body the document does not describe."""
     returncode, output = await schemathesis(world.base, tmp_path)
     assert returncode == 0, output[-6000:]
-    assert "Operations:       25 selected / 25 total" in output, output[:2000]
+    assert "Operations:       39 selected / 39 total" in output, output[:2000]
 
 
 async def test_schemathesis_run_fails_on_a_server_error_and_an_undocumented_answer(
