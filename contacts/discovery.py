@@ -501,6 +501,9 @@ class Directory:
         moved = await asyncio.to_thread(self._rekey, other, epoch)
         rewritten = 0
         for (record_id, _, row_epoch), point in zip(other, moved, strict=True):
+            if point is None:
+                log.warning("contacts.discoverable_unreadable", extra={"fields": {"id": record_id}})
+                continue
             tag = oprf.tag(point)
             counts[tag] = counts.get(tag, 0) + 1
             if row_epoch < epoch:
@@ -518,15 +521,21 @@ class Directory:
             extra={"fields": {"epoch": epoch, "tags": len(self._set), "rekeyed": rewritten}},
         )
 
-    def _rekey(self, points: Sequence[tuple[int, bytes, int]], epoch: int) -> list[bytes]:
-        """The points moved to `epoch`'s key, in order (one factor per old epoch)."""
-        moved: list[bytes] = [b""] * len(points)
+    def _rekey(self, points: Sequence[tuple[int, bytes, int]], epoch: int) -> list[bytes | None]:
+        """The points moved to `epoch`'s key, in order (one factor per old epoch); None
+        for a stored value that is no valid point (left out of the set, and logged)."""
+        moved: list[bytes | None] = [None] * len(points)
         by_epoch: dict[int, list[int]] = {}
         for index, (_, _, old) in enumerate(points):
             by_epoch.setdefault(old, []).append(index)
         new = self.key(epoch)
         for old, indexes in by_epoch.items():
-            rekeyed = oprf.rekey_many([points[i][1] for i in indexes], self.key(old), new)
+            try:
+                rekeyed: list[bytes | None] = list(
+                    oprf.rekey_many([points[i][1] for i in indexes], self.key(old), new)
+                )
+            except oprf.InvalidElement:
+                rekeyed = [_rekeyed(points[i][1], self.key(old), new) for i in indexes]
             for index, point in zip(indexes, rekeyed, strict=True):
                 moved[index] = point
         return moved
@@ -545,8 +554,18 @@ class Directory:
         if point is None or not isinstance(epoch, int):
             return None
         if epoch != self._set.epoch:
-            point = oprf.rekey(point, self.key(epoch), self.key(self._set.epoch))
+            moved = _rekeyed(point, self.key(epoch), self.key(self._set.epoch))
+            if moved is None:
+                return None
+            point = moved
         return oprf.tag(point)
+
+
+def _rekeyed(point: bytes, old: bytes, new: bytes) -> bytes | None:
+    try:
+        return oprf.rekey(point, old, new)
+    except oprf.InvalidElement:
+        return None
 
 
 def _b64(point: bytes) -> str:

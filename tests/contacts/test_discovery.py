@@ -380,3 +380,21 @@ async def test_the_periodic_check_brings_another_nodes_opt_in_and_an_erasure(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_damaged_stored_point_is_left_out_and_the_rest_are_rekeyed(
+    open_store: StoreFactory, clock: ManualClock, keyring: Keyring
+) -> None:
+    store = await _opened(open_store)
+    server = directory(store, clock, keyring)
+    await _opt_in(server, [1, 2])
+    epoch = server.epoch()
+    damaged = base64.b64encode(b"\xff" * 32).decode()
+    await store.put(
+        CATEGORY,
+        {"sip_username": "user3", "pbx_serial": "pbx-1", "element": damaged, "epoch": epoch},
+    )
+    clock.set((epoch + 1) * SETTINGS.key_epoch)
+    asked = [number(i) for i in (1, 2, 3)]
+    assert await Client(subject(99)).discover(server, asked) == {number(1), number(2)}
+    assert await server.opt_out(subject(3)) is True  # it can still be removed
