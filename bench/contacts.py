@@ -18,7 +18,7 @@
               Beside it, the app's CPU for the same 1,000 numbers (blind, unblind and
               tag; the peer's CreateRequest and GetIntersection against its setup).
 2. setup      What an app downloads to hold the discoverable set, for each `--users`
-              count: ours is the SRD1 body (contacts/discovery.py TagSet.full: 17 bytes
+              count: ours is the SRD1 body (contacts/tagset.py TagSet.full: 17 bytes
               and 8 per user), built from that many stored points (random 32-byte
               stand-ins for k*H(number): the tag hashes the stored point, never a
               number), with the CPU to build it; the delta an app downloads when 100
@@ -77,7 +77,7 @@ from bench.harness import (  # noqa: E402
     write_result,
 )
 from contacts import oprf  # noqa: E402
-from contacts.discovery import TagSet  # noqa: E402
+from contacts.tagset import TagSet  # noqa: E402
 from mockphone.book import Contact  # noqa: E402
 from mockphone.contacts import (  # noqa: E402
     EVALUATE,

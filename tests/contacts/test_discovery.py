@@ -20,20 +20,16 @@ from contacts.discovery import (
     CATEGORY,
     CHECK_INTERVAL,
     DAY,
-    DELTA,
-    FULL,
-    JOURNAL_STEPS,
     QUOTA,
     BadElement,
     Busy,
     Directory,
     QuotaExhausted,
     StaleEpoch,
-    TagSet,
     oprf_secret,
-    parse_set,
 )
 from contacts.settings import ContactsSettings
+from contacts.tagset import DELTA, FULL, JOURNAL_STEPS, TagSet, parse_set
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.store import Store, Subject

@@ -25,10 +25,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from contacts import oprf
-from contacts.discovery import DAY, DELTA, FULL, QUOTA, Directory, parse_set
+from contacts.discovery import DAY, QUOTA, Directory
 from contacts.discoveryapi import DIRECTORY, add_discovery_routes
 from contacts.owners import OWNERS, Devices, Owners
 from contacts.settings import ContactsSettings
+from contacts.tagset import DELTA, FULL, parse_set
 from privacy.clock import ManualClock
 from privacy.keys import Keyring
 from privacy.policy import load_policy
