@@ -23,7 +23,8 @@ node's opt-in, an erasure, the sweeper), at least every FULL_RELOAD; this node's
 opt-ins and opt-outs change it at once. Rows whose subject is restricted (GDPR Art. 18)
 are left out: nothing processes them. Each version of the set is named by a digest of
 its epoch and tags (the same on every node holding the same set), and a bounded journal
-of the changes between versions gives an app that names the version it holds a delta.
+of the changes between versions gives an app that names the version it holds a delta
+(contacts/tagset.py).
 
 The quota (`discovery_quota`, durable: a restart does not reset it) bounds the elements
 one owner has evaluated per UTC day; a request that would pass it is refused whole,
