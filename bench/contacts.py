@@ -326,7 +326,7 @@ async def _serve(procs: Processes, work: Path) -> tuple[Softrelay, str]:
         f'[sip]\ndomain = "{DOMAIN}"\n'
         "[sip.limits]\nmax_connections_per_ip = 0\n"
         f'[[sip.pbx]]\nserial = "{SERIAL}"\nsecret = "file:{work / "pbx.secret"}"\n'
-        "[contacts]\nquota_per_day = 100000000\nglobal_per_minute = 1000000\n"
+        "[contacts]\nquota_per_day = 100000000\nglobal_elements_per_minute = 1000000000\n"
         "rate_per_minute = 0\n",
         encoding="utf-8",
     )

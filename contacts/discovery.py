@@ -241,7 +241,7 @@ class Directory:
             used = _used(found[0]) if found else 0
             if used + len(blinded) > quota:
                 raise QuotaExhausted((day + 1) * DAY - now, max(0, quota - used))
-            wait = await self._global.take(_GLOBAL_KEY)
+            wait = await self._global.take(_GLOBAL_KEY, cost=len(blinded))
             if wait:
                 raise Busy(wait)
             try:

@@ -86,9 +86,11 @@ log = logging.getLogger("softrelay.contacts")
 
 
 def global_limit(settings: ContactsSettings) -> RateLimit:
-    """Evaluation requests of all owners: `global_per_minute`, and a burst of a tenth."""
-    per_minute = settings.global_per_minute
-    return RateLimit(per_minute=per_minute, burst=max(1, -(-per_minute // 10)))
+    """Elements evaluated for all owners: `global_elements_per_minute`, a burst of a tenth
+    of it, but at least one full request (a request takes its count at once)."""
+    per_minute = settings.global_elements_per_minute
+    burst = max(settings.max_elements_per_request, -(-per_minute // 10))
+    return RateLimit(per_minute=per_minute, burst=burst)
 
 
 def add_discovery_routes(

@@ -27,9 +27,10 @@ class ContactsSettings:
     # on what an account can learn (docs/design.md, "Contacts").
     quota_per_day: int = 2000
     max_elements_per_request: int = 1000
-    # Evaluation requests over all owners per node (a bucket per minute): the bound on
-    # what many accounts together can learn; past it, 429 with Retry-After.
-    global_per_minute: int = 600
+    # Numbers (blinded elements) evaluated for all owners together, per minute (a bucket
+    # holding a tenth of it, at least one request's worth; shared by the nodes of a
+    # cluster): the bound on what many accounts together can learn; 429 past it.
+    global_elements_per_minute: int = 20_000
     # The OPRF key changes every this many seconds (an epoch); stored points are
     # re-keyed without the numbers (contacts/discovery.py), apps check again.
     key_epoch: int = 90 * 86400
@@ -50,7 +51,9 @@ def parse_contacts(sec: Section) -> ContactsSettings:
     per_request = sec.integer(
         "max_elements_per_request", default.max_elements_per_request, minimum=1
     )
-    global_rate = sec.integer("global_per_minute", default.global_per_minute, minimum=1)
+    global_rate = sec.integer(
+        "global_elements_per_minute", default.global_elements_per_minute, minimum=1
+    )
     epoch = sec.duration("key_epoch", "90d")
     region = sec.text("default_region", "")
     rate = parse_rate(sec, default.rate)
@@ -74,7 +77,7 @@ def parse_contacts(sec: Section) -> ContactsSettings:
         upload_ttl=upload_ttl,
         quota_per_day=quota,
         max_elements_per_request=per_request,
-        global_per_minute=global_rate,
+        global_elements_per_minute=global_rate,
         key_epoch=epoch,
         default_region=region,
         rate=rate,

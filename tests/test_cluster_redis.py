@@ -71,6 +71,20 @@ async def test_two_nodes_limiters_share_one_allowance_exactly(
     assert await a.check("198.51.100.7") == pytest.approx(1.0)
 
 
+async def test_a_cost_is_taken_from_the_shared_bucket_at_once_or_not_at_all(
+    open_shared: Open, clock: ManualClock
+) -> None:
+    limit = RateLimit(per_minute=60, burst=10)
+    a = SharedLimiters(clock, await open_shared("node-a"))("batch", limit)
+    b = SharedLimiters(clock, await open_shared("node-b"))("batch", limit)
+    assert await a.take("all", cost=7) == 0.0
+    assert await b.take("all", cost=4) == pytest.approx(1.0), "3 left on every node"
+    assert await b.take("all", cost=3) == 0.0, "the refused take took nothing"
+    assert await a.take("all") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cannot be taken"):
+        await a.take("all", cost=11)
+
+
 async def test_shared_buckets_hold_no_address(
     open_shared: Open, clock: ManualClock, redis_url: str
 ) -> None:

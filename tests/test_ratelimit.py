@@ -137,3 +137,17 @@ def test_the_sip_per_ip_limit_counts_by_the_same_key() -> None:
 
 async def _no_handler(data: bytes, flow: Flow) -> None:
     raise AssertionError("no message is handled here")
+
+
+def test_a_cost_takes_that_many_tokens_at_once_or_none() -> None:
+    clock = ManualClock(0.0)
+    limiter = RateLimiter(RateLimit(per_minute=60, burst=10), clock)
+    assert limiter.take("k", cost=7) == 0.0
+    assert limiter.take("k", cost=4) == 1.0, "3 left: one more second for the fourth"
+    assert limiter.take("k", cost=3) == 0.0, "the refused take took nothing"
+    clock.advance(10)
+    assert limiter.take("k", cost=10) == 0.0
+    with pytest.raises(ValueError, match="cannot be taken"):
+        limiter.take("k", cost=11)
+    with pytest.raises(ValueError, match="cannot be taken"):
+        limiter.take("k", cost=0)

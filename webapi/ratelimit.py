@@ -5,6 +5,7 @@
     wait = limiter.check(request.remote)   # per client: 0.0, or seconds to wait
     wait = limiter.take("project-1")       # any key: a crash project, a DSR subject
     wait = limiter.wait(key)               # as take, but nothing is taken
+    wait = limiter.take(key, cost=500)     # a batch: 500 tokens at once, or none
 
 The endpoints do not build their limiters: the composition root hands each a
 `Limiters` (softrelay/app.py), and the endpoint asks it for one by name:
@@ -77,20 +78,21 @@ class RateLimiter:
         """Take one token for the client at `address` (counted by `client_key`)."""
         return self.take(client_key(address))
 
-    def take(self, key: str) -> float:
-        """Take one token for `key`: 0.0 if there was one, else the seconds until there
-        is (and nothing is taken)."""
+    def take(self, key: str, cost: int = 1) -> float:
+        """Take `cost` tokens for `key`: 0.0 if there were, else the seconds until there
+        are (and nothing is taken). A cost above the burst can never be paid: ValueError."""
         if self._rate <= 0:
             return 0.0
+        _check_cost(cost, self._limit)
         now = self._clock.now()
         tokens = self._tokens(key, now)
         self._buckets.pop(key, None)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
+        if tokens >= cost:
+            self._buckets[key] = (tokens - cost, now)
             wait = 0.0
         else:
             self._buckets[key] = (tokens, now)
-            wait = (1.0 - tokens) / self._rate
+            wait = (cost - tokens) / self._rate
         while len(self._buckets) > self._limit.max_tracked:
             self._buckets.popitem(last=False)
         return wait
@@ -115,6 +117,11 @@ class RateLimiter:
             if when + refill > now:
                 return
             del self._buckets[key]
+
+
+def _check_cost(cost: int, limit: RateLimit) -> None:
+    if not 1 <= cost <= limit.burst:
+        raise ValueError(f"a cost of {cost} cannot be taken from a bucket of {limit.burst}")
 
 
 def client_key(address: str | None) -> str:
@@ -147,6 +154,7 @@ local now = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
 local take = ARGV[4] == "1"
+local cost = tonumber(ARGV[5])
 local state = redis.call("HMGET", KEYS[1], "t", "w")
 local tokens = tonumber(state[1])
 local when = tonumber(state[2])
@@ -159,12 +167,12 @@ if now > when then
   when = now
 end
 local wait = 0
-if tokens >= 1 then
+if tokens >= cost then
   if take then
-    tokens = tokens - 1
+    tokens = tokens - cost
   end
 else
-  wait = (1 - tokens) / rate
+  wait = (cost - tokens) / rate
 end
 if take then
   redis.call("HSET", KEYS[1], "t", tostring(tokens), "w", tostring(when))
@@ -179,7 +187,7 @@ class Limiter(Protocol):
 
     async def check(self, address: str | None) -> float: ...
 
-    async def take(self, key: str) -> float: ...
+    async def take(self, key: str, cost: int = 1) -> float: ...
 
     async def wait(self, key: str) -> float: ...
 
@@ -200,8 +208,8 @@ class LocalLimiter:
     async def check(self, address: str | None) -> float:
         return self.buckets.check(address)
 
-    async def take(self, key: str) -> float:
-        return self.buckets.take(key)
+    async def take(self, key: str, cost: int = 1) -> float:
+        return self.buckets.take(key, cost)
 
     async def wait(self, key: str) -> float:
         return self.buckets.wait(key)
@@ -268,9 +276,10 @@ class SharedRateLimiter:
     async def check(self, address: str | None) -> float:
         return await self.take(client_key(address))
 
-    async def take(self, key: str) -> float:
+    async def take(self, key: str, cost: int = 1) -> float:
         """As RateLimiter.take, on the bucket all nodes share."""
-        return await self._run(key, take=True)
+        _check_cost(cost, self._limit)
+        return await self._run(key, take=True, cost=cost)
 
     async def wait(self, key: str) -> float:
         """As RateLimiter.wait, on the bucket all nodes share."""
@@ -282,7 +291,7 @@ class SharedRateLimiter:
         digest = hashlib.blake2b(key.encode(), key=hash_key, digest_size=16).hexdigest()
         return self._prefix + digest
 
-    async def _run(self, key: str, *, take: bool) -> float:
+    async def _run(self, key: str, *, take: bool, cost: int = 1) -> float:
         if self._rate <= 0:
             return 0.0
         script = self._limiters.connection()[1]
@@ -291,6 +300,7 @@ class SharedRateLimiter:
             repr(self._rate),
             self._limit.burst,
             "1" if take else "0",
+            cost,
         ]
         reply = await script("rate limit", [self.bucket(key)], args)
         if not isinstance(reply, bytes | str):
