@@ -61,6 +61,14 @@ rate_per_minute = 0
 """
 
 
+# The contacts mix's devices all call the contacts API from this one process's address:
+# no per-address limit on it (the quota and the global evaluation bucket stay).
+_CONTACTS_TOML = """
+[contacts]
+rate_per_minute = 0
+"""
+
+
 def sipis_apps(settings: SimSettings) -> int:
     """How many of the run's phones are SIPIS-mode apps."""
     return share_counts(settings.mix, settings.phones).get(Kind.SIPIS, 0)
@@ -118,13 +126,16 @@ async def embedded_world(settings: SimSettings, data_dir: Path | None) -> World:
     else:
         workdir = data_dir
     serials = tuple(f"{9000000 + i:07d}" for i in range(settings.pbxs))
+    contacts_toml = _CONTACTS_TOML if settings.contacts > 0 else ""
     if kamailio is None:
-        relay = await EmbeddedRelay.start(workdir, serials=serials)
+        relay = await EmbeddedRelay.start(workdir, serials=serials, extra_toml=contacts_toml)
         return _embedded(relay, workdir, tmp)
     try:
         provider = await kamailio.start()
         try:
-            relay = await EmbeddedRelay.start(workdir, serials=serials, extra_toml=_SIPIS_TOML)
+            relay = await EmbeddedRelay.start(
+                workdir, serials=serials, extra_toml=_SIPIS_TOML + contacts_toml
+            )
         except BaseException:
             await kamailio.close()
             raise
@@ -311,7 +322,8 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         type=float,
         metavar="SHARE",
         help="share of the relay-mode phones whose users sync an encrypted book on two"
-        " devices and find each other by Smart Contacts (PBX-proved devices)",
+        " devices and find each other by Smart Contacts (PBX-proved devices; a --target"
+        " serve needs [contacts] rate_per_minute = 0: every device calls from this host)",
     )
     sim.add_argument(
         "--contacts-rate", type=float, help="book edits, each with a discovery, per second"
