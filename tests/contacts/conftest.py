@@ -178,7 +178,10 @@ async def contacts_world(
 async def prove_device(
     world: ContactsWorld, user: str = USER, password: str = PASSWORD
 ) -> OwnerToken:
-    """A device of `user` at the PBX, registered by the PBX's digest proof."""
+    """A device of `user` at the PBX, registered by the PBX's digest proof. The clock
+    moves on a second first: the mock PBX's nonce is its time, and it refuses a nonce
+    answered before, as a PBX refuses a replay."""
+    world.clock.advance(1)
     subject = {"sip_username": user, "pbx_serial": SERIAL}
     challenge = await world.call("POST", "/contacts/v1/challenge", json=subject)
     assert challenge.status == 200, challenge.body
