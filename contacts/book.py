@@ -19,8 +19,13 @@ A write stores a new version beside the current one and then switches to it:
 
 A crash at any step leaves the old book or the new one whole, never a mix: before 3
 the old head still names the old chunks; after it the new head names chunks written in
-2. Leftovers (an uncommitted head and its chunks, old chunks) carry no head that is
-committed and go with `expire_uploads` or the next write.
+2. An abandoned write (an uncommitted head and its chunks) goes with `expire_uploads`;
+the old chunks of a write stopped between 3 and 4 are no book's any more, are never
+used again and go with the retention.
+
+An upload takes chunks and a commit for upload_ttl after it started; `expire_uploads`
+drops it only after twice that, so a commit that passed its check just in time is
+never swept from under it.
 
 Reads, writes and uploads are a use: every record of the current version is touched
 (at most once per TOUCH_EVERY), so the chunks live as long as their head does and the
@@ -46,7 +51,7 @@ from privacy.store import Record, Store, Subject, Value
 CATEGORY = "address_book"
 HEAD = -1
 # Uploads in flight per owner: what one owner can make the server hold beyond its book is
-# at most this many times max_book_bytes, for at most upload_ttl.
+# at most this many times max_book_bytes, for at most twice upload_ttl.
 MAX_UPLOADS = 2
 # A use touches the book's records at most this often (seconds): a read is then a write
 # only once per interval, and the retention is counted in days.
@@ -234,16 +239,21 @@ class Book:
         return await self._commit(subject, Version(upload, len(data), parts), expect)
 
     async def expire_uploads(self, subject: Subject | None = None) -> int:
-        """Drop uploads (and abandoned writes) older than upload_ttl, of `subject` or of
-        every owner; how many."""
-        cutoff = self.store.clock.now() - self.settings.upload_ttl
+        """Drop uploads (and abandoned writes) started more than twice upload_ttl ago,
+        of `subject` or of every owner; how many. The head goes first, and only while
+        it is uncommitted: a version committed meanwhile is never touched."""
+        cutoff = self.store.clock.now() - 2 * self.settings.upload_ttl
         where: dict[str, Value] = {"part": HEAD, "committed": 0}
         if subject is not None:
-            where |= {"sip_username": subject.sip_username, "pbx_serial": subject.pbx_serial}
+            where |= _owned(subject)
         dropped = 0
         for head in await self.store.find(CATEGORY, **where):
-            if head.created_at <= cutoff:
-                await self._drop(_owner(head), str(head.fields["version"]))
+            if head.created_at > cutoff:
+                continue
+            owner, version = _owner(head), str(head.fields["version"])
+            pending = _owned(owner) | {"version": version, "part": HEAD, "committed": 0}
+            if await self.store.delete(CATEGORY, **pending):
+                await self._drop(owner, version)
                 dropped += 1
         return dropped
 

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from contacts.book import CATEGORY, HEAD, Book, NoSuchUpload, VersionConflict
+from contacts.book import (
+    CATEGORY,
+    HEAD,
+    Book,
+    NoSuchUpload,
+    TooManyUploads,
+    VersionConflict,
+)
 from contacts.settings import ContactsSettings
 from privacy.clock import ManualClock
 from privacy.database import StoreSettings
@@ -112,10 +119,13 @@ async def test_a_write_that_stops_before_the_switch_leaves_the_old_book_whole(
         await book.put_chunk(ALICE, upload, index, b"new" * 300)
     found = await book.read(ALICE)
     assert found == (v1, old)
-    # Past upload_ttl the leftovers go; the book stays.
+    # Past upload_ttl the upload takes nothing more; past twice that its leftovers go,
+    # and the book stays.
     clock.advance(SETTINGS.upload_ttl + 1)
     with pytest.raises(NoSuchUpload):
         await book.put_chunk(ALICE, upload, 3, b"late")
+    assert await book.expire_uploads() == 0
+    clock.advance(SETTINGS.upload_ttl)
     assert await book.expire_uploads() == 1
     assert {r.fields["version"] for r in await store.find(CATEGORY)} == {v1.version}
     assert await book.read(ALICE) == (v1, old)
@@ -133,6 +143,24 @@ async def test_an_upload_expires_and_cannot_be_committed_after_upload_ttl(
     with pytest.raises(NoSuchUpload):
         await book.commit_upload(ALICE, upload, 2, hashlib.sha256(b"partmore").hexdigest(), None)
     assert await book.read(ALICE) is None
-    # Another owner's sweep removes it too (the periodic expiry covers every owner).
+    # Another process's sweep removes it (the periodic expiry covers every owner).
+    clock.advance(SETTINGS.upload_ttl)
     assert await Book(two_stores[1], SETTINGS).expire_uploads() == 1
     assert await two_stores[0].find(CATEGORY) == []
+
+
+async def test_a_new_upload_sweeps_the_owners_expired_ones_first(
+    two_stores: tuple[Store, Store], clock: ManualClock
+) -> None:
+    """At most MAX_UPLOADS at once; expired ones do not count and go at the next start."""
+    book = Book(two_stores[0], SETTINGS)
+    first = await book.start_upload(ALICE)
+    await book.start_upload(ALICE)
+    with pytest.raises(TooManyUploads):
+        await book.start_upload(ALICE)
+    clock.advance(2 * SETTINGS.upload_ttl + 1)
+    third = await book.start_upload(ALICE)
+    pending = {r.fields["version"] for r in await two_stores[0].find(CATEGORY)}
+    assert pending == {third}
+    with pytest.raises(NoSuchUpload):
+        await book.put_chunk(ALICE, first, 0, b"x")
