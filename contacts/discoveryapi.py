@@ -22,7 +22,9 @@ Every refusal is a `Refusal` (webapi/errors.py), JSON `{"error", "detail"}`:
         malformed_body, unknown_field, bad_field, bad_element (names the index), bad_since
     401 unauthorized        (owners.py)
     403 not_proved          no proof of the number (a SIPIS account its provider has not
-                            accepted); restricted: processing is restricted (Art. 18)
+                            accepted); on the set and evaluate: no proof of the owner
+                            (the quota is per proved owner, see owners.py)
+        restricted          processing is restricted (Art. 18)
     409 stale_epoch         the key changed: fetch the set again, blind again
     413 too_many_elements   more than `max_elements_per_request`; body_too_large
     415 unsupported_media_type
@@ -56,7 +58,7 @@ from contacts.discovery import (
 )
 from contacts.numbers import e164
 from contacts.oprf import ELEMENT_BYTES
-from contacts.owners import owner_of
+from contacts.owners import Owner, owner_of
 from contacts.settings import ContactsSettings
 from privacy.clock import Clock
 from privacy.keys import Keyring
@@ -83,6 +85,18 @@ _VERSION = re.compile(r"^[0-9a-f]{32}$")
 _B64_MAX = 4 * ((ELEMENT_BYTES + 2) // 3)  # base64 of one element, padded
 _EVALUATE_KEYS = frozenset({"epoch", "blinded"})
 log = logging.getLogger("softrelay.contacts")
+
+
+def _proved(owner: Owner) -> Owner:
+    """Discovery only for a proved owner: each costs an attacker a SIP identity."""
+    if not owner.proved:
+        raise Refusal(
+            403,
+            "not_proved",
+            "discovery needs a proved owner: a SIPIS account its provider accepted, or a"
+            " device proved through the PBX",
+        )
+    return owner
 
 
 def global_limit(settings: ContactsSettings) -> RateLimit:
@@ -175,7 +189,7 @@ class _Handlers:
 
     async def discovery_set(self, request: web.Request) -> web.Response:
         directory = self._directory(request)
-        await owner_of(request)
+        _proved(await owner_of(request))
         since = request.query.get("since")
         if since is not None and not _VERSION.match(since):
             raise Refusal(400, "bad_since", "since must be a version: 32 lower-case hex digits")
@@ -190,7 +204,7 @@ class _Handlers:
 
     async def evaluate(self, request: web.Request) -> web.Response:
         directory = self._directory(request)
-        owner = await owner_of(request)
+        owner = _proved(await owner_of(request))
         epoch, blinded = await self._evaluation(request)
         try:
             answer = await directory.evaluate(owner.subject, epoch, blinded)

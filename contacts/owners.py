@@ -13,6 +13,9 @@ who holds the SIP password checked it: the PBX, which accepted the digest for th
 when the device registered; or the SIPIS account's provider, while it accepts the
 account's registration (the registrar engine's state is REGISTERED: the provider's
 digest check with the stored HA1). A user name that is not a phone number has no number.
+`proved` says the same of the owner as a whole, number or not: Smart Contacts' quota is
+per proved owner, so an attacker's allowance grows only with the SIP identities it
+holds the passwords of, not with the SIPIS accounts anyone can create with one POST.
 
 A device's secret is 256 random bits; only its keyed hash is stored (`contacts_device`,
 `secret_hash`), under a key of its own derived from the keyring's index key, so a copy
@@ -59,6 +62,7 @@ class Owner:
     number: str | None  # E.164, only when proved, else None
     via: str  # "sipis" | "device"
     device_id: str | None = None  # the device's id (via "device"): what revoking names
+    proved: bool = False  # the PBX or the provider checked the SIP password's digest
 
 
 class Devices:
@@ -151,7 +155,7 @@ class Owners:
             subject = await self.devices.authenticate(ident, secret)
             if subject is None:
                 return None
-            return Owner(subject, self._number(subject), "device", ident)
+            return Owner(subject, self._number(subject), "device", ident, proved=True)
         if self.accounts is None or not ACCOUNT_ID.match(ident):
             return None
         account = await self.accounts.authenticate(ident, secret)
@@ -160,7 +164,7 @@ class Owners:
         subject = subject_of(account)
         status = self.registrar.status(ident) if self.registrar is not None else None
         proved = status is not None and status.state is State.REGISTERED
-        return Owner(subject, self._number(subject) if proved else None, "sipis")
+        return Owner(subject, self._number(subject) if proved else None, "sipis", proved=proved)
 
     def _number(self, subject: Subject) -> str | None:
         return e164(subject.sip_username, self.settings.default_region)

@@ -262,7 +262,7 @@ async def test_a_book_of_1000_finds_the_discoverable_of_10000_and_the_rest_leave
         directory = world.directory
         for i in sorted(discoverable - set(via_http)):  # the rest through the directory
             await directory.opt_in(Subject(number(i), "example.com"), number(i))
-        asker = Client(world, await world.account("alice-asks", proved=False))
+        asker = Client(world, await world.account("alice-asks"))
         assert await asker.discover(book) == expected
     unmatched = [n for n in book if n not in expected]
     files = _files(world.data_dir)
@@ -310,7 +310,7 @@ async def test_the_quota_stops_an_enumeration_at_exactly_quota_per_day_across_a_
     settings = ContactsSettings(quota_per_day=30, max_elements_per_request=8)
     world = world_of(tmp_path, settings)
     async with running(world):
-        token = await world.account("mallory", proved=False)
+        token = await world.account("mallory")
         attacker = Client(world, token)
         await attacker.fetch()
         evaluated, answer, refused = await _enumerate(attacker, 8)
@@ -338,8 +338,8 @@ async def test_the_global_bucket_refuses_every_owner_and_charges_no_quota(tmp_pa
     world = world_of(tmp_path, settings)
     element = oprf.blind(b"+4915100000001")[1]
     async with running(world):
-        first = Client(world, await world.account("first", proved=False))
-        second = Client(world, await world.account("second", proved=False))
+        first = Client(world, await world.account("first"))
+        second = Client(world, await world.account("second"))
         await first.fetch()
         await second.fetch()
         assert (await first.evaluate([element] * 10))[0] == 200
@@ -366,7 +366,7 @@ async def test_opt_out_removes_the_number_and_the_next_versions_delta_says_remov
         status, _ = await world.json("PUT", "/discoverable", owner)
         assert status == 200
         assert await world.json("GET", "/discoverable", owner) == (200, {"discoverable": True})
-        asker = Client(world, await world.account("asker", proved=False))
+        asker = Client(world, await world.account("asker"))
         assert await asker.discover([number(42), number(43)]) == {number(42)}
         held = asker.version
         status, _, answer = await world.call(
@@ -403,6 +403,15 @@ async def test_a_number_nobody_proved_is_never_discoverable(tmp_path: Path) -> N
         assert await world.store.find("discoverable") == []
         asker = Client(world, named)
         assert await asker.discover([number(5)]) == set()
+        # Discovery itself needs a proved owner: each one costs an attacker an identity.
+        status, _, _ = await world.call("GET", "/discovery/set", pending)
+        assert status == 403
+        element = base64.b64encode(oprf.blind(number(6).encode())[1]).decode()
+        status, answer = await world.json(
+            "POST", "/discovery/evaluate", pending, json={"epoch": 0, "blinded": [element]}
+        )
+        assert (status, answer["error"]) == (403, "not_proved")
+        assert await world.store.find(QUOTA, sip_username=number(5)) == []
 
 
 async def test_an_epoch_change_gets_409_for_the_old_epoch_and_a_fresh_client_the_same_matches(
@@ -414,13 +423,13 @@ async def test_an_epoch_change_gets_409_for_the_old_epoch_and_a_fresh_client_the
         for i in range(10):
             await directory.opt_in(Subject(number(i), "example.com"), number(i))
         book = [number(i) for i in range(5, 15)]
-        old = Client(world, await world.account("old", proved=False))
+        old = Client(world, await world.account("old"))
         matches = await old.discover(book)
         assert matches == {number(i) for i in range(5, 10)}
         world.clock.set((old.epoch + 1) * SETTINGS.key_epoch)
         status, answer = await old.evaluate([oprf.blind(b"+4915100000001")[1]])
         assert (status, answer["error"]) == (409, "stale_epoch")
-        fresh = Client(world, await world.account("fresh", proved=False))
+        fresh = Client(world, await world.account("fresh"))
         assert await fresh.discover(book) == matches
         assert fresh.epoch == old.epoch + 1
         assert {r.fields["epoch"] for r in await world.store.find("discoverable")} == {fresh.epoch}
@@ -461,7 +470,7 @@ async def test_malformed_evaluations_are_refused_with_a_reason_and_charge_nothin
 ) -> None:
     world = world_of(tmp_path, ContactsSettings(quota_per_day=100, max_elements_per_request=8))
     async with running(world):
-        client = Client(world, await world.account("fuzz", proved=False))
+        client = Client(world, await world.account("fuzz"))
         await client.fetch()
         if isinstance(body, dict) and body.get("epoch") == "E" and error != "bad_field":
             body = {**body, "epoch": client.epoch}
@@ -489,7 +498,7 @@ async def test_malformed_evaluations_are_refused_with_a_reason_and_charge_nothin
 async def test_a_bad_since_is_refused_and_an_unknown_one_gets_the_whole_set(tmp_path: Path) -> None:
     world = world_of(tmp_path)
     async with running(world):
-        token = await world.account("reader", proved=False)
+        token = await world.account("reader")
         status, answer = await world.json("GET", "/discovery/set?since=zz", token)
         assert (status, answer["error"]) == (400, "bad_since")
         status, body, _ = await world.call("GET", "/discovery/set?since=" + "0" * 32, token)
