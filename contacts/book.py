@@ -291,8 +291,11 @@ class Book:
             expect=None if expect is None else {"version": expect},
         )
         if not swapped:
-            await self._drop(subject, new.version)
             current = await self.current(subject)
+            # Another commit of this very upload (a client's retry) won the switch: its
+            # records are the book now and stay; the 412 names it.
+            if current is None or current.version != new.version:
+                await self._drop(subject, new.version)
             raise VersionConflict(current.version if current else None)
         if expect is not None:
             await self._drop(subject, expect)  # its head went with the replace
