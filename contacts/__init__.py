@@ -9,10 +9,13 @@ that tell the server neither the numbers asked about nor which of them matched.
     book.py          the book: opaque, versioned ciphertext chunks in `address_book`
     bookapi.py       /contacts/v1/book: GET + ETag, PUT + If-Match, chunked uploads
     discovery.py     the discoverable set (keyed points), its epochs and the quota
+    tagset.py        the published set: tags, version, a bounded journal of deltas (SRD1)
     discoveryapi.py  /contacts/v1/discoverable and /contacts/v1/discovery/...
-    api.py           add_contacts_api: the routes of both, their OpenAPI description
+    api.py           add_contacts_api: the device proof (/contacts/v1/challenge,
+                     /contacts/v1/devices) and the routes of both, with their OpenAPI
 
-The app side (encrypting the book, blinding numbers) is in mockphone/contacts.py: the
-server never holds the book's key. It sits above `dsr` (the PBX digest proof) and
-`sipis` (the device secret), below `mockphone` and the composition root.
+The app side is in mockphone/: book.py encrypts the book (the server never holds its
+key), contacts.py talks to these routes and blinds the numbers it asks about. The
+package sits above `dsr` (the PBX digest proof) and `sipis` (the device secret), below
+`mockphone` and the composition root.
 """
