@@ -175,6 +175,26 @@ def blind_evaluate(key: bytes, blinded: bytes) -> bytes:
     return _mult(key, blinded)
 
 
+_is_valid_point = rbcl.crypto_core_ristretto255_is_valid_point
+_IDENTITY = bytes(ELEMENT_BYTES)  # ristretto255's one encoding of the identity
+
+
+def first_invalid(elements: Sequence[bytes]) -> int | None:
+    """The index of the first element `blind_evaluate_many` would refuse, else None: the
+    same checks (32 bytes, canonical, a group element, not the identity) at a tenth of
+    a multiplication each, so a request is refused before it is charged anything."""
+    for index, element in enumerate(elements):
+        if (
+            not isinstance(element, bytes)
+            or len(element) != ELEMENT_BYTES
+            or element[31] & 0x80
+            or element == _IDENTITY
+            or not _is_valid_point(element)
+        ):
+            return index
+    return None
+
+
 def blind_evaluate_many(key: bytes, blinded: Sequence[bytes]) -> list[bytes]:
     """BlindEvaluate of a request's elements, in order. The server's hot path: one
     library call per element (libsodium validates the point in it); the first bad
