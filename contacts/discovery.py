@@ -69,6 +69,9 @@ CHECK_INTERVAL = 60.0  # seconds between checks of the table for other nodes' ch
 FULL_RELOAD = 600.0
 _PAGE = 500  # rows per read while the set is rebuilt
 _GLOBAL_KEY = "evaluate"
+# Lost compare-and-sets of one owner's count (other nodes charging it at that moment)
+# before the request is answered 429 rate_limited: each loss is another's progress.
+_CHARGE_ATTEMPTS = 8
 log = logging.getLogger("softrelay.contacts")
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -247,14 +250,13 @@ class Directory:
             wait = await self._global.take(_GLOBAL_KEY, cost=len(blinded))
             if wait:
                 raise Busy(wait)
+            # Charged to the day it was checked against, even if midnight passed meanwhile.
+            used = await self._charge(subject, day, used, len(blinded), now)
             try:
                 # Off the loop (libsodium releases the GIL): 1,000 elements take ~60 ms.
                 out = await asyncio.to_thread(oprf.blind_evaluate_many, self.key(epoch), blinded)
             except oprf.InvalidElement as exc:  # checked above: never, but never a 500
                 raise BadElement(exc.index or 0) from None
-            used += len(blinded)
-            # Charged to the day it was checked against, even if midnight passed meanwhile.
-            await self._store.put(QUOTA, {**_owned(subject), "day": day, "used": used})
         await self.discoverable(subject)  # a use of the owner's own record, if any
         return Evaluated(epoch, out, self._settings.quota_per_day - used)
 
@@ -266,6 +268,21 @@ class Directory:
     async def _count(self, subject: Subject, day: int) -> int:
         found = await self._store.find(QUOTA, **_owned(subject), day=day)
         return _used(found[0]) if found else 0
+
+    async def _charge(self, subject: Subject, day: int, used: int, count: int, now: float) -> int:
+        """Add `count` to the day's count, a compare-and-set on the count read (the owner
+        lock holds on this node only: another node may charge the same owner at once),
+        checked again against the quota after each lost race; the new count."""
+        where = _owned(subject) | {"day": day}
+        for _ in range(_CHARGE_ATTEMPTS):
+            fields: dict[str, Value] = {**where, "used": used + count}
+            # No record and a count of 0 are one (a count is written only when it grows).
+            expect: dict[str, Value] | None = {"used": used} if used else None
+            if await self._store.replace(QUOTA, fields, where=where, expect=expect):
+                return used + count
+            used = await self._count(subject, day)
+            self._check_quota(used, count, day, now)
+        raise Busy(1.0)
 
     @asynccontextmanager
     async def _owner(self, subject: Subject) -> AsyncIterator[None]:

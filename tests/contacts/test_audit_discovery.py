@@ -6,14 +6,16 @@ multiply an owner's allowance by the nodes it reaches)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from contacts import oprf
-from contacts.discovery import BadElement, Directory, oprf_secret
+from contacts.discovery import QUOTA, BadElement, Directory, QuotaExhausted, oprf_secret
 from contacts.settings import ContactsSettings
 from privacy.clock import ManualClock
 from privacy.database import StoreSettings
@@ -80,3 +82,46 @@ async def test_a_bad_element_last_in_a_batch_takes_nothing_from_the_global_bucke
     answer = await server.evaluate(OWNER, server.epoch(), [GOOD] * 30)
     assert len(answer.elements) == 30
     assert answer.remaining == 20
+
+
+def _gate_quota_reads(stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each store's first read of the quota waits for the other's: the two nodes read
+    the owner's count at the same moment."""
+    arrived = 0
+    both_in = asyncio.Event()
+
+    def gate(store: Store) -> None:
+        original: Callable[..., Awaitable[Any]] = store.find
+
+        async def gated(category: str, **where: Any) -> Any:
+            nonlocal arrived
+            if category == QUOTA and not both_in.is_set():
+                arrived += 1
+                if arrived >= len(stores):
+                    both_in.set()
+                await asyncio.wait_for(both_in.wait(), 10)
+            return await original(category, **where)
+
+        monkeypatch.setattr(store, "find", gated)
+
+    for store in stores:
+        gate(store)
+
+
+async def test_two_nodes_charging_one_owner_at_once_cannot_pass_the_quota_together(
+    two_stores: tuple[Store, Store], clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = [_directory(store, clock) for store in two_stores]
+    _gate_quota_reads(two_stores, monkeypatch)
+    outcomes = await asyncio.gather(
+        *(node.evaluate(OWNER, node.epoch(), [GOOD] * 30) for node in nodes),
+        return_exceptions=True,
+    )
+    answered = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, QuotaExhausted)]
+    assert len(answered) == 1, outcomes
+    assert len(refused) == 1, outcomes
+    assert answered[0].remaining == 20
+    assert refused[0].remaining == 20
+    (count,) = await two_stores[1].find(QUOTA)
+    assert count.fields["used"] == 30
