@@ -151,6 +151,15 @@ class RelayMetrics:
             "softrelay_sip_errors", "SIP messages refused or dropped", ["reason"], registry=registry
         )
         self.pbx_links = Gauge("softrelay_sip_pbx_links", "PBXs linked", registry=registry)
+        # Per configured serial, so an alert can name the PBX that went offline (a serial
+        # is no personal data: the policy declares pbx_link unlinkable). A cluster's PBX
+        # is linked on one node: take the max over nodes.
+        self.pbx_linked = Gauge(
+            "softrelay_sip_pbx_linked",
+            "1 while this node holds the link of a configured dial-out PBX, else 0",
+            ["serial"],
+            registry=registry,
+        )
         self.bindings = Counter(
             "softrelay_sip_bindings_written",
             "Phone bindings written to the store (refreshes within the interval are not)",
@@ -216,6 +225,12 @@ class Relay:
         self._last_written: dict[tuple[str, str, str], tuple[float, int]] = {}
         self.overload = Overload(settings.overload)
         self.metrics = RelayMetrics(registry)
+        # Bound once, at 0 until linked: the series exists for an alert from the start.
+        self._linked_gauge = {
+            p.serial: self.metrics.pbx_linked.labels(p.serial)
+            for p in settings.pbxs
+            if p.static is None
+        }
         self._writes = Tasks(
             log, "binding not stored", on_error=lambda _: self.metrics.errors_store.inc()
         )
@@ -328,7 +343,7 @@ class Relay:
         serial = self._linked.pop(flow.id, None)
         if serial is not None and self._pbx_flows.get(serial) is flow:
             del self._pbx_flows[serial]
-            self.metrics.pbx_links.set(len(self._pbx_flows))
+            self._links_changed(serial)
             log.info("pbx link closed", extra={"fields": {"pbx_serial": serial}})
             if self.cluster is not None:
                 self.cluster.pbx_unlinked(serial, flow)
@@ -339,6 +354,14 @@ class Relay:
         if flow is None and self.cluster is not None:
             flow = await self.cluster.pbx_flow(serial)
         return flow
+
+    def _links_changed(self, serial: str) -> None:
+        """The link gauges after `serial` linked or unlinked (only its own: a refresh
+        of one of 10,000 PBXs does not walk the others)."""
+        self.metrics.pbx_links.set(len(self._pbx_flows))
+        gauge = self._linked_gauge.get(serial)
+        if gauge is not None:
+            gauge.set(1 if serial in self._pbx_flows else 0)
 
     def pbx_links(self) -> dict[str, Flow]:
         """The PBXs linked on this node: serial -> flow."""
@@ -637,7 +660,7 @@ class Relay:
             log.info("pbx linked", extra={"fields": {"pbx_serial": serial}})
             if self.cluster is not None:
                 await self.cluster.pbx_linked(serial, flow, expires)
-        self.metrics.pbx_links.set(len(self._pbx_flows))
+        self._links_changed(serial)
         contacts = [str(c.with_param("expires", str(expires))) for c in request.contacts]
         headers = (*(("Contact", c) for c in contacts), ("Expires", str(expires)))
         await self.reply(request, flow, 200, None, headers)

@@ -132,6 +132,30 @@ async def test_pbx_links_with_its_secret_and_wrong_secret_is_refused(relay: Rela
     assert link.fields["pbx_ip"] == "203.0.113.9"
 
 
+async def test_pbx_linked_gauge_per_serial_follows_its_link(
+    store: Store, clock: ManualClock
+) -> None:
+    """Each configured dial-out PBX has its 0/1 series from the start (an offline alert
+    needs the 0), set to 1 by its link, back to 0 when its flow closes; a static PBX,
+    which never links, has none."""
+    registry = CollectorRegistry()
+    pbxs = (PbxSettings(SERIAL, PBX_SECRET), PbxSettings("0099999", "", static=("192.0.2.1", 5060)))
+    relay = Relay(SipSettings(DOMAIN, pbxs), store, clock, registry)
+
+    def linked(serial: str) -> float | None:
+        return registry.get_sample_value("softrelay_sip_pbx_linked", {"serial": serial})
+
+    assert (linked(SERIAL), linked("0099999")) == (0.0, None)
+    flow, _, status = await _link_pbx(relay, "wrong-secret")
+    assert (status, linked(SERIAL)) == (403, 0.0)
+    flow, _, status = await _link_pbx(relay)
+    assert (status, linked(SERIAL)) == (200, 1.0)
+    assert registry.get_sample_value("softrelay_sip_pbx_links") == 1.0
+    flow.close()
+    assert linked(SERIAL) == 0.0
+    assert registry.get_sample_value("softrelay_sip_pbx_links") == 0.0
+
+
 async def test_pbx_over_udp_is_refused(relay: Relay) -> None:
     flow, wire = _flow(Transport.UDP, ("203.0.113.9", 5060))
     await relay.handle(_pbx_register(), flow)
