@@ -49,12 +49,18 @@ class AuditSnapshot:
         self._data_dir = data_dir
         self.verdicts: list[CategoryVerdict] = []
         self.taken_at: float | None = None
+        # The newest sweep the store recorded, by any process of the fleet: the figure
+        # a "sweeper has not run" alert needs. A process's own last run says nothing
+        # when another process of the fleet sweeps, or after a restart that skipped.
+        self.last_sweep_at: float | None = None
         self.taken = asyncio.Event()  # set after every refresh, failed or not
 
     async def refresh(self) -> None:
         """Audit now; on failure the previous snapshot stays (and ages visibly)."""
         try:
             self.verdicts = await audit(self._store, self._data_dir)
+            ran = [run.ran_at for run in await self._store.backend.last_runs()]
+            self.last_sweep_at = max(ran) if ran else None
             self.taken_at = self._store.clock.now()
         except Exception:
             log.exception("metrics.audit_failed")  # the handler keeps the class only
@@ -69,8 +75,11 @@ class AuditedSweeper(Sweeper):
     def __init__(self, store: Store, data_dir: Path, snapshot: AuditSnapshot) -> None:
         super().__init__(store, data_dir)
         self.snapshot = snapshot
+        self.interval: float | None = None  # the cadence it runs at, once it has
 
     async def run_if_due(self, interval: float | None) -> list[RetentionRun] | None:
+        if interval is not None:
+            self.interval = interval
         try:
             return await super().run_if_due(interval)
         finally:
@@ -162,7 +171,20 @@ class _RetentionCollector(Collector):
             "When the last sweep ran",
             value=counters.last_run_at or 0.0,
         )
-        return [oldest, limit, violation, taken, runs, failures, skipped, deleted, last]
+        fleet = GaugeMetricFamily(
+            "softrelay_retention_last_sweep_timestamp_seconds",
+            "When the newest sweep the store records ran, by any process (at the last audit)",
+            value=snapshot.last_sweep_at or 0.0,
+        )
+        interval = GaugeMetricFamily(
+            "softrelay_sweeper_interval_seconds",
+            "How often the sweeper runs ([retention] sweep_interval)",
+            value=self._sweeper.interval or 0.0,
+        )
+        return [
+            *(oldest, limit, violation, taken, runs, failures, skipped, deleted, last),
+            *(fleet, interval),
+        ]
 
 
 METRICS = web.AppKey("metrics", MetricsEndpoint)
