@@ -20,7 +20,7 @@ errors (contacts/book.py) in one table, `BOOK_REFUSALS`:
 
     400 bad_owner, bad_precondition, empty_body, bad_index, malformed_body,
         unknown_field, bad_field, incomplete_upload
-    401 unauthorized (WWW-Authenticate: Bearer)   403 not_your_book
+    401 unauthorized (WWW-Authenticate: Bearer)   403 not_your_book, restricted (Art. 18)
     404 no_book, no_such_upload                   409 too_many_uploads
     412 version_conflict (ETag: the current version, when there is one)
     413 body_too_large (one request: use an upload), book_too_large (max_book_bytes)
@@ -48,7 +48,7 @@ from contacts.book import (
     Version,
     VersionConflict,
 )
-from contacts.owners import Owner, owner_of
+from contacts.owners import Owner, active_owner, owner_of
 from contacts.settings import ContactsSettings
 from privacy.store import Subject
 from webapi.body import BodyTooLarge, read_capped, read_json
@@ -108,7 +108,7 @@ class _Handlers:
         self.settings = settings
 
     async def read(self, request: web.Request) -> web.StreamResponse:
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         _check_owner(request, owner)
         book = request.app[BOOK]
         try:
@@ -125,7 +125,7 @@ class _Handlers:
         return web.Response(body=data, content_type=OCTETS, headers=headers)
 
     async def write(self, request: web.Request) -> web.Response:
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         expect = _precondition(request)
         data = await self._octets(request, whole_book=True)
         try:
@@ -140,7 +140,7 @@ class _Handlers:
         return web.Response(status=204)
 
     async def start_upload(self, request: web.Request) -> web.Response:
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         try:
             upload = await request.app[BOOK].start_upload(owner.subject)
         except BookError as exc:
@@ -150,7 +150,7 @@ class _Handlers:
         )
 
     async def put_chunk(self, request: web.Request) -> web.Response:
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         text = request.match_info["index"]
         if not _INDEX.match(text):
             raise Refusal(400, "bad_index", "the chunk's index is a decimal number from 0")
@@ -164,7 +164,7 @@ class _Handlers:
         return web.Response(status=204)
 
     async def commit(self, request: web.Request) -> web.Response:
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         expect = _precondition(request)
         if request.content_type != JSON:
             raise Refusal(415, "unsupported_media_type", f"send Content-Type: {JSON}")
@@ -306,6 +306,7 @@ def describe_book(openapi: OpenApi, settings: ContactsSettings) -> None:
         "required": ["version", "size"],
         "properties": {"version": {"type": "string"}, "size": {"type": "integer"}},
     }
+    restricted = {"403": refusal("restricted: processing is restricted (Art. 18)")}
     write_answers = {
         "200": json_response("Replaced", written) | {"headers": etag},
         "201": json_response("Created", written) | {"headers": etag},
@@ -346,7 +347,7 @@ def describe_book(openapi: OpenApi, settings: ContactsSettings) -> None:
                 },
                 "304": {"description": "Not modified", "headers": etag},
                 "400": refusal("bad_owner"),
-                "403": refusal("not_your_book"),
+                "403": refusal("not_your_book, restricted (Art. 18)"),
                 "404": refusal("no_book"),
                 **common,
             },
@@ -362,6 +363,7 @@ def describe_book(openapi: OpenApi, settings: ContactsSettings) -> None:
             "requestBody": octets,
             "responses": {
                 **write_answers,
+                **restricted,
                 "400": refusal("bad_precondition, empty_body"),
                 "413": refusal("body_too_large (use an upload), book_too_large"),
                 "415": refusal("unsupported_media_type"),
@@ -397,6 +399,7 @@ def describe_book(openapi: OpenApi, settings: ContactsSettings) -> None:
                     },
                 ),
                 "409": refusal("too_many_uploads"),
+                **restricted,
                 **common,
             },
         },
@@ -414,6 +417,7 @@ def describe_book(openapi: OpenApi, settings: ContactsSettings) -> None:
             "requestBody": octets,
             "responses": {
                 "204": {"description": "Stored"},
+                **restricted,
                 "400": refusal("bad_index, empty_body"),
                 "404": refusal("no_such_upload"),
                 "413": refusal("body_too_large, book_too_large"),
@@ -447,6 +451,7 @@ def describe_book(openapi: OpenApi, settings: ContactsSettings) -> None:
             },
             "responses": {
                 **write_answers,
+                **restricted,
                 "400": refusal(
                     "bad_precondition, malformed_body, unknown_field, bad_field, incomplete_upload"
                 ),

@@ -58,7 +58,7 @@ from contacts.discovery import (
 )
 from contacts.numbers import e164
 from contacts.oprf import ELEMENT_BYTES
-from contacts.owners import Owner, owner_of
+from contacts.owners import Owner, active_owner, owner_of
 from contacts.settings import ContactsSettings
 from privacy.clock import Clock
 from privacy.keys import Keyring
@@ -154,7 +154,7 @@ class _Handlers:
 
     async def opt_in(self, request: web.Request) -> web.Response:
         directory = self._directory(request)
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         number = e164(owner.subject.sip_username, self._settings.default_region)
         if number is None:
             raise Refusal(
@@ -169,16 +169,12 @@ class _Handlers:
                 "this number is not proved: the provider has not accepted the account's"
                 " registration (or prove the device through the PBX)",
             )
-        if await request.app[self._store].is_restricted(owner.subject):
-            raise Refusal(
-                403, "restricted", "processing of this account's data is restricted (Art. 18)"
-            )
         await directory.opt_in(owner.subject, number)
         return _json({"discoverable": True, "number": number})
 
     async def status(self, request: web.Request) -> web.Response:
         directory = self._directory(request)
-        owner = await owner_of(request)
+        owner = await active_owner(request)
         return _json({"discoverable": await directory.discoverable(owner.subject)})
 
     async def opt_out(self, request: web.Request) -> web.Response:
@@ -189,7 +185,7 @@ class _Handlers:
 
     async def discovery_set(self, request: web.Request) -> web.Response:
         directory = self._directory(request)
-        _proved(await owner_of(request))
+        _proved(await active_owner(request))
         since = request.query.get("since")
         if since is not None and not _VERSION.match(since):
             raise Refusal(400, "bad_since", "since must be a version: 32 lower-case hex digits")
@@ -204,7 +200,7 @@ class _Handlers:
 
     async def evaluate(self, request: web.Request) -> web.Response:
         directory = self._directory(request)
-        owner = _proved(await owner_of(request))
+        owner = _proved(await active_owner(request))
         epoch, blinded = await self._evaluation(request)
         try:
             answer = await directory.evaluate(owner.subject, epoch, blinded)
@@ -330,7 +326,11 @@ def describe(openapi: OpenApi, settings: ContactsSettings) -> None:
         secured
         | {
             "summary": "Whether the owner is discoverable",
-            "responses": {"200": json_response("The choice", status), **common},
+            "responses": {
+                "200": json_response("The choice", status),
+                "403": refusal("restricted (Art. 18)"),
+                **common,
+            },
         },
     )
     openapi.operation(
@@ -371,6 +371,7 @@ def describe(openapi: OpenApi, settings: ContactsSettings) -> None:
                 },
                 "304": {"description": "If-None-Match names the current version"},
                 "400": refusal("bad_since"),
+                "403": refusal("not_proved: no proved owner; restricted (Art. 18)"),
                 **common,
             },
         },
@@ -414,6 +415,7 @@ def describe(openapi: OpenApi, settings: ContactsSettings) -> None:
             "responses": {
                 "200": json_response("Evaluated, in order", answer),
                 "400": refusal("malformed_body, unknown_field, bad_field, bad_element"),
+                "403": refusal("not_proved: no proved owner; restricted (Art. 18)"),
                 "409": refusal("stale_epoch: the key changed; fetch the set again"),
                 "413": refusal("too_many_elements, body_too_large"),
                 "415": refusal("unsupported_media_type"),

@@ -195,3 +195,16 @@ async def owner_of(request: web.Request) -> Owner:
             UNAUTHORIZED_HEADERS,
         )
     return owner
+
+
+async def active_owner(request: web.Request) -> Owner:
+    """`owner_of`, refused with 403 restricted while the subject's processing is
+    restricted (GDPR Art. 18): as the relay refuses its REGISTER, nothing reads, writes
+    or evaluates for it then, neither its book nor Smart Contacts. What only removes
+    (DELETE of the book, opt-out, revoking a device) stays open: `owner_of`."""
+    owner = await owner_of(request)
+    if await request.app[OWNERS].store.is_restricted(owner.subject):
+        raise Refusal(
+            403, "restricted", "processing of this account's data is restricted (Art. 18)"
+        )
+    return owner
