@@ -24,7 +24,8 @@ class ContactsSettings:
     # An upload not committed within this long is dropped with its chunks.
     upload_ttl: int = 3600
     # New numbers (blinded elements) one owner may have evaluated per UTC day: the bound
-    # on what an account can learn (docs/design.md, "Contacts").
+    # on what an account can learn (docs/design.md, "Contacts"); 0 turns discovery off
+    # (every evaluation gets 429 until the setting changes).
     quota_per_day: int = 2000
     max_elements_per_request: int = 1000
     # Numbers (blinded elements) evaluated for all owners together, per minute (a bucket
