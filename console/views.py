@@ -67,8 +67,13 @@ OVERVIEW_CHARTS = (
 )
 
 
-def _page(title: str, current: str, csrf: str, *content: Child) -> Html:
-    """The layout: head with the console's files, navigation, the page, the live state."""
+def _page(
+    title: str, current: str, csrf: str, *content: Child, now: Mapping[str, Any] | None = None
+) -> Html:
+    """The layout: head with the console's files, navigation, the page, the live state;
+    the node and the time of the overview `now` when the page has it (else the event
+    stream fills them in)."""
+    now = now or {}
     head = el(
         "head",
         el("meta", charset="utf-8"),
@@ -89,7 +94,7 @@ def _page(title: str, current: str, csrf: str, *content: Child) -> Html:
         "header",
         el("a", "softrelay", el("span", " console"), class_="brand", href="/"),
         el("nav", links, aria_label="Pages"),
-        el("span", "node ", el("b", "—", data_figure="node", data_format="plain"), class_="node"),
+        el("span", "node ", figure(now.get("node"), "plain", "node", "b"), class_="node"),
         el(
             "form",
             el("input", type="hidden", name="csrf", value=csrf),
@@ -103,7 +108,7 @@ def _page(title: str, current: str, csrf: str, *content: Child) -> Html:
         "footer",
         el("span", "not live: the page shows the figures it was rendered with", id="live"),
         " · ",
-        el("span", "updated ", el("span", "—", data_figure="time", data_format="time")),
+        el("span", "updated ", figure(now.get("time"), "time", "time")),
     )
     body = el("body", header, el("main", el("h1", title), content), footer, data_page=current)
     return join(raw("<!doctype html>"), el("html", head, body, lang="en"))
@@ -287,7 +292,7 @@ def overview_page(data: Mapping[str, Any], csrf: str) -> str:
         ),
         class_="cards",
     )
-    return _page("Overview", "overview", csrf, stats, charts, tables)
+    return _page("Overview", "overview", csrf, stats, charts, tables, now=data)
 
 
 def _live_table(headings: Iterable[str], rows: list[Html], empty: str, path: str) -> Html:
