@@ -21,7 +21,17 @@ $(DEMO_SECRET):
 	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@.tmp
 	mv $@.tmp $@
 
-run: $(STAMP) $(DEMO_SECRET)
+# The sample config's other demo keys, made the same way (hex: a crash DSN key is
+# letters and digits): the usage tenant "demo" and crash project 1 that `softrelay
+# simulate` pings and reports to, and the operator console's admin token.
+DEMO_KEYS := var/demo-usage.key var/demo-crash.key var/console.token
+
+$(DEMO_KEYS):
+	mkdir -p -m 700 var
+	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(24))' > $@.tmp
+	mv $@.tmp $@
+
+run: $(STAMP) $(DEMO_SECRET) $(DEMO_KEYS)
 	$(BIN)/softrelay serve
 
 lint: $(STAMP)
@@ -34,10 +44,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint $(DEMO_SECRET)
+test: lint $(DEMO_SECRET) $(DEMO_KEYS)
 	$(BIN)/pytest
 
-bench: $(STAMP) $(DEMO_SECRET)
+bench: $(STAMP) $(DEMO_SECRET) $(DEMO_KEYS)
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/wake.py
 	$(BIN)/python bench/sipis.py --quick

@@ -120,6 +120,10 @@ def parse_crashreports(sec: Section) -> CrashSettings:
         if not _PROJECT_ID.match(project_id):
             raise proj.error("id", f"must be digits (the DSN's project id), got {project_id!r}")
         key = proj.text("key")
+        if key.startswith(("env:", "file:")):
+            # A key made per install (`make run` writes the demo project's), read now:
+            # the section is parsed when a command first uses it (softrelay/config.py).
+            key = proj.secret("key")
         if not _KEY.match(key):
             raise proj.error("key", "must be 16 to 64 letters or digits (the DSN's public key)")
         mode = proj.choice("opt_in", OPT_IN_MODES, "tag")

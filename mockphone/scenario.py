@@ -77,7 +77,8 @@ _SHARES: dict[str, tuple[str, Any]] = {
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
-def load_scenario(path: Path) -> SimSettings:
+def load_scenario(path: Path, base: SimSettings | None = None) -> SimSettings:
+    """The scenario's settings over `base` (None: SimSettings' defaults)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -111,7 +112,7 @@ def load_scenario(path: Path) -> SimSettings:
         else:
             raise SimulationError(f"{path}: {section}: unknown section")
     try:
-        return check(replace(SimSettings(), **changes), str(path))
+        return check(replace(base or SimSettings(), **changes), str(path))
     except TypeError as exc:  # pragma: no cover - every key above is a field
         raise SimulationError(f"{path}: {exc}") from None
 

@@ -31,7 +31,8 @@ have passed, events arrive as Poisson processes: calls (`--call-rate` per second
 most from a PBX to a random phone, the rest from an awake phone to its PBX), sleeps of
 awake mobile phones (`--sleep-rate`) and crashes (`--crash-rate`; a phone that opted in,
 `--opt-in` of them, sends its report through the stock sentry-sdk with the opt-in tag,
-the others without). A woken phone takes its call and goes back to sleep. Each phone is
+the others without; each report carries fake personal data of its user, `crash_details`,
+for the relay to scrub). A woken phone takes its call and goes back to sleep. Each phone is
 "used" once at start and pings usage (`usage/client.py`). `--speed` runs that many
 simulated seconds per second. Ctrl-C ends the run early and still prints the summary.
 
@@ -50,6 +51,7 @@ import random
 import re
 import tempfile
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -811,8 +813,16 @@ class Simulation:
         phone = self.rng.choice(self.phones)
         opted_in = phone.spec.user in self.opted_in
         self.stats.crashes["opted_in" if opted_in else "not_opted_in"] += 1
+        message, extra = crash_details(phone.spec, self.world.domain)
         try:
-            await asyncio.to_thread(send_crash, self.world.dsn, phone.spec.kind, opted_in)
+            await asyncio.to_thread(
+                send_crash,
+                self.world.dsn,
+                phone.spec.kind,
+                opted_in,
+                message=message,
+                extra=extra,
+            )
         except Exception:  # the SDK's failure is counted, the run goes on
             self.stats.crash_errors += 1
 
@@ -830,6 +840,22 @@ class Simulation:
         await asyncio.gather(*(p.close() for p in self.pbxs), return_exceptions=True)
         if self._caller_scope is not None:
             await self._caller_scope.aclose()
+
+
+def crash_details(spec: PhoneSpec, domain: str) -> tuple[str, dict[str, str]]:
+    """What a careless app puts into its crash report: its user's personal data (fake,
+    made from the phone's user name, with its real SIP password), which the relay's
+    scrubber must remove before anything is stored. The message and the extras."""
+    number = f"+49 30 555{zlib.crc32(spec.user.encode()) % 100_000:05d}"
+    email = f"{spec.user}@example.com"
+    message = f"call to {number} from {email} failed in CallScreen.render"
+    return message, {
+        "sip_uri": f"sip:{spec.user}@{domain}",
+        "caller_name": "Erika Mustermann",
+        "password": spec.password,
+        "last_ip": f"203.0.113.{zlib.crc32(spec.user.encode()) % 250 + 1}",
+        "contact": email,
+    }
 
 
 def send_crash(

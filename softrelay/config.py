@@ -6,7 +6,8 @@ An unknown key or a bad value raises `ConfigError` naming the file and the key.
 Relative paths are taken from the current directory, as a command line user expects.
 
 The sections whose parsing reads secrets (`[push]` key files, `[sip]` PBX secrets and
-TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[http] metrics_token`,
+TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[crashreports]` project
+keys given as `env:`/`file:`, `[http] metrics_token`,
 `[dsr] admin_token`, `[store] dsn`, `[cluster] redis` and `secret`) are checked to be
 tables at load and parsed when a command first uses them (`Deferred`):
 `policy render` needs none of them, `serve` reads them all at its start
@@ -61,7 +62,15 @@ class Listen:
 
 # The sections parsed at first use, since parsing them reads secrets.
 SecretSection = Literal[
-    "push", "sip", "oauth", "usage", "metrics_token", "dsr_admin_token", "store", "cluster"
+    "push",
+    "sip",
+    "oauth",
+    "usage",
+    "crashreports",
+    "metrics_token",
+    "dsr_admin_token",
+    "store",
+    "cluster",
 ]
 SECRET_SECTIONS: tuple[SecretSection, ...] = get_args(SecretSection)
 
@@ -78,7 +87,6 @@ class Config:
     sweep_interval: int
     log_level: str
     log_console: bool
-    crashreports: CrashSettings
     dsr: DsrSettings
     provisioning: ProvisioningSettings
     http: HttpLimits
@@ -91,6 +99,7 @@ class Config:
     deferred_sip: Deferred[SipSettings] = field(repr=False, compare=False)
     deferred_oauth: Deferred[OAuthSettings] = field(repr=False, compare=False)
     deferred_usage: Deferred[UsageSettings] = field(repr=False, compare=False)
+    deferred_crashreports: Deferred[CrashSettings] = field(repr=False, compare=False)
     deferred_metrics_token: Deferred[str] = field(repr=False, compare=False)
     # Checked here so that serve's start names file and key; the DSR API reads it itself.
     deferred_dsr_admin_token: Deferred[str] = field(repr=False, compare=False)
@@ -125,6 +134,10 @@ class Config:
         return self.deferred_usage.get()
 
     @property
+    def crashreports(self) -> CrashSettings:
+        return self.deferred_crashreports.get()
+
+    @property
     def metrics_token(self) -> str:
         """The secret itself, read from its env:/file: source; "" when none is set."""
         return self.deferred_metrics_token.get()
@@ -137,6 +150,7 @@ class Config:
             "sip": self.deferred_sip,
             "oauth": self.deferred_oauth,
             "usage": self.deferred_usage,
+            "crashreports": self.deferred_crashreports,
             "metrics_token": self.deferred_metrics_token,
             "dsr_admin_token": self.deferred_dsr_admin_token,
             "store": self.deferred_store,
@@ -197,7 +211,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     logging_sec.finish()
     push = Deferred(root.section("push", {}), parse_push)
     sip = Deferred(root.section("sip", {}), parse_sip)
-    crashreports = parse_crashreports(root.section("crashreports", {}))
+    crashreports = Deferred(root.section("crashreports", {}), parse_crashreports)
     dsr_section = root.section("dsr", {})
     dsr = parse_dsr(dsr_section)
     provisioning = parse_provisioning(root.section("provisioning", {}))
@@ -227,7 +241,6 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         sweep_interval=sweep_interval,
         log_level=log_level,
         log_console=log_console,
-        crashreports=crashreports,
         dsr=dsr,
         provisioning=provisioning,
         http=http,
@@ -237,6 +250,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         deferred_sip=sip,
         deferred_oauth=oauth,
         deferred_usage=usage,
+        deferred_crashreports=crashreports,
         deferred_metrics_token=metrics_token,
         deferred_dsr_admin_token=Deferred(dsr_section, _dsr_admin_token),
         deferred_store=store,

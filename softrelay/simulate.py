@@ -69,6 +69,11 @@ rate_per_minute = 0
 """
 
 
+# Crashes per second, in all, when neither --crash-rate nor a scenario sets it: a few a
+# minute, so `softrelay simulate` against `make run` fills the console's crash page.
+COMMAND_CRASH_RATE = 0.1
+
+
 def sipis_apps(settings: SimSettings) -> int:
     """How many of the run's phones are SIPIS-mode apps."""
     return share_counts(settings.mix, settings.phones).get(Kind.SIPIS, 0)
@@ -313,7 +318,11 @@ def add_simulate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     sim.add_argument("--transports", help="e.g. tcp=0.8,ws=0.1,udp=0.1 (udp: desktops only)")
     sim.add_argument("--call-rate", type=float, help="calls per second, in all")
     sim.add_argument("--sleep-rate", type=float, help="phones falling asleep per second")
-    sim.add_argument("--crash-rate", type=float, help="crashes per second, in all")
+    sim.add_argument(
+        "--crash-rate",
+        type=float,
+        help=f"crashes per second, in all (default {COMMAND_CRASH_RATE}; 0: none)",
+    )
     sim.add_argument(
         "--text-rate", type=float, help="texts per second to sleeping SIPIS apps, in all"
     )
@@ -389,8 +398,11 @@ def simulate_command(args: argparse.Namespace, config: Config) -> int:
     from mockphone.scenario import load_scenario
     from mockphone.view import LiveView, print_summary
 
+    # The command's own default crash rate: a run shows every kind of traffic a console
+    # panel counts (library users, the pytest plugin, keep SimSettings' none).
+    defaults = SimSettings(crash_rate=COMMAND_CRASH_RATE)
     try:
-        base = load_scenario(Path(args.scenario)) if args.scenario else SimSettings()
+        base = load_scenario(Path(args.scenario), defaults) if args.scenario else defaults
         settings = settings_from_args(args, base)
     except SimulationError as exc:
         print(f"softrelay: {exc}", file=sys.stderr)

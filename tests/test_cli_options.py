@@ -23,6 +23,10 @@ SECRETS: dict[str, tuple[str, str]] = {
         f'[[sip.pbx]]\nserial = "0042137"\nsecret = "file:{MISSING}/pbx.secret"\n',
     ),
     "usage": ("usage.tenant[0].key", f'[[usage.tenant]]\nid = "acme"\nkey = "env:{UNSET}"\n'),
+    "crashreports": (
+        "crashreports.project[0].key",
+        f'[[crashreports.project]]\nid = "1"\nkey = "file:{MISSING}/crash.key"\n',
+    ),
     "oauth": (
         "oauth.provider[0].client_secret",
         '[[oauth.provider]]\nname = "google"\n'

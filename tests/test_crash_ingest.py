@@ -640,3 +640,29 @@ async def test_credentials_digests_display_names_and_person_keys_are_absent_from
     for leak in LEAKS:
         args += ["--canary", leak]
     assert await asyncio.to_thread(cli_main, args) == 0
+
+
+def test_a_project_key_may_come_from_a_file_and_is_checked_like_a_literal(
+    tmp_path: Path,
+) -> None:
+    """`key = "file:PATH"` (how `make run` gives the demo project a key of its own) is
+    read and stripped; a key in the file that is no DSN key, or a file that is not
+    there, stops the start naming the file and the key; a literal key still works."""
+    from tomlsections.reader import ConfigError
+
+    def project(key: str) -> CrashSettings:
+        return parse_crashreports(
+            Section({"project": [{"id": "1", "key": key}]}, Path("s.toml"), "crashreports")
+        )
+
+    key_file = tmp_path / "crash.key"
+    key_file.write_text(KEY + "\n", encoding="utf-8")
+    assert project(f"file:{key_file}").projects[0].key == KEY
+    assert project(KEY).projects[0].key == KEY
+    key_file.write_text("not-a-dsn-key!\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="16 to 64 letters or digits") as bad:
+        project(f"file:{key_file}")
+    assert bad.value.key == "crashreports.project[0].key"
+    with pytest.raises(ConfigError, match="cannot read") as missing:
+        project(f"file:{tmp_path / 'absent.key'}")
+    assert missing.value.key == "crashreports.project[0].key"

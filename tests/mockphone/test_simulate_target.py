@@ -1,9 +1,10 @@
 """`make run` in one terminal and `softrelay simulate` in another, as the README says.
 
 The sample configuration (with its ports moved to free ones) is copied to a directory
-where `serve` runs as `make run` starts it, its demo PBX secret written as `make run`
-writes it; then the plain `softrelay simulate`, no --target, from the same directory,
-must find that server, play its demo PBX and get its pushes through the delivery feed.
+where `serve` runs as `make run` starts it, its demo keys (PBX secret, usage tenant,
+crash project) written as `make run` writes them; then the plain `softrelay simulate`,
+no --target, from the same directory, must find that server, play its demo PBX and get
+its pushes through the delivery feed.
 It runs at speed `inf` (a stepped pace: no wait costs real time, the events in order),
 so the summary is checked exactly against the events the seed drew.
 """
@@ -12,48 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import secrets
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import orjson
 
-from softrelay.config import DEFAULT_CONFIG
+from tests.demo import demo_config
 from tests.limits import LONGEST_WAIT
 
 STEP_TIMEOUT = 15.0
 
 
-def _free_port() -> int:
-    """A port free for TCP and UDP on 127.0.0.1 (SIP listens on both)."""
-    for _ in range(20):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 def _sample_config(workdir: Path) -> tuple[int, int]:
-    text = DEFAULT_CONFIG.read_text(encoding="utf-8")
-    http_port, sip_port = _free_port(), _free_port()
-    text, n_http = re.subn(r"(?m)^http_port = 8080", f"http_port = {http_port}", text)
-    text, n_sip = re.subn(r"(?m)^sip_port = 5060", f"sip_port = {sip_port}", text)
-    assert (n_http, n_sip) == (1, 1), "the sample's listen ports moved"
-    assert 'secret = "file:var/demo-pbx.secret"' in text, "the sample has its demo PBX"
-    (workdir / "softrelay.toml").write_text(text, encoding="utf-8")
-    (workdir / "var").mkdir(mode=0o700)
-    fd = os.open(workdir / "var" / "demo-pbx.secret", os.O_WRONLY | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:  # what `make run` writes
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    return http_port, sip_port
+    """The sample in `workdir` with free ports and the demo keys `make run` writes."""
+    demo = demo_config(workdir)
+    return demo.http_port, demo.sip_port
 
 
 async def _softrelay(workdir: Path, *args: str) -> asyncio.subprocess.Process:
