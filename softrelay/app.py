@@ -46,6 +46,10 @@ from prometheus_client import CollectorRegistry
 
 from cluster.redis import SharedRedis
 from cluster.settings import ClusterSettings
+from console.figures import Sources
+from console.history import Interval, Ticker
+from console.server import ConsoleServer
+from console.settings import ConsoleSettings
 from contacts.api import add_contacts_api
 from contacts.settings import ContactsSettings
 from crashreports.service import add_crashreports
@@ -128,6 +132,9 @@ class Services:
     contacts: ContactsSettings = field(default_factory=ContactsSettings)  # on unless disabled
     # SIPIS mode's registrar engine; None: the real one (sipis/registrar.py).
     sipis_registrar: RegistrarFactory | None = None
+    # The operator console's admin listener: off without an admin token.
+    console: ConsoleSettings = field(default_factory=lambda: ConsoleSettings(enabled=False))
+    console_ticker: Ticker | None = None  # when the console samples; None: every `tick`
 
 
 SERVICES = web.AppKey("services", Services)
@@ -143,6 +150,7 @@ SHARED_LIMITERS = web.AppKey("shared_limiters", SharedLimiters)
 SIPIS_CALLS = web.AppKey("sipis_calls", Calls)
 SIPIS_MESSAGES = web.AppKey("sipis_messages", Messages)
 SIPIS_LEASES = web.AppKey("sipis_leases", LeaseKeeper)  # in a cluster only
+CONSOLE = web.AppKey("console", ConsoleServer)  # when the console serves
 
 
 def build_app(services: Services) -> web.Application:
@@ -246,7 +254,37 @@ def build_app(services: Services) -> web.Application:
     app[METRICS] = endpoint = MetricsEndpoint(registry, services.metrics)
     if services.metrics.listen is None:  # else on a listener of its own (`serve`)
         app.router.add_get(METRICS_PATH, endpoint.handle)
+    if services.console.serving:
+        # Last: it opens after every service it shows, and closes before any of them.
+        app.cleanup_ctx.append(_console_ctx)
+    elif services.console.enabled:
+        log.info("console.off: no [console] admin_token is set")
     return app
+
+
+async def _console_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The operator console on its own listener (console/server.py), over the running
+    services of this app."""
+    services = app[SERVICES]
+    settings = services.console
+    sources = Sources(
+        policy=services.policy,
+        store=app[STORE],
+        registry=app[REGISTRY],
+        sweeper=app[SWEEPER],
+        audit=app[SWEEPER].snapshot,
+        sweep_interval=services.sweep_interval,
+        usage=services.usage,
+        clock=services.clock,
+        relay=app.get(RELAY),
+        cluster=app.get(CLUSTER),
+        node_id=services.cluster.node_id if services.cluster is not None else "single",
+        store_backend=services.store.backend,
+    )
+    ticker = services.console_ticker or Interval(settings.tick)
+    app[CONSOLE] = console = await ConsoleServer.start(settings, sources, ticker=ticker)
+    yield
+    await console.close()
 
 
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -37,6 +37,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from console.settings import ConsoleSettings
 from crashreports.commands import add_crashes_parser, crashes_command
 from dsr.cli import add_dsr_parser, dsr_command
 from dsr.service import check_dsr
@@ -59,7 +60,7 @@ from privacy.policy import Policy, load_policy
 from privacy.retention import Sweeper
 from privacy.store import Store
 from proxy.oauth import stand_in_notice
-from softrelay.app import SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
+from softrelay.app import CONSOLE, SERVICES, SIP_TRANSPORTS, STAND_INS, Services, build_app
 from softrelay.config import (
     SECRET_SECTIONS,
     Config,
@@ -369,6 +370,10 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
         cluster=cluster,
         sipis=config.sipis,
         contacts=config.contacts,
+        # The console is one process's: the single one, or the supervisor's first worker.
+        console=config.console
+        if worker is None or worker.index == 0
+        else ConsoleSettings(enabled=False),
     )
     # Handlers first: a SIGTERM during start-up must stop cleanly too, not kill.
     stop = asyncio.Event()
@@ -406,6 +411,9 @@ async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
             print(oauth_notice, flush=True)
         for kind, (host, port) in runner.app[SIP_TRANSPORTS].addresses:
             print(f"{name}: sip {kind} {host}:{port}", flush=True)
+        if (console := runner.app.get(CONSOLE)) is not None:
+            for host, port in console.addresses:
+                print(f"{name}: console {console.scheme}://{host}:{port}/", flush=True)
         print(
             f"{name}: profile {runtime.policy.profile}, data in {config.data_dir}/; "
             "SIGTERM or Ctrl-C stops",

@@ -8,14 +8,15 @@ Relative paths are taken from the current directory, as a command line user expe
 The sections whose parsing reads secrets (`[push]` key files, `[sip]` PBX secrets and
 TLS files, `[oauth]` client secrets, `[usage]` tenant keys, `[crashreports]` project
 keys given as `env:`/`file:`, `[http] metrics_token`,
-`[dsr] admin_token`, `[store] dsn`, `[cluster] redis` and `secret`) are checked to be
-tables at load and parsed when a command first uses them (`Deferred`):
+`[dsr] admin_token`, `[console] admin_token`, `[store] dsn`, `[cluster] redis` and
+`secret`) are checked to be tables at load and parsed when a command first uses them (`Deferred`):
 `policy render` needs none of them, `serve` reads them all at its start
 (`read_secrets`), and a missing one stops that command with the file and the key.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from cluster.settings import ClusterSettings, check_cluster_sources, parse_cluster
+from console.settings import ConsoleSettings, parse_console
 from contacts.settings import ContactsSettings, parse_contacts
 from crashreports.settings import CrashSettings, parse_crashreports
 from dsr.service import DsrSettings, parse_dsr
@@ -71,6 +73,7 @@ SecretSection = Literal[
     "dsr_admin_token",
     "store",
     "cluster",
+    "console",
 ]
 SECRET_SECTIONS: tuple[SecretSection, ...] = get_args(SecretSection)
 
@@ -108,6 +111,12 @@ class Config:
     # `[cluster]`: None without the section (one process, nothing shared); its Redis URL
     # and secret are read when a command opens the cluster.
     deferred_cluster: Deferred[ClusterSettings | None] = field(repr=False, compare=False)
+    # `[console]`: its admin token is read when `serve` starts.
+    deferred_console: Deferred[ConsoleSettings] = field(repr=False, compare=False)
+
+    @property
+    def console(self) -> ConsoleSettings:
+        return self.deferred_console.get()
 
     @property
     def cluster(self) -> ClusterSettings | None:
@@ -155,6 +164,7 @@ class Config:
             "dsr_admin_token": self.deferred_dsr_admin_token,
             "store": self.deferred_store,
             "cluster": self.deferred_cluster,
+            "console": self.deferred_console,
         }
         for name in sections:
             deferred[name].get()
@@ -228,6 +238,8 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
     store_section.secret_source("dsn", "")
     store = Deferred(store_section, parse_store)
     cluster = _cluster(root)
+    console_section = root.section("console", {})
+    console_section.secret_source("admin_token", "")  # the source now, the token at start
     root.finish()
 
     config = Config(
@@ -255,6 +267,7 @@ def load_config(path: Path | None, *, read_secrets: bool = True) -> Config:
         deferred_dsr_admin_token=Deferred(dsr_section, _dsr_admin_token),
         deferred_store=store,
         deferred_cluster=cluster,
+        deferred_console=Deferred(console_section, functools.partial(_console, listen)),
     )
     if read_secrets:
         config.read_secrets()
@@ -275,6 +288,15 @@ def with_overrides(
     if sip_port is not None:
         listen = replace(listen, sip_port=sip_port)
     return replace(config, listen=listen, data_dir=Path(data_dir) if data_dir else config.data_dir)
+
+
+def _console(listen: Listen, sec: Section) -> ConsoleSettings:
+    """`[console]`; its listener must be apart from the public HTTP port."""
+    console = parse_console(sec)
+    own = console.listen
+    if console.enabled and own[1] != 0 and own[1] in (listen.http_port, listen.sip_port):
+        raise sec.error("listen", "the console needs a port of its own, not HTTP's or SIP's")
+    return console
 
 
 def _cluster(root: Section) -> Deferred[ClusterSettings | None]:

@@ -367,6 +367,12 @@ class Relay:
         """The PBXs linked on this node: serial -> flow."""
         return {serial: flow for serial, flow in self._pbx_flows.items() if not flow.closed}
 
+    def registered_phones(self) -> int:
+        """Phone bindings registered through this node since it started whose expiry has
+        not passed (the operator console's figure: a count from memory, no store read)."""
+        now = self.clock.now()
+        return sum(1 for _, expires_at in self._last_written.values() if expires_at > now)
+
     def pbx_flow(self, serial: str) -> Flow | None:
         flow = self._pbx_flows.get(serial)
         if flow is not None and not flow.closed:
