@@ -11,6 +11,7 @@ free port, its clock and ticks in the test's hands.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import re
@@ -40,7 +41,8 @@ from privacy.policy import load_policy
 from proxy.sip.overload import OverloadSettings
 from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
-from softrelay.app import CONSOLE, SIP_TRANSPORTS, STAND_INS, Services, build_app
+from softrelay.app import CONSOLE, RELAY, SIP_TRANSPORTS, STAND_INS, Services, build_app
+from tests.limits import LONGEST_WAIT
 from tomlsections.reader import Section
 from usage.settings import Tenant, UsageSettings
 
@@ -115,7 +117,16 @@ class ConsoleWorld:
         self.phones.append(phone)
         assert await phone.start() == 200
         self.secrets_used += [user, password, *phone_secrets(phone)]
+        await asyncio.wait_for(self._binding_written(len(self.phones)), LONGEST_WAIT)
         return phone
+
+    async def _binding_written(self, count: int) -> None:
+        """The relay forwards the PBX's 200 before it spawns the binding's write: wait
+        for its writes (the one a write starts included) until this phone's landed."""
+        relay = self.app[RELAY]
+        while relay.registered_phones() < count:
+            await relay.drain()
+            await asyncio.sleep(0)  # one turn of the loop: the spawn after the forward
 
 
 def phone_secrets(phone: MockPhone) -> list[str]:
