@@ -38,26 +38,24 @@ from contacts.bookapi import BOOK, add_book_routes, describe_book
 from contacts.discoveryapi import add_discovery_routes
 from contacts.owners import OWNERS, Devices, Owners, limited, owner_of
 from contacts.settings import ContactsSettings
-from dsr.api import CLIENT_FAILURE_FACTOR, IDENTITY_REFUSALS
+from dsr.api import ProofFailures, body_subject, issue_challenge
 from dsr.identity import (
     Challenges,
-    Failure,
-    IdentityError,
     MemoryChallenges,
     PbxIdentity,
     SharedChallenges,
 )
-from dsr.service import DsrSettings, InvalidRequest, parse_subject
+from dsr.service import DsrSettings
 from privacy.clock import Clock
 from privacy.keys import Keyring
-from privacy.store import Store, Subject
+from privacy.store import Store
 from privacy.tasks import Tasks
 from proxy.sip.relay import Relay
 from sipis.api import ACCOUNTS, REGISTRAR
 from webapi.body import read_json
 from webapi.errors import Refusal
 from webapi.openapi import JSON, OPENAPI, RETRY_AFTER, OpenApi, json_response, refusal
-from webapi.ratelimit import Limiters, RateLimit, client_key
+from webapi.ratelimit import Limiters, client_key
 
 PREFIX = "/contacts/v1"
 MAX_BODY = 16 * 1024  # a subject and a digest Authorization
@@ -67,34 +65,12 @@ log = logging.getLogger("softrelay.contacts")
 
 
 class DeviceProof:
-    """The PBX digest proof of a device, and the buckets of failed proofs."""
+    """The PBX digest proof of a device, and its own buckets of failed proofs (counted
+    as the DSR API counts them)."""
 
     def __init__(self, identity: PbxIdentity, settings: DsrSettings, limiters: Limiters) -> None:
         self.identity = identity
-        window = settings.failure_window
-        self.per_subject = limiters(
-            "contacts-proof-subject", RateLimit.per_window(settings.max_failures, window)
-        )
-        self.per_client = limiters(
-            "contacts-proof-client",
-            RateLimit.per_window(settings.max_failures * CLIENT_FAILURE_FACTOR, window),
-        )
-
-    async def check(self, client: str, subject: Subject) -> None:
-        wait = max(
-            await self.per_client.wait(client),
-            await self.per_subject.wait(_pair(client, subject)),
-        )
-        if wait:
-            raise Refusal(429, "rate_limited", "too many failed proofs", retry_after=wait)
-
-    async def failed(self, client: str, subject: Subject) -> None:
-        await self.per_client.take(client)
-        await self.per_subject.take(_pair(client, subject))
-
-
-def _pair(client: str, subject: Subject) -> str:
-    return f"{client}\x1f{subject.sip_username}\x1f{subject.pbx_serial}"
+        self.failures = ProofFailures(limiters, settings, "contacts-proof")
 
 
 DEVICE_PROOF = web.AppKey("contacts_device_proof", DeviceProof)
@@ -163,56 +139,28 @@ async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]
     return body
 
 
-def _subject(body: dict[str, Any]) -> Subject:
-    try:
-        return parse_subject(body.get("sip_username"), body.get("pbx_serial"))
-    except InvalidRequest as exc:
-        raise Refusal(400, "bad_subject", str(exc)) from None
-
-
-def _identity_refusal(exc: IdentityError) -> Refusal:
-    status, code = IDENTITY_REFUSALS[exc.failure]
-    return Refusal(status, code, exc.reason)
-
-
 async def challenge(request: web.Request) -> web.Response:
     await limited(request)
     proof = request.app[DEVICE_PROOF]
-    subject = _subject(await _body(request, _SUBJECT_KEYS))
-    await proof.check(client_key(request.remote) or "?", subject)
-    try:
-        issued = await proof.identity.challenge(subject)
-    except IdentityError as exc:
-        raise _identity_refusal(exc) from None
-    return web.json_response(
-        {
-            "challenge_id": issued.id,
-            "method": "REGISTER",
-            "uri": issued.uri,
-            "www_authenticate": list(issued.www_authenticate),
-        },
-        headers={"Cache-Control": "no-store"},
-    )
+    subject = body_subject(await _body(request, _SUBJECT_KEYS))
+    client = client_key(request.remote) or "?"
+    answer = await issue_challenge(proof.identity, proof.failures, client, subject)
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
 
 async def register_device(request: web.Request) -> web.Response:
     await limited(request)
     proof = request.app[DEVICE_PROOF]
     body = await _body(request, _PROOF_KEYS)
-    subject = _subject(body)
+    subject = body_subject(body)
     client = client_key(request.remote) or "?"
-    await proof.check(client, subject)
+    await proof.failures.check(client, subject)
     challenge_id, authorization = body.get("challenge_id"), body.get("authorization")
     if not isinstance(challenge_id, str) or not isinstance(authorization, str):
         raise Refusal(400, "bad_field", "challenge_id and authorization: strings")
     if len(challenge_id) > 128 or len(authorization) > 4096:
         raise Refusal(400, "bad_field", "challenge_id or authorization too long")
-    try:
-        await proof.identity.verify(subject, challenge_id, authorization)
-    except IdentityError as exc:
-        if exc.failure is Failure.NOT_PROVED:
-            await proof.failed(client, subject)
-        raise _identity_refusal(exc) from None
+    await proof.failures.verify(proof.identity, client, subject, challenge_id, authorization)
     token = await request.app[OWNERS].devices.register(subject)
     return web.json_response(
         {"device_token": token}, status=201, headers={"Cache-Control": "no-store"}

@@ -83,6 +83,79 @@ IDENTITY_REFUSALS: dict[Failure, tuple[int, str]] = {
 }
 
 
+class ProofFailures:
+    """The buckets of failed proofs of one API (see the module doc): `check` before each
+    attempt, `failed` after each failure. Contacts' device proof has buckets of its own
+    (`name`), counted the same way."""
+
+    def __init__(self, limiters: Limiters, settings: DsrSettings, name: str) -> None:
+        window = settings.failure_window
+        self.per_subject = limiters(
+            f"{name}-subject", RateLimit.per_window(settings.max_failures, window)
+        )
+        self.per_client = limiters(
+            f"{name}-client",
+            RateLimit.per_window(settings.max_failures * CLIENT_FAILURE_FACTOR, window),
+        )
+
+    async def check(self, client: str, subject: Subject | None = None) -> None:
+        """429 with Retry-After while `client` (for `subject`) may not try again."""
+        wait = await self.per_client.wait(client)
+        if subject is not None:
+            wait = max(wait, await self.per_subject.wait(_pair_key(client, subject)))
+        if wait:
+            raise Refusal(429, "rate_limited", "too many failed attempts", retry_after=wait)
+
+    async def failed(self, client: str, subject: Subject | None = None) -> None:
+        await self.per_client.take(client)
+        if subject is not None:
+            await self.per_subject.take(_pair_key(client, subject))
+
+    async def verify(
+        self,
+        identity: PbxIdentity,
+        client: str,
+        subject: Subject,
+        challenge_id: str,
+        authorization: str,
+    ) -> None:
+        """The subject proved by the PBX's answer to the challenge, or the refusal (a
+        failed proof counted)."""
+        await self.check(client, subject)
+        try:
+            await identity.verify(subject, challenge_id, authorization)
+        except IdentityError as exc:
+            if exc.failure is Failure.NOT_PROVED:
+                await self.failed(client, subject)
+            raise identity_refusal(exc) from None
+
+
+def _pair_key(client: str, subject: Subject) -> str:
+    return f"{client}\x1f{subject.sip_username}\x1f{subject.pbx_serial}"
+
+
+def identity_refusal(exc: IdentityError) -> Refusal:
+    status, code = IDENTITY_REFUSALS[exc.failure]
+    return Refusal(status, code, exc.reason)
+
+
+async def issue_challenge(
+    identity: PbxIdentity, failures: ProofFailures, client: str, subject: Subject
+) -> dict[str, Any]:
+    """The subject's PBX's digest challenge, as both APIs answer it."""
+    await failures.check(client, subject)
+    try:
+        issued = await identity.challenge(subject)
+    except IdentityError as exc:
+        raise identity_refusal(exc) from None
+    return {
+        "challenge_id": issued.id,
+        "method": "REGISTER",
+        "uri": issued.uri,
+        "www_authenticate": list(issued.www_authenticate),
+    }
+
+
 class DsrApi:
     """What the handlers share; built in the app's cleanup context."""
 
@@ -96,32 +169,7 @@ class DsrApi:
         self.rights = rights
         self.identity = identity
         self.admin_token = admin_token
-        settings = rights.settings
-        window = settings.failure_window
-        # Buckets of failed proofs: `take` per failure, `wait` before each attempt.
-        self.per_subject = limiters(
-            "dsr-subject", RateLimit.per_window(settings.max_failures, window)
-        )
-        self.per_client = limiters(
-            "dsr-client",
-            RateLimit.per_window(settings.max_failures * CLIENT_FAILURE_FACTOR, window),
-        )
-
-    async def retry_after(self, client: str, subject: Subject | None = None) -> float:
-        """Seconds until `client` may try again (for `subject`); 0.0: now."""
-        wait = await self.per_client.wait(client)
-        if subject is not None:
-            wait = max(wait, await self.per_subject.wait(_pair_key(client, subject)))
-        return wait
-
-    async def failed(self, client: str, subject: Subject | None = None) -> None:
-        await self.per_client.take(client)
-        if subject is not None:
-            await self.per_subject.take(_pair_key(client, subject))
-
-
-def _pair_key(client: str, subject: Subject) -> str:
-    return f"{client}\x1f{subject.sip_username}\x1f{subject.pbx_serial}"
+        self.failures = ProofFailures(limiters, rights.settings, "dsr")
 
 
 DSR_API = web.AppKey("dsr_api", DsrApi)
@@ -186,7 +234,8 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _subject(body: dict[str, Any]) -> Subject:
+def body_subject(body: dict[str, Any]) -> Subject:
+    """The subject a JSON body names (`sip_username`, `pbx_serial`), or 400 bad_subject."""
     try:
         return parse_subject(body.get("sip_username"), body.get("pbx_serial"))
     except InvalidRequest as exc:
@@ -197,33 +246,12 @@ def _client(request: web.Request) -> str:
     return client_key(request.remote) or "?"
 
 
-async def _check_limit(api: DsrApi, client: str, subject: Subject | None = None) -> None:
-    wait = await api.retry_after(client, subject)
-    if wait:
-        raise Refusal(429, "rate_limited", "too many failed attempts", retry_after=wait)
-
-
-def _identity_refusal(exc: IdentityError) -> Refusal:
-    status, code = IDENTITY_REFUSALS[exc.failure]
-    return Refusal(status, code, exc.reason)
-
-
 async def challenge(request: web.Request) -> web.Response:
     api = request.app[DSR_API]
     body = await _body(request, _SUBJECT_KEYS)
-    subject = _subject(body)
-    await _check_limit(api, _client(request), subject)
-    try:
-        issued = await api.identity.challenge(subject)
-    except IdentityError as exc:
-        raise _identity_refusal(exc) from None
+    subject = body_subject(body)
     return web.json_response(
-        {
-            "challenge_id": issued.id,
-            "method": "REGISTER",
-            "uri": issued.uri,
-            "www_authenticate": list(issued.www_authenticate),
-        }
+        await issue_challenge(api.identity, api.failures, _client(request), subject)
     )
 
 
@@ -233,24 +261,19 @@ async def _authenticate(request: web.Request, body: dict[str, Any], subject: Sub
     client = _client(request)
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        await _check_limit(api, client)
+        await api.failures.check(client)
         token = header[7:].encode()
         if api.admin_token is None or not hmac.compare_digest(token, api.admin_token.encode()):
-            await api.failed(client)
+            await api.failures.failed(client)
             raise Refusal(403, "wrong_admin_token", "wrong admin token")
         return "operator"
-    await _check_limit(api, client, subject)
+    await api.failures.check(client, subject)
     challenge_id, authorization = body.get("challenge_id"), body.get("authorization")
     if not isinstance(challenge_id, str) or not isinstance(authorization, str):
         raise Refusal(
             403, "not_proved", "prove identity: challenge_id and authorization, or an admin token"
         )
-    try:
-        await api.identity.verify(subject, challenge_id, authorization)
-    except IdentityError as exc:
-        if exc.failure is Failure.NOT_PROVED:
-            await api.failed(client, subject)
-        raise _identity_refusal(exc) from None
+    await api.failures.verify(api.identity, client, subject, challenge_id, authorization)
     return "subject"
 
 
@@ -260,7 +283,7 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         api = request.app[DSR_API]
         body = await _body(request, allowed)
-        subject = _subject(body)
+        subject = body_subject(body)
         try:
             actor = await _authenticate(request, body, subject)
         except Refusal as exc:
@@ -292,11 +315,11 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 async def requests(request: web.Request) -> web.Response:
     api = request.app[DSR_API]
     client = _client(request)
-    await _check_limit(api, client)
+    await api.failures.check(client)
     header = request.headers.get("Authorization", "")
     token = header[7:].encode() if header.startswith("Bearer ") else b""
     if api.admin_token is None or not hmac.compare_digest(token, api.admin_token.encode()):
-        await api.failed(client)
+        await api.failures.failed(client)
         raise Refusal(403, "wrong_admin_token", "the request trail needs the admin token")
     try:
         limit = int(request.query.get("limit", "100"))
