@@ -32,6 +32,7 @@ CONTENT_TYPES = {
     ".js": "text/javascript; charset=utf-8",
     ".css": "text/css; charset=utf-8",
     ".md": "text/markdown; charset=utf-8",
+    ".svg": "image/svg+xml; charset=utf-8",
     "": "text/plain; charset=utf-8",
 }
 MAX_PROJECT = 200  # characters of a ?project= filter

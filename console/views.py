@@ -79,10 +79,11 @@ def _page(
         el("meta", charset="utf-8"),
         el("meta", name="viewport", content="width=device-width, initial-scale=1"),
         el("meta", name="csrf-token", content=csrf),
-        el("meta", name="referrer", content="no-referrer"),
+        el("meta", name="referrer", content="same-origin"),
         el("title", f"{title} · softrelay console"),
         el("link", rel="stylesheet", href="/static/vendor/uplot/uPlot.min.css"),
         el("link", rel="stylesheet", href="/static/console.css"),
+        el("link", rel="icon", href="/static/favicon.svg", type="image/svg+xml"),
         el("script", src="/static/vendor/uplot/uPlot.iife.min.js", defer=True),
         el("script", src="/static/console.js", defer=True),
     )
@@ -121,9 +122,10 @@ def login_html(*, csrf: str, message: str = "") -> str:
         "head",
         el("meta", charset="utf-8"),
         el("meta", name="viewport", content="width=device-width, initial-scale=1"),
-        el("meta", name="referrer", content="no-referrer"),
+        el("meta", name="referrer", content="same-origin"),
         el("title", "Log in · softrelay console"),
         el("link", rel="stylesheet", href="/static/console.css"),
+        el("link", rel="icon", href="/static/favicon.svg", type="image/svg+xml"),
     )
     form = el(
         "form",
@@ -156,8 +158,8 @@ def _table(headings: Iterable[str], rows: list[Html], empty: str) -> Html:
     return el("table", head, el("tbody", rows))
 
 
-def _card(title: str, *content: Child) -> Html:
-    return el("section", el("h2", title), content, class_="card")
+def _card(title: str, *content: Child, wide: bool = False) -> Html:
+    return el("section", el("h2", title), content, class_="card wide" if wide else "card")
 
 
 def _stat(label: str, value: Child) -> Html:
@@ -194,7 +196,7 @@ def _link_rows(links: Iterable[Mapping[str, Any]]) -> list[Html]:
             el("td", link.get("serial")),
             el("td", "online" if link.get("online") else "offline"),
             el("td", plain(link.get("transport"))),
-            el("td", time(link.get("since"))),
+            el("td", time(link.get("since")), class_="when"),
             class_="up" if link.get("online") else "down",
         )
         for link in links
@@ -271,6 +273,7 @@ def overview_page(data: Mapping[str, Any], csrf: str) -> str:
                 "No PBX has linked.",
                 "pbx_links",
             ),
+            wide=True,
         ),
         _card(
             "Pushes by provider and outcome",

@@ -80,7 +80,7 @@
             cell(FORMATS.plain(link.serial)),
             cell(link.online ? "online" : "offline"),
             cell(FORMATS.plain(link.transport)),
-            cell(FORMATS.time(link.since)),
+            cell(FORMATS.time(link.since), "when"),
           ],
           link.online ? "up" : "down",
         ),
@@ -194,9 +194,12 @@
       const options = {
         width: Math.max(this.element.clientWidth, 200),
         height: 180,
-        legend: { show: names.length > 1 },
+        legend: { show: names.length > 1, live: false },
+        // The console's times read in UTC (as console/markup.py writes them).
+        tzDate: (seconds) => uPlot.tzDate(new Date(seconds * 1000), "Etc/UTC"),
         scales: {
-          x: { time: true },
+          // One point alone would stretch the axis over years: a minute around it.
+          x: { time: true, range: (u, min, max) => (min === max ? [min - 60, max + 1] : [min, max]) },
           y: {
             range: (u, min, max) => (this.percent ? [0, 1] : [0, max > 0 ? max * 1.1 : 1]),
           },

@@ -638,6 +638,7 @@ def test_formats(value: object, form: Any, text: str) -> None:
 SERVED = {
     "console.js": "text/javascript",
     "console.css": "text/css",
+    "favicon.svg": "image/svg+xml",
     "vendor/uplot/uPlot.iife.min.js": "text/javascript",
     "vendor/uplot/uPlot.min.css": "text/css",
     "vendor/uplot/LICENSE": "text/plain",
