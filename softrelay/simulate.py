@@ -226,6 +226,7 @@ async def target_world(settings: SimSettings, targets: list[str], config: Config
     tenant = config.usage.tenants[0] if config.usage.tenants else None
     project = config.crashreports.projects[0] if config.crashreports.projects else None
     first = nodes[0]
+    state = tempfile.TemporaryDirectory(prefix="softrelay-simulate-")
     session = aiohttp.ClientSession()
     # One inbox follows every node's feed: the node that parks a call pushes.
     inbox = PushInbox()
@@ -235,6 +236,7 @@ async def target_world(settings: SimSettings, targets: list[str], config: Config
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             await inbox.close()
             await session.close()
+            state.cleanup()
             raise SimulationError(
                 f"--target {node.address.http_url}: no push stand-ins' delivery feed there"
                 f" ({exc}); it runs only when serve has no push credentials"
@@ -248,7 +250,10 @@ async def target_world(settings: SimSettings, targets: list[str], config: Config
         f"http://{project.key}@{first.name}/{project.id}" if project else None,
         first.metrics_url,
         session,
-        Path(tempfile.gettempdir()),
+        # The apps' usage state, fresh each run: every run is new installs (a state kept
+        # in a shared directory would silence the pings of the next run, on any server).
+        Path(state.name),
+        _tmp=state,
         nodes=nodes,
     )
     # Every 127/8 address is the loopback interface on Linux, not elsewhere.

@@ -13,8 +13,13 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
 
 from softrelay.config import DEFAULT_CONFIG
+from tests.limits import LONGEST_WAIT
 
 STEP_TIMEOUT = 15.0
 # What the sample reads from files `make run` writes when they are missing.
@@ -103,3 +108,47 @@ async def stopped(serve: asyncio.subprocess.Process) -> bytes:
         serve.terminate()
     _, err = await asyncio.wait_for(serve.communicate(), STEP_TIMEOUT)
     return err
+
+
+@dataclass(frozen=True, slots=True)
+class DemoRun:
+    demo: Demo
+    summary: dict[str, Any]  # simulate's --json summary
+    printed: str  # what simulate printed (its summary tables)
+    metrics: str  # the server's /metrics after the run
+    serve_err: bytes
+
+
+async def run_demo(workdir: Path, *simulate_args: str) -> DemoRun:
+    """`serve` of the demo configuration in `workdir`, the plain `simulate` (no
+    --target: it finds that server, as after `make run`) at speed inf with the given
+    options, /metrics scraped after it, then serve stopped with SIGTERM."""
+    demo = demo_config(workdir)
+    (workdir / "answers.toml").write_text("[answers]\nanswer = 3\ndecline = 1\n")
+    serve = await softrelay(workdir, "serve")
+    try:
+        printed = await started(serve)
+        assert f"softrelay: {demo.base} (healthz, metrics)\n" in printed, printed
+        sim = await softrelay(
+            workdir,
+            "simulate",
+            # Users answer or decline: at speed inf a call left ringing would ring out
+            # only at its real-time bound.
+            *("--scenario", "answers.toml", "--speed", "inf", "--no-live"),
+            *("--json", "summary.json", *simulate_args),
+        )
+        out, err = await asyncio.wait_for(sim.communicate(), LONGEST_WAIT / 2)
+        assert sim.returncode == 0, err.decode()
+        assert b"starting one in this process" not in err, "it found the served relay"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{demo.base}/metrics") as response,
+        ):
+            assert response.status == 200
+            metrics = await response.text()
+    finally:
+        serve_err = await stopped(serve)
+    assert serve.returncode == 0, serve_err.decode()[-3000:]
+    summary = orjson.loads((workdir / "summary.json").read_bytes())
+    assert isinstance(summary, dict)
+    return DemoRun(demo, summary, out.decode(), metrics, serve_err)
