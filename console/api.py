@@ -234,7 +234,8 @@ OVERVIEW = _object(
                 "type": "array",
                 "items": {
                     "type": "array",
-                    "prefixItems": [{"type": "number"}, NUMBER_OR_NULL],
+                    "description": "[time, value]; the value null when there is none",
+                    "items": NUMBER_OR_NULL,
                     "minItems": 2,
                     "maxItems": 2,
                 },

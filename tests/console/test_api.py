@@ -52,7 +52,7 @@ async def _usage_ping(console: ConsoleWorld, http: aiohttp.ClientSession) -> str
     return pid
 
 
-async def _crash_report(console: ConsoleWorld, http: aiohttp.ClientSession, user: str) -> str:
+async def crash_report(console: ConsoleWorld, http: aiohttp.ClientSession, user: str) -> str:
     """An opted-in report carrying the SIP user and an address, which scrubbing removes."""
     event = {
         "message": f"call to sip:{user}@relay.test from 203.0.113.7 failed",
@@ -93,7 +93,7 @@ async def test_the_figures_reflect_what_the_test_did_and_show_nothing_personal(
     assert call.connected
     async with aiohttp.ClientSession() as http:
         await _usage_ping(console, http)
-        crash_id = await _crash_report(console, http, phone.spec.user)
+        crash_id = await crash_report(console, http, phone.spec.user)
     async with console.logged_in() as admin:
         assert (await admin.post("/api/v1/actions/audit")).status == 200
         answers = await _everything(admin, crash_id)
@@ -170,9 +170,9 @@ async def test_the_crash_list_takes_a_project_and_a_limit_and_refuses_bad_ones(
     console: ConsoleWorld,
 ) -> None:
     async with aiohttp.ClientSession() as http:
-        first = await _crash_report(console, http, "alice")
+        first = await crash_report(console, http, "alice")
         console.clock.advance(1)
-        second = await _crash_report(console, http, "bob")
+        second = await crash_report(console, http, "bob")
     async with console.logged_in() as admin:
         newest = await admin.json("/api/v1/crashes?limit=1")
         assert [r["id"] for r in newest["reports"]] == [second]
@@ -254,7 +254,7 @@ async def test_the_event_stream_ends_when_the_session_does(console: ConsoleWorld
 
 async def test_the_actions_run_the_audit_and_the_sweeper(console: ConsoleWorld) -> None:
     async with aiohttp.ClientSession() as http:
-        await _crash_report(console, http, "alice")
+        await crash_report(console, http, "alice")
     async with console.logged_in() as admin:
         assert (await admin.post("/api/v1/actions/audit")).status == 200
         assert (await admin.json("/api/v1/privacy"))["audit"]["verdict"] == "ok"
