@@ -18,6 +18,7 @@ import html
 import math
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 
 NONE = "—"  # a figure with no value yet (no wakes in the window, no sweep yet)
 
@@ -90,6 +91,14 @@ def _number(value: object) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else float(value)
 
 
+def _fixed(number: float, digits: int) -> str:
+    """`number` with `digits` decimals as JavaScript's toFixed writes it: from the
+    float's exact value, a tie away from zero (Python's format rounds a tie to even:
+    0.25 would read 0.2 here and 0.3 after a live update)."""
+    exact = Decimal(number).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return f"{exact:.{digits}f}"
+
+
 def count(value: object) -> str:
     number = _number(value)
     # Halves round up, as JavaScript's Math.round does (Python's round() goes to even).
@@ -99,13 +108,13 @@ def count(value: object) -> str:
 def decimal(value: object) -> str:
     """A rate or a load: two decimals."""
     number = _number(value)
-    return NONE if number is None else f"{number:.2f}"
+    return NONE if number is None else _fixed(number, 2)
 
 
 def percent(value: object) -> str:
     """A share 0..1 as a percentage with one decimal."""
     number = _number(value)
-    return NONE if number is None else f"{number * 100:.1f} %"
+    return NONE if number is None else f"{_fixed(number * 100, 1)} %"
 
 
 def ms(value: object) -> str:
@@ -113,7 +122,7 @@ def ms(value: object) -> str:
     number = _number(value)
     if number is None:
         return NONE
-    return f"{number:.1f} ms" if abs(number) < 10 else f"{number:.0f} ms"
+    return f"{_fixed(number, 1)} ms" if abs(number) < 10 else f"{_fixed(number, 0)} ms"
 
 
 def time(value: object) -> str:

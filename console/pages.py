@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from console import views
+from console.figures import MAX_CRASHES
 from console.sessions import login_csrf, require_page, session_of
 from webapi.errors import Refusal
 from webapi.openapi import OpenApi, refusal
@@ -36,7 +37,7 @@ CONTENT_TYPES = {
     "": "text/plain; charset=utf-8",
 }
 MAX_PROJECT = 200  # characters of a ?project= filter
-DEFAULT_LIMIT, MAX_LIMIT = 100, 1000  # crash reports listed
+DEFAULT_LIMIT, MAX_LIMIT = 100, MAX_CRASHES  # crash reports listed
 MAX_ID = 128  # characters of a crash report id in a path
 HTML = "text/html"
 

@@ -27,7 +27,6 @@ from console.markup import (
     Child,
     Html,
     count,
-    decimal,
     duration,
     el,
     figure,
@@ -510,6 +509,9 @@ def _over_limit(row: Mapping[str, Any]) -> str | None:
 
 
 def _problem(problem: object) -> str:
+    """A problem of the audit: {"category", "detail"} as "category: detail"."""
+    if isinstance(problem, Mapping) and "category" in problem:
+        return f"{problem['category']}: {problem.get('detail', '')}"
     if isinstance(problem, str):
         return problem
     return json.dumps(problem, sort_keys=True, ensure_ascii=False, default=str)
@@ -569,7 +571,7 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
             "tr",
             el("td", node.get("node_id")),
             el("td", count(node.get("flows")), class_="num"),
-            el("td", decimal(node.get("load")), class_="num"),
+            el("td", ms(node.get("load")), class_="num"),
             el("td", time(node.get("last_beat"))),
             data_node=str(node.get("node_id")),
             data_flows=count(node.get("flows")),
@@ -589,7 +591,7 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
         el(
             "section",
             el("h2", "Nodes"),
-            _table(("Node", "Flows", "Load", "Last heartbeat"), nodes, "No node has beaten."),
+            _table(("Node", "Flows", "Loop lag", "Last heartbeat"), nodes, "No node beats."),
             id="nodes",
             data_refresh=True,
         ),
