@@ -99,8 +99,9 @@ async def http_base(proc: asyncio.subprocess.Process) -> str:
     return f"http://127.0.0.1:{int(match.group(1))}"
 
 
-async def run_cli(*args: str) -> tuple[int, str]:
-    """`softrelay ARGS` in a subprocess, as an operator runs it; status and output."""
+async def run_cli(*args: str, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """`softrelay ARGS` in a subprocess, as an operator runs it (`env` added to its
+    environment); status and output."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -108,7 +109,7 @@ async def run_cli(*args: str) -> tuple[int, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env=_cli_env(None),
+        env=_cli_env(env),
     )
     out, _ = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT)
     assert proc.returncode is not None

@@ -86,7 +86,7 @@ class Watch:
 
         def console(message: ConsoleMessage) -> None:
             if message.type == "error":
-                watch.console_errors.append(f"{message.text} ({message.location})")
+                watch.console_errors.append(f"{message.text} at {message.location.get('url')}")
 
         def web_error(error: WebError) -> None:
             watch.page_errors.append(str(error.error))
