@@ -195,7 +195,7 @@ def _link_rows(links: Iterable[Mapping[str, Any]]) -> list[Html]:
             el("td", link.get("serial")),
             el("td", "online" if link.get("online") else "offline"),
             el("td", plain(link.get("transport"))),
-            el("td", time(link.get("since")), class_="when"),
+            _when(time(link.get("since"))),
             class_="up" if link.get("online") else "down",
         )
         for link in links
@@ -345,14 +345,14 @@ def crashes_page(data: Mapping[str, Any], project: str | None, csrf: str) -> str
             "tr",
             el("td", _project_link(row.get("project"))),
             el("td", count(row.get("reports")), class_="num"),
-            el("td", time(row.get("last_at"))),
+            _when(time(row.get("last_at"))),
         )
         for row in data.get("projects") or []
     ]
     reports = [
         el(
             "tr",
-            el("td", time(row.get("received_at"))),
+            _when(time(row.get("received_at"))),
             el("td", row.get("project")),
             el("td", el("span", plain(row.get("level")), class_=f"badge {row.get('level')}")),
             el("td", el("a", row.get("title") or "(no title)", href=_report_href(row.get("id")))),
@@ -432,10 +432,10 @@ def privacy_page(data: Mapping[str, Any], csrf: str) -> str:
             ),
             el("td", plain(row.get("storage"))),
             el("td", count(row.get("records")), class_="num"),
-            el("td", duration(row.get("oldest_age_s"))),
-            el("td", duration(row.get("limit_s")) if row.get("limit_s") is not None else "none"),
-            el("td", time(row.get("next_deletion_at"))),
-            el("td", time(row.get("last_sweep_at"))),
+            _when(duration(row.get("oldest_age_s"))),
+            _when(_limit(row.get("limit_s"))),
+            _when(time(row.get("next_deletion_at"))),
+            _when(time(row.get("last_sweep_at"))),
             class_=_over_limit(row),
         )
         for row in data.get("categories") or []
@@ -446,7 +446,7 @@ def privacy_page(data: Mapping[str, Any], csrf: str) -> str:
     trail = [
         el(
             "tr",
-            el("td", time(row.get("at"))),
+            _when(time(row.get("at"))),
             el("td", plain(row.get("action"))),
             el("td", plain(row.get("outcome"))),
             el("td", plain(row.get("via"))),
@@ -499,6 +499,18 @@ def privacy_page(data: Mapping[str, Any], csrf: str) -> str:
             data_refresh=True,
         ),
     )
+
+
+def _when(value: str) -> Html:
+    """A cell of a time or a duration, kept on one line."""
+    return el("td", value, class_="when")
+
+
+def _limit(seconds: object) -> str:
+    """A category's retention: none declared, at once (memory only), or how long."""
+    if seconds is None:
+        return "none"
+    return "at once" if seconds == 0 else duration(seconds)
 
 
 def _over_limit(row: Mapping[str, Any]) -> str | None:
@@ -572,7 +584,7 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
             el("td", node.get("node_id")),
             el("td", count(node.get("flows")), class_="num"),
             el("td", ms(node.get("load")), class_="num"),
-            el("td", time(node.get("last_beat"))),
+            _when(time(node.get("last_beat"))),
             data_node=str(node.get("node_id")),
             data_flows=count(node.get("flows")),
         )

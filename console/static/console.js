@@ -204,7 +204,11 @@
             range: (u, min, max) => (this.percent ? [0, 1] : [0, max > 0 ? max * 1.1 : 1]),
           },
         },
-        axes: [{}, { size: 70, values: (u, values) => values.map((v) => format(v)) }],
+        axes: [
+          // HH:MM:SS in UTC: the charts reach back minutes, not days.
+          { space: 80, values: (u, values) => values.map((t) => FORMATS.time(t).slice(11, 19)) },
+          { size: 70, values: (u, values) => values.map((v) => format(v)) },
+        ],
         series: [
           { value: (u, v) => FORMATS.time(v) },
           ...names.map((name, i) => ({
@@ -310,18 +314,19 @@
 
   // --- actions ---------------------------------------------------------------------
 
-  function summary(answer) {
+  // An action's JSON answer in a line: its figures that say something (a count that is
+  // not 0, a verdict, a time), nested objects one level deep.
+  function summary(answer, depth = 0) {
     if (answer === null || typeof answer !== "object") return String(answer);
-    return Object.entries(answer)
-      .map(([key, value]) => {
-        if (Array.isArray(value)) return `${key}: ${value.length}`;
-        if (value !== null && typeof value === "object") {
-          const inner = Object.entries(value).map(([k, v]) => `${k} ${typeof v === "object" ? "\u2026" : v}`);
-          return `${key}: ${inner.join(", ") || NONE}`;
-        }
-        return `${key}: ${value}`;
-      })
-      .join(" \u00b7 ");
+    const parts = [];
+    for (const [key, value] of Object.entries(answer)) {
+      if (Array.isArray(value)) parts.push(`${key}: ${value.length}`);
+      else if (value !== null && typeof value === "object") {
+        if (depth === 0) parts.push(`${key}: ${summary(value, 1) || "none"}`);
+      } else if (key.endsWith("_at")) parts.push(`${key}: ${FORMATS.time(value)}`);
+      else if (value !== 0) parts.push(`${key} ${value}`);
+    }
+    return parts.join(depth === 0 ? " \u00b7 " : ", ");
   }
 
   for (const form of document.querySelectorAll("form[data-action]")) {

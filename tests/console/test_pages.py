@@ -124,7 +124,7 @@ PRIVACY = {
             "storage": "memory",
             "records": 0,
             "oldest_age_s": None,
-            "limit_s": None,
+            "limit_s": 0,
             "next_deletion_at": None,
             "last_sweep_at": None,
         },
@@ -523,7 +523,7 @@ async def test_privacy_shows_categories_audit_trail_and_actions(site: Site) -> N
             time(NOW + 3600),
             time(NOW - 65),
         ],
-        [f"{HOSTILE} relay", "memory", "0", "—", "none", "—", "—"],
+        [f"{HOSTILE} relay", "memory", "0", "—", "at once", "—", "—"],
     ]
     assert duration(90061) == "1 d 1 h"
     audit = root.one("section", id="audit")
