@@ -45,6 +45,7 @@ SECRETS: dict[str, tuple[str, str]] = {
         "cluster.redis",
         f'[cluster]\nredis = "env:{UNSET}"\nsecret = "file:{MISSING}/cluster.secret"\n',
     ),
+    "console": ("console.admin_token", f'[console]\nadmin_token = "file:{MISSING}/console"\n'),
 }
 # The store's DSN is read by every command that opens the store.
 STORE_SECRET = "store"
