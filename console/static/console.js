@@ -18,6 +18,7 @@
   const REFRESH_MS = 5000;
   const MAX_POINTS = 10000; // points a chart keeps per series (console/settings.py)
   const RETRY_MS = [1000, 2000, 5000, 10000, 30000];
+  const WHOLE_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 1e6];
   const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
   const csrfMeta = document.querySelector('meta[name="csrf-token"]');
   const csrf = csrfMeta ? csrfMeta.content : "";
@@ -159,6 +160,7 @@
       this.name = element.dataset.chart;
       this.format = FORMATS[element.dataset.format] || FORMATS.plain;
       this.percent = element.dataset.format === "percent";
+      this.counts = element.dataset.format === "count";
       this.series = JSON.parse(element.dataset.series || "{}");
       this.plot = null;
       this.names = "";
@@ -207,7 +209,12 @@
         axes: [
           // HH:MM:SS in UTC: the charts reach back minutes, not days.
           { space: 80, values: (u, values) => values.map((t) => FORMATS.time(t).slice(11, 19)) },
-          { size: 70, values: (u, values) => values.map((v) => format(v)) },
+          {
+            size: 70,
+            values: (u, values) => values.map((v) => format(v)),
+            // Counts step by whole numbers (a tick at 2.5 flows would read "3").
+            ...(this.counts ? { incrs: WHOLE_STEPS } : {}),
+          },
         ],
         series: [
           { value: (u, v) => FORMATS.time(v) },
