@@ -8,7 +8,9 @@ shows the relay live, with nothing personal beyond what the policy lets an opera
     history.py    counter samples and chart series; the sampler's turn at each tick
     api.py        the JSON API, the event stream (SSE), the actions, their OpenAPI
     server.py     the admin Application and its listener (softrelay/app.py starts it)
-    pages.py      the HTML pages and the static files; views.py and markup.py render them
+    pages.py      the HTML pages' routes and the static files
+    layout.py     the frame of every page, the login form; markup.py escapes and formats
+    overview.py   the overview page and its charts; views.py the other pages
     static/       console.js, console.css and the vendored chart library (uPlot)
 
 It imports the packages below it and is imported by softrelay/app.py alone.

@@ -22,6 +22,8 @@ from aiohttp import web
 
 from console import views
 from console.figures import MAX_CRASHES
+from console.layout import login_html
+from console.overview import overview_page
 from console.sessions import login_csrf, require_page, session_of
 from webapi.errors import Refusal
 from webapi.openapi import OpenApi, refusal
@@ -93,7 +95,7 @@ def login_page(
 ) -> web.Response:
     """The login form (again, with `error`, after a refused attempt)."""
     response = _html("", status)
-    response.text = views.login_html(csrf=login_csrf(request, response), message=error or "")
+    response.text = login_html(csrf=login_csrf(request, response), message=error or "")
     return response
 
 
@@ -104,7 +106,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 
 async def _overview(request: web.Request, figures: Figures, csrf: str) -> web.Response:
-    return _html(views.overview_page(await figures.overview(), csrf))
+    return _html(overview_page(await figures.overview(), csrf))
 
 
 async def _usage(request: web.Request, figures: Figures, csrf: str) -> web.Response:

@@ -1,4 +1,6 @@
-"""The console's pages as HTML, from the JSON documents of its API (the plan's shapes).
+"""The console's pages but the overview (console/overview.py) as HTML, from the JSON
+documents of its API (the plan's shapes): usage, crash reports and one report, privacy,
+cluster, and the page that says why a page could not be shown.
 
 Each page shows its figures at first render (it reads without JavaScript); console.js
 then keeps them live: an element with `data-figure="<path>"` holds the value at that
@@ -16,301 +18,12 @@ Every text of them is escaped by `console.markup.el`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import orjson
-
-from console.markup import (
-    Child,
-    Html,
-    count,
-    duration,
-    el,
-    figure,
-    health,
-    join,
-    ms,
-    plain,
-    raw,
-    time,
-)
-
-NAVIGATION = (
-    ("/", "overview", "Overview"),
-    ("/usage", "usage", "Usage"),
-    ("/crashes", "crashes", "Crash reports"),
-    ("/privacy", "privacy", "Privacy"),
-    ("/cluster", "cluster", "Cluster"),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Chart:
-    series: str  # a series name of the overview; "name.label" series join it as lines
-    title: str
-    form: str  # the format of its values (console/markup.py FORMATS)
-    label: str = "value"  # the legend's name of `series` itself beside "name.label" ones
-
-
-TRANSPORTS = ("udp", "tcp", "tls", "ws")
-OVERVIEW_CHARTS = (
-    Chart("wake_success_rate", "Wake success rate", "percent"),
-    Chart("delivery_p95_ms", "INVITE to push delivery, p95", "ms"),
-    Chart("pushes_per_s", "Pushes per second, by provider", "decimal", label="all"),
-    Chart("flows_total", "Flows", "count"),
-    Chart("shedding_per_s", "Load shed per second", "decimal"),
-    Chart("crash_ingest_per_s", "Crash reports received per second", "decimal"),
-)
-
-
-def _page(
-    title: str, current: str, csrf: str, *content: Child, now: Mapping[str, Any] | None = None
-) -> Html:
-    """The layout: head with the console's files, navigation, the page, the live state;
-    the node and the time of the overview `now` when the page has it (else the event
-    stream fills them in)."""
-    now = now or {}
-    head = el(
-        "head",
-        el("meta", charset="utf-8"),
-        el("meta", name="viewport", content="width=device-width, initial-scale=1"),
-        el("meta", name="csrf-token", content=csrf),
-        el("meta", name="referrer", content="same-origin"),
-        el("title", f"{title} · softrelay console"),
-        el("link", rel="stylesheet", href="/static/vendor/uplot/uPlot.min.css"),
-        el("link", rel="stylesheet", href="/static/console.css"),
-        el("link", rel="icon", href="/static/favicon.svg", type="image/svg+xml"),
-        el("script", src="/static/vendor/uplot/uPlot.iife.min.js", defer=True),
-        el("script", src="/static/console.js", defer=True),
-    )
-    links = [
-        el("a", label, href=href, aria_current="page" if page == current else None)
-        for href, page, label in NAVIGATION
-    ]
-    header = el(
-        "header",
-        el("a", "softrelay", el("span", " console"), class_="brand", href="/"),
-        el("nav", links, aria_label="Pages"),
-        el("span", "node ", figure(now.get("node"), "plain", "node", "b"), class_="node"),
-        el(
-            "form",
-            el("input", type="hidden", name="csrf", value=csrf),
-            el("button", "Log out", type="submit"),
-            method="post",
-            action="/logout",
-            class_="logout",
-        ),
-    )
-    footer = el(
-        "footer",
-        el("span", "not live: the page shows the figures it was rendered with", id="live"),
-        " · ",
-        el("span", "updated ", figure(now.get("time"), "time", "time")),
-    )
-    body = el("body", header, el("main", el("h1", title), content), footer, data_page=current)
-    return join(raw("<!doctype html>"), el("html", head, body, lang="en"))
-
-
-def login_html(*, csrf: str, message: str = "") -> str:
-    """The login form: the admin token (field `token`) and the form's CSRF field
-    (`csrf`), posted to /login; `message` says why the last attempt failed."""
-    head = el(
-        "head",
-        el("meta", charset="utf-8"),
-        el("meta", name="viewport", content="width=device-width, initial-scale=1"),
-        el("meta", name="referrer", content="same-origin"),
-        el("title", "Log in · softrelay console"),
-        el("link", rel="stylesheet", href="/static/console.css"),
-        el("link", rel="icon", href="/static/favicon.svg", type="image/svg+xml"),
-    )
-    form = el(
-        "form",
-        el("h1", "softrelay console"),
-        el("p", message, class_="refused", role="alert") if message else None,
-        el("label", "Admin token", for_="token"),
-        el(
-            "input",
-            id="token",
-            name="token",
-            type="password",
-            autocomplete="current-password",
-            required=True,
-            autofocus=True,
-        ),
-        el("input", type="hidden", name="csrf", value=csrf),
-        el("button", "Log in", type="submit"),
-        method="post",
-        action="/login",
-        class_="login",
-    )
-    return join(raw("<!doctype html>"), el("html", head, el("body", form), lang="en"))
-
-
-def _table(headings: Iterable[str], rows: list[Html], empty: str) -> Html:
-    """A table of `rows`, or the sentence `empty` when there are none."""
-    if not rows:
-        return el("p", empty, class_="empty")
-    head = el("thead", el("tr", [el("th", heading, scope="col") for heading in headings]))
-    return el("table", head, el("tbody", rows))
-
-
-def _card(title: str, *content: Child, wide: bool = False) -> Html:
-    return el("section", el("h2", title), content, class_="card wide" if wide else "card")
-
-
-def _stat(label: str, value: Child) -> Html:
-    return el("div", el("dt", label), el("dd", value))
-
-
-def _series_of(overview: Mapping[str, Any], name: str) -> dict[str, Any]:
-    series = overview.get("series") or {}
-    return {key: points for key, points in series.items() if key.split(".")[0] == name}
-
-
-def _chart(chart: Chart, overview: Mapping[str, Any]) -> Html:
-    series = _series_of(overview, chart.series)
-    return el(
-        "figure",
-        el("figcaption", chart.title),
-        el(
-            "div",
-            el("p", "The chart needs JavaScript; the figures above are current.", class_="nojs"),
-            class_="chart",
-            data_chart=chart.series,
-            data_format=chart.form,
-            data_label=chart.label,
-            data_series=orjson.dumps(series).decode(),
-        ),
-        class_="chart-card",
-    )
-
-
-def _link_rows(links: Iterable[Mapping[str, Any]]) -> list[Html]:
-    return [
-        el(
-            "tr",
-            el("td", link.get("serial")),
-            el("td", "online" if link.get("online") else "offline"),
-            el("td", plain(link.get("transport"))),
-            _when(time(link.get("since"))),
-            class_="up" if link.get("online") else "down",
-        )
-        for link in links
-    ]
-
-
-def _push_rows(pushes: Iterable[Mapping[str, Any]]) -> list[Html]:
-    return [
-        el(
-            "tr",
-            el("td", push.get("provider")),
-            el("td", push.get("outcome")),
-            el("td", count(push.get("count")), class_="num"),
-        )
-        for push in pushes
-    ]
-
-
-def _shedding_rows(shedding: Mapping[str, Any]) -> list[Html]:
-    return [
-        el("tr", el("td", where), el("td", count(n), class_="num"))
-        for where, n in sorted(shedding.items())
-    ]
-
-
-def _live(data: Mapping[str, Any], path: str, form: str) -> Html:
-    """The figure at `path` of the overview, kept live by console.js."""
-    value: Any = data
-    for key in path.split("."):
-        value = value.get(key) if isinstance(value, Mapping) else None
-    return figure(value, form, path)
-
-
-def overview_page(data: Mapping[str, Any], csrf: str) -> str:
-    links = data.get("pbx_links") or []
-    online = sum(1 for link in links if link.get("online"))
-    window = duration((data.get("wakes") or {}).get("window_s"))
-    flows = [_stat(kind.upper(), _live(data, f"flows.{kind}", "count")) for kind in TRANSPORTS]
-    phones = (
-        _stat("Registered phones", _live(data, "registered_phones", "count")),
-        _stat("Calls parked now", _live(data, "parked_calls", "count")),
-        _stat("PBX links online", f"{online} of {len(links)}"),
-    )
-    wakes = (
-        _stat("Success rate", _live(data, "wakes.success_rate", "percent")),
-        _stat(
-            "Delivered / attempted",
-            join(
-                _live(data, "wakes.delivered", "count"),
-                " / ",
-                _live(data, "wakes.attempted", "count"),
-            ),
-        ),
-        _stat("INVITE to delivery p50", _live(data, "wakes.delivery_p50_ms", "ms")),
-        _stat("INVITE to delivery p95", _live(data, "wakes.delivery_p95_ms", "ms")),
-    )
-    tokens = _stat("Dead tokens per minute", _live(data, "dead_tokens_per_min", "decimal"))
-    stats = el(
-        "div",
-        _card("Flows", el("dl", flows)),
-        _card("Phones and calls", el("dl", phones)),
-        _card(f"Wakes, last {window}", el("dl", wakes)),
-        _card("Push tokens", el("dl", tokens)),
-        class_="cards",
-    )
-    charts = el("div", [_chart(chart, data) for chart in OVERVIEW_CHARTS], class_="charts")
-    tables = el(
-        "div",
-        _card(
-            "PBX links",
-            _live_table(
-                ("Serial", "State", "Transport", "Since"),
-                _link_rows(links),
-                "No PBX has linked.",
-                "pbx_links",
-            ),
-            wide=True,
-        ),
-        _card(
-            "Pushes by provider and outcome",
-            _live_table(
-                ("Provider", "Outcome", "Count"),
-                _push_rows(data.get("pushes") or []),
-                "No push sent yet.",
-                "pushes",
-            ),
-        ),
-        _card(
-            "Load shedding",
-            _live_table(
-                ("Where", "Shed"),
-                _shedding_rows(data.get("shedding") or {}),
-                "Nothing shed.",
-                "shedding",
-            ),
-        ),
-        class_="cards",
-    )
-    return _page("Overview", "overview", csrf, stats, charts, tables, now=data)
-
-
-def _live_table(headings: Iterable[str], rows: list[Html], empty: str, path: str) -> Html:
-    """A table whose body console.js rebuilds from `path` of the overview (rows in the
-    same cells as here); it is there, hidden, even while it has no rows."""
-    headings = tuple(headings)
-    head = el("thead", el("tr", [el("th", heading, scope="col") for heading in headings]))
-    return join(
-        el("p", empty, class_="empty", hidden=bool(rows), data_empty=path),
-        el(
-            "table",
-            head,
-            el("tbody", rows, data_figure=path, data_format=path),
-            hidden=not rows,
-        ),
-    )
+from console.layout import page, stat, table, when
+from console.markup import Html, count, duration, el, health, ms, plain, time
 
 
 def usage_page(data: Mapping[str, Any], csrf: str) -> str:
@@ -325,7 +38,7 @@ def usage_page(data: Mapping[str, Any], csrf: str) -> str:
         )
         for row in data.get("tenants") or []
     ]
-    table = _table(
+    months = table(
         ("Tenant", "Month", "Active installs", "State", "Audit digest of the close"),
         rows,
         "No usage counted yet.",
@@ -336,7 +49,7 @@ def usage_page(data: Mapping[str, Any], csrf: str) -> str:
         "writes the audit digest shown here.",
         class_="hint",
     )
-    return _page("Usage", "usage", csrf, note, el("section", table, id="usage", data_refresh=True))
+    return page("Usage", "usage", csrf, note, el("section", months, id="usage", data_refresh=True))
 
 
 def crashes_page(data: Mapping[str, Any], project: str | None, csrf: str) -> str:
@@ -345,14 +58,14 @@ def crashes_page(data: Mapping[str, Any], project: str | None, csrf: str) -> str
             "tr",
             el("td", _project_link(row.get("project"))),
             el("td", count(row.get("reports")), class_="num"),
-            _when(time(row.get("last_at"))),
+            when(time(row.get("last_at"))),
         )
         for row in data.get("projects") or []
     ]
     reports = [
         el(
             "tr",
-            _when(time(row.get("received_at"))),
+            when(time(row.get("received_at"))),
             el("td", row.get("project")),
             el("td", el("span", plain(row.get("level")), class_=f"badge {row.get('level')}")),
             el("td", el("a", row.get("title") or "(no title)", href=_report_href(row.get("id")))),
@@ -366,14 +79,14 @@ def crashes_page(data: Mapping[str, Any], project: str | None, csrf: str) -> str
         if project
         else el("p", "The newest reports of every project, after scrubbing.", class_="hint")
     )
-    return _page(
+    return page(
         "Crash reports",
         "crashes",
         csrf,
         el(
             "section",
             el("h2", "Projects"),
-            _table(("Project", "Reports", "Last report"), projects, "No crash report stored."),
+            table(("Project", "Reports", "Last report"), projects, "No crash report stored."),
             id="projects",
             data_refresh=True,
         ),
@@ -381,7 +94,7 @@ def crashes_page(data: Mapping[str, Any], project: str | None, csrf: str) -> str
             "section",
             el("h2", "Reports"),
             shown,
-            _table(
+            table(
                 ("Received", "Project", "Level", "Title", "Release", "Platform"),
                 reports,
                 "No report.",
@@ -396,13 +109,13 @@ def crash_page(data: Mapping[str, Any], csrf: str) -> str:
     event = data.get("event")
     facts = el(
         "dl",
-        _stat("Project", _project_link(data.get("project"))),
-        _stat("Received", time(data.get("received_at"))),
-        _stat("Report id", el("code", data.get("id"))),
+        stat("Project", _project_link(data.get("project"))),
+        stat("Received", time(data.get("received_at"))),
+        stat("Report id", el("code", data.get("id"))),
         class_="facts",
     )
     body = json.dumps(event, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-    return _page(
+    return page(
         "Crash report",
         "crashes",
         csrf,
@@ -432,10 +145,10 @@ def privacy_page(data: Mapping[str, Any], csrf: str) -> str:
             ),
             el("td", plain(row.get("storage"))),
             el("td", count(row.get("records")), class_="num"),
-            _when(duration(row.get("oldest_age_s"))),
-            _when(_limit(row.get("limit_s"))),
-            _when(time(row.get("next_deletion_at"))),
-            _when(time(row.get("last_sweep_at"))),
+            when(duration(row.get("oldest_age_s"))),
+            when(_limit(row.get("limit_s"))),
+            when(time(row.get("next_deletion_at"))),
+            when(time(row.get("last_sweep_at"))),
             class_=_over_limit(row),
         )
         for row in data.get("categories") or []
@@ -446,21 +159,21 @@ def privacy_page(data: Mapping[str, Any], csrf: str) -> str:
     trail = [
         el(
             "tr",
-            _when(time(row.get("at"))),
+            when(time(row.get("at"))),
             el("td", plain(row.get("action"))),
             el("td", plain(row.get("outcome"))),
             el("td", plain(row.get("via"))),
         )
         for row in data.get("dsr") or []
     ]
-    return _page(
+    return page(
         "Privacy",
         "privacy",
         csrf,
         el(
             "section",
             el("h2", "Categories of the policy"),
-            _table(
+            table(
                 CATEGORY_HEADINGS,
                 categories,
                 "The policy declares no category.",
@@ -494,16 +207,11 @@ def privacy_page(data: Mapping[str, Any], csrf: str) -> str:
             "section",
             el("h2", "Data-subject requests"),
             el("p", "The trail of requests, without their subjects.", class_="hint"),
-            _table(("At", "Action", "Outcome", "Via"), trail, "No data-subject request yet."),
+            table(("At", "Action", "Outcome", "Via"), trail, "No data-subject request yet."),
             id="dsr",
             data_refresh=True,
         ),
     )
-
-
-def _when(value: str) -> Html:
-    """A cell of a time or a duration, kept on one line."""
-    return el("td", value, class_="when")
 
 
 def _limit(seconds: object) -> str:
@@ -567,7 +275,7 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
     services = el(
         "section",
         el("h2", "Shared services"),
-        _table(("Service", "Health", "Latency"), health_rows, ""),
+        table(("Service", "Health", "Latency"), health_rows, ""),
         id="services",
         data_refresh=True,
     )
@@ -577,14 +285,14 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
             "There is no cluster: this softrelay runs as a single node, without Redis.",
             class_="notice",
         )
-        return _page("Cluster", "cluster", csrf, alone, services)
+        return page("Cluster", "cluster", csrf, alone, services)
     nodes = [
         el(
             "tr",
             el("td", node.get("node_id")),
             el("td", count(node.get("flows")), class_="num"),
             el("td", ms(node.get("load")), class_="num"),
-            _when(time(node.get("last_beat"))),
+            when(time(node.get("last_beat"))),
             data_node=str(node.get("node_id")),
             data_flows=count(node.get("flows")),
         )
@@ -596,14 +304,14 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
         el("div", class_="chart", data_chart="nodes", data_format="count"),
         class_="chart-card",
     )
-    return _page(
+    return page(
         "Cluster",
         "cluster",
         csrf,
         el(
             "section",
             el("h2", "Nodes"),
-            _table(("Node", "Flows", "Loop lag", "Last heartbeat"), nodes, "No node beats."),
+            table(("Node", "Flows", "Loop lag", "Last heartbeat"), nodes, "No node beats."),
             id="nodes",
             data_refresh=True,
         ),
@@ -614,7 +322,7 @@ def cluster_page(data: Mapping[str, Any], csrf: str) -> str:
 
 def problem_page(what: str, csrf: str) -> str:
     """A page that could not be shown (no such report, a bad filter), and why."""
-    return _page("Not shown", "", csrf, el("p", what), el("p", el("a", "Overview", href="/")))
+    return page("Not shown", "", csrf, el("p", what), el("p", el("a", "Overview", href="/")))
 
 
 def _project_link(project: object) -> Html:
