@@ -10,6 +10,7 @@ own tests check that the running services produce them)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -20,15 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from playwright.async_api import async_playwright, expect
 
 from console.markup import count, decimal, duration, el, ms, percent, time
+from console.overview import OVERVIEW_CHARTS, overview_page
 from console.pages import STATIC, add_pages
 from console.server import SECURITY_HEADERS
-from console.sessions import COOKIE, GATE, LOGIN_COOKIE, Gate, login, logout
+from console.sessions import COOKIE, GATE, LOGIN_COOKIE, Gate, login, logout, require_api
 from privacy.clock import ManualClock
+from tests.console.browser import Watch, launch
 from tests.console.conftest import SERIAL, TENANT, ConsoleWorld
 from webapi.errors import refusals
 from webapi.openapi import OpenApi
@@ -203,18 +208,43 @@ class Site:
             return answer.status, await answer.text()
 
 
-@pytest.fixture
-async def site() -> AsyncIterator[Site]:
-    clock = ManualClock(NOW)
-    figures = FakeFigures()
-    openapi = OpenApi("console", "test")
+EVENTS = web.AppKey("test_events", asyncio.Queue[Mapping[str, Any] | None])
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    """The event stream as console/api.py sends it, one `overview` event per document
+    the test queues; None ends it."""
+    require_api(request)
+    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await stream.prepare(request)
+    while (doc := await request.app[EVENTS].get()) is not None:
+        await stream.write(b"event: overview\ndata: " + orjson.dumps(doc) + b"\n\n")
+    return stream
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)  # the admin listener's, CSP included
+
+
+def site_app(figures: FakeFigures, clock: ManualClock, openapi: OpenApi) -> web.Application:
+    """The pages with the session routes, the listener's headers and a test's event
+    stream (console/server.py builds the real one the same way)."""
     app = web.Application(middlewares=[refusals])
+    app.on_response_prepare.append(_security_headers)
     app[GATE] = Gate(TOKEN, TTL, clock, tls=False)
+    app[EVENTS] = asyncio.Queue()
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
+    app.router.add_get("/api/v1/events", _events)
     add_pages(app, figures_of=lambda request: figures, openapi=openapi)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-        yield Site(client, figures, clock, openapi)
+    return app
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[Site]:
+    clock, figures, openapi = ManualClock(NOW), FakeFigures(), OpenApi("console", "test")
+    async with TestClient(TestServer(site_app(figures, clock, openapi), host="127.0.0.1")) as c:
+        yield Site(c, figures, clock, openapi)
 
 
 # --- a small tree of a page --------------------------------------------------------
@@ -820,3 +850,96 @@ async def test_the_pages_of_a_running_relay_show_its_figures_and_nothing_persona
     assert phone.token
     for secret in [*console.secrets_used, phone.spec.user, "203.0.113.7", "127.0.0.1"]:
         assert secret not in text, f"{secret!r} appears on a console page"
+
+
+# --- in a browser: the live updates read as the first render -------------------------
+
+# Values whose formatting could drift between Python and JavaScript: halves (rounded
+# away from zero by both), no value, times, rows that come and go.
+FIRST = dict(
+    OVERVIEW,
+    wakes=dict(OVERVIEW["wakes"], delivery_p50_ms=0.25, delivery_p95_ms=12.5, success_rate=0.0005),
+    dead_tokens_per_min=0.125,
+)
+SECOND = dict(
+    FIRST,
+    time=NOW + 2,
+    node="node-b",
+    flows={"udp": 4, "tcp": 0, "tls": 2.5, "ws": 1},
+    registered_phones=43,
+    parked_calls=0,
+    wakes=dict(
+        FIRST["wakes"],
+        attempted=21,
+        delivered=20,
+        success_rate=20 / 21,
+        delivery_p50_ms=None,
+        delivery_p95_ms=9.95,
+    ),
+    pushes=[{"provider": "fcm", "outcome": "timeout", "count": 3}],
+    pbx_links=[{"serial": "demo-0002", "online": True, "transport": "ws", "since": NOW + 1}],
+    shedding={},
+    dead_tokens_per_min=1 / 3,
+    series={"flows_total": [[NOW + 2, 7]], "pushes_per_s.fcm": [[NOW + 2, 1.5]]},
+)
+# Each live figure as the browser shows it: its text, or a table body's cells.
+_READ_FIGURES = """elements => elements.map(e => [
+    e.dataset.figure,
+    e.tagName === "TBODY"
+        ? [...e.rows].map(row => [...row.cells].map(cell => cell.textContent))
+        : e.textContent,
+])"""
+
+
+def rendered(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The live figures of the overview page that Python renders from `doc`."""
+    root = parse(overview_page(doc, "csrf"))
+    return {
+        str(node.attrs["data-figure"]): cells(node) if node.tag == "tbody" else node.text
+        for node in root.all()
+        if "data-figure" in node.attrs
+    }
+
+
+async def test_a_live_update_reads_as_the_first_render_in_a_browser() -> None:
+    """In chromium, under the listener's CSP: the overview as first rendered; an event
+    with the same document leaves every figure and table as it was (console.js formats
+    as console/markup.py does); an event with another document shows exactly what the
+    page rendered from that document would; the six charts are drawn; no console error."""
+    clock, figures, openapi = ManualClock(NOW), FakeFigures(), OpenApi("console", "test")
+
+    async def overview() -> Mapping[str, Any]:
+        return FIRST
+
+    figures.overview = overview  # type: ignore[method-assign]
+    app = site_app(figures, clock, openapi)
+    assert rendered(FIRST) != rendered(SECOND)
+    async with async_playwright() as playwright, TestServer(app, host="127.0.0.1") as server:
+        base = str(server.make_url("")).rstrip("/")
+        browser = await launch(playwright)
+        try:
+            context = await browser.new_context()
+            watch = Watch.on(context)
+            page = await context.new_page()
+            await page.goto(f"{base}/login")
+            await page.fill("#token", TOKEN)
+            await page.click("form.login button")
+            await page.wait_for_url(f"{base}/")
+            shown = page.locator("[data-figure]")
+            assert dict(await shown.evaluate_all(_READ_FIGURES)) == rendered(FIRST)
+
+            await app[EVENTS].put(FIRST)
+            await expect(page.locator("#live")).to_have_text("live")
+            assert dict(await shown.evaluate_all(_READ_FIGURES)) == rendered(FIRST)
+            assert await page.locator(".uplot").count() == len(OVERVIEW_CHARTS)
+
+            await app[EVENTS].put(SECOND)
+            await expect(page.locator('[data-figure="node"]')).to_have_text("node-b")
+            assert dict(await shown.evaluate_all(_READ_FIGURES)) == rendered(SECOND)
+            assert await page.locator('[data-empty="shedding"]').is_visible()
+            assert watch.console_errors == []
+            assert watch.page_errors == []
+            assert watch.foreign(base) == []
+        finally:
+            await app[EVENTS].put(None)
+            await browser.close()
