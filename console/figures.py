@@ -122,6 +122,7 @@ class Figures:
                 elif name == "softrelay_push" and sample.name.endswith("_total"):
                     _add(out, f"push.{labels['provider']}.{labels['outcome']}", value)
                     _add(out, "push_total", value)
+                    _add(out, f"push_total.{labels['provider']}", value)
                 elif name == "softrelay_push_dead_tokens" and sample.name.endswith("_total"):
                     _add(out, "dead_tokens", value)
                 elif name == "softrelay_crash_requests" and sample.name.endswith("_total"):
@@ -150,6 +151,10 @@ class Figures:
             ("crash_ingest_per_s", "crash_requests"),
         ):
             history.record(series, now, _rate(history.delta(counter, now, span or 0.0), span))
+        # One line per provider in the overview's pushes chart (console/overview.py draws
+        # every "pushes_per_s.<provider>" beside "pushes_per_s").
+        for provider, pushed in history.deltas("push_total.", now, span or 0.0).items():
+            history.record(f"pushes_per_s.{provider}", now, _rate(pushed, span))
         shed = sum(history.deltas("shed.", now, span or 0.0).values())
         history.record("shedding_per_s", now, _rate(shed, span))
         history.record("flows_total", now, sum(_flows(history.latest()).values()))

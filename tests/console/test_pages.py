@@ -27,14 +27,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import async_playwright, expect
 
+from console.api import SAMPLER
 from console.markup import count, decimal, duration, el, ms, percent, time
 from console.overview import OVERVIEW_CHARTS, overview_page
 from console.pages import STATIC, add_pages
 from console.server import SECURITY_HEADERS
 from console.sessions import COOKIE, GATE, LOGIN_COOKIE, Gate, login, logout, require_api
 from privacy.clock import ManualClock
+from softrelay.app import CONSOLE
 from tests.console.browser import Watch, launch
-from tests.console.conftest import SERIAL, TENANT, ConsoleWorld
+from tests.console.conftest import SERIAL, START, TENANT, ConsoleWorld
 from webapi.errors import refusals
 from webapi.openapi import OpenApi
 
@@ -806,6 +808,11 @@ async def test_the_pages_of_a_running_relay_show_its_figures_and_nothing_persona
     async with aiohttp.ClientSession() as http:
         await _usage_ping(console, http)
         crash_id = await _crash_report(console, http, phone.spec.user)
+    # Two turns of the sampler (as two ticks make them): chart points, a rate per provider.
+    sampler = console.app[CONSOLE].app[SAMPLER]
+    for _ in range(2):
+        console.clock.advance(2)
+        await sampler.turn()
     pages: dict[str, str] = {}
     async with console.logged_in() as admin:
         # The categories' counts are the audit's: its snapshot taken now, as the button does.
@@ -831,11 +838,15 @@ async def test_the_pages_of_a_running_relay_show_its_figures_and_nothing_persona
     (link,) = cells(overview.one("tbody", data_figure="pbx_links"))
     assert link[:3] == [SERIAL, "online", "tcp"]
     assert ["apns", "delivered", "1"] in cells(overview.one("tbody", data_figure="pushes"))
+    pushes_chart = overview.one("div", data_chart="pushes_per_s")
+    by_provider = json.loads(str(pushes_chart.attrs["data-series"]))
+    assert set(by_provider) == {"pushes_per_s", "pushes_per_s.apns"}
+    assert [t for t, _ in by_provider["pushes_per_s.apns"]] == [START + 2, START + 4]
 
     usage = parse(pages["/usage"])
     assert cells(usage.one("section", id="usage")) == [[TENANT, "2026-03", "1", "provisional", "—"]]
     crashes = parse(pages["/crashes"])
-    assert cells(crashes.one("section", id="projects")) == [["1", "1", time(console.clock.now())]]
+    assert cells(crashes.one("section", id="projects")) == [["1", "1", time(START)]]
     assert crashes.one("section", id="reports").all("a", href=f"/crashes/{crash_id}")
     report = json.loads(parse(pages[f"/crashes/{crash_id}"]).one("pre").text)
     assert "failed" in report["message"]
