@@ -251,7 +251,7 @@ async def test_every_answer_carries_the_security_headers(console: ConsoleWorld) 
                 assert "default-src 'self'" in csp
                 assert "frame-ancestors 'none'" in csp
                 assert answer.headers["X-Content-Type-Options"] == "nosniff"
-                assert answer.headers["Referrer-Policy"] == "no-referrer"
+                assert answer.headers["Referrer-Policy"] == "same-origin"
                 assert answer.headers["Cache-Control"] == "no-store", path
 
 
