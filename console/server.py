@@ -11,8 +11,10 @@ the console never sees a service that has stopped. `serve --workers N` starts it
 first worker only.
 
 Every answer carries the same security headers (a strict Content-Security-Policy: the
-pages load nothing from outside and run no inline script; no framing, no sniffing, no
-referrer), and pages and API answers `Cache-Control: no-store`.
+pages load nothing from outside and run no inline script; no framing, no sniffing;
+the referrer only to the console itself, since under `no-referrer` Chromium sends
+`Origin: null` on POSTs, which the Origin check refuses), and pages and API answers
+`Cache-Control: no-store`.
 """
 
 from __future__ import annotations
