@@ -56,10 +56,11 @@ tick = "1s"
 # real-time bound.
 SCENARIO = "[answers]\nanswer = 3\ndecline = 1\n"
 PHONES = 12
-# What no page may show, by its shape: simulate's SIP passwords, and the fake personal
-# data its apps put into their crash reports (mockphone/simulate.py crash_details), which
-# the relay scrubs before it stores a report.
+# What no page may show, by its shape: simulate's SIP user names and passwords, and the
+# fake personal data its apps put into their crash reports (mockphone/simulate.py
+# crash_details), which the relay scrubs before it stores a report.
 NEVER_SHOWN = {
+    "a SIP user name": re.compile(r"\b(?:ios|android|desktop)\d+\b"),
     "a SIP password": re.compile(r"pw-[0-9a-f]{16}"),
     "an IP address in a report": re.compile(r"203\.0\.113\.\d+"),
     "a phone number in a report": re.compile(r"\+49 30 555\d{5}"),
