@@ -107,6 +107,7 @@ class SharedRedis:
         self._tasks = Tasks(log, "cluster.task_failed")
         self.subscriptions = Subscriptions(self, subscriber)
         self._heartbeat: dict[str, str] | None = None
+        self._live: Callable[[], Mapping[str, str]] | None = None
 
     @classmethod
     async def create(cls, settings: ClusterSettings) -> SharedRedis:
@@ -170,8 +171,14 @@ class SharedRedis:
 
     # --- background tasks ------------------------------------------------------------
 
-    def start(self, heartbeat: Mapping[str, str] | None = None) -> None:
-        """Start the subscriber and, given the node's fields, the heartbeat."""
+    def start(
+        self,
+        heartbeat: Mapping[str, str] | None = None,
+        live: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
+        """Start the subscriber and, given the node's fields, the heartbeat; `live` adds
+        fields read at each beat (the node's load, for the operator console)."""
+        self._live = live
         self._tasks.spawn(self.subscriptions.run(), name="cluster-subscriber")
         if heartbeat is not None:
             self._heartbeat = dict(heartbeat)
@@ -205,6 +212,8 @@ class SharedRedis:
     async def beat(self) -> None:
         """Set this node's key with its expiry once; ClusterUnavailable if Redis fails."""
         fields = self._heartbeat or {}
+        if self._live is not None:
+            fields = {**fields, **self._live()}
         value = orjson.dumps({"node": self.node_id, **fields})
         expiry_ms = max(1, round(self.settings.heartbeat_expiry * 1000))
         async with self.guard("heartbeat"):

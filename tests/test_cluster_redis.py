@@ -212,6 +212,26 @@ async def test_a_clean_stop_deletes_the_heartbeat_at_once(
     assert await other.client.exists(node_key("node-a")) == 0
 
 
+async def test_live_heartbeat_fields_are_read_at_each_beat(open_shared: Open) -> None:
+    """The console's cluster page shows other nodes' flows and load: each beat carries
+    what `live` says then, beside the fixed fields."""
+    node = await open_shared("node-a")
+    other = await open_shared("node-b")
+    load = {"flows": "3", "load": "1.5"}
+    node.start(heartbeat={"internal": "127.0.0.1:5090"}, live=lambda: dict(load))
+    await node.beat()
+    assert (await other.live_nodes())["node-a"] == {
+        "node": "node-a",
+        "internal": "127.0.0.1:5090",
+        "flows": "3",
+        "load": "1.5",
+    }
+    load["flows"] = "7"
+    await node.beat()
+    assert (await other.live_nodes())["node-a"]["flows"] == "7"
+    await node.close()
+
+
 async def test_a_task_cancelled_mid_command_ends(open_shared: Open) -> None:
     """Cancelled at each step of a Redis round trip, a task in `guard` always ends with
     CancelledError, never returns as if nothing happened (Python 3.11's wait_for, which

@@ -109,7 +109,10 @@ class SipService:
             except BaseException:
                 await transports.stop()
                 raise
-            shared.start(heartbeat={"internal": format_address(self.nodes.address)})
+            shared.start(
+                heartbeat={"internal": format_address(self.nodes.address)},
+                live=lambda: _load_fields(transports, relay),
+            )
         self._timers.spawn(relay.parking.run_forever(), name="sip-wake-timers")
         if relay.overload.settings.lag > 0:
             self._timers.spawn(relay.overload.probe_forever(), name="sip-overload-probe")
@@ -190,3 +193,9 @@ def add_sip(
     app.on_shutdown.append(stop_accepting)
     # Its on_shutdown hook comes after ours: parked calls are answered first.
     add_sip_websocket(app, transports)
+
+
+def _load_fields(transports: SipTransports, relay: Relay) -> dict[str, str]:
+    """What each heartbeat tells the other nodes of this one's load (the console's
+    cluster page): its open connection flows and its event loop's lag in ms."""
+    return {"flows": str(transports.flow_count), "load": f"{relay.overload.lag * 1000:.1f}"}

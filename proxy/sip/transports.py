@@ -246,6 +246,11 @@ class SipTransports:
         self._connections += 1
         return None
 
+    @property
+    def flow_count(self) -> int:
+        """Connection flows open now (UDP sources are not connections)."""
+        return len(self._links)
+
     def attach(self, link: Link) -> None:
         flow = link.flow
         link.last_seen = self.clock.now()

@@ -298,3 +298,18 @@ async def test_nodes_dial_each_other_before_any_message_needs_it(start_node: Sta
         assert not registry.get_sample_value(
             "softrelay_node_frames_total", {"way": "out", "kind": "deliver"}
         )
+
+
+async def test_each_heartbeat_tells_the_other_nodes_this_ones_flows_and_loop_lag(
+    start_node: StartNode,
+) -> None:
+    """The operator console's cluster page reads another node's load from its beat."""
+    a, b = await start_node("a"), await start_node("b")
+    pbx = await linked_pbx(a)
+    try:
+        await a.server.app[CLUSTER].beat()
+        fields = (await b.server.app[CLUSTER].live_nodes())["node-a"]
+        assert fields["flows"] == "1", fields  # the PBX's TCP link
+        assert float(fields["load"]) >= 0.0
+    finally:
+        await pbx.close()
