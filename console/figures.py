@@ -65,6 +65,9 @@ MAX_CRASHES = 500  # reports one answer lists at most
 _EVENT_ID = re.compile(r"[0-9a-f]{32}")
 
 
+AUDIT_MAX_AGE = 60.0  # seconds an audit snapshot serves the privacy page
+
+
 class AuditView(Protocol):
     """The retention audit the sweeper keeps (softrelay/metrics.py `AuditSnapshot`)."""
 
@@ -314,6 +317,11 @@ class Figures:
         sources = self.sources
         now = sources.clock.now()
         audit = sources.audit
+        # The sweeper refreshes the snapshot after each turn (hourly by default); the
+        # operator looking at the page wants today's counts, so an older one is taken
+        # again first, at most once a minute (behind the login, unlike /metrics).
+        if audit.taken_at is None or now - audit.taken_at > AUDIT_MAX_AGE:
+            await audit.refresh()
         verdicts = {v.category: v for v in audit.verdicts}
         last_runs = {run.category: run.ran_at for run in await sources.store.backend.last_runs()}
         last_sweep = max(last_runs.values(), default=None)
