@@ -322,8 +322,8 @@ async def _pages(page: Page, run: Run, summary: dict[str, Any]) -> None:
     await expect(report).to_contain_text("call to [phone] from [email]")
     await _save(page, run, "crash")
 
-    # The records per category are the retention audit's: the snapshot of the start
-    # until an operator runs it again, with the page's action (CSRF-checked) here.
+    # The records per category are the retention audit's snapshot, which may be a minute
+    # old: the page's action (a CSRF-checked POST from console.js) takes it again now.
     await page.goto(run.url + "/privacy")
     await page.get_by_role("button", name="Run the audit now").click()
     await expect(page.locator("#action-result")).to_contain_text("Run the audit now: done.")
