@@ -203,6 +203,8 @@ OVERVIEW = _object(
                 }
             ),
         },
+        "pbx_links_online": COUNT,
+        "pbx_links_total": COUNT,
         "registered_phones": COUNT,
         "parked_calls": COUNT,
         "wakes": _object(

@@ -182,7 +182,10 @@ class Figures:
             "time": now,
             "node": self.sources.node_id,
             "flows": _flows(current),
-            "pbx_links": self._pbx_links(now),
+            "pbx_links": (links := self._pbx_links(now)),
+            # Scalars beside the list, so the page's live figures need no counting.
+            "pbx_links_online": sum(1 for link in links if link["online"]),
+            "pbx_links_total": len(links),
             "registered_phones": self._registered_phones(),
             "parked_calls": int(current.get("parked", 0.0)),
             "wakes": {"window_s": int(WINDOW), **self._wakes(now, WINDOW, current)},

@@ -100,13 +100,19 @@ def _live(data: Mapping[str, Any], path: str, form: str) -> Html:
 
 def overview_page(data: Mapping[str, Any], csrf: str) -> str:
     links = data.get("pbx_links") or []
-    online = sum(1 for link in links if link.get("online"))
     window = duration((data.get("wakes") or {}).get("window_s"))
     flows = [stat(kind.upper(), _live(data, f"flows.{kind}", "count")) for kind in TRANSPORTS]
     phones = (
         stat("Registered phones", _live(data, "registered_phones", "count")),
         stat("Calls parked now", _live(data, "parked_calls", "count")),
-        stat("PBX links online", f"{online} of {len(links)}"),
+        stat(
+            "PBX links online",
+            join(
+                _live(data, "pbx_links_online", "count"),
+                " of ",
+                _live(data, "pbx_links_total", "count"),
+            ),
+        ),
     )
     wakes = (
         stat("Success rate", _live(data, "wakes.success_rate", "percent")),

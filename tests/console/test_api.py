@@ -20,6 +20,8 @@ SHAPES = {
         "node",
         "flows",
         "pbx_links",
+        "pbx_links_online",
+        "pbx_links_total",
         "registered_phones",
         "parked_calls",
         "wakes",

@@ -57,6 +57,8 @@ OVERVIEW: dict[str, Any] = {
         {"serial": "demo-0001", "online": True, "transport": "tls", "since": NOW - 90},
         {"serial": HOSTILE, "online": False, "transport": None, "since": NOW - 7200},
     ],
+    "pbx_links_online": 1,
+    "pbx_links_total": 2,
     "registered_phones": 42,
     "parked_calls": 2,
     "wakes": {
@@ -418,6 +420,8 @@ async def test_the_overview_shows_every_figure_live(site: Site) -> None:
         "flows.tcp": ("count", "5"),
         "flows.tls": ("count", "7"),
         "flows.ws": ("count", "11"),
+        "pbx_links_online": ("count", "1"),
+        "pbx_links_total": ("count", "2"),
         "registered_phones": ("count", "42"),
         "parked_calls": ("count", "2"),
         "wakes.success_rate": ("percent", "95.0 %"),
