@@ -800,7 +800,11 @@ class Simulation:
             self._usage[phone.spec.user] = client
         try:
             node = self._node_of[phone.spec.user]  # the phone's own node takes its pings
-            status = await client.used(self.world.session, node.address.http_url, time.time())
+            # From the phone's own address, as real apps ping from theirs: the server's
+            # per-address ping limit then counts apps, not the one simulate process.
+            bound = aiohttp.TCPConnector(local_addr=(phone.spec.local_host, 0))
+            async with aiohttp.ClientSession(connector=bound) as session:
+                status = await client.used(session, node.address.http_url, time.time())
         except (aiohttp.ClientError, OSError) as exc:
             self.stats.pings[type(exc).__name__] += 1
             return

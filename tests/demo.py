@@ -11,6 +11,7 @@ import re
 import secrets
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,13 @@ class Demo:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def demo_config(workdir: Path) -> Demo:
-    """The sample configuration in `workdir` with free ports, and its demo keys."""
+def demo_config(workdir: Path, changes: Mapping[str, str] | None = None) -> Demo:
+    """The sample configuration in `workdir` with free ports, and its demo keys;
+    `changes` replaces lines of the sample (each must be there once)."""
     text = DEFAULT_CONFIG.read_text(encoding="utf-8")
+    for old, new in (changes or {}).items():
+        assert text.count(old) == 1, f"the sample has no single {old!r}"
+        text = text.replace(old, new)
     http_port, sip_port = free_port(), free_port()
     text, n_http = re.subn(r"(?m)^http_port = 8080", f"http_port = {http_port}", text)
     text, n_sip = re.subn(r"(?m)^sip_port = 5060", f"sip_port = {sip_port}", text)
@@ -119,11 +124,13 @@ class DemoRun:
     serve_err: bytes
 
 
-async def run_demo(workdir: Path, *simulate_args: str) -> DemoRun:
+async def run_demo(
+    workdir: Path, *simulate_args: str, changes: Mapping[str, str] | None = None
+) -> DemoRun:
     """`serve` of the demo configuration in `workdir`, the plain `simulate` (no
     --target: it finds that server, as after `make run`) at speed inf with the given
     options, /metrics scraped after it, then serve stopped with SIGTERM."""
-    demo = demo_config(workdir)
+    demo = demo_config(workdir, changes)
     (workdir / "answers.toml").write_text("[answers]\nanswer = 3\ndecline = 1\n")
     serve = await softrelay(workdir, "serve")
     try:
