@@ -65,7 +65,7 @@ MAX_CRASHES = 500  # reports one answer lists at most
 _EVENT_ID = re.compile(r"[0-9a-f]{32}")
 
 
-AUDIT_MAX_AGE = 60.0  # seconds an audit snapshot serves the privacy page
+AUDIT_MAX_AGE = 10.0  # seconds an audit snapshot serves the privacy page
 
 
 class AuditView(Protocol):
@@ -322,7 +322,7 @@ class Figures:
         audit = sources.audit
         # The sweeper refreshes the snapshot after each turn (hourly by default); the
         # operator looking at the page wants today's counts, so an older one is taken
-        # again first, at most once a minute (behind the login, unlike /metrics).
+        # again first, at most every AUDIT_MAX_AGE (behind the login, unlike /metrics).
         if audit.taken_at is None or now - audit.taken_at > AUDIT_MAX_AGE:
             await audit.refresh()
         verdicts = {v.category: v for v in audit.verdicts}
