@@ -5,9 +5,6 @@ schemathesis finds no server error and no response outside `/openapi.json`."""
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +36,7 @@ from proxy.sip.settings import PbxSettings, SipSettings
 from push.apps import PushSettings
 from sipis.settings import SipisSettings
 from softrelay.app import RELAY, STORE, Services, build_app
-from tests.limits import LONGEST_WAIT
+from tests.schemathesis import run_schemathesis
 from tests.sip.test_relay import DOMAIN, PBX_SECRET, SERIAL, _link_pbx, _reply
 from tests.sipis.test_accounts import Registered
 from tomlsections.reader import Section
@@ -363,47 +360,16 @@ parameters = {{ "body.sip_username" = "alice", "body.pbx_serial" = "{SERIAL}" }}
 
 
 async def schemathesis(base: str, config_dir: Path) -> tuple[int, str]:
-    """The stock schemathesis CLI against `base`/openapi.json: every documented
-    operation, examples then coverage then fuzzing, at most 15 generated cases per
-    operation (about 900 requests, under 15 s), deterministic by its seed."""
-    st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
-    assert st is not None, "schemathesis is a test dependency (pyproject.toml)"
-    config = config_dir / "schemathesis.toml"
-    config.write_text(SCHEMATHESIS_CONFIG, encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        st,
-        "--config-file",
-        str(config),
-        "run",
+    """The whole app's operations (about 900 requests, under 15 s)."""
+    return await run_schemathesis(
         f"{base}openapi.json",
-        "--checks",
-        "not_a_server_error,response_schema_conformance,status_code_conformance,"
-        "content_type_conformance",
-        "--phases",
-        "examples,coverage,fuzzing",
-        "--max-examples",
-        "15",
-        "--seed",
-        "1",
-        "--request-timeout",
-        "10",
-        "-H",
-        f"Authorization: Bearer {ADMIN_TOKEN}",
-        "-H",
-        f"X-Sentry-Auth: Sentry sentry_version=7, sentry_key={CRASH_KEY}",
-        "--continue-on-failure",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=config_dir,
+        SCHEMATHESIS_CONFIG,
+        config_dir,
+        {
+            "Authorization": f"Bearer {ADMIN_TOKEN}",
+            "X-Sentry-Auth": f"Sentry sentry_version=7, sentry_key={CRASH_KEY}",
+        },
     )
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), LONGEST_WAIT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, output.decode(errors="replace")
 
 
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(

@@ -4,17 +4,14 @@ outside the document (as tests/test_dsr_api.py runs it over the public port's)."
 
 from __future__ import annotations
 
-import asyncio
 import re
-import shutil
-import sys
 from pathlib import Path
 
 import aiohttp
 
 from tests.console.conftest import ConsoleWorld
 from tests.console.test_api import crash_report
-from tests.limits import LONGEST_WAIT
+from tests.schemathesis import run_schemathesis
 
 ROUTES = {
     "/login": {"get", "post"},
@@ -69,44 +66,12 @@ async def test_the_console_document_describes_every_console_route(console: Conso
 async def _schemathesis(
     base: str, cookie: str, csrf: str, crash_id: str, workdir: Path
 ) -> tuple[int, str]:
-    st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
-    assert st is not None, "schemathesis is a test dependency (pyproject.toml)"
-    config = workdir / "schemathesis.toml"
-    config.write_text(SCHEMATHESIS_CONFIG.format(crash_id=crash_id), encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        st,
-        "--config-file",
-        str(config),
-        "run",
+    return await run_schemathesis(
         f"{base}/openapi.json",
-        "--checks",
-        "not_a_server_error,response_schema_conformance,status_code_conformance,"
-        "content_type_conformance",
-        "--phases",
-        "examples,coverage,fuzzing",
-        "--max-examples",
-        "15",
-        "--seed",
-        "1",
-        "--request-timeout",
-        "10",
-        "-H",
-        f"Cookie: softrelay_console={cookie}",
-        "-H",
-        f"X-CSRF-Token: {csrf}",
-        "--continue-on-failure",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=workdir,
+        SCHEMATHESIS_CONFIG.format(crash_id=crash_id),
+        workdir,
+        {"Cookie": f"softrelay_console={cookie}", "X-CSRF-Token": csrf},
     )
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), LONGEST_WAIT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, output.decode(errors="replace")
 
 
 async def test_schemathesis_with_a_session_finds_no_server_error_and_no_schema_violation(
