@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from console.figures import SERIES, Figures
+from console.figures import MAX_CRASHES, SERIES, Figures
 from console.history import Sampler
 from console.sessions import CSRF_HEADER, GATE, check_csrf, require_api
 from webapi.errors import Refusal
@@ -28,7 +28,7 @@ from webapi.openapi import OpenApi, json_response, ref, refusal
 
 PREFIX = "/api/v1"
 MAX_PROJECT = 200  # characters of a ?project= filter
-DEFAULT_LIMIT, MAX_LIMIT = 100, 500  # crash reports listed
+DEFAULT_LIMIT, MAX_LIMIT = 100, MAX_CRASHES  # crash reports listed
 MAX_STREAMS = 16  # event streams open at once
 STREAM_BACKLOG = 4  # events a slow stream may lag behind; the oldest go first
 FIGURES = web.AppKey("console_figures", Figures)
@@ -85,6 +85,23 @@ def add_api(app: web.Application, openapi: OpenApi) -> None:
     app.router.add_post(f"{PREFIX}/actions/audit", _audit)
     app.router.add_post(f"{PREFIX}/actions/sweep", _sweep)
     describe(openapi)
+
+
+# The crash list's filters, as the JSON route and the page describe them.
+CRASH_FILTERS: list[dict[str, Any]] = [
+    {
+        "name": "project",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "maxLength": MAX_PROJECT},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+    },
+]
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -414,20 +431,7 @@ def describe(openapi: OpenApi) -> None:
         {
             "summary": "The stored, scrubbed crash reports, by project",
             "security": security,
-            "parameters": [
-                {
-                    "name": "project",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string", "maxLength": MAX_PROJECT},
-                },
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                },
-            ],
+            "parameters": CRASH_FILTERS,
             "responses": {
                 "200": json_response("Projects and the newest reports", ref("ConsoleCrashes")),
                 "400": refusal("A bad project or limit"),

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from console import views
-from console.figures import MAX_CRASHES
+from console.api import CRASH_FILTERS, DEFAULT_LIMIT, MAX_LIMIT, MAX_PROJECT
 from console.layout import login_html
 from console.overview import overview_page
 from console.sessions import login_csrf, require_page, session_of
@@ -38,8 +38,6 @@ CONTENT_TYPES = {
     ".svg": "image/svg+xml; charset=utf-8",
     "": "text/plain; charset=utf-8",
 }
-MAX_PROJECT = 200  # characters of a ?project= filter
-DEFAULT_LIMIT, MAX_LIMIT = 100, MAX_CRASHES  # crash reports listed
 MAX_ID = 128  # characters of a crash report id in a path
 HTML = "text/html"
 
@@ -195,20 +193,7 @@ def _describe(openapi: OpenApi, files: list[str]) -> None:
     for path, _, summary in PAGES:
         spec: dict[str, Any] = {"summary": summary, "responses": dict(page_answers)}
         if path == "/crashes":
-            spec["parameters"] = [
-                {
-                    "name": "project",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "string", "maxLength": MAX_PROJECT},
-                },
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "required": False,
-                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
-                },
-            ]
+            spec["parameters"] = CRASH_FILTERS
             spec["responses"]["400"] = {"description": "A bad filter (an HTML page)"}
         if path == "/crashes/{id}":
             spec["parameters"] = [
