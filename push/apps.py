@@ -69,6 +69,10 @@ class PushSettings:
     max_attempts: int
     # With no app configured, `serve` runs the stand-ins in-process for this app id.
     embedded_app_id: str
+    # Where the apps' pushes go instead of Apple and Google: stand-ins in a process of
+    # their own (`push.fakes.process`, for benches and tests). Never from the config file.
+    apns_endpoint: ApnsEndpoint | None = None
+    fcm_endpoint: FcmEndpoint | None = None
 
     @property
     def embedded(self) -> bool:

@@ -412,12 +412,12 @@ async def _push_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         apns = await ApnsProvider.create(
             [a for a in apps if a.apns],
-            stand_ins.apns.endpoint() if stand_ins else None,
+            stand_ins.apns.endpoint() if stand_ins else settings.apns_endpoint,
             clock=services.clock.now,
         )
         fcm = await FcmProvider.create(
             [a for a in apps if a.fcm],
-            stand_ins.fcm.endpoint if stand_ins else None,
+            stand_ins.fcm.endpoint if stand_ins else settings.fcm_endpoint,
             clock=services.clock,
         )
         push = PushService(
