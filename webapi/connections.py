@@ -157,7 +157,9 @@ class HttpGuard:
         self.limits = limits
         self._clock = clock
         self._per_source: Counter[str] = Counter()
-        self._by_handler: dict[RequestHandler, _Connection] = {}
+        # By aiohttp's protocol of the connection (the middleware finds it by the
+        # request's), or by the protocol an upgrade gave it.
+        self._by_handler: dict[asyncio.BaseProtocol, _Connection] = {}
         # Connections waiting for a request head, oldest first: the reaper stops at the
         # first one still in time.
         self._heads: OrderedDict[_Connection, float] = OrderedDict()
@@ -214,7 +216,15 @@ class HttpGuard:
         self.connections.inc()
         self.head_started(connection)
 
-    def detach(self, connection: _Connection, handler: RequestHandler) -> None:
+    def rekey(
+        self, connection: _Connection, old: asyncio.BaseProtocol, new: asyncio.BaseProtocol
+    ) -> None:
+        """An upgraded connection is known by its new protocol (`_Connection.upgrade`)."""
+        self._heads.pop(connection, None)
+        if self._by_handler.pop(old, None) is not None:
+            self._by_handler[new] = connection
+
+    def detach(self, connection: _Connection, handler: asyncio.BaseProtocol) -> None:
         self._by_handler.pop(handler, None)
         self._heads.pop(connection, None)
         self._bodies.pop(connection, None)
@@ -328,15 +338,17 @@ class _Connection(asyncio.Protocol):
     aiohttp's `RequestHandler` is created only once the connection is admitted, so a
     refused one costs no task and never reaches the server's bookkeeping."""
 
-    __slots__ = ("_factory", "_guard", "handler", "in_handler", "source", "transport")
+    __slots__ = ("_factory", "_guard", "handler", "in_handler", "source", "transport", "upgraded")
 
     def __init__(self, guard: HttpGuard, factory: Callable[[], RequestHandler]) -> None:
         self._guard = guard
         self._factory = factory
-        self.handler: RequestHandler | None = None
+        # aiohttp's protocol, or the one an upgrade handed the connection to.
+        self.handler: asyncio.Protocol | None = None
         self.transport: asyncio.Transport | None = None
         self.source: str | None = None  # counted per source under this key
         self.in_handler = False
+        self.upgraded = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but are one.
@@ -355,8 +367,19 @@ class _Connection(asyncio.Protocol):
         handler = self.handler
         if handler is None:
             return
-        self._guard.bytes_arrived(self)
+        if not self.upgraded:
+            self._guard.bytes_arrived(self)
         handler.data_received(data)
+
+    def upgrade(self, protocol: asyncio.Protocol) -> None:
+        """The connection leaves HTTP: every later event goes to `protocol` (SIP over
+        WebSocket takes its connections from aiohttp, proxy/sip/websocket.py). It still
+        counts against the caps until it closes and is still cut when it does not read
+        (`write_timeout`); its bytes start no header timeout."""
+        if self.handler is not None:
+            self._guard.rekey(self, self.handler, protocol)
+        self.handler = protocol
+        self.upgraded = True
 
     def eof_received(self) -> None:
         if self.handler is not None:
