@@ -62,12 +62,13 @@ class Processes:
         *,
         cwd: Path | None = None,
         stdout_pipe: bool = False,
+        stdin_pipe: bool = False,
         env: dict[str, str] | None = None,
     ) -> asyncio.subprocess.Process:
         with log.open("ab") as sink:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE if stdin_pipe else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else sink,
                 stderr=sink,
                 cwd=cwd,
