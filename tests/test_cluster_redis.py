@@ -214,8 +214,9 @@ async def test_a_clean_stop_deletes_the_heartbeat_at_once(
 
 async def test_live_heartbeat_fields_are_read_at_each_beat(open_shared: Open) -> None:
     """The console's cluster page shows other nodes' flows and load: each beat carries
-    what `live` says then, beside the fixed fields."""
-    node = await open_shared("node-a")
+    what `live` says then, beside the fixed fields. (An expiry of minutes: the key must
+    outlive a loaded machine's pause between the beat and the read.)"""
+    node = await open_shared("node-a", heartbeat_interval=60.0, heartbeat_expiry=120.0)
     other = await open_shared("node-b")
     load = {"flows": "3", "load": "1.5"}
     node.start(heartbeat={"internal": "127.0.0.1:5090"}, live=lambda: dict(load))
