@@ -128,6 +128,44 @@ async def test_the_previous_month_is_taken_during_the_grace_window(usage: UsageH
     assert len(await usage.store.find("usage", period="2026-02")) == 1
 
 
+async def test_the_months_a_ping_may_name_follow_the_clock_of_a_running_server(
+    usage: UsageHarness,
+) -> None:
+    """The months allowed are worked out once per month, not per ping: they still move
+    with the clock into the next month, out of the grace window, and back."""
+
+    async def answer(period: str, n: int) -> tuple[int, str]:
+        response = await usage.ping(period=period, pid=install_pid(n, "acme", period))
+        if response.status == 202:
+            return 202, ""
+        status, error, detail = await _error(response)
+        assert error == "bad_period"
+        return status, detail
+
+    usage.clock.set(parse_instant("2026-02-28T23:59:59Z"))
+    assert await answer("2026-02", 1) == (202, "")
+    assert await answer("2026-03", 2) == (
+        400,
+        "field 'period' must be the current month 2026-02 (or 2026-01 during the grace window)",
+    )
+    usage.clock.set(parse_instant("2026-03-01T00:00:00Z"))
+    assert await answer("2026-03", 3) == (202, "")
+    assert await answer("2026-02", 4) == (202, ""), "the previous month, in its grace"
+    usage.clock.set(parse_instant("2026-02-10T00:00:00Z"))  # the clock stepped back
+    assert await answer("2026-02", 5) == (202, "")
+    assert (await answer("2026-03", 6))[0] == 400
+    usage.clock.set(parse_instant("2026-03-03T23:59:59Z"))
+    assert await answer("2026-02", 7) == (202, "")
+    usage.clock.set(parse_instant("2026-03-04T00:00:00Z"))  # grace (3d) over
+    assert await answer("2026-02", 8) == (
+        400,
+        "field 'period' must be the current month 2026-03 (or 2026-02 during the grace window)",
+    )
+    assert await answer("2026-3", 9) == (400, "field 'period' must be like '2026-03'")
+    assert len(await usage.store.find("usage", period="2026-02")) == 4
+    assert len(await usage.store.find("usage", period="2026-03")) == 1
+
+
 @pytest.mark.parametrize(
     ("body", "error", "detail"),
     [

@@ -45,7 +45,7 @@ from privacy.backend import StorageUnavailable
 from privacy.clock import Clock
 from usage.ledger import Ledger, PeriodClosed
 from usage.limits import CapWatch
-from usage.period import parse_period, period_of, previous_period, start_of
+from usage.period import end_of, parse_period, period_of, previous_period, start_of
 from usage.settings import UsageSettings
 from webapi.body import BodyTooLarge, read_capped
 from webapi.errors import Refusal
@@ -55,6 +55,7 @@ from webapi.ratelimit import Limiters, RateLimit
 PING_PATH = "/usage/v1/ping"
 FIELDS = ("tenant", "period", "pid", "platform", "app_version")
 PLATFORMS = ("android", "ios", "linux", "macos", "web", "windows")
+_FIELD_SET = frozenset(FIELDS)
 _PID = re.compile(r"^[0-9a-f]{32}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
 _ACCEPTED = orjson.dumps({"status": "accepted"})
@@ -94,6 +95,11 @@ class PingEndpoint:
             ["outcome"],
             registry=registry,
         )
+        # What every ping needs, looked up once here rather than per ping (bench/usage.py).
+        self._accepted = self._pings.labels("accepted")
+        self._repeats = self._pings.labels("repeat")
+        self._keys = {t.id: t.key.encode() for t in settings.tenants}
+        self._periods: _Periods | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -121,12 +127,12 @@ class PingEndpoint:
             self._pings.labels("error").inc()
             raise Refusal(500, "internal", "the ping was not counted; retry later") from None
         if distinct is None:
-            self._pings.labels("repeat").inc()
+            self._repeats.inc()
         else:
-            self._pings.labels("accepted").inc()
+            self._accepted.inc()
             tenant = self._tenants[ping.tenant]
             self.caps.check(tenant, ping.period, distinct)
-        return web.Response(body=_ACCEPTED, status=202, content_type="application/json")
+        return web.Response(body=_ACCEPTED, status=202, headers={"Content-Type": JSON})
 
     async def _accept(self, request: web.Request) -> Ping:
         wait = await self._limiter.check(request.remote)
@@ -134,24 +140,27 @@ class PingEndpoint:
             raise Refusal(429, "rate_limited", "too many pings from this address", retry_after=wait)
         if request.content_type != "application/json":
             raise Refusal(415, "unsupported_media_type", "send Content-Type: application/json")
-        body = await self._read(request)
+        limit = self._settings.max_body
+        try:
+            body = await read_capped(request.content, limit, request.content_length)
+        except BodyTooLarge:
+            raise Refusal(413, "body_too_large", f"a ping is at most {limit} bytes") from None
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise Refusal(400, "malformed_body", "the body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise Refusal(400, "malformed_body", "the body must be a JSON object")
-        unknown = sorted(set(data) - set(FIELDS))
-        if unknown:
-            raise Refusal(400, "unknown_field", f"unknown field {unknown[0][:40]!r}")
-        for name in FIELDS:
-            if name not in data:
-                raise Refusal(400, "missing_field", f"field {name!r} is missing")
-            if not isinstance(data[name], str):
-                raise Refusal(400, "bad_field", f"field {name!r} must be a string")
+        # A well-formed ping passes one comparison of its keys and one type check per
+        # field; anything else goes through `_shape`, which names what is wrong.
+        if not (
+            type(data) is dict
+            and data.keys() == _FIELD_SET
+            and all(type(value) is str for value in data.values())
+        ):
+            _shape(data)
         tenant = self._authenticate(request, data["tenant"])
         period = self._check_period(data["period"])
-        if not _PID.match(data["pid"]):
+        pid = data["pid"]
+        if not _PID.match(pid):
             raise Refusal(400, "bad_field", "field 'pid' must be 32 lower-case hex digits")
         if data["platform"] not in PLATFORMS:
             raise Refusal(
@@ -161,23 +170,16 @@ class PingEndpoint:
             raise Refusal(
                 400, "bad_field", "field 'app_version' must be 1-32 of letters, digits, . + _ -"
             )
-        return Ping(tenant, period, bytes.fromhex(data["pid"]))
-
-    async def _read(self, request: web.Request) -> bytes:
-        limit = self._settings.max_body
-        try:
-            return await read_capped(request.content, limit, request.content_length)
-        except BodyTooLarge:
-            raise Refusal(413, "body_too_large", f"a ping is at most {limit} bytes") from None
+        return Ping(tenant, period, bytes.fromhex(pid))
 
     def _authenticate(self, request: web.Request, tenant_id: str) -> str:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        tenant = self._tenants.get(tenant_id)
+        expected = self._keys.get(tenant_id)
         # The same answer for an unknown tenant and a wrong key: tenants are not probed.
         if (
             scheme.lower() != "bearer"
-            or tenant is None
-            or not hmac.compare_digest(key.strip().encode(), tenant.key.encode())
+            or expected is None
+            or not hmac.compare_digest(key.strip().encode(), expected)
         ):
             raise Refusal(
                 401,
@@ -185,26 +187,59 @@ class PingEndpoint:
                 "unknown tenant or wrong tenant key (Authorization: Bearer <key>)",
                 {"WWW-Authenticate": 'Bearer realm="usage"'},
             )
-        return tenant.id
+        return tenant_id
 
     def _check_period(self, period: str) -> str:
+        now = self._clock.now()
+        periods = self._periods
+        if periods is None or not periods.start <= now < periods.end:
+            # Once a month (and whenever the clock moves out of the window).
+            periods = self._periods = _Periods.at(now, self._settings.grace)
+        if period == periods.current or (period == periods.previous and now < periods.grace_end):
+            return period
         try:
             parse_period(period)
         except ValueError:
             raise Refusal(400, "bad_period", "field 'period' must be like '2026-03'") from None
-        now = self._clock.now()
-        current = period_of(now)
-        if period == current:
-            return period
-        previous = previous_period(current)
-        if period == previous and now < start_of(current) + self._settings.grace:
-            return period
         raise Refusal(
             400,
             "bad_period",
-            f"field 'period' must be the current month {current}"
-            + (f" (or {previous} during the grace window)" if self._settings.grace else ""),
+            f"field 'period' must be the current month {periods.current}"
+            + (f" (or {periods.previous} during the grace window)" if self._settings.grace else ""),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Periods:
+    """The months a ping may name while the clock is in [start, end): this month, and the
+    previous one until `grace_end`."""
+
+    current: str
+    previous: str
+    start: float
+    end: float
+    grace_end: float
+
+    @classmethod
+    def at(cls, now: float, grace: float) -> _Periods:
+        current = period_of(now)
+        start = start_of(current)
+        return cls(current, previous_period(current), start, end_of(current), start + grace)
+
+
+def _shape(data: object) -> None:
+    """Raise the refusal naming what is wrong with a body that is not an object of the
+    ping's five fields, each a string."""
+    if not isinstance(data, dict):
+        raise Refusal(400, "malformed_body", "the body must be a JSON object")
+    unknown = sorted(set(data) - _FIELD_SET)
+    if unknown:
+        raise Refusal(400, "unknown_field", f"unknown field {unknown[0][:40]!r}")
+    for name in FIELDS:
+        if name not in data:
+            raise Refusal(400, "missing_field", f"field {name!r} is missing")
+        if not isinstance(data[name], str):
+            raise Refusal(400, "bad_field", f"field {name!r} must be a string")
 
 
 def describe(openapi: OpenApi) -> None:

@@ -51,6 +51,16 @@ async def read_capped(
     BadBody for a request body aiohttp could not decode."""
     if declared is not None and declared > limit:
         raise BodyTooLarge(limit, declared=True)
+    try:
+        if content.is_eof():
+            # All of it has arrived (a small body comes with its head): taken without a
+            # read awaited per chunk, and still no more than `limit + 1` bytes.
+            whole = content.read_nowait(limit + 1)
+            if len(whole) > limit:
+                raise BodyTooLarge(limit, declared=False)
+            return whole
+    except RequestPayloadError as exc:
+        raise BadBody() from exc
     body = bytearray()
     try:
         while chunk := await content.read(min(CHUNK, limit + 1 - len(body))):
