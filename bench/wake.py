@@ -13,7 +13,8 @@ SIP socket I/O. At each level N (`--levels`), one round:
 
 1. A PBX is linked (digest) and N phones register through it, each with its own APNs
    device token in the Contact (`pn-provider=apns;pn-prid=...;pn-param=<team>.<app>.voip`);
-   the PBX answers 200 at once. Then every phone sleeps: its flow closes.
+   the PBX answers 200 at once. Then every phone sleeps: its flow closes. The policy's
+   log files are written as `serve` writes them (`setup_logging`).
 2. The PBX's N INVITEs, one to each phone's Contact along its Path, are handed to the
    relay in the same loop turn (`t0`): each is parked and pushed.
 3. "push": the moment the stand-in accepted the push (the stand-ins' process reads
@@ -75,6 +76,7 @@ from bench.push import BareH2, bare_h2_sender, provider_token
 from mockphone.pbx import LinkRegistration
 from privacy.clock import SystemClock
 from privacy.keys import Keyring
+from privacy.logs import setup_logging
 from privacy.policy import load_policy
 from proxy.sip.flow import Flow, Transport
 from proxy.sip.message import Request
@@ -156,6 +158,8 @@ class _Round:
     to_push: list[float] = field(default_factory=list)
     to_delivery: list[float] = field(default_factory=list)
     failed: Counter[int] = field(default_factory=Counter)  # final statuses, once done
+    relay_cpu_s: float = 0.0  # this process from t0 to the last delivery
+    stand_ins_cpu_s: float = 0.0  # the stand-ins' process, the same span
 
     def finished(self) -> bool:
         return len(self.to_delivery) + sum(self.pbx.failed.values()) >= self.n
@@ -191,8 +195,11 @@ class _LimitRound:
 
 
 class Bench:
-    def __init__(self, relay: Relay, bare: BareH2, host: str, authorization: str) -> None:
+    def __init__(
+        self, relay: Relay, bare: BareH2, host: str, authorization: str, stand_ins_pid: int
+    ) -> None:
         self.relay = relay
+        self._stand_ins_pid = stand_ins_pid
         self.pbx = _Pbx()
         self.pbx_flow = Flow(Transport.TCP, ("203.0.113.9", 40000), ("127.0.0.1", 5060), self.pbx)
         self._port = 1024
@@ -302,6 +309,7 @@ class Bench:
             async with asyncio.timeout(ROUND_TIMEOUT):
                 if profiler is not None:
                     profiler.enable()
+                cpu, stand_ins_cpu = time.process_time(), cpu_seconds([self._stand_ins_pid])
                 round_.t0 = clock()
                 handed = [
                     asyncio.create_task(self.relay.handle(invite, self.pbx_flow))
@@ -313,6 +321,8 @@ class Bench:
                 await asyncio.gather(*handed)
                 while self._tasks:
                     await asyncio.gather(*self._tasks)
+                round_.relay_cpu_s = time.process_time() - cpu
+                round_.stand_ins_cpu_s = cpu_seconds([self._stand_ins_pid]) - stand_ins_cpu
         finally:
             if profiler is not None:
                 profiler.disable()
@@ -363,13 +373,15 @@ class Sample:
     failed: Counter[int] = field(default_factory=Counter)  # final statuses
     limit: list[float] = field(default_factory=list)  # s: bare h2 send -> accepted
     limit_failed: int = 0
-    relay_cpu_s: float = 0.0  # this process over the wakes: relay, push, driver
-    stand_ins_cpu_s: float = 0.0  # the stand-ins' process over the wakes
+    relay_cpu_s: float = 0.0  # this process over the bursts: relay, push, driver, DB thread
+    stand_ins_cpu_s: float = 0.0  # the stand-ins' process over the bursts (10 ms ticks)
 
     def add(self, round_: _Round) -> None:
         self.to_push += round_.to_push
         self.to_delivery += round_.to_delivery
         self.failed.update(round_.failed)
+        self.relay_cpu_s += round_.relay_cpu_s
+        self.stand_ins_cpu_s += round_.stand_ins_cpu_s
 
     def done(self) -> None:
         for values in (self.to_push, self.to_delivery, self.limit):
@@ -495,19 +507,14 @@ def _profile_summary(profile: cProfile.Profile, wakes: int, top: int = 25) -> di
     }
 
 
-async def _measure(
-    driver: Bench, stand_ins: StandInsProcess, n: int, singles: int, tag: str, wakes_first: bool
-) -> Sample:
+async def _measure(driver: Bench, n: int, singles: int, tag: str, wakes_first: bool) -> Sample:
     """One round of level `n`: the wakes and the limit, in the order given."""
     bursts = singles if n == 1 else 1
     sample = Sample(n * bursts)
 
     async def wakes() -> None:
-        cpu, stand_ins_cpu = time.process_time(), cpu_seconds([stand_ins.proc.pid])
         for burst in range(bursts):
             sample.add(await driver.round(n, f"{tag}b{burst}"))
-        sample.relay_cpu_s = time.process_time() - cpu
-        sample.stand_ins_cpu_s = cpu_seconds([stand_ins.proc.pid]) - stand_ins_cpu
 
     async def limit() -> None:
         for _ in range(bursts):
@@ -534,6 +541,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _bench(args: argparse.Namespace, stand_ins: StandInsProcess, tmp: Path) -> dict[str, Any]:
     policy = load_policy("auerproxy")
+    clock_ = SystemClock()
+    # The policy's log files, as `serve` writes them: the push log's line per wake counts.
+    logs = setup_logging(policy, tmp, clock_)
     sip = SipSettings(DOMAIN, (PbxSettings(SERIAL, SECRET),))
     push = PushSettings(
         apps=stand_ins.apps,
@@ -543,14 +553,15 @@ async def _bench(args: argparse.Namespace, stand_ins: StandInsProcess, tmp: Path
         apns_endpoint=stand_ins.apns_endpoint,
         fcm_endpoint=stand_ins.fcm_endpoint,
     )
-    app = build_app(Services(policy, Keyring.generate(), tmp, SystemClock(), 3600, push, sip))
+    app = build_app(Services(policy, Keyring.generate(), tmp, clock_, 3600, push, sip))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()  # the cleanup contexts: store, push clients, relay
     endpoint = stand_ins.apns_endpoint
     bare = await BareH2.connect(endpoint, 10.0)
     try:
         relay, registry = app[RELAY], app[REGISTRY]
-        driver = Bench(relay, bare, endpoint.host, provider_token(stand_ins.extra_keys[0]))
+        authorization = provider_token(stand_ins.extra_keys[0])
+        driver = Bench(relay, bare, endpoint.host, authorization, stand_ins.proc.pid)
         unsubscribe = stand_ins.subscribe(driver.on_push)
         await driver.link()
         # Warm-up: aioapns's and the bare client's connections, first-use code paths.
@@ -560,9 +571,7 @@ async def _bench(args: argparse.Namespace, stand_ins: StandInsProcess, tmp: Path
         levels = {n: Level(n) for n in args.levels}
         for repeat in range(args.repeat):  # interleaved, as the other benches
             for n in args.levels:
-                sample = await _measure(
-                    driver, stand_ins, n, args.singles, f"l{n}r{repeat}", repeat % 2 == 0
-                )
+                sample = await _measure(driver, n, args.singles, f"l{n}r{repeat}", repeat % 2 == 0)
                 levels[n].samples.append(sample)
                 print(
                     f"  {n:>5} simultaneous, round {repeat + 1}: "
@@ -608,6 +617,7 @@ async def _bench(args: argparse.Namespace, stand_ins: StandInsProcess, tmp: Path
     finally:
         await bare.close(2.0)
         await runner.cleanup()
+        logs.close()
 
 
 def _fmt(entry: dict[str, float] | None, digits: int = 1) -> str:

@@ -245,7 +245,10 @@ class _Connection(APNsTLSClientProtocol):
       more connections beyond (it picks the first connection with a free slot);
     - the Retry-After header reaches the request; received data is acknowledged (aioapns
       never does, so a long-lived connection's flow-control window would close);
-    - a connection lost with an error raises that error to its senders.
+    - a connection lost with an error raises that error to its senders;
+    - what h2 queued is written once per loop turn (`flush`): aioapns writes, and re-arms
+      its idle timer, once per push, so a burst of wakes cost a TLS record, a send()
+      and a timer each.
 
     A subclass per client binds `state` (see `ApnsProvider._new_client`).
     """
@@ -267,6 +270,7 @@ class _Connection(APNsTLSClientProtocol):
         self._retry_after: dict[str, float] = {}
         self._slots: set[int] = set()  # streams holding a slot, until ended or reset
         self._window_granted = asyncio.Event()  # set on a window update, cleared to wait
+        self._flush_due = False  # a write is scheduled for the end of this loop turn
 
     @property
     def usable(self) -> bool:
@@ -318,6 +322,22 @@ class _Connection(APNsTLSClientProtocol):
         if isinstance(request, _Notification):
             request.retry_after = retry_after
         return result
+
+    def flush(self) -> None:
+        """Write what h2 queued at the end of this loop turn, with what the other sends
+        of the turn queue: one TLS record and one send() for a burst."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._flush_due = False
+        if self.transport is not None and not self.transport.is_closing():
+            super().flush()  # aioapns's: the idle timer re-armed, the bytes written
+
+    def close(self) -> None:
+        self._write()  # what is queued (a reset stream, a GOAWAY) before the close
+        super().close()
 
     def _headers(self, request: NotificationRequest) -> list[tuple[str, str]]:
         """The headers aioapns 4.0 sends."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aioapns import APNs, NotificationRequest, PushType
 from aioapns.connection import APNsTLSClientProtocol
+from hyperframe.frame import Frame
 
 from privacy.clock import ManualClock
 from push.apns import STREAMS_PER_CONNECTION, ApnsProvider, _Streams
@@ -524,6 +525,54 @@ async def test_burst_beyond_the_flow_control_window_delivers_all_and_leaks_nothi
     assert _open_streams_at(fake) == 0
     assert _slots_taken(provider) == 0
     assert fake.accepted_connections == 1
+
+
+class _RecordingTransport:
+    """A connection's transport that keeps every non-empty write, then passes it on."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self.writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+def _frames(data: bytes) -> list[str]:
+    """The HTTP/2 frame types in `data`, in order."""
+    kinds, at = [], 0
+    while at < len(data):
+        frame, length = Frame.parse_frame_header(memoryview(data[at : at + 9]))
+        kinds.append(type(frame).__name__)
+        at += 9 + length
+    return kinds
+
+
+async def test_a_burst_of_pushes_goes_out_in_one_write(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """aioapns writes each push on its own (a TLS record, a send() and its idle timer
+    re-armed, per push); the provider writes what the sends of one loop turn queued at
+    once, and every push is still delivered."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    assert await provider.send(wake(clock), TIMEOUT) == Delivered()  # the connection is up
+    (connection,) = _connections_of(provider)
+    assert connection.transport is not None
+    recording = _RecordingTransport(connection.transport)
+    connection.transport = recording  # type: ignore[assignment]  # a stand-in that records
+    burst = [wake(clock, call_id=f"burst-{n}") for n in range(20)]
+
+    outcomes = await asyncio.gather(*(provider.send(request, TIMEOUT) for request in burst))
+
+    assert outcomes == [Delivered()] * 20
+    delivered = [d.payload["call_id"] for d in fake.deliveries.for_token(TOKEN)]
+    assert delivered[1:] == [request.call_id for request in burst]  # in the order sent
+    assert _frames(recording.writes[0]) == ["HeadersFrame", "DataFrame"] * 20
 
 
 async def test_sends_waiting_for_window_fail_at_once_when_the_connection_goes(
