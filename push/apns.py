@@ -59,6 +59,7 @@ from h2.events import (
 )
 from h2.exceptions import FrameTooLargeError, H2Error
 from h2.settings import ChangedSetting, SettingCodes
+from hpack import NeverIndexedHeaderTuple
 
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
 from push.endpoints import apns_protocol_for, apns_ssl_context
@@ -248,7 +249,8 @@ class _Connection(APNsTLSClientProtocol):
     - a connection lost with an error raises that error to its senders;
     - what h2 queued is written once per loop turn (`flush`): aioapns writes, and re-arms
       its idle timer, once per push, so a burst of wakes cost a TLS record, a send()
-      and a timer each.
+      and a timer each;
+    - the provider token goes into HPACK's dynamic table (see `__init__`).
 
     A subclass per client binds `state` (see `ApnsProvider._new_client`).
     """
@@ -266,6 +268,14 @@ class _Connection(APNsTLSClientProtocol):
         # `auth_provider` is the token aioapns made for this connection alone: unused.
         super().__init__(apns_topic, loop, _tolerant(on_connection_lost), self.state.token)
         self.free_channels = self._streams = _Streams()
+        # Our headers are lower case and bare already. h2's normalising would also send
+        # the provider token never-indexed, Huffman-coded anew in every request (the
+        # costliest function of a burst, bench/wake.py) and decoded anew by the server.
+        # Indexed, it goes once per connection. That is safe for it (RFC 7541 7.1.3):
+        # HPACK only confirms a guess of a whole value, and the token is a signed JWT
+        # (64 random bytes of signature), changed every TOKEN_REFRESH; h2 still
+        # validates every header it sends.
+        self.conn.config.normalize_outbound_headers = False
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._retry_after: dict[str, float] = {}
         self._slots: set[int] = set()  # streams holding a slot, until ended or reset
@@ -340,13 +350,14 @@ class _Connection(APNsTLSClientProtocol):
         super().close()
 
     def _headers(self, request: NotificationRequest) -> list[tuple[str, str]]:
-        """The headers aioapns 4.0 sends."""
+        """The headers aioapns 4.0 sends. The two that differ in every request stay out
+        of HPACK's dynamic table, where they would only push out the provider token."""
         headers = [
             (":method", "POST"),
             (":scheme", "https"),
-            (":path", f"/3/device/{request.device_token}"),
+            _unindexed(":path", f"/3/device/{request.device_token}"),
             ("host", self.APNS_SERVER),
-            ("apns-id", request.notification_id),
+            _unindexed("apns-id", request.notification_id),
             ("apns-topic", request.apns_topic or self.apns_topic),
         ]
         if request.time_to_live is not None:
@@ -454,6 +465,11 @@ class _Connection(APNsTLSClientProtocol):
         self._window_granted.set()  # senders waiting for window find the connection gone
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _unindexed(name: str, value: str) -> tuple[str, str]:
+    """A header HPACK sends as a literal, never entered in its dynamic table."""
+    return cast(tuple[str, str], NeverIndexedHeaderTuple(name, value))
 
 
 def _tolerant(

@@ -575,6 +575,27 @@ async def test_a_burst_of_pushes_goes_out_in_one_write(
     assert _frames(recording.writes[0]) == ["HeadersFrame", "DataFrame"] * 20
 
 
+async def test_the_provider_token_is_indexed_once_per_connection_and_tokens_never(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """h2 would send the provider token never-indexed, Huffman-coded anew in every
+    request; the provider lets HPACK index it (a signed JWT: RFC 7541 7.1.3), and keeps
+    what differs per push (the device token's path, apns-id) out of the table."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    sends = [wake(clock, call_id=f"c{n}") for n in range(30)]
+    for request in sends:  # more than a 4 KiB table would hold, were paths indexed
+        assert await provider.send(request, TIMEOUT) == Delivered()
+
+    (connection,) = [c for c in fake._connections if c._h2 is not None]
+    assert connection._h2 is not None
+    table = connection._h2.decoder.header_table.dynamic_entries  # the server's view
+    names = [name for name, _ in table]
+    assert names.count(b"authorization") == 1
+    assert b":path" not in names
+    assert b"apns-id" not in names
+    assert len(fake.deliveries.for_token(TOKEN)) == 30
+
+
 async def test_sends_waiting_for_window_fail_at_once_when_the_connection_goes(
     fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
 ) -> None:

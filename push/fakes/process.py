@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import signal
 import ssl
@@ -133,14 +134,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", action="append", required=True, help="an app id (repeatable)")
     parser.add_argument("--extra-keys", type=int, default=0, help="more APNs keys, first app")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the run here")
     args = parser.parse_args(argv)
     factory = None
     if args.uvloop:
         import uvloop
 
         factory = uvloop.new_event_loop
+    profile = cProfile.Profile() if args.profile else None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(args.app, max(0, args.extra_keys)))
+        if profile is not None:
+            profile.enable()
+        try:
+            runner.run(_serve(args.app, max(0, args.extra_keys)))
+        finally:
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile)
     return 0
 
 
@@ -163,12 +173,20 @@ class StandInsProcess:
 
     @classmethod
     async def start(
-        cls, app_ids: Sequence[str], *, extra_keys: int = 0, uvloop: bool = True
+        cls,
+        app_ids: Sequence[str],
+        *,
+        extra_keys: int = 0,
+        uvloop: bool = True,
+        profile: Path | None = None,
     ) -> StandInsProcess:
+        """`profile`: the child writes a cProfile of its whole run there as it ends."""
         argv = [sys.executable, "-m", "push.fakes.process", "--extra-keys", str(extra_keys)]
         argv += [part for app_id in app_ids for part in ("--app", app_id)]
         if uvloop:
             argv.append("--uvloop")
+        if profile is not None:
+            argv += ["--profile", str(profile)]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=ROOT,
