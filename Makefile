@@ -49,7 +49,7 @@ test: lint $(DEMO_SECRET) $(DEMO_KEYS)
 
 bench: $(STAMP) $(DEMO_SECRET) $(DEMO_KEYS)
 	$(BIN)/python bench/store.py
-	$(BIN)/python bench/wake.py
+	$(BIN)/python bench/wake.py --quick
 	$(BIN)/python bench/sipis.py --quick
 	$(BIN)/python bench/contacts.py --quick
 	$(BIN)/python bench/phones.py --quick
