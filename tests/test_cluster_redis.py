@@ -212,15 +212,18 @@ async def test_a_clean_stop_deletes_the_heartbeat_at_once(
     assert await other.client.exists(node_key("node-a")) == 0
 
 
-async def test_live_heartbeat_fields_are_read_at_each_beat(open_shared: Open) -> None:
+async def test_live_heartbeat_fields_are_read_at_each_beat(
+    open_shared: Open, redis_url: str
+) -> None:
     """The console's cluster page shows other nodes' flows and load: each beat carries
-    what `live` says then, beside the fixed fields. (An expiry of minutes: the key must
-    outlive a loaded machine's pause between the beat and the read.)"""
+    what `live` says then, beside the fixed fields. The beat task's first beat is waited
+    for (the next is a minute away), so the explicit beat below is the only writer."""
     node = await open_shared("node-a", heartbeat_interval=60.0, heartbeat_expiry=120.0)
     other = await open_shared("node-b")
     load = {"flows": "3", "load": "1.5"}
-    node.start(heartbeat={"internal": "127.0.0.1:5090"}, live=lambda: dict(load))
-    await node.beat()
+    async with key_events(redis_url, "set") as sets:
+        node.start(heartbeat={"internal": "127.0.0.1:5090"}, live=lambda: dict(load))
+        await next_key(sets, node_key("node-a").encode())
     assert (await other.live_nodes())["node-a"] == {
         "node": "node-a",
         "internal": "127.0.0.1:5090",
