@@ -121,7 +121,9 @@ class ClientProcess:
         return answer
 
 
-def config(work: Path, cluster: Cluster, serials: list[str], cert: Path, tls_port: int) -> Path:
+def config(
+    work: Path, cluster: Cluster, serials: list[str], cert: Path, tls_port: int, lag_ms: int
+) -> Path:
     pbxs = "".join(
         f'[[sip.pbx]]\nserial = "{s}"\nsecret = "file:{work / (s + ".secret")}"\n' for s in serials
     )
@@ -132,9 +134,25 @@ def config(work: Path, cluster: Cluster, serials: list[str], cert: Path, tls_por
         f'[sip]\ndomain = "{DOMAIN}"\n\n'
         f'[sip.tls]\nport = {tls_port}\ncert = "{cert}"\n\n'
         "[sip.limits]\nmax_connections = 19000\n\n"
+        f"[sip.overload]\nlag_ms = {lag_ms}\n\n"
         f"{pbxs}\n{cluster.section(NODE_BASE)}"
     )
     return write_file(work / "softrelay.toml", text)
+
+
+COUNTERS = ("softrelay_sip_errors_total", "softrelay_wake_calls_total")
+
+
+async def counters(workers: Workers, session: aiohttp.ClientSession) -> Counter[str]:
+    """COUNTERS summed over the workers, by name and labels."""
+    found: Counter[str] = Counter()
+    for port in workers.metrics_ports:
+        async with session.get(f"http://{HOST}:{port}/metrics") as response:
+            text = await response.text()
+        for name in COUNTERS:
+            for labels, value in metric_values(text, name).items():
+                found[name + labels] += int(value)
+    return found
 
 
 async def worker_state(workers: Workers, session: aiohttp.ClientSession) -> dict[str, Any]:
@@ -172,9 +190,16 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
 
 
 async def measure(
-    clients: list[ClientProcess], workers: Workers, seconds: float, rate: float, idle_rate: float
+    clients: list[ClientProcess],
+    workers: Workers,
+    session: aiohttp.ClientSession,
+    seconds: float,
+    rate: float,
+    idle_rate: float,
 ) -> dict[str, Any]:
-    """One window on every client at once; the workers' and the machine's CPU over it."""
+    """One window on every client at once; the workers' and the machine's CPU over it,
+    and what their counters (errors by reason, wake outcomes) counted."""
+    counted = await counters(workers, session)
     pids = [p for p in workers.pids() if p != workers.server.proc.pid]
     client_pids = [c.proc.pid for c in clients]
     cpu0, busy0, load0 = cpu_seconds(pids), machine_busy(), time.monotonic()
@@ -186,6 +211,7 @@ async def measure(
     wall = time.monotonic() - load0
     cpu = cpu_seconds(pids) - cpu0
     busy1 = machine_busy()
+    counted = await counters(workers, session) - counted
     pings = sum(a["pongs"] for a in answers)
     calls: dict[str, dict[str, Any]] = {}
     failed: Counter[str] = Counter()
@@ -225,6 +251,7 @@ async def measure(
         "clients_rss_kib": sum(a["rss_kib"] for a in answers),
         "awake": sum(a["awake"] for a in answers),
         "redials": sum(a["redials"] for a in answers),
+        "worker_counters": dict(sorted(counted.items())),
     }
 
 
@@ -245,7 +272,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     with os.fdopen(fd, "w") as sink:
                         sink.write(secrets.token_urlsafe(24) + "\n")
                 tls_port = free_port()
-                cfg = config(work, cluster, serials, cert, tls_port)
+                cfg = config(work, cluster, serials, cert, tls_port, args.lag_ms)
                 started = time.monotonic()
                 workers = await start_workers(procs, work, cfg, cluster.env, args.workers)
                 print(
@@ -336,6 +363,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "keepalive": args.keepalive,
             "tls_share": args.tls_share,
             "sleepers_per_client": args.sleepers,
+            "overload_lag_ms": args.lag_ms,
         },
         **result,
         "steps": steps,
@@ -370,7 +398,7 @@ async def one_step(
         f"({(rss - base_rss) * 1024 / max(1, registered):,.0f} B per phone)",
         flush=True,
     )
-    quiet = await measure(clients, workers, args.keepalive, 0.0, idle_rate)
+    quiet = await measure(clients, workers, session, args.keepalive, 0.0, idle_rate)
     print(
         f"  keep-alives alone {quiet['seconds']} s: {quiet['pings_answered']:,} pongs, "
         f"failures {quiet['ping_failures']}, "
@@ -379,7 +407,7 @@ async def one_step(
         f"machine busy {quiet['machine_busy_share']:.0%}",
         flush=True,
     )
-    calls = await measure(clients, workers, args.window, args.rate, idle_rate)
+    calls = await measure(clients, workers, session, args.window, args.rate, idle_rate)
     after = await worker_state(workers, session)
     print(
         f"  calls {calls['seconds']} s at {args.rate:g}/s: "
@@ -387,7 +415,8 @@ async def one_step(
         f"wake p50/p99 {calls['wake_ms']['p50']}/{calls['wake_ms']['p99']} ms, "
         f"set-up p50/p99 {calls['setup_ms']['p50']}/{calls['setup_ms']['p99']} ms, "
         f"workers {calls['workers_cpu_share']:.0%} clients {calls['clients_cpu_share']:.0%} "
-        f"machine {calls['machine_busy_share']:.0%}, failed {calls['failed']}",
+        f"machine {calls['machine_busy_share']:.0%}, failed {calls['failed']}, "
+        f"worker counters {calls['worker_counters']}",
         flush=True,
     )
     holds = (
@@ -395,7 +424,7 @@ async def one_step(
         and calls["success"] is not None
         and calls["success"] >= TARGET
     )
-    return {
+    record: dict[str, Any] = {
         "phones": target,
         "registered": registered,
         "register_failed": dict(failed),
@@ -415,6 +444,42 @@ async def one_step(
         "load_average": os.getloadavg(),
         "holds": holds,
     }
+    record["limit_evidence"] = limit_evidence(record)
+    return record
+
+
+def limit_evidence(step: dict[str, Any]) -> list[str]:
+    """What a step's figures say about the limit nearest: each resource near its end."""
+    said = []
+    if step["registered"] < TARGET * step["phones"]:
+        said.append(
+            f"registration: {step['registered']:,} of {step['phones']:,} "
+            f"({step['register_failed']})"
+        )
+    most = max(step["flows_per_worker"])
+    if most >= 0.95 * step["file_limit_per_process"]:
+        said.append(
+            f"file limit: a worker holds {most:,} flows of {step['file_limit_per_process']:,}"
+        )
+    for part in ("keepalives", "calls"):
+        busy = step[part]["machine_busy_share"]
+        if busy >= 0.9:
+            said.append(
+                f"CPU ({part}): the 2 cores {busy:.0%} busy, workers "
+                f"{step[part]['workers_cpu_share']:.0%} and clients "
+                f"{step[part]['clients_cpu_share']:.0%} of one core"
+            )
+    if step["mem_available_mib"] < 2048:
+        said.append(f"memory: {step['mem_available_mib']:,} MiB available")
+    calls = step["calls"]
+    if calls["success"] is not None and calls["success"] < TARGET:
+        said.append(f"calls: {calls['success']:.2%} connected ({calls['failed']})")
+    if step["keepalives"]["ping_failures"] or calls["ping_failures"]:
+        said.append(
+            f"keep-alives unanswered: {step['keepalives']['ping_failures']} "
+            f"then {calls['ping_failures']}"
+        )
+    return said
 
 
 def _counts(text: str) -> list[int]:
@@ -433,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-share", type=float, default=0.5)
     parser.add_argument("--sleepers", type=int, default=SLEEPERS, help="wake pool per client")
     parser.add_argument("--idle", type=float, default=10.0, help="s of idle workers' CPU")
+    parser.add_argument(
+        "--lag-ms", type=int, default=100, help="[sip.overload] lag_ms (serve's default 100)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -453,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"wake p99 {calls['wake_ms']['p99']} ms"
         )
     print(f"largest count held at 99.9%: {result['largest_held']:,}")
+    for step in result["steps"]:
+        for line in step["limit_evidence"]:
+            print(f"  at {step['phones']:,}: {line}")
     print(f"written to {args.out}")
     return 0
 
