@@ -53,6 +53,7 @@ bench: $(STAMP) $(DEMO_SECRET) $(DEMO_KEYS)
 	$(BIN)/python bench/sipis.py --quick
 	$(BIN)/python bench/contacts.py --quick
 	$(BIN)/python bench/phones.py --quick
+	$(BIN)/python bench/relay_idle.py --quick
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 """SIP calls through softrelay against Kamailio and a direct call, on this machine.
 
     .venv/bin/python bench/relay.py [--rates 250,500,1000,2000,4000] [--seconds 8]
-        [--refine 2] [--idle-flows 5000] [--idle-kinds tcp,ws] [--only PARTS] [--profile]
+        [--refine 2] [--idle-flows 5000] [--idle-kinds tcp,tls,ws] [--only PARTS] [--profile]
         [--store sqlite,postgresql] [--rounds N] [--out bench/results/relay.json]
 
 One run, on 127.0.0.1 over UDP, with SIPp (Debian sip-tester) on both ends. This module
@@ -12,8 +12,10 @@ is the command line, the order of the parts and the report; each part is a modul
 - `bench/relay_register.py`: (4) REGISTER/s through softrelay, with a PBX client that
   links by digest and answers every REGISTER; `--rounds` climbs per store in `--store`
   (SQLite, PostgreSQL), interleaved, each on a fresh softrelay and a fresh store.
-- `bench/relay_idle.py`: (5) idle TCP and WebSocket flows held by one fresh server,
-  memory per flow (the goal: 50,000 at under 10 KiB each).
+- `bench/relay_idle.py`: (5) idle TCP, TLS and WebSocket flows held by one fresh
+  server, memory per flow (the goals: 50,000 at under 10 KiB each; per flow TLS <= 16
+  KiB, WebSocket <= 6 KiB, TCP <= 3 KiB). Run alone, it adds rounds, a baseline tree
+  and tracemalloc (`python bench/relay_idle.py --help`).
 - `bench/relay_cluster.py`: `--only cluster` (not in the default parts): Kamailio, one
   `serve` with and without `[cluster]`, `serve --workers 2` (calls, REGISTER) on a real
   Redis, and wake latency same-node against cross-node (`bench/relay_cluster_wake.py`),
@@ -315,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--idle-kinds",
         type=relay_idle.parse_kinds,
         default=list(IDLE_KINDS),
-        help="kinds of idle flow: tcp (SIP port), ws (WebSocket at /sip) (tcp,ws)",
+        help="kinds of idle flow: tcp (SIP port), tls (SIP TLS port), ws (WebSocket at /sip)"
+        " (tcp,tls,ws)",
     )
     parser.add_argument(
         "--only",

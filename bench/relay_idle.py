@@ -1,12 +1,22 @@
-"""(5) Idle flows: a fresh `softrelay serve` per count and kind while the bench process
-holds that many connections to it that send nothing: TCP connections to the SIP port
-(`tcp`), or WebSockets to /sip on the HTTP port with the subprotocol `sip` (`ws`, RFC
-7118), each upgraded and then silent. The server's VmRSS is read from /proc before and
-after; memory per flow is the delta / N. Kernel socket buffers are not in RSS.
+"""(5) Idle flows: a fresh `softrelay serve` per count and kind while client connections
+that send nothing are held to it: TCP connections to the SIP port (`tcp`), TLS
+connections to the SIP TLS port (`tls`: a root -> intermediate -> leaf chain from
+`bench/tls_chain.py`, every handshake verified against the root, the server's TLS
+settings as `serve` makes them), or WebSockets to /sip on the HTTP port with the
+subprotocol `sip` (`ws`, RFC 7118), each upgraded and then silent. The server's VmRSS is
+read from /proc before and after; memory per flow is the delta / N. Kernel socket
+buffers are not in RSS. The clients run in this process, the server in its own.
 
-Both processes need a descriptor per flow: `bench/relay.py` raises the open-file limit
-(`bench.harness.raise_nofile`) and, where the hard limit cannot be raised, caps the count
-to fit. The goal: one process holds 50,000 idle flows at under 10 KiB each.
+Both processes need a descriptor per flow: `bench/relay.py` (and `main` here) raise the
+open-file limit (`bench.harness.raise_nofile`) and, where the hard limit cannot be
+raised, cap the count to fit. Targets per idle flow (issue 21): TLS <= 16 KiB,
+WebSocket <= 6 KiB, TCP <= 3 KiB; the older goal: 50,000 flows at under 10 KiB each.
+
+Run alone (`python bench/relay_idle.py`), it measures `--rounds` rounds, the kinds
+interleaved within each, and with `--baseline TREE` the same against another checkout
+(the commit before a change) in the same rounds; `--trace` adds one traced server per
+kind (`bench/relay_idle_trace.py`): bytes per flow by allocating line and objects per
+flow by type. Results in bench/results/relay_idle.json.
 """
 
 from __future__ import annotations
@@ -14,23 +24,58 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import platform
+import secrets
+import signal
 import socket
+import ssl
+import statistics
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp.connector import AddrInfoType
+# Run as `python bench/relay_idle.py`, this file's folder comes first on sys.path: the
+# repository root goes first instead, so that `bench.*` imports.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from bench.harness import HOST, Processes, Softrelay, metric_values, start_softrelay, status_kib
-from bench.relay_sipp import relay_config
+import aiohttp  # noqa: E402 - after the sys.path fix above
+from aiohttp.connector import AddrInfoType  # noqa: E402
 
-IDLE_KINDS = ("tcp", "ws")  # TCP to the SIP port; WebSocket to /sip on the HTTP port
+from bench import relay_idle_trace  # noqa: E402
+from bench.harness import (  # noqa: E402
+    HOST,
+    ROOT,
+    Processes,
+    Softrelay,
+    free_port,
+    metric_values,
+    raise_nofile,
+    spread,
+    start_softrelay,
+    status_kib,
+    write_result,
+)
+from bench.relay_sipp import relay_config  # noqa: E402
+from bench.tls_chain import KEY_KINDS, Chain, make_chain  # noqa: E402
+
+# TCP to the SIP port; TLS to the SIP TLS port; WebSocket to /sip on the HTTP port.
+IDLE_KINDS = ("tcp", "tls", "ws")
 IDLE_GOAL = 50_000  # flows held by one process...
 IDLE_GOAL_BYTES = 10 * 1024  # ...at under this many bytes each
+# Issue 21's targets, bytes per idle flow.
+TARGETS = {"tcp": 3 * 1024, "tls": 16 * 1024, "ws": 6 * 1024}
+# Kamailio's figures as issue 21 gives them, bytes per connection (4.5 KiB TCP, ~61 KiB
+# TLS with OpenSSL); kamailio/kamailio#3803 measured 52,104 B per TLS connection (776 B
+# its tcp_connection, 6,000 B its read buffer, the rest OpenSSL's, 32 KiB of that the two
+# 16 KiB BIO buffers). Kamailio has no WebSocket figure of its own.
+KAMAILIO = {"tcp": 4.5 * 1024, "tls": 61 * 1024}
 NOFILE_RESERVE = 1024  # descriptors the server needs besides its idle flows
 PER_SOURCE = 20_000  # idle connections per source address (ephemeral ports: ~28,000)
 CONNECTING = 64  # idle connections being opened at once (the listen backlog is 100)
@@ -39,7 +84,7 @@ IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; not in Python's socket module
 
 @dataclass(frozen=True, slots=True)
 class Idle:
-    kind: str  # "tcp" or "ws"
+    kind: str  # "tcp", "tls" or "ws"
     wanted: int
     opened: int  # connections this process holds
     held: int  # flows of that kind the server counted (softrelay_sip_flows{transport=kind})
@@ -48,6 +93,9 @@ class Idle:
     hwm_kib: int  # the server's peak RSS
     connect_s: float
     errors: dict[str, int]
+    tree: str = "this"  # "this", or "baseline": the --baseline checkout
+    trace: dict[str, Any] = field(default_factory=dict)  # relay_idle_trace.summary
+    tls_versions: dict[str, int] = field(default_factory=dict)  # what the clients negotiated
 
     @property
     def bytes_per_flow(self) -> float:
@@ -70,13 +118,18 @@ class Idle:
             "connect_s": round(self.connect_s, 2),
             "connect_errors": self.errors,
             "goal_50000_under_10_kib": self.goal,
+            "target_bytes": TARGETS[self.kind],
+            "target_met": self.bytes_per_flow <= TARGETS[self.kind],
+            "tree": self.tree,
+            **({"tls_versions": self.tls_versions} if self.tls_versions else {}),
+            **({"trace": self.trace} if self.trace else {}),
         }
 
 
-IDLE_NAMES = {"tcp": "TCP", "ws": "WebSocket"}
+IDLE_NAMES = {"tcp": "TCP", "tls": "TLS", "ws": "WebSocket"}
 # Connections/s an idle step's time budget allows for: well under what was measured
-# (TCP ~1,800/s, WebSocket ~1,100/s on 2 cores).
-IDLE_RATE = {"tcp": 500, "ws": 250}
+# (TCP ~1,800/s, WebSocket ~1,100/s on 2 cores; TLS handshakes cost both sides CPU).
+IDLE_RATE = {"tcp": 500, "tls": 100, "ws": 250}
 
 
 async def sip_flows(server: Softrelay, kind: str) -> int:
@@ -113,6 +166,78 @@ class TcpIdle:
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()
+
+
+class TlsIdle:
+    """Idle TLS connections to the SIP TLS port, each handshake done and verified.
+
+    The client side is a non-blocking `ssl.SSLSocket` per connection (OpenSSL on the
+    descriptor, SSL_MODE_RELEASE_BUFFERS as CPython sets it), not an asyncio transport:
+    asyncio's and uvloop's TLS transports keep a 256 KiB read buffer each, which 20,000
+    client connections in this process could not afford."""
+
+    def __init__(self, port: int, chain: Chain) -> None:
+        self.port = port
+        self.context = ssl.create_default_context(cafile=str(chain.root))
+        self.sockets: list[ssl.SSLSocket] = []
+        self.versions: Counter[str] = Counter()
+
+    @property
+    def opened(self) -> int:
+        return len(self.sockets)
+
+    async def open(self, number: int) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((f"127.0.0.{1 + number // PER_SOURCE}", 0))
+            await asyncio.wait_for(loop.sock_connect(sock, (HOST, self.port)), 10)
+            tls = self.context.wrap_socket(
+                sock, server_hostname="localhost", do_handshake_on_connect=False
+            )
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            async with asyncio.timeout(10):
+                await _handshake(loop, tls)
+        except BaseException:
+            tls.close()
+            raise
+        self.versions[str(tls.version())] += 1
+        self.sockets.append(tls)
+
+    async def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+    """Drive a non-blocking handshake, waiting on the descriptor as OpenSSL asks."""
+    fd = tls.fileno()
+    while True:
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            add, remove = loop.add_reader, loop.remove_reader
+        except ssl.SSLWantWriteError:
+            add, remove = loop.add_writer, loop.remove_writer
+        else:
+            return
+        ready: asyncio.Future[None] = loop.create_future()
+        add(fd, _set_once, ready)
+        try:
+            await ready
+        finally:
+            remove(fd)
+
+
+def _set_once(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 class WsIdle:
@@ -175,17 +300,50 @@ def bound_socket(source: str) -> Callable[[AddrInfoType], socket.socket]:
 
 
 async def idle_flows(
-    procs: Processes, work: Path, kind: str, count: int, secret_file: Path
+    procs: Processes,
+    work: Path,
+    kind: str,
+    count: int,
+    secret_file: Path,
+    *,
+    tree: Path | None = None,
+    trace: bool = False,
+    chain: Chain | None = None,
 ) -> Idle:
-    """`count` idle flows of `kind` to a fresh softrelay; its RSS before and after."""
+    """`count` idle flows of `kind` to a fresh softrelay; its RSS before and after.
+    `tree`: the server runs that checkout's code; `trace`: under tracemalloc, and the
+    result says where the memory went (its RSS is then not comparable)."""
     # Room for `count` flows from one address: a WebSocket counts against both the HTTP
-    # and the SIP cap, a TCP flow against SIP's only. Caps far above that would be cut,
-    # both, to fit the server's open-file limit.
+    # and the SIP cap, a TCP or TLS flow against SIP's only. Caps far above that would
+    # be cut, both, to fit the server's open-file limit.
     room = count + CONNECTING
     http = room if kind == "ws" else CONNECTING
     config = relay_config(work, None, secret_file, http_connections=http, sip_connections=room)
-    server = await start_softrelay(procs, work, config)
-    clients = TcpIdle(server) if kind == "tcp" else WsIdle(server)
+    tls_port = 0
+    if kind == "tls":
+        chain = chain or make_chain(work / "tls")
+        tls_port = free_port()
+        with config.open("a", encoding="utf-8") as f:
+            f.write(
+                f'\n[sip.tls]\nport = {tls_port}\ncert = "{chain.chain}"\nkey = "{chain.key}"\n'
+            )
+    out = work / "trace"
+    command = None
+    if tree is not None or trace:
+        out.mkdir(parents=True, exist_ok=True)
+        wrapper = relay_idle_trace.SERVE_FROM
+        command = (sys.executable, "-c", wrapper, str(tree or "-"), str(out) if trace else "-")
+    server = (
+        await start_softrelay(procs, work, config)
+        if command is None
+        else await start_softrelay(procs, work, config, command=command)
+    )
+    clients: TcpIdle | TlsIdle | WsIdle
+    if kind == "tls":
+        assert chain is not None
+        clients = TlsIdle(tls_port, chain)
+    else:
+        clients = TcpIdle(server) if kind == "tcp" else WsIdle(server)
     try:
         pid = server.proc.pid
         # The first scrape and the first flow allocate too: not counted.
@@ -195,6 +353,8 @@ async def idle_flows(
             while await sip_flows(server, kind):  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
+        if trace:
+            await _snapshot(server, signal.SIGUSR1, out / "before.json")
         before = status_kib(pid, "VmRSS")
         errors: Counter[str] = Counter()
         numbers = iter(range(count))
@@ -225,10 +385,38 @@ async def idle_flows(
         after, hwm = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
         held = await sip_flows(server, kind)
         opened = clients.opened
-        return Idle(kind, count, opened, held, before, after, hwm, connect_s, dict(errors))
+        found: dict[str, Any] = {}
+        if trace:
+            await _snapshot(server, signal.SIGUSR2, out / "after.json")
+            found = relay_idle_trace.summary(out, held)
+        versions = dict(clients.versions) if isinstance(clients, TlsIdle) else {}
+        return Idle(
+            kind,
+            count,
+            opened,
+            held,
+            before,
+            after,
+            hwm,
+            connect_s,
+            dict(errors),
+            tree="this" if tree is None else "baseline",
+            trace=found,
+            tls_versions=versions,
+        )
     finally:
         await clients.close()
         await server.stop(procs)
+
+
+async def _snapshot(server: Softrelay, sig: signal.Signals, done: Path) -> None:
+    """Have the traced server write a snapshot; its signal handler runs on the next
+    Python code the server runs, which a metrics scrape provides."""
+    server.proc.send_signal(sig)
+    async with asyncio.timeout(300):
+        while not done.exists():  # noqa: ASYNC240 (a stat, once per half second)
+            await server.metrics()
+            await asyncio.sleep(0.5)
 
 
 def idle_line(idle: Idle) -> str:
@@ -246,3 +434,159 @@ def parse_kinds(text: str) -> list[str]:
     if set(kinds) - set(IDLE_KINDS) or not kinds:
         raise argparse.ArgumentTypeError(f"kinds are {', '.join(IDLE_KINDS)}; got {text!r}")
     return list(dict.fromkeys(kinds))
+
+
+# --- run alone: rounds, a baseline tree, traces ---------------------------------------------
+
+TLS_SETTINGS = (
+    "the server's context as serve makes it (proxy/sip/tls.py: ssl.create_default_context"
+    " for client auth, TLS 1.2 minimum; OpenSSL's defaults otherwise): TLS 1.3 negotiated,"
+    " 2 stateless session tickets sent per handshake (num_tickets 2, no OP_NO_TICKET), the"
+    " server-side session cache on at OpenSSL's default size (with stateless TLS 1.3"
+    " tickets it stores nothing), SSL_MODE_RELEASE_BUFFERS set by CPython on every context"
+    " (read and write buffers freed while idle); clients resume no session"
+)
+
+
+async def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> list[Idle]:
+    secret_file = tmp / "pbx.secret"
+    secret_file.write_text(secrets.token_hex(16) + "\n", encoding="utf-8")
+    chain = make_chain(tmp / "tls", args.tls_key)
+    trees: list[Path | None] = [None] if args.baseline is None else [None, args.baseline]
+    found: list[Idle] = []
+    for round_no in range(args.rounds):
+        # Each round alternates which tree goes first, so neither always meets the
+        # machine in the same state.
+        order = trees if round_no % 2 == 0 else trees[::-1]
+        for kind in args.kinds:
+            for tree in order:
+                for count in args.flows:
+                    name = "this" if tree is None else "baseline"
+                    work = tmp / f"r{round_no}-{kind}-{name}-{count}"
+                    idle = await idle_flows(
+                        procs, work, kind, count, secret_file, tree=tree, chain=chain
+                    )
+                    found.append(idle)
+                    print(f"  round {round_no + 1} {name:8} {idle_line(idle)}", flush=True)
+    if args.trace:
+        for kind in args.kinds:
+            for tree in trees:
+                name = "this" if tree is None else "baseline"
+                work = tmp / f"trace-{kind}-{name}"
+                count = min(args.flows)
+                idle = await idle_flows(
+                    procs, work, kind, count, secret_file, tree=tree, trace=True, chain=chain
+                )
+                found.append(idle)
+                traced = idle.trace["traced_bytes_per_flow"]
+                print(f"  traced   {name:8} {IDLE_NAMES[kind]}: {traced:,} B per flow", flush=True)
+    return found
+
+
+def verdicts(found: list[Idle]) -> dict[str, Any]:
+    """Per kind: bytes per flow of each tree over the untraced rounds (median, min-max),
+    the target, Kamailio's figure, and this tree over the baseline round by round."""
+    table: dict[str, Any] = {}
+    for kind in IDLE_KINDS:
+        rounds = [i for i in found if i.kind == kind and not i.trace]
+        if not rounds:
+            continue
+        ours = [i.bytes_per_flow for i in rounds if i.tree == "this"]
+        base = [i.bytes_per_flow for i in rounds if i.tree == "baseline"]
+        row: dict[str, Any] = {
+            "bytes_per_flow": spread(ours, 0),
+            "target_bytes": TARGETS[kind],
+            "target_met": statistics.median(ours) <= TARGETS[kind],
+            "kamailio_bytes": KAMAILIO.get(kind),
+        }
+        if base:
+            row["baseline_bytes_per_flow"] = spread(base, 0)
+            row["this_over_baseline"] = spread([a / b for a, b in zip(ours, base, strict=False)])
+        traces = {i.tree: i.trace for i in found if i.kind == kind and i.trace}
+        if traces:
+            row["trace"] = traces
+        table[kind] = row
+    return table
+
+
+def report(args: argparse.Namespace, found: list[Idle], wall: float) -> dict[str, Any]:
+    table = verdicts(found)
+    print()
+    print(f"{'kind':10} {'this tree, B/flow':>26} {'baseline':>26} {'target':>8} {'Kamailio':>9}")
+    for kind, row in table.items():
+        mine, base = row["bytes_per_flow"], row.get("baseline_bytes_per_flow")
+        text = f"{mine['median']:,.0f} ({mine['min']:,.0f}-{mine['max']:,.0f})"
+        other = (
+            "-"
+            if base is None
+            else f"{base['median']:,.0f} ({base['min']:,.0f}-{base['max']:,.0f})"
+        )
+        kam = row["kamailio_bytes"]
+        verdict = "MET" if row["target_met"] else "NOT MET"
+        print(
+            f"{IDLE_NAMES[kind]:10} {text:>26} {other:>26} {row['target_bytes']:>8,}"
+            f" {'-' if kam is None else f'{kam:,.0f}':>9}  {verdict}"
+        )
+    for kind, row in table.items():
+        for tree, trace in row.get("trace", {}).items():
+            print(
+                f"\n{IDLE_NAMES[kind]} ({tree}), traced {trace['traced_bytes_per_flow']:,} B/flow:"
+            )
+            for line in trace["by_line"][:8]:
+                print(f"  {line['bytes_per_flow']:>7,} B  {line['where']}")
+            for obj in trace["gc_objects"][:8]:
+                print(f"  {obj['per_flow']:>5} x {obj['type']} ({obj['bytes_per_flow']:,} B)")
+    return {
+        "benchmark": "idle SIP flows: memory per flow of the relay process",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "platform": platform.platform(),
+        "flows": args.flows,
+        "rounds": args.rounds,
+        "baseline": None if args.baseline is None else str(args.baseline),
+        "tls_chain": f"root -> intermediate -> leaf, {args.tls_key}; clients trust the root",
+        "tls_settings": TLS_SETTINGS,
+        "method": "VmRSS of serve before and after N idle flows, delta / N; the clients in"
+        " this process, the server in its own, loopback; kernel socket buffers not in RSS",
+        "kinds": table,
+        "results": [i.to_json() for i in found],
+        "wall_s": round(wall, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flows", type=lambda t: [int(x) for x in t.split(",")], default=[5000])
+    parser.add_argument("--kinds", type=parse_kinds, default=list(IDLE_KINDS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="a checkout to measure alike (before)")
+    parser.add_argument("--trace", action="store_true", help="one traced server per kind")
+    parser.add_argument("--tls-key", choices=KEY_KINDS, default="p256")
+    parser.add_argument("--quick", action="store_true", help="2,000 flows, 1 round, traced")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/relay_idle.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.flows, args.rounds, args.trace = [2000], 1, True
+    if args.rounds < 1 or min(args.flows) < 1:
+        parser.error("--rounds and --flows must be at least 1")
+    if args.baseline is not None and not (args.baseline / "softrelay/cli.py").exists():
+        parser.error(f"--baseline {args.baseline}: no softrelay/cli.py there")
+    nofile, why = raise_nofile(max(args.flows) + 4096)
+    if max(args.flows) > nofile - NOFILE_RESERVE:
+        parser.error(f"--flows {max(args.flows)} does not fit the open-file limit: {why}")
+    started = time.perf_counter()
+    procs = Processes()
+    with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
+        try:
+            found = asyncio.run(run(args, procs, Path(tmp)))
+        finally:
+            procs.kill_all()
+    result = report(args, found, time.perf_counter() - started)
+    write_result(args.out, result)
+    print(f"\nwritten: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

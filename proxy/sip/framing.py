@@ -50,6 +50,9 @@ class FramingError(Exception):
 class StreamFramer:
     """Split a byte stream into SIP messages and keep-alives."""
 
+    # One per TCP/TLS flow, idle ones included: slots, no per-instance dict.
+    __slots__ = ("_buffer", "_failed", "_max", "_scanned", "_total")
+
     def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
         self._max = max_message_size
         self._buffer = bytearray()
