@@ -323,8 +323,12 @@ class Store:
         if cat.subject:
             raise PolicyViolation(f"{category}: put_many is for categories without subjects")
         rows = []
+        checked: set[frozenset[str]] = set()  # the check depends on the names alone
         for fields in records:
-            self._check_fields(cat, fields)
+            names = frozenset(fields)
+            if names not in checked:
+                self._check_fields(cat, fields)
+                checked.add(names)
             missing = [name for name in cat.key if fields.get(name) is None]
             if missing:
                 raise PolicyViolation(f"{category}: field {missing[0]!r} is required (record key)")
@@ -729,6 +733,8 @@ class _Sealing:
         row = self._indexed()
         if self._binding.random:
             row[ROW_ID] = os.urandom(_ROW_ID_BYTES)
+        if not self._to_seal:
+            return row  # nothing to bind (a usage id: ~3 us saved per row on the writer)
         # The blind indexes are in `row` already: a record key may be made of them.
         return self._sealed(row, self._binding.of({**row, "subject": self._subject}))
 

@@ -244,6 +244,26 @@ async def test_put_many_writes_all_or_refuses_all(store: Store) -> None:
         await store.put_many("registration", [REGISTRATION])  # has subjects: use put
 
 
+async def test_put_many_of_a_large_batch_keeps_every_row_and_the_last_put_of_a_key(
+    store: Store,
+) -> None:
+    """102 rows in one batch: every row lands with its own values, and of one key the
+    last put wins, next to each other (t5) and 100 rows apart (t0)."""
+    rows: list[dict[str, Value]] = [
+        {"tenant": f"t{i}", "period": "2026-11", "active": i} for i in range(100)
+    ]
+    rows.insert(6, {"tenant": "t5", "period": "2026-11", "active": 505})
+    rows.append({"tenant": "t0", "period": "2026-11", "active": 1000})
+    await store.put_many("usage_count", rows)
+    found = await store.find("usage_count", period="2026-11")
+    assert {r.fields["tenant"]: r.fields["active"] for r in found} == {
+        **{f"t{i}": i for i in range(100)},
+        "t5": 505,
+        "t0": 1000,
+    }
+    assert len(found) == 100
+
+
 async def test_json_text_is_stored_as_given_and_checked_like_any_value(
     store: Store, raw_db: RawDatabase
 ) -> None:
