@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import (
     Processes,
+    cpu_seconds,
     process_tree,
     spread,
     start_softrelay,
@@ -275,8 +276,11 @@ def _thread_cpu(pids: Sequence[int]) -> tuple[float, float]:
     return total, main
 
 
-def drive(port: int, seconds: float, connections: int, pids: Sequence[int]) -> dict[str, Any]:
-    """Load the server on `port` (its processes `pids`) for `seconds`."""
+def drive(
+    port: int, seconds: float, connections: int, pids: Sequence[int], redis: int | None = None
+) -> dict[str, Any]:
+    """Load the server on `port` (its processes `pids`; `redis`, the cluster's Redis
+    server, counted apart) for `seconds`."""
     ctx = multiprocessing.get_context("spawn")
     out_r, out_w = ctx.Pipe(duplex=False)
     load = ctx.Process(target=_load, args=(port, seconds, connections, out_w), daemon=True)
@@ -286,16 +290,23 @@ def drive(port: int, seconds: float, connections: int, pids: Sequence[int]) -> d
             raise RuntimeError("the load generator did not start")
         out_r.recv()
         before = _thread_cpu(pids)
+        redis_before = cpu_seconds([redis]) if redis else 0.0
         if not out_r.poll(seconds + 60):
             raise RuntimeError("the load generator did not finish")
         after = _thread_cpu(pids)
+        redis_cpu = (cpu_seconds([redis]) - redis_before) if redis else None
         warm, ok, other, elapsed, load_cpu = out_r.recv()
     finally:
         load.join(10)
         if load.is_alive():
             load.kill()
     per_ping = 1e6 / max(ok, 1)
+    if redis_cpu is not None:
+        extra = {"redis_cpu_us_per_ping": round(redis_cpu * per_ping, 1)}
+    else:
+        extra = {}
     return {
+        **extra,
         "accepted": ok,
         "refused": other,
         "warm_up": warm,
@@ -408,12 +419,21 @@ async def measure_serve(
         server = await start_softrelay(procs, work, config, env=env)
     try:
         pids = process_tree(server.proc.pid)
-        run = await asyncio.to_thread(drive, server.ports["http"], seconds, connections, pids)
+        redis = _redis_pid(cluster) if kind != "serve" else None
+        run = await asyncio.to_thread(
+            drive, server.ports["http"], seconds, connections, pids, redis
+        )
         run["processes"] = len(pids)
     finally:
         await server.stop(procs)
     check_stored(kind, run, server.data_dir)
     return run
+
+
+def _redis_pid(cluster: Cluster) -> int | None:
+    # tests/serverprocess.py keeps its process private; its CPU is part of a ping's cost.
+    process = cluster.redis._process
+    return process.pid if process is not None else None
 
 
 async def serve_rounds(
@@ -448,6 +468,11 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
                 [r["server_main_thread_cpu_us_per_ping"] for r in results], 1
             ),
             "load_cpu_us_per_ping": spread([r["load_cpu_us_per_ping"] for r in results], 1),
+            **(
+                {"redis_cpu_us_per_ping": spread([r["redis_cpu_us_per_ping"] for r in results], 1)}
+                if "redis_cpu_us_per_ping" in results[0]
+                else {}
+            ),
         }
         for kind, results in runs.items()
     }
@@ -465,6 +490,8 @@ def print_table(title: str, figures: dict[str, dict[str, Any]]) -> None:
         main, load = row["server_main_thread_cpu_us_per_ping"], row["load_cpu_us_per_ping"]
         rates = f"{rate['median']:,.0f} ({rate['min']:,.0f}-{rate['max']:,.0f})"
         cpus = f"{cpu['median']:.0f} / {main['median']:.0f} / {load['median']:.0f}"
+        if "redis_cpu_us_per_ping" in row:
+            cpus += f" + Redis {row['redis_cpu_us_per_ping']['median']:.0f}"
         print(f"{LABELS[kind]:<46} {rates:>26} {cpus:>32}")
 
 
