@@ -649,6 +649,8 @@ class Store:
                 )
             elif spec.protection is Protection.ANONYMISED:
                 plain[name] = _anonymised(cat, spec, value)
+            elif spec.type is FieldType.TEXT and type(value) is str:
+                plain[name] = value  # what the two calls below make of it, without them
             else:
                 _check_type(cat, spec, value)
                 plain[name] = _plain(spec, value)

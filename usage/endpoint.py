@@ -56,6 +56,7 @@ PING_PATH = "/usage/v1/ping"
 FIELDS = ("tenant", "period", "pid", "platform", "app_version")
 PLATFORMS = ("android", "ios", "linux", "macos", "web", "windows")
 _FIELD_SET = frozenset(FIELDS)
+_STRINGS = {str}
 _PID = re.compile(r"^[0-9a-f]{32}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,31}$")
 _ACCEPTED = orjson.dumps({"status": "accepted"})
@@ -154,7 +155,7 @@ class PingEndpoint:
         if not (
             type(data) is dict
             and data.keys() == _FIELD_SET
-            and all(type(value) is str for value in data.values())
+            and set(map(type, data.values())) == _STRINGS
         ):
             _shape(data)
         tenant = self._authenticate(request, data["tenant"])
