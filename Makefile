@@ -54,6 +54,7 @@ bench: $(STAMP) $(DEMO_SECRET) $(DEMO_KEYS)
 	$(BIN)/python bench/contacts.py --quick
 	$(BIN)/python bench/phones.py --quick
 	$(BIN)/python bench/relay_idle.py --quick
+	$(BIN)/python bench/usage.py --quick
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
