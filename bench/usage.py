@@ -61,6 +61,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import uvloop
 from aiohttp import web
@@ -71,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import (
     Processes,
     cpu_seconds,
+    metric_values,
     process_tree,
     spread,
     start_softrelay,
@@ -78,7 +80,7 @@ from bench.harness import (
     write_result,
 )
 from bench.profiling import own_time
-from bench.relay_cluster import Cluster, start_workers
+from bench.relay_cluster import Cluster, Workers, start_workers
 from bench.relay_sipp import relay_config
 from privacy.clock import SystemClock
 from privacy.database import DATABASE_FILE
@@ -410,9 +412,11 @@ async def measure_serve(
 ) -> dict[str, Any]:
     await asyncio.to_thread(work.mkdir, parents=True)
     env = {KEY_ENV: KEY, **cluster.env}
+    workers: Workers | None = None
     if kind == "workers":
         config = serve_config(work, cluster, f"bench-{work.name}", workers=True)
-        server = (await start_workers(procs, work, config, env, WORKERS)).server
+        workers = await start_workers(procs, work, config, env, WORKERS)
+        server = workers.server
     else:
         with_cluster = cluster if kind == "serve_cluster" else None
         config = serve_config(work, with_cluster, f"bench-{work.name}", workers=False)
@@ -424,10 +428,24 @@ async def measure_serve(
             drive, server.ports["http"], seconds, connections, pids, redis
         )
         run["processes"] = len(pids)
+        if workers is not None:
+            # Each worker's own count: the kernel spreads the connections over them.
+            run["accepted_per_worker"] = [await _accepted(port) for port in workers.metrics_ports]
     finally:
         await server.stop(procs)
     check_stored(kind, run, server.data_dir)
     return run
+
+
+async def _accepted(metrics_port: int) -> int:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
+    ):
+        text = await response.text()
+    found = metric_values(text, "softrelay_usage_pings_total")
+    return int(found.get('{outcome="accepted"}', 0))
 
 
 def _redis_pid(cluster: Cluster) -> int | None:
@@ -556,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_ratio("(w)/(c) per round", serve["workers_over_cluster"])
         print_ratio("(w)/(s) per round", serve["workers_over_serve"])
         print_ratio("(c)/(s) per round", serve["cluster_over_serve"])
+        shares = [r["accepted_per_worker"] for r in serve_runs["workers"]]
+        print(f"(w) pings accepted by each worker, per round: {shares}")
 
     result = {
         "benchmark": "usage",
