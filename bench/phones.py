@@ -105,8 +105,9 @@ def mem_available_mib() -> int:
 class ClientProcess:
     """One `phones_client.py`, driven by JSON lines."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
         self.proc = proc
+        self.log = log
 
     async def ask(self, command: dict[str, Any] | None = None) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -116,7 +117,12 @@ class ClientProcess:
             await self.proc.stdin.drain()
         line = await asyncio.wait_for(self.proc.stdout.readline(), ANSWER_TIMEOUT)
         if not line:
-            raise RuntimeError(f"client {self.proc.pid} ended (status {self.proc.returncode})")
+            await self.proc.wait()
+            tail = self.log.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(
+                f"client {self.proc.pid} ended (status {self.proc.returncode}); its log ends:\n"
+                + "\n".join(tail)
+            )
         answer: dict[str, Any] = orjson.loads(line)
         return answer
 
@@ -305,14 +311,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         workers=args.workers,
                         node_base=NODE_BASE,
                     )
+                    log = work / f"client-{i}.log"
                     proc = await procs.start(
                         [sys.executable, str(CLIENT), orjson.dumps(asdict(spec)).decode()],
-                        work / f"client-{i}.log",
+                        log,
                         cwd=ROOT,
                         stdout_pipe=True,
                         stdin_pipe=True,
                     )
-                    clients.append(ClientProcess(proc))
+                    clients.append(ClientProcess(proc, log))
                 opened = await asyncio.gather(*(c.ask() for c in clients))
                 base = await worker_state(workers, session)
                 base_rss = sum(base["rss_kib"])
@@ -326,7 +333,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     step = await one_step(
                         args, clients, workers, session, target, base_rss, idle_rate
                     )
+                    step["redis_used_kib"] = await redis_used_kib(cluster.redis.url())
                     steps.append(step)
+                    # What held so far, should the run be cut short.
+                    write_result(args.out, {"partial": True, "steps": steps})
                     if not step["holds"]:
                         break
                 with contextlib.suppress(Exception):
