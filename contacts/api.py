@@ -38,7 +38,7 @@ from contacts.bookapi import BOOK, add_book_routes, describe_book
 from contacts.discoveryapi import add_discovery_routes
 from contacts.owners import OWNERS, Devices, Owners, limited, owner_of
 from contacts.settings import ContactsSettings
-from dsr.api import ProofFailures, body_subject, issue_challenge
+from dsr.api import CHALLENGE_SCHEMA, ProofFailures, body_subject, issue_challenge
 from dsr.identity import (
     Challenges,
     MemoryChallenges,
@@ -219,19 +219,7 @@ def _describe(openapi: OpenApi) -> None:
                 },
             },
             "responses": {
-                "200": json_response(
-                    "A challenge",
-                    {
-                        "type": "object",
-                        "required": ["challenge_id", "method", "uri", "www_authenticate"],
-                        "properties": {
-                            "challenge_id": {"type": "string"},
-                            "method": {"const": "REGISTER"},
-                            "uri": {"type": "string"},
-                            "www_authenticate": {"type": "array", "items": {"type": "string"}},
-                        },
-                    },
-                ),
+                "200": json_response("A challenge", CHALLENGE_SCHEMA),
                 **body_errors,
                 **pbx,
             },

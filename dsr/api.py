@@ -139,6 +139,19 @@ def identity_refusal(exc: IdentityError) -> Refusal:
     return Refusal(status, code, exc.reason)
 
 
+# What `issue_challenge` answers, as both APIs' OpenAPI describe it.
+CHALLENGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["challenge_id", "method", "uri", "www_authenticate"],
+    "properties": {
+        "challenge_id": {"type": "string"},
+        "method": {"const": "REGISTER"},
+        "uri": {"type": "string"},
+        "www_authenticate": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
 async def issue_challenge(
     identity: PbxIdentity, failures: ProofFailures, client: str, subject: Subject
 ) -> dict[str, Any]:
@@ -474,19 +487,7 @@ def _describe(app: web.Application) -> None:
                 },
             },
             "responses": {
-                "200": json_response(
-                    "A challenge",
-                    {
-                        "type": "object",
-                        "required": ["challenge_id", "method", "uri", "www_authenticate"],
-                        "properties": {
-                            "challenge_id": {"type": "string"},
-                            "method": {"const": "REGISTER"},
-                            "uri": {"type": "string"},
-                            "www_authenticate": {"type": "array", "items": {"type": "string"}},
-                        },
-                    },
-                ),
+                "200": json_response("A challenge", CHALLENGE_SCHEMA),
                 **{k: v for k, v in errors.items() if k != "403"},
             },
         },

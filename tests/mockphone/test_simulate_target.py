@@ -12,14 +12,12 @@ so the summary is checked exactly against the events the seed drew.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
 import orjson
 
-from tests.demo import demo_config
+from tests.demo import demo_config, softrelay
 from tests.limits import LONGEST_WAIT
 
 STEP_TIMEOUT = 15.0
@@ -31,24 +29,9 @@ def _sample_config(workdir: Path) -> tuple[int, int]:
     return demo.http_port, demo.sip_port
 
 
-async def _softrelay(workdir: Path, *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "softrelay.cli",
-        *args,
-        "--config",
-        "softrelay.toml",
-        cwd=workdir,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SOFTRELAY_CONFIG": ""},
-    )
-
-
 async def test_plain_simulate_plays_against_the_server_make_run_started(tmp_path: Path) -> None:
     http_port, _ = _sample_config(tmp_path)
-    serve = await _softrelay(tmp_path, "serve")
+    serve = await softrelay(tmp_path, "serve")
     assert serve.stdout is not None
     assert serve.stderr is not None
     printed: list[str] = []
@@ -62,7 +45,7 @@ async def test_plain_simulate_plays_against_the_server_make_run_started(tmp_path
         # Users answer or decline: at speed inf a call left ringing would ring out only
         # at its real-time bound.
         (tmp_path / "answers.toml").write_text("[answers]\nanswer = 3\ndecline = 1\n")
-        sim = await _softrelay(
+        sim = await softrelay(
             tmp_path,
             "simulate",
             "--scenario",
