@@ -257,6 +257,7 @@ async def measure(
         "clients_rss_kib": sum(a["rss_kib"] for a in answers),
         "awake": sum(a["awake"] for a in answers),
         "redials": sum(a["redials"] for a in answers),
+        "wake_retries": sum(a["wake_retries"] for a in answers),
         "worker_counters": dict(sorted(counted.items())),
     }
 

@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import raise_nofile, status_kib
 from mockphone.delays import Pace
 from mockphone.pbx import MockPbx
-from mockphone.phone import Kind, MockPhone, PhoneSpec, State
+from mockphone.phone import NO_DELAY, Kind, MockPhone, PhoneSpec, State
 from mockphone.pushes import FEED_PATH, PushInbox, push_of
 from mockphone.sip import LinkClosed, RelayAddress, Transport
 
@@ -177,7 +177,9 @@ class Client:
     def __init__(self, spec: ClientSpec) -> None:
         self.spec = spec
         self.rng = random.Random(spec.seed)  # load draws, no secrets
-        self.pace = Pace(math.inf, self.rng)  # a woken phone registers at once
+        # Real time, so that a woken phone refused with 503 waits out its Retry-After as
+        # an app does; the phones' own delays are none (a woken phone registers at once).
+        self.pace = Pace(1.0, self.rng)
         context = ssl.create_default_context(cafile=spec.ca_file)
         self.relay = RelayAddress(
             spec.host, spec.tcp_port, spec.http_url, tls_port=spec.tls_port, tls_context=context
@@ -311,7 +313,9 @@ class Client:
         assert self.pbx is not None
         password = f"pw-{self.rng.getrandbits(64):016x}"  # a bench's throwaway, never shown
         self.pbx.add_user(user, password)
-        spec = PhoneSpec(user, password, kind, transport, keepalive=0, local_host=host)
+        spec = PhoneSpec(
+            user, password, kind, transport, wake_delay=NO_DELAY, keepalive=0, local_host=host
+        )
         return MockPhone(
             spec,
             self.relay,
@@ -414,6 +418,7 @@ class Client:
             "rss_kib": status_kib(os.getpid(), "VmRSS"),
             "awake": sum(1 for p in self.phones if p.state is State.AWAKE),
             "redials": sum(p.counters.redials for p in self.phones),
+            "wake_retries": sum(p.counters.wake_retries for p in self.sleepers),
         }
 
     def _pick(self, pool: list[MockPhone], state: State) -> MockPhone | None:

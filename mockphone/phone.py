@@ -60,6 +60,8 @@ NO_DELAY = Delay.fixed(0)
 # An app woken by a VoIP push connects and registers in about 1.5 s (CallKit, TLS, DNS).
 WAKE_DELAY = Delay("lognormal", 1.5, 0.4)
 # Connecting again after the flow was lost: from REDIAL_FIRST doubling to REDIAL_CAP.
+# A woken phone's REGISTER refused with 503 is tried this many times in all.
+WAKE_TRIES = 4
 REDIAL_FIRST = 0.05
 REDIAL_CAP = 5.0
 
@@ -130,6 +132,7 @@ class PhoneCounters:
     pushes: int = 0
     wakes: int = 0
     wake_failures: int = 0
+    wake_retries: int = 0  # a woken phone's REGISTER tried again after a 503
     redials: int = 0  # registered again after the flow was lost under the awake app
 
 
@@ -175,6 +178,7 @@ class MockPhone:
         self.counters = PhoneCounters()
         self.link: SipLink | None = None
         self.last_register: int | None = None  # the last REGISTER's final status
+        self.retry_after: float | None = None  # its Retry-After, seconds
         self.calls_in_progress = 0
         self.on_wake: Callable[[MockPhone, float], None] | None = None  # latency, simulated
         self._call_id = f"reg-{secrets.token_hex(8)}"
@@ -261,6 +265,8 @@ class MockPhone:
             field_name = "Authorization" if answer.status == 401 else "Proxy-Authorization"
             answer = await link.transact(register((field_name, header)))
         self.last_register = answer.status
+        retry = answer.get("Retry-After") or ""
+        self.retry_after = float(retry.split(";")[0].strip()) if retry[:1].isdigit() else None
         return answer.status
 
     def contact(self, link: SipLink) -> str:
@@ -424,12 +430,25 @@ class MockPhone:
                 await self.pace.wait_for(self.spec.wake_delay)
                 if self.awake.is_set():
                     continue  # woken meanwhile by another push or by hand
-                if await self._connect_and_register() != 200:
+                if await self._register_woken() != 200:
                     self.counters.wake_failures += 1
                 elif kind is PushKind.REREGISTER:
                     await self.sleep()  # refreshed in the background; back to sleep
                 else:
                     self.counters.wakes += 1
+
+    async def _register_woken(self) -> int:
+        """Connect and register after a push. A 503 (the relay shedding load, or the PBX)
+        is tried again after its Retry-After on the phone's pace, as apps do: the call
+        waits for the phone until the relay's wake timeout."""
+        status = await self._connect_and_register()
+        for _ in range(WAKE_TRIES - 1):
+            if status != 503 or self.awake.is_set():
+                break
+            self.counters.wake_retries += 1
+            await self.pace.wait(self.retry_after if self.retry_after is not None else 1.0)
+            status = await self._connect_and_register()
+        return status
 
     # --- calls to the phone -----------------------------------------------------------
 

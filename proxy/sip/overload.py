@@ -8,7 +8,12 @@ costs a fraction of a relayed call, and a phone or PBX retries elsewhere or late
 Responses and in-dialog requests are still routed: they finish calls already set up.
 
 The signal is the loop's lag, measured by a probe that asks to wake every `PROBE`
-seconds; with a hysteresis, so that shedding does not flap from message to message.
+seconds. It must be sustained: shedding starts after `late_probes` probes in a row woke
+`lag` late, and stops after as many in a row under half of it. One late wake-up is a
+scheduling hiccup (a CPU shared with other processes, a garbage collection, a large
+write), not overload: shedding on it refused calls a node had the capacity for (the
+100,000-phone bench, bench/README.md). A loop that is really behind is late at every
+probe. The hysteresis keeps shedding from flapping from message to message.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ PROBE = 0.05  # seconds between probes of the loop's lag
 class OverloadSettings:
     lag: float = 0.1  # seconds the loop may lag before new requests are refused; 0: never
     retry_after: int = 5  # seconds, in the 503's Retry-After
+    late_probes: int = 3  # probes in a row past `lag` (or under half of it) to turn over
 
 
 class Overload:
@@ -30,17 +36,23 @@ class Overload:
         self.settings = settings
         self.shedding = False
         self.lag = 0.0  # the last measured lag, seconds
+        self._run = 0  # probes in a row that point the other way than `shedding`
 
     def observe(self, lag: float) -> None:
-        """A lag measured by the probe: turns shedding on at the limit, off below half."""
+        """A lag measured by the probe: shedding turns on after `late_probes` in a row at
+        the limit, off after as many in a row below half of it."""
         self.lag = lag
         limit = self.settings.lag
         if limit <= 0:
             return
-        if lag >= limit:
-            self.shedding = True
-        elif lag < limit / 2:
-            self.shedding = False
+        turning = lag < limit / 2 if self.shedding else lag >= limit
+        if not turning:
+            self._run = 0  # the run is broken
+            return
+        self._run += 1
+        if self._run >= self.settings.late_probes:
+            self.shedding = not self.shedding
+            self._run = 0
 
     async def probe_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -493,7 +493,22 @@ class Relay:
             return None
         if request.method in ("ACK", "CANCEL") or request.to.tag is not None:
             return None
+        if self._accepting and request.method == "REGISTER" and self._brings_back(request):
+            return None  # a woken phone: its parked call is work already taken on
         return "overload" if self._accepting else "stopping"
+
+    def _brings_back(self, request: Request) -> bool:
+        """Whether a REGISTER names a push token a call is parked for on this node. Only
+        a hint to let it through while shedding: the release itself still checks the
+        subject and instance once the PBX accepts it. A call parked on another node is
+        reached by the phone's retry after Retry-After, within the wake timeout."""
+        if not self.parking or request.contact_star:
+            return False
+        return any(
+            (identity := PushIdentity.of(contact.push)) is not None
+            and self.parking.awaits(identity.token)
+            for contact in request.contacts
+        )
 
     def stop_accepting(self) -> None:
         """Shutdown has begun: new requests outside a dialog get 503 with Retry-After,

@@ -150,6 +150,7 @@ def _parse_overload(sec: Section) -> OverloadSettings:
     overload = OverloadSettings(
         lag=sec.integer("lag_ms", 100, minimum=0) / 1000,
         retry_after=sec.duration("retry_after", "5s"),
+        late_probes=sec.integer("late_probes", 3, minimum=1),
     )
     sec.finish()
     return overload

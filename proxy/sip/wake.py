@@ -431,6 +431,10 @@ class Parking:
         ]
         return await self._release(waiting, flow)
 
+    def awaits(self, token: str) -> bool:
+        """Whether a call is parked here for a phone with push token `token`."""
+        return token in self._by_token
+
     def parked_calls(self) -> list[tuple[PushIdentity, Subject]]:
         """Whom the calls parked now are for (a node re-reads their registrations
         after it resubscribed to the registration events)."""

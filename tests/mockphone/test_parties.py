@@ -6,6 +6,8 @@ import pytest
 
 from mockphone.pbx import MockPbx, PbxRefused
 from mockphone.sip import Transport
+from proxy.sip.message import Request
+from softrelay.app import RELAY
 from softrelay.embedded import EmbeddedRelay
 from softrelay.pytest_plugin import SERIAL, PhoneFactory
 
@@ -93,3 +95,34 @@ async def test_a_phone_that_lost_its_network_comes_back(
     assert await phone.come_back() == 200
     result = await mock_pbx.call(phone.spec.user)
     assert result.connected, result
+
+
+async def test_a_woken_phone_refused_503_registers_again_after_retry_after(
+    mock_pbx: MockPbx,
+    mock_phones: PhoneFactory,
+    softrelay: EmbeddedRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A woken app whose REGISTER gets 503 with Retry-After (a node shedding load that
+    does not hold its call) tries again, and the call is delivered."""
+    (phone,) = await mock_phones(1, kind="ios")
+    await phone.sleep()
+    relay = softrelay.app[RELAY]
+    refused: list[str] = []
+    refusal = relay._refusal
+
+    def shed_first_register(request: Request) -> str | None:
+        if request.method == "REGISTER" and not refused:
+            refused.append(request.call_id)
+            return "overload"
+        return refusal(request)
+
+    monkeypatch.setattr(relay, "_refusal", shed_first_register)
+    result = await mock_pbx.call(phone.spec.user)
+    assert result.connected, result
+    assert result.woken
+    assert len(refused) == 1
+    assert phone.last_register == 200
+    assert phone.retry_after is None
+    assert (phone.counters.wake_retries, phone.counters.wake_failures) == (1, 0)
+    assert phone.counters.wakes == 1

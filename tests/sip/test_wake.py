@@ -330,6 +330,69 @@ async def test_once_sip_stops_accepting_new_calls_get_503_and_calls_under_way_go
     )
 
 
+def _shed(relay: Relay) -> None:
+    """The overload guard sees the loop lag, probe after probe, until it sheds."""
+    while not relay.overload.shedding:
+        relay.overload.observe(1.0)
+
+
+async def _phone_register(world: World, contact: str, cseq: int) -> tuple[Flow, Wire]:
+    phone, phone_wire = _flow(("198.51.100.23", 41000 + cseq))
+    await world.relay.handle(
+        _request(
+            "REGISTER",
+            f"sip:{SERIAL}.{DOMAIN}",
+            f"Via: SIP/2.0/TCP 10.0.0.5:5062;branch=z9hG4bKshed{cseq}",
+            f"From: <sip:alice@{SERIAL}.{DOMAIN}>;tag=r{cseq}",
+            f"To: <sip:alice@{SERIAL}.{DOMAIN}>",
+            "Call-ID: reg-alice",
+            f"CSeq: {cseq} REGISTER",
+            "Max-Forwards: 70",
+            f"Contact: {contact}",
+            "Expires: 3600",
+        ),
+        phone,
+    )
+    return phone, phone_wire
+
+
+async def test_while_shedding_a_woken_phone_still_registers_and_takes_its_call(
+    world: World,
+) -> None:
+    """The overload guard refuses new work, but a REGISTER that brings back a phone with
+    a call parked for it finishes work already taken on: it goes through, and the call
+    is delivered. Another phone's REGISTER, or this one's once nothing waits, is shed."""
+    pbx, pbx_wire, register = await _asleep(world)
+    await world.relay.handle(_invite(register), pbx)
+    await pbx_wire.response(180)
+    _shed(world.relay)
+
+    other = _contact(token="0dd" * 20, user="alice", port=5070)
+    _, stranger = await _phone_register(world, other, cseq=2)
+    assert stranger.statuses() == [503]
+    forwarded = [m for m in pbx_wire.messages if isinstance(m, Request) and m.method == "REGISTER"]
+    assert len(forwarded) == 1, "only the first registration reached the PBX"
+
+    _, phone_wire = await _phone_register(world, _contact(), cseq=3)
+    assert phone_wire.statuses() == []
+    again = await pbx_wire.wait(
+        lambda m: isinstance(m, Request) and m.method == "REGISTER" and m.cseq.number == 3
+    )
+    assert isinstance(again, Request)
+    await world.relay.handle(_reply(again, 200, "OK"), pbx)
+    await phone_wire.response(200, "REGISTER")
+    invite = await phone_wire.request("INVITE")
+    assert invite.call_id == "call-1"
+    assert len(world.relay.parking) == 0
+
+    # Nothing is parked for it now: the same phone's next REGISTER is shed like any.
+    _, later = await _phone_register(world, _contact(), cseq=4)
+    assert later.statuses() == [503]
+    assert (
+        world.registry.get_sample_value("softrelay_sip_errors_total", {"reason": "overload"}) == 2
+    )
+
+
 async def test_a_call_that_would_be_parked_after_close_gets_503_at_once(world: World) -> None:
     """A handler in flight may reach `park` after the parked calls were answered: the
     call is refused then and there, not parked for nobody to answer."""
