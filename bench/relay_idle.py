@@ -473,20 +473,30 @@ TLS_SETTINGS = (
 )
 
 
-async def openssl_share(chain: Chain, n: int) -> dict[str, Any]:
-    """bench/relay_idle_openssl.py in a process of its own: OpenSSL's bytes per idle
-    server connection without an event loop, and the TLS settings it found."""
+async def _json_of(script: str, *args: str) -> dict[str, Any]:
+    """A bench script that prints one JSON object, in a process of its own."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(_HERE / "relay_idle_openssl.py"),
-        str(chain.chain.parent),
-        str(n),
-        stdout=asyncio.subprocess.PIPE,
+        sys.executable, str(_HERE / script), *args, stdout=asyncio.subprocess.PIPE
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    out, _ = await asyncio.wait_for(proc.communicate(), 600)
     if proc.returncode:
-        return {"error": f"exit status {proc.returncode}"}
+        return {"error": f"{script}: exit status {proc.returncode}"}
     found: dict[str, Any] = json.loads(out)
+    return found
+
+
+async def openssl_share(chain: Chain, n: int) -> dict[str, Any]:
+    """Where an idle TLS flow's memory goes, apart from softrelay: OpenSSL's bytes per
+    idle server connection without an event loop and the TLS settings it found
+    (relay_idle_openssl.py), the same by allocation site (relay_idle_openssl_sites.py,
+    a few hundred connections suffice), and bare uvloop servers holding TLS flows each
+    way one can (relay_idle_tls_designs.py)."""
+    directory = str(chain.chain.parent)
+    found = await _json_of("relay_idle_openssl.py", directory, str(n))
+    found["by_site"] = await _json_of("relay_idle_openssl_sites.py", directory, str(min(n, 500)))
+    found["designs"] = (await _json_of("relay_idle_tls_designs.py", directory, str(n))).get(
+        "designs", []
+    )
     return found
 
 
@@ -586,6 +596,16 @@ def report(
             f" | {cell(row, 'baseline_marginal_bytes_per_flow')};"
             f" target {row['target_bytes']:,}; Kamailio {'-' if kam is None else f'{kam:,.0f}'}:"
             f" {verdict}"
+        )
+    sites = openssl.get("by_site", {}).get("idle_after_handshake")
+    if sites:
+        print(f"\nOpenSSL by site, {sites['chunk_bytes_per_connection']:,} B per idle connection:")
+        for site in sites["sites"][:12]:
+            print(f"  {site['chunk_bytes']:>6,} B  {site['what']} ({site['site']})")
+    for design in openssl.get("designs", []):
+        print(
+            f"  bare server, {design['design']:9}: {design['bytes_per_flow']:>7,} B per flow"
+            f" | {design['marginal_bytes_per_flow']:,}"
         )
     for kind, row in table.items():
         for tree, trace in row.get("trace", {}).items():

@@ -1,0 +1,183 @@
+"""What an idle TLS flow costs under each way a server on uvloop can hold it, without
+softrelay's own objects: N idle connections to a bare server, its VmRSS per flow
+(delta / N and the second half's growth / (N/2), as bench/relay_idle.py reads it).
+
+- `tcp`: a plain TCP transport and an empty protocol (the floor under any TLS design);
+- `uvloop`: `loop.create_server(ssl=context)`, uvloop's own TLS transport (`SSLProtocol`,
+  what `serve` uses);
+- `memorybio`: a TCP transport with an `SSLObject` and two `MemoryBIO`s per connection,
+  a TLS layer of one's own over the transport (as `proxy/sip/websocket.py`'s `WsLink`
+  is for WebSocket);
+- `socket`: a non-blocking `ssl.SSLSocket` per connection (OpenSSL's socket BIO, no
+  memory BIOs), watched with `loop.add_reader`, no transport.
+
+Each server does the handshake with serve's context (`proxy/sip/tls.py`) and reads
+whatever comes after it; the clients (this process, blocking `ssl` sockets, trusting the
+chain's root) read the session tickets, then stay silent. Run by bench/relay_idle.py
+when TLS is measured, or alone:
+
+    python bench/relay_idle_tls_designs.py CHAIN_DIR [N]   # prints one JSON object
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from bench.harness import HOST, free_port, raise_nofile  # noqa: E402
+from proxy.sip.tls import server_tls_context  # noqa: E402
+
+DESIGNS = ("tcp", "uvloop", "memorybio", "socket")
+WARM = 200  # connections opened before the first reading (heap and loop warm-up)
+SETTLE = 1.0  # seconds for the server to finish what the last handshakes left
+
+
+class _Plain(asyncio.Protocol):
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+
+class _MemoryBio(asyncio.Protocol):
+    __slots__ = ("incoming", "outgoing", "tls", "transport")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            if self.tls.version() is None:
+                self.tls.do_handshake()
+            else:
+                self.tls.read(4096)
+        if self.outgoing.pending:
+            self.transport.write(self.outgoing.read())
+
+
+class _Socket:
+    __slots__ = ("tls",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+        self.tls = tls
+        loop.add_reader(tls.fileno(), self.readable)
+
+    def readable(self) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            if self.tls.version() is None:
+                self.tls.do_handshake()
+            else:
+                self.tls.recv(4096)
+
+
+async def _serve(design: str, chain_dir: Path, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    context = server_tls_context(chain_dir / "chain.pem", chain_dir / "key.pem")
+    held: list[_Socket] = []
+    if design == "tcp":
+        await loop.create_server(_Plain, HOST, port)
+    elif design == "uvloop":
+        await loop.create_server(_Plain, HOST, port, ssl=context)
+    elif design == "memorybio":
+        await loop.create_server(lambda: _MemoryBio(context), HOST, port)
+    else:
+        listener = socket.create_server((HOST, port), backlog=4096)
+        listener.setblocking(False)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    return
+                conn.setblocking(False)
+                tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                held.append(_Socket(loop, tls))
+
+        loop.add_reader(listener.fileno(), accept)
+    print("ready", flush=True)
+    await loop.create_future()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def measure_design(design: str, chain_dir: Path, n: int) -> dict[str, Any]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", design, str(chain_dir), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{design}: the server did not start")
+        client = ssl.create_default_context(cafile=str(chain_dir / "root.pem"))
+        held: list[socket.socket] = []
+
+        def open_flows(count: int) -> None:
+            for _ in range(count):
+                sock = socket.create_connection((HOST, port))
+                if design != "tcp":
+                    sock = client.wrap_socket(sock, server_hostname="localhost")
+                    sock.setblocking(False)
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        sock.recv(1)  # takes in the tickets: the server's flight is done
+                held.append(sock)
+
+        open_flows(WARM)
+        time.sleep(SETTLE)
+        start = _rss(server.pid)
+        open_flows(n // 2)
+        time.sleep(SETTLE)
+        half = _rss(server.pid)
+        open_flows(n - n // 2)
+        time.sleep(SETTLE)
+        end = _rss(server.pid)
+        for sock in held:
+            sock.close()
+        return {
+            "design": design,
+            "flows": n,
+            "bytes_per_flow": round((end - start) / n),
+            "marginal_bytes_per_flow": round((end - half) / (n - n // 2)),
+        }
+    finally:
+        server.kill()
+        server.wait()
+
+
+def measure(chain_dir: Path, n: int) -> dict[str, Any]:
+    raise_nofile(2 * (n + WARM) + 1024)
+    return {"designs": [measure_design(design, chain_dir, n) for design in DESIGNS]}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        import uvloop
+
+        uvloop.run(_serve(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])))
+    else:
+        count = int(sys.argv[2]) if len(sys.argv) > 2 else 4000
+        print(json.dumps(measure(Path(sys.argv[1]), count)))
