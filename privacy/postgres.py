@@ -964,10 +964,18 @@ async def _ensure_table(conn: _Conn, table: TableSpec) -> list[str]:
             )
             done.append(f"column {table.name}.{column.name}")
     indexes = await _indexes(conn, table.name)
-    for name, ddl in _index_ddl(table).items():
+    wanted = _index_ddl(table)
+    for name, ddl in wanted.items():
         if name not in indexes:
             await conn.execute(ddl)
             done.append(f"index {name}")
+    for column in table.columns:
+        name = f"{table.name}__{column.name}"
+        if name in indexes and name not in wanted:
+            # The policy no longer looks the column up alone (or the key's index serves
+            # it): the index would only cost every write.
+            await conn.execute(f"DROP INDEX {name}")
+            done.append(f"dropped index {name}")
     return done
 
 

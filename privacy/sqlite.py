@@ -141,17 +141,28 @@ class SQLiteBackend:
         self.db.execute(
             f"CREATE INDEX IF NOT EXISTS {table.name}__subject ON {table.name}(subject)"
         )
+        indexes = self._indexes(table.name)
+        own = {f"{table.name}__{suffix}" for suffix in ("basis", "subject", "key")}
         for column in table.columns:
+            name = f"{table.name}__{column.name}"
             if column.indexed:
-                self.db.execute(
-                    f"CREATE INDEX IF NOT EXISTS {table.name}__{column.name} "
-                    f"ON {table.name}({column.name})"
-                )
+                self.db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {table.name}({column.name})")
+            elif name in indexes and name not in own:
+                # The policy no longer looks the column up alone (or the key's index
+                # serves it): the index would only cost every write.
+                self.applied.append(f"dropped index {name}")
+                self.db.execute(f"DROP INDEX {name}")
         if table.unique:
             self.db.execute(
                 f"CREATE UNIQUE INDEX IF NOT EXISTS {table.name}__key "
                 f"ON {table.name}({', '.join(table.unique)})"
             )
+
+    def _indexes(self, table: str) -> set[str]:
+        rows = self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?", (table,)
+        )
+        return {row[0] for row in rows}
 
     def _columns(self, name: str) -> list[str]:
         return [row[1] for row in self.db.execute(f"PRAGMA table_info({name})")]

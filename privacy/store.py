@@ -121,15 +121,20 @@ def table_name(category: str) -> str:
 
 
 def table_spec(category: Category) -> TableSpec:
+    unique = tuple(_lookup_column(category.fields[name]) for name in category.key)
+    # A lookup on the record key's first column is served by the key's unique index (its
+    # leading column): an index of that column alone would only cost every write.
+    served = unique[:1]
     columns: list[Column] = []
     for spec in category.fields.values():
+        column = _lookup_column(spec)
+        indexed = spec.lookup and column not in served
         if spec.protection is Protection.ENCRYPTED:
             columns.append(Column(spec.name, "BLOB"))
             if spec.lookup:
-                columns.append(Column(spec.name + _BIDX, "BLOB", indexed=True))
+                columns.append(Column(column, "BLOB", indexed=indexed))
         else:
-            columns.append(Column(spec.name, _SQLTYPE[spec.type], indexed=spec.lookup))
-    unique = tuple(_lookup_column(category.fields[name]) for name in category.key)
+            columns.append(Column(spec.name, _SQLTYPE[spec.type], indexed=indexed))
     basis = "last_used_at" if category.retention.rule is Rule.AFTER_LAST_USE else "created_at"
     return TableSpec(table_name(category.name), tuple(columns), unique, basis)
 

@@ -28,6 +28,9 @@ from tomlsections.reader import ConfigError, Section
 
 POLICY = load_policy("auerproxy")
 DSN_ENV = "SOFTRELAY_TEST_PG_DSN"
+# Usage's indexes: the record key (tenant, period, pid) serves a lookup by tenant, so
+# only period has one of its own besides the retention basis and the subject.
+USAGE_INDEXES = {"c_usage__basis", "c_usage__subject", "c_usage__period", "c_usage__key"}
 MIGRATE_LINE = "run `softrelay db migrate`"
 REGISTRATION: dict[str, Value] = {
     "pbx_serial": "0042137",
@@ -183,6 +186,38 @@ async def test_delete_subject_removes_every_category_and_the_mark_in_one_go(
         assert raw.count(table) == 0, table
 
 
+async def test_migrate_drops_an_index_the_policy_no_longer_needs(
+    settings: StoreSettings, tmp_path: Path, clock: ManualClock, raw: PostgresRaw
+) -> None:
+    """An index of a column the policy no longer looks up alone (usage's pid), or that
+    the record key's index serves (usage's tenant, the key's first column), only costs
+    writes: `db migrate` drops it, and a lookup by that column still works."""
+    await Store.migrate(POLICY, tmp_path, settings)
+    assert _pg_indexes(raw, "c_usage") == USAGE_INDEXES
+    raw.execute(
+        "CREATE INDEX c_usage__tenant ON c_usage(tenant)",
+        "CREATE INDEX c_usage__pid ON c_usage(pid)",
+    )
+    done = await Store.migrate(POLICY, tmp_path, settings)
+    assert sorted(d for d in done if d.startswith("dropped")) == [
+        "dropped index c_usage__pid",
+        "dropped index c_usage__tenant",
+    ]
+    assert _pg_indexes(raw, "c_usage") == USAGE_INDEXES
+    store = await _open(settings, tmp_path, clock)
+    try:
+        await store.put_many("usage", [{"tenant": "acme", "period": "2026-03", "pid": "ab"}])
+        assert len(await store.find("usage", tenant="acme")) == 1
+    finally:
+        await store.close()
+
+
+def _pg_indexes(raw: PostgresRaw, table: str) -> set[str]:
+    found = raw.text(f"SELECT indexname FROM pg_indexes WHERE tablename = '{table}'")
+    # Without the primary key's own index, as SQLite's rowid table has none.
+    return {line.strip() for line in found.splitlines() if line.strip()} - {f"{table}_pkey"}
+
+
 # --- SQLite: migrated on open -----------------------------------------------------------
 
 
@@ -193,6 +228,41 @@ async def test_sqlite_migrates_a_fresh_file_on_open(tmp_path: Path, clock: Manua
         versions = [row[0] for row in db.execute("SELECT version FROM schema_migrations")]
     assert versions == list(range(1, SCHEMA_VERSION + 1))
     assert await Store.schema_status(POLICY, tmp_path) == (SCHEMA_VERSION, [])
+
+
+async def test_sqlite_drops_an_index_the_policy_no_longer_needs_on_open(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """SQLite's side of the PostgreSQL test above: a fresh file has only the indexes the
+    policy needs; a file of an earlier softrelay loses the others at its next open."""
+    store = await Store.create(POLICY, Keyring.generate(), tmp_path, clock)
+    await store.close()
+    path = tmp_path / DATABASE_FILE
+    assert _sqlite_indexes(path, "c_usage") == USAGE_INDEXES
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE INDEX c_usage__tenant ON c_usage(tenant)")
+        db.execute("CREATE INDEX c_usage__pid ON c_usage(pid)")
+        db.commit()
+    store = await Store.create(POLICY, Keyring.generate(), tmp_path, clock)
+    try:
+        assert _sqlite_indexes(path, "c_usage") == USAGE_INDEXES
+        await store.put_many("usage", [{"tenant": "acme", "period": "2026-03", "pid": "ab"}])
+        assert len(await store.find("usage", tenant="acme")) == 1
+    finally:
+        await store.close()
+    with closing(sqlite3.connect(path)) as db:
+        plan = db.execute("EXPLAIN QUERY PLAN SELECT * FROM c_usage WHERE tenant = 'acme'")
+        assert "USING INDEX c_usage__key" in " ".join(row[-1] for row in plan)
+
+
+def _sqlite_indexes(path: Path, table: str) -> set[str]:
+    with closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?"
+            " AND sql IS NOT NULL",
+            (table,),
+        )
+        return {row[0] for row in rows}
 
 
 async def test_sqlite_refuses_a_file_of_a_newer_softrelay_and_leaves_it(
