@@ -603,9 +603,10 @@ def report(
         for site in sites["sites"][:12]:
             print(f"  {site['chunk_bytes']:>6,} B  {site['what']} ({site['site']})")
     for design in openssl.get("designs", []):
+        churn = f", after {design['churn_bytes']:,} B churn" if design.get("churn_bytes") else ""
         print(
-            f"  bare server, {design['design']:9}: {design['bytes_per_flow']:>7,} B per flow"
-            f" | {design['marginal_bytes_per_flow']:,}"
+            f"  bare server, {design['design']:9}{churn}: {design['bytes_per_flow']:>7,} B"
+            f" per flow | {design['marginal_bytes_per_flow']:,}"
         )
     for kind, row in table.items():
         for tree, trace in row.get("trace", {}).items():

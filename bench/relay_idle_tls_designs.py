@@ -11,6 +11,11 @@ softrelay's own objects: N idle connections to a bare server, its VmRSS per flow
 - `socket`: a non-blocking `ssl.SSLSocket` per connection (OpenSSL's socket BIO, no
   memory BIOs), watched with `loop.add_reader`, no transport.
 
+A second reading per TLS design comes after churn: 500 connections first send 64 KiB
+each and close, so that the heap holds what connections that came and went left in it
+(uvloop's 256 KiB read buffers, once freed, come back from the heap with the pages the
+earlier reads touched).
+
 Each server does the handshake with serve's context (`proxy/sip/tls.py`) and reads
 whatever comes after it; the clients (this process, blocking `ssl` sockets, trusting the
 chain's root) read the session tickets, then stay silent. Run by bench/relay_idle.py
@@ -41,6 +46,8 @@ from proxy.sip.tls import server_tls_context  # noqa: E402
 DESIGNS = ("tcp", "uvloop", "memorybio", "socket")
 WARM = 200  # connections opened before the first reading (heap and loop warm-up)
 SETTLE = 1.0  # seconds for the server to finish what the last handshakes left
+CHURN_FLOWS = 500  # connections that come and go before the idle ones, with --churn
+CHURN_BYTES = 64 * 1024
 
 
 class _Plain(asyncio.Protocol):
@@ -65,8 +72,8 @@ class _MemoryBio(asyncio.Protocol):
         with contextlib.suppress(ssl.SSLWantReadError):
             if self.tls.version() is None:
                 self.tls.do_handshake()
-            else:
-                self.tls.read(4096)
+            while self.tls.read(65536):
+                pass
         if self.outgoing.pending:
             self.transport.write(self.outgoing.read())
 
@@ -82,8 +89,8 @@ class _Socket:
         with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
             if self.tls.version() is None:
                 self.tls.do_handshake()
-            else:
-                self.tls.recv(4096)
+            while self.tls.recv(65536):
+                pass
 
 
 async def _serve(design: str, chain_dir: Path, port: int) -> None:
@@ -122,7 +129,23 @@ def _rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def measure_design(design: str, chain_dir: Path, n: int) -> dict[str, Any]:
+def _buffer_mappings(pid: int) -> dict[str, int]:
+    """uvloop's 256 KiB read buffers that glibc gave their own mapping (260 KiB with
+    malloc's header): how many, and their resident bytes (the pages reads touched)."""
+    count = resident = 0
+    size = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("Rss:") and size == 260:
+            count += 1
+            resident += int(line.split()[1]) * 1024
+    return {"mappings_260k": count, "resident_bytes": resident}
+
+
+def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict[str, Any]:
+    """`churn`: first CHURN_FLOWS connections each send `churn` bytes and close, as
+    phones that come and go leave the server's heap before the idle ones arrive."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", design, str(chain_dir), str(port)],
@@ -146,6 +169,15 @@ def measure_design(design: str, chain_dir: Path, n: int) -> dict[str, Any]:
                         sock.recv(1)  # takes in the tickets: the server's flight is done
                 held.append(sock)
 
+        if churn:
+            open_flows(CHURN_FLOWS)
+            for sock in held:
+                sock.setblocking(True)
+                sock.sendall(b"x" * churn)
+            time.sleep(SETTLE)
+            for sock in held:
+                sock.close()
+            held.clear()
         open_flows(WARM)
         time.sleep(SETTLE)
         start = _rss(server.pid)
@@ -155,13 +187,16 @@ def measure_design(design: str, chain_dir: Path, n: int) -> dict[str, Any]:
         open_flows(n - n // 2)
         time.sleep(SETTLE)
         end = _rss(server.pid)
+        mapped = _buffer_mappings(server.pid)
         for sock in held:
             sock.close()
         return {
             "design": design,
+            "churn_bytes": churn,
             "flows": n,
             "bytes_per_flow": round((end - start) / n),
             "marginal_bytes_per_flow": round((end - half) / (n - n // 2)),
+            "buffer_mappings": mapped,
         }
     finally:
         server.kill()
@@ -169,8 +204,11 @@ def measure_design(design: str, chain_dir: Path, n: int) -> dict[str, Any]:
 
 
 def measure(chain_dir: Path, n: int) -> dict[str, Any]:
-    raise_nofile(2 * (n + WARM) + 1024)
-    return {"designs": [measure_design(design, chain_dir, n) for design in DESIGNS]}
+    """Every design on a fresh server, then the TLS ones after churn."""
+    raise_nofile(2 * (n + WARM + CHURN_FLOWS) + 1024)
+    fresh = [measure_design(design, chain_dir, n) for design in DESIGNS]
+    churned = [measure_design(d, chain_dir, n, CHURN_BYTES) for d in DESIGNS if d != "tcp"]
+    return {"designs": fresh + churned}
 
 
 if __name__ == "__main__":
