@@ -34,6 +34,13 @@ frame because aioapns parses each frame as a whole document.
 
 Time is read only through the injected `clock` (provider token age and the 20-minute
 rule, delivery times), so tests move it instead of sleeping.
+
+What it costs per request is kept low, as Apple's servers are not what a burst of wakes
+waits for: a provider token's signature is verified once per connection (its verdict,
+good or bad, remembered for that string; its age, the 20-minute rule and the topics are
+still checked on every request), requests are answered in the loop turn that completed
+them, the answers of one read going out in one TLS write, and answer headers are sent
+without Huffman coding.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 from push.apps import ApnsEndpoint
 from push.fakes.certs import ApnsSigningKey, ThrowawayCa
@@ -98,6 +106,19 @@ _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _EXPIRATION = re.compile(r"[0-9]{1,12}")
 _MAX_JWT = 2048  # bytes of an authorization header worth parsing
+# Provider-token verdicts a connection remembers; a client rarely presents more than one
+# (Apple allows a new token per key every 20 minutes).
+_VERDICTS_PER_CONNECTION = 8
+# A token's verdict: the key that signed it and its iat, or None (not a valid ES256 JWT
+# of a known key).
+_Verdict = tuple["ApnsKeyGrant", int] | None
+# What hpack's Encoder.encode takes.
+_Headers = (
+    Iterable[
+        HeaderTuple | tuple[bytes | str, bytes | str] | tuple[bytes | str, bytes | str, bool | None]
+    ]
+    | dict[bytes | str, bytes | str]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +173,10 @@ class FakeApns:
 
     `deliveries` records every accepted push (service "apns", app = topic); `answers`
     counts every answer as (status, reason); `token_updates` counts the distinct provider
-    tokens accepted per (team id, key id); `accepted_connections` counts TCP connections
-    taken, `refused_handshakes` TLS handshakes refused (e.g. a client certificate the CA
-    did not issue).
+    tokens accepted per (team id, key id); `signature_checks` the provider-token
+    signatures verified (once per token and connection); `accepted_connections` counts TCP
+    connections taken, `refused_handshakes` TLS handshakes refused (e.g. a client
+    certificate the CA did not issue).
     """
 
     def __init__(
@@ -174,6 +196,7 @@ class FakeApns:
         self.token_updates: Counter[tuple[str, str]] = Counter()
         self.refused_handshakes = 0
         self.accepted_connections = 0
+        self.signature_checks = 0
         self.host = "127.0.0.1"
         self.port = 0
         self._clock = clock
@@ -227,10 +250,7 @@ class FakeApns:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()  # stop accepting
-        tasks = [t for c in self._connections for t in c.tasks.values()]
-        await self.drop_connections()  # which also cancels the connections' tasks
-        if tasks:
-            await asyncio.wait(tasks)
+        await self.drop_connections()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -247,9 +267,12 @@ class FakeApns:
 
     # --- one request ------------------------------------------------------------------
 
-    async def _answer(self, request: _Request, cert_topic: str | None) -> _Answer | None:
-        """The answer to one complete request; None means never answer (hang)."""
-        checked = self._check(request, cert_topic)
+    def _answer(
+        self, request: _Request, cert_topic: str | None, verdicts: dict[str, _Verdict]
+    ) -> _Answer | None:
+        """The answer to one complete request; None means never answer (hang).
+        `verdicts`: the provider tokens its connection has verified."""
+        checked = self._check(request, cert_topic, verdicts)
         if isinstance(checked, _Answer):
             return self._count(checked)
         token, topic, payload = checked
@@ -262,7 +285,7 @@ class FakeApns:
                 _Answer(scripted.status, scripted.reason, scripted.retry_after, timestamp)
             )
         recorded = {k: v for k, v in request.headers.items() if k.startswith("apns-")}
-        await self.deliveries.add(Delivery("apns", token, topic, recorded, payload, self._clock()))
+        self.deliveries.add(Delivery("apns", token, topic, recorded, payload, self._clock()))
         return self._count(_Answer(200))
 
     def _count(self, answer: _Answer) -> _Answer:
@@ -270,7 +293,7 @@ class FakeApns:
         return answer
 
     def _check(
-        self, request: _Request, cert_topic: str | None
+        self, request: _Request, cert_topic: str | None, verdicts: dict[str, _Verdict]
     ) -> _Answer | tuple[str, str, dict[str, Any]]:
         headers = request.headers
         if request.duplicated:
@@ -285,7 +308,7 @@ class FakeApns:
             return _Answer(400, "MissingDeviceToken")
         if not _DEVICE_TOKEN.fullmatch(token) or len(token) % 2:
             return _Answer(400, "BadDeviceToken")
-        allowed = self._authorize(headers.get("authorization"), cert_topic)
+        allowed = self._authorize(headers.get("authorization"), cert_topic, verdicts)
         if isinstance(allowed, _Answer):
             return allowed
         topic = headers.get("apns-topic")
@@ -324,9 +347,11 @@ class FakeApns:
         return token, topic, payload
 
     def _authorize(
-        self, authorization: str | None, cert_topic: str | None
+        self, authorization: str | None, cert_topic: str | None, verdicts: dict[str, _Verdict]
     ) -> _Answer | frozenset[str]:
-        """The topics this request may push to, or why it may not push at all."""
+        """The topics this request may push to, or why it may not push at all. The
+        signature of a token is checked once per connection (`verdicts`); whether it is
+        still valid now, and whether it may replace the key's current one, every time."""
         if cert_topic is not None:  # a verified client certificate wins over any token
             return frozenset({cert_topic, f"{cert_topic}.voip"})
         if not authorization:
@@ -334,7 +359,14 @@ class FakeApns:
         scheme, _, jwt = authorization.partition(" ")
         if scheme.lower() != "bearer" or not jwt or len(jwt) > _MAX_JWT:
             return _Answer(403, "InvalidProviderToken")
-        claims = _verified_claims(jwt, self._keys)
+        if jwt in verdicts:
+            claims = verdicts[jwt]
+        else:
+            claims = _verified_claims(jwt, self._keys)
+            self.signature_checks += 1
+            if len(verdicts) >= _VERDICTS_PER_CONNECTION:
+                verdicts.clear()  # a client cycling tokens: verified anew, still bounded
+            verdicts[jwt] = claims
         if claims is None:
             return _Answer(403, "InvalidProviderToken")
         grant, issued_at = claims
@@ -408,7 +440,7 @@ class _ApnsConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._cert_topic: str | None = None
         self._requests: dict[int, _Request] = {}
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self._verdicts: dict[str, _Verdict] = {}  # provider token -> its verdict
         self._blocked: dict[int, bytes] = {}  # response bodies waiting for flow-control window
         self.hanging: set[int] = set()  # streams scripted to hang, until reset or closed
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -458,8 +490,6 @@ class _ApnsConnection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self._fake._connections.discard(self)
-        for task in self.tasks.values():
-            task.cancel()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -495,6 +525,7 @@ class _ApnsConnection(asyncio.Protocol):
             },
         )
         self._h2.decoder.max_header_list_size = limits.max_header_list_size
+        self._h2.encoder = _LiteralEncoder()
         self._h2.initiate_connection()
         self._send_h2()
         return True
@@ -582,30 +613,30 @@ class _ApnsConnection(asyncio.Protocol):
         request.body += data
 
     def _on_request(self, stream_id: int) -> None:
+        """Answer a complete request now; `_receive_h2` writes what the requests of its
+        read queued at once."""
         request = self._requests.pop(stream_id, None)
         if request is None:
             return
-        task = asyncio.get_running_loop().create_task(self._serve(stream_id, request))
-        self.tasks[stream_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(stream_id, None))
+        answer = self._fake._answer(request, self._cert_topic, self._verdicts)
+        if answer is None:
+            self.hanging.add(stream_id)  # open until the client resets it or leaves
+            return
+        self._respond(stream_id, request, answer)
 
     def _forget(self, stream_id: int) -> None:
         self.hanging.discard(stream_id)
         self._requests.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
-        task = self.tasks.pop(stream_id, None)
-        if task is not None:
-            task.cancel()
 
-    async def _serve(self, stream_id: int, request: _Request) -> None:
-        answer = await self._fake._answer(request, self._cert_topic)
-        if answer is None:
-            self.hanging.add(stream_id)  # open until the client resets it or leaves
-            return
-        if self._h2 is None:
-            return
+    def _respond(self, stream_id: int, request: _Request, answer: _Answer) -> None:
+        assert self._h2 is not None
         apns_id = request.headers.get("apns-id") or str(uuid.uuid4())
-        headers = [(":status", str(answer.status)), ("apns-id", apns_id)]
+        # Differs in every answer: kept out of the client's HPACK table.
+        headers: list[HeaderTuple | tuple[str, str]] = [
+            (":status", str(answer.status)),
+            NeverIndexedHeaderTuple("apns-id", apns_id),
+        ]
         body = answer.body()
         if body:
             headers.append(("content-type", "application/json; charset=utf-8"))
@@ -618,10 +649,10 @@ class _ApnsConnection(asyncio.Protocol):
         if body:
             self._blocked[stream_id] = body
             self._send_blocked()
-        self._send_h2()
 
     def _send_blocked(self) -> None:
-        """Send each waiting body whole, in one DATA frame, once the window allows."""
+        """Queue each waiting body whole, in one DATA frame, once the window allows (the
+        caller sends what is queued)."""
         assert self._h2 is not None
         for stream_id, body in list(self._blocked.items()):
             try:
@@ -631,7 +662,15 @@ class _ApnsConnection(asyncio.Protocol):
             except H2Error:
                 pass  # the stream is gone
             del self._blocked[stream_id]
-        self._send_h2()
+
+
+class _LiteralEncoder(Encoder):
+    """HPACK without Huffman coding: the answers' few literals (a status, an apns-id)
+    are cheaper to send and to read as they are, for the stand-in and its client alike
+    (RFC 7541 5.2 leaves the choice to the encoder)."""
+
+    def encode(self, headers: _Headers, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 def _text(value: bytes | str) -> str:

@@ -411,9 +411,7 @@ class FakeFcm:
             headers = {
                 str(k): v for k, v in request.headers.items() if k.lower() != "authorization"
             }
-            await self.deliveries.add(
-                Delivery("fcm", token, project, headers, message, self.clock.now())
-            )
+            self.deliveries.add(Delivery("fcm", token, project, headers, message, self.clock.now()))
         return self._answer(project, token, web.json_response({"name": name}))
 
     def _answer(self, project: str, token: str, response: web.Response) -> web.Response:

@@ -68,7 +68,7 @@ class Deliveries:
 
     def __init__(self, limit: int = 100_000) -> None:
         self.items: deque[Delivery] = deque(maxlen=limit)
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # set and cleared at once: wakes every waiter
         self._listeners: list[Callable[[Delivery], None]] = []
 
     def subscribe(self, listener: Callable[[Delivery], None]) -> Callable[[], None]:
@@ -77,10 +77,12 @@ class Deliveries:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
-    async def add(self, delivery: Delivery) -> None:
-        async with self._changed:
-            self.items.append(delivery)
-            self._changed.notify_all()
+    def add(self, delivery: Delivery) -> None:
+        """Record a delivery. Not a coroutine, so a stand-in answers a request in the
+        loop turn that completed it, without a task per request."""
+        self.items.append(delivery)
+        self._changed.set()
+        self._changed.clear()
         for listener in list(self._listeners):
             listener(delivery)
 
@@ -89,6 +91,6 @@ class Deliveries:
 
     async def wait_for(self, token: str, count: int = 1) -> list[Delivery]:
         """Wait until `count` pushes to `token` were delivered (bound it with a timeout)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self.for_token(token)) >= count)
-            return self.for_token(token)
+        while len(found := self.for_token(token)) < count:
+            await self._changed.wait()
+        return found
