@@ -30,7 +30,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, cast
 
@@ -59,7 +59,7 @@ from h2.events import (
 )
 from h2.exceptions import FrameTooLargeError, H2Error
 from h2.settings import ChangedSetting, SettingCodes
-from hpack import NeverIndexedHeaderTuple
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
 from push.endpoints import apns_protocol_for, apns_ssl_context
@@ -88,6 +88,10 @@ CLOSE_TIMEOUT = 2.0  # seconds `close()` waits for TLS shutdowns before aborting
 # its costliest function (bench/push.py).
 STREAMS_PER_CONNECTION = 200
 MAX_CONNECTIONS = 10
+# Pushes queued in one loop turn go out together, but at most this many per write: the
+# first of a burst of wakes then reach Apple while the relay still prepares the rest,
+# instead of all waiting for the last (a write costs one TLS record and one send()).
+PUSHES_PER_WRITE = 8
 _TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}
 
 _DEAD_TOKEN = frozenset(
@@ -247,10 +251,11 @@ class _Connection(APNsTLSClientProtocol):
     - the Retry-After header reaches the request; received data is acknowledged (aioapns
       never does, so a long-lived connection's flow-control window would close);
     - a connection lost with an error raises that error to its senders;
-    - what h2 queued is written once per loop turn (`flush`): aioapns writes, and re-arms
-      its idle timer, once per push, so a burst of wakes cost a TLS record, a send()
-      and a timer each;
-    - the provider token goes into HPACK's dynamic table (see `__init__`).
+    - what h2 queued is written once per loop turn (`flush`), or after PUSHES_PER_WRITE
+      pushes: aioapns writes, and re-arms its idle timer, once per push, so a burst of
+      wakes cost a TLS record, a send() and a timer each;
+    - the provider token goes into HPACK's dynamic table, and no header is Huffman
+      coded (see `__init__`).
 
     A subclass per client binds `state` (see `ApnsProvider._new_client`).
     """
@@ -276,11 +281,16 @@ class _Connection(APNsTLSClientProtocol):
         # (64 random bytes of signature), changed every TOKEN_REFRESH; h2 still
         # validates every header it sends.
         self.conn.config.normalize_outbound_headers = False
+        # What changes per push (the device token's path, apns-id) is sent as it is:
+        # Huffman coding saves ~30 bytes a push and costs each side a loop over every
+        # character (the stand-in's costliest function decoding it, bench/wake.py).
+        self.conn.encoder = _LiteralEncoder()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._retry_after: dict[str, float] = {}
         self._slots: set[int] = set()  # streams holding a slot, until ended or reset
         self._window_granted = asyncio.Event()  # set on a window update, cleared to wait
         self._flush_due = False  # a write is scheduled for the end of this loop turn
+        self._unwritten = 0  # pushes queued since the last write
 
     @property
     def usable(self) -> bool:
@@ -321,7 +331,11 @@ class _Connection(APNsTLSClientProtocol):
         future: asyncio.Future[NotificationResult] = self.loop.create_future()
         self.requests[request.notification_id] = future
         self.request_streams[stream_id] = request.notification_id
-        self.flush()
+        self._unwritten += 1
+        if self._unwritten >= PUSHES_PER_WRITE:
+            self._write_now()  # the end of the loop turn may be far: the rest of a burst
+        else:
+            self.flush()
         try:
             result = await future
         except asyncio.CancelledError:
@@ -342,6 +356,10 @@ class _Connection(APNsTLSClientProtocol):
 
     def _write(self) -> None:
         self._flush_due = False
+        self._write_now()
+
+    def _write_now(self) -> None:
+        self._unwritten = 0
         if self.transport is not None and not self.transport.is_closing():
             super().flush()  # aioapns's: the idle timer re-armed, the bytes written
 
@@ -465,6 +483,23 @@ class _Connection(APNsTLSClientProtocol):
         self._window_granted.set()  # senders waiting for window find the connection gone
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+# What hpack's Encoder.encode takes.
+_Headers = (
+    Iterable[
+        HeaderTuple | tuple[bytes | str, bytes | str] | tuple[bytes | str, bytes | str, bool | None]
+    ]
+    | dict[bytes | str, bytes | str]
+)
+
+
+class _LiteralEncoder(Encoder):
+    """HPACK with every literal sent as it is, never Huffman coded (RFC 7541 5.2 leaves
+    the choice to the encoder)."""
+
+    def encode(self, headers: _Headers, huffman: bool = True) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 def _unindexed(name: str, value: str) -> tuple[str, str]:

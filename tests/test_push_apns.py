@@ -16,11 +16,17 @@ from pathlib import Path
 
 import pytest
 from aioapns import APNs, NotificationRequest, PushType
-from aioapns.connection import APNsTLSClientProtocol
+from aioapns.connection import APNsTLSClientProtocol, AuthorizationHeaderProvider
 from hyperframe.frame import Frame
 
 from privacy.clock import ManualClock
-from push.apns import STREAMS_PER_CONNECTION, ApnsProvider, _Streams
+from push.apns import (
+    PUSHES_PER_WRITE,
+    STREAMS_PER_CONNECTION,
+    ApnsProvider,
+    ProviderToken,
+    _Streams,
+)
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
 from push.endpoints import apns_protocol_for, apns_ssl_context
 from push.fakes.apns import ApnsKeyGrant, FakeApns
@@ -222,6 +228,46 @@ async def test_wrong_signing_key_is_refused(
     assert outcome == PermanentFailure("InvalidProviderToken")
     assert fake.answers[(403, "InvalidProviderToken")] == 1
     assert not fake.deliveries.items
+
+
+class _Presenting(AuthorizationHeaderProvider):
+    """A connection's provider token, replaced by a fixed header."""
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+
+    def get_header(self) -> str:
+        return self.header
+
+
+async def test_a_token_is_verified_once_per_connection_and_a_forged_one_still_refused(
+    fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
+) -> None:
+    """The fake remembers a token's verdict per connection, good or bad: the good one is
+    not verified again, and a forged one presented on the same connection, even for the
+    same key id and claims, is refused every time, before and after the good one."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    for n in range(5):
+        assert await provider.send(wake(clock, call_id=f"c{n}"), TIMEOUT) == Delivered()
+    assert fake.signature_checks == 1
+    (connection,) = _connections_of(provider)
+    genuine = connection.auth_provider
+    assert genuine is not None
+    impostor = ApnsSigningKey.generate(key.team_id, key.key_id)  # same ids, other EC key
+    credentials = ApnsCredentials(BUNDLE, key.team_id, key.key_id, impostor.key_pem)
+    forged = ProviderToken(credentials, clock.now, 3600.0)
+
+    connection.auth_provider = _Presenting(forged.get_header())
+    refused = [await provider.send(wake(clock), TIMEOUT) for _ in range(2)]
+    connection.auth_provider = genuine
+    accepted = await provider.send(wake(clock), TIMEOUT)
+
+    assert forged.get_header() != genuine.get_header()
+    assert refused == [PermanentFailure("InvalidProviderToken")] * 2
+    assert accepted == Delivered()
+    assert fake.signature_checks == 2  # the forged one once; the genuine one not again
+    assert fake.accepted_connections == 1
+    assert len(fake.deliveries.for_token(TOKEN)) == 6
 
 
 @pytest.mark.parametrize(
@@ -553,26 +599,39 @@ def _frames(data: bytes) -> list[str]:
     return kinds
 
 
-async def test_a_burst_of_pushes_goes_out_in_one_write(
+async def test_a_burst_of_pushes_goes_out_a_few_pushes_per_write(
     fake: FakeApns, providers: ProviderFactory, key: ApnsSigningKey, clock: ManualClock
 ) -> None:
     """aioapns writes each push on its own (a TLS record, a send() and its idle timer
-    re-armed, per push); the provider writes what the sends of one loop turn queued at
-    once, and every push is still delivered."""
+    re-armed, per push); the provider writes what the sends of one loop turn queued
+    together, PUSHES_PER_WRITE at most, so the first leave before the last is made;
+    every push is still delivered, in order. Nothing is Huffman coded: the device token
+    and each apns-id are in the bytes as they are."""
     provider = await providers([token_app(key)], fake.endpoint())
     assert await provider.send(wake(clock), TIMEOUT) == Delivered()  # the connection is up
     (connection,) = _connections_of(provider)
     assert connection.transport is not None
     recording = _RecordingTransport(connection.transport)
     connection.transport = recording  # type: ignore[assignment]  # a stand-in that records
-    burst = [wake(clock, call_id=f"burst-{n}") for n in range(20)]
+    sends = 2 * PUSHES_PER_WRITE + 3
+    burst = [wake(clock, call_id=f"burst-{n}") for n in range(sends)]
 
     outcomes = await asyncio.gather(*(provider.send(request, TIMEOUT) for request in burst))
 
-    assert outcomes == [Delivered()] * 20
-    delivered = [d.payload["call_id"] for d in fake.deliveries.for_token(TOKEN)]
-    assert delivered[1:] == [request.call_id for request in burst]  # in the order sent
-    assert _frames(recording.writes[0]) == ["HeadersFrame", "DataFrame"] * 20
+    assert outcomes == [Delivered()] * sends
+    delivered = fake.deliveries.for_token(TOKEN)
+    assert [d.payload["call_id"] for d in delivered[1:]] == [r.call_id for r in burst]
+    # (a SETTINGS acknowledgement may still be on its way out before the burst)
+    requests = [w for w in recording.writes if "HeadersFrame" in _frames(w)]
+    pair = ["HeadersFrame", "DataFrame"]
+    assert [_frames(w) for w in requests] == [
+        pair * PUSHES_PER_WRITE,
+        pair * PUSHES_PER_WRITE,
+        pair * 3,
+    ]
+    written = b"".join(requests)
+    assert written.count(f"/3/device/{TOKEN}".encode()) == sends
+    assert all(d.headers["apns-id"].encode() in written for d in delivered[1:])
 
 
 async def test_the_provider_token_is_indexed_once_per_connection_and_tokens_never(
