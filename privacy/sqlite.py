@@ -2,7 +2,8 @@
 
 One thread owns the connection and runs every statement (`privacy.dbthread`), so the
 event loop never blocks on the disk and SQLite never sees two threads; concurrent puts
-share a transaction (group commit). `secure_delete` overwrites
+share a transaction (group commit); WAL checkpoints run on a thread of their own, off
+the commit path (`privacy.walcheckpoint`). `secure_delete` overwrites
 deleted rows in place and a checkpoint after each sweep truncates the WAL, so data the
 sweeper removed does not linger in free pages or the log.
 
@@ -40,6 +41,7 @@ from privacy.backend import (
 )
 from privacy.dbthread import DatabaseThread
 from privacy.migrations import pending, statements
+from privacy.walcheckpoint import Checkpointer
 
 T = TypeVar("T")
 
@@ -49,6 +51,7 @@ class SQLiteBackend:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._thread: DatabaseThread | None = None
+        self._checkpoints: Checkpointer | None = None
         # What the open did to the schema: the steps taken, for `softrelay db migrate`.
         self.applied: list[str] = []
 
@@ -58,7 +61,7 @@ class SQLiteBackend:
         backend._thread = DatabaseThread(
             "softrelay-sqlite",
             begin=partial(backend._execute, "BEGIN IMMEDIATE"),
-            commit=partial(backend._execute, "COMMIT"),
+            commit=backend._commit,
             rollback=partial(backend._execute, "ROLLBACK"),
         )
         try:
@@ -70,6 +73,11 @@ class SQLiteBackend:
 
     def _execute(self, sql: str) -> None:
         self.db.execute(sql)
+
+    def _commit(self) -> None:
+        self.db.execute("COMMIT")
+        if self._checkpoints is not None:
+            self._checkpoints.committed(self.db)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         assert self._thread is not None, "backend is closed"
@@ -98,6 +106,11 @@ class SQLiteBackend:
             self._migrate()
             for table in tables:
                 self._ensure_table(table)
+        # Checkpoints on a thread of their own, not inside a commit callers wait for.
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        self._checkpoints = Checkpointer(self.path, page_size)
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._db.execute(f"PRAGMA journal_size_limit={self._checkpoints.size_limit}")
 
     def _migrate(self) -> None:
         """Take the steps the file lacks; a file of a newer softrelay raises SchemaMismatch
@@ -168,7 +181,7 @@ class SQLiteBackend:
         return [row[1] for row in self.db.execute(f"PRAGMA table_info({name})")]
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self.db)
+        return _Transaction(self.db, self._checkpoints)
 
     # --- records --------------------------------------------------------------------
 
@@ -571,6 +584,9 @@ class SQLiteBackend:
         self._thread = None
 
     def _close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
+            self._checkpoints = None
         self._checkpoint()
         self.db.close()
         self._db = None
@@ -598,14 +614,20 @@ def schema_version(path: Path) -> int:
 class _Transaction:
     """BEGIN IMMEDIATE … COMMIT, ROLLBACK on any error: a failed write leaves nothing."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, checkpoints: Checkpointer | None) -> None:
         self._db = db
+        self._checkpoints = checkpoints
 
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        if exc_type is not None:
+            self._db.execute("ROLLBACK")
+            return
+        self._db.execute("COMMIT")
+        if self._checkpoints is not None:
+            self._checkpoints.committed(self._db)
 
 
 @lru_cache(maxsize=256)
