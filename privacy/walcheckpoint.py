@@ -4,8 +4,10 @@ SQLite's own auto-checkpoint runs inside the COMMIT that takes the log past 1,00
 that commit copies the log into the database file and syncs both, and every caller in
 its group commit (usage pings, crash reports waiting for their answer) waits for it:
 measured under the usage bench, a commit's p99 went from ~1.7 ms to ~10 ms with it.
-Here the writer's connection has auto-checkpoints off, and after each commit it only
-looks at the log's size (one `stat`):
+Here the writer's connection has auto-checkpoints off, and after commits that changed
+`CHECK_ROWS` rows since it last looked, it looks at the log's size (one `stat`; not
+after every commit: a system call lets the event loop's thread take the GIL, which the
+writer then waits to get back):
 
 - past `soft_pages`, it wakes this thread, which checkpoints on a connection of its own
   (PASSIVE: it copies what no reader needs, beside the writer's next transactions, which
@@ -33,6 +35,7 @@ log = logging.getLogger("softrelay.privacy")
 
 SOFT_PAGES = 1000  # SQLite's own wal_autocheckpoint
 HARD_PAGES = 8 * SOFT_PAGES
+CHECK_ROWS = 64  # a row dirties a few pages: the log is looked at every ~200 pages
 
 
 class Checkpointer:
@@ -43,12 +46,15 @@ class Checkpointer:
         *,
         soft_pages: int = SOFT_PAGES,
         hard_pages: int = HARD_PAGES,
+        check_rows: int = CHECK_ROWS,
     ) -> None:
         self._path = path
         self._wal = f"{path}-wal"
         self.soft = soft_pages * page_size
         self.hard = hard_pages * page_size
         self.size_limit = self.soft // 2  # journal_size_limit, for the writer's connection
+        self._check_rows = check_rows
+        self._checked_at = 0  # the writer's total_changes when it last looked
         self.runs = 0  # checkpoints this thread made
         self.inline = 0  # checkpoints the writer made itself, past the hard mark
         self._wake = threading.Event()
@@ -58,6 +64,10 @@ class Checkpointer:
 
     def committed(self, db: sqlite3.Connection) -> None:
         """On the writer's thread, after a commit on its connection `db`."""
+        changes = db.total_changes
+        if changes - self._checked_at < self._check_rows:
+            return
+        self._checked_at = changes
         try:
             size = os.stat(self._wal).st_size
         except FileNotFoundError:

@@ -37,7 +37,7 @@ class HeldCheckpointer(Checkpointer):
     def __init__(self, path: Path, page_size: int, **marks: int) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        super().__init__(path, page_size, **marks)
+        super().__init__(path, page_size, check_rows=1, **marks)
 
     def _checkpoint(self, db: sqlite3.Connection) -> None:
         self.entered.set()
