@@ -39,7 +39,8 @@ refused at once (503 with Retry-After), counted in the table.
 
 Goal (issue 21): 100 simultaneous wakes, INVITE to push p99 <= 30 ms (the median of the
 rounds). The table and the JSON say PASS or FAIL; the exit status is 1 on FAIL.
-`--profile` (and a FAIL) adds a cProfile of this process over one more round at 100.
+`--profile` (and a FAIL) adds a cProfile of this process and one of the stand-ins'
+process (`StandInsProcess.profile`) over one more round at 100.
 `--quick` (`make bench`): 3 rounds, 10 singles.
 """
 
@@ -71,7 +72,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import cpu_seconds, nearest_rank, spread, write_result
-from bench.profiling import Stats, own_time, positive_ints
+from bench.profiling import Needles, Stats, own_time, positive_ints
 from bench.push import BareH2, bare_h2_sender, provider_token
 from mockphone.pbx import LinkRegistration
 from privacy.clock import SystemClock
@@ -493,10 +494,33 @@ _BUILTINS = (
 )
 
 
-def _profile_summary(profile: cProfile.Profile, wakes: int, top: int = 25) -> dict[str, Any]:
+# The stand-ins' process. uvloop's own work (socket reads and writes, callbacks) shows
+# as the own time of asyncio's runner, which calls into it.
+_STAND_IN_LAYERS = (
+    ("/push/fakes/", "stand-in's checks and answers (push/fakes)"),
+    ("/h2/", "h2, hpack, hyperframe (server)"),
+    ("/hpack/", "h2, hpack, hyperframe (server)"),
+    ("/hyperframe/", "h2, hpack, hyperframe (server)"),
+    ("/json/", "JSON"),
+    ("/re/", "regular expressions"),
+    ("/asyncio/", "event loop (uvloop: sockets, callbacks)"),
+    ("/uvloop/", "event loop (uvloop: sockets, callbacks)"),
+    ("/logging/", "logging"),
+)
+_STAND_IN_BUILTINS = (
+    ("verify", "ES256 verify (cryptography)"),
+    ("_ssl.", "OpenSSL (TLS records)"),
+    ("MemoryBIO", "OpenSSL (TLS records)"),
+    ("write", "socket and pipe writes"),
+)
+
+
+def _profile_summary(
+    stats: pstats.Stats, wakes: int, files: Needles, builtins: Needles, top: int = 25
+) -> dict[str, Any]:
     """Own time per wake, per layer and for the top functions (µs; ~2x inflated)."""
-    table: Stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]  # untyped in pstats
-    layers, functions = own_time(table, _LAYERS, _BUILTINS)
+    table: Stats = stats.stats  # type: ignore[attr-defined]  # untyped in pstats
+    layers, functions = own_time(table, files, builtins)
     return {
         "wakes": wakes,
         "layers_us_per_wake": {k: round(1e6 * v / wakes, 1) for k, v in layers.most_common()},
@@ -531,12 +555,15 @@ async def _measure(driver: Bench, n: int, singles: int, tag: str, wakes_first: b
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     # aioapns logs every failed send; the outcomes are counted instead.
     logging.getLogger("aioapns").setLevel(logging.CRITICAL)
-    stand_ins = await StandInsProcess.start([DEFAULT_EMBEDDED_APP], extra_keys=1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="softrelay-wake-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="softrelay-wake-bench-") as tmp:
+        profile = Path(tmp) / "stand-ins.prof"
+        stand_ins = await StandInsProcess.start(
+            [DEFAULT_EMBEDDED_APP], extra_keys=1, profile=profile
+        )
+        try:
             return await _bench(args, stand_ins, Path(tmp))
-    finally:
-        await stand_ins.stop()
+        finally:
+            await stand_ins.stop()
 
 
 async def _bench(args: argparse.Namespace, stand_ins: StandInsProcess, tmp: Path) -> dict[str, Any]:
@@ -593,8 +620,16 @@ async def _bench(args: argparse.Namespace, stand_ins: StandInsProcess, tmp: Path
         profile = None
         if args.profile or verdict == "FAIL":
             profiler = cProfile.Profile()
+            await stand_ins.profile(True)
             profiled = await driver.round(GOAL_LEVEL, "prof", profiler)
-            profile = _profile_summary(profiler, GOAL_LEVEL)
+            await stand_ins.profile(False)
+            profile = _profile_summary(pstats.Stats(profiler), GOAL_LEVEL, _LAYERS, _BUILTINS)
+            profile["stand_ins"] = _profile_summary(
+                pstats.Stats(str(tmp / "stand-ins.prof")),
+                GOAL_LEVEL,
+                _STAND_IN_LAYERS,
+                _STAND_IN_BUILTINS,
+            )
             profile["round"] = {
                 "invite_to_push_ms": _ms(profiled.to_push),
                 "invite_to_delivery_ms": _ms(profiled.to_delivery),
@@ -698,6 +733,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {us:>9.1f}  {layer}")
         print("  top functions:")
         for row in profile["top_us_per_wake"]:
+            print(f"  {row['us']:>9.1f}  {row['calls']:>7}  {row['function']}")
+        stand_ins = profile["stand_ins"]
+        print("\nthe stand-ins' process over the same round (own time, µs per push):")
+        for layer, us in stand_ins["layers_us_per_wake"].items():
+            print(f"  {us:>9.1f}  {layer}")
+        print("  top functions:")
+        for row in stand_ins["top_us_per_wake"][:15]:
             print(f"  {row['us']:>9.1f}  {row['calls']:>7}  {row['function']}")
     print(f"\n{result['seconds']} s; wrote {args.out}")
     return 0 if goal["verdict"] != "FAIL" else 1

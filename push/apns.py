@@ -91,7 +91,7 @@ MAX_CONNECTIONS = 10
 # Pushes queued in one loop turn go out together, but at most this many per write: the
 # first of a burst of wakes then reach Apple while the relay still prepares the rest,
 # instead of all waiting for the last (a write costs one TLS record and one send()).
-PUSHES_PER_WRITE = 8
+PUSHES_PER_WRITE = 16
 _TCP_KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 15, "TCP_KEEPCNT": 4}
 
 _DEAD_TOKEN = frozenset(

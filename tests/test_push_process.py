@@ -6,6 +6,7 @@ accepted push on the machine's monotonic clock; the child ends when told."""
 from __future__ import annotations
 
 import asyncio
+import pstats
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -114,3 +115,27 @@ async def test_an_extra_key_pushes_to_the_first_apps_topic(stand_ins: StandInsPr
 async def test_the_child_ends_when_stopped(stand_ins: StandInsProcess) -> None:
     await stand_ins.stop()
     assert stand_ins.proc.returncode == 0
+
+
+async def test_the_child_profiles_only_between_the_two_signals(tmp_path: Path) -> None:
+    """`profile(True)` starts the child's cProfile, `profile(False)` returns once it wrote
+    its file: the push sent in between is in it, the one before is not."""
+    path = tmp_path / "stand-ins.prof"
+    process = await StandInsProcess.start([APP_ID], uvloop=False, profile=path)
+    heard = _Heard()
+    process.subscribe(heard)
+    provider = await ApnsProvider.create(process.apps, process.apns_endpoint)
+    try:
+        before = await provider.send(_request(Service.APNS, APNS_TOKEN), LONGEST_WAIT)
+        await heard.until(1)
+        assert not path.exists()
+        await process.profile(True)
+        during = await provider.send(_request(Service.APNS, APNS_TOKEN), LONGEST_WAIT)
+        await process.profile(False)
+    finally:
+        await provider.close()
+        await process.stop()
+    assert (before, during) == (Delivered(), Delivered())
+    table = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]  # untyped in pstats
+    served = [calls for (file, _, name), (_, calls, *_) in table.items() if name == "_respond"]
+    assert served == [1]

@@ -17,6 +17,10 @@ accepted, `<service> <token> <CLOCK_MONOTONIC seconds>`, the lines of one loop t
 one write. The monotonic clock is the machine's, so the parent can subtract its own
 readings. The child ends when its stdin closes (the parent went) or on SIGTERM.
 
+With `--profile PATH` the child runs cProfile from SIGUSR1 to SIGUSR2 and writes PATH at
+SIGUSR2, and says so on stdout (`profile started 0`, `profile written 0`), so a bench can
+profile the stand-ins over the part of its run it measures (`StandInsProcess.profile`).
+
 `StandInsProcess` is the parent's side. Nothing here is for production: the keys are
 made for the run and printed to the parent's pipe.
 """
@@ -83,10 +87,33 @@ def _project(app_id: str) -> str:
     return app_id.lower().replace(".", "-").replace("_", "-")[:30]
 
 
-async def _serve(app_ids: Sequence[str], extra_keys: int) -> None:
+def _profile_on_signals(loop: asyncio.AbstractEventLoop, path: Path) -> None:
+    profile = cProfile.Profile()
+
+    def say(what: str) -> None:
+        sys.stdout.write(f"profile {what} 0\n")
+        sys.stdout.flush()
+
+    def started() -> None:
+        profile.enable()
+        say("started")
+
+    def written() -> None:
+        profile.disable()
+        profile.dump_stats(path)
+        profile.clear()
+        say("written")
+
+    loop.add_signal_handler(signal.SIGUSR1, started)
+    loop.add_signal_handler(signal.SIGUSR2, written)
+
+
+async def _serve(app_ids: Sequence[str], extra_keys: int, profile: Path | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if profile is not None:
+        _profile_on_signals(loop, profile)
     with tempfile.TemporaryDirectory(prefix="softrelay-stand-ins-") as tmp:
         ca = ThrowawayCa.create(Path(tmp))
         keys = {app_id: ApnsSigningKey.generate() for app_id in app_ids}
@@ -134,23 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", action="append", required=True, help="an app id (repeatable)")
     parser.add_argument("--extra-keys", type=int, default=0, help="more APNs keys, first app")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
-    parser.add_argument("--profile", type=Path, help="write a cProfile of the run here")
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile from SIGUSR1 to SIGUSR2, written here"
+    )
     args = parser.parse_args(argv)
     factory = None
     if args.uvloop:
         import uvloop
 
         factory = uvloop.new_event_loop
-    profile = cProfile.Profile() if args.profile else None
     with asyncio.Runner(loop_factory=factory) as runner:
-        if profile is not None:
-            profile.enable()
-        try:
-            runner.run(_serve(args.app, max(0, args.extra_keys)))
-        finally:
-            if profile is not None:
-                profile.disable()
-                profile.dump_stats(args.profile)
+        runner.run(_serve(args.app, max(0, args.extra_keys), args.profile))
     return 0
 
 
@@ -170,6 +191,7 @@ class StandInsProcess:
     extra_keys: tuple[ApnsSigningKey, ...]
     _listeners: list[Listener] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
+    _profile_said: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def start(
@@ -180,7 +202,7 @@ class StandInsProcess:
         uvloop: bool = True,
         profile: Path | None = None,
     ) -> StandInsProcess:
-        """`profile`: the child writes a cProfile of its whole run there as it ends."""
+        """`profile`: where the child writes the cProfile that `profile()` bounds."""
         argv = [sys.executable, "-m", "push.fakes.process", "--extra-keys", str(extra_keys)]
         argv += [part for app_id in app_ids for part in ("--app", app_id)]
         if uvloop:
@@ -211,10 +233,21 @@ class StandInsProcess:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
+    async def profile(self, on: bool) -> None:
+        """Start the child's cProfile, or stop it and write its file; return once the
+        child has (a child started with `profile`)."""
+        self._profile_said.clear()
+        self.proc.send_signal(signal.SIGUSR1 if on else signal.SIGUSR2)
+        async with asyncio.timeout(STOP_TIMEOUT):
+            await self._profile_said.wait()
+
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         while line := await self.proc.stdout.readline():
             service, token, at = line.decode().split()
+            if service == "profile":
+                self._profile_said.set()
+                continue
             for listener in list(self._listeners):
                 listener(service, token, float(at))
 
