@@ -278,9 +278,12 @@ class _Connection(APNsTLSClientProtocol):
         # costliest function of a burst, bench/wake.py) and decoded anew by the server.
         # Indexed, it goes once per connection. That is safe for it (RFC 7541 7.1.3):
         # HPACK only confirms a guess of a whole value, and the token is a signed JWT
-        # (64 random bytes of signature), changed every TOKEN_REFRESH; h2 still
-        # validates every header it sends.
+        # (64 random bytes of signature), changed every TOKEN_REFRESH.
         self.conn.config.normalize_outbound_headers = False
+        # h2's checks of what it sends are of the header list's shape (pseudo-headers
+        # first and known, a :path, no connection headers), which `_headers` fixes; a
+        # test runs them on each kind of push (they cost more than the encoding).
+        self.conn.config.validate_outbound_headers = False
         # What changes per push (the device token's path, apns-id) is sent as it is:
         # Huffman coding saves ~30 bytes a push and costs each side a loop over every
         # character (the stand-in's costliest function decoding it, bench/wake.py).
@@ -367,27 +370,29 @@ class _Connection(APNsTLSClientProtocol):
         self._write()  # what is queued (a reset stream, a GOAWAY) before the close
         super().close()
 
-    def _headers(self, request: NotificationRequest) -> list[tuple[str, str]]:
-        """The headers aioapns 4.0 sends. The two that differ in every request stay out
-        of HPACK's dynamic table, where they would only push out the provider token."""
+    def _headers(self, request: NotificationRequest) -> list[tuple[bytes, bytes]]:
+        """The headers aioapns 4.0 sends, as bytes (h2 would encode each str anew). The
+        two that differ in every request stay out of HPACK's dynamic table, where they
+        would only push out the provider token."""
         headers = [
-            (":method", "POST"),
-            (":scheme", "https"),
-            _unindexed(":path", f"/3/device/{request.device_token}"),
-            ("host", self.APNS_SERVER),
-            _unindexed("apns-id", request.notification_id),
-            ("apns-topic", request.apns_topic or self.apns_topic),
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            _unindexed(b":path", f"/3/device/{request.device_token}".encode()),
+            (b"host", self.APNS_SERVER.encode()),
+            _unindexed(b"apns-id", request.notification_id.encode()),
+            (b"apns-topic", (request.apns_topic or self.apns_topic).encode()),
         ]
         if request.time_to_live is not None:
-            headers.append(("apns-expiration", str(int(time.time()) + request.time_to_live)))
+            expiration = int(time.time()) + request.time_to_live
+            headers.append((b"apns-expiration", b"%d" % expiration))
         if request.priority is not None:
-            headers.append(("apns-priority", str(request.priority)))
+            headers.append((b"apns-priority", b"%d" % request.priority))
         if request.collapse_key is not None:
-            headers.append(("apns-collapse-id", request.collapse_key))
+            headers.append((b"apns-collapse-id", request.collapse_key.encode()))
         if request.push_type is not None:
-            headers.append(("apns-push-type", request.push_type.value))
+            headers.append((b"apns-push-type", request.push_type.value.encode()))
         if self.auth_provider is not None:
-            headers.append(("authorization", self.auth_provider.get_header()))
+            headers.append((b"authorization", self.auth_provider.get_header().encode()))
         return headers
 
     async def _window_for(self, size: int, stream_id: int | None = None) -> None:
@@ -502,9 +507,9 @@ class _LiteralEncoder(Encoder):
         return super().encode(headers, huffman=False)
 
 
-def _unindexed(name: str, value: str) -> tuple[str, str]:
+def _unindexed(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     """A header HPACK sends as a literal, never entered in its dynamic table."""
-    return cast(tuple[str, str], NeverIndexedHeaderTuple(name, value))
+    return cast(tuple[bytes, bytes], NeverIndexedHeaderTuple(name, value))
 
 
 def _tolerant(

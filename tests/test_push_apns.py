@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aioapns import APNs, NotificationRequest, PushType
 from aioapns.connection import APNsTLSClientProtocol, AuthorizationHeaderProvider
+from h2.utilities import HeaderValidationFlags, validate_outbound_headers
 from hyperframe.frame import Frame
 
 from privacy.clock import ManualClock
@@ -25,6 +26,8 @@ from push.apns import (
     STREAMS_PER_CONNECTION,
     ApnsProvider,
     ProviderToken,
+    _Connection,
+    _notification,
     _Streams,
 )
 from push.apps import ApnsCredentials, ApnsEndpoint, AppCredentials
@@ -781,3 +784,27 @@ def _stock_request() -> NotificationRequest:
         push_type=PushType.VOIP,
         apns_topic=f"{BUNDLE}.voip",
     )
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+async def test_every_kind_of_push_has_headers_h2_would_accept_and_is_delivered(
+    fake: FakeApns,
+    providers: ProviderFactory,
+    key: ApnsSigningKey,
+    clock: ManualClock,
+    reason: Reason,
+) -> None:
+    """The provider turns h2's checks of outgoing headers off (they cost more than the
+    encoding): what it sends still passes them, for each kind of push."""
+    provider = await providers([token_app(key)], fake.endpoint())
+    assert await provider.send(wake(clock, reason), TIMEOUT) == Delivered()
+    (connection,) = _connections_of(provider)
+    assert isinstance(connection, _Connection)
+    flags = HeaderValidationFlags(
+        is_client=True, is_trailer=False, is_response_header=False, is_push_promise=False
+    )
+
+    headers = connection._headers(_notification(wake(clock, reason), BUNDLE))
+
+    assert list(validate_outbound_headers(headers, flags)) == headers
+    assert len(fake.deliveries.for_token(TOKEN)) == 1
