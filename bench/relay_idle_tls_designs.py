@@ -129,18 +129,20 @@ def _rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _buffer_mappings(pid: int) -> dict[str, int]:
-    """uvloop's 256 KiB read buffers that glibc gave their own mapping (260 KiB with
-    malloc's header): how many, and their resident bytes (the pages reads touched)."""
-    count = resident = 0
-    size = 0
+def _anonymous(pid: int) -> tuple[int, int]:
+    """Virtual and resident bytes of the heap and the anonymous mappings (where malloc's
+    blocks are; uvloop's 256 KiB read buffers among them, adjacent ones merged)."""
+    virtual = resident = 0
+    anonymous = False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        if line.startswith("Size:"):
-            size = int(line.split()[1])
-        elif line.startswith("Rss:") and size == 260:
-            count += 1
-            resident += int(line.split()[1]) * 1024
-    return {"mappings_260k": count, "resident_bytes": resident}
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+            anonymous = len(fields) == 5 or fields[5] == "[heap]"
+        elif anonymous and fields[0] == "Size:":
+            virtual += int(fields[1]) * 1024
+        elif anonymous and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+    return virtual, resident
 
 
 def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict[str, Any]:
@@ -181,13 +183,14 @@ def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict
         open_flows(WARM)
         time.sleep(SETTLE)
         start = _rss(server.pid)
+        start_anon = _anonymous(server.pid)
         open_flows(n // 2)
         time.sleep(SETTLE)
         half = _rss(server.pid)
         open_flows(n - n // 2)
         time.sleep(SETTLE)
         end = _rss(server.pid)
-        mapped = _buffer_mappings(server.pid)
+        end_anon = _anonymous(server.pid)
         for sock in held:
             sock.close()
         return {
@@ -196,7 +199,9 @@ def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict
             "flows": n,
             "bytes_per_flow": round((end - start) / n),
             "marginal_bytes_per_flow": round((end - half) / (n - n // 2)),
-            "buffer_mappings": mapped,
+            # heap and anonymous mappings: what each flow maps, and what of it is resident
+            "anonymous_virtual_bytes_per_flow": round((end_anon[0] - start_anon[0]) / n),
+            "anonymous_resident_bytes_per_flow": round((end_anon[1] - start_anon[1]) / n),
         }
     finally:
         server.kill()
