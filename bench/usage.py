@@ -38,8 +38,10 @@ a new pid), so no 202 went out for an id that was not stored. The machine has 2 
 shared by the load generator and the servers (and by whatever else runs on it).
 
 `--profile`: one more run of (a) under cProfile (the server's main thread, CPU time),
-own time per layer and the top functions. `--quick` (`make bench`): 2 s runs, 3 rounds,
-2 serve rounds.
+own time per layer and the top functions. `--trace`: one more run of (a) with its commit
+pipeline timed (`_Trace`): how long a ping waits in the ledger, and where: for its batch
+to start, the writer thread to take it, the transaction (its statements, its COMMIT),
+the hand-back to the loop. `--quick` (`make bench`): 2 s runs, 3 rounds, 2 serve rounds.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import platform
 import pstats
 import secrets
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -82,6 +85,7 @@ from bench.harness import (
 from bench.profiling import own_time
 from bench.relay_cluster import Cluster, Workers, start_workers
 from bench.relay_sipp import relay_config
+from privacy import batches, dbthread
 from privacy.clock import SystemClock
 from privacy.database import DATABASE_FILE
 from privacy.keys import Keyring
@@ -130,6 +134,116 @@ LABELS = {
 }
 
 
+# --- the commit pipeline's times (--trace), in the server's process ------------------------
+
+TRACE_STAGES = {
+    "ledger_wait": "a ping in the ledger: its write submitted to its return (ms)",
+    "to_batch": "its write submitted to its batch's task starting (ms)",
+    "batch_size": "pings per batch",
+    "to_writer": "a batch's task starting to the writer thread taking it (ms)",
+    "batches_per_transaction": "batches the writer joined in one transaction",
+    "statements": "a transaction: BEGIN and its statements (ms)",
+    "commit": "a transaction: its COMMIT (ms)",
+    "hand_back": "a transaction committed to its batch's future set on the loop (ms)",
+}
+
+
+class _Trace:
+    """Times of the commit pipeline: wrappers around `privacy.batches.GroupCommit` and
+    `privacy.dbthread.DatabaseThread`, installed in the server's process before its app
+    is built (the writer thread's wrappers run on that thread)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {name: [] for name in TRACE_STAGES}
+        self._submitted: dict[int, float] = {}  # id(item) -> when its write was submitted
+        self._started: dict[int, float] = {}  # id(call's future) -> when its batch started
+        self._committed: dict[int, float] = {}  # id(call's future) -> when committed
+        self._batch_started = 0.0  # the batch whose task runs now (it submits synchronously)
+
+    def install(self) -> None:
+        clock, times = time.perf_counter, self.times
+        submit, run = batches.GroupCommit.submit, batches.GroupCommit._run
+        together, resolve = dbthread.DatabaseThread._together, dbthread._resolve
+
+        async def timed_submit(commit: Any, item: Any) -> Any:
+            start = self._submitted[id(item)] = clock()
+            try:
+                return await submit(commit, item)
+            finally:
+                times["ledger_wait"].append(clock() - start)
+
+        async def timed_run(commit: Any, batch: list[tuple[Any, Any]]) -> None:
+            now = clock()
+            times["batch_size"].append(len(batch))
+            for item, _ in batch:
+                times["to_batch"].append(now - self._submitted.pop(id(item), now))
+            self._batch_started = now
+            await run(commit, batch)
+
+        async def timed_submit_call(thread: Any, fn: Any, *, batched: bool) -> Any:
+            async with thread._slots:
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[Any] = loop.create_future()
+                self._started[id(future)] = self._batch_started
+                thread._queue.put(dbthread._Call(fn, batched, future, loop))
+                return await future
+
+        def timed_together(thread: Any, calls: list[Any]) -> Any:
+            taken = clock()
+            for call in calls:
+                times["to_writer"].append(taken - self._started.pop(id(call.future), taken))
+            times["batches_per_transaction"].append(len(calls))
+            begin, commit = thread._begin, thread._commit
+            marks: dict[str, float] = {}
+
+            def timed_commit() -> None:
+                marks["statements"] = clock()
+                commit()
+                marks["committed"] = clock()
+
+            thread._commit = timed_commit
+            try:
+                return together(thread, calls)
+            finally:
+                thread._begin, thread._commit = begin, commit
+                if "committed" in marks:
+                    times["statements"].append(marks["statements"] - taken)
+                    times["commit"].append(marks["committed"] - marks["statements"])
+                    for call in calls:
+                        self._committed[id(call.future)] = marks["committed"]
+
+        def timed_resolve(outcomes: list[Any]) -> None:
+            now = clock()
+            for call, _, _ in outcomes:
+                committed = self._committed.pop(id(call.future), None)
+                if committed is not None:
+                    times["hand_back"].append(now - committed)
+            resolve(outcomes)
+
+        setattr(batches.GroupCommit, "submit", timed_submit)  # noqa: B010 - a bench's patch
+        setattr(batches.GroupCommit, "_run", timed_run)  # noqa: B010
+        setattr(dbthread.DatabaseThread, "_submit", timed_submit_call)  # noqa: B010
+        setattr(dbthread.DatabaseThread, "_together", timed_together)  # noqa: B010
+        setattr(dbthread, "_resolve", timed_resolve)  # noqa: B010
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, values in self.times.items():
+            if not values:
+                continue
+            scale = 1.0 if name in ("batch_size", "batches_per_transaction") else 1e3
+            ordered = sorted(v * scale for v in values)
+            out[name] = {
+                "count": len(ordered),
+                "mean": round(statistics.fmean(ordered), 3),
+                "p50": round(ordered[len(ordered) // 2], 3),
+                "p90": round(ordered[int(len(ordered) * 0.9)], 3),
+                "p99": round(ordered[int(len(ordered) * 0.99)], 3),
+                "max": round(ordered[-1], 3),
+            }
+        return out
+
+
 # --- the servers of part (1), each in its own process ------------------------------------
 
 
@@ -170,9 +284,13 @@ def _bare_app() -> web.Application:
     return app
 
 
-def _serve(kind: str, data_dir: str, ready: Any, profile: Any) -> None:
+def _serve(kind: str, data_dir: str, ready: Any, profile: Any, trace: Any = None) -> None:
     """One server of part (1); with `profile` (a pipe), cProfile on CPU time from the
-    first request of the timed window (a line on the pipe) to the next."""
+    first request of the timed window (a line on the pipe) to the next; with `trace` (a
+    pipe), the commit pipeline timed (`_Trace`), its summary sent when asked."""
+    tracer = _Trace() if trace is not None else None
+    if tracer is not None:
+        tracer.install()
 
     async def run() -> None:
         app = _softrelay_app(data_dir) if kind == "softrelay" else _bare_app()
@@ -190,6 +308,9 @@ def _serve(kind: str, data_dir: str, ready: Any, profile: Any) -> None:
             profiler.disable()
             profiler.dump_stats(os.path.join(data_dir, "profile.pstats"))
             profile.send("written")
+        if tracer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, trace.recv)
+            trace.send(tracer.summary())
         await asyncio.Event().wait()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -341,13 +462,19 @@ def check_stored(kind: str, run: dict[str, Any], data_dir: Path) -> None:
         )
 
 
-def measure(kind: str, seconds: float, connections: int, profile: bool = False) -> dict[str, Any]:
-    """One run of part (1); with `profile`, its cProfile table too (under "profile")."""
+def measure(
+    kind: str, seconds: float, connections: int, profile: bool = False, trace: bool = False
+) -> dict[str, Any]:
+    """One run of part (1); with `profile`, its cProfile table too (under "profile");
+    with `trace`, its commit pipeline's times (under "trace")."""
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-usage-") as data_dir:
         ready_r, ready_w = ctx.Pipe(duplex=False)
         prof_here, prof_there = ctx.Pipe() if profile else (None, None)
-        server = ctx.Process(target=_serve, args=(kind, data_dir, ready_w, prof_there), daemon=True)
+        trace_here, trace_there = ctx.Pipe() if trace else (None, None)
+        server = ctx.Process(
+            target=_serve, args=(kind, data_dir, ready_w, prof_there, trace_there), daemon=True
+        )
         server.start()
         try:
             if not ready_r.poll(30):
@@ -362,6 +489,11 @@ def measure(kind: str, seconds: float, connections: int, profile: bool = False) 
                     raise RuntimeError("the profile was not written")
                 prof_here.recv()
                 run["profile"] = profile_report(Path(data_dir) / "profile.pstats", run)
+            if trace_here is not None:
+                trace_here.send("summary")
+                if not trace_here.poll(30):
+                    raise RuntimeError("the trace was not sent")
+                run["trace"] = trace_here.recv()
         finally:
             server.terminate()
             server.join(10)
@@ -525,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--serve-repeat", type=int, default=None, help="of (2) (3; quick 2)")
     parser.add_argument("--no-serve", action="store_true", help="skip (2), the workers")
     parser.add_argument("--profile", action="store_true", help="cProfile one more run of (a)")
+    parser.add_argument("--trace", action="store_true", help="time (a)'s commit pipeline")
     parser.add_argument("--quick", action="store_true", help="short runs (make bench)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -559,6 +692,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in profile["top"][:12]:
             print(f"  {row['own_us_per_ping']:>7.2f} us  {row['function']}")
 
+    trace = None
+    if args.trace:
+        traced = measure("softrelay", seconds, args.connections, trace=True)
+        trace = {"run": {k: v for k, v in traced.items() if k != "trace"}, **traced["trace"]}
+        print(f"\ncommit pipeline of (a), one more run: {traced['per_second']:,.0f} pings/s")
+        print(f"  {'':<66} {'mean':>7} {'p50':>7} {'p90':>7} {'p99':>7}")
+        for name, label in TRACE_STAGES.items():
+            if name in traced["trace"]:
+                row = traced["trace"][name]
+                print(
+                    f"  {label:<66} {row['mean']:>7.2f} {row['p50']:>7.2f}"
+                    f" {row['p90']:>7.2f} {row['p99']:>7.2f}"
+                )
+
     serve: dict[str, Any] | None = None
     if not args.no_serve:
         serve_runs = asyncio.run(serve_rounds(serve_repeat, seconds, args.connections))
@@ -592,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goal": GOAL,
         "verdict": verdict,
         "profile": profile,
+        "trace": trace,
         "serve": serve,
     }
     write_result(args.out, result)
