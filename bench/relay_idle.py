@@ -602,6 +602,10 @@ def report(
         print(f"\nOpenSSL by site, {sites['chunk_bytes_per_connection']:,} B per idle connection:")
         for site in sites["sites"][:12]:
             print(f"  {site['chunk_bytes']:>6,} B  {site['what']} ({site['site']})")
+        on_socket = openssl["by_site"].get("idle_on_socket_bio", {})
+        print(
+            f"  on a socket BIO (no memory BIOs): {on_socket.get('chunk_bytes_per_connection')} B"
+        )
     for design in openssl.get("designs", []):
         churn = f", after {design['churn_bytes']:,} B churn" if design.get("churn_bytes") else ""
         print(

@@ -11,7 +11,9 @@ it) and a sequence number. After N handshakes, with the clients dropped, the blo
 made since the first connection and still live are summed per site, in bytes asked
 and in glibc chunk bytes (what the heap gives them, which is what mallinfo2 and
 bench/relay_idle_openssl.py count). A few hundred connections are enough: the blocks
-per connection come out whole.
+per connection come out whole. The same handshakes once more with the server's
+`SSLSocket` on one end of a socket pair (OpenSSL's socket BIO, no memory BIOs): what a
+TLS transport on raw sockets would keep per connection.
 
     python bench/relay_idle_openssl_sites.py CHAIN_DIR [N] [--num-tickets K]   # one JSON object
 """
@@ -154,6 +156,7 @@ def measure(chain_dir: Path, n: int, num_tickets: int | None = None) -> dict[str
         shim = install(Path(tmp))
     import contextlib
     import gc
+    import socket
     import ssl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -221,6 +224,30 @@ def measure(chain_dir: Path, n: int, num_tickets: int | None = None) -> dict[str
         for i, o in ((ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(n))
     ]
     before_handshake = tally(since, len(fresh))
+
+    def socket_pair() -> ssl.SSLSocket:
+        """The same handshake with the server's `SSLSocket` on a socket (OpenSSL's
+        socket BIO, no memory BIOs): what a TLS transport on raw sockets would hold."""
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        srv = server.wrap_socket(ours, server_side=True, do_handshake_on_connect=False)
+        cli = client.wrap_socket(theirs, server_hostname="localhost", do_handshake_on_connect=False)
+        for _ in range(10):
+            for side in (cli, srv):
+                with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    side.do_handshake()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            cli.recv(1)  # the tickets
+        if srv.version() is None:
+            raise RuntimeError("the socket handshake did not finish")
+        cli.close()
+        return srv
+
+    socket_pair()
+    since = shim.hook_seq()
+    on_sockets = [socket_pair() for _ in range(n)]
+    socket_bio = tally(since, len(on_sockets))
     return {
         "connections": n,
         "openssl": ssl.OPENSSL_VERSION,
@@ -229,6 +256,7 @@ def measure(chain_dir: Path, n: int, num_tickets: int | None = None) -> dict[str
         "num_tickets": server.num_tickets,
         "idle_after_handshake": idle,
         "fresh_sslobject": before_handshake,
+        "idle_on_socket_bio": socket_bio,
     }
 
 
