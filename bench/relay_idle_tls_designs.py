@@ -79,18 +79,25 @@ class _MemoryBio(asyncio.Protocol):
 
 
 class _Socket:
-    __slots__ = ("tls",)
+    __slots__ = ("loop", "tls")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
-        self.tls = tls
+        self.loop, self.tls = loop, tls
         loop.add_reader(tls.fileno(), self.readable)
 
     def readable(self) -> None:
-        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        try:
             if self.tls.version() is None:
                 self.tls.do_handshake()
             while self.tls.recv(65536):
                 pass
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (ssl.SSLError, OSError):
+            pass
+        # The peer closed (recv gave b"") or failed: stop watching, or the loop spins.
+        self.loop.remove_reader(self.tls.fileno())
+        self.tls.close()
 
 
 async def _serve(design: str, chain_dir: Path, port: int) -> None:
