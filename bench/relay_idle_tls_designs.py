@@ -9,7 +9,11 @@ softrelay's own objects: N idle connections to a bare server, its VmRSS per flow
   a TLS layer of one's own over the transport (as `proxy/sip/websocket.py`'s `WsLink`
   is for WebSocket);
 - `socket`: a non-blocking `ssl.SSLSocket` per connection (OpenSSL's socket BIO, no
-  memory BIOs), watched with `loop.add_reader`, no transport.
+  memory BIOs), watched with `loop.add_reader`, no transport;
+- `socket_flow`: `socket` with what softrelay keeps per flow besides its transport
+  (a `Link` with the slots `StreamLink` has, a `Flow` with its close callback, a
+  `StreamFramer`, the registry's dict, set and per-source entries): an estimate of a
+  TLS transport of softrelay's own on raw sockets, short of writing it.
 
 A second reading per TLS design comes after churn: 500 connections first send 64 KiB
 each and close, so that the heap holds what connections that came and went left in it
@@ -34,16 +38,20 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from bench.harness import HOST, free_port, raise_nofile  # noqa: E402
+from proxy.sip.flow import Flow, Transport  # noqa: E402
+from proxy.sip.framing import StreamFramer  # noqa: E402
+from proxy.sip.link import Link, address_of  # noqa: E402
 from proxy.sip.tls import server_tls_context  # noqa: E402
 
-DESIGNS = ("tcp", "uvloop", "memorybio", "socket")
+DESIGNS = ("tcp", "uvloop", "memorybio", "socket", "socket_flow")
 WARM = 200  # connections opened before the first reading (heap and loop warm-up)
 SETTLE = 1.0  # seconds for the server to finish what the last handshakes left
 CHURN_FLOWS = 500  # connections that come and go before the idle ones, with --churn
@@ -78,6 +86,22 @@ class _MemoryBio(asyncio.Protocol):
             self.transport.write(self.outgoing.read())
 
 
+def _read(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+    """Handshake, then read whatever comes; a peer that closed or failed is closed."""
+    try:
+        if tls.version() is None:
+            tls.do_handshake()
+        while tls.recv(65536):
+            pass
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return
+    except (ssl.SSLError, OSError):
+        pass
+    # The peer closed (recv gave b"") or failed: stop watching, or the loop spins.
+    loop.remove_reader(tls.fileno())
+    tls.close()
+
+
 class _Socket:
     __slots__ = ("loop", "tls")
 
@@ -86,24 +110,53 @@ class _Socket:
         loop.add_reader(tls.fileno(), self.readable)
 
     def readable(self) -> None:
-        try:
-            if self.tls.version() is None:
-                self.tls.do_handshake()
-            while self.tls.recv(65536):
-                pass
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except (ssl.SSLError, OSError):
-            pass
-        # The peer closed (recv gave b"") or failed: stop watching, or the loop spins.
-        self.loop.remove_reader(self.tls.fileno())
-        self.tls.close()
+        _read(self.loop, self.tls)
+
+
+class _SocketFlow(Link):
+    """`_Socket` with softrelay's per-flow objects, kept as `SipTransports` keeps them;
+    the slots are `StreamLink`'s with the socket in place of the transport."""
+
+    __slots__ = ("_drained", "_edge", "_framer", "_kind", "loop", "tls")
+
+    registry: ClassVar[dict[Flow, Link]] = {}
+    live: ClassVar[set[Link]] = set()
+    per_source: ClassVar[Counter[str]] = Counter()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+        super().__init__()
+        self.loop, self.tls = loop, tls
+        self._framer: StreamFramer | None = None
+        self._edge = self._kind = self._drained = None
+        loop.add_reader(tls.fileno(), self.readable)
+
+    def readable(self) -> None:
+        handshaking = self._framer is None
+        _read(self.loop, self.tls)
+        if handshaking and self.tls.version() is not None:
+            peer = address_of(self.tls.getpeername())
+            self._framer = StreamFramer()
+            self.flow = Flow(Transport.TLS, peer, address_of(self.tls.getsockname()), self)
+            self.flow.on_close.append(self._detach)
+            self.registry[self.flow] = self
+            self.live.add(self)
+            self.per_source[peer[0]] += 1
+            self.last_seen = self.loop.time()
+
+    def _detach(self, flow: Flow) -> None:
+        self.registry.pop(flow, None)
+
+    async def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 async def _serve(design: str, chain_dir: Path, port: int) -> None:
     loop = asyncio.get_running_loop()
     context = server_tls_context(chain_dir / "chain.pem", chain_dir / "key.pem")
-    held: list[_Socket] = []
+    held: list[_Socket | _SocketFlow] = []
     if design == "tcp":
         await loop.create_server(_Plain, HOST, port)
     elif design == "uvloop":
@@ -122,7 +175,7 @@ async def _serve(design: str, chain_dir: Path, port: int) -> None:
                     return
                 conn.setblocking(False)
                 tls = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-                held.append(_Socket(loop, tls))
+                held.append((_SocketFlow if design == "socket_flow" else _Socket)(loop, tls))
 
         loop.add_reader(listener.fileno(), accept)
     print("ready", flush=True)
