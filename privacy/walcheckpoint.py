@@ -97,7 +97,10 @@ class Checkpointer:
                     self._checkpoint(db)
                 except sqlite3.Error as exc:
                     # The writer's hard mark still bounds the log; say why this one failed.
-                    log.warning("wal.checkpoint_failed", extra={"error": str(exc)})
+                    log.warning(
+                        "wal.checkpoint_failed",
+                        extra={"fields": {"backend": "sqlite", "reason": str(exc)}},
+                    )
                     continue
                 self.runs += 1
         finally:
