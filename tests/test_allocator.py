@@ -1,6 +1,6 @@
 """`serve` pins glibc's mmap threshold (softrelay/allocator.py): a 256 KiB block, the
-size of uvloop's TLS read buffer, stays a fresh mmap after one like it was freed, and
-nothing is called where the C library is not glibc."""
+size of uvloop's TLS read buffer, stays a fresh mmap after one like it was freed, up to
+half the kernel's mapping limit; nothing is called where the C library is not glibc."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import softrelay.cli
-from softrelay.allocator import M_MMAP_THRESHOLD, MMAP_THRESHOLD, pin_mmap_threshold
+from softrelay.allocator import M_MMAP_MAX, M_MMAP_THRESHOLD, MMAP_THRESHOLD, pin_mmap_threshold
 from softrelay.cli import main
 from tests.limits import LONGEST_WAIT
 
@@ -24,6 +24,7 @@ GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 # count of mmapped blocks grows by it) or taken from the heap (it does not).
 _PROBE = """
 import ctypes, sys
+from pathlib import Path
 from softrelay.allocator import pin_mmap_threshold
 
 class MallInfo2(ctypes.Structure):
@@ -38,18 +39,23 @@ libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = MallInfo2
 SIZE = 256 * 1024
 libc.free(libc.malloc(SIZE))  # glibc's dynamic threshold now lies above SIZE
-if sys.argv[1] == "pin":
-    assert pin_mmap_threshold()
 before = libc.mallinfo2().hblks
-block = libc.malloc(SIZE)
+if sys.argv[1] == "pin":
+    # A kernel limit of 2 * (what is mmapped now + 3): room for 3 more mmapped blocks.
+    limit = Path(sys.argv[2])
+    limit.write_text(f"{2 * (before + 3)}\\n")
+    assert pin_mmap_threshold(max_map_count=limit)
+blocks = [libc.malloc(SIZE) for _ in range(5)]
 print(libc.mallinfo2().hblks - before)
-libc.free(block)
+for block in blocks:
+    libc.free(block)
 """
 
 
-def _mmapped_after_a_free(mode: str) -> int:
+def _mmapped_after_a_free(*args: str) -> int:
+    """How many of 5 blocks of 256 KiB, allocated after one was freed, are mmapped."""
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode],
+        [sys.executable, "-c", _PROBE, *args],
         capture_output=True,
         text=True,
         timeout=LONGEST_WAIT,
@@ -60,9 +66,12 @@ def _mmapped_after_a_free(mode: str) -> int:
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
-def test_pinned_threshold_keeps_a_256_kib_block_out_of_the_heap_after_a_free() -> None:
+def test_pinned_threshold_keeps_256_kib_blocks_out_of_the_heap_up_to_the_cap(
+    tmp_path: Path,
+) -> None:
     assert _mmapped_after_a_free("default") == 0  # glibc's dynamic threshold: the heap
-    assert _mmapped_after_a_free("pin") == 1
+    # Pinned: mmapped, 3 of them, the cap's room; the other 2 from the heap.
+    assert _mmapped_after_a_free("pin", str(tmp_path / "max_map_count")) == 3
 
 
 class _Glibc:
@@ -89,15 +98,28 @@ class _OtherLibc:
         return 1
 
 
-def test_pins_glibcs_mmap_threshold_at_128_kib() -> None:
+def test_pins_the_threshold_at_128_kib_and_caps_mmaps_at_half_the_kernels_limit(
+    tmp_path: Path,
+) -> None:
+    limit = tmp_path / "max_map_count"
+    limit.write_text("65530\n")
     libc = _Glibc()
-    assert pin_mmap_threshold(libc)
-    assert libc.calls == [(M_MMAP_THRESHOLD, MMAP_THRESHOLD)] == [(-3, 131072)]
+    assert pin_mmap_threshold(libc, limit)
+    assert libc.calls == [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, 32765)]
+    assert libc.calls == [(-3, 131072), (-4, 32765)]
 
 
-def test_says_so_when_glibc_refuses() -> None:
+def test_an_unreadable_kernel_limit_leaves_glibcs_cap(tmp_path: Path) -> None:
+    libc = _Glibc()
+    assert pin_mmap_threshold(libc, tmp_path / "absent")
+    assert libc.calls == [(-3, 131072)]
+
+
+def test_says_so_when_glibc_refuses(tmp_path: Path) -> None:
+    limit = tmp_path / "max_map_count"
+    limit.write_text("65530\n")
     libc = _Glibc(answer=0)
-    assert not pin_mmap_threshold(libc)
+    assert not pin_mmap_threshold(libc, limit)
     assert libc.calls == [(-3, 131072)]
 
 
