@@ -608,6 +608,7 @@ def report(
         )
     for design in openssl.get("designs", []):
         churn = f", after {design['churn_bytes']:,} B churn" if design.get("churn_bytes") else ""
+        churn += ", mmap threshold pinned" if design.get("pinned_mmap_threshold") else ""
         print(
             f"  bare server, {design['design']:11}{churn}: {design['bytes_per_flow']:>7,} B"
             f" per flow | {design['marginal_bytes_per_flow']:,}"

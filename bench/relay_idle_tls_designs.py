@@ -19,6 +19,9 @@ A second reading per TLS design comes after churn: 500 connections first send 64
 each and close, so that the heap holds what connections that came and went left in it
 (uvloop's 256 KiB read buffers, once freed, come back from the heap with the pages the
 earlier reads touched).
+Last, `uvloop` once more, fresh and after churn, with glibc's mmap threshold pinned
+first (a server's `--pin`), as `serve` does (softrelay/allocator.py);
+bench/relay_idle_malloc.py compares the two in interleaved rounds.
 
 Each server does the handshake with serve's context (`proxy/sip/tls.py`) and reads
 whatever comes after it; the clients (this process, blocking `ssl` sockets, trusting the
@@ -205,19 +208,36 @@ def _anonymous(pid: int) -> tuple[int, int]:
     return virtual, resident
 
 
-def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict[str, Any]:
-    """`churn`: first CHURN_FLOWS connections each send `churn` bytes and close, as
-    phones that come and go leave the server's heap before the idle ones arrive."""
-    port = free_port()
+def _mappings(pid: int) -> int:
+    return len(Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def start_server(
+    design: str, chain_dir: Path, port: int, pin: bool = False
+) -> subprocess.Popen[str]:
+    """A bare server of `design` on `port`, ready; `pin`: glibc's threshold pinned first."""
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", design, str(chain_dir), str(port)],
+        [sys.executable, __file__, "--serve", design, str(chain_dir), str(port)]
+        + (["--pin"] if pin else []),
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert server.stdout is not None
+    if server.stdout.readline().strip() != "ready":
+        server.kill()
+        server.wait()
+        raise RuntimeError(f"{design}: the server did not start")
+    return server
+
+
+def measure_design(
+    design: str, chain_dir: Path, n: int, churn: int = 0, pin: bool = False
+) -> dict[str, Any]:
+    """`churn`: first CHURN_FLOWS connections each send `churn` bytes and close, as
+    phones that come and go leave the server's heap before the idle ones arrive."""
+    port = free_port()
+    server = start_server(design, chain_dir, port, pin)
     try:
-        assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"{design}: the server did not start")
         client = ssl.create_default_context(cafile=str(chain_dir / "root.pem"))
         held: list[socket.socket] = []
 
@@ -251,17 +271,20 @@ def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict
         time.sleep(SETTLE)
         end = _rss(server.pid)
         end_anon = _anonymous(server.pid)
+        mappings = _mappings(server.pid)
         for sock in held:
             sock.close()
         return {
             "design": design,
             "churn_bytes": churn,
+            "pinned_mmap_threshold": pin,
             "flows": n,
             "bytes_per_flow": round((end - start) / n),
             "marginal_bytes_per_flow": round((end - half) / (n - n // 2)),
             # heap and anonymous mappings: what each flow maps, and what of it is resident
             "anonymous_virtual_bytes_per_flow": round((end_anon[0] - start_anon[0]) / n),
             "anonymous_resident_bytes_per_flow": round((end_anon[1] - start_anon[1]) / n),
+            "mappings": mappings,  # /proc/PID/maps lines at the end (vm.max_map_count)
         }
     finally:
         server.kill()
@@ -269,17 +292,24 @@ def measure_design(design: str, chain_dir: Path, n: int, churn: int = 0) -> dict
 
 
 def measure(chain_dir: Path, n: int) -> dict[str, Any]:
-    """Every design on a fresh server, then the TLS ones after churn."""
+    """Every design on a fresh server, then the TLS ones after churn, then uvloop's
+    with glibc's mmap threshold pinned, fresh and after churn."""
     raise_nofile(2 * (n + WARM + CHURN_FLOWS) + 1024)
     fresh = [measure_design(design, chain_dir, n) for design in DESIGNS]
     churned = [measure_design(d, chain_dir, n, CHURN_BYTES) for d in DESIGNS if d != "tcp"]
-    return {"designs": fresh + churned}
+    # uvloop's transport as serve runs it: glibc's threshold pinned (softrelay/allocator.py)
+    pinned = [measure_design("uvloop", chain_dir, n, churn, pin=True) for churn in (0, CHURN_BYTES)]
+    return {"designs": fresh + churned + pinned}
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--serve":
         import uvloop
 
+        if sys.argv[5:] == ["--pin"]:
+            from softrelay.allocator import pin_mmap_threshold
+
+            assert pin_mmap_threshold()
         uvloop.run(_serve(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])))
     else:
         count = int(sys.argv[2]) if len(sys.argv) > 2 else 4000
