@@ -75,7 +75,7 @@ from bench.harness import (
     write_file,
     write_result,
 )
-from bench.phones_client import ClientSpec
+from bench.phones_client import SETUP_CONCURRENCY, ClientSpec
 from bench.relay_cluster import Cluster, Workers, start_workers
 from push.fakes.certs import ThrowawayCa
 
@@ -146,7 +146,13 @@ def config(
     return write_file(work / "softrelay.toml", text)
 
 
-COUNTERS = ("softrelay_sip_errors_total", "softrelay_wake_calls_total")
+COUNTERS = (
+    "softrelay_sip_errors_total",
+    "softrelay_wake_calls_total",
+    "softrelay_gc_pause_seconds_count",
+)
+# Summed in milliseconds: the garbage collector's pauses, by generation.
+SECONDS = ("softrelay_gc_pause_seconds_sum",)
 
 
 async def counters(workers: Workers, session: aiohttp.ClientSession) -> Counter[str]:
@@ -158,6 +164,9 @@ async def counters(workers: Workers, session: aiohttp.ClientSession) -> Counter[
         for name in COUNTERS:
             for labels, value in metric_values(text, name).items():
                 found[name + labels] += int(value)
+        for name in SECONDS:
+            for labels, value in metric_values(text, name).items():
+                found[name + "_ms" + labels] += round(value * 1000)
     return found
 
 
@@ -258,6 +267,11 @@ async def measure(
         "awake": sum(a["awake"] for a in answers),
         "redials": sum(a["redials"] for a in answers),
         "wake_retries": sum(a["wake_retries"] for a in answers),
+        "clients_gc2": {
+            "count": sum(a["gc2_count"] for a in answers),
+            "total_ms": round(sum(a["gc2_total_ms"] for a in answers), 1),
+            "max_ms": max((a["gc2_max_ms"] for a in answers), default=0.0),
+        },
         "worker_counters": dict(sorted(counted.items())),
     }
 
@@ -311,6 +325,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         seed=args.seed * 1000 + i,
                         workers=args.workers,
                         node_base=NODE_BASE,
+                        setup_concurrency=args.setup_concurrency,
                     )
                     log = work / f"client-{i}.log"
                     proc = await procs.start(
@@ -375,6 +390,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "tls_share": args.tls_share,
             "sleepers_per_client": args.sleepers,
             "overload_lag_ms": args.lag_ms,
+            "setup_concurrency_per_client": args.setup_concurrency,
         },
         **result,
         "steps": steps,
@@ -513,6 +529,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--lag-ms", type=int, default=100, help="[sip.overload] lag_ms (serve's default 100)"
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--setup-concurrency",
+        type=int,
+        default=SETUP_CONCURRENCY,
+        help="registrations in flight per client while a step grows",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.quick:

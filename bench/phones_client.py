@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import math
 import os
@@ -70,7 +71,7 @@ from mockphone.sip import LinkClosed, RelayAddress, Transport
 
 RING_TIMEOUT = 10.0  # s the PBX rings before it cancels
 PING_TIMEOUT = 10.0  # s for a pong
-SETUP_CONCURRENCY = 48  # registrations in flight per client
+SETUP_CONCURRENCY = 48  # registrations in flight per client (--setup-concurrency)
 REGISTER_TRIES = 5  # a 503 (the overload guard) or a failed connect is tried again
 FEEDS_PER_ROUND = 4  # per worker
 FEED_ROUNDS = 4
@@ -104,6 +105,7 @@ class ClientSpec:
     seed: int
     workers: int
     node_base: str  # [cluster] node_id: worker i is <node_base>-<i>
+    setup_concurrency: int = SETUP_CONCURRENCY
 
 
 @dataclass(slots=True)
@@ -199,6 +201,11 @@ class Client:
         self.register_failed: Counter[str] = Counter()
         self.retried = 0
         self._ticker: asyncio.Task[None] | None = None
+        # This process's full collections (ms) in the current window: a stall of the
+        # mock side is not the relay's.
+        self.gc2_ms: list[float] = []
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc)
         self._users = 0
 
     # --- set-up ---------------------------------------------------------------------
@@ -348,7 +355,7 @@ class Client:
             )
             self.phones.append(phone)
             new.append(phone)
-        gate = asyncio.Semaphore(SETUP_CONCURRENCY)
+        gate = asyncio.Semaphore(self.spec.setup_concurrency)
         sleepers = set(map(id, self.sleepers))
 
         async def start(phone: MockPhone) -> None:
@@ -379,8 +386,15 @@ class Client:
 
     # --- a window -------------------------------------------------------------------
 
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif info["generation"] == 2:
+            self.gc2_ms.append((time.perf_counter() - self._gc_started) * 1000)
+
     async def window(self, seconds: float, rate: float) -> dict[str, Any]:
         window = self.keepalives.window = Window(calls={k: CallCount() for k, _ in MIX})
+        self.gc2_ms = []
         cpu0 = _cpu()
         started = time.monotonic()
         tasks: set[asyncio.Task[None]] = set()
@@ -419,6 +433,9 @@ class Client:
             "awake": sum(1 for p in self.phones if p.state is State.AWAKE),
             "redials": sum(p.counters.redials for p in self.phones),
             "wake_retries": sum(p.counters.wake_retries for p in self.sleepers),
+            "gc2_count": len(self.gc2_ms),
+            "gc2_total_ms": round(sum(self.gc2_ms), 1),
+            "gc2_max_ms": round(max(self.gc2_ms, default=0.0), 1),
         }
 
     def _pick(self, pool: list[MockPhone], state: State) -> MockPhone | None:

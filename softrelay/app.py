@@ -85,6 +85,7 @@ from sipis.lease import LeaseKeeper, Leases
 from sipis.messages import Messages, MessageSettings
 from sipis.registrar import Registrations, instance_key_of, open_registrations
 from sipis.settings import SipisSettings
+from softrelay.gcpauses import GcPauses
 from softrelay.metrics import (
     METRICS,
     METRICS_PATH,
@@ -171,6 +172,7 @@ def build_app(services: Services) -> web.Application:
     app[REGISTRY] = registry
     app[HTTP_GUARD] = guard
     app.cleanup_ctx.append(guard.context)
+    app.cleanup_ctx.append(GcPauses(registry).context)
     # Each API module describes its operations here; served at /openapi.json.
     app[OPENAPI] = OpenApi("softrelay", "1")
     app.cleanup_ctx.append(_store_ctx)
