@@ -92,6 +92,12 @@ class HttpLimits:
 # Descriptors kept out of the connection caps: the database and its WAL, log files,
 # listeners, upstream and push connections, crash-scrubbing worker pipes.
 RESERVED_DESCRIPTORS = 1024
+# Connections the kernel holds for a listener until it accepts them (the kernel caps it
+# at net.core.somaxconn). asyncio's default of 100 (aiohttp's 128) overflows when many
+# phones connect at once, after a node restart or a network flap: the kernel then
+# drops their SYNs, each retried 1, 3, 7 s later, and phones whose registration timed
+# out connect again, adding to the burst (bench/phones.py at 60,000 phones).
+LISTEN_BACKLOG = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,7 +430,7 @@ class GuardedSite(web.BaseSite):
     ) -> None:
         """`reuse_port`: SO_REUSEPORT, for the workers of `serve --workers N` that share
         the port (the kernel spreads connections over them; each guard caps its own)."""
-        super().__init__(runner)
+        super().__init__(runner, backlog=LISTEN_BACKLOG)
         self._host = host
         self._port = port
         self._guard = guard

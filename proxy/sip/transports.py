@@ -41,6 +41,7 @@ from proxy.sip.tls import TLS_HANDSHAKE_TIMEOUT, TLS_SHUTDOWN_TIMEOUT, server_tl
 from proxy.sip.transport_metrics import SipMetrics
 from proxy.sip.transport_settings import STOP_GRACE, TransportSettings
 from proxy.sip.udp import UdpEndpoint
+from webapi.connections import LISTEN_BACKLOG
 from webapi.ratelimit import client_key
 
 log = logging.getLogger("softrelay.sip")
@@ -126,7 +127,11 @@ class SipTransports:
         reuse_port = self.settings.reuse_port
         if context is None:
             server = await loop.create_server(
-                lambda: StreamLink(self, kind), host, port, reuse_port=reuse_port
+                lambda: StreamLink(self, kind),
+                host,
+                port,
+                reuse_port=reuse_port,
+                backlog=LISTEN_BACKLOG,
             )
         else:
             server = await loop.create_server(
@@ -134,6 +139,7 @@ class SipTransports:
                 host,
                 port,
                 reuse_port=reuse_port,
+                backlog=LISTEN_BACKLOG,
                 ssl=context,
                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
                 ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from privacy.clock import ManualClock
 from softrelay.config import ConfigError, load_config
+from tests.backlog import BURST, queued_burst
 from webapi.connections import GuardedSite, HttpGuard, HttpLimits
 from webapi.errors import refusals
 
@@ -452,3 +453,9 @@ def test_the_body_and_write_timeouts_are_read_from_the_http_section(tmp_path: Pa
     config.write_text('[http]\nbody_timeout = "0s"\n')
     with pytest.raises(ConfigError, match="body_timeout"):
         load_config(config)
+
+
+async def test_the_listener_queues_a_burst_of_connections(serve: Serve) -> None:
+    """WebSocket phones reconnecting at once: none is dropped by a short accept queue."""
+    _, port = await serve()
+    assert queued_burst(port) == BURST

@@ -27,6 +27,7 @@ from proxy.sip.transport_settings import TransportLimits, TransportSettings
 from proxy.sip.transports import SipTransports
 from proxy.sip.websocket import SIP_PATH, add_sip_websocket
 from push.fakes.certs import ThrowawayCa
+from tests.backlog import BURST, queued_burst
 from webapi.errors import refusals
 
 TIMEOUT = 5.0  # a bound on waiting for the network, never a wait for time to pass
@@ -664,3 +665,13 @@ async def test_stop_lets_a_handler_in_flight_answer_before_closing(
     assert reply.startswith(b"SIP/2.0 200 OK")
     assert await closed_by_server(reader)
     await asyncio.wait_for(stopping, TIMEOUT)
+
+
+async def test_tcp_and_tls_listeners_queue_a_burst_of_connections(
+    start: Start, tmp_path: Path
+) -> None:
+    """Phones reconnecting at once (a node restart): the kernel holds them all until the
+    relay accepts, instead of dropping SYNs past asyncio's default backlog of 100."""
+    transports = await start(tls_cert=ThrowawayCa.create(tmp_path).issue_server())
+    for kind in (Transport.TCP, Transport.TLS):
+        assert queued_burst(transports.address(kind)[1]) == BURST, kind
