@@ -341,8 +341,8 @@ def _policy(args: argparse.Namespace, config: Config, policy: Policy) -> int:
 
 
 async def _serve(runtime: Runtime, args: argparse.Namespace) -> int:
-    # Each worker runs this too. Before any connection: after churn, a fixed threshold
-    # keeps an idle TLS flow at ~25 KB, not ~47 KB (softrelay/allocator.py).
+    # Each worker runs this too, before any connection: after connections have come and
+    # gone, uvloop's 256 KiB TLS read buffers stay fresh mmaps (softrelay/allocator.py).
     pin_mmap_threshold()
     config = runtime.config
     # A worker of `serve --workers N`: the shared ports, its own metrics port, its name.
