@@ -12,7 +12,6 @@ the context's session cache. Run in a process of its own by bench/relay_idle.py:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import json
@@ -24,6 +23,7 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from bench.tls_pair import Server, in_memory_pair  # noqa: E402
 from proxy.sip.tls import server_tls_context  # noqa: E402
 
 SSL_CTRL_MODE = 33  # ssl.h: SSL_ctrl(ssl, SSL_CTRL_MODE, 0, NULL) reads the mode
@@ -73,19 +73,8 @@ def measure(chain_dir: Path, n: int) -> dict[str, Any]:
     server = server_tls_context(chain_dir / "chain.pem", chain_dir / "key.pem")
     client = ssl.create_default_context(cafile=str(chain_dir / "root.pem"))
 
-    def pair() -> tuple[tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO], ssl.SSLObject]:
-        s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-        srv = server.wrap_bio(s_in, s_out, server_side=True)
-        cli = client.wrap_bio(c_in, c_out, server_hostname="localhost")
-        for _ in range(10):
-            for side in (cli, srv):
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    side.do_handshake()
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
-        if srv.version() is None:
-            raise RuntimeError("the in-memory handshake did not finish")
-        return (srv, s_in, s_out), cli
+    def pair() -> tuple[Server, ssl.SSLObject]:
+        return in_memory_pair(server, client)
 
     first, _ = pair()  # what the first handshake allocates once is not counted
     before = _in_use()

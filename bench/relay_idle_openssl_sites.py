@@ -160,6 +160,7 @@ def measure(chain_dir: Path, n: int, num_tickets: int | None = None) -> dict[str
     import ssl
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.tls_pair import Server, in_memory_pair
     from proxy.sip.tls import server_tls_context
 
     server = server_tls_context(chain_dir / "chain.pem", chain_dir / "key.pem")
@@ -167,19 +168,8 @@ def measure(chain_dir: Path, n: int, num_tickets: int | None = None) -> dict[str
         server.num_tickets = num_tickets
     client = ssl.create_default_context(cafile=str(chain_dir / "root.pem"))
 
-    def pair() -> tuple[tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO], ssl.SSLObject]:
-        s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-        srv = server.wrap_bio(s_in, s_out, server_side=True)
-        cli = client.wrap_bio(c_in, c_out, server_hostname="localhost")
-        for _ in range(10):
-            for side in (cli, srv):
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    side.do_handshake()
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
-        if srv.version() is None:
-            raise RuntimeError("the in-memory handshake did not finish")
-        return (srv, s_in, s_out), cli
+    def pair() -> tuple[Server, ssl.SSLObject]:
+        return in_memory_pair(server, client)
 
     def tally(since: int, count: int) -> dict[str, Any]:
         gc.collect()

@@ -5,7 +5,6 @@ half the kernel's mapping limit; nothing is called where the C library is not gl
 from __future__ import annotations
 
 import ctypes
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 
 import softrelay.cli
 from softrelay.allocator import M_MMAP_MAX, M_MMAP_THRESHOLD, MMAP_THRESHOLD, pin_mmap_threshold
-from softrelay.cli import main
 from tests.limits import LONGEST_WAIT
+from tests.test_cli import serve_on_a_busy_port
 
 GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
@@ -135,13 +134,6 @@ def test_serve_pins_the_threshold_before_it_listens(
     # Every worker runs serve's start-up too (workers.worker_command: `serve --worker`).
     pinned: list[bool] = []
     monkeypatch.setattr(softrelay.cli, "pin_mmap_threshold", lambda: pinned.append(True))
-    with socket.socket() as busy:  # serve stops at its first listening socket
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        code = main(
-            ["serve", "--data-dir", str(tmp_path), "--http-port", str(port), "--sip-port", "0"]
-        )
-    assert code == 2
+    assert serve_on_a_busy_port(tmp_path) == 2
     assert "cannot start" in capsys.readouterr().err
     assert pinned == [True]

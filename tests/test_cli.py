@@ -218,17 +218,22 @@ def test_bad_push_config_names_file_and_key(
     assert message in err
 
 
-def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def serve_on_a_busy_port(tmp_path: Path) -> int:
+    """`softrelay serve` with its HTTP port taken: its exit status (it gets as far as
+    its first listening socket)."""
     import socket
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code = main(
+        return main(
             ["serve", "--data-dir", str(tmp_path), "--http-port", str(port), "--sip-port", "0"]
         )
-    assert code == 2
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve_on_a_busy_port(tmp_path) == 2
     assert "cannot start" in capsys.readouterr().err
 
 
