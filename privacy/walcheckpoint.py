@@ -99,7 +99,7 @@ class Checkpointer:
                     # The writer's hard mark still bounds the log; say why this one failed.
                     log.warning(
                         "wal.checkpoint_failed",
-                        extra={"fields": {"backend": "sqlite", "reason": str(exc)}},
+                        extra={"fields": {"error": str(exc)}},  # service_log's field
                     )
                     continue
                 self.runs += 1
