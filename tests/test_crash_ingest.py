@@ -278,7 +278,10 @@ async def test_planted_personal_data_is_absent_from_everything_stored_and_kept_f
     monkeypatch: pytest.MonkeyPatch,
     store_toml: str,
 ) -> None:
-    server = await start()
+    # What is asked here is what scrubbing leaves, not how fast: the budget (tested in
+    # tests/security/test_crash_scrubbing.py) is raised so that a loaded machine cannot drop one of
+    # the two events unstored as over it (seen in full CI runs).
+    server = await start(settings(scrub_budget_ms=5000))
     sdk(server.dsn)
     with sentry_sdk.new_scope():
         _plant_everything()
@@ -290,7 +293,11 @@ async def test_planted_personal_data_is_absent_from_everything_stored_and_kept_f
     await flush()
 
     records = await server.store.find("crash_report", project="1")
-    assert len(records) == 2
+    outcomes = {
+        outcome: server.count("softrelay_crash_events_total", project="1", outcome=outcome)
+        for outcome in ("stored", "no_opt_in", "over_budget")
+    }
+    assert len(records) == 2, outcomes
     stored = orjson.dumps([r.fields for r in records]).decode()
     for canary in CANARIES:
         assert canary not in stored, canary
